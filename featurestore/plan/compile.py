@@ -1,0 +1,416 @@
+"""Compiling definitions into a Plan, reporting every mistake at once."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from datetime import UTC, datetime
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from featurestore.definitions import Aggregation, Entity, FeatureView, Source, Window
+from featurestore.durations import format_duration, parse_duration
+from featurestore.errors import CompileError, CompileProblem
+from featurestore.plan.code import CaptureError, capture
+from featurestore.plan.collect import collect, modules_under, repo_on_path
+from featurestore.plan.model import CodeSpec, EntitySpec, FeatureSpec, Plan, SourceSpec, ViewSpec, WindowSpec
+from featurestore.windows import default_granularity
+from schemas.dtypes import dtype_name, is_numeric, parse_dtype
+from schemas.errors import SchemaError
+from schemas.schema import EventSchema
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_KEY_DTYPES = ("int64", "string")
+_NUMERIC_ONLY = {"sum", "mean", "min", "max", "std"}
+
+
+def compile_repo(repo_dir: Path, *, project: str, modules: Sequence[str] | None = None) -> Plan:
+    """Import a feature repo's modules (all modules under `repo_dir` when `modules` is
+    None) and compile what they define. Raises CompileError listing every problem."""
+    repo_dir = repo_dir.resolve()
+    names = list(modules) if modules is not None else modules_under(repo_dir)
+    with repo_on_path(repo_dir):
+        found = collect(repo_dir, names)
+        return compile_definitions(
+            project,
+            views=found.views,
+            entities=found.entities,
+            sources=found.sources,
+            user_dirs=(str(repo_dir),),
+            problems=found.problems,
+        )
+
+
+def compile_definitions(
+    project: str,
+    *,
+    views: Iterable[FeatureView],
+    entities: Iterable[Entity] = (),
+    sources: Iterable[Source] = (),
+    user_dirs: tuple[str, ...] = (),
+    problems: Iterable[CompileProblem] = (),
+) -> Plan:
+    """Validate and normalise definitions into a Plan (views sorted by name)."""
+    compiler = _Compiler(user_dirs, list(problems))
+    view_list = list(views)
+    for entity in [*entities, *(v.entity for v in view_list if isinstance(v, FeatureView))]:
+        compiler.entity(entity)
+    for source in [*sources, *(v.source for v in view_list if isinstance(v, FeatureView))]:
+        compiler.source(source)
+    compiled = [spec for view in view_list if (spec := compiler.view(view)) is not None]
+    compiler.unique_views(view_list)
+    if compiler.problems:
+        raise CompileError(sorted(set(compiler.problems), key=_problem_order))
+    return Plan(
+        project=project,
+        entities=tuple(sorted(compiler.entities.values(), key=lambda e: e.name)),
+        sources=tuple(sorted(compiler.sources.values(), key=lambda s: s.name)),
+        views=tuple(sorted(compiled, key=lambda v: v.name)),
+    )
+
+
+def _problem_order(problem: CompileProblem) -> tuple[str, int, str, str]:
+    file, _, line = problem.location.rpartition(":")
+    return (file, int(line) if line.isdigit() else 0, problem.subject, problem.message)
+
+
+class _Compiler:
+    def __init__(self, user_dirs: tuple[str, ...], problems: list[CompileProblem]) -> None:
+        self.user_dirs = user_dirs
+        self.problems = problems
+        self.entities: dict[str, EntitySpec] = {}
+        self.sources: dict[str, SourceSpec] = {}
+        self._entity_objects: dict[str, Entity] = {}
+        self._source_objects: dict[str, Source] = {}
+
+    def report(self, location: Any, subject: str, message: str) -> None:
+        self.problems.append(CompileProblem(str(location) if location else "", subject, message))
+
+    # -- entities and sources ---------------------------------------------------------
+    def entity(self, entity: Entity) -> EntitySpec | None:
+        subject = f"entity `{entity.name}`"
+        known = self._entity_objects.get(entity.name)
+        if known is not None:
+            if known != entity:
+                self.report(entity.location, subject, f"defined twice, differently (also at {known.location})")
+            return self.entities.get(entity.name)
+        self._entity_objects[entity.name] = entity
+        ok = True
+        if not isinstance(entity.name, str) or not _NAME.match(entity.name):
+            self.report(entity.location, subject, "name must match [a-z][a-z0-9_]*")
+            ok = False
+        try:
+            dtype = dtype_name(parse_dtype(entity.dtype))
+        except SchemaError:
+            dtype = str(entity.dtype)
+        if dtype not in _KEY_DTYPES:
+            self.report(entity.location, subject, f"key dtype must be int64 or string, got {entity.dtype}")
+            ok = False
+        if not ok:
+            return None
+        spec = EntitySpec(entity.name, entity.key, dtype, entity.description)
+        self.entities[entity.name] = spec
+        return spec
+
+    def source(self, source: Source) -> SourceSpec | None:
+        subject = f"source `{source.name}`"
+        known = self._source_objects.get(source.name)
+        if known is not None:
+            if known != source:
+                self.report(source.location, subject, f"defined twice, differently (also at {known.location})")
+            return self.sources.get(source.name)
+        self._source_objects[source.name] = source
+        ok = True
+        if not _NAME.match(source.name):
+            self.report(source.location, subject, "name must match [a-z][a-z0-9_]*")
+            ok = False
+        for problem in source.schema.problems():
+            self.report(source.location, subject, f"schema `{source.schema.name}`: {problem}")
+            ok = False
+        try:
+            lateness = parse_duration(source.allowed_lateness)
+        except ValueError as error:
+            self.report(source.location, subject, f"allowed_lateness: {error}")
+            ok = False
+        if not ok:
+            return None
+        spec = SourceSpec(
+            name=source.name,
+            schema=source.schema,
+            topic=source.topic,
+            table=source.table,
+            allowed_lateness=lateness,
+            description=source.description,
+        )
+        self.sources[source.name] = spec
+        return spec
+
+    # -- views ------------------------------------------------------------------------
+    def view(self, view: FeatureView) -> ViewSpec | None:
+        if not isinstance(view, FeatureView):
+            self.report("", "feature view", f"expected a FeatureView, got {type(view).__name__}")
+            return None
+        subject = f"feature view `{view.name}`"
+        before = len(self.problems)
+        if not _NAME.match(view.name):
+            self.report(view.location, subject, "name must match [a-z][a-z0-9_]*")
+        entity = self.entities.get(view.entity.name)
+        source = self.sources.get(view.source.name)
+        schema = view.source.schema
+        key = view.entity.key
+        if not schema.has_field(key):
+            self.report(
+                view.location,
+                subject,
+                f"entity key `{key}` is not a field of source `{view.source.name}`"
+                f"{_suggest(key, schema.names)}",
+            )
+        elif entity is not None:
+            field_dtype = dtype_name(schema.field(key).dtype)
+            if field_dtype != entity.dtype:
+                self.report(
+                    view.location,
+                    subject,
+                    f"entity `{entity.name}` has key dtype {entity.dtype} but field `{key}` "
+                    f"of source `{view.source.name}` is {field_dtype}",
+                )
+            elif schema.field(key).nullable:
+                self.report(view.location, subject, f"entity key `{key}` must not be nullable")
+        columns = self._columns(view, subject)
+        all_types: dict[str, pa.DataType] = {f.name: f.dtype for f in schema.fields}
+        all_types.update({name: parse_dtype(dtype) for name, dtype in columns})
+        transform = self._code(view, view.transform, "row transform", subject)
+        where = self._code(view, view.where, "where= filter", subject) if view.where is not None else None
+        if transform is not None:
+            self._check_transform(view, columns, subject)
+        features = self._features(view, all_types, subject)
+        ttl = self._ttl(view, subject)
+        if len(self.problems) > before or entity is None or source is None or transform is None:
+            return None
+        return ViewSpec(
+            name=view.name,
+            entity=entity,
+            source=source,
+            columns=tuple(columns),
+            transform=transform,
+            where=where,
+            features=tuple(features),
+            ttl=ttl,
+            online=bool(view.online),
+            offline=bool(view.offline),
+            description=view.description,
+            owner=view.owner,
+            tags=tuple(sorted((str(k), str(v)) for k, v in view.tags.items())),
+            location=str(view.location),
+        )
+
+    def _columns(self, view: FeatureView, subject: str) -> list[tuple[str, str]]:
+        columns: list[tuple[str, str]] = []
+        for name, dtype in view.columns.items():
+            if view.source.schema.has_field(name):
+                self.report(
+                    view.location, subject, f"derived column `{name}` is already a field of source `{view.source.name}`"
+                )
+                continue
+            try:
+                columns.append((name, dtype_name(parse_dtype(dtype))))
+            except SchemaError as error:
+                self.report(view.location, subject, f"derived column `{name}`: {error}")
+        return columns
+
+    def _code(self, view: FeatureView, function: Any, role: str, subject: str) -> CodeSpec | None:
+        if not callable(function):
+            self.report(view.location, subject, f"{role} must be a function, got {type(function).__name__}")
+            return None
+        try:
+            return capture(function, user_dirs=self.user_dirs)
+        except CaptureError as error:
+            self.report(view.location, subject, f"{role} cannot be shipped in the plan: {error}")
+            return None
+
+    def _check_transform(self, view: FeatureView, columns: list[tuple[str, str]], subject: str) -> None:
+        """Run the transform and filter on a tiny sample batch of the source's events:
+        cheap, and it catches undeclared or missing columns before any engine runs."""
+        sample = _sample_events(view.source.schema)
+        try:
+            derived = view.transform(sample)
+        except Exception as error:  # noqa: BLE001 - reported as a compile problem
+            self.report(
+                view.location, subject, f"row transform failed on a sample batch: {type(error).__name__}: {error}"
+            )
+            return
+        if not hasattr(derived, "columns"):
+            self.report(
+                view.location,
+                subject,
+                f"row transform must return a DataFrame of the declared columns, got {type(derived).__name__}",
+            )
+            return
+        declared = [name for name, _ in columns]
+        got = [str(c) for c in derived.columns]
+        undeclared = [c for c in got if c not in declared]
+        missing = [c for c in declared if c not in got]
+        if undeclared:
+            self.report(
+                view.location,
+                subject,
+                f"row transform returned undeclared column(s) {_names(undeclared)}; "
+                "declare them in columns={name: type}",
+            )
+        if missing:
+            self.report(view.location, subject, f"row transform did not return declared column(s) {_names(missing)}")
+        if view.where is None or undeclared or missing:
+            return
+        frame = sample.copy()
+        for name in declared:
+            frame[name] = derived[name]
+        try:
+            mask = view.where(frame)
+        except Exception as error:  # noqa: BLE001
+            self.report(
+                view.location, subject, f"where= filter failed on a sample batch: {type(error).__name__}: {error}"
+            )
+            return
+        if not hasattr(mask, "dtype"):
+            self.report(view.location, subject, f"where= must return a boolean Series, got {type(mask).__name__}")
+
+    def _features(self, view: FeatureView, types: dict[str, pa.DataType], subject: str) -> list[FeatureSpec]:
+        features: list[FeatureSpec] = []
+        origin: dict[str, str] = {}
+        if not view.aggregations:
+            self.report(view.location, subject, "has no aggregations; give aggregations=[Count(), Sum(...), ...]")
+        for aggregation in view.aggregations:
+            if not isinstance(aggregation, Aggregation):
+                self.report(
+                    view.location, subject, f"aggregations must be Count(), Sum(col), ...; got {aggregation!r}"
+                )
+                continue
+            label = _label(aggregation)
+            location = aggregation.location or view.location
+            dtype = self._output_dtype(aggregation, types, label, location, subject)
+            if not aggregation.windows:
+                self.report(
+                    location, subject, f"{label} has no windows; give windows=[...] to it or to @feature_view"
+                )
+            for window in aggregation.windows:
+                spec = self._window(window, subject)
+                if spec is None or dtype is None:
+                    continue
+                prefix = aggregation.name or (
+                    f"{aggregation.kind}_{aggregation.column}" if aggregation.column else aggregation.kind
+                )
+                name = f"{prefix}_{spec.label}"
+                if name in origin:
+                    self.report(
+                        location, subject, f"duplicate feature name `{name}` (from {origin[name]} and {label})"
+                    )
+                    continue
+                origin[name] = label
+                features.append(FeatureSpec(name, aggregation.kind, aggregation.column, spec, dtype))
+        return features
+
+    def _output_dtype(
+        self, aggregation: Aggregation, types: dict[str, pa.DataType], label: str, location: Any, subject: str
+    ) -> str | None:
+        column = aggregation.column
+        if column is None:
+            if aggregation.kind == "count":
+                return "int64"
+            self.report(location, subject, f"{label} needs a column")
+            return None
+        if column not in types:
+            self.report(location, subject, f"{label}: unknown column `{column}`{_suggest(column, list(types))}")
+            return None
+        dtype = types[column]
+        if aggregation.kind == "count":
+            return "int64"
+        if aggregation.kind in _NUMERIC_ONLY and not is_numeric(dtype):
+            self.report(
+                location,
+                subject,
+                f"{label}: column `{column}` is {dtype_name(dtype)}; {aggregation.kind} needs a numeric column",
+            )
+            return None
+        if aggregation.kind in ("mean", "std"):
+            return "float64"
+        if aggregation.kind == "sum":
+            return "int64" if pa.types.is_integer(dtype) else "float64"
+        return dtype_name(dtype)
+
+    def _window(self, window: Window, subject: str) -> WindowSpec | None:
+        try:
+            length = parse_duration(window.length)
+        except ValueError as error:
+            self.report(window.location, subject, f"window length: {error}")
+            return None
+        try:
+            every = parse_duration(window.every) if window.every is not None else default_granularity(length)
+        except ValueError as error:
+            self.report(window.location, subject, f"window every=: {error}")
+            return None
+        if length % every:
+            self.report(
+                window.location,
+                subject,
+                f"window {format_duration(length)} is not a multiple of every={format_duration(every)}",
+            )
+            return None
+        return WindowSpec(length, every)
+
+    def _ttl(self, view: FeatureView, subject: str) -> int | None:
+        if view.ttl is None:
+            return None
+        try:
+            return parse_duration(view.ttl)
+        except ValueError as error:
+            self.report(view.location, subject, f"ttl: {error}")
+            return None
+
+    def unique_views(self, views: list[FeatureView]) -> None:
+        first: dict[str, FeatureView] = {}
+        for view in views:
+            if not isinstance(view, FeatureView):
+                continue
+            if view.name in first:
+                self.report(
+                    view.location,
+                    f"feature view `{view.name}`",
+                    f"name already used by the feature view at {first[view.name].location}",
+                )
+            else:
+                first[view.name] = view
+
+
+def _sample_events(schema: EventSchema) -> Any:
+    """Two plausible rows of the schema, as the engines hand them to transforms."""
+    by_type: dict[str, list[Any]] = {
+        "string": ["a", "b"],
+        "int64": [1, 2],
+        "int32": [1, 2],
+        "float64": [1.0, 2.5],
+        "float32": [1.0, 2.5],
+        "bool": [True, False],
+        "timestamp[us, UTC]": [
+            datetime(2026, 1, 1, tzinfo=UTC),
+            datetime(2026, 1, 1, 0, 5, tzinfo=UTC),
+        ],
+    }
+    columns = {f.name: by_type.get(dtype_name(f.dtype), [None, None]) for f in schema.fields}
+    return pa.table(columns, schema=schema.arrow_schema()).to_pandas()
+
+
+def _label(aggregation: Aggregation) -> str:
+    return f"{type(aggregation).__name__}({aggregation.column or ''})"
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names)
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    return f"{hint} (known: {', '.join(known)})"

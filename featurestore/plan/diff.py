@@ -1,0 +1,91 @@
+"""What changes between the applied plan and a new one, and which changes break serving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from featurestore.plan.model import Plan, ViewSpec
+
+
+class ChangeKind(Enum):
+    ADDED = "+"
+    REMOVED = "-"
+    CHANGED = "~"
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: ChangeKind
+    subject: str  # "feature view `user_spend`"
+    detail: str
+    breaking: bool = False
+
+    def __str__(self) -> str:
+        mark = "  BREAKING" if self.breaking else ""
+        return f"{self.kind.value} {self.subject}: {self.detail}{mark}"
+
+
+def diff_plans(old: Plan | None, new: Plan) -> list[Change]:
+    """Changes from `old` (None: nothing applied yet) to `new`, views sorted by name.
+
+    Breaking: anything that makes an online feature disappear or take new values, i.e.
+    a removed online view or feature, or a changed view version (new online keys: the
+    view must be backfilled and materialized before clients see values again).
+    """
+    old_views = {v.name: v for v in old.views} if old else {}
+    new_views = {v.name: v for v in new.views}
+    changes: list[Change] = []
+    for name in sorted(old_views.keys() | new_views.keys()):
+        subject = f"feature view `{name}`"
+        before, after = old_views.get(name), new_views.get(name)
+        if before is None and after is not None:
+            changes.append(Change(ChangeKind.ADDED, subject, f"{len(after.features)} features, version {after.version}"))
+        elif after is None and before is not None:
+            changes.append(Change(ChangeKind.REMOVED, subject, "removed", breaking=before.online))
+        elif before is not None and after is not None:
+            changes.extend(_view_changes(subject, before, after))
+    return changes
+
+
+def _view_changes(subject: str, before: ViewSpec, after: ViewSpec) -> list[Change]:
+    changes: list[Change] = []
+    online = before.online and after.online
+    recomputed = before.version != after.version
+    old_features = {f.name: f for f in before.features}
+    new_features = {f.name: f for f in after.features}
+    for name in sorted(new_features.keys() - old_features.keys()):
+        changes.append(Change(ChangeKind.ADDED, subject, f"feature `{name}`"))
+    for name in sorted(old_features.keys() - new_features.keys()):
+        changes.append(Change(ChangeKind.REMOVED, subject, f"feature `{name}`", breaking=online))
+    for name in sorted(old_features.keys() & new_features.keys()):
+        if old_features[name] != new_features[name]:
+            changes.append(Change(ChangeKind.CHANGED, subject, f"feature `{name}` definition", breaking=online))
+    if before.transform.source != after.transform.source or before.transform.constants != after.transform.constants:
+        changes.append(Change(ChangeKind.CHANGED, subject, "row transform", breaking=online))
+    if before.where != after.where and (before.where is None or after.where is None or before.where.source != after.where.source):
+        changes.append(Change(ChangeKind.CHANGED, subject, "where= filter", breaking=online))
+    if before.columns != after.columns:
+        changes.append(Change(ChangeKind.CHANGED, subject, "derived columns"))
+    if before.entity != after.entity:
+        changes.append(Change(ChangeKind.CHANGED, subject, "entity", breaking=online))
+    if before.source.schema.to_dict()["fields"] != after.source.schema.to_dict()["fields"]:
+        changes.append(Change(ChangeKind.CHANGED, subject, "source schema"))
+    if before.ttl != after.ttl:
+        changes.append(Change(ChangeKind.CHANGED, subject, f"ttl {before.ttl} -> {after.ttl} (microseconds)"))
+    if before.online != after.online:
+        changes.append(
+            Change(ChangeKind.CHANGED, subject, f"online {before.online} -> {after.online}", breaking=before.online)
+        )
+    if (before.description, before.owner, before.tags) != (after.description, after.owner, after.tags):
+        changes.append(Change(ChangeKind.CHANGED, subject, "description/owner/tags"))
+    if recomputed:
+        changes.append(
+            Change(
+                ChangeKind.CHANGED,
+                subject,
+                f"version {before.version} -> {after.version}: backfill and materialize before serving",
+                breaking=online,
+            )
+        )
+    return changes

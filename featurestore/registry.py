@@ -1,0 +1,124 @@
+"""A file-backed registry of applied plans: every version kept, plus the apply history.
+
+Layout under the registry folder:
+
+    plans/<version>.json     each plan ever applied, immutable
+    history.jsonl            one line per apply: version, time, who, previous version
+    current                  the version now applied
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from featurestore.errors import RegistryError
+from featurestore.plan.model import Plan
+
+
+@dataclass(frozen=True)
+class ApplyRecord:
+    version: str
+    applied_at: str  # ISO-8601, UTC
+    applied_by: str
+    previous: str | None
+
+
+class Registry(Protocol):
+    """Where plans are kept and which one is applied."""
+
+    def get(self, version: str) -> Plan: ...
+
+    def current(self) -> Plan | None: ...
+
+    def apply(self, plan: Plan) -> ApplyRecord: ...
+
+
+class FileRegistry:
+    """A Registry in a local (or mounted) folder. Writes are atomic renames."""
+
+    def __init__(self, root: Path, *, clock: type[datetime] = datetime) -> None:
+        self.root = Path(root)
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"FileRegistry({str(self.root)!r})"
+
+    def _plan_path(self, version: str) -> Path:
+        return self.root / "plans" / f"{version}.json"
+
+    def get(self, version: str) -> Plan:
+        path = self._plan_path(version)
+        if not path.exists():
+            known = ", ".join(self.versions()) or "none"
+            raise RegistryError(f"plan version {version} is not in the registry at {self.root}; known: {known}")
+        try:
+            return Plan.from_json(path.read_text())
+        except (ValueError, KeyError) as error:
+            raise RegistryError(f"plan file {path} is unreadable: {error}") from error
+
+    def current_version(self) -> str | None:
+        path = self.root / "current"
+        if not path.exists():
+            return None
+        return path.read_text().strip() or None
+
+    def current(self) -> Plan | None:
+        version = self.current_version()
+        return self.get(version) if version else None
+
+    def versions(self) -> list[str]:
+        folder = self.root / "plans"
+        if not folder.exists():
+            return []
+        return sorted(p.stem for p in folder.glob("*.json"))
+
+    def history(self) -> list[ApplyRecord]:
+        path = self.root / "history.jsonl"
+        if not path.exists():
+            return []
+        return [ApplyRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+    def apply(self, plan: Plan) -> ApplyRecord:
+        """Store the plan (idempotent) and make it current."""
+        version = plan.version
+        plan_path = self._plan_path(version)
+        if not plan_path.exists():
+            _atomic_write(plan_path, plan.to_json())
+        record = ApplyRecord(
+            version=version,
+            applied_at=self._clock.now(UTC).isoformat(timespec="seconds"),
+            applied_by=_user(),
+            previous=self.current_version(),
+        )
+        history = self.root / "history.jsonl"
+        history.parent.mkdir(parents=True, exist_ok=True)
+        with history.open("a") as handle:
+            handle.write(json.dumps(asdict(record)) + "\n")
+        _atomic_write(self.root / "current", version + "\n")
+        return record
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

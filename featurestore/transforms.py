@@ -1,0 +1,75 @@
+"""Running a view's row transform and `where` filter on events: the one code path both
+engines and the reference use, so derived columns cannot drift between them.
+
+Only pandas API that cuDF also implements is used here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from featurestore.errors import TransformError
+from featurestore.plan.code import load
+from featurestore.plan.model import ViewSpec
+
+# pandas/cuDF `astype` targets for Plan type names.
+FRAME_DTYPES = {
+    "int64": "int64",
+    "int32": "int32",
+    "float64": "float64",
+    "float32": "float32",
+    "bool": "bool",
+    "string": "str",
+}
+
+
+def prepare_events(view: ViewSpec, events: Any) -> Any:
+    """Events with the view's derived columns added and its `where` applied.
+
+    `events` is a pandas or cuDF DataFrame with the source schema's columns. The result
+    has a fresh RangeIndex and keeps the input's row order (the log order, which breaks
+    ties between events at the same time).
+    """
+    frame = events.reset_index(drop=True)
+    if True:  # every view has a transform; a view without derived columns returns none
+        derived = load(view.transform)(frame)
+        if not hasattr(derived, "columns"):
+            raise TransformError(
+                f"feature view `{view.name}`: the row transform must return a DataFrame of "
+                f"the declared columns, got {type(derived).__name__}"
+            )
+        declared = [name for name, _ in view.columns]
+        got = [str(c) for c in derived.columns]
+        if sorted(got) != sorted(declared):
+            raise TransformError(
+                f"feature view `{view.name}`: the row transform returned columns "
+                f"{got}, expected exactly {declared}"
+            )
+        if len(derived) != len(frame):
+            raise TransformError(
+                f"feature view `{view.name}`: the row transform returned {len(derived)} rows "
+                f"for {len(frame)} events; it must return one row per event (filter with where=)"
+            )
+        derived = derived.reset_index(drop=True)
+        for name, dtype in view.columns:
+            try:
+                frame[name] = derived[name].astype(FRAME_DTYPES[dtype])
+            except (TypeError, ValueError) as error:
+                raise TransformError(
+                    f"feature view `{view.name}`: derived column `{name}` cannot be "
+                    f"{dtype}: {error}"
+                ) from error
+    if view.where is not None:
+        mask = load(view.where)(frame)
+        if not hasattr(mask, "dtype") or str(mask.dtype) not in ("bool", "boolean"):
+            raise TransformError(
+                f"feature view `{view.name}`: where= must return a boolean Series, got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)}"
+            )
+        if len(mask) != len(frame):
+            raise TransformError(
+                f"feature view `{view.name}`: where= returned {len(mask)} values for "
+                f"{len(frame)} events"
+            )
+        frame = frame[mask.fillna(False).reset_index(drop=True)].reset_index(drop=True)
+    return frame

@@ -1,0 +1,291 @@
+"""Checking events against an EventSchema: one record (stream) or a whole batch (ingest).
+
+Both paths report *every* problem, each naming the field, the expected type and the
+value got, so a dead-letter entry or a rejects row says exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.dtypes import dtype_name
+from schemas.schema import EventSchema, Field
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_INT_BOUNDS = {"int64": (-(2**63), 2**63 - 1), "int32": (-(2**31), 2**31 - 1)}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one field of one record."""
+
+    field: str
+    expected: str
+    got: str
+    row: int | None = None
+
+    def __str__(self) -> str:
+        where = f"row {self.row}: " if self.row is not None else ""
+        return f"{where}field `{self.field}`: expected {self.expected}, got {self.got}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- one record -------------------------------------------------------------------------
+
+
+def validate_record(
+    schema: EventSchema, record: Mapping[str, Any]
+) -> tuple[dict[str, Any] | None, list[Problem]]:
+    """Check one decoded record (e.g. a JSON object from Kafka).
+
+    Returns the normalised record (timestamps as integer microseconds since the epoch,
+    UTC; ints as floats where the field is a float) and no problems, or None and every
+    problem found. Fields not in the schema are ignored (producers may add fields
+    before consumers know them).
+
+    >>> from schemas.transactions import TRANSACTIONS
+    >>> _, problems = validate_record(TRANSACTIONS, {"user_id": "x"})
+    >>> str(problems[0])
+    "field `transaction_id`: expected string, got missing"
+    """
+    if not isinstance(record, Mapping):
+        return None, [Problem("<record>", "a JSON object", type(record).__name__)]
+    out: dict[str, Any] = {}
+    problems: list[Problem] = []
+    for f in schema.fields:
+        if f.name not in record:
+            if f.nullable:
+                out[f.name] = None
+            else:
+                problems.append(Problem(f.name, dtype_name(f.dtype), "missing"))
+            continue
+        value = record[f.name]
+        normalised, problem = _check_value(schema, f, value)
+        if problem is not None:
+            problems.append(problem)
+        else:
+            out[f.name] = normalised
+    if problems:
+        return None, problems
+    return out, []
+
+
+def _check_value(schema: EventSchema, f: Field, value: Any) -> tuple[Any, Problem | None]:
+    name = dtype_name(f.dtype)
+    if value is None:
+        if f.nullable:
+            return None, None
+        return None, Problem(f.name, f"{name} (not null)", "null")
+    if name == "string":
+        if isinstance(value, str):
+            return value, None
+    elif name in _INT_BOUNDS:
+        if isinstance(value, int) and not isinstance(value, bool):
+            low, high = _INT_BOUNDS[name]
+            if low <= value <= high:
+                return value, None
+            return None, Problem(f.name, f"{name} within [{low}, {high}]", _short(value))
+    elif name in ("float64", "float32"):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            as_float = float(value)
+            if math.isfinite(as_float):
+                return as_float, None
+            return None, Problem(f.name, f"finite {name}", _short(value))
+    elif name == "bool":
+        if isinstance(value, bool):
+            return value, None
+    elif name == "timestamp[us, UTC]":
+        return _check_timestamp(schema, f, value)
+    return None, Problem(f.name, name, f"{type(value).__name__} {_short(value)}")
+
+
+def _check_timestamp(schema: EventSchema, f: Field, value: Any) -> tuple[Any, Problem | None]:
+    expected = "timestamp (integer microseconds since epoch, or ISO-8601 with timezone)"
+    micros: int
+    if isinstance(value, int) and not isinstance(value, bool):
+        micros = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None, Problem(f.name, expected, f"unparseable string {_short(value)}")
+        if parsed.tzinfo is None:
+            return None, Problem(f.name, expected, f"timestamp without timezone {_short(value)}")
+        delta = parsed - _EPOCH
+        micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    else:
+        return None, Problem(f.name, expected, f"{type(value).__name__} {_short(value)}")
+    if not schema.min_time_us <= micros < schema.max_time_us:
+        return None, Problem(
+            f.name,
+            f"a time in [{schema.min_time.isoformat()}, {schema.max_time.isoformat()})",
+            f"{_short(value)} (absurd timestamp; seconds or milliseconds instead of microseconds?)",
+        )
+    return micros, None
+
+
+# -- a batch ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchValidation:
+    """The outcome of validating a table: the rows that conform and those that do not.
+
+    `valid` has exactly the schema's Arrow schema. `rejected` holds the rejected input
+    rows as given (every column cast to string) plus `row` (position in the input) and
+    `reason` (every problem of that row, `; `-joined). Nothing is dropped silently:
+    `valid.num_rows + rejected.num_rows == input rows`.
+    """
+
+    valid: pa.Table
+    rejected: pa.Table
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.rejected.num_rows == 0
+
+
+def validate_batch(schema: EventSchema, table: pa.Table) -> BatchValidation:
+    """Validate and conform a whole Arrow table (vectorised; no Python loop over rows
+    except over the rejected ones, to word their reasons)."""
+    n = table.num_rows
+    bad = np.zeros(n, dtype=bool)
+    reasons: dict[int, list[Problem]] = {}
+    column_problems: list[Problem] = []
+    columns: dict[str, pa.Array] = {}
+
+    def flag(mask: np.ndarray, make: Any) -> None:
+        for index in np.flatnonzero(mask):
+            reasons.setdefault(int(index), []).append(make(int(index)))
+        bad[mask] = True
+
+    for f in schema.fields:
+        name = dtype_name(f.dtype)
+        if f.name not in table.column_names:
+            if f.nullable:
+                columns[f.name] = pa.nulls(n, f.dtype)
+                continue
+            column_problems.append(Problem(f.name, name, "missing column"))
+            bad[:] = True
+            columns[f.name] = pa.nulls(n, f.dtype)
+            continue
+        column = table.column(f.name).combine_chunks()
+        cast, cast_problem = _cast_column(column, f)
+        if cast_problem is not None:
+            column_problems.append(cast_problem)
+            bad[:] = True
+            columns[f.name] = pa.nulls(n, f.dtype)
+            continue
+        assert cast is not None  # noqa: S101 - narrowing for mypy only
+        nulls = cast.is_null().to_numpy(zero_copy_only=False)
+        if pa.types.is_floating(f.dtype):
+            nan = pc.fill_null(pc.invert(pc.is_finite(cast)), False).to_numpy(zero_copy_only=False)
+            flag(nan & ~nulls, lambda i, f=f, c=cast: Problem(f.name, f"finite {name}", _short(c[i].as_py()), i))
+        if not f.nullable and nulls.any():
+            flag(nulls, lambda i, f=f, name=name: Problem(f.name, f"{name} (not null)", "null", i))
+        if f.name == schema.event_time and pa.types.is_timestamp(f.dtype):
+            micros = pc.cast(cast, pa.int64()).to_numpy(zero_copy_only=False)
+            valid_micros = np.where(nulls, schema.min_time_us, micros)
+            absurd = (valid_micros < schema.min_time_us) | (valid_micros >= schema.max_time_us)
+            flag(
+                absurd,
+                lambda i, f=f, c=cast: Problem(
+                    f.name,
+                    f"a time in [{schema.min_time.isoformat()}, {schema.max_time.isoformat()})",
+                    f"{c[i].as_py()!r} (absurd timestamp)",
+                    i,
+                ),
+            )
+        columns[f.name] = cast
+
+    conformed = pa.table([columns[f.name] for f in schema.fields], schema=_relaxed(schema))
+    keep = pa.array(~bad)
+    valid = conformed.filter(keep).cast(schema.arrow_schema())
+    bad_rows = np.flatnonzero(bad)
+    rejected = _rejected_table(table, bad_rows, reasons, column_problems)
+    problems = tuple(column_problems) + tuple(p for i in sorted(reasons) for p in reasons[i])
+    return BatchValidation(valid=valid, rejected=rejected, problems=problems)
+
+
+def _relaxed(schema: EventSchema) -> pa.Schema:
+    # Conformed columns may still hold nulls in required fields until filtered.
+    return pa.schema([pa.field(f.name, f.dtype, nullable=True) for f in schema.fields])
+
+
+def _cast_column(column: pa.Array, f: Field) -> tuple[pa.Array | None, Problem | None]:
+    target = f.dtype
+    got = column.type
+    if got.equals(target):
+        return column, None
+    if pa.types.is_timestamp(target):
+        if pa.types.is_timestamp(got):
+            if got.tz is None:
+                return None, Problem(
+                    f.name,
+                    "timestamp[us, UTC]",
+                    f"{got} (timestamp without timezone; localize it to UTC before ingesting)",
+                )
+            return pc.cast(column, target), None
+        if pa.types.is_string(got) or pa.types.is_large_string(got):
+            try:
+                parsed = pc.strptime(column, format="%Y-%m-%dT%H:%M:%S%z", unit="us", error_is_null=False)
+            except pa.ArrowInvalid as error:
+                return None, Problem(f.name, "ISO-8601 timestamps with timezone", f"{error}")
+            return pc.cast(parsed, target), None
+        return None, Problem(f.name, "timestamp[us, UTC]", str(got))
+    if pa.types.is_floating(target) and (pa.types.is_integer(got) or pa.types.is_floating(got)):
+        return pc.cast(column, target), None
+    if pa.types.is_integer(target) and pa.types.is_integer(got):
+        try:
+            return pc.cast(column, target), None
+        except pa.ArrowInvalid as error:
+            return None, Problem(f.name, str(target), f"{got} values out of range ({error})")
+    if pa.types.is_string(target) and (pa.types.is_large_string(got) or pa.types.is_string_view(got)):
+        return pc.cast(column, target), None
+    if pa.types.is_string(target) and pa.types.is_dictionary(got):
+        return pc.cast(column, target), None
+    return None, Problem(f.name, dtype_name(target), f"column of type {got}")
+
+
+def _rejected_table(
+    table: pa.Table,
+    bad_rows: np.ndarray,
+    reasons: dict[int, list[Problem]],
+    column_problems: list[Problem],
+) -> pa.Table:
+    picked = table.take(pa.array(bad_rows, type=pa.int64())) if len(bad_rows) else table.slice(0, 0)
+    as_text = {
+        name: pc.cast(picked.column(name), pa.string()) if _castable_to_string(picked.column(name).type) else pa.array([None] * picked.num_rows, pa.string())
+        for name in picked.column_names
+    }
+    common = "; ".join(str(p) for p in column_problems)
+    texts = []
+    for index in bad_rows:
+        own = "; ".join(
+            str(Problem(p.field, p.expected, p.got)) for p in reasons.get(int(index), [])
+        )
+        texts.append("; ".join(part for part in (common, own) if part))
+    return pa.table(
+        {
+            **as_text,
+            "row": pa.array(bad_rows.astype(np.int64), pa.int64()),
+            "reason": pa.array(texts, pa.string()),
+        }
+    )
+
+
+def _castable_to_string(dtype: pa.DataType) -> bool:
+    return not (pa.types.is_nested(dtype) or pa.types.is_binary(dtype))

@@ -1,0 +1,5 @@
+"""`python -m tenx` runs the CLI."""
+
+from tenx.cli import main
+
+main()

@@ -1,0 +1,265 @@
+"""The `tenx` command line. Settings are read here, once, and passed down."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from featurestore.config import ENVIRONMENT, Settings, load_settings
+from featurestore.durations import format_duration
+from featurestore.errors import CompileError, ConfigError, TenxError, TerminalError
+from featurestore.plan import Plan, compile_repo, diff_plans
+from featurestore.registry import FileRegistry
+from tenx import __version__
+
+console = Console()
+errors = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_FAILURE = 1  # something went wrong while running
+EXIT_USAGE = 2  # the input, definitions or configuration are wrong: fix and rerun
+
+
+def _friendly(command: F) -> F:
+    """Expected mistakes print a clear message and exit non-zero, never a traceback."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except CompileError as error:
+            errors.print(f"[bold red]error:[/] the feature repo has {len(error.problems)} problem(s):")
+            for problem in error.problems:
+                errors.print(f"  - {problem}", markup=False, highlight=False)
+            sys.exit(EXIT_USAGE)
+        except (ConfigError, TerminalError) as error:
+            errors.print("[bold red]error:[/] ", end="")
+            errors.print(str(error), markup=False, highlight=False)
+            sys.exit(EXIT_USAGE)
+        except TenxError as error:
+            errors.print("[bold red]error:[/] ", end="")
+            errors.print(str(error), markup=False, highlight=False)
+            sys.exit(EXIT_FAILURE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+_ENV_HELP = "\n".join(f"  {name}: {meaning}" for name, meaning in ENVIRONMENT.items())
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=f"Environment variables:\n\n{_ENV_HELP}",
+)
+@click.version_option(__version__, prog_name="tenx")
+def main() -> None:
+    """tenx: define a feature once, compute it in two engines, serve it as a lookup.
+
+    \b
+    Start here:
+      tenx init demo && cd demo   scaffold a feature repo
+      tenx plan                   compile it and show what would change
+      tenx apply                  record the plan in the registry
+      tenx demo-data out.parquet  generate demo card transactions
+    """
+
+
+config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Path of tenx.yaml (default: $TENX_CONFIG, else ./tenx.yaml).",
+)
+
+
+def _settings(config_file: Path | None) -> Settings:
+    return load_settings(config_file)
+
+
+def _compile(settings: Settings) -> Plan:
+    return compile_repo(settings.features_path, project=settings.project, modules=settings.modules)
+
+
+# -- init ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("name", type=click.Path(path_type=Path, file_okay=False))
+@_friendly
+def init(name: Path) -> None:
+    """Create a feature repo NAME (a folder) with tenx.yaml and demo features."""
+    from tenx.scaffold import init_repo
+
+    written = init_repo(name)
+    for path in written:
+        console.print(f"  created {path}")
+    console.print(f"\nNext: [bold]cd {name} && tenx plan[/]")
+
+
+# -- plan / apply ---------------------------------------------------------------------------
+
+
+def _plan_table(plan: Plan) -> Table:
+    table = Table(title=f"plan {plan.version} (project {plan.project})", title_justify="left")
+    for column in ("view", "entity", "source", "features", "windows", "ttl", "online", "version"):
+        table.add_column(column)
+    for view in plan.views:
+        table.add_row(
+            view.name,
+            f"{view.entity.name} ({view.entity.key})",
+            view.source.name,
+            str(len(view.features)),
+            ", ".join(w.label for w in sorted(view.windows, key=lambda w: w.length)),
+            format_duration(view.ttl) if view.ttl else "-",
+            "yes" if view.online else "no",
+            view.version,
+        )
+    return table
+
+
+def _print_diff(plan: Plan, applied: Plan | None) -> bool:
+    """Print the changes against the applied plan; True when any is breaking."""
+    if applied is not None and applied.version == plan.version:
+        console.print(f"No changes: plan {plan.version} is applied.")
+        return False
+    title = "Changes against the applied plan" if applied else "Nothing applied yet; applying would add"
+    console.print(f"\n{title}{f' {applied.version}' if applied else ''}:")
+    changes = diff_plans(applied, plan)
+    for change in changes:
+        style = "red" if change.breaking else {"+": "green", "-": "red", "~": "yellow"}[change.kind.value]
+        console.print(f"  [{style}]{change}[/]", highlight=False)
+    return any(change.breaking for change in changes)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the compiled plan as JSON instead of a summary.")
+@_friendly
+def plan(config_file: Path | None, as_json: bool) -> None:
+    """Compile the feature repo, print the plan and its diff against the applied one.
+
+    Exits 2 and lists every problem when the definitions are wrong. Changes marked
+    BREAKING alter or remove online features (clients need a backfill + materialize).
+    """
+    settings = _settings(config_file)
+    compiled = _compile(settings)
+    if as_json:
+        click.echo(compiled.to_json(), nl=False)
+        return
+    console.print(_plan_table(compiled))
+    applied = FileRegistry(settings.registry_dir).current()
+    _print_diff(compiled, applied)
+
+
+@main.command()
+@config_option
+@_friendly
+def apply(config_file: Path | None) -> None:
+    """Compile the feature repo and record the plan in the registry as the applied one."""
+    settings = _settings(config_file)
+    compiled = _compile(settings)
+    registry = FileRegistry(settings.registry_dir)
+    applied = registry.current()
+    _print_diff(compiled, applied)
+    if applied is not None and applied.version == compiled.version:
+        return
+    record = registry.apply(compiled)
+    console.print(f"\nApplied plan [bold]{record.version}[/] to {settings.registry_dir}")
+
+
+# -- demo data ------------------------------------------------------------------------------
+
+
+@main.command("demo-data")
+@click.argument("out", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--events", default=100_000, show_default=True, type=click.IntRange(min=1), help="Valid events to write.")
+@click.option("--users", default=1_000, show_default=True, type=click.IntRange(min=1), help="Distinct users.")
+@click.option("--merchants", default=200, show_default=True, type=click.IntRange(min=1), help="Distinct merchants.")
+@click.option("--days", default=7, show_default=True, type=click.IntRange(min=1), help="Days of history.")
+@click.option(
+    "--start",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    default="2026-01-01",
+    show_default=True,
+    help="First day (UTC).",
+)
+@click.option("--seed", default=42, show_default=True, help="Random seed: same seed, same data.")
+@click.option(
+    "--out-of-order",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of events arriving late in the log (by under 2 minutes).",
+)
+@click.option("--malformed", default=0, show_default=True, type=click.IntRange(min=0), help="Malformed records to mix in.")
+@_friendly
+def demo_data(
+    out: Path,
+    events: int,
+    users: int,
+    merchants: int,
+    days: int,
+    start: datetime,
+    seed: int,
+    out_of_order: float,
+    malformed: int,
+) -> None:
+    """Generate demo card transactions into OUT (.parquet, or .jsonl for JSON lines).
+
+    Seeded and realistic: Zipf-like user popularity, a daily traffic curve, a share of
+    out-of-order events; memory stays bounded however many events are asked for.
+    """
+    from datetime import UTC
+
+    from tenx.demo_data import DemoConfig, write_demo_data
+
+    if out.suffix not in (".parquet", ".jsonl", ".json", ".ndjson"):
+        raise ConfigError(f"output {out} must end in .parquet or .jsonl")
+    config = DemoConfig(
+        events=events,
+        users=users,
+        merchants=merchants,
+        days=days,
+        start=start.replace(tzinfo=UTC),
+        seed=seed,
+        out_of_order=out_of_order,
+        malformed=malformed,
+    )
+    began = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("generating", total=events)
+        summary = write_demo_data(out, config, progress=lambda n: progress.advance(task, n))
+    seconds = time.perf_counter() - began
+    console.print(
+        f"Wrote {summary.events:,} events"
+        + (f" + {summary.malformed:,} malformed" if summary.malformed else "")
+        + f" to {summary.path} ({summary.bytes_written / 1e6:.1f} MB, {seconds:.1f} s), "
+        f"{summary.first_time:%Y-%m-%d %H:%M} .. {summary.last_time:%Y-%m-%d %H:%M} UTC"
+    )
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=errors,
+        transient=True,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,253 @@
+"""Seeded, realistic demo card transactions, generated in bounded-memory chunks.
+
+Realism that matters to a feature store: a few users make most transactions (Zipf-like
+popularity), traffic follows the time of day, a small share of events arrives out of
+order (within the default allowed lateness), and malformed records can be mixed in to
+exercise validation and dead-letter paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from featurestore.durations import MINUTE, SECOND
+from schemas.transactions import TRANSACTIONS
+
+COUNTRIES = np.array(["FR", "DE", "ES", "US", "GB", "JP"])
+COUNTRY_WEIGHTS = np.array([0.55, 0.12, 0.08, 0.12, 0.09, 0.04])
+CURRENCY_OF = {"FR": "EUR", "DE": "EUR", "ES": "EUR", "US": "USD", "GB": "GBP", "JP": "JPY"}
+CATEGORIES = np.array(["grocery", "restaurants", "travel", "electronics", "fuel", "online", "health", "leisure"])
+CATEGORY_WEIGHTS = np.array([0.30, 0.18, 0.05, 0.05, 0.12, 0.20, 0.05, 0.05])
+DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    events: int = 100_000
+    users: int = 1_000
+    merchants: int = 200
+    days: int = 7
+    start: datetime = DEFAULT_START
+    seed: int = 42
+    out_of_order: float = 0.01  # share of events delayed in the log (not in time)
+    max_delay_us: int = 2 * MINUTE  # under the demo source's 5m allowed lateness
+    malformed: int = 0  # malformed records mixed in (reported separately)
+    chunk_rows: int = 500_000
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    path: Path
+    events: int
+    malformed: int
+    first_time: datetime
+    last_time: datetime
+    bytes_written: int
+
+
+def _micros(value: datetime) -> int:
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * SECOND + delta.microseconds
+
+
+def _popularity(count: int, exponent: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Ids 1..count with Zipf-like weights, the ranks shuffled so popular ids scatter."""
+    ranks = np.arange(1, count + 1, dtype=np.float64)
+    weights = ranks**-exponent
+    ids = rng.permutation(count).astype(np.int64) + 1
+    return ids, np.cumsum(weights / weights.sum())
+
+
+def _minute_counts(config: DemoConfig, rng: np.random.Generator) -> np.ndarray:
+    """Events per minute over the whole range: a diurnal curve (quiet at 4am, busy at
+    6pm), drawn as one multinomial so the total is exact."""
+    minutes = config.days * 24 * 60
+    hour = (np.arange(minutes) % (24 * 60)) / 60.0
+    rate = 1.0 + 0.85 * np.sin((hour - 11.0) / 24.0 * 2 * np.pi)
+    return rng.multinomial(config.events, rate / rate.sum())
+
+
+def generate(config: DemoConfig, *, progress: Callable[[int], None] | None = None) -> Iterator[pa.Table]:
+    """Yield valid transactions as Arrow tables of about `chunk_rows` rows, in log order
+    (mostly time order, with `out_of_order` of them late in the log)."""
+    rng = np.random.default_rng(config.seed)
+    user_ids, user_cdf = _popularity(config.users, 0.9, rng)
+    merchant_ids, merchant_cdf = _popularity(config.merchants, 1.1, rng)
+    per_minute = _minute_counts(config, rng)
+    start_us = _micros(config.start)
+    emitted = 0
+    minute = 0
+    while minute < len(per_minute):
+        total = 0
+        first = minute
+        while minute < len(per_minute) and total < config.chunk_rows:
+            total += int(per_minute[minute])
+            minute += 1
+        counts = per_minute[first:minute]
+        base = start_us + np.repeat(np.arange(first, minute, dtype=np.int64), counts) * MINUTE
+        times = np.sort(base + rng.integers(0, MINUTE, size=total, dtype=np.int64))
+        # Out of order: a few events keep their time but reach the log up to
+        # max_delay_us later, as a phone that was briefly offline would send them.
+        delayed = rng.random(total) < config.out_of_order
+        delay = rng.integers(1, config.max_delay_us, size=total, dtype=np.int64)
+        times = times[np.argsort(times + np.where(delayed, delay, 0), kind="stable")]
+        table = _chunk(times, emitted, config, rng, user_ids, user_cdf, merchant_ids, merchant_cdf)
+        emitted += table.num_rows
+        if progress is not None:
+            progress(table.num_rows)
+        yield table
+
+
+def _chunk(
+    times: np.ndarray,
+    offset: int,
+    config: DemoConfig,
+    rng: np.random.Generator,
+    user_ids: np.ndarray,
+    user_cdf: np.ndarray,
+    merchant_ids: np.ndarray,
+    merchant_cdf: np.ndarray,
+) -> pa.Table:
+    n = len(times)
+    users = user_ids[np.minimum(np.searchsorted(user_cdf, rng.random(n)), len(user_ids) - 1)]
+    merchants = merchant_ids[np.minimum(np.searchsorted(merchant_cdf, rng.random(n)), len(merchant_ids) - 1)]
+    countries = COUNTRIES[np.searchsorted(np.cumsum(COUNTRY_WEIGHTS), rng.random(n) * COUNTRY_WEIGHTS.sum())]
+    currencies = np.vectorize(CURRENCY_OF.__getitem__, otypes=[object])(countries) if n else np.array([], dtype=object)
+    categories = CATEGORIES[np.searchsorted(np.cumsum(CATEGORY_WEIGHTS), rng.random(n) * CATEGORY_WEIGHTS.sum())]
+    amounts = np.round(rng.lognormal(mean=3.2, sigma=1.0, size=n), 2)
+    refunds = rng.random(n) < 0.02
+    amounts[refunds] *= -1
+    ids = pc.binary_join_element_wise(
+        "tx-", pc.utf8_lpad(pc.cast(pa.array(np.arange(offset, offset + n)), pa.string()), 10, "0"), ""
+    )
+    return pa.table(
+        {
+            "transaction_id": ids,
+            "user_id": pa.array(users, pa.int64()),
+            "merchant_id": pa.array(merchants, pa.int64()),
+            "amount": pa.array(amounts, pa.float64()),
+            "currency": pa.array(currencies, pa.string()),
+            "category": pa.array(categories, pa.string()),
+            "country": pa.array(countries, pa.string()),
+            "event_time": pa.array(times, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        },
+        schema=TRANSACTIONS.arrow_schema(),
+    )
+
+
+# -- malformed records --------------------------------------------------------------------
+
+_MALFORMED_KINDS = ("null_user", "absurd_time", "nan_amount", "missing_currency", "wrong_type", "bad_json")
+
+
+def _malformed_record(kind: str, index: int, good: dict[str, Any]) -> dict[str, Any] | bytes:
+    record = dict(good)
+    record["transaction_id"] = f"bad-{index:06d}"
+    if kind == "null_user":
+        record["user_id"] = None
+    elif kind == "absurd_time":
+        record["event_time"] = 1_700_000_000  # seconds, not microseconds
+    elif kind == "nan_amount":
+        record["amount"] = float("nan")
+    elif kind == "missing_currency":
+        record.pop("currency")
+    elif kind == "wrong_type":
+        record["amount"] = "12,50"
+    elif kind == "bad_json":
+        return b'{"transaction_id": "bad-' + str(index).encode() + b'", "user_id": 1, "amount": '
+    return record
+
+
+def _as_json_record(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out["event_time"] = out["event_time"].isoformat().replace("+00:00", "Z")
+    return out
+
+
+def write_demo_data(path: Path, config: DemoConfig, *, progress: Callable[[int], None] | None = None) -> DemoSummary:
+    """Write demo transactions to `path`: Parquet (`.parquet`) or JSON lines (`.jsonl`).
+
+    Malformed records go into the same file, spread evenly: in Parquet those that the
+    column types can hold (null keys, absurd times, NaN amounts, missing currency), in
+    JSON lines every kind, wrong types and broken JSON included.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = path.suffix in (".jsonl", ".json", ".ndjson")
+    malformed_every = max(1, config.events // config.malformed) if config.malformed else 0
+    written_bad = 0
+    first: int | None = None
+    last: int | None = None
+    count = 0
+    relaxed = pa.schema([pa.field(f.name, f.type, nullable=True) for f in TRANSACTIONS.arrow_schema()])
+    writer: pq.ParquetWriter | None = None
+    handle = path.open("wb") if jsonl else None
+    try:
+        if not jsonl:
+            writer = pq.ParquetWriter(path, relaxed, compression="zstd")
+        for table in generate(config, progress=progress):
+            micros = pc.cast(table.column("event_time"), pa.int64())
+            low, high = pc.min(micros).as_py(), pc.max(micros).as_py()
+            if low is not None:
+                first = low if first is None else min(first, low)
+                last = high if last is None else max(last, high)
+            count += table.num_rows
+            bad_rows: list[dict[str, Any] | bytes] = []
+            if malformed_every:
+                positions = [
+                    i for i in range(table.num_rows) if (count - table.num_rows + i) % malformed_every == 0
+                ][: config.malformed - written_bad]
+                for i in positions:
+                    kind = _MALFORMED_KINDS[written_bad % (len(_MALFORMED_KINDS) if jsonl else 4)]
+                    good = _as_json_record(table.slice(i, 1).to_pylist()[0])
+                    bad_rows.append(_malformed_record(kind, written_bad, good))
+                    written_bad += 1
+            if jsonl:
+                assert handle is not None  # noqa: S101
+                for row in table.to_pylist():
+                    handle.write(orjson.dumps(_as_json_record(row)) + b"\n")
+                for bad in bad_rows:
+                    line = bad if isinstance(bad, bytes) else orjson.dumps(bad, option=orjson.OPT_SERIALIZE_NUMPY)
+                    handle.write(line + b"\n")
+            else:
+                assert writer is not None  # noqa: S101
+                writer.write_table(table.cast(relaxed))
+                if bad_rows:
+                    writer.write_table(_bad_parquet_rows(bad_rows, relaxed))
+    finally:
+        if writer is not None:
+            writer.close()
+        if handle is not None:
+            handle.close()
+    return DemoSummary(
+        path=path,
+        events=count,
+        malformed=written_bad,
+        first_time=_EPOCH + timedelta(microseconds=first or 0),
+        last_time=_EPOCH + timedelta(microseconds=last or 0),
+        bytes_written=path.stat().st_size,
+    )
+
+
+def _bad_parquet_rows(rows: list[dict[str, Any] | bytes], schema: pa.Schema) -> pa.Table:
+    columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+    for row in rows:
+        assert isinstance(row, dict)  # noqa: S101 - Parquet rows are never raw bytes
+        for name in schema.names:
+            value = row.get(name)
+            if name == "event_time" and isinstance(value, str):
+                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            elif name == "event_time" and isinstance(value, int):
+                value = _EPOCH + timedelta(microseconds=value)
+            columns[name].append(value)
+    return pa.table({name: pa.array(values, schema.field(name).type) for name, values in columns.items()}, schema=schema)

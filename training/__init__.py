@@ -1,0 +1,3 @@
+"""Training sets: point-in-time correct exports from the offline changelogs."""
+
+__all__: list[str] = []
