@@ -68,8 +68,7 @@ def load_settings(
     path = path if path.is_absolute() else here / path
     if not path.exists():
         raise ConfigError(
-            f"no {CONFIG_FILE} at {path}; run `tenx init NAME` to create a feature repo, "
-            "cd into one, or pass --config"
+            f"no {CONFIG_FILE} at {path}; run `tenx init NAME` to create a feature repo, cd into one, or pass --config"
         )
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -90,9 +89,7 @@ def load_settings(
 
     features = section("features")
     modules = features.get("modules")
-    if modules is not None and (
-        not isinstance(modules, list) or not all(isinstance(m, str) for m in modules)
-    ):
+    if modules is not None and (not isinstance(modules, list) or not all(isinstance(m, str) for m in modules)):
         raise ConfigError(f"{path}: features.modules must be a list of module names, got {modules!r}")
     project = data.get("project")
     if not isinstance(project, str) or not project:

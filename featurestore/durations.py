@@ -33,8 +33,7 @@ def parse_duration(value: str | timedelta | int) -> int:
         micros = int(match.group(1)) * _UNITS[match.group(2)]
     else:
         raise ValueError(
-            f"expected a duration like '30s', '5m', '1h' or '7d' (units us, ms, s, m, h, d), "
-            f"got {value!r}"
+            f"expected a duration like '30s', '5m', '1h' or '7d' (units us, ms, s, m, h, d), got {value!r}"
         )
     if micros <= 0:
         raise ValueError(f"expected a positive duration, got {value!r}")

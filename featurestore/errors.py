@@ -1,21 +1,32 @@
 """Errors raised by featurestore.
 
-    TenxError                     base of every error tenx raises on purpose
-    ├── TerminalError             retrying will not help; fix the input or the setup
-    │   ├── ConfigError           tenx.yaml or an environment override is wrong
-    │   ├── CompileError          the feature repo has mistakes; `.problems` lists all
-    │   ├── RegistryError         a plan version is missing or a registry file is corrupt
-    │   └── TransformError        a view's row transform or filter misbehaved on data
-    └── TransientError            a service is unreachable or timed out; retrying may help
+TenxError                     base of every error tenx raises on purpose (schemas.errors)
+├── SchemaError               a schema or type is wrong, or data does not match it
+├── TerminalError             retrying will not help; fix the input or the setup
+│   ├── ConfigError           tenx.yaml or an environment override is wrong
+│   ├── CompileError          the feature repo has mistakes; `.problems` lists all
+│   ├── RegistryError         a plan version is missing or a registry file is corrupt
+│   └── TransformError        a view's row transform or filter misbehaved on data
+└── TransientError            a service is unreachable or timed out; retrying may help
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from schemas.errors import SchemaError, TenxError
 
-class TenxError(Exception):
-    """Base of all errors raised on purpose by tenx."""
+__all__ = [
+    "CompileError",
+    "CompileProblem",
+    "ConfigError",
+    "RegistryError",
+    "SchemaError",
+    "TenxError",
+    "TerminalError",
+    "TransformError",
+    "TransientError",
+]
 
 
 class TerminalError(TenxError):

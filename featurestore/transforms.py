@@ -42,8 +42,7 @@ def prepare_events(view: ViewSpec, events: Any) -> Any:
         got = [str(c) for c in derived.columns]
         if sorted(got) != sorted(declared):
             raise TransformError(
-                f"feature view `{view.name}`: the row transform returned columns "
-                f"{got}, expected exactly {declared}"
+                f"feature view `{view.name}`: the row transform returned columns {got}, expected exactly {declared}"
             )
         if len(derived) != len(frame):
             raise TransformError(
@@ -56,8 +55,7 @@ def prepare_events(view: ViewSpec, events: Any) -> Any:
                 frame[name] = derived[name].astype(FRAME_DTYPES[dtype])
             except (TypeError, ValueError) as error:
                 raise TransformError(
-                    f"feature view `{view.name}`: derived column `{name}` cannot be "
-                    f"{dtype}: {error}"
+                    f"feature view `{view.name}`: derived column `{name}` cannot be {dtype}: {error}"
                 ) from error
     if view.where is not None:
         mask = load(view.where)(frame)
@@ -68,8 +66,7 @@ def prepare_events(view: ViewSpec, events: Any) -> Any:
             )
         if len(mask) != len(frame):
             raise TransformError(
-                f"feature view `{view.name}`: where= returned {len(mask)} values for "
-                f"{len(frame)} events"
+                f"feature view `{view.name}`: where= returned {len(mask)} values for {len(frame)} events"
             )
         frame = frame[mask.fillna(False).reset_index(drop=True)].reset_index(drop=True)
     return frame

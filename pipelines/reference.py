@@ -62,7 +62,10 @@ def reference_changelog(
     schema = view.changelog_schema()
     data = {name: [row[name] for row in rows] for name in schema.names}
     table = pa.table(
-        {name: pa.array(values, type=schema.field(name).type if name != AS_OF else pa.int64()) for name, values in data.items()}
+        {
+            name: pa.array(values, type=schema.field(name).type if name != AS_OF else pa.int64())
+            for name, values in data.items()
+        }
     )
     return table.set_column(
         table.schema.get_field_index(AS_OF), AS_OF, table.column(AS_OF).cast(schema.field(AS_OF).type)
@@ -82,9 +85,7 @@ def _plain(values: list[Any]) -> list[Any]:
     """Python values with NaN and pandas' missing markers turned into None."""
     out: list[Any] = []
     for value in values:
-        if value is None or value is pd.NA or value is pd.NaT:
-            out.append(None)
-        elif isinstance(value, float) and math.isnan(value):
+        if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
             out.append(None)
         elif hasattr(value, "item") and not isinstance(value, str):
             out.append(value.item())
@@ -93,12 +94,10 @@ def _plain(values: list[Any]) -> list[Any]:
     return out
 
 
-def _aggregate(
-    feature: FeatureSpec, inside: list[int], times: list[int], columns: dict[str, list[Any]]
-) -> Any:
+def _aggregate(feature: FeatureSpec, inside: list[int], times: list[int], columns: dict[str, list[Any]]) -> Any:
     if feature.kind == "count" and feature.column is None:
         return len(inside)
-    assert feature.column is not None  # noqa: S101 - compile guarantees a column
+    assert feature.column is not None
     values = [columns[feature.column][p] for p in inside]
     present = [(times[p], order, v) for order, (p, v) in enumerate(zip(inside, values, strict=True)) if v is not None]
     if feature.kind == "count":

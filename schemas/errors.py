@@ -1,7 +1,10 @@
-"""Errors raised by the schemas package.
+"""Errors raised by the schemas package, and the root of every tenx error.
 
-    SchemaError            a schema is malformed or a type is not supported (terminal)
-    └── ValidationError    data does not match a schema; carries every Problem found
+    TenxError                  base of every error tenx raises on purpose
+    └── SchemaError            a schema is malformed or a type is not supported (terminal)
+        └── ValidationError    data does not match a schema; carries every Problem found
+
+featurestore.errors builds the rest of the tree on TenxError.
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ if TYPE_CHECKING:
     from schemas.validation import Problem
 
 
-class SchemaError(Exception):
+class TenxError(Exception):
+    """Base of all errors raised on purpose by tenx."""
+
+
+class SchemaError(TenxError):
     """A schema definition or a type name is wrong; fix the definition."""
 
 

@@ -101,9 +101,7 @@ class EventSchema:
         for candidate in self.fields:
             if candidate.name == name:
                 return candidate
-        raise SchemaError(
-            f"schema `{self.name}` has no field `{name}`; fields: {', '.join(self.names)}"
-        )
+        raise SchemaError(f"schema `{self.name}` has no field `{name}`; fields: {', '.join(self.names)}")
 
     def has_field(self, name: str) -> bool:
         return any(f.name == name for f in self.fields)
@@ -128,15 +126,14 @@ class EventSchema:
             if f.name in seen:
                 found.append(f"field `{f.name}` is defined twice")
             seen.add(f.name)
+            if f.name == self.event_time:
+                continue  # checked below, with a message about what it must be
             try:
                 dtype_name(f.dtype)
             except SchemaError as error:
                 found.append(f"field `{f.name}`: {error}")
         if not self.has_field(self.event_time):
-            found.append(
-                f"event-time column `{self.event_time}` is not a field; "
-                f"fields: {', '.join(self.names)}"
-            )
+            found.append(f"event-time column `{self.event_time}` is not a field; fields: {', '.join(self.names)}")
         else:
             time_type = self.field(self.event_time).dtype
             if not TIMESTAMP_UTC.equals(time_type):

@@ -45,9 +45,7 @@ def _short(value: Any) -> str:
 # -- one record -------------------------------------------------------------------------
 
 
-def validate_record(
-    schema: EventSchema, record: Mapping[str, Any]
-) -> tuple[dict[str, Any] | None, list[Problem]]:
+def validate_record(schema: EventSchema, record: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[Problem]]:
     """Check one decoded record (e.g. a JSON object from Kafka).
 
     Returns the normalised record (timestamps as integer microseconds since the epoch,
@@ -155,7 +153,7 @@ class BatchValidation:
 
     @property
     def ok(self) -> bool:
-        return self.rejected.num_rows == 0
+        return bool(self.rejected.num_rows == 0)
 
 
 def validate_batch(schema: EventSchema, table: pa.Table) -> BatchValidation:
@@ -189,11 +187,14 @@ def validate_batch(schema: EventSchema, table: pa.Table) -> BatchValidation:
             bad[:] = True
             columns[f.name] = pa.nulls(n, f.dtype)
             continue
-        assert cast is not None  # noqa: S101 - narrowing for mypy only
+        assert cast is not None
         nulls = cast.is_null().to_numpy(zero_copy_only=False)
         if pa.types.is_floating(f.dtype):
             nan = pc.fill_null(pc.invert(pc.is_finite(cast)), False).to_numpy(zero_copy_only=False)
-            flag(nan & ~nulls, lambda i, f=f, c=cast: Problem(f.name, f"finite {name}", _short(c[i].as_py()), i))
+            flag(
+                nan & ~nulls,
+                lambda i, f=f, c=cast, name=name: Problem(f.name, f"finite {name}", _short(c[i].as_py()), i),
+            )
         if not f.nullable and nulls.any():
             flag(nulls, lambda i, f=f, name=name: Problem(f.name, f"{name} (not null)", "null", i))
         if f.name == schema.event_time and pa.types.is_timestamp(f.dtype):
@@ -268,15 +269,15 @@ def _rejected_table(
 ) -> pa.Table:
     picked = table.take(pa.array(bad_rows, type=pa.int64())) if len(bad_rows) else table.slice(0, 0)
     as_text = {
-        name: pc.cast(picked.column(name), pa.string()) if _castable_to_string(picked.column(name).type) else pa.array([None] * picked.num_rows, pa.string())
+        name: pc.cast(picked.column(name), pa.string())
+        if _castable_to_string(picked.column(name).type)
+        else pa.array([None] * picked.num_rows, pa.string())
         for name in picked.column_names
     }
     common = "; ".join(str(p) for p in column_problems)
     texts = []
     for index in bad_rows:
-        own = "; ".join(
-            str(Problem(p.field, p.expected, p.got)) for p in reasons.get(int(index), [])
-        )
+        own = "; ".join(str(Problem(p.field, p.expected, p.got)) for p in reasons.get(int(index), []))
         texts.append("; ".join(part for part in (common, own) if part))
     return pa.table(
         {

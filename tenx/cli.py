@@ -17,13 +17,13 @@ from rich.table import Table
 
 from featurestore.config import ENVIRONMENT, Settings, load_settings
 from featurestore.durations import format_duration
-from featurestore.errors import CompileError, ConfigError, TenxError, TerminalError
+from featurestore.errors import CompileError, ConfigError, SchemaError, TenxError, TerminalError
 from featurestore.plan import Plan, compile_repo, diff_plans
 from featurestore.registry import FileRegistry
 from tenx import __version__
 
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # messages stay one line each, greppable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,7 +43,7 @@ def _friendly(command: F) -> F:
             for problem in error.problems:
                 errors.print(f"  - {problem}", markup=False, highlight=False)
             sys.exit(EXIT_USAGE)
-        except (ConfigError, TerminalError) as error:
+        except (ConfigError, TerminalError, SchemaError) as error:
             errors.print("[bold red]error:[/] ", end="")
             errors.print(str(error), markup=False, highlight=False)
             sys.exit(EXIT_USAGE)
@@ -203,7 +203,13 @@ def apply(config_file: Path | None) -> None:
     type=click.FloatRange(0, 1),
     help="Share of events arriving late in the log (by under 2 minutes).",
 )
-@click.option("--malformed", default=0, show_default=True, type=click.IntRange(min=0), help="Malformed records to mix in.")
+@click.option(
+    "--malformed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Malformed records to mix in.",
+)
 @_friendly
 def demo_data(
     out: Path,

@@ -204,23 +204,23 @@ def write_demo_data(path: Path, config: DemoConfig, *, progress: Callable[[int],
             count += table.num_rows
             bad_rows: list[dict[str, Any] | bytes] = []
             if malformed_every:
-                positions = [
-                    i for i in range(table.num_rows) if (count - table.num_rows + i) % malformed_every == 0
-                ][: config.malformed - written_bad]
+                positions = [i for i in range(table.num_rows) if (count - table.num_rows + i) % malformed_every == 0][
+                    : config.malformed - written_bad
+                ]
                 for i in positions:
                     kind = _MALFORMED_KINDS[written_bad % (len(_MALFORMED_KINDS) if jsonl else 4)]
                     good = _as_json_record(table.slice(i, 1).to_pylist()[0])
                     bad_rows.append(_malformed_record(kind, written_bad, good))
                     written_bad += 1
             if jsonl:
-                assert handle is not None  # noqa: S101
+                assert handle is not None
                 for row in table.to_pylist():
                     handle.write(orjson.dumps(_as_json_record(row)) + b"\n")
                 for bad in bad_rows:
                     line = bad if isinstance(bad, bytes) else orjson.dumps(bad, option=orjson.OPT_SERIALIZE_NUMPY)
                     handle.write(line + b"\n")
             else:
-                assert writer is not None  # noqa: S101
+                assert writer is not None
                 writer.write_table(table.cast(relaxed))
                 if bad_rows:
                     writer.write_table(_bad_parquet_rows(bad_rows, relaxed))
@@ -242,7 +242,7 @@ def write_demo_data(path: Path, config: DemoConfig, *, progress: Callable[[int],
 def _bad_parquet_rows(rows: list[dict[str, Any] | bytes], schema: pa.Schema) -> pa.Table:
     columns: dict[str, list[Any]] = {name: [] for name in schema.names}
     for row in rows:
-        assert isinstance(row, dict)  # noqa: S101 - Parquet rows are never raw bytes
+        assert isinstance(row, dict)
         for name in schema.names:
             value = row.get(name)
             if name == "event_time" and isinstance(value, str):
@@ -250,4 +250,6 @@ def _bad_parquet_rows(rows: list[dict[str, Any] | bytes], schema: pa.Schema) -> 
             elif name == "event_time" and isinstance(value, int):
                 value = _EPOCH + timedelta(microseconds=value)
             columns[name].append(value)
-    return pa.table({name: pa.array(values, schema.field(name).type) for name, values in columns.items()}, schema=schema)
+    return pa.table(
+        {name: pa.array(values, schema.field(name).type) for name, values in columns.items()}, schema=schema
+    )

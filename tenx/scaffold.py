@@ -18,9 +18,7 @@ def init_repo(target: Path, *, project: str | None = None) -> list[Path]:
     """
     name = project or target.name
     if not _NAME.match(name):
-        raise ConfigError(
-            f"project name {name!r} must start with a letter and hold only letters, digits, '_' or '-'"
-        )
+        raise ConfigError(f"project name {name!r} must start with a letter and hold only letters, digits, '_' or '-'")
     if (target / "tenx.yaml").exists():
         raise ConfigError(f"{target / 'tenx.yaml'} already exists; choose another folder")
     target.mkdir(parents=True, exist_ok=True)

@@ -112,6 +112,4 @@ class Std(Aggregation):
     kind = "std"
 
 
-AGGREGATIONS: dict[str, type[Aggregation]] = {
-    cls.kind: cls for cls in (Count, Sum, Mean, Min, Max, Last, Std)
-}
+AGGREGATIONS: dict[str, type[Aggregation]] = {cls.kind: cls for cls in (Count, Sum, Mean, Min, Max, Last, Std)}

@@ -92,12 +92,10 @@ def feature_view(
     def decorate(function: RowTransform) -> FeatureView:
         code = getattr(function, "__code__", None)
         location = (
-            SourceLocation(code.co_filename, code.co_firstlineno)
-            if code is not None
-            else SourceLocation.unknown()
+            SourceLocation(code.co_filename, code.co_firstlineno) if code is not None else SourceLocation.unknown()
         )
         return FeatureView(
-            name=name or getattr(function, "__name__", "<unnamed>"),
+            name=name or str(getattr(function, "__name__", "<unnamed>")),
             entity=entity,
             source=source,
             transform=function,

@@ -40,7 +40,7 @@ def capture(function: Callable[..., Any], *, user_dirs: tuple[str, ...] = ()) ->
         source = ast.unparse(node)
         name = "<lambda>"
     else:
-        assert isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)  # noqa: S101
+        assert isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
         source = ast.unparse(_strip(node))
         name = node.name
     imports, constants = _captured_globals(function, code, user_dirs)
@@ -56,14 +56,14 @@ def capture(function: Callable[..., Any], *, user_dirs: tuple[str, ...] = ()) ->
 
 def _find_node(function: Callable[..., Any], code: types.CodeType) -> ast.AST:
     filename = code.co_filename
+    linecache.checkcache(filename)  # the file may have been edited since it was cached
     lines = linecache.getlines(filename)
     if not lines:
         try:
             lines = inspect.getsourcelines(function)[0]
         except (OSError, TypeError) as error:
             raise CaptureError(
-                "its source is not available (defined in an interactive session or exec?); "
-                "define it in a module file"
+                "its source is not available (defined in an interactive session or exec?); define it in a module file"
             ) from error
     try:
         tree = ast.parse("".join(lines))
@@ -75,9 +75,7 @@ def _find_node(function: Callable[..., Any], code: types.CodeType) -> ast.AST:
         lambdas = [
             n
             for n in ast.walk(tree)
-            if isinstance(n, ast.Lambda)
-            and n.lineno == first
-            and [a.arg for a in n.args.args] == argnames
+            if isinstance(n, ast.Lambda) and n.lineno == first and [a.arg for a in n.args.args] == argnames
         ]
         if len(lambdas) != 1:
             raise CaptureError(
@@ -96,7 +94,7 @@ def _find_node(function: Callable[..., Any], code: types.CodeType) -> ast.AST:
 def _strip(node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.AST:
     """Remove what does not change behaviour: decorators, annotations, docstring."""
     clone = ast.parse(ast.unparse(node)).body[0]
-    assert isinstance(clone, ast.FunctionDef | ast.AsyncFunctionDef)  # noqa: S101
+    assert isinstance(clone, ast.FunctionDef | ast.AsyncFunctionDef)
     clone.decorator_list = []
     clone.returns = None
     for argument in (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from datetime import UTC, datetime
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,9 @@ def compile_definitions(
     compiled = [spec for view in view_list if (spec := compiler.view(view)) is not None]
     compiler.unique_views(view_list)
     if compiler.problems:
-        raise CompileError(sorted(set(compiler.problems), key=_problem_order))
+        # By file and line; within a line, in the order found (stable sort).
+        unique = list(dict.fromkeys(compiler.problems))
+        raise CompileError(sorted(unique, key=_problem_order))
     return Plan(
         project=project,
         entities=tuple(sorted(compiler.entities.values(), key=lambda e: e.name)),
@@ -72,9 +74,9 @@ def compile_definitions(
     )
 
 
-def _problem_order(problem: CompileProblem) -> tuple[str, int, str, str]:
+def _problem_order(problem: CompileProblem) -> tuple[str, int]:
     file, _, line = problem.location.rpartition(":")
-    return (file, int(line) if line.isdigit() else 0, problem.subject, problem.message)
+    return (file, int(line) if line.isdigit() else 0)
 
 
 class _Compiler:
@@ -165,8 +167,7 @@ class _Compiler:
             self.report(
                 view.location,
                 subject,
-                f"entity key `{key}` is not a field of source `{view.source.name}`"
-                f"{_suggest(key, schema.names)}",
+                f"entity key `{key}` is not a field of source `{view.source.name}`{_suggest(key, schema.names)}",
             )
         elif entity is not None:
             field_dtype = dtype_name(schema.field(key).dtype)
@@ -180,11 +181,11 @@ class _Compiler:
             elif schema.field(key).nullable:
                 self.report(view.location, subject, f"entity key `{key}` must not be nullable")
         columns = self._columns(view, subject)
-        all_types: dict[str, pa.DataType] = {f.name: f.dtype for f in schema.fields}
+        all_types: dict[str, pa.DataType] = {f.name: f.dtype for f in schema.fields if _supported(f.dtype)}
         all_types.update({name: parse_dtype(dtype) for name, dtype in columns})
         transform = self._code(view, view.transform, "row transform", subject)
         where = self._code(view, view.where, "where= filter", subject) if view.where is not None else None
-        if transform is not None:
+        if transform is not None and source is not None:
             self._check_transform(view, columns, subject)
         features = self._features(view, all_types, subject)
         ttl = self._ttl(view, subject)
@@ -212,7 +213,9 @@ class _Compiler:
         for name, dtype in view.columns.items():
             if view.source.schema.has_field(name):
                 self.report(
-                    view.location, subject, f"derived column `{name}` is already a field of source `{view.source.name}`"
+                    view.location,
+                    subject,
+                    f"derived column `{name}` is already a field of source `{view.source.name}`",
                 )
                 continue
             try:
@@ -239,7 +242,9 @@ class _Compiler:
             derived = view.transform(sample)
         except Exception as error:  # noqa: BLE001 - reported as a compile problem
             self.report(
-                view.location, subject, f"row transform failed on a sample batch: {type(error).__name__}: {error}"
+                view.location,
+                subject,
+                f"row transform failed on a sample batch: {type(error).__name__}: {error}",
             )
             return
         if not hasattr(derived, "columns"):
@@ -271,7 +276,9 @@ class _Compiler:
             mask = view.where(frame)
         except Exception as error:  # noqa: BLE001
             self.report(
-                view.location, subject, f"where= filter failed on a sample batch: {type(error).__name__}: {error}"
+                view.location,
+                subject,
+                f"where= filter failed on a sample batch: {type(error).__name__}: {error}",
             )
             return
         if not hasattr(mask, "dtype"):
@@ -285,16 +292,16 @@ class _Compiler:
         for aggregation in view.aggregations:
             if not isinstance(aggregation, Aggregation):
                 self.report(
-                    view.location, subject, f"aggregations must be Count(), Sum(col), ...; got {aggregation!r}"
+                    view.location,
+                    subject,
+                    f"aggregations must be Count(), Sum(col), ...; got {aggregation!r}",
                 )
                 continue
             label = _label(aggregation)
             location = aggregation.location or view.location
             dtype = self._output_dtype(aggregation, types, label, location, subject)
             if not aggregation.windows:
-                self.report(
-                    location, subject, f"{label} has no windows; give windows=[...] to it or to @feature_view"
-                )
+                self.report(location, subject, f"{label} has no windows; give windows=[...] to it or to @feature_view")
             for window in aggregation.windows:
                 spec = self._window(window, subject)
                 if spec is None or dtype is None:
@@ -305,7 +312,9 @@ class _Compiler:
                 name = f"{prefix}_{spec.label}"
                 if name in origin:
                     self.report(
-                        location, subject, f"duplicate feature name `{name}` (from {origin[name]} and {label})"
+                        location,
+                        subject,
+                        f"duplicate feature name `{name}` (from {origin[name]} and {label})",
                     )
                     continue
                 origin[name] = label
@@ -400,6 +409,14 @@ def _sample_events(schema: EventSchema) -> Any:
     }
     columns = {f.name: by_type.get(dtype_name(f.dtype), [None, None]) for f in schema.fields}
     return pa.table(columns, schema=schema.arrow_schema()).to_pandas()
+
+
+def _supported(dtype: pa.DataType) -> bool:
+    try:
+        dtype_name(dtype)
+    except SchemaError:
+        return False
+    return True
 
 
 def _label(aggregation: Aggregation) -> str:

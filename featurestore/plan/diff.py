@@ -40,7 +40,9 @@ def diff_plans(old: Plan | None, new: Plan) -> list[Change]:
         subject = f"feature view `{name}`"
         before, after = old_views.get(name), new_views.get(name)
         if before is None and after is not None:
-            changes.append(Change(ChangeKind.ADDED, subject, f"{len(after.features)} features, version {after.version}"))
+            changes.append(
+                Change(ChangeKind.ADDED, subject, f"{len(after.features)} features, version {after.version}")
+            )
         elif after is None and before is not None:
             changes.append(Change(ChangeKind.REMOVED, subject, "removed", breaking=before.online))
         elif before is not None and after is not None:
@@ -63,7 +65,9 @@ def _view_changes(subject: str, before: ViewSpec, after: ViewSpec) -> list[Chang
             changes.append(Change(ChangeKind.CHANGED, subject, f"feature `{name}` definition", breaking=online))
     if before.transform.source != after.transform.source or before.transform.constants != after.transform.constants:
         changes.append(Change(ChangeKind.CHANGED, subject, "row transform", breaking=online))
-    if before.where != after.where and (before.where is None or after.where is None or before.where.source != after.where.source):
+    if before.where != after.where and (
+        before.where is None or after.where is None or before.where.source != after.where.source
+    ):
         changes.append(Change(ChangeKind.CHANGED, subject, "where= filter", breaking=online))
     if before.columns != after.columns:
         changes.append(Change(ChangeKind.CHANGED, subject, "derived columns"))
@@ -75,7 +79,12 @@ def _view_changes(subject: str, before: ViewSpec, after: ViewSpec) -> list[Chang
         changes.append(Change(ChangeKind.CHANGED, subject, f"ttl {before.ttl} -> {after.ttl} (microseconds)"))
     if before.online != after.online:
         changes.append(
-            Change(ChangeKind.CHANGED, subject, f"online {before.online} -> {after.online}", breaking=before.online)
+            Change(
+                ChangeKind.CHANGED,
+                subject,
+                f"online {before.online} -> {after.online}",
+                breaking=before.online,
+            )
         )
     if (before.description, before.owner, before.tags) != (after.description, after.owner, after.tags):
         changes.append(Change(ChangeKind.CHANGED, subject, "description/owner/tags"))

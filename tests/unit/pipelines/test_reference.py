@@ -68,9 +68,7 @@ def events(*rows: tuple[Any, ...]) -> pd.DataFrame:
                 "event_time": BASE + timedelta(microseconds=m(minute) - BASE_US),
             }
         )
-    frame = pd.DataFrame.from_records(
-        records, columns=["user_id", "value", "amount", "label", "event_time"]
-    )
+    frame = pd.DataFrame.from_records(records, columns=["user_id", "value", "amount", "label", "event_time"])
     frame["amount"] = frame["amount"].astype("Int64")
     frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True).dt.as_unit("us")
     return frame
@@ -301,7 +299,11 @@ def test_filtered_events_make_no_change_points() -> None:
 
 def test_row_transform_columns_feed_aggregations() -> None:
     @feature_view(
-        entity=USER, source=SOURCE, columns={"doubled": "float64"}, aggregations=[Sum("doubled")], windows=[W10]
+        entity=USER,
+        source=SOURCE,
+        columns={"doubled": "float64"},
+        aggregations=[Sum("doubled")],
+        windows=[W10],
     )
     def doubled_view(events: pd.DataFrame) -> pd.DataFrame:
         return events.assign(doubled=events["value"] * 2)[["doubled"]]

@@ -1,0 +1,259 @@
+"""Compiling feature repos: every mistake reported at once, verbatim, with file:line."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from featurestore import Count, Entity, Source, Sum, Window, feature_view
+from featurestore.errors import CompileError
+from featurestore.plan import compile_definitions, compile_repo
+from schemas import TRANSACTIONS
+
+BAD_REPO = """\
+import pyarrow as pa
+
+from featurestore import Count, Entity, Source, Sum, Window, feature_view
+from schemas import TRANSACTIONS, EventSchema, Field
+
+price = Entity("price", key="amount", dtype="float64")
+user = Entity("user", key="user_id", dtype="int64")
+
+local_events = EventSchema(
+    "local_events",
+    [Field("user_id", "int64"), Field("event_time", pa.timestamp("us", tz="Europe/Paris"))],
+    event_time="event_time",
+)
+local = Source("local", local_events)
+transactions = Source("transactions", TRANSACTIONS)
+
+
+@feature_view(
+    entity=user,
+    source=transactions,
+    columns={"amount_eur": "float64"},
+    aggregations=[
+        Sum("amount_eur", windows=[Window("7m")]),
+        Sum("amnt", windows=["1h"]),
+        Count(windows=["1h"]),
+        Count(windows=["1h"]),
+    ],
+)
+def spend(tx):
+    return tx.assign(amount_eur=tx["amount"], bonus=1.0)[["amount_eur", "bonus"]]
+
+
+@feature_view(entity=price, source=transactions, aggregations=[Count(windows=["1h"])])
+def by_price(tx):
+    return tx[[]]
+
+
+@feature_view(entity=user, source=local, aggregations=[Count(windows=["1h"])])
+def local_count(tx):
+    return tx[[]]
+"""
+
+EXPECTED = [
+    "entity `price` (features.py:6): key dtype must be int64 or string, got float64",
+    "source `local` (features.py:14): schema `local_events`: event-time column `event_time` must be "
+    "timestamp[us, UTC], got timestamp[us, tz=Europe/Paris]; declare it as "
+    "Field('event_time', 'timestamp[us, UTC]')",
+    "feature view `spend` (features.py:18): row transform returned undeclared column(s) `bonus`; "
+    "declare them in columns={name: type}",
+    "feature view `spend` (features.py:23): window 7m is not a multiple of every=5m",
+    "feature view `spend` (features.py:24): Sum(amnt): unknown column `amnt`; did you mean `amount`? "
+    "(known: transaction_id, user_id, merchant_id, amount, currency, category, country, event_time, "
+    "amount_eur)",
+    "feature view `spend` (features.py:26): duplicate feature name `count_1h` (from Count() and Count())",
+]
+
+
+def write_repo(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).write_text(textwrap.dedent(text))
+    return root
+
+
+def test_bad_repo_reports_every_problem_once_with_its_line(tmp_path: Path) -> None:
+    write_repo(tmp_path, {"features.py": BAD_REPO})
+    with pytest.raises(CompileError) as raised:
+        compile_repo(tmp_path, project="bad", modules=["features"])
+    assert [str(p) for p in raised.value.problems] == EXPECTED
+
+
+def test_key_dtype_must_match_the_source_field(tmp_path: Path) -> None:
+    write_repo(
+        tmp_path,
+        {
+            "features.py": """\
+            from featurestore import Count, Entity, Source, feature_view
+            from schemas import TRANSACTIONS
+
+            user = Entity("user", key="user_id", dtype="string")
+            tx = Source("tx", TRANSACTIONS)
+
+            @feature_view(entity=user, source=tx, aggregations=[Count(windows=["1h"])])
+            def counts(tx):
+                return tx[[]]
+            """
+        },
+    )
+    with pytest.raises(CompileError) as raised:
+        compile_repo(tmp_path, project="p", modules=["features"])
+    assert [str(p) for p in raised.value.problems] == [
+        "feature view `counts` (features.py:7): entity `user` has key dtype string but field `user_id` "
+        "of source `tx` is int64"
+    ]
+
+
+def test_transform_using_a_repo_helper_cannot_be_shipped(tmp_path: Path) -> None:
+    write_repo(
+        tmp_path,
+        {
+            "helpers.py": "def double(s):\n    return s * 2\n",
+            "features.py": """\
+            from featurestore import Entity, Source, Sum, feature_view
+            from helpers import double
+            from schemas import TRANSACTIONS
+
+            user = Entity("user", key="user_id")
+            tx = Source("tx", TRANSACTIONS)
+
+            @feature_view(entity=user, source=tx, columns={"d": float}, aggregations=[Sum("d", windows=["1h"])])
+            def doubled(tx):
+                return tx.assign(d=double(tx["amount"]))[["d"]]
+            """,
+        },
+    )
+    with pytest.raises(CompileError) as raised:
+        compile_repo(tmp_path, project="p", modules=["features"])
+    assert [str(p) for p in raised.value.problems] == [
+        "feature view `doubled` (features.py:8): row transform cannot be shipped in the plan: it uses "
+        "`double` from the feature repo (helpers.py); engines do not import repo modules, so define "
+        "`double` inside the function or in an installed package"
+    ]
+
+
+def test_import_errors_are_reported_with_their_line(tmp_path: Path) -> None:
+    write_repo(tmp_path, {"features.py": "x = 1\ny = undefined_name\n"})
+    with pytest.raises(CompileError) as raised:
+        compile_repo(tmp_path, project="p", modules=["features", "missing_module"])
+    assert [str(p) for p in raised.value.problems] == [
+        f"module `missing_module`: not found in {tmp_path.resolve()}; check `features.modules` in tenx.yaml",
+        "module `features` (features.py:2): import failed: NameError: name 'undefined_name' is not defined",
+    ]
+
+
+def test_path_mode_compiles_every_module_and_dedupes_shared_definitions(tmp_path: Path) -> None:
+    (tmp_path / "views").mkdir()
+    write_repo(
+        tmp_path,
+        {
+            "entities.py": """\
+            from featurestore import Entity, Source
+            from schemas import TRANSACTIONS
+
+            user = Entity("user", key="user_id")
+            tx = Source("tx", TRANSACTIONS)
+            """,
+            "views/spend.py": """\
+            from entities import tx, user
+            from featurestore import Count, feature_view
+
+            @feature_view(entity=user, source=tx, aggregations=[Count(windows=["1d"])])
+            def spend(tx):
+                return tx[[]]
+            """,
+        },
+    )
+    plan = compile_repo(tmp_path, project="p")
+    assert [v.name for v in plan.views] == ["spend"]
+    assert [e.name for e in plan.entities] == ["user"]
+    assert plan.views[0].features[0].window.every == 3_600_000_000
+
+
+def test_modules_are_forgotten_after_compiling(tmp_path: Path) -> None:
+    import sys
+
+    write_repo(tmp_path, {"only_here.py": "X = 1\n"})
+    compile_repo(tmp_path, project="p", modules=["only_here"])
+    assert "only_here" not in sys.modules
+    assert str(tmp_path.resolve()) not in sys.path
+
+
+USER = Entity("user", key="user_id")
+TX = Source("transactions", TRANSACTIONS)
+
+
+def test_view_checks_reported_together() -> None:
+    @feature_view(
+        entity=USER,
+        source=TX,
+        columns={"amount": "float64", "x": "decimal"},
+        aggregations=[Sum("currency"), Count(windows=[Window("1h", every="7m"), Window("soon")])],
+        where=lambda tx: tx["amount"] > 0,
+        ttl="forever",
+    )
+    def Bad(tx: pd.DataFrame) -> pd.DataFrame:
+        return tx[[]]
+
+    with pytest.raises(CompileError) as raised:
+        compile_definitions("p", views=[Bad])
+    messages = [p.message for p in raised.value.problems]
+    assert messages == [
+        "name must match [a-z][a-z0-9_]*",
+        "derived column `amount` is already a field of source `transactions`",
+        "derived column `x`: unknown type 'decimal'; expected one of string, int64, int32, float64, "
+        "float32, bool, timestamp[us, UTC]",
+        "ttl: expected a duration like '30s', '5m', '1h' or '7d' (units us, ms, s, m, h, d), got 'forever'",
+        "Sum(currency): column `currency` is string; sum needs a numeric column",
+        "Sum(currency) has no windows; give windows=[...] to it or to @feature_view",
+        "window 1h is not a multiple of every=7m",
+        "window length: expected a duration like '30s', '5m', '1h' or '7d' (units us, ms, s, m, h, d), got 'soon'",
+    ]
+
+
+def test_duplicate_view_names_across_modules() -> None:
+    def make() -> object:
+        @feature_view(entity=USER, source=TX, aggregations=[Count(windows=["1h"])])
+        def twin(tx: pd.DataFrame) -> pd.DataFrame:
+            return tx[[]]
+
+        return twin
+
+    with pytest.raises(CompileError) as raised:
+        compile_definitions("p", views=[make(), make()])  # type: ignore[list-item]
+    assert [p.message for p in raised.value.problems] == [
+        f"name already used by the feature view at {Path(__file__).name}:{make.__code__.co_firstlineno + 1}"
+    ]
+
+
+def test_a_good_view_compiles_to_normalised_specs() -> None:
+    @feature_view(
+        entity=USER,
+        source=TX,
+        columns={"amount_cents": "int64"},
+        aggregations=[Count(), Sum("amount_cents", name="spend_cents")],
+        windows=["1h", Window("7d", every="1d")],
+        ttl="2d",
+    )
+    def spend(tx: pd.DataFrame) -> pd.DataFrame:
+        """Docstrings do not change the version."""
+        return tx.assign(amount_cents=(tx["amount"] * 100).round().astype("int64"))[["amount_cents"]]
+
+    view = compile_definitions("p", views=[spend]).views[0]
+    assert view.feature_names == ("count_1h", "count_7d", "spend_cents_1h", "spend_cents_7d")
+    assert [(f.window.length, f.window.every) for f in view.features[:2]] == [
+        (3_600_000_000, 300_000_000),
+        (604_800_000_000, 86_400_000_000),
+    ]
+    assert [f.dtype for f in view.features] == ["int64", "int64", "int64", "int64"]
+    assert view.ttl == 172_800_000_000
+    assert view.transform.source == (
+        "def spend(tx):\n"
+        "    return tx.assign(amount_cents=(tx['amount'] * 100).round().astype('int64'))[['amount_cents']]"
+    )
+    assert view.changelog_schema().names == ["user_id", "as_of", *view.feature_names]

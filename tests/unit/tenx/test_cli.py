@@ -1,0 +1,105 @@
+"""The `tenx` command as a user runs it: a real subprocess of the installed console script."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.unit.featurestore.test_compile import BAD_REPO, EXPECTED
+
+TENX = shutil.which("tenx", path=os.path.dirname(sys.executable)) or "tenx"
+
+
+def tenx(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "COLUMNS": "200", **(env or {})}
+    environment.pop("TENX_CONFIG", None)
+    return subprocess.run([TENX, *args], cwd=cwd, capture_output=True, text=True, env=environment, timeout=120)
+
+
+def test_help_lists_every_command(tmp_path: Path) -> None:
+    result = tenx("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("init", "plan", "apply", "demo-data"):
+        assert command in result.stdout
+    assert "TENX_REDIS_URL" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["init", "plan", "apply", "demo-data"])
+def test_every_command_has_help(tmp_path: Path, command: str) -> None:
+    result = tenx(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "Usage: tenx " + command in result.stdout
+
+
+def test_init_plan_apply_plan(tmp_path: Path) -> None:
+    created = tenx("init", "demo", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    repo = tmp_path / "demo"
+    assert sorted(p.name for p in repo.iterdir()) == ["README.md", "features.py", "tenx.yaml"]
+
+    planned = tenx("plan", cwd=repo)
+    assert planned.returncode == 0, planned.stderr
+    assert "user_spend" in planned.stdout
+    assert "Nothing applied yet; applying would add:" in planned.stdout
+    assert "+ feature view `user_spend`: 20 features" in planned.stdout
+
+    applied = tenx("apply", cwd=repo)
+    assert applied.returncode == 0, applied.stderr
+    version = applied.stdout.split("Applied plan ")[1].split()[0]
+    assert (repo / ".tenx" / "registry" / "plans" / f"{version}.json").exists()
+
+    again = tenx("plan", cwd=repo)
+    assert f"No changes: plan {version} is applied." in again.stdout
+
+    as_json = tenx("plan", "--json", cwd=repo)
+    assert f'"version": "{version}"' in as_json.stdout
+
+
+def test_breaking_change_is_marked(tmp_path: Path) -> None:
+    tenx("init", "demo", cwd=tmp_path)
+    repo = tmp_path / "demo"
+    tenx("apply", cwd=repo)
+    features = repo / "features.py"
+    features.write_text(features.read_text().replace('"FR", 0.0)', '"DE", 0.0)'))
+    planned = tenx("plan", cwd=repo)
+    assert planned.returncode == 0
+    assert "~ feature view `user_spend`: row transform  BREAKING" in planned.stdout
+
+
+def test_bad_repo_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "tenx.yaml").write_text("project: bad\nfeatures:\n  modules: [features]\n")
+    (tmp_path / "features.py").write_text(BAD_REPO)
+    result = tenx("plan", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"error: the feature repo has {len(EXPECTED)} problem(s):"
+    assert lines[1:] == [f"  - {message}" for message in EXPECTED]
+
+
+def test_missing_config_is_a_clear_error(tmp_path: Path) -> None:
+    result = tenx("plan", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"error: no tenx.yaml at {tmp_path.resolve() / 'tenx.yaml'}; run `tenx init NAME`" in result.stderr
+
+
+def test_unknown_config_key_is_named(tmp_path: Path) -> None:
+    (tmp_path / "tenx.yaml").write_text("project: p\nonline_store:\n  redis_ulr: redis://x\n")
+    result = tenx("plan", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown key `online_store.redis_ulr`; known keys: online_store.path, online_store.redis_url" in (
+        result.stderr
+    )
+
+
+def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
+    assert tenx("init", "demo", cwd=tmp_path).returncode == 0
+    again = tenx("init", "demo", cwd=tmp_path)
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
