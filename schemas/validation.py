@@ -20,6 +20,7 @@ from schemas.dtypes import dtype_name
 from schemas.schema import EventSchema, Field
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _INT_BOUNDS = {"int64": (-(2**63), 2**63 - 1), "int32": (-(2**31), 2**31 - 1)}
 
 
@@ -98,7 +99,7 @@ def _check_value(schema: EventSchema, f: Field, value: Any) -> tuple[Any, Proble
     elif name in ("float64", "float32"):
         if isinstance(value, int | float) and not isinstance(value, bool):
             as_float = float(value)
-            if math.isfinite(as_float):
+            if math.isfinite(as_float) and (name == "float64" or abs(as_float) <= _FLOAT32_MAX):
                 return as_float, None
             return None, Problem(f.name, f"finite {name}", _short(value))
     elif name == "bool":
@@ -189,6 +190,11 @@ def validate_batch(schema: EventSchema, table: pa.Table) -> BatchValidation:
             continue
         assert cast is not None
         nulls = cast.is_null().to_numpy(zero_copy_only=False)
+        unparsed = nulls & ~column.is_null().to_numpy(zero_copy_only=False)
+        if unparsed.any():
+            expected = f"{name} (ISO-8601 with timezone)" if pa.types.is_timestamp(f.dtype) else name
+            flag(unparsed, lambda i, f=f, c=column, e=expected: Problem(f.name, e, _short(c[i].as_py()), i))
+            nulls = nulls & ~unparsed
         if pa.types.is_floating(f.dtype):
             nan = pc.fill_null(pc.invert(pc.is_finite(cast)), False).to_numpy(zero_copy_only=False)
             flag(
@@ -203,10 +209,10 @@ def validate_batch(schema: EventSchema, table: pa.Table) -> BatchValidation:
             absurd = (valid_micros < schema.min_time_us) | (valid_micros >= schema.max_time_us)
             flag(
                 absurd,
-                lambda i, f=f, c=cast: Problem(
+                lambda i, f=f, us=micros: Problem(
                     f.name,
                     f"a time in [{schema.min_time.isoformat()}, {schema.max_time.isoformat()})",
-                    f"{c[i].as_py()!r} (absurd timestamp)",
+                    f"{int(us[i])} microseconds since epoch (absurd timestamp)",
                     i,
                 ),
             )
@@ -226,6 +232,30 @@ def _relaxed(schema: EventSchema) -> pa.Schema:
     return pa.schema([pa.field(f.name, f.dtype, nullable=True) for f in schema.fields])
 
 
+def _parse_times(column: pa.Array, f: Field) -> tuple[pa.Array, Problem | None]:
+    """ISO-8601 strings with an offset to timestamp[us, UTC]. Arrow parses the whole
+    column at once; only when that fails are values parsed one by one, so a single bad
+    string rejects its own row (the caller finds it as an unparsed non-null value)."""
+    target = f.dtype
+    try:
+        return pc.cast(column, target), None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    parsed: list[int | None] = []
+    for value in column.to_pylist():
+        micros: int | None = None
+        if value is not None:
+            try:
+                moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                moment = None
+            if moment is not None and moment.tzinfo is not None:
+                delta = moment - _EPOCH
+                micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+        parsed.append(micros)
+    return pa.array(parsed, pa.int64()).cast(target), None
+
+
 def _cast_column(column: pa.Array, f: Field) -> tuple[pa.Array | None, Problem | None]:
     target = f.dtype
     got = column.type
@@ -241,11 +271,7 @@ def _cast_column(column: pa.Array, f: Field) -> tuple[pa.Array | None, Problem |
                 )
             return pc.cast(column, target), None
         if pa.types.is_string(got) or pa.types.is_large_string(got):
-            try:
-                parsed = pc.strptime(column, format="%Y-%m-%dT%H:%M:%S%z", unit="us", error_is_null=False)
-            except pa.ArrowInvalid as error:
-                return None, Problem(f.name, "ISO-8601 timestamps with timezone", f"{error}")
-            return pc.cast(parsed, target), None
+            return _parse_times(column, f)
         return None, Problem(f.name, "timestamp[us, UTC]", str(got))
     if pa.types.is_floating(target) and (pa.types.is_integer(got) or pa.types.is_floating(got)):
         return pc.cast(column, target), None

@@ -1,0 +1,39 @@
+# One command each: setup, test, lint, bench. CI (.ci/run) calls the same targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test test-unit lint format bench services-up services-down clean
+
+setup:  ## create .venv and install tenx with its dev tools
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+test:  ## every test; integration tests need `eval "$$(scripts/services up)"` first
+	$(BIN)/python -m pytest
+
+test-unit:  ## unit tests only, no services needed
+	$(BIN)/python -m pytest tests/unit
+
+lint:  ## ruff (lint + format check), mypy, import-linter layer contract
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench:  ## benchmarks: each prints a table and writes JSON under bench/results/
+	@set -e; for script in bench/*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(BIN)/python $$script; done
+
+services-up:
+	scripts/services up
+
+services-down:
+	scripts/services down
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
