@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from featurestore.plan.model import AS_OF, FeatureSpec, ViewSpec
-from featurestore.semantics import empty_value
+from featurestore.semantics import SCALE_PREFIX, empty_value
 from featurestore.transforms import prepare_events
 from featurestore.windows import expiry_time, window_start
 
@@ -27,6 +27,7 @@ def reference_changelog(
     *,
     start: int | None = None,
     end: int | None = None,
+    with_scale: bool = False,
 ) -> pa.Table:
     """The changelog of `view` over `events` (a DataFrame in log order with the source
     schema's columns; event time as datetime64[us, UTC]).
@@ -34,6 +35,10 @@ def reference_changelog(
     Returns one row per (entity, change point), sorted by entity then time, with the
     schema `view.changelog_schema()`. `start`/`end` (microseconds) keep only change
     points in [start, end); values still use every event before `start`.
+
+    `with_scale` appends a `_scale_<feature>` column (the largest |input| in the window)
+    for each float Sum/Mean/Std feature, which `changelog_differences` uses to judge
+    float rounding (see featurestore.semantics).
     """
     frame = prepare_events(view, events)
     times = _micros(frame[view.event_time])
@@ -43,6 +48,7 @@ def reference_changelog(
     for position, key in enumerate(keys):
         by_entity.setdefault(key, []).append(position)
 
+    scaled = {f.name for f in view.features if f.kind in ("sum", "mean", "std") and f.dtype == "float64"}
     rows: list[dict[str, Any]] = []
     for key in sorted(by_entity):
         positions = by_entity[key]  # log order: the tie-break for Last
@@ -57,9 +63,15 @@ def reference_changelog(
                 low = window_start(point, feature.window.length, feature.window.every)
                 inside = [p for p in positions if low <= times[p] <= point]
                 row[feature.name] = _aggregate(feature, inside, times, columns)
+                if with_scale and feature.name in scaled:
+                    magnitudes = [abs(v) for p in inside if (v := columns[feature.column or ""][p]) is not None]
+                    row[SCALE_PREFIX + feature.name] = float(max(magnitudes, default=0.0))
             rows.append(row)
 
     schema = view.changelog_schema()
+    if with_scale:
+        for name in sorted(scaled, key=view.feature_names.index):
+            schema = schema.append(pa.field(SCALE_PREFIX + name, pa.float64()))
     data = {name: [row[name] for row in rows] for name in schema.names}
     table = pa.table(
         {

@@ -1,0 +1,418 @@
+"""The batch changelog kernel: one vectorised pass over a partition of events.
+
+Input: the events of a set of entities (every event of each entity in the time range
+needed). Output: the changelog rows of those entities, identical in meaning to
+`pipelines.reference` (the contract), computed with sorts, cumulative sums and binary
+searches only, no Python loop over rows:
+
+1. sort events by (entity, time, log order) and encode each (entity, time) pair as one
+   int64 "composite" so that one `searchsorted` finds per-entity positions;
+2. change points = unique(event times, tile starts + W for every window), per entity;
+3. for each change point p and window, the events in the window are the contiguous run
+   [lo, hi) of the sorted events: hi = events with (entity, time <= p),
+   lo = events with (entity, time < tile(p) - W + g);
+4. each aggregation is read off prefix arrays over the sorted events: counts and
+   compensated (TwoSum) prefix sums, shifted sums of squares for Std, sparse tables for
+   Min/Max, a running "last non-null index" for Last.
+
+Arrays go through `xp` (numpy here, cupy for the cuDF backend), frames through the
+pandas API that cuDF also implements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from featurestore.plan.model import AS_OF, FeatureSpec, ViewSpec
+from featurestore.transforms import prepare_events
+from schemas.dtypes import parse_dtype
+
+SEQUENCE = "_seq"  # log order of events (Kafka offset order / ingest order)
+
+
+def changelog_kernel(
+    view: ViewSpec,
+    events: Any,
+    *,
+    start: int | None = None,
+    end: int | None = None,
+    xp: Any = np,
+) -> pa.Table:
+    """The changelog rows of `view` for change points in [start, end) (microseconds),
+    as an Arrow table with `view.changelog_schema()`, sorted by entity then time."""
+    frame = prepare_events(view, events)
+    schema = view.changelog_schema()
+    if len(frame) == 0:
+        return schema.empty_table()
+    sorted_events = _SortedEvents.build(view, frame, xp)
+    points = _change_points(view, sorted_events, start, end, xp)
+    if points.size == 0:
+        return schema.empty_table()
+    columns: dict[str, pa.Array] = {
+        view.entity_key: sorted_events.keys_at(points.codes),
+        AS_OF: pa.array(xp_to_numpy(points.times), pa.int64()).cast(schema.field(AS_OF).type),
+    }
+    prefixes = _Prefixes(sorted_events, xp)
+    hi = xp.searchsorted(sorted_events.composite, points.composite, side="right")
+    bounds: dict[tuple[int, int], Any] = {}
+    for feature in view.features:
+        window = (feature.window.length, feature.window.every)
+        if window not in bounds:
+            bounds[window] = _lower_bounds(sorted_events, points, feature, xp)
+        columns[feature.name] = _aggregate(feature, prefixes, bounds[window], hi, xp)
+    return pa.table([columns[name] for name in schema.names], schema=schema)
+
+
+def xp_to_numpy(array: Any) -> np.ndarray:
+    return array.get() if hasattr(array, "get") else np.asarray(array)
+
+
+# -- sorted events and composite keys -------------------------------------------------------
+
+
+@dataclass
+class _SortedEvents:
+    codes: Any  # entity code per event, sorted
+    times: Any  # event time (us) per event, sorted within entity
+    composite: Any  # codes * span + (times - base): sorted, searchable
+    base: int
+    span: int
+    uniques: Any  # entity key per code
+    key_type: pa.DataType
+    frame: Any  # the prepared events, in sorted order
+    count: int
+
+    @classmethod
+    def build(cls, view: ViewSpec, frame: Any, xp: Any) -> _SortedEvents:
+        codes, uniques = _factorize(frame[view.entity_key])
+        times = xp.asarray(_micros(frame[view.event_time]))
+        sequence = xp.asarray(frame[SEQUENCE].to_numpy()) if SEQUENCE in frame.columns else xp.arange(len(frame))
+        codes = xp.asarray(codes)
+        order = xp.lexsort(xp.stack([sequence, times, codes]))
+        codes, times = codes[order], times[order]
+        longest = max(f.window.length for f in view.features)
+        coarsest = max(f.window.every for f in view.features)
+        base = int(times.min()) - longest - coarsest
+        span = int(times.max()) + longest + coarsest - base + 1
+        if (int(codes.max()) + 1) * span >= 2**62:
+            raise OverflowError(
+                f"feature view `{view.name}`: {int(codes.max()) + 1} entities over a time span of "
+                f"{span} us do not fit one int64 search key; use more partitions"
+            )
+        composite = codes * span + (times - base)
+        ordered = frame.take(xp_to_numpy(order)).reset_index(drop=True)
+        key_type = view.changelog_schema().field(view.entity_key).type
+        return cls(codes, times, composite, base, span, uniques, key_type, ordered, len(frame))
+
+    def keys_at(self, codes: Any) -> pa.Array:
+        return pa.array(np.asarray(self.uniques)[xp_to_numpy(codes)], self.key_type)
+
+
+def _factorize(keys: Any) -> tuple[np.ndarray, np.ndarray]:
+    codes, uniques = keys.factorize(sort=True)
+    return np.asarray(codes, dtype=np.int64), np.asarray(uniques)
+
+
+def _micros(series: Any) -> np.ndarray:
+    """Event times as int64 microseconds (UTC) from a tz-aware or int column."""
+    if getattr(series.dtype, "kind", "") in "iu":
+        return np.asarray(series.to_numpy(), dtype=np.int64)
+    return np.asarray(series.to_numpy(dtype="datetime64[us]")).astype(np.int64)
+
+
+@dataclass
+class _Points:
+    composite: Any
+    codes: Any
+    times: Any
+
+    @property
+    def size(self) -> int:
+        return int(self.composite.shape[0])
+
+
+def _change_points(view: ViewSpec, events: _SortedEvents, start: int | None, end: int | None, xp: Any) -> _Points:
+    candidates = [events.composite]
+    for window in view.windows:
+        expiry = events.times - events.times % window.every + window.length
+        candidates.append(events.codes * events.span + (expiry - events.base))
+    composite = xp.unique(xp.concatenate(candidates))
+    codes = composite // events.span
+    times = composite % events.span + events.base
+    keep = xp.ones(composite.shape[0], dtype=bool)
+    if start is not None:
+        keep &= times >= start
+    if end is not None:
+        keep &= times < end
+    if not bool(keep.all()):
+        composite, codes, times = composite[keep], codes[keep], times[keep]
+    return _Points(composite, codes, times)
+
+
+def _lower_bounds(events: _SortedEvents, points: _Points, feature: FeatureSpec, xp: Any) -> Any:
+    every, length = feature.window.every, feature.window.length
+    window_start = points.times - points.times % every - length + every
+    return xp.searchsorted(events.composite, points.codes * events.span + (window_start - events.base), side="left")
+
+
+# -- prefix arrays --------------------------------------------------------------------------
+
+
+@dataclass
+class _Column:
+    values: Any  # float64 or int64, nulls replaced by 0
+    present: Any  # bool: value is not null (and not NaN)
+    is_int: bool
+
+
+@dataclass
+class _Prefixes:
+    events: _SortedEvents
+    xp: Any
+    _cache: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def column(self, name: str) -> _Column:
+        key = (name, "column")
+        if key not in self._cache:
+            series = self.events.frame[name]
+            xp = self.xp
+            # isna() treats NaN as missing too: NaN is null by the value rules.
+            present = xp.asarray(~series.isna().to_numpy(dtype=bool))
+            if _is_int(series):
+                values = xp.asarray(series.fillna(0).to_numpy(dtype="int64"))
+                self._cache[key] = _Column(values, present, True)
+            elif _is_float(series):
+                values = xp.asarray(series.to_numpy(dtype="float64", na_value=0.0))
+                self._cache[key] = _Column(xp.where(present, values, 0.0), present, False)
+            else:  # strings, bools: only Count and Last read them
+                self._cache[key] = _Column(None, present, False)
+        return self._cache[key]  # type: ignore[no-any-return]
+
+    def cached(self, name: str, kind: str, build: Any) -> Any:
+        if (name, kind) not in self._cache:
+            self._cache[(name, kind)] = build()
+        return self._cache[(name, kind)]
+
+    def present_count(self, name: str) -> Any:
+        return self.cached(name, "count", lambda: _prefix(self.column(name).present.astype(np.int64), self.xp))
+
+    def total(self, name: str) -> tuple[Any, Any]:
+        column = self.column(name)
+        if column.is_int:
+            return self.cached(name, "sum", lambda: (_prefix(column.values, self.xp), None))  # type: ignore[no-any-return]
+        return self.cached(name, "sum", lambda: _compensated_prefix(column.values, self.xp))  # type: ignore[no-any-return]
+
+    def moments(self, name: str) -> list[tuple[Any, Any, Any]]:
+        """Sparse table of (count, mean, M2) over blocks of 2**k events, merged with
+        Chan's parallel formula: a window's Std is built from the blocks inside it
+        only, so it is as stable as a two-pass Std over the window's own values."""
+
+        def build() -> list[tuple[Any, Any, Any]]:
+            xp = self.xp
+            column = self.column(name)
+            count = column.present.astype(np.float64)
+            levels = [(count, column.values.astype(np.float64), xp.zeros_like(count))]
+            width = 1
+            while 2 * width <= count.shape[0]:
+                n, mean, m2 = levels[-1]
+                levels.append(
+                    _merge_moments((n[:-width], mean[:-width], m2[:-width]), (n[width:], mean[width:], m2[width:]), xp)
+                )
+                width *= 2
+            return levels
+
+        return self.cached(name, "moments", build)  # type: ignore[no-any-return]
+
+    def extreme(self, name: str, kind: str) -> list[Any]:
+        def build() -> list[Any]:
+            xp = self.xp
+            column = self.column(name)
+            values = column.values.astype(np.float64)
+            fill = np.inf if kind == "min" else -np.inf
+            combine = xp.minimum if kind == "min" else xp.maximum
+            return _sparse_table(xp.where(column.present, values, fill), combine, xp)
+
+        return self.cached(name, kind, build)  # type: ignore[no-any-return]
+
+    def arrow(self, name: str) -> pa.Array:
+        """The column as Arrow, in sorted event order (for Last of any type)."""
+        return self.cached(name, "arrow", lambda: _to_arrow(self.events.frame[name]))
+
+    def last_present(self, name: str) -> Any:
+        def build() -> Any:
+            xp = self.xp
+            present = self.column(name).present
+            index = xp.where(present, xp.arange(present.shape[0]), -1)
+            return _running_max(index, xp)
+
+        return self.cached(name, "last", build)
+
+
+def _to_arrow(series: Any) -> pa.Array:
+    if hasattr(series, "to_arrow"):  # cuDF
+        return series.to_arrow()
+    return pa.Array.from_pandas(series)
+
+
+def _is_float(series: Any) -> bool:
+    dtype = series.dtype
+    return bool(getattr(dtype, "kind", "") == "f" or str(dtype).lower().startswith(("float", "double")))
+
+
+def _is_int(series: Any) -> bool:
+    dtype = series.dtype
+    return bool(getattr(dtype, "kind", "") in "iu" or str(dtype).lower().startswith(("int", "uint")))
+
+
+def _prefix(values: Any, xp: Any) -> Any:
+    out = xp.zeros(values.shape[0] + 1, dtype=values.dtype)
+    xp.cumsum(values, out=out[1:])
+    return out
+
+
+def _compensated_prefix(values: Any, xp: Any) -> tuple[Any, Any]:
+    """Prefix sums plus the exact rounding error of every step (TwoSum), accumulated.
+
+    sum(values[lo:hi]) == (total[hi] - total[lo]) + (error[hi] - error[lo]) to within a
+    rounding of the result, however large the values before `lo` were: a plain prefix
+    difference would lose the low bits of small windows after a huge value.
+    """
+    total = _prefix(values, xp)
+    before, added, after = total[:-1], values, total[1:]
+    virtual = after - before
+    step_error = (before - (after - virtual)) + (added - virtual)
+    return total, _prefix(step_error, xp)
+
+
+def _window_sum(prefix: tuple[Any, Any], lo: Any, hi: Any) -> Any:
+    total, error = prefix
+    if error is None:
+        return total[hi] - total[lo]
+    return (total[hi] - total[lo]) + (error[hi] - error[lo])
+
+
+def _sparse_table(values: Any, combine: Any, xp: Any) -> list[Any]:
+    levels = [values]
+    width = 1
+    while 2 * width <= values.shape[0]:
+        previous = levels[-1]
+        levels.append(combine(previous[:-width], previous[width:]))
+        width *= 2
+    return levels
+
+
+def _range_extreme(levels: list[Any], lo: Any, hi: Any, combine: Any, xp: Any) -> Any:
+    """combine() over values[lo:hi] for non-empty ranges (two overlapping lookups)."""
+    length = hi - lo
+    level = xp.floor(xp.log2(xp.maximum(length, 1).astype(np.float64))).astype(np.int64)
+    level = xp.where(length > 0, level, -1)  # empty ranges stay NaN (null)
+    out = xp.full(lo.shape[0], np.nan, dtype=np.float64)
+    for k in range(len(levels)):
+        chosen = level == k
+        if not bool(chosen.any()):
+            continue
+        table = levels[k]
+        out[chosen] = combine(table[lo[chosen]], table[hi[chosen] - (1 << k)])
+    return out
+
+
+def _merge_moments(a: tuple[Any, Any, Any], b: tuple[Any, Any, Any], xp: Any) -> tuple[Any, Any, Any]:
+    """Chan et al.: (count, mean, M2) of the union of two disjoint sets of values."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    n = n_a + n_b
+    safe = xp.where(n > 0, n, 1.0)
+    delta = mean_b - mean_a
+    mean = xp.where(n > 0, mean_a + delta * (n_b / safe), 0.0)
+    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / safe)
+    return n, mean, m2
+
+
+def _range_moments(levels: list[tuple[Any, Any, Any]], lo: Any, hi: Any, xp: Any) -> tuple[Any, Any, Any]:
+    """(count, mean, M2) over values[lo:hi]: the range split into power-of-two blocks
+    (its length's binary digits), merged from the largest down."""
+    length = hi - lo
+    position = lo.copy()
+    size = lo.shape[0]
+    total: tuple[Any, Any, Any] = (xp.zeros(size), xp.zeros(size), xp.zeros(size))
+    for k in range(len(levels) - 1, -1, -1):
+        chosen = (length >> k) & 1 == 1
+        if not bool(chosen.any()):
+            continue
+        n, mean, m2 = levels[k]
+        at = xp.where(chosen, position, 0)
+        block = (xp.where(chosen, n[at], 0.0), xp.where(chosen, mean[at], 0.0), xp.where(chosen, m2[at], 0.0))
+        total = _merge_moments(total, block, xp)
+        position = position + xp.where(chosen, 1 << k, 0)
+    return total
+
+
+def _running_max(values: Any, xp: Any) -> Any:
+    if hasattr(xp.maximum, "accumulate"):
+        return xp.maximum.accumulate(values)
+    # cupy lacks ufunc.accumulate for maximum on some versions: scan by doubling.
+    out = values.copy()
+    step = 1
+    while step < out.shape[0]:
+        out[step:] = xp.maximum(out[step:], out[:-step])
+        step *= 2
+    return out
+
+
+# -- one feature ------------------------------------------------------------------------------
+
+
+def _aggregate(feature: FeatureSpec, prefixes: _Prefixes, lo: Any, hi: Any, xp: Any) -> pa.Array:
+    if feature.kind == "count" and feature.column is None:
+        return pa.array(xp_to_numpy(hi - lo), pa.int64())
+    assert feature.column is not None
+    name = feature.column
+    present = prefixes.present_count(name)
+    n = present[hi] - present[lo]
+    empty = xp_to_numpy(n == 0)
+    if feature.kind == "count":
+        return pa.array(xp_to_numpy(n), pa.int64())
+    if feature.kind == "sum":
+        total = _window_sum(prefixes.total(name), lo, hi)
+        return pa.array(xp_to_numpy(total), _arrow_type(feature.dtype))
+    if feature.kind == "mean":
+        total = _window_sum(prefixes.total(name), lo, hi)
+        mean = total / xp.maximum(n, 1)
+        return pa.array(xp_to_numpy(mean).astype(np.float64), pa.float64(), mask=empty)
+    if feature.kind == "std":
+        count, _, m2 = _range_moments(prefixes.moments(name), lo, hi, xp)
+        variance = xp.maximum(m2 / xp.maximum(count, 1.0), 0.0)
+        return pa.array(xp_to_numpy(xp.sqrt(variance)), pa.float64(), mask=empty)
+    if feature.kind in ("min", "max"):
+        combine = xp.minimum if feature.kind == "min" else xp.maximum
+        values = _range_extreme(prefixes.extreme(name, feature.kind), lo, hi, combine, xp)
+        return _typed(xp_to_numpy(values), feature.dtype, empty)
+    if feature.kind == "last":
+        last = prefixes.last_present(name)
+        index = last[xp.maximum(hi - 1, 0)]
+        valid = xp_to_numpy((hi > lo) & (index >= lo))
+        picked = pa.array(xp_to_numpy(xp.where(xp.asarray(valid), index, 0)), pa.int64())
+        taken = prefixes.arrow(name).take(picked)
+        return _masked(taken, ~valid, feature.dtype)
+    raise ValueError(f"unknown aggregation kind {feature.kind!r}")
+
+
+def _arrow_type(dtype: str) -> pa.DataType:
+    return parse_dtype(dtype)
+
+
+def _typed(values: np.ndarray, dtype: str, empty: np.ndarray) -> pa.Array:
+    target = _arrow_type(dtype)
+    if pa.types.is_integer(target):
+        return pa.array(np.where(empty, 0, values).astype(np.int64), pa.int64(), mask=empty).cast(target)
+    return pa.array(values, pa.float64(), mask=empty).cast(target)
+
+
+def _masked(values: pa.Array, null: np.ndarray, dtype: str) -> pa.Array:
+    target = _arrow_type(dtype)
+    return pc.if_else(pa.array(null), pa.nulls(len(values), target), values.cast(target))
