@@ -256,6 +256,26 @@ def _parse_times(column: pa.Array, f: Field) -> tuple[pa.Array, Problem | None]:
     return pa.array(parsed, pa.int64()).cast(target), None
 
 
+def _is_text(dtype: pa.DataType) -> bool:
+    return bool(pa.types.is_string(dtype) or pa.types.is_large_string(dtype))
+
+
+def _parse_text(column: pa.Array, f: Field) -> pa.Array:
+    """Numbers or booleans written as text (CSV): the whole column at once, else value by
+    value with unparseable values left null (the caller rejects those rows)."""
+    try:
+        return pc.cast(column, f.dtype)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    parsed = []
+    for value in column.to_pylist():
+        try:
+            parsed.append(pc.cast(pa.array([value], pa.string()), f.dtype)[0].as_py() if value is not None else None)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            parsed.append(None)
+    return pa.array(parsed, f.dtype)
+
+
 def _cast_column(column: pa.Array, f: Field) -> tuple[pa.Array | None, Problem | None]:
     target = f.dtype
     got = column.type
@@ -273,6 +293,8 @@ def _cast_column(column: pa.Array, f: Field) -> tuple[pa.Array | None, Problem |
         if pa.types.is_string(got) or pa.types.is_large_string(got):
             return _parse_times(column, f)
         return None, Problem(f.name, "timestamp[us, UTC]", str(got))
+    if _is_text(got) and (pa.types.is_integer(target) or pa.types.is_floating(target) or pa.types.is_boolean(target)):
+        return _parse_text(column, f), None
     if pa.types.is_floating(target) and (pa.types.is_integer(got) or pa.types.is_floating(got)):
         return pc.cast(column, target), None
     if pa.types.is_integer(target) and pa.types.is_integer(got):

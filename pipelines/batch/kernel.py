@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -59,12 +60,13 @@ def changelog_kernel(
     }
     prefixes = _Prefixes(sorted_events, xp)
     hi = xp.searchsorted(sorted_events.composite, points.composite, side="right")
+    first = xp.searchsorted(sorted_events.codes, points.codes, side="left")
     bounds: dict[tuple[int, int], Any] = {}
     for feature in view.features:
         window = (feature.window.length, feature.window.every)
         if window not in bounds:
             bounds[window] = _lower_bounds(sorted_events, points, feature, xp)
-        columns[feature.name] = _aggregate(feature, prefixes, bounds[window], hi, xp)
+        columns[feature.name] = _aggregate(feature, _Window(prefixes, window, bounds[window], hi, first, xp))
     return pa.table([columns[name] for name in schema.names], schema=schema)
 
 
@@ -105,7 +107,8 @@ class _SortedEvents:
                 f"{span} us do not fit one int64 search key; use more partitions"
             )
         composite = codes * span + (times - base)
-        ordered = frame.take(xp_to_numpy(order)).reset_index(drop=True)
+        needed = sorted({f.column for f in view.features if f.column is not None})
+        ordered = frame[needed].take(xp_to_numpy(order)).reset_index(drop=True)
         key_type = view.changelog_schema().field(view.entity_key).type
         return cls(codes, times, composite, base, span, uniques, key_type, ordered, len(frame))
 
@@ -141,7 +144,13 @@ def _change_points(view: ViewSpec, events: _SortedEvents, start: int | None, end
     for window in view.windows:
         expiry = events.times - events.times % window.every + window.length
         candidates.append(events.codes * events.span + (expiry - events.base))
-    composite = xp.unique(xp.concatenate(candidates))
+    # Each candidate array is already sorted (expiries are monotone in time within an
+    # entity), so a stable sort of their concatenation merges runs, and equal
+    # neighbours are the duplicates: much cheaper than a hash-based unique.
+    merged = xp.sort(xp.concatenate(candidates), kind="stable")
+    distinct = xp.ones(merged.shape[0], dtype=bool)
+    distinct[1:] = merged[1:] != merged[:-1]
+    composite = merged[distinct]
     codes = composite // events.span
     times = composite % events.span + events.base
     keep = xp.ones(composite.shape[0], dtype=bool)
@@ -205,7 +214,25 @@ class _Prefixes:
         column = self.column(name)
         if column.is_int:
             return self.cached(name, "sum", lambda: (_prefix(column.values, self.xp), None))  # type: ignore[no-any-return]
-        return self.cached(name, "sum", lambda: _compensated_prefix(column.values, self.xp))  # type: ignore[no-any-return]
+        return self.cached(name, "sum", lambda: _compensated_prefix(column.values, self.events.codes, self.xp))  # type: ignore[no-any-return]
+
+    def centred(self, name: str) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+        """Compensated prefix sums of d and d*d, d = x - (the entity's mean of x)."""
+
+        def build() -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+            xp = self.xp
+            column = self.column(name)
+            values = column.values.astype(np.float64)
+            codes = self.events.codes
+            entities = int(codes.max()) + 1
+            sums = xp.bincount(codes, weights=values, minlength=entities)
+            counts = xp.bincount(codes, weights=column.present.astype(np.float64), minlength=entities)
+            shift = xp.where(counts > 0, sums / xp.maximum(counts, 1), 0.0)[codes]
+            deviation = xp.where(column.present, values - shift, 0.0)
+            codes = self.events.codes
+            return _compensated_prefix(deviation, codes, xp), _compensated_prefix(deviation * deviation, codes, xp)
+
+        return self.cached(name, "centred", build)  # type: ignore[no-any-return]
 
     def moments(self, name: str) -> list[tuple[Any, Any, Any]]:
         """Sparse table of (count, mean, M2) over blocks of 2**k events, merged with
@@ -275,25 +302,48 @@ def _prefix(values: Any, xp: Any) -> Any:
     return out
 
 
-def _compensated_prefix(values: Any, xp: Any) -> tuple[Any, Any]:
-    """Prefix sums plus the exact rounding error of every step (TwoSum), accumulated.
+def _segmented_cumsum(values: Any, codes: Any, xp: Any) -> Any:
+    """Cumulative sums restarting at each entity (codes are sorted): one entity's
+    rounding never leaks into another's sums."""
+    if xp is np:
+        return pd.Series(values).groupby(codes, sort=False).cumsum().to_numpy()
+    import cudf
 
-    sum(values[lo:hi]) == (total[hi] - total[lo]) + (error[hi] - error[lo]) to within a
-    rounding of the result, however large the values before `lo` were: a plain prefix
-    difference would lose the low bits of small windows after a huge value.
+    return cudf.Series(values).groupby(cudf.Series(codes), sort=False).cumsum().values
+
+
+def _compensated_prefix(values: Any, codes: Any, xp: Any) -> tuple[Any, Any]:
+    """Per-entity prefix sums plus the exact rounding error of every step (TwoSum),
+    accumulated: prefix[i + 1] covers the entity's values up to and including i.
+
+    A window's sum, (total[hi] - total[lo]) + (error[hi] - error[lo]) with the `lo`
+    terms taken as 0 at the entity's first event, is right to within a rounding of the
+    result however large the entity's earlier values were; a plain prefix difference
+    would lose the low bits of small windows after a huge value.
     """
-    total = _prefix(values, xp)
-    before, added, after = total[:-1], values, total[1:]
+    running = _segmented_cumsum(values, codes, xp)
+    total = xp.zeros(values.shape[0] + 1, dtype=np.float64)
+    total[1:] = running
+    start = xp.ones(values.shape[0], dtype=bool)
+    start[1:] = codes[1:] != codes[:-1]
+    before = xp.where(start, 0.0, total[:-1])
+    after = running
     virtual = after - before
-    step_error = (before - (after - virtual)) + (added - virtual)
-    return total, _prefix(step_error, xp)
+    step_error = (before - (after - virtual)) + (values - virtual)
+    error = xp.zeros(values.shape[0] + 1, dtype=np.float64)
+    error[1:] = _segmented_cumsum(step_error, codes, xp)
+    return total, error
 
 
-def _window_sum(prefix: tuple[Any, Any], lo: Any, hi: Any) -> Any:
+def _window_sum(prefix: tuple[Any, Any], lo: Any, hi: Any, first: Any, xp: Any) -> Any:
+    """Sum over events [lo, hi) of one entity whose first event is at `first`."""
     total, error = prefix
-    if error is None:
+    if error is None:  # integers: one global prefix is exact
         return total[hi] - total[lo]
-    return (total[hi] - total[lo]) + (error[hi] - error[lo])
+    at_start = lo == first
+    lower_total = xp.where(at_start, 0.0, total[lo])
+    lower_error = xp.where(at_start, 0.0, error[lo])
+    return (total[hi] - lower_total) + (error[hi] - lower_error)
 
 
 def _sparse_table(values: Any, combine: Any, xp: Any) -> list[Any]:
@@ -367,27 +417,53 @@ def _running_max(values: Any, xp: Any) -> Any:
 # -- one feature ------------------------------------------------------------------------------
 
 
-def _aggregate(feature: FeatureSpec, prefixes: _Prefixes, lo: Any, hi: Any, xp: Any) -> pa.Array:
+@dataclass
+class _Window:
+    """One window's [lo, hi) per change point, with per-column results cached so that
+    e.g. Sum and Mean of a column share one window sum."""
+
+    prefixes: _Prefixes
+    key: tuple[int, int]
+    lo: Any
+    hi: Any
+    first: Any
+    xp: Any
+    _memo: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def memo(self, name: str, kind: str, build: Any) -> Any:
+        if (name, kind) not in self._memo:
+            self._memo[(name, kind)] = build()
+        return self._memo[(name, kind)]
+
+    def present(self, name: str) -> Any:
+        def build() -> Any:
+            counts = self.prefixes.present_count(name)
+            return counts[self.hi] - counts[self.lo]
+
+        return self.memo(name, "n", build)
+
+    def total(self, name: str) -> Any:
+        return self.memo(name, "sum", lambda: _window_sum(self.prefixes.total(name), self.lo, self.hi, self.first, self.xp))
+
+
+def _aggregate(feature: FeatureSpec, window: _Window) -> pa.Array:
+    xp, lo, hi = window.xp, window.lo, window.hi
     if feature.kind == "count" and feature.column is None:
         return pa.array(xp_to_numpy(hi - lo), pa.int64())
     assert feature.column is not None
     name = feature.column
-    present = prefixes.present_count(name)
-    n = present[hi] - present[lo]
+    prefixes = window.prefixes
+    n = window.present(name)
     empty = xp_to_numpy(n == 0)
     if feature.kind == "count":
         return pa.array(xp_to_numpy(n), pa.int64())
     if feature.kind == "sum":
-        total = _window_sum(prefixes.total(name), lo, hi)
-        return pa.array(xp_to_numpy(total), _arrow_type(feature.dtype))
+        return pa.array(xp_to_numpy(window.total(name)), _arrow_type(feature.dtype))
     if feature.kind == "mean":
-        total = _window_sum(prefixes.total(name), lo, hi)
-        mean = total / xp.maximum(n, 1)
+        mean = window.total(name) / xp.maximum(n, 1)
         return pa.array(xp_to_numpy(mean).astype(np.float64), pa.float64(), mask=empty)
     if feature.kind == "std":
-        count, _, m2 = _range_moments(prefixes.moments(name), lo, hi, xp)
-        variance = xp.maximum(m2 / xp.maximum(count, 1.0), 0.0)
-        return pa.array(xp_to_numpy(xp.sqrt(variance)), pa.float64(), mask=empty)
+        return pa.array(xp_to_numpy(_std(prefixes, name, lo, hi, window.first, n, xp)), pa.float64(), mask=empty)
     if feature.kind in ("min", "max"):
         combine = xp.minimum if feature.kind == "min" else xp.maximum
         values = _range_extreme(prefixes.extreme(name, feature.kind), lo, hi, combine, xp)
@@ -400,6 +476,53 @@ def _aggregate(feature: FeatureSpec, prefixes: _Prefixes, lo: Any, hi: Any, xp: 
         taken = prefixes.arrow(name).take(picked)
         return _masked(taken, ~valid, feature.dtype)
     raise ValueError(f"unknown aggregation kind {feature.kind!r}")
+
+
+# Above this ratio of mean squared deviation (from the entity's mean) to variance, the
+# fast Std may have lost digits to cancellation; those points are recomputed exactly.
+_STD_CONDITION_LIMIT = 1e4
+
+
+def _std(prefixes: _Prefixes, name: str, lo: Any, hi: Any, first: Any, n: Any, xp: Any) -> Any:
+    """Population Std per window: fast from compensated prefix sums of the deviations
+    from each entity's mean, and, where that is ill-conditioned (a window far from its
+    entity's mean, relative to its spread), from Chan-merged blocks of the window's own
+    values, which is as stable as a two-pass Std."""
+    linear, squares = prefixes.centred(name)
+    count = xp.maximum(n, 1).astype(np.float64)
+    mean_square = _window_sum(squares, lo, hi, first, xp) / count
+    mean = _window_sum(linear, lo, hi, first, xp) / count
+    variance = xp.where(n > 1, xp.maximum(mean_square - mean * mean, 0.0), 0.0)
+    suspect = (n > 1) & (mean_square > _STD_CONDITION_LIMIT * variance)
+    if bool(suspect.any()):
+        chosen = xp.nonzero(suspect)[0]
+        variance[chosen] = _exact_variance(prefixes, name, lo[chosen], hi[chosen], xp)
+    return xp.sqrt(variance)
+
+
+# Up to this many (window, event) pairs, ill-conditioned windows are recomputed by an
+# explicit two-pass over their events; beyond it, by the Chan sparse table.
+_TWO_PASS_LIMIT = 20_000_000
+
+
+def _exact_variance(prefixes: _Prefixes, name: str, lo: Any, hi: Any, xp: Any) -> Any:
+    lengths = hi - lo
+    pairs = int(lengths.sum())
+    if pairs > _TWO_PASS_LIMIT:
+        count, _, m2 = _range_moments(prefixes.moments(name), lo, hi, xp)
+        return xp.maximum(m2 / xp.maximum(count, 1.0), 0.0)
+    column = prefixes.column(name)
+    window_of = xp.repeat(xp.arange(lo.shape[0]), lengths)
+    starts = xp.cumsum(lengths) - lengths
+    event = lo[window_of] + (xp.arange(pairs) - starts[window_of])
+    present = column.present[event].astype(np.float64)
+    values = xp.where(column.present[event], column.values[event].astype(np.float64), 0.0)
+    windows = lo.shape[0]
+    count = xp.bincount(window_of, weights=present, minlength=windows)
+    mean = xp.bincount(window_of, weights=values, minlength=windows) / xp.maximum(count, 1.0)
+    deviation = (values - mean[window_of]) * present
+    m2 = xp.bincount(window_of, weights=deviation * deviation, minlength=windows)
+    return xp.maximum(m2 / xp.maximum(count, 1.0), 0.0)
 
 
 def _arrow_type(dtype: str) -> pa.DataType:
