@@ -142,9 +142,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, pa.Table]]:
         yield offset, pa.table({"_json": lines})
 
 
-def _validate(
-    source: SourceSpec, batch: pa.Table, offset: int, path: Path, now: datetime
-) -> tuple[pa.Table, pa.Table]:
+def _validate(source: SourceSpec, batch: pa.Table, offset: int, path: Path, now: datetime) -> tuple[pa.Table, pa.Table]:
     if batch.column_names == ["_json"]:
         return _validate_json(source, batch.column("_json").to_pylist(), offset, path, now)
     result = validate_batch(source.schema, batch)

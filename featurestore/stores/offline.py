@@ -13,6 +13,10 @@ backfill replaces what it wrote before and never duplicates it.
 
 from __future__ import annotations
 
+import itertools
+import json
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,8 +26,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
+from deltalake.transaction import AddAction
 
 from featurestore.errors import TerminalError
 from featurestore.plan.model import AS_OF, SourceSpec, ViewSpec
@@ -100,8 +106,10 @@ class DeltaOfflineStore:
 
     # -- events -----------------------------------------------------------------------------
     def events_schema(self, source: SourceSpec) -> pa.Schema:
-        return source.schema.arrow_schema().append(pa.field(SEQUENCE, pa.int64(), nullable=False)).append(
-            pa.field(DATE, pa.date32(), nullable=False)
+        return (
+            source.schema.arrow_schema()
+            .append(pa.field(SEQUENCE, pa.int64(), nullable=False))
+            .append(pa.field(DATE, pa.date32(), nullable=False))
         )
 
     def ingests(self, source: SourceSpec) -> list[IngestRecord]:
@@ -173,7 +181,7 @@ class DeltaOfflineStore:
             filters.append((DATE, ">=", micros_to_datetime(start).strftime("%Y-%m-%d")))
         if end is not None:
             filters.append((DATE, "<=", micros_to_datetime(end).strftime("%Y-%m-%d")))
-        return list(table.file_uris(file_pruning_predicate=filters or None))  # type: ignore[arg-type]
+        return list(table.file_uris(file_pruning_predicate=filters or None))
 
     def events_dataset(self, source: SourceSpec) -> ds.Dataset:
         table = self._table(self.events_path(source))
@@ -234,41 +242,92 @@ class DeltaOfflineStore:
         self, view: ViewSpec, batches: Iterable[pa.RecordBatch | pa.Table], *, start: int, end: int
     ) -> int:
         """Replace the changelog rows with `as_of` in [start, end) by `batches`, in one
-        commit. Returns the number of rows written."""
-        schema = self.changelog_schema(view)
-        written = {"rows": 0}
+        Delta commit (the simple path: files written here, then committed). Returns the
+        number of rows written."""
+        actions: list[AddAction] = []
+        rows = 0
+        for item in batches:
+            table = item if isinstance(item, pa.Table) else pa.Table.from_batches([item])
+            rows += table.num_rows
+            actions.extend(self.write_changelog_files(view, table, start=start, end=end))
+        self.commit_changelog(view, actions, start=start, end=end)
+        return rows
 
-        def dated() -> Iterator[pa.RecordBatch]:
-            for item in batches:
-                for batch in item.to_batches() if isinstance(item, pa.Table) else [item]:
-                    if batch.num_rows == 0:
-                        continue
-                    outside = pc.sum(
-                        pc.or_(pc.less(batch.column(AS_OF), _timestamp(start)), pc.greater_equal(batch.column(AS_OF), _timestamp(end)))
-                    ).as_py()
-                    if outside:
-                        raise ValueError(f"{outside} changelog rows of `{view.name}` fall outside the range written")
-                    dates = pc.cast(batch.column(AS_OF), pa.date32())
-                    written["rows"] += batch.num_rows
-                    yield pa.RecordBatch.from_arrays([*batch.columns, dates], schema=schema)
-
-        predicate = (
-            f"{DATE} >= {_date_literal(start)} AND {DATE} <= {_date_literal(end)} "
-            f"AND {AS_OF} >= {_literal(start)} AND {AS_OF} < {_literal(end)}"
-        )
+    def write_changelog_files(self, view: ViewSpec, rows: pa.Table, *, start: int, end: int) -> list[AddAction]:
+        """Write changelog rows (as_of in [start, end)) as Parquet files in the view's
+        table folder, one per day, without committing them; returns their Delta add
+        actions for `commit_changelog`. Safe to call from many workers at once: file
+        names are unique, and uncommitted files are invisible to readers."""
+        if rows.num_rows == 0:
+            return []
+        _check_range(view, rows, start, end)
         path = self.changelog_path(view)
-        exists = self._table(path) is not None
-        write_deltalake(
-            str(path),
-            pa.RecordBatchReader.from_batches(schema, dated()),
+        dates = pc.cast(rows.column(AS_OF), pa.date32())
+        with_dates = rows.append_column(DATE, dates)
+        order = pc.array_sort_indices(dates, order="ascending")
+        ordered = with_dates.take(order)
+        days = ordered.column(DATE).to_numpy()
+        boundaries = _runs(days)
+        actions = []
+        schema = view.changelog_schema()
+        for low, high in boundaries:
+            day = str(days[low])
+            folder = path / f"{DATE}={day}"
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"part-{uuid.uuid4().hex}.parquet"
+            chunk = ordered.slice(low, high - low).drop_columns([DATE]).cast(schema)
+            pq.write_table(chunk, folder / name, compression="zstd", row_group_size=131_072)
+            metadata = pq.read_metadata(folder / name)
+            actions.append(
+                AddAction(
+                    path=f"{DATE}={day}/{name}",
+                    size=(folder / name).stat().st_size,
+                    partition_values={DATE: day},
+                    modification_time=int(time.time() * 1000),
+                    data_change=True,
+                    stats=_file_stats(metadata, view),
+                )
+            )
+        return actions
+
+    def commit_changelog(self, view: ViewSpec, actions: list[AddAction], *, start: int, end: int) -> None:
+        """Make written files the changelog for [start, end): one commit that replaces
+        the days the range touches. Rows of its first and last day outside the range
+        are rewritten into new files first, so exactly the range is replaced."""
+        path = self.changelog_path(view)
+        table = self._table(path)
+        if table is None:
+            write_deltalake(str(path), self.changelog_schema(view).empty_table(), partition_by=[DATE], mode="append")
+            table = DeltaTable(str(path))
+        first_day = micros_to_datetime(start).date()
+        last_day = micros_to_datetime(end - 1).date()
+        carried = [
+            action
+            for kept in self._rows_outside(table, first_day, last_day, start, end)
+            for action in self.write_changelog_files(
+                view, kept.drop_columns([DATE]), start=_MIN_MICROS, end=_MAX_MICROS
+            )
+        ]
+        days = [str(first_day + timedelta(days=i)) for i in range((last_day - first_day).days + 1)]
+        table.create_write_transaction(
+            [*actions, *carried],
+            mode="overwrite",
+            schema=self.changelog_schema(view),
             partition_by=[DATE],
-            mode="overwrite" if exists else "append",
-            predicate=predicate if exists else None,
+            partition_filters=[(DATE, "in", days)],
             commit_properties=CommitProperties(
                 custom_metadata={"tenx.view_version": view.version, "tenx.range": f"{start}:{end}"}
             ),
         )
-        return written["rows"]
+
+    @staticmethod
+    def _rows_outside(table: DeltaTable, first_day: Any, last_day: Any, start: int, end: int) -> list[pa.Table]:
+        """Existing rows of the first and last day that fall outside [start, end)."""
+        dataset = table.to_pyarrow_dataset()
+        outside = (ds.field(AS_OF) < _timestamp(start)) | (ds.field(AS_OF) >= _timestamp(end))
+        days = ds.field(DATE).isin([pa.scalar(first_day, pa.date32()), pa.scalar(last_day, pa.date32())])
+        kept = dataset.to_table(filter=days & outside)
+        return [kept] if kept.num_rows else []
 
     def changelog_dataset(self, view: ViewSpec) -> ds.Dataset:
         table = self._table(self.changelog_path(view))
@@ -286,7 +345,62 @@ class DeltaOfflineStore:
         expression = _time_filter(AS_OF, start, end)
         table = dataset.to_table(filter=expression) if expression is not None else dataset.to_table()
         table = table.drop_columns([DATE]) if DATE in table.column_names else table
-        return table.select(view.changelog_schema().names).sort_by([(view.entity_key, "ascending"), (AS_OF, "ascending")])
+        return table.select(view.changelog_schema().names).sort_by(
+            [(view.entity_key, "ascending"), (AS_OF, "ascending")]
+        )
+
+
+_MIN_MICROS = -(2**62)
+_MAX_MICROS = 2**62
+
+
+def _runs(values: Any) -> list[tuple[int, int]]:
+    """[low, high) bounds of runs of equal neighbours in a sorted array."""
+    import numpy as np
+
+    if len(values) == 0:
+        return []
+    changes = np.flatnonzero(values[1:] != values[:-1]) + 1
+    edges = [0, *changes.tolist(), len(values)]
+    return list(itertools.pairwise(edges))
+
+
+def _check_range(view: ViewSpec, batch: pa.RecordBatch | pa.Table, start: int, end: int) -> None:
+    times = batch.column(AS_OF)
+    outside = pc.sum(pc.or_(pc.less(times, _timestamp(start)), pc.greater_equal(times, _timestamp(end)))).as_py()
+    if outside:
+        raise ValueError(f"{outside} changelog rows of `{view.name}` fall outside the range being written")
+
+
+def _file_stats(metadata: Any, view: ViewSpec) -> str:
+    """Delta file statistics (row count, min/max of the key and as_of) from Parquet
+    footers, so readers can prune files."""
+    minimum: dict[str, Any] = {}
+    maximum: dict[str, Any] = {}
+    for name in (view.entity_key, AS_OF):
+        index = metadata.schema.to_arrow_schema().get_field_index(name)
+        lows: list[Any] = []
+        highs: list[Any] = []
+        for group in range(metadata.num_row_groups):
+            statistics = metadata.row_group(group).column(index).statistics
+            if statistics is None or not statistics.has_min_max:
+                lows = highs = []
+                break
+            lows.append(statistics.min)
+            highs.append(statistics.max)
+        if lows:
+            low, high = min(lows), max(highs)
+            if name == AS_OF:
+                low = micros_to_datetime(_as_micros(low)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                high = micros_to_datetime(_as_micros(high)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            minimum[name], maximum[name] = low, high
+    return json.dumps({"numRecords": metadata.num_rows, "minValues": minimum, "maxValues": maximum})
+
+
+def _as_micros(value: Any) -> int:
+    if isinstance(value, datetime):
+        return datetime_to_micros(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return int(value)
 
 
 def _timestamp(micros: int) -> pa.Scalar:

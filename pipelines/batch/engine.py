@@ -7,14 +7,17 @@ The whole range is replaced in one Delta commit, so a re-run replaces, never dup
 
 from __future__ import annotations
 
+import itertools
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 
 from featurestore.errors import TerminalError, TransientError
 from featurestore.plan.model import Plan, ViewSpec
@@ -23,6 +26,10 @@ from pipelines.batch.backends import Backend, array_module, to_frame
 from pipelines.batch.kernel import changelog_kernel
 
 Progress = Callable[[str, int, int], None]  # (view, partitions done, partitions total)
+
+# Events per shuffled partition: the unit of kernel work and of memory (a partition's
+# changelog is about 3x its events, times the features).
+PARTITION_EVENTS = 400_000
 
 
 @dataclass(frozen=True)
@@ -47,19 +54,6 @@ def default_range(view: ViewSpec, store: DeltaOfflineStore) -> tuple[int, int] |
     return first, last + view.longest_window + max(f.window.every for f in view.features) + 1
 
 
-def _partition_changelog(
-    frame: pd.DataFrame, view: ViewSpec, start: int, end: int, backend: str
-) -> pd.DataFrame:
-    """Runs on a Dask worker: kernel over one partition, Arrow-backed pandas out."""
-    chosen = Backend(backend)
-    table = changelog_kernel(view, frame, start=start, end=end, xp=array_module(chosen))
-    return table.to_pandas(types_mapper=pd.ArrowDtype)
-
-
-def _meta(view: ViewSpec) -> pd.DataFrame:
-    return view.changelog_schema().empty_table().to_pandas(types_mapper=pd.ArrowDtype)
-
-
 def backfill_view(
     view: ViewSpec,
     store: DeltaOfflineStore,
@@ -70,10 +64,10 @@ def backfill_view(
     backend: Backend = Backend.PANDAS,
     partitions: int | None = None,
     progress: Progress | None = None,
+    scratch_dir: str | None = None,
 ) -> BackfillSummary:
     """Compute and write the changelog of `view` for as_of in [start, end)."""
     import dask.dataframe as dd
-    from distributed import as_completed
 
     began = time.perf_counter()
     if start is None or end is None:
@@ -97,49 +91,115 @@ def backfill_view(
     columns = [*view.source.schema.names, SEQUENCE]
     lower = pd.Timestamp(read_from, unit="us", tz="UTC")
     upper = pd.Timestamp(end, unit="us", tz="UTC")
+    events_read = store.count_events(view.source, read_from, end)
+    count = partitions or max(2, -(-events_read // PARTITION_EVENTS))
     events = dd.read_parquet(
         files,
         columns=columns,
         filters=[(time_column, ">=", lower), (time_column, "<", upper)],
         dataframe_backend="cudf" if backend is Backend.CUDF else "pandas",
     )
-    count = partitions or max(2, min(256, events.npartitions))
-    shuffled = events.shuffle(on=view.entity_key, npartitions=count)
-    changelog = shuffled.map_partitions(
-        _partition_changelog, view, start, end, backend.value, meta=_meta(view), align_dataframes=False
-    )
-    parts = changelog.to_delayed()
-    futures = client.compute(parts)
-    done = 0
-
-    def results() -> Iterator[pa.Table]:
-        nonlocal done
-        for future in as_completed(futures):
-            frame = future.result()
-            future.release()
-            done += 1
-            if progress is not None:
-                progress(view.name, done, len(parts))
-            yield pa.Table.from_pandas(frame, preserve_index=False, schema=view.changelog_schema())
-
-    rows = store.write_changelog(view, results(), start=start, end=end)
-    events_read = store.count_events(view.source, read_from, end)
+    # Scratch lives beside the tables by default: a remote Dask cluster needs a path
+    # its workers share with the client, and the offline store is one.
+    scratch_root = Path(scratch_dir) if scratch_dir else store.root / "_scratch"
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"shuffle-{view.name}-", dir=scratch_root) as scratch:
+        # Stage 1: shuffle by entity into Parquet files, one per partition (the p2p
+        # shuffle spills to disk, so memory stays bounded at any size).
+        events.shuffle(on=view.entity_key, npartitions=count).to_parquet(scratch, write_index=False)
+        shards = sorted(str(p) for p in Path(scratch).glob("*.parquet"))
+        # Stage 2: per shard, the kernel and its Parquet files, on the workers, a few
+        # in flight; then one Delta commit of every file.
+        rows = 0
+        actions: list[Any] = []
+        for shard_rows, shard_actions in _kernel_results(client, shards, view, store, start, end, backend, progress):
+            rows += shard_rows
+            actions.extend(shard_actions)
+        store.commit_changelog(view, actions, start=start, end=end)
     return BackfillSummary(
-        view.name, view.version, start, end, events_read, rows, len(parts), time.perf_counter() - began, backend.value
+        view.name,
+        view.version,
+        start,
+        end,
+        events_read,
+        rows,
+        len(shards),
+        time.perf_counter() - began,
+        backend.value,
     )
 
 
-def dask_client(scheduler: str | None, *, workers: int | None = None, timeout_s: float = 30.0) -> AbstractContextManager[Any]:
-    """A client to `scheduler` (tcp://host:port), or to a new LocalCluster."""
+def _shard_changelog(
+    path: str, view: ViewSpec, store: DeltaOfflineStore, start: int, end: int, backend: str
+) -> tuple[int, list[Any]]:
+    """Runs on a Dask worker: read one shuffled shard, run the kernel, write its rows
+    as uncommitted Delta files. Returns (rows, add actions)."""
+    import pyarrow.parquet as pq
+
+    chosen = Backend(backend)
+    frame = to_frame(pq.read_table(path), chosen)
+    table = changelog_kernel(view, frame, start=start, end=end, xp=array_module(chosen))
+    return table.num_rows, store.write_changelog_files(view, table, start=start, end=end)
+
+
+def _kernel_results(
+    client: Any,
+    shards: list[str],
+    view: ViewSpec,
+    store: DeltaOfflineStore,
+    start: int,
+    end: int,
+    backend: Backend,
+    progress: Progress | None,
+) -> Iterator[tuple[int, list[Any]]]:
+    """Shard results as they complete, at most one more shard in flight than threads:
+    memory is bounded by a few partitions, not the whole changelog."""
+    from distributed import as_completed
+
+    in_flight = max(2, sum(client.nthreads().values()) + 1)
+    pending = iter(shards)
+    queue = as_completed()
+    for path in itertools.islice(pending, in_flight):
+        queue.add(client.submit(_shard_changelog, path, view, store, start, end, backend.value, pure=False))
+    for done, future in enumerate(queue, start=1):
+        result = future.result()
+        future.release()
+        following = next(pending, None)
+        if following is not None:
+            queue.add(client.submit(_shard_changelog, following, view, store, start, end, backend.value, pure=False))
+        if progress is not None:
+            progress(view.name, done, len(shards))
+        yield result
+
+
+def dask_client(
+    scheduler: str | None, *, workers: int | None = None, timeout_s: float = 30.0
+) -> AbstractContextManager[Any]:
+    """A client to `scheduler` (tcp://host:port), or to a new LocalCluster.
+
+    The local cluster is one worker process with a thread per core: the kernel is numpy
+    work that releases the GIL, and threads share the changelog (about 3 rows per event)
+    with the writer instead of pickling it between processes (measured: 2.2-3.6 s of
+    transfer per million events with processes, none with threads).
+    """
+    import logging
+
     from distributed import Client, LocalCluster
+
+    # The p2p shuffle logs a WARNING for every shuffle it starts and stops.
+    logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
 
     if scheduler:
         try:
-            return Client(scheduler, timeout=timeout_s)  # type: ignore[no-any-return]
+            return Client(scheduler, timeout=timeout_s)
         except OSError as error:
             raise TransientError(f"cannot reach the Dask scheduler at {scheduler}: {error}") from error
     cluster = LocalCluster(
-        n_workers=workers or 2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=50
+        n_workers=1,
+        threads_per_worker=workers or os.cpu_count() or 2,
+        processes=False,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
     )
     client = Client(cluster, timeout=timeout_s)
 
@@ -172,7 +232,9 @@ def backfill(
     chosen = [plan.view(name) for name in views] if views else [v for v in plan.views if v.offline]
     if backend is Backend.CUDF:
         array_module(backend)  # fail early with the install hint
-    context: AbstractContextManager[Any] = nullcontext(client) if client is not None else dask_client(scheduler, workers=workers)
+    context: AbstractContextManager[Any] = (
+        nullcontext(client) if client is not None else dask_client(scheduler, workers=workers)
+    )
     with context as active:
         return [
             backfill_view(

@@ -443,7 +443,8 @@ class _Window:
         return self.memo(name, "n", build)
 
     def total(self, name: str) -> Any:
-        return self.memo(name, "sum", lambda: _window_sum(self.prefixes.total(name), self.lo, self.hi, self.first, self.xp))
+        prefix = self.prefixes.total
+        return self.memo(name, "sum", lambda: _window_sum(prefix(name), self.lo, self.hi, self.first, self.xp))
 
 
 def _aggregate(feature: FeatureSpec, window: _Window) -> pa.Array:
