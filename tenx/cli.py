@@ -256,6 +256,171 @@ def demo_data(
     )
 
 
+# -- offline: ingest and backfill ----------------------------------------------------------
+
+
+def _applied_plan(settings: Settings) -> Plan:
+    """Engines run the applied plan from the registry, never the repo's modules."""
+    plan = FileRegistry(settings.registry_dir).current()
+    if plan is None:
+        raise ConfigError(f"no plan applied in {settings.registry_dir}; run `tenx apply` first")
+    return plan
+
+
+def _parse_time(value: str | None, option: str) -> int | None:
+    """`2026-01-01` (midnight UTC) or ISO-8601 with a timezone, as microseconds."""
+    from datetime import UTC
+
+    from featurestore.stores.offline import datetime_to_micros
+
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as error:
+        raise ConfigError(f"{option} {value!r}: expected 2026-01-01 or 2026-01-01T10:00:00Z") from error
+    if moment.tzinfo is None:
+        if len(value) == 10:
+            moment = moment.replace(tzinfo=UTC)
+        else:
+            raise ConfigError(f"{option} {value!r} has no timezone; add Z for UTC (2026-01-01T10:00:00Z)")
+    return datetime_to_micros(moment)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--source", "source_name", default=None, help="Source to load into (default: the plan's only source).")
+@click.option("--force", is_flag=True, help="Ingest again even if a file with the same content was ingested.")
+@config_option
+@_friendly
+def ingest(files: tuple[Path, ...], source_name: str | None, force: bool, config_file: Path | None) -> None:
+    """Validate event FILES (.parquet, .csv, .jsonl) and load them into the source's
+    Delta events table. Invalid rows go to the rejects table with the reason; a file
+    already ingested is skipped (same SHA-256), unless --force."""
+    from featurestore.stores.offline import DeltaOfflineStore
+    from pipelines.ingest import ingest_file
+
+    settings = _settings(config_file)
+    plan = _applied_plan(settings)
+    if source_name is None:
+        if len(plan.sources) != 1:
+            names = ", ".join(s.name for s in plan.sources)
+            raise ConfigError(f"the plan has several sources ({names}); choose one with --source")
+        source = plan.sources[0]
+    else:
+        try:
+            source = plan.source(source_name)
+        except KeyError as error:
+            raise ConfigError(str(error.args[0])) from error
+    store = DeltaOfflineStore(settings.offline_dir)
+    table = Table(title=f"ingest into {store.events_path(source)}", title_justify="left")
+    for column in ("file", "rows", "ingested", "rejected", "seconds"):
+        table.add_column(column, justify="right" if column != "file" else "left")
+    for path in files:
+        with _progress() as progress:
+            task = progress.add_task(f"ingesting {path.name}", total=None)
+            summary = ingest_file(store, source, path, force=force, progress=lambda n: progress.advance(task, n))
+        if summary.skipped:
+            table.add_row(str(path), "-", "already ingested", "-", f"{summary.seconds:.1f}")
+            continue
+        table.add_row(
+            str(path),
+            f"{summary.rows_in:,}",
+            f"{summary.ingested:,}",
+            f"{summary.rejected:,}",
+            f"{summary.seconds:.1f}",
+        )
+    console.print(table)
+    if store.read_rejects(source).num_rows:
+        console.print(f"Rejected rows and their reasons: {store.rejects_path(source)} (Delta)")
+
+
+@main.command()
+@click.option(
+    "--view", "views", multiple=True, help="Feature view to backfill (repeatable; default: all offline views)."
+)
+@click.option("--start", default=None, help="First as-of time (2026-01-01 or ISO-8601 with Z); default: first event.")
+@click.option("--end", default=None, help="End of the range, exclusive; default: expiry of the last event.")
+@click.option(
+    "--backend",
+    type=click.Choice(["pandas", "cudf"]),
+    default="pandas",
+    show_default=True,
+    help="Partition frames: pandas on CPU, cuDF on GPU (needs tenx[gpu]).",
+)
+@click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port); default: a local cluster.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Threads of the local cluster (default: cores)."
+)
+@click.option(
+    "--partitions", type=click.IntRange(min=1), default=None, help="Entity partitions (default: 1 per 400k events)."
+)
+@config_option
+@_friendly
+def backfill(
+    views: tuple[str, ...],
+    start: str | None,
+    end: str | None,
+    backend: str,
+    scheduler: str | None,
+    workers: int | None,
+    partitions: int | None,
+    config_file: Path | None,
+) -> None:
+    """Compute feature changelogs from the Delta events with Dask and write them to
+    Delta feature tables. A range is replaced exactly: running it twice changes nothing."""
+    from featurestore.stores.offline import DeltaOfflineStore, micros_to_datetime
+    from pipelines.batch.engine import Backend
+    from pipelines.batch.engine import backfill as run_backfill
+
+    settings = _settings(config_file)
+    plan = _applied_plan(settings)
+    for name in views:
+        try:
+            plan.view(name)
+        except KeyError as error:
+            raise ConfigError(str(error.args[0])) from error
+    store = DeltaOfflineStore(settings.offline_dir)
+    began = time.perf_counter()
+    with _progress() as progress:
+        tasks: dict[str, Any] = {}
+
+        def advance(view: str, done: int, total: int) -> None:
+            if view not in tasks:
+                tasks[view] = progress.add_task(f"backfilling {view}", total=total)
+            progress.update(tasks[view], completed=done, total=total)
+
+        summaries = run_backfill(
+            plan,
+            store,
+            views=list(views) or None,
+            start=_parse_time(start, "--start"),
+            end=_parse_time(end, "--end"),
+            backend=Backend(backend),
+            scheduler=scheduler,
+            workers=workers,
+            partitions=partitions,
+            progress=advance,
+        )
+    table = Table(title=f"backfill ({backend}, {time.perf_counter() - began:.1f} s)", title_justify="left")
+    for column in ("view", "as-of range (UTC)", "events", "rows", "seconds", "events/s"):
+        table.add_column(column, justify="left" if column in ("view", "as-of range (UTC)") else "right")
+    for s in summaries:
+        rate = s.events_read / s.seconds if s.seconds else 0.0
+        table.add_row(
+            s.view,
+            f"{micros_to_datetime(s.start):%m-%d %H:%M} .. {micros_to_datetime(s.end):%m-%d %H:%M}",
+            f"{s.events_read:,}",
+            f"{s.rows_written:,}",
+            f"{s.seconds:.1f}",
+            f"{rate:,.0f}",
+        )
+    console.print(table)
+    for s in summaries:
+        view = plan.view(s.view)
+        console.print(f"  {s.view} v{s.version}: {store.changelog_path(view)}", highlight=False)
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),

@@ -117,7 +117,10 @@ class _SortedEvents:
 
 
 def _factorize(keys: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Dense codes in key order (so output is sorted by key) and the key of each code."""
     codes, uniques = keys.factorize(sort=True)
+    if hasattr(codes, "to_numpy"):  # cuDF returns device columns
+        codes, uniques = codes.to_numpy(), uniques.to_numpy()
     return np.asarray(codes, dtype=np.int64), np.asarray(uniques)
 
 

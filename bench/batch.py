@@ -1,0 +1,294 @@
+"""Batch engine benchmark: backfill N demo events into Delta, against raw baselines.
+
+Measured in one run, on the same data:
+
+- `tenx backfill`: both demo views (user_spend: 3 windows x 6 aggregations + 2;
+  merchant_sales: 2 x 3), Delta events in, Delta changelogs out; wall seconds, events/s,
+  rows written and peak RSS of the process.
+- kernel: the tenx changelog kernel alone on user_spend, in memory, 2 threads.
+- raw baselines, also in memory on 2 threads: hand-written polars (`rolling` per user)
+  and DuckDB (SQL window functions, RANGE frames) computing Count/Sum/Mean/Max/Std
+  of the euro amount over 1h/1d/7d at every event. They are lighter than tenx: values
+  at event times only (no expiry rows, about 2.6x fewer rows), plain sliding windows
+  rather than the hopped ones, and no Min/Last or foreign amounts.
+
+Each part runs in its own process so peak RSS is its own. Prints a table and writes
+bench/results/batch.json.
+
+    python bench/batch.py                       # 10M events, 100k users, 30 days
+    python bench/batch.py --events 50000000     # the memory-bound check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+REPO = ROOT / "tenx" / "templates" / "repo"
+WINDOWS = {"1h": 3_600, "1d": 86_400, "7d": 7 * 86_400}
+
+
+def child(args: list[str]) -> dict[str, float]:
+    """Run this script's sub-command in a fresh process; its JSON line plus peak RSS."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - began
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # ru_maxrss of children is the max over all children so far; report ours only
+    # when it raised the max, else the part's own measurement.
+    result["peak_rss_mb"] = result.get("peak_rss_mb", peak / 1024 if peak > before else 0.0)
+    result["process_wall_s"] = wall
+    return result
+
+
+def own_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- parts (each runs in its own process) -------------------------------------------------
+
+
+def part_prepare(data: Path, events: int, users: int, days: int) -> dict[str, float]:
+    from featurestore.plan import compile_repo
+    from featurestore.registry import FileRegistry
+    from featurestore.stores.offline import DeltaOfflineStore
+    from pipelines.ingest import ingest_file
+    from tenx.demo_data import DemoConfig, write_demo_data
+
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    began = time.perf_counter()
+    raw = data / "transactions.parquet"
+    write_demo_data(raw, DemoConfig(events=events, users=users, merchants=max(10, users // 10), days=days))
+    generated = time.perf_counter() - began
+    plan = compile_repo(REPO, project="bench", modules=["features"])
+    FileRegistry(data / "registry").apply(plan)
+    began = time.perf_counter()
+    summary = ingest_file(DeltaOfflineStore(data / "offline"), plan.source("transactions"), raw)
+    return {
+        "generate_s": generated,
+        "ingest_s": time.perf_counter() - began,
+        "ingested": summary.ingested,
+        "peak_rss_mb": own_peak_mb(),
+    }
+
+
+def part_backfill(data: Path) -> dict[str, float]:
+    from featurestore.registry import FileRegistry
+    from featurestore.stores.offline import DeltaOfflineStore
+    from pipelines.batch.engine import backfill
+
+    plan = FileRegistry(data / "registry").current()
+    assert plan is not None
+    began = time.perf_counter()
+    summaries = backfill(plan, DeltaOfflineStore(data / "offline"), workers=2)
+    return {
+        "seconds": time.perf_counter() - began,
+        "events": summaries[0].events_read,
+        "rows": sum(s.rows_written for s in summaries),
+        "rows_user_spend": next(s.rows_written for s in summaries if s.view == "user_spend"),
+        "peak_rss_mb": own_peak_mb(),
+    }
+
+
+def _events_frame(data: Path):  # type: ignore[no-untyped-def]
+    import pyarrow.parquet as pq
+
+    return pq.read_table(data / "transactions.parquet")
+
+
+def part_kernel(data: Path) -> dict[str, float]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from featurestore.registry import FileRegistry
+    from pipelines.batch.kernel import changelog_kernel
+
+    plan = FileRegistry(data / "registry").current()
+    assert plan is not None
+    view = plan.view("user_spend")
+    table = _events_frame(data)
+    began = time.perf_counter()
+    parts = 16
+    bucket = pc.bit_wise_and(pc.cast(table.column("user_id"), pa.int64()), parts - 1)
+    frames = [table.filter(pc.equal(bucket, i)).to_pandas() for i in range(parts)]
+    with ThreadPoolExecutor(2) as pool:
+        rows = sum(out.num_rows for out in pool.map(lambda f: changelog_kernel(view, f), frames))
+    return {"seconds": time.perf_counter() - began, "rows": rows, "peak_rss_mb": own_peak_mb()}
+
+
+def part_polars(data: Path) -> dict[str, float]:
+    os.environ["POLARS_MAX_THREADS"] = "2"
+    import polars as pl
+
+    frame = pl.read_parquet(data / "transactions.parquet")
+    rates = {"EUR": 1.0, "USD": 0.92, "GBP": 1.17, "JPY": 0.0061}
+    began = time.perf_counter()
+    frame = frame.with_columns(
+        (pl.col("amount") * pl.col("currency").replace_strict(rates, default=1.0)).alias("amount_eur")
+    ).sort("user_id", "event_time")
+    outputs = []
+    for label in WINDOWS:
+        outputs.append(
+            frame.rolling(index_column="event_time", period=label, group_by="user_id", closed="both").agg(
+                pl.len().alias(f"count_{label}"),
+                pl.col("amount_eur").sum().alias(f"sum_{label}"),
+                pl.col("amount_eur").mean().alias(f"mean_{label}"),
+                pl.col("amount_eur").max().alias(f"max_{label}"),
+                pl.col("amount_eur").std(ddof=0).alias(f"std_{label}"),
+            )
+        )
+    rows = sum(o.height for o in outputs)
+    return {"seconds": time.perf_counter() - began, "rows": rows, "peak_rss_mb": own_peak_mb()}
+
+
+def part_duckdb(data: Path) -> dict[str, float]:
+    import duckdb
+
+    connection = duckdb.connect()
+    connection.execute("SET threads TO 2")
+    path = str(data / "transactions.parquet")
+    connection.execute(f"CREATE TABLE tx AS SELECT * FROM read_parquet('{path}')")
+    began = time.perf_counter()
+    windows = ", ".join(
+        f"""
+        count(*) OVER w{label} AS count_{label}, sum(amount_eur) OVER w{label} AS sum_{label},
+        avg(amount_eur) OVER w{label} AS mean_{label}, max(amount_eur) OVER w{label} AS max_{label},
+        stddev_pop(amount_eur) OVER w{label} AS std_{label}"""
+        for label in WINDOWS
+    )
+    frames = ", ".join(
+        f"w{label} AS (PARTITION BY user_id ORDER BY event_time "
+        f"RANGE BETWEEN INTERVAL {seconds} SECONDS PRECEDING AND CURRENT ROW)"
+        for label, seconds in WINDOWS.items()
+    )
+    # Every window column is summed so that DuckDB cannot prune any of them away.
+    used = " + ".join(
+        f"coalesce(sum({kind}_{label}), 0)" for kind in ("count", "sum", "mean", "max", "std") for label in WINDOWS
+    )
+    rows = connection.execute(
+        f"""
+        SELECT count(*), {used} FROM (
+          SELECT user_id, event_time, {windows}
+          FROM (SELECT *, amount * CASE currency WHEN 'USD' THEN 0.92 WHEN 'GBP' THEN 1.17
+                WHEN 'JPY' THEN 0.0061 ELSE 1.0 END AS amount_eur FROM tx)
+          WINDOW {frames}
+        )"""
+    ).fetchone()[0]
+    return {"seconds": time.perf_counter() - began, "rows": rows, "peak_rss_mb": own_peak_mb()}
+
+
+PARTS = {"backfill": part_backfill, "kernel": part_kernel, "polars": part_polars, "duckdb": part_duckdb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--data", type=Path, default=ROOT / "bench" / "data" / "batch")
+    parser.add_argument("--part", choices=["prepare", *PARTS], help=argparse.SUPPRESS)
+    parser.add_argument("--skip-baselines", action="store_true", help="Only the tenx backfill.")
+    args = parser.parse_args()
+
+    if args.part:  # a child process: print one JSON line
+        if args.part == "prepare":
+            result = part_prepare(args.data, args.events, args.users, args.days)
+        else:
+            result = PARTS[args.part](args.data)
+        print(json.dumps(result))
+        return
+
+    common = ["--data", str(args.data)]
+    print(f"preparing {args.events:,} events ({args.users:,} users, {args.days} days) ...", file=sys.stderr)
+    prepared = child(
+        [
+            "--part",
+            "prepare",
+            "--events",
+            str(args.events),
+            "--users",
+            str(args.users),
+            "--days",
+            str(args.days),
+            *common,
+        ]
+    )
+    results: dict[str, dict[str, float]] = {}
+    for name in ["backfill", *([] if args.skip_baselines else ["kernel", "polars", "duckdb"])]:
+        print(f"running {name} ...", file=sys.stderr)
+        results[name] = child(["--part", name, *common])
+
+    events = args.events
+    lines = [("part", "seconds", "events/s", "rows", "peak RSS MB", "vs polars", "vs duckdb")]
+    for name, result in results.items():
+        seconds = result["seconds"]
+        vs = []
+        for baseline in ("polars", "duckdb"):
+            if baseline in results and name in ("kernel", "polars", "duckdb"):
+                vs.append(f"{seconds / results[baseline]['seconds']:.2f}x")
+            else:
+                vs.append("-")
+        lines.append(
+            (
+                name,
+                f"{seconds:.1f}",
+                f"{events / seconds:,.0f}",
+                f"{int(result['rows']):,}",
+                f"{result['peak_rss_mb']:,.0f}",
+                *vs,
+            )
+        )
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    print(
+        f"\nbatch benchmark: {events:,} events, {args.users:,} users, {args.days} days "
+        f"(generate {prepared['generate_s']:.1f} s, ingest {prepared['ingest_s']:.1f} s)"
+    )
+    for row in lines:
+        print(
+            "  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths)))
+        )
+    targets = {
+        "backfill_seconds_le_60": results["backfill"]["seconds"] <= 60,
+        "backfill_peak_rss_le_4gib": results["backfill"]["peak_rss_mb"] <= 4096,
+    }
+    if "polars" in results:
+        best = min(results["polars"]["seconds"], results["duckdb"]["seconds"])
+        targets["kernel_within_2x_of_best_baseline"] = results["kernel"]["seconds"] <= 2 * best
+    print("targets: " + ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in targets.items()))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "batch.json"
+    out.write_text(
+        json.dumps(
+            {
+                "events": events,
+                "users": args.users,
+                "days": args.days,
+                "machine": {"cpus": os.cpu_count()},
+                "prepare": prepared,
+                "results": results,
+                "targets": targets,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
