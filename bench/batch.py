@@ -261,7 +261,10 @@ def main() -> None:
     )
     for row in lines:
         print(
-            "  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths)))
+            "  ".join(
+                cell.rjust(width) if i else cell.ljust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
         )
     targets = {
         "backfill_seconds_le_60": results["backfill"]["seconds"] <= 60,

@@ -319,7 +319,9 @@ def ingest(files: tuple[Path, ...], source_name: str | None, force: bool, config
     for path in files:
         with _progress() as progress:
             task = progress.add_task(f"ingesting {path.name}", total=None)
-            summary = ingest_file(store, source, path, force=force, progress=lambda n: progress.advance(task, n))
+            summary = ingest_file(
+                store, source, path, force=force, progress=lambda n, task=task: progress.advance(task, n)
+            )
         if summary.skipped:
             table.add_row(str(path), "-", "already ingested", "-", f"{summary.seconds:.1f}")
             continue
