@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -318,10 +319,8 @@ def ingest(files: tuple[Path, ...], source_name: str | None, force: bool, config
         table.add_column(column, justify="right" if column != "file" else "left")
     for path in files:
         with _progress() as progress:
-            task = progress.add_task(f"ingesting {path.name}", total=None)
-            summary = ingest_file(
-                store, source, path, force=force, progress=lambda n, task=task: progress.advance(task, n)
-            )
+            advance = functools.partial(progress.advance, progress.add_task(f"ingesting {path.name}", total=None))
+            summary = ingest_file(store, source, path, force=force, progress=advance)
         if summary.skipped:
             table.add_row(str(path), "-", "already ingested", "-", f"{summary.seconds:.1f}")
             continue
