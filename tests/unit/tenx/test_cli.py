@@ -24,12 +24,12 @@ def tenx(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess
 def test_help_lists_every_command(tmp_path: Path) -> None:
     result = tenx("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for command in ("init", "plan", "apply", "demo-data"):
+    for command in ("init", "plan", "apply", "demo-data", "ingest", "backfill"):
         assert command in result.stdout
     assert "TENX_REDIS_URL" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["init", "plan", "apply", "demo-data"])
+@pytest.mark.parametrize("command", ["init", "plan", "apply", "demo-data", "ingest", "backfill"])
 def test_every_command_has_help(tmp_path: Path, command: str) -> None:
     result = tenx(command, "--help", cwd=tmp_path)
     assert result.returncode == 0
@@ -103,3 +103,41 @@ def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
     again = tenx("init", "demo", cwd=tmp_path)
     assert again.returncode == 2
     assert "already exists" in again.stderr
+
+
+def test_offline_loop_demo_data_ingest_backfill(tmp_path: Path) -> None:
+    tenx("init", "demo", cwd=tmp_path)
+    repo = tmp_path / "demo"
+    assert tenx("ingest", "x.parquet", cwd=repo).returncode == 2  # nothing applied yet
+    assert tenx("apply", cwd=repo).returncode == 0
+    made = tenx(
+        "demo-data", "data/tx.jsonl", "--events", "3000", "--users", "50", "--days", "2", "--malformed", "4", cwd=repo
+    )
+    assert made.returncode == 0, made.stderr
+
+    ingested = tenx("ingest", "data/tx.jsonl", cwd=repo)
+    assert ingested.returncode == 0, ingested.stderr
+    assert "3,004" in ingested.stdout and "3,000" in ingested.stdout
+    assert "Rejected rows and their reasons:" in ingested.stdout
+    assert "already ingested" in tenx("ingest", "data/tx.jsonl", cwd=repo).stdout
+
+    filled = tenx("backfill", cwd=repo)
+    assert filled.returncode == 0, filled.stderr
+    assert "user_spend" in filled.stdout and "merchant_sales" in filled.stdout
+    assert len(list((repo / "data" / "offline" / "features").iterdir())) == 2
+
+    ranged = tenx(
+        "backfill", "--view", "user_spend", "--start", "2026-01-02", "--end", "2026-01-02T12:00:00Z", cwd=repo
+    )
+    assert ranged.returncode == 0, ranged.stderr
+
+    naive = tenx("backfill", "--start", "2026-01-02T10:00", cwd=repo)
+    assert naive.returncode == 2
+    assert "has no timezone; add Z for UTC" in naive.stderr
+    unknown = tenx("backfill", "--view", "nope", cwd=repo)
+    assert unknown.returncode == 2
+    assert "no feature view `nope`" in unknown.stderr
+    gpu = tenx("backfill", "--backend", "cudf", cwd=repo)
+    assert gpu.returncode == 2
+    assert "the cudf backend needs an NVIDIA GPU with RAPIDS" in gpu.stderr
+    assert "Traceback" not in naive.stderr + unknown.stderr + gpu.stderr
