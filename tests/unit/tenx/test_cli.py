@@ -117,13 +117,15 @@ def test_offline_loop_demo_data_ingest_backfill(tmp_path: Path) -> None:
 
     ingested = tenx("ingest", "data/tx.jsonl", cwd=repo)
     assert ingested.returncode == 0, ingested.stderr
-    assert "3,004" in ingested.stdout and "3,000" in ingested.stdout
+    assert "3,004" in ingested.stdout
+    assert "3,000" in ingested.stdout
     assert "Rejected rows and their reasons:" in ingested.stdout
     assert "already ingested" in tenx("ingest", "data/tx.jsonl", cwd=repo).stdout
 
     filled = tenx("backfill", cwd=repo)
     assert filled.returncode == 0, filled.stderr
-    assert "user_spend" in filled.stdout and "merchant_sales" in filled.stdout
+    assert "user_spend" in filled.stdout
+    assert "merchant_sales" in filled.stdout
     assert len(list((repo / "data" / "offline" / "features").iterdir())) == 2
 
     ranged = tenx(
