@@ -1,3 +1,6 @@
 """Serving: lookups of precomputed feature values (client, HTTP API). Nothing is computed here."""
 
-__all__: list[str] = []
+from serving.client import AsyncFeatureClient, FeatureClient, FeatureResult, Status
+from serving.errors import UnknownFeatureError
+
+__all__ = ["AsyncFeatureClient", "FeatureClient", "FeatureResult", "Status", "UnknownFeatureError"]

@@ -6,6 +6,8 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+pytest_plugins = ["tests.services"]
+
 settings.register_profile(
     "ci", max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )

@@ -1,4 +1,5 @@
-"""Fixtures for integration tests against a real Redis and a real Kafka broker.
+"""Fixtures for tests against a real Redis and a real Kafka broker (a pytest plugin
+loaded by tests/conftest.py, so integration and contract tests share it).
 
 Where each service comes from, in order:
 
@@ -33,16 +34,17 @@ from confluent_kafka.cimpl import NewTopic  # .admin re-exports it implicitly; s
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-HERE = Path(__file__).resolve().parent
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+SERVICE_FIXTURES = {"redis_url", "kafka_bootstrap"}
 START_HINT = 'start them with: eval "$(scripts/services up)"  (from the repo root)'
 
 log = logging.getLogger(__name__)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # This hook sees the whole session's items, not just this folder's.
+    # Integration: the tests under tests/integration, and any test using a real service.
     for item in items:
-        if item.path.is_relative_to(HERE):
+        if item.path.is_relative_to(INTEGRATION) or SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
 
 

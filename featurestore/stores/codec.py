@@ -1,0 +1,128 @@
+"""Online keys and packed values: pure functions shared by every online store and by
+the sync and async read paths.
+
+Value layout (codec 1), little room for surprises and one comparison for ordering:
+
+    byte 0        codec version (1)
+    bytes 1-8     as_of, microseconds, unsigned big-endian: byte-wise comparison of
+                  two values' bytes 1-8 orders them by time (the Redis script uses it)
+    bytes 9-16    the view version (8 bytes of its hex hash)
+    then          a null bitmap (one bit per feature), then per feature:
+                  int64/float64 8 bytes LE, bool 1 byte, string u32 LE length + UTF-8
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import pyarrow as pa
+
+from featurestore.plan.model import AS_OF, ViewSpec
+
+CODEC = 1
+HEADER = struct.Struct(">BQ8s")  # codec, as_of, view version
+_FIXED = {"int64": "q", "int32": "q", "float64": "d", "float32": "d", "bool": "?", "timestamp[us, UTC]": "q"}
+
+
+def online_key(view: ViewSpec, entity: Any, *, prefix: str = "tenx") -> bytes:
+    """`{prefix}:{view}:{view version}:{entity}`: one key per view version and entity,
+    so a new plan version is written beside the old one."""
+    return f"{prefix}:{view.name}:{view.version}:{entity}".encode()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one view's vector is packed; fixed-width views use one struct."""
+
+    names: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    version: bytes
+    fixed: struct.Struct | None  # all features fixed-width: one pack/unpack
+    bitmap_bytes: int
+
+
+@lru_cache(maxsize=1024)
+def layout(view: ViewSpec) -> Layout:
+    dtypes = tuple(f.dtype for f in view.features)
+    fixed = None
+    if all(d in _FIXED for d in dtypes):
+        fixed = struct.Struct("<" + "".join(_FIXED[d] for d in dtypes))
+    return Layout(
+        names=view.feature_names,
+        dtypes=dtypes,
+        version=bytes.fromhex(view.version),
+        fixed=fixed,
+        bitmap_bytes=(len(dtypes) + 7) // 8,
+    )
+
+
+def encode(view: ViewSpec, as_of: int, values: Sequence[Any]) -> bytes:
+    """Pack one vector (values in feature order; None for null)."""
+    shape = layout(view)
+    bitmap = bytearray(shape.bitmap_bytes)
+    for index, value in enumerate(values):
+        if value is None:
+            bitmap[index >> 3] |= 1 << (index & 7)
+    head = HEADER.pack(CODEC, as_of, shape.version) + bytes(bitmap)
+    if shape.fixed is not None:
+        filled = [_zero(d) if v is None else v for v, d in zip(values, shape.dtypes, strict=True)]
+        return head + shape.fixed.pack(*filled)
+    parts = [head]
+    for value, dtype in zip(values, shape.dtypes, strict=True):
+        if dtype == "string":
+            data = b"" if value is None else str(value).encode()
+            parts.append(struct.pack("<I", len(data)) + data)
+        else:
+            parts.append(struct.pack("<" + _FIXED[dtype], _zero(dtype) if value is None else value))
+    return b"".join(parts)
+
+
+def decode(view: ViewSpec, data: bytes) -> tuple[int, list[Any]]:
+    """(as_of, values) from packed bytes; raises ValueError naming the view when the
+    bytes were written by another view version or codec."""
+    codec, as_of, version = HEADER.unpack_from(data, 0)
+    shape = layout(view)
+    if codec != CODEC or version != shape.version:
+        raise ValueError(
+            f"value for feature view `{view.name}` has codec {codec} / version {version.hex()}, "
+            f"expected {CODEC} / {view.version}"
+        )
+    offset = HEADER.size
+    bitmap = data[offset : offset + shape.bitmap_bytes]
+    offset += shape.bitmap_bytes
+    if shape.fixed is not None:
+        values = list(shape.fixed.unpack_from(data, offset))
+    else:
+        values = []
+        for dtype in shape.dtypes:
+            if dtype == "string":
+                (length,) = struct.unpack_from("<I", data, offset)
+                offset += 4
+                values.append(data[offset : offset + length].decode())
+                offset += length
+            else:
+                code = "<" + _FIXED[dtype]
+                values.append(struct.unpack_from(code, data, offset)[0])
+                offset += struct.calcsize(code)
+    if any(bitmap):
+        for index in range(len(values)):
+            if bitmap[index >> 3] & (1 << (index & 7)):
+                values[index] = None
+    return as_of, values
+
+
+def _zero(dtype: str) -> Any:
+    return "" if dtype == "string" else (False if dtype == "bool" else 0)
+
+
+def encode_rows(view: ViewSpec, rows: pa.Table) -> Iterator[tuple[Any, int, bytes]]:
+    """(entity, as_of µs, packed value) for each changelog-shaped row."""
+    keys = rows.column(view.entity_key).to_pylist()
+    times = rows.column(AS_OF).cast(pa.int64()).to_pylist()
+    columns = [rows.column(name).to_pylist() for name in view.feature_names]
+    for index, key in enumerate(keys):
+        yield key, times[index], encode(view, times[index], [column[index] for column in columns])

@@ -1,0 +1,274 @@
+"""Online stores: the latest feature vector per (view version, entity), behind one
+small Protocol, with two implementations run through one contract suite.
+
+- RedisOnlineStore: one key per view version + entity, MGET for many entities,
+  ordered idempotent writes checked server side by a Lua script (a value is replaced
+  only by one with a newer or equal as_of), pipelined batches, Redis Cluster aware.
+- SqliteOnlineStore: the embedded default (no Redis URL): a real on-disk store with
+  the same semantics (UPSERT ... WHERE excluded.as_of >= as_of).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from featurestore.errors import TransientError
+from featurestore.plan.model import ViewSpec
+from featurestore.stores.codec import encode_rows, online_key
+
+WRITE_CHUNK = 2_000
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    written: int  # stored (newer or equal as_of)
+    skipped: int  # older than what the store holds: ignored
+
+
+class OnlineStore(Protocol):
+    """Latest vectors per entity. `read` returns packed values (or None) in key order;
+    decoding is the pure `codec.decode`, shared by every caller."""
+
+    def write(self, view: ViewSpec, rows: pa.Table) -> WriteResult: ...
+
+    def read(self, view: ViewSpec, entities: Sequence[Any]) -> list[bytes | None]: ...
+
+    def close(self) -> None: ...
+
+
+# -- Redis --------------------------------------------------------------------------------
+
+# KEYS: keys; ARGV[1]: expiry in ms (0: none); ARGV[2..]: values, one per key.
+# Bytes 2-9 of a value are its as_of, big-endian: a string comparison orders them.
+_ORDERED_SET = """
+local expiry = tonumber(ARGV[1])
+local written = 0
+for index, key in ipairs(KEYS) do
+  local value = ARGV[index + 1]
+  local current = redis.call('GET', key)
+  if (not current) or string.sub(current, 2, 9) <= string.sub(value, 2, 9) then
+    if expiry > 0 then
+      redis.call('SET', key, value, 'PX', expiry)
+    else
+      redis.call('SET', key, value)
+    end
+    written = written + 1
+  end
+end
+return written
+"""
+
+
+class RedisOnlineStore:
+    """Redis (or Redis Cluster) online store. Every call has a socket timeout; a
+    connection failure raises TransientError naming the address."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "tenx",
+        timeout_s: float = 2.0,
+        key_ttl_s: float | None = None,
+        cluster: bool | None = None,
+    ) -> None:
+        import redis
+
+        self.url = url
+        self.prefix = prefix
+        self.key_ttl_ms = int(key_ttl_s * 1000) if key_ttl_s else 0
+        options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        self._options = options
+        self._async: Any = None
+        self.cluster = bool(cluster) if cluster is not None else url.startswith("redis+cluster://")
+        try:
+            if self.cluster:
+                from redis.cluster import RedisCluster
+
+                self.client: Any = RedisCluster.from_url(url.replace("redis+cluster://", "redis://"), **options)
+            else:
+                self.client = redis.Redis.from_url(url, retry_on_timeout=False, **options)
+        except redis.RedisError as error:
+            raise TransientError(f"online store Redis at {url}: {error}") from error
+        self._script = self.client.register_script(_ORDERED_SET)
+
+    def __repr__(self) -> str:
+        return f"RedisOnlineStore({self.url!r})"
+
+    def _fail(self, error: Exception) -> TransientError:
+        return TransientError(f"online store Redis at {self.url}: {type(error).__name__}: {error}")
+
+    def write(self, view: ViewSpec, rows: pa.Table) -> WriteResult:
+        import redis
+
+        encoded = [(online_key(view, k, prefix=self.prefix), v) for k, _, v in encode_rows(view, rows)]
+        written = 0
+        try:
+            if self.cluster:
+                written = self._write_cluster(encoded)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for start in range(0, len(encoded), WRITE_CHUNK):
+                    chunk = encoded[start : start + WRITE_CHUNK]
+                    self._script(keys=[k for k, _ in chunk], args=[self.key_ttl_ms, *(v for _, v in chunk)], client=pipe)
+                written = sum(int(n) for n in pipe.execute())
+        except redis.RedisError as error:
+            raise self._fail(error) from error
+        return WriteResult(written, len(encoded) - written)
+
+    def _write_cluster(self, encoded: list[tuple[bytes, bytes]]) -> int:
+        # A script may only touch keys of one slot: group by slot.
+        from redis.crc import key_slot
+
+        by_slot: dict[int, list[tuple[bytes, bytes]]] = {}
+        for key, value in encoded:
+            by_slot.setdefault(key_slot(key), []).append((key, value))
+        written = 0
+        for items in by_slot.values():
+            written += int(
+                self._script(keys=[k for k, _ in items], args=[self.key_ttl_ms, *(v for _, v in items)])
+            )
+        return written
+
+    def read(self, view: ViewSpec, entities: Sequence[Any]) -> list[bytes | None]:
+        import redis
+
+        keys = [online_key(view, e, prefix=self.prefix) for e in entities]
+        try:
+            if self.cluster:
+                return list(self.client.mget_nonatomic(keys))
+            return list(self.client.mget(keys))
+        except redis.RedisError as error:
+            raise self._fail(error) from error
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(self.client.ping())
+        except redis.RedisError as error:
+            raise self._fail(error) from error
+
+    async def aread(self, view: ViewSpec, entities: Sequence[Any]) -> list[bytes | None]:
+        """`read` for asyncio callers, on redis.asyncio (one connection pool per loop)."""
+        import redis
+        import redis.asyncio
+
+        if self._async is None:
+            if self.cluster:
+                from redis.asyncio.cluster import RedisCluster as AsyncCluster
+
+                self._async = AsyncCluster.from_url(self.url.replace("redis+cluster://", "redis://"), **self._options)
+            else:
+                self._async = redis.asyncio.Redis.from_url(self.url, **self._options)
+        keys = [online_key(view, e, prefix=self.prefix) for e in entities]
+        try:
+            if self.cluster:
+                return list(await self._async.mget_nonatomic(keys))
+            return list(await self._async.mget(keys))
+        except redis.RedisError as error:
+            raise self._fail(error) from error
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.aclose()
+            self._async = None
+        self.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- SQLite ---------------------------------------------------------------------------------
+
+
+class SqliteOnlineStore:
+    """The embedded online store: one SQLite file, WAL mode, ordered UPSERTs."""
+
+    def __init__(self, path: Path, *, prefix: str = "tenx", timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self.prefix = prefix
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._timeout = timeout_s
+        connection = self._connection()
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS online (key BLOB PRIMARY KEY, as_of INTEGER NOT NULL, value BLOB NOT NULL)"
+            " WITHOUT ROWID"
+        )
+        connection.commit()
+
+    def __repr__(self) -> str:
+        return f"SqliteOnlineStore({str(self.path)!r})"
+
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+            connection.execute("PRAGMA synchronous=NORMAL")
+            self._local.connection = connection
+        return connection
+
+    def write(self, view: ViewSpec, rows: pa.Table) -> WriteResult:
+        connection = self._connection()
+        items = [(online_key(view, k, prefix=self.prefix), t, v) for k, t, v in encode_rows(view, rows)]
+        before = connection.total_changes
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.executemany(
+                "INSERT INTO online (key, as_of, value) VALUES (?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET as_of = excluded.as_of, value = excluded.value "
+                "WHERE excluded.as_of >= online.as_of",
+                items,
+            )
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        written = connection.total_changes - before
+        return WriteResult(written, len(items) - written)
+
+    def read(self, view: ViewSpec, entities: Sequence[Any]) -> list[bytes | None]:
+        keys = [online_key(view, e, prefix=self.prefix) for e in entities]
+        found: dict[bytes, bytes] = {}
+        connection = self._connection()
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, value in connection.execute(f"SELECT key, value FROM online WHERE key IN ({marks})", chunk):  # noqa: S608
+                found[bytes(key)] = bytes(value)
+        return [found.get(key) for key in keys]
+
+    def ping(self) -> bool:
+        self._connection().execute("SELECT 1").fetchone()
+        return True
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+
+def open_online_store(*, redis_url: str | None, sqlite_path: Path, prefix: str = "tenx") -> OnlineStore:
+    """Redis when a URL is configured, else the embedded SQLite store."""
+    if redis_url:
+        return RedisOnlineStore(redis_url, prefix=prefix)
+    return SqliteOnlineStore(sqlite_path, prefix=prefix)
+
+
+def write_all(store: OnlineStore, view: ViewSpec, tables: Iterable[pa.Table]) -> WriteResult:
+    written = skipped = 0
+    for table in tables:
+        result = store.write(view, table)
+        written += result.written
+        skipped += result.skipped
+    return WriteResult(written, skipped)

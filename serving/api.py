@@ -1,0 +1,280 @@
+"""The HTTP feature API (Starlette on uvicorn, orjson bodies, no pydantic on the hot path).
+
+    POST /features        {"view": "user_spend", "entities": [1, 2], "features": ["count_1h"]}
+                          or {"features": ["user_spend:count_1h"], "entities": [1, 2]}
+    GET  /health/live     the process answers
+    GET  /health/ready    the online store answers and a plan is loaded
+    GET  /metrics         Prometheus: latency histogram, requests, errors, entities served
+    GET  /openapi.json    this API's description
+
+Settings are read by the caller (`tenx serve`) and passed to `create_app`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from featurestore.errors import TransientError
+from featurestore.plan.model import Plan
+from featurestore.stores.online import OnlineStore
+from serving.client import AsyncFeatureClient, FeatureResult, split_references
+from serving.errors import UnknownFeatureError
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB
+MAX_ENTITIES = 10_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    token: str | None = None  # bearer token; None: no auth
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_entities: int = MAX_ENTITIES
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "tenx_api_request_seconds",
+            "Feature API request latency.",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.requests = Counter("tenx_api_requests_total", "Requests.", ["route", "code"], registry=self.registry)
+        self.errors = Counter("tenx_api_errors_total", "Failed requests.", ["route", "kind"], registry=self.registry)
+        self.entities = Counter(
+            "tenx_api_entities_total", "Entities served, by status.", ["view", "status"], registry=self.registry
+        )
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _problem(status: int, message: str) -> Response:
+    return _json({"error": message}, status)
+
+
+def _iso(as_of_us: int | None) -> str | None:
+    if as_of_us is None:
+        return None
+    return (_EPOCH + timedelta(microseconds=as_of_us)).isoformat().replace("+00:00", "Z")
+
+
+def render(result: FeatureResult) -> dict[str, Any]:
+    rows = []
+    for index, entity in enumerate(result.entities):
+        values = result.values[index]
+        rows.append(
+            {
+                "entity": entity,
+                "status": result.statuses[index].value,
+                "as_of": _iso(result.as_of_us[index]),
+                "age_s": result.age_seconds(index),
+                "values": list(values) if values is not None else None,
+            }
+        )
+    return {"view": result.view, "entity_key": result.entity_key, "features": list(result.names), "results": rows}
+
+
+def _parse(body: bytes, settings: ApiSettings) -> tuple[str, list[str] | None, list[Any]]:
+    """(view, features or None, entities) from a request body; ValueError says what is wrong."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise ValueError(f"body is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError("body must be a JSON object with `entities` and `view` and/or `features`")
+    unknown = set(data) - {"view", "features", "entities"}
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}; expected view, features, entities")
+    entities = data.get("entities")
+    if not isinstance(entities, list) or not entities:
+        raise ValueError("`entities` must be a non-empty list of entity keys")
+    if len(entities) > settings.max_entities:
+        raise ValueError(f"{len(entities)} entities asked; at most {settings.max_entities} per request")
+    if not all(isinstance(e, int | str) and not isinstance(e, bool) for e in entities):
+        raise ValueError("`entities` must hold integers or strings")
+    features = data.get("features")
+    if features is not None and (not isinstance(features, list) or not all(isinstance(f, str) for f in features)):
+        raise ValueError("`features` must be a list of feature names")
+    view = data.get("view")
+    if view is None:
+        if not features:
+            raise ValueError("give `view`, or `features` as `view:feature` names")
+        view, features = split_references(features)
+    elif not isinstance(view, str):
+        raise ValueError("`view` must be a string")
+    elif features is not None and any(":" in f for f in features):
+        features = [f.partition(":")[2] if f.startswith(view + ":") else f for f in features]
+    return view, features, entities
+
+
+def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | None = None) -> Starlette:
+    """The ASGI app. `plan` None means not ready (no plan applied)."""
+    config = settings or ApiSettings()
+    metrics = _Metrics()
+    client = AsyncFeatureClient(store, plan) if plan is not None else None
+    expected_auth = f"Bearer {config.token}".encode() if config.token else None
+
+    def authorized(request: Request) -> bool:
+        if expected_auth is None:
+            return True
+        given = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(given, expected_auth)
+
+    async def features(request: Request) -> Response:
+        began = time.perf_counter()
+        code = 200
+        try:
+            if not authorized(request):
+                code = 401
+                return _problem(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+            if client is None:
+                code = 503
+                return _problem(503, "no plan loaded; run `tenx apply`")
+            length = request.headers.get("content-length")
+            if length is not None and int(length) > config.max_body_bytes:
+                code = 413
+                return _problem(413, f"body of {length} bytes exceeds {config.max_body_bytes}")
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > config.max_body_bytes:
+                    code = 413
+                    return _problem(413, f"body exceeds {config.max_body_bytes} bytes")
+            try:
+                view, names, entities = _parse(body, config)
+                result = await client.get(view, entities, features=names)
+            except ValueError as error:
+                code = 400
+                return _problem(400, str(error))
+            except UnknownFeatureError as error:
+                code = 404
+                return _problem(404, str(error))
+            except TransientError as error:
+                code = 503
+                metrics.errors.labels("features", "store").inc()
+                return _problem(503, str(error))
+            for status in result.statuses:
+                metrics.entities.labels(result.view, status.value).inc()
+            return _json(render(result))
+        finally:
+            metrics.requests.labels("features", str(code)).inc()
+            if code >= 400:
+                metrics.errors.labels("features", str(code)).inc()
+            metrics.latency.labels("features").observe(time.perf_counter() - began)
+
+    async def live(request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        problems = []
+        if plan is None:
+            problems.append("no plan loaded")
+        try:
+            ping = getattr(store, "ping", None)
+            if ping is not None:
+                ping()
+        except TransientError as error:
+            problems.append(str(error))
+        if problems:
+            return _json({"status": "unavailable", "problems": problems}, 503)
+        return _json({"status": "ok", "plan": plan.version if plan else None})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(request: Request) -> Response:
+        return _json(openapi_spec(plan))
+
+    return Starlette(
+        routes=[
+            Route("/features", features, methods=["POST"]),
+            Route("/health/live", live),
+            Route("/health/ready", ready),
+            Route("/metrics", prometheus),
+            Route("/openapi.json", openapi),
+        ]
+    )
+
+
+def openapi_spec(plan: Plan | None) -> dict[str, Any]:
+    views = [v.name for v in plan.views] if plan else []
+    request_schema = {
+        "type": "object",
+        "required": ["entities"],
+        "additionalProperties": False,
+        "properties": {
+            "view": {"type": "string", "enum": views} if views else {"type": "string"},
+            "features": {"type": "array", "items": {"type": "string"}},
+            "entities": {"type": "array", "minItems": 1, "maxItems": MAX_ENTITIES, "items": {"type": ["integer", "string"]}},
+        },
+    }
+    result_schema = {
+        "type": "object",
+        "properties": {
+            "entity": {"type": ["integer", "string"]},
+            "status": {"type": "string", "enum": ["found", "missing", "stale"]},
+            "as_of": {"type": ["string", "null"], "format": "date-time"},
+            "age_s": {"type": ["number", "null"]},
+            "values": {"type": ["array", "null"]},
+        },
+    }
+    error = {"content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "tenx feature API", "version": plan.version if plan else "none"},
+        "paths": {
+            "/features": {
+                "post": {
+                    "summary": "Look up precomputed feature vectors for many entities",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}},
+                    "responses": {
+                        "200": {
+                            "description": "One result per entity, in the order asked",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "view": {"type": "string"},
+                                            "entity_key": {"type": "string"},
+                                            "features": {"type": "array", "items": {"type": "string"}},
+                                            "results": {"type": "array", "items": result_schema},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        "400": {"description": "Invalid body", **error},
+                        "401": {"description": "Missing or wrong bearer token", **error},
+                        "404": {"description": "Unknown view or feature", **error},
+                        "413": {"description": "Body too large", **error},
+                        "503": {"description": "Online store unavailable or no plan", **error},
+                    },
+                }
+            },
+            "/health/live": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
+            "/health/ready": {
+                "get": {
+                    "summary": "Readiness: store reachable, plan loaded",
+                    "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
+                }
+            },
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "metrics"}}}},
+        },
+    }

@@ -1,0 +1,222 @@
+"""The feature client: look up precomputed vectors for many entities in one round trip.
+
+No feature is computed here. Every entity comes back with a status: FOUND, MISSING (no
+value in the online store) or STALE (older than the view's ttl); a missing or stale
+value is never replaced by a silent default.
+
+    client = FeatureClient(store, plan)
+    result = client.get("user_spend", [1, 2, 3], features=["count_1h", "sum_amount_eur_1d"])
+    result.to_dicts()      # [{"user_id": 1, "status": "found", "as_of": ..., "count_1h": 4, ...}, ...]
+    result.to_numpy()      # float matrix in the order asked, NaN where null
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from featurestore.plan.model import Plan, ViewSpec
+from featurestore.stores.codec import decode
+from featurestore.stores.online import OnlineStore
+from serving.errors import UnknownFeatureError
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Status(Enum):
+    FOUND = "found"
+    MISSING = "missing"
+    STALE = "stale"
+
+
+@dataclass(frozen=True)
+class FeatureResult:
+    """Values for `entities` (in the order asked) and `names` (in the order asked)."""
+
+    view: str
+    entity_key: str
+    names: tuple[str, ...]
+    entities: tuple[Any, ...]
+    values: tuple[tuple[Any, ...] | None, ...]  # None: MISSING
+    as_of_us: tuple[int | None, ...]
+    statuses: tuple[Status, ...]
+    read_at_us: int
+
+    def age_seconds(self, index: int) -> float | None:
+        as_of = self.as_of_us[index]
+        return None if as_of is None else (self.read_at_us - as_of) / 1e6
+
+    def as_of(self, index: int) -> datetime | None:
+        as_of = self.as_of_us[index]
+        return None if as_of is None else _EPOCH + timedelta(microseconds=as_of)
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        rows = []
+        for index, entity in enumerate(self.entities):
+            row: dict[str, Any] = {
+                self.entity_key: entity,
+                "status": self.statuses[index].value,
+                "as_of": self.as_of(index),
+                "age_s": self.age_seconds(index),
+            }
+            values = self.values[index]
+            row.update(zip(self.names, values if values is not None else [None] * len(self.names), strict=True))
+            rows.append(row)
+        return rows
+
+    def to_numpy(self) -> np.ndarray:
+        """(entities x features) float64, NaN where null or missing."""
+        matrix = np.full((len(self.entities), len(self.names)), np.nan)
+        for index, values in enumerate(self.values):
+            if values is not None:
+                matrix[index] = [np.nan if v is None else float(v) for v in values]
+        return matrix
+
+    def to_pandas(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.to_dicts())
+
+    def to_polars(self) -> Any:
+        import polars as pl
+
+        return pl.DataFrame(self.to_dicts())
+
+
+@dataclass(frozen=True)
+class _Request:
+    view: ViewSpec
+    positions: tuple[int, ...]  # of the requested features within the view's vector
+    names: tuple[str, ...]
+
+
+def resolve(plan: Plan, view: str, features: Sequence[str] | None) -> _Request:
+    """Check names against the plan (with close-match suggestions) once per request."""
+    try:
+        spec = plan.view(view)
+    except KeyError as error:
+        raise UnknownFeatureError(_unknown("feature view", view, [v.name for v in plan.views])) from error
+    all_names = spec.feature_names
+    if features is None:
+        return _Request(spec, tuple(range(len(all_names))), all_names)
+    positions = []
+    for name in features:
+        if name not in all_names:
+            raise UnknownFeatureError(_unknown(f"feature of view `{view}`", name, list(all_names)))
+        positions.append(all_names.index(name))
+    return _Request(spec, tuple(positions), tuple(features))
+
+
+def split_references(references: Sequence[str]) -> tuple[str, list[str]]:
+    """`["user_spend:count_1h", ...]` -> ("user_spend", ["count_1h", ...]); one view."""
+    views = set()
+    names = []
+    for reference in references:
+        view, sep, name = reference.partition(":")
+        if not sep or not view or not name:
+            raise UnknownFeatureError(f"feature reference {reference!r} must look like `view:feature`")
+        views.add(view)
+        names.append(name)
+    if len(views) != 1:
+        raise UnknownFeatureError(
+            f"feature references name {len(views)} views ({', '.join(sorted(views))}); ask one view per call"
+        )
+    return views.pop(), names
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
+    return f"unknown {kind} `{name}`{hint} (known: {', '.join(known) or 'none'})"
+
+
+def assemble(request: _Request, entities: Sequence[Any], raws: Sequence[bytes | None], now_us: int) -> FeatureResult:
+    """Decode and judge freshness: the pure core of every read path."""
+    view = request.view
+    ttl = view.ttl
+    values: list[tuple[Any, ...] | None] = []
+    times: list[int | None] = []
+    statuses: list[Status] = []
+    for raw in raws:
+        if raw is None:
+            values.append(None)
+            times.append(None)
+            statuses.append(Status.MISSING)
+            continue
+        as_of, vector = decode(view, raw)
+        values.append(tuple(vector[p] for p in request.positions))
+        times.append(as_of)
+        statuses.append(Status.STALE if ttl is not None and now_us - as_of > ttl else Status.FOUND)
+    return FeatureResult(
+        view=view.name,
+        entity_key=view.entity_key,
+        names=request.names,
+        entities=tuple(entities),
+        values=tuple(values),
+        as_of_us=tuple(times),
+        statuses=tuple(statuses),
+        read_at_us=now_us,
+    )
+
+
+def _now_us(clock: Callable[[], float]) -> int:
+    return int(clock() * 1_000_000)
+
+
+class FeatureClient:
+    """Synchronous lookups. The store's calls carry their own timeouts."""
+
+    def __init__(self, store: OnlineStore, plan: Plan, *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.plan = plan
+        self._clock = clock
+
+    def get(self, view: str, entities: Sequence[Any], *, features: Sequence[str] | None = None) -> FeatureResult:
+        """One round trip for every entity of one view."""
+        request = resolve(self.plan, view, features)
+        raws = self.store.read(request.view, entities)
+        return assemble(request, entities, raws, _now_us(self._clock))
+
+    def get_features(self, references: Sequence[str], entities: Sequence[Any]) -> FeatureResult:
+        """By `view:feature` names (one view)."""
+        view, names = split_references(references)
+        return self.get(view, entities, features=names)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class AsyncFeatureClient:
+    """The same lookups for asyncio code: reads run on the store's async API when it
+    has one (Redis), else in a worker thread (SQLite)."""
+
+    def __init__(self, store: Any, plan: Plan, *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.plan = plan
+        self._clock = clock
+
+    async def get(self, view: str, entities: Sequence[Any], *, features: Sequence[str] | None = None) -> FeatureResult:
+        request = resolve(self.plan, view, features)
+        if hasattr(self.store, "aread"):
+            raws = await self.store.aread(request.view, entities)
+        else:
+            raws = await asyncio.to_thread(self.store.read, request.view, entities)
+        return assemble(request, entities, raws, _now_us(self._clock))
+
+    async def get_features(self, references: Sequence[str], entities: Sequence[Any]) -> FeatureResult:
+        view, names = split_references(references)
+        return await self.get(view, entities, features=names)
+
+    async def aclose(self) -> None:
+        if hasattr(self.store, "aclose"):
+            await self.store.aclose()
+        else:
+            self.store.close()

@@ -1,0 +1,20 @@
+"""Errors raised by serving.
+
+    TenxError (schemas.errors)
+    ├── TerminalError
+    │   └── UnknownFeatureError   a requested view or feature is not in the plan
+    └── TransientError            the online store did not answer in time (retry)
+"""
+
+from __future__ import annotations
+
+from featurestore.errors import TerminalError, TransientError
+
+__all__ = ["TransientError", "UnknownFeatureError"]
+
+
+class UnknownFeatureError(TerminalError, KeyError):
+    """A requested feature view or feature does not exist in the loaded plan."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown feature"
