@@ -26,6 +26,7 @@ ENVIRONMENT = {
     "TENX_REGISTRY": "registry: folder of the plan registry",
     "TENX_OFFLINE_PATH": "offline_store.path: folder of the Delta tables",
     "TENX_ONLINE_PATH": "online_store.path: file of the embedded online store",
+    "TENX_API_TOKEN": "tenx serve: bearer token required by the feature API",
 }
 
 _KEYS: dict[str, Any] = {

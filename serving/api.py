@@ -221,7 +221,12 @@ def openapi_spec(plan: Plan | None) -> dict[str, Any]:
         "properties": {
             "view": {"type": "string", "enum": views} if views else {"type": "string"},
             "features": {"type": "array", "items": {"type": "string"}},
-            "entities": {"type": "array", "minItems": 1, "maxItems": MAX_ENTITIES, "items": {"type": ["integer", "string"]}},
+            "entities": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_ENTITIES,
+                "items": {"type": ["integer", "string"]},
+            },
         },
     }
     result_schema = {
@@ -234,7 +239,9 @@ def openapi_spec(plan: Plan | None) -> dict[str, Any]:
             "values": {"type": ["array", "null"]},
         },
     }
-    error = {"content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}}
+    error = {
+        "content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "tenx feature API", "version": plan.version if plan else "none"},

@@ -1,9 +1,9 @@
 """Errors raised by serving.
 
-    TenxError (schemas.errors)
-    ├── TerminalError
-    │   └── UnknownFeatureError   a requested view or feature is not in the plan
-    └── TransientError            the online store did not answer in time (retry)
+TenxError (schemas.errors)
+├── TerminalError
+│   └── UnknownFeatureError   a requested view or feature is not in the plan
+└── TransientError            the online store did not answer in time (retry)
 """
 
 from __future__ import annotations

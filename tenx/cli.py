@@ -422,6 +422,101 @@ def backfill(
         console.print(f"  {s.view} v{s.version}: {store.changelog_path(view)}", highlight=False)
 
 
+# -- online: materialize and serve --------------------------------------------------------
+
+
+def _online_store(settings: Settings) -> Any:
+    from featurestore.stores.online import open_online_store
+
+    return open_online_store(redis_url=settings.redis_url, sqlite_path=settings.online_path)
+
+
+def _store_name(settings: Settings) -> str:
+    return f"Redis at {settings.redis_url}" if settings.redis_url else f"embedded store {settings.online_path}"
+
+
+@main.command()
+@click.option("--view", "views", multiple=True, help="Feature view to load (repeatable; default: all online views).")
+@click.option("--as-of", "as_of", default=None, help="Load values as of this time (default: the latest rows).")
+@config_option
+@_friendly
+def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | None) -> None:
+    """Load the latest changelog row per entity from the Delta feature tables into the
+    online store (Redis when TENX_REDIS_URL is set, else the embedded store). Safe while
+    the stream job writes: an older value never replaces a newer one."""
+    from featurestore.stores.offline import DeltaOfflineStore
+    from pipelines.materialize import materialize as run_materialize
+
+    settings = _settings(config_file)
+    plan = _applied_plan(settings)
+    chosen = [_view_or_error(plan, name) for name in views] if views else [v for v in plan.views if v.online]
+    offline = DeltaOfflineStore(settings.offline_dir)
+    online = _online_store(settings)
+    table = Table(title=f"materialize into {_store_name(settings)}", title_justify="left")
+    for column in ("view", "entities", "written", "kept newer", "seconds"):
+        table.add_column(column, justify="left" if column == "view" else "right")
+    try:
+        for view in chosen:
+            with _progress() as progress:
+                advance = functools.partial(
+                    progress.advance, progress.add_task(f"materializing {view.name}", total=None)
+                )
+                summary = run_materialize(view, offline, online, as_of=_parse_time(as_of, "--as-of"), progress=advance)
+            table.add_row(
+                view.name,
+                f"{summary.entities:,}",
+                f"{summary.written:,}",
+                f"{summary.skipped:,}",
+                f"{summary.seconds:.1f}",
+            )
+    finally:
+        online.close()
+    console.print(table)
+
+
+def _view_or_error(plan: Plan, name: str) -> Any:
+    try:
+        return plan.view(name)
+    except KeyError as error:
+        raise ConfigError(str(error.args[0])) from error
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), help="Port.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="uvicorn worker processes.")
+@click.option(
+    "--token", envvar="TENX_API_TOKEN", default=None, help="Require `Authorization: Bearer TOKEN` ($TENX_API_TOKEN)."
+)
+@config_option
+@_friendly
+def serve(host: str, port: int, workers: int, token: str | None, config_file: Path | None) -> None:
+    """Run the HTTP feature API: POST /features, /health/live, /health/ready, /metrics,
+    /openapi.json. It only looks values up in the online store."""
+    import os
+
+    import uvicorn
+
+    settings = _settings(config_file)
+    _applied_plan(settings)  # fail now, with the fix, rather than serve 503s
+    if settings.config_file is not None:
+        os.environ["TENX_CONFIG"] = str(settings.config_file)
+    if token:
+        os.environ["TENX_API_TOKEN"] = token
+    console.print(f"tenx feature API on http://{host}:{port} ({_store_name(settings)})")
+    uvicorn.run(
+        "serving.app:app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),

@@ -117,7 +117,9 @@ class RedisOnlineStore:
                 pipe = self.client.pipeline(transaction=False)
                 for start in range(0, len(encoded), WRITE_CHUNK):
                     chunk = encoded[start : start + WRITE_CHUNK]
-                    self._script(keys=[k for k, _ in chunk], args=[self.key_ttl_ms, *(v for _, v in chunk)], client=pipe)
+                    self._script(
+                        keys=[k for k, _ in chunk], args=[self.key_ttl_ms, *(v for _, v in chunk)], client=pipe
+                    )
                 written = sum(int(n) for n in pipe.execute())
         except redis.RedisError as error:
             raise self._fail(error) from error
@@ -132,9 +134,7 @@ class RedisOnlineStore:
             by_slot.setdefault(key_slot(key), []).append((key, value))
         written = 0
         for items in by_slot.values():
-            written += int(
-                self._script(keys=[k for k, _ in items], args=[self.key_ttl_ms, *(v for _, v in items)])
-            )
+            written += int(self._script(keys=[k for k, _ in items], args=[self.key_ttl_ms, *(v for _, v in items)]))
         return written
 
     def read(self, view: ViewSpec, entities: Sequence[Any]) -> list[bytes | None]:

@@ -24,12 +24,14 @@ def tenx(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess
 def test_help_lists_every_command(tmp_path: Path) -> None:
     result = tenx("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for command in ("init", "plan", "apply", "demo-data", "ingest", "backfill"):
+    for command in ("init", "plan", "apply", "demo-data", "ingest", "backfill", "materialize", "serve"):
         assert command in result.stdout
     assert "TENX_REDIS_URL" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["init", "plan", "apply", "demo-data", "ingest", "backfill"])
+@pytest.mark.parametrize(
+    "command", ["init", "plan", "apply", "demo-data", "ingest", "backfill", "materialize", "serve"]
+)
 def test_every_command_has_help(tmp_path: Path, command: str) -> None:
     result = tenx(command, "--help", cwd=tmp_path)
     assert result.returncode == 0

@@ -1,0 +1,642 @@
+"""Online serving benchmark: lookups, the HTTP API and materialize, against raw Redis.
+
+One view of exactly 20 float64 features (Sum/Mean/Max/Min/Std of a float over 1h, 1d,
+7d and 30d; 180-byte packed values), N entities (default 100k) with one changelog row
+each, as_of a minute ago (ttl 30d: every value is FOUND). Measured in one run, against
+one Redis (TENX_REDIS_URL, required: `eval "$(scripts/services up --only redis)"`):
+
+- materialize: `pipelines.materialize.materialize` of the N entities from a Delta
+  changelog (written by DeltaOfflineStore.write_changelog in a temp folder) into Redis,
+  keys deleted before each repeat. Beside it, in the same run: raw redis-py pipelined
+  SET of the same N values (same bytes, encoded before the clock starts, 10k commands
+  per round trip), and two parts of materialize alone: the Delta read (`latest_rows`)
+  and `RedisOnlineStore.write` of the table from memory.
+- lookups: `FeatureClient.get` of 1 and of 100 random entities (all 20 features),
+  against raw redis-py (hiredis) GET of one key and MGET of 100 keys holding the same
+  bytes under another prefix. The raw calls only fetch bytes; tenx also builds keys,
+  decodes, judges freshness and builds a FeatureResult. Each pair is measured in
+  alternating rounds (so machine noise hits both alike): >= 500 warm-up calls, then
+  `--calls` timed calls each (time.perf_counter_ns), p50/p95/p99.
+- HTTP API: `tenx serve` (uvicorn, 1 worker by default) in a subprocess, on a temp
+  feature repo whose registry holds the plan. One keep-alive httpx.Client, sequential
+  POST /features for 1 random entity: p50/p95/p99, beside GET /health/live through the
+  same client (the HTTP floor: no Redis, no decoding). Then requests/s with 8 concurrent
+  keep-alive clients (8 threads, one httpx.Client each) for `--http-seconds`, with the
+  CPU used by the server, the load generator and Redis; /health/live again as the floor.
+  The load generator shares the machine's cores with the server: on a small machine
+  it can be the bottleneck, which the CPU figures show.
+
+Every figure is printed beside its raw baseline, with the targets as met/MISSED, and
+written to bench/results/online.json. Only localhost traffic; every loop is bounded by
+a count and a wall-clock cap; every key written is deleted at the end.
+
+Context (Feast 0.67 on the same data shape, from the issue; not measured here):
+get_online_features p99 1.42 ms for 1 user and 34.7 ms for 100; `feast serve` p50
+4.2 ms / p99 8.5 ms at about 185 req/s; materialize of 95k users 40.7 s.
+
+    eval "$(scripts/services up --only redis)"
+    python bench/online.py                      # 100k entities, 5000 calls per figure
+    python bench/online.py --entities 10000 --calls 1000 --http-seconds 3   # quick
+    scripts/services down --only redis
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from featurestore import Entity, Max, Mean, Min, Source, Std, Sum, feature_view
+from featurestore.plan import AS_OF, Plan, ViewSpec, compile_definitions
+from schemas import TRANSACTIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+RAW_PREFIX = "tenxbench:raw"  # raw baseline keys: {RAW_PREFIX}:{entity}
+WRITE_PREFIX = "tenxbench:write"  # RedisOnlineStore.write from memory (a part of materialize)
+SERVE_PREFIX = "tenx"  # what `tenx serve` reads (open_online_store's default prefix)
+WARMUP = 500
+ROUNDS = 10  # alternating rounds per measured pair
+
+USER = Entity("user", key="user_id", dtype="int64", description="A card holder.")
+TX = Source("transactions", TRANSACTIONS)
+
+
+@feature_view(
+    entity=USER,
+    source=TX,
+    aggregations=[Sum("amount"), Mean("amount"), Max("amount"), Min("amount"), Std("amount")],
+    windows=["1h", "1d", "7d", "30d"],
+    ttl="30d",
+)
+def bench_online(tx: pd.DataFrame) -> pd.DataFrame:
+    """20 float64 features of the amount: 5 aggregations x 4 windows."""
+    return tx[[]]
+
+
+def bench_plan() -> Plan:
+    plan = compile_definitions("bench", views=[bench_online])
+    view = plan.views[0]
+    dtypes = {f.dtype for f in view.features}
+    assert len(view.features) == 20 and dtypes == {"float64"}, (len(view.features), dtypes)
+    return plan
+
+
+def changelog(view: ViewSpec, entities: int, now_us: int, seed: int) -> pa.Table:
+    """One row per entity 1..N, random floats, as_of within the last two minutes."""
+    rng = np.random.default_rng(seed)
+    schema = view.changelog_schema()
+    as_of = now_us - 60_000_000 - rng.integers(0, 60_000_000, entities)
+    columns: dict[str, Any] = {
+        view.entity_key: pa.array(np.arange(1, entities + 1, dtype=np.int64)),
+        AS_OF: pa.array(as_of, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+    }
+    for name in view.feature_names:
+        columns[name] = pa.array(rng.normal(50.0, 20.0, entities))
+    return pa.table(columns, schema=schema)
+
+
+# -- measurement helpers ------------------------------------------------------------------
+
+
+def summary(samples_ns: np.ndarray) -> dict[str, float]:
+    ms = samples_ns / 1e6
+    return {
+        "calls": len(ms),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "max_ms": float(ms.max()),
+    }
+
+
+def latencies(
+    calls: dict[str, Callable[[int], Any]], count: int, warmup: int, cap_s: float
+) -> dict[str, dict[str, float]]:
+    """Time each of `calls` (called with the call number) `count` times, after `warmup`
+    untimed calls each, in ROUNDS alternating rounds; stops early at `cap_s` seconds."""
+    for fn in calls.values():
+        for i in range(warmup):
+            fn(i)
+    samples = {name: np.zeros(count, dtype=np.int64) for name in calls}
+    done = dict.fromkeys(calls, 0)
+    per_round = -(-count // ROUNDS)
+    deadline = time.perf_counter() + cap_s
+    clock = time.perf_counter_ns
+    for start in range(0, count, per_round):
+        for name, fn in calls.items():
+            out = samples[name]
+            gc.collect()
+            for i in range(start, min(start + per_round, count)):
+                began = clock()
+                fn(i)
+                out[i] = clock() - began
+                done[name] = i + 1
+        if time.perf_counter() > deadline:
+            print(f"  wall-clock cap of {cap_s:.0f} s reached after {start + per_round} calls", file=sys.stderr)
+            break
+    return {name: summary(samples[name][: done[name]]) for name in calls}
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    began = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - began, result
+
+
+def unlink_matching(client: Any, pattern: str, cap_s: float = 120.0) -> int:
+    """Delete the keys matching `pattern` (SCAN + UNLINK); the number deleted."""
+    deleted = 0
+    deadline = time.perf_counter() + cap_s
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=10_000):
+        batch.append(key)
+        if len(batch) >= 10_000:
+            deleted += client.unlink(*batch)
+            batch = []
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"deleting {pattern} took over {cap_s:.0f} s")
+    if batch:
+        deleted += client.unlink(*batch)
+    return deleted
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its live children (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command: state, ppid, ..., utime (index 11), stime (index 12).
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def redis_cpu_s(client: Any) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- parts --------------------------------------------------------------------------------
+
+
+def part_materialize(
+    url: str, view: ViewSpec, table: pa.Table, offline: Any, repeat: int
+) -> tuple[dict[str, Any], dict[bytes, bytes]]:
+    """Materialize into the serving prefix (fresh keys each time) beside raw pipelined
+    SETs of the same bytes under RAW_PREFIX; both stay populated for the lookups."""
+    import redis
+
+    from featurestore.stores.codec import encode_rows, online_key
+    from featurestore.stores.online import RedisOnlineStore
+    from pipelines.materialize import latest_rows, materialize
+
+    raw = redis.Redis.from_url(url, socket_timeout=10)
+    values = [(f"{RAW_PREFIX}:{key}".encode(), value) for key, _, value in encode_rows(view, table)]
+    tenx_pattern = online_key(view, "*", prefix=SERVE_PREFIX).decode()
+    write_pattern = online_key(view, "*", prefix=WRITE_PREFIX).decode()
+    runs: dict[str, list[float]] = {"materialize": [], "raw_set": [], "delta_read": [], "store_write": []}
+    written = 0
+    for attempt in range(repeat):
+        print(f"  materialize {attempt + 1}/{repeat} ...", file=sys.stderr)
+        unlink_matching(raw, tenx_pattern)
+        store = RedisOnlineStore(url, prefix=SERVE_PREFIX, timeout_s=30)
+        seconds, result = timed(lambda store=store: materialize(view, offline, store))
+        store.close()
+        assert result.entities == table.num_rows, (result.entities, table.num_rows)
+        written = result.written
+        runs["materialize"].append(seconds)
+
+        unlink_matching(raw, f"{RAW_PREFIX}:*")
+
+        def raw_set() -> None:
+            pipe = raw.pipeline(transaction=False)
+            for index, (key, value) in enumerate(values, 1):
+                pipe.set(key, value)
+                if index % 10_000 == 0:
+                    pipe.execute()
+            pipe.execute()
+
+        runs["raw_set"].append(timed(raw_set)[0])
+
+        runs["delta_read"].append(
+            timed(lambda: sum(b.num_rows for b in latest_rows(view, offline)))[0]  # noqa: B023
+        )
+        unlink_matching(raw, write_pattern)
+        writer = RedisOnlineStore(url, prefix=WRITE_PREFIX, timeout_s=30)
+        runs["store_write"].append(timed(lambda writer=writer: writer.write(view, table))[0])
+        writer.close()
+    unlink_matching(raw, write_pattern)
+
+    # Same bytes: what tenx stored equals what the raw baseline stored.
+    sample = list(range(1, table.num_rows + 1, max(1, table.num_rows // 200)))
+    stored = raw.mget([online_key(view, e, prefix=SERVE_PREFIX) for e in sample])
+    copied = raw.mget([f"{RAW_PREFIX}:{e}" for e in sample])
+    assert stored == copied and all(v is not None for v in stored), "raw keys do not hold the bytes tenx stored"
+    size = len(stored[0])
+    raw.close()
+    medians = {name: float(np.median(values)) for name, values in runs.items()}
+    return {
+        "entities": table.num_rows,
+        "written": written,
+        "value_bytes": size,
+        "runs_s": runs,
+        "median_s": medians,
+    }, {}
+
+
+def part_lookups(url: str, plan: Plan, entities: int, calls: int, cap_s: float, seed: int) -> dict[str, Any]:
+    import redis
+
+    from featurestore.stores.online import RedisOnlineStore
+    from serving.client import FeatureClient, Status
+
+    view = plan.views[0]
+    rng = np.random.default_rng(seed)
+    total = calls + WARMUP
+    singles = rng.integers(1, entities + 1, total).tolist()
+    batches = rng.integers(1, entities + 1, (total, 100)).tolist()
+    raw = redis.Redis.from_url(url, socket_timeout=2.0, retry_on_timeout=False)
+    client = FeatureClient(RedisOnlineStore(url, prefix=SERVE_PREFIX), plan)
+    name = view.name
+
+    check = client.get(name, batches[0])
+    assert all(s is Status.FOUND for s in check.statuses), {s.value for s in check.statuses}
+    assert len(check.names) == 20
+
+    def raw_get(i: int) -> Any:
+        return raw.get(f"{RAW_PREFIX}:{singles[i]}")
+
+    def tenx_one(i: int) -> Any:
+        return client.get(name, [singles[i]])
+
+    def raw_mget(i: int) -> Any:
+        return raw.mget([f"{RAW_PREFIX}:{e}" for e in batches[i]])
+
+    def tenx_hundred(i: int) -> Any:
+        return client.get(name, batches[i])
+
+    print(f"  1 entity: {calls:,} calls each ...", file=sys.stderr)
+    one = latencies({"raw_get": raw_get, "client_1": tenx_one}, calls, WARMUP, cap_s)
+    print(f"  100 entities: {calls:,} calls each ...", file=sys.stderr)
+    hundred = latencies({"raw_mget_100": raw_mget, "client_100": tenx_hundred}, calls, WARMUP, cap_s)
+    client.close()
+    raw.close()
+    return one | hundred
+
+
+@contextlib.contextmanager
+def served(url: str, plan: Plan, folder: Path, workers: int) -> Iterator[tuple[str, int]]:
+    """`tenx serve` on a temp feature repo whose registry holds `plan`; yields
+    (base URL, server pid) once /health/ready answers 200."""
+    import httpx
+
+    from featurestore.config import load_settings
+    from featurestore.registry import FileRegistry
+
+    repo = folder / "repo"
+    repo.mkdir()
+    config = repo / "tenx.yaml"
+    config.write_text(
+        "project: bench\nfeatures:\n  modules: []\nregistry: .tenx/registry\n"
+        "offline_store:\n  path: data/offline\nonline_store:\n  path: data/online.sqlite\n"
+    )
+    settings = load_settings(config, environ={})
+    FileRegistry(settings.registry_dir).apply(plan)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENX_")}
+    env["TENX_REDIS_URL"] = url
+    tenx = Path(sys.executable).parent / "tenx"
+    command = [str(tenx)] if tenx.exists() else [sys.executable, "-m", "tenx.cli"]
+    command += ["serve", "--config", str(config), "--port", str(port), "--workers", str(workers)]
+    log = (folder / "serve.log").open("w")
+    server = subprocess.Popen(command, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.perf_counter() + 60
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"tenx serve exited with {server.returncode}:\n{(folder / 'serve.log').read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/health/ready", timeout=1.0).status_code == 200:
+                    break
+            if time.perf_counter() > deadline:
+                raise SystemExit(f"tenx serve not ready after 60 s:\n{(folder / 'serve.log').read_text()}")
+            time.sleep(0.1)
+        yield base, server.pid
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=15)
+        log.close()
+
+
+def throughput(base: str, path: str, bodies: list[bytes] | None, clients: int, seconds: float) -> dict[str, float]:
+    """Requests/s over `seconds` from `clients` threads, each with its own keep-alive
+    client, after one second of warm-up; errors are counted, not retried."""
+    import httpx
+
+    warm = 1.0
+    counts = [0] * clients
+    errors = [0] * clients
+    start = threading.Barrier(clients + 1)
+    window: dict[str, float] = {}
+
+    def worker(index: int) -> None:
+        headers = {"content-type": "application/json"}
+        with httpx.Client(base_url=base, timeout=5.0) as http:
+            start.wait()
+            begin, end = window["begin"], window["end"]
+            n = index * 7919
+            while True:
+                now = time.perf_counter()
+                if now >= end:
+                    break
+                try:
+                    if bodies is None:
+                        response = http.get(path)
+                    else:
+                        response = http.post(path, content=bodies[n % len(bodies)], headers=headers)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                n += 1
+                if now >= begin:
+                    if ok:
+                        counts[index] += 1
+                    else:
+                        errors[index] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    now = time.perf_counter()
+    window["begin"], window["end"] = now + warm, now + warm + seconds
+    start.wait()
+    for thread in threads:
+        thread.join(timeout=warm + seconds + 30)
+    return {"requests_per_s": sum(counts) / seconds, "requests": sum(counts), "errors": sum(errors)}
+
+
+def part_http(
+    url: str, plan: Plan, entities: int, calls: int, cap_s: float, seconds: float, clients: int, workers: int, seed: int
+) -> dict[str, Any]:
+    import httpx
+    import orjson
+    import redis
+
+    view = plan.views[0]
+    rng = np.random.default_rng(seed + 1)
+    total = calls + WARMUP
+    bodies = [orjson.dumps({"view": view.name, "entities": [e]}) for e in rng.integers(1, entities + 1, total).tolist()]
+    raw = redis.Redis.from_url(url, socket_timeout=2.0)
+    with tempfile.TemporaryDirectory(prefix="tenx-bench-serve-") as folder, served(url, plan, Path(folder), workers) as (
+        base,
+        pid,
+    ):
+        headers = {"content-type": "application/json"}
+        with httpx.Client(base_url=base, timeout=5.0) as http:
+            first = http.post("/features", content=bodies[0], headers=headers)
+            assert first.status_code == 200, first.text
+            answer = first.json()["results"][0]
+            assert answer["status"] == "found" and len(answer["values"]) == 20, answer
+
+            def post(i: int) -> None:
+                response = http.post("/features", content=bodies[i], headers=headers)
+                if response.status_code != 200:
+                    raise SystemExit(f"POST /features answered {response.status_code}: {response.text}")
+
+            def live(i: int) -> None:
+                if http.get("/health/live").status_code != 200:
+                    raise SystemExit("GET /health/live failed")
+
+            print(f"  HTTP sequential: {calls:,} requests each ...", file=sys.stderr)
+            sequential = latencies({"http_live": live, "http_features_1": post}, calls, WARMUP, cap_s)
+
+        loads: dict[str, Any] = {}
+        for name, path, load_bodies in (("live", "/health/live", None), ("features_1", "/features", bodies)):
+            print(f"  HTTP {clients} clients on {path} for {seconds:.0f} s ...", file=sys.stderr)
+            server_cpu, own_cpu, redis_cpu = proc_cpu_s(pid), time.process_time(), redis_cpu_s(raw)
+            result = throughput(base, path, load_bodies, clients, seconds)
+            wall = seconds + 1.0  # the window plus the warm-up second
+            result["server_cpu_pct"] = 100 * (proc_cpu_s(pid) - server_cpu) / wall
+            result["loadgen_cpu_pct"] = 100 * (time.process_time() - own_cpu) / wall
+            result["redis_cpu_pct"] = 100 * (redis_cpu_s(raw) - redis_cpu) / wall
+            loads[name] = result
+    raw.close()
+    return {"sequential": sequential, "concurrent": loads, "clients": clients, "workers": workers, "seconds": seconds}
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entities", type=int, default=100_000, help="Entities materialized and looked up.")
+    parser.add_argument("--calls", type=int, default=5_000, help="Timed calls per latency figure (after 500 warm-up).")
+    parser.add_argument("--repeat", type=int, default=3, help="Materialize runs (the median is reported).")
+    parser.add_argument("--http-seconds", type=float, default=10.0, help="Duration of each concurrent HTTP load.")
+    parser.add_argument("--clients", type=int, default=8, help="Concurrent keep-alive HTTP clients.")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of `tenx serve`.")
+    parser.add_argument("--cap-s", type=float, default=120.0, help="Wall-clock cap of each latency measurement.")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=RESULTS / "online.json")
+    args = parser.parse_args()
+    url = os.environ.get("TENX_REDIS_URL")
+    if not url:
+        raise SystemExit('TENX_REDIS_URL is not set; start Redis with: eval "$(scripts/services up --only redis)"')
+    if args.calls < 100 or args.entities < 100:
+        raise SystemExit("--calls and --entities must be at least 100")
+
+    import redis
+
+    from featurestore.stores.codec import online_key
+    from featurestore.stores.offline import DeltaOfflineStore
+
+    plan = bench_plan()
+    view = plan.views[0]
+    admin = redis.Redis.from_url(url, socket_timeout=10)
+    server_info = admin.info("server")
+    now_us = int(datetime.now(UTC).timestamp() * 1_000_000)
+    folder = Path(tempfile.mkdtemp(prefix="tenx-bench-online-"))
+    try:
+        print(f"preparing {args.entities:,} entities x 20 float64 features ...", file=sys.stderr)
+        rows = changelog(view, args.entities, now_us, args.seed)
+        offline = DeltaOfflineStore(folder / "offline")
+        delta_s, _ = timed(
+            lambda: offline.write_changelog(
+                view, [rows], start=int(rows.column(AS_OF).cast(pa.int64()).to_numpy().min()), end=now_us
+            )
+        )
+        print("materialize ...", file=sys.stderr)
+        materialized, _ = part_materialize(url, view, rows, offline, args.repeat)
+        print("lookups ...", file=sys.stderr)
+        lookups = part_lookups(url, plan, args.entities, args.calls, args.cap_s, args.seed)
+        print("HTTP API ...", file=sys.stderr)
+        http = part_http(
+            url,
+            plan,
+            args.entities,
+            args.calls,
+            args.cap_s,
+            args.http_seconds,
+            args.clients,
+            args.workers,
+            args.seed,
+        )
+    finally:
+        for pattern in (
+            online_key(view, "*", prefix=SERVE_PREFIX).decode(),
+            online_key(view, "*", prefix=WRITE_PREFIX).decode(),
+            f"{RAW_PREFIX}:*",
+        ):
+            unlink_matching(admin, pattern)
+        admin.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    # -- print ----------------------------------------------------------------------------
+    ms = "{:.3f}".format
+    raw_get, raw_mget = lookups["raw_get"], lookups["raw_mget_100"]
+    seq = http["sequential"]
+    lines: list[tuple[str, ...]] = [("latency (ms)", "calls", "p50", "p95", "p99", "p99 vs raw GET", "p99 vs raw MGET")]
+    for label, key, source in (
+        ("redis-py GET, 1 key (raw)", "raw_get", lookups),
+        ("FeatureClient.get, 1 entity", "client_1", lookups),
+        ("redis-py MGET, 100 keys (raw)", "raw_mget_100", lookups),
+        ("FeatureClient.get, 100 entities", "client_100", lookups),
+        ("HTTP GET /health/live (floor)", "http_live", seq),
+        ("HTTP POST /features, 1 entity", "http_features_1", seq),
+    ):
+        s = source[key]
+        lines.append(
+            (
+                label,
+                f"{s['calls']:,}",
+                ms(s["p50_ms"]),
+                ms(s["p95_ms"]),
+                ms(s["p99_ms"]),
+                f"{s['p99_ms'] / raw_get['p99_ms']:.2f}x",
+                f"{s['p99_ms'] / raw_mget['p99_ms']:.2f}x",
+            )
+        )
+    conc = http["concurrent"]
+    load_lines: list[tuple[str, ...]] = [
+        (f"{http['clients']} keep-alive clients", "req/s", "errors", "server CPU", "loadgen CPU", "redis CPU")
+    ]
+    for label, key in (("GET /health/live (floor)", "live"), ("POST /features, 1 entity", "features_1")):
+        c = conc[key]
+        load_lines.append(
+            (
+                label,
+                f"{c['requests_per_s']:,.0f}",
+                f"{c['errors']:,}",
+                f"{c['server_cpu_pct']:.0f}%",
+                f"{c['loadgen_cpu_pct']:.0f}%",
+                f"{c['redis_cpu_pct']:.0f}%",
+            )
+        )
+    med = materialized["median_s"]
+    n = materialized["entities"]
+    mat_lines: list[tuple[str, ...]] = [
+        (f"load {n:,} entities", "median s", "entities/s", "vs raw SET", "runs s")
+    ]
+    for label, key in (
+        ("tenx materialize (Delta -> Redis)", "materialize"),
+        ("  part: latest_rows (Delta read)", "delta_read"),
+        ("  part: RedisOnlineStore.write", "store_write"),
+        ("redis-py pipelined SET (raw)", "raw_set"),
+    ):
+        mat_lines.append(
+            (
+                label,
+                f"{med[key]:.2f}",
+                f"{n / med[key]:,.0f}",
+                f"{med[key] / med['raw_set']:.1f}x",
+                " ".join(f"{v:.2f}" for v in materialized["runs_s"][key]),
+            )
+        )
+
+    redis_version = server_info.get("redis_version", "?")
+    print(
+        f"\nonline benchmark: {n:,} entities x 20 float64 features ({materialized['value_bytes']} bytes a value), "
+        f"Redis {redis_version} at {url}, {os.cpu_count()} CPUs (Delta changelog write {delta_s:.1f} s)\n"
+    )
+    print(table(lines) + "\n")
+    print(table(load_lines) + "\n")
+    print(table(mat_lines) + "\n")
+
+    targets = {
+        "client_p99_1_entity_le_1.5x_raw_get": lookups["client_1"]["p99_ms"] <= 1.5 * raw_get["p99_ms"],
+        "client_p99_100_entities_le_1.5x_raw_mget": lookups["client_100"]["p99_ms"] <= 1.5 * raw_mget["p99_ms"],
+        "http_p99_1_entity_le_3ms": seq["http_features_1"]["p99_ms"] <= 3.0,
+        f"http_ge_1500_rps_{http['clients']}_clients": conc["features_1"]["requests_per_s"] >= 1500,
+        f"materialize_{n // 1000}k_le_3s": med["materialize"] <= 3.0,
+    }
+    print("targets: " + ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in targets.items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "entities": n,
+                "features": 20,
+                "value_bytes": materialized["value_bytes"],
+                "calls": args.calls,
+                "warmup": WARMUP,
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "redis": redis_version},
+                "materialize": materialized,
+                "delta_changelog_write_s": delta_s,
+                "lookups": lookups,
+                "http": http,
+                "targets": targets,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Process entry for the API under uvicorn: settings are read here, once per process."""
+
+from __future__ import annotations
+
+import os
+
+from starlette.applications import Starlette
+
+from featurestore.config import load_settings
+from featurestore.registry import FileRegistry
+from featurestore.stores.online import open_online_store
+from serving.api import ApiSettings, create_app
+
+
+def app_from_environment() -> Starlette:
+    """The app for `tenx serve` (uvicorn factory): tenx.yaml from $TENX_CONFIG."""
+    settings = load_settings()
+    plan = FileRegistry(settings.registry_dir).current()
+    store = open_online_store(redis_url=settings.redis_url, sqlite_path=settings.online_path)
+    return create_app(store, plan, ApiSettings(token=os.environ.get("TENX_API_TOKEN") or None))

@@ -1,0 +1,175 @@
+"""The feature client and HTTP API over the embedded store: statuses, order, errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pytest
+from starlette.testclient import TestClient
+
+from featurestore import Count, Entity, Last, Mean, Source, Sum, feature_view
+from featurestore.plan import AS_OF, Plan, compile_definitions
+from featurestore.stores.online import SqliteOnlineStore
+from schemas import TRANSACTIONS
+from serving import AsyncFeatureClient, FeatureClient, Status, UnknownFeatureError
+from serving.api import ApiSettings, create_app
+
+USER = Entity("user", key="user_id")
+TX = Source("transactions", TRANSACTIONS)
+NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
+
+
+@feature_view(
+    entity=USER,
+    source=TX,
+    aggregations=[Count(), Sum("amount"), Mean("amount"), Last("currency")],
+    windows=["1h"],
+    ttl="1h",
+)
+def spend(tx: Any) -> Any:
+    return tx[[]]
+
+
+PLAN: Plan = compile_definitions("serving", views=[spend])
+VIEW = PLAN.view("spend")
+
+
+def micros(moment: datetime) -> int:
+    return int((moment - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteOnlineStore]:
+    opened = SqliteOnlineStore(tmp_path / "online.sqlite")
+    rows = {
+        "user_id": [1, 2],
+        AS_OF: [NOW - timedelta(minutes=5), NOW - timedelta(hours=2)],
+        "count_1h": [3, 1],
+        "sum_amount_1h": [30.0, 5.0],
+        "mean_amount_1h": [10.0, None],
+        "last_currency_1h": ["EUR", None],
+    }
+    opened.write(VIEW, pa.table(rows, schema=VIEW.changelog_schema()))
+    yield opened
+    opened.close()
+
+
+def clock() -> float:
+    return micros(NOW) / 1e6
+
+
+def test_statuses_values_and_order(store: SqliteOnlineStore) -> None:
+    result = FeatureClient(store, PLAN, clock=clock).get("spend", [2, 3, 1])
+    assert result.statuses == (Status.STALE, Status.MISSING, Status.FOUND)
+    assert result.values == ((1, 5.0, None, None), None, (3, 30.0, 10.0, "EUR"))
+    assert result.age_seconds(2) == 300.0
+    assert result.as_of(0) == NOW - timedelta(hours=2)
+
+
+def test_feature_subset_in_the_order_asked(store: SqliteOnlineStore) -> None:
+    client = FeatureClient(store, PLAN, clock=clock)
+    result = client.get_features(["spend:mean_amount_1h", "spend:count_1h"], [1, 3])
+    assert result.names == ("mean_amount_1h", "count_1h")
+    assert result.to_dicts()[0] == {
+        "user_id": 1,
+        "status": "found",
+        "as_of": NOW - timedelta(minutes=5),
+        "age_s": 300.0,
+        "mean_amount_1h": 10.0,
+        "count_1h": 3,
+    }
+    matrix = result.to_numpy()
+    assert matrix[0].tolist() == [10.0, 3.0]
+    assert np.isnan(matrix[1]).all()
+    assert list(result.to_pandas().columns) == ["user_id", "status", "as_of", "age_s", "mean_amount_1h", "count_1h"]
+    assert result.to_polars().height == 2
+
+
+def test_unknown_names_suggest_close_matches(store: SqliteOnlineStore) -> None:
+    client = FeatureClient(store, PLAN)
+    with pytest.raises(UnknownFeatureError) as raised:
+        client.get("spnd", [1])
+    assert str(raised.value) == "unknown feature view `spnd`; did you mean `spend`? (known: spend)"
+    with pytest.raises(
+        UnknownFeatureError, match=r"unknown feature of view `spend` `count_1d`; did you mean `count_1h`"
+    ):
+        client.get("spend", [1], features=["count_1d"])
+    with pytest.raises(UnknownFeatureError, match="must look like `view:feature`"):
+        client.get_features(["count_1h"], [1])
+
+
+def test_async_client_gives_the_same_result(store: SqliteOnlineStore) -> None:
+    async def run() -> Any:
+        return await AsyncFeatureClient(store, PLAN, clock=clock).get("spend", [2, 3, 1])
+
+    assert asyncio.run(run()) == FeatureClient(store, PLAN, clock=clock).get("spend", [2, 3, 1])
+
+
+# -- HTTP API ------------------------------------------------------------------------------
+
+
+def post(api: TestClient, body: Any, **headers: str) -> Any:
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    return api.post("/features", content=content, headers=headers)
+
+
+def test_api_returns_values_statuses_and_metrics(store: SqliteOnlineStore) -> None:
+    api = TestClient(create_app(store, PLAN))
+    response = post(api, {"view": "spend", "entities": [1, 3], "features": ["count_1h", "last_currency_1h"]})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["features"] == ["count_1h", "last_currency_1h"]
+    assert [r["status"] for r in body["results"]] == ["stale", "missing"]  # NOW is in the past of the real clock
+    assert body["results"][0]["values"] == [3, "EUR"]
+    assert body["results"][0]["as_of"] == "2026-03-01T11:55:00Z"
+    by_reference = post(api, {"features": ["spend:count_1h"], "entities": [2]})
+    assert by_reference.json()["results"][0]["values"] == [1]
+    metrics = api.get("/metrics").text
+    assert 'tenx_api_requests_total{code="200",route="features"} 2.0' in metrics
+    assert 'tenx_api_entities_total{status="missing",view="spend"} 1.0' in metrics
+    assert api.get("/health/live").json() == {"status": "ok"}
+    assert api.get("/health/ready").json() == {"status": "ok", "plan": PLAN.version}
+    assert api.get("/openapi.json").json()["paths"]["/features"]["post"]["summary"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "body is not valid JSON"),
+        ([1, 2], 400, "body must be a JSON object"),
+        ({"view": "spend"}, 400, "`entities` must be a non-empty list of entity keys"),
+        ({"view": "spend", "entities": [True]}, 400, "`entities` must hold integers or strings"),
+        ({"view": "spend", "entities": [1], "extra": 1}, 400, "unknown field(s) extra"),
+        ({"entities": [1]}, 400, "give `view`, or `features` as `view:feature` names"),
+        ({"view": "nope", "entities": [1]}, 404, "unknown feature view `nope`"),
+    ],
+)
+def test_api_explains_bad_requests(store: SqliteOnlineStore, body: Any, status: int, message: str) -> None:
+    response = post(TestClient(create_app(store, PLAN)), body)
+    assert response.status_code == status
+    assert response.json()["error"].startswith(message)
+
+
+def test_api_limits_and_auth(store: SqliteOnlineStore) -> None:
+    api = TestClient(create_app(store, PLAN, ApiSettings(token="s3cret", max_body_bytes=200, max_entities=5)))
+    assert post(api, {"view": "spend", "entities": [1]}).status_code == 401
+    assert post(api, {"view": "spend", "entities": [1]}, authorization="Bearer wrong").status_code == 401
+    assert post(api, {"view": "spend", "entities": [1]}, authorization="Bearer s3cret").status_code == 200
+    too_many = post(api, {"view": "spend", "entities": list(range(6))}, authorization="Bearer s3cret")
+    assert too_many.status_code == 400
+    assert too_many.json()["error"] == "6 entities asked; at most 5 per request"
+    huge = post(api, {"view": "spend", "entities": ["x" * 300]}, authorization="Bearer s3cret")
+    assert huge.status_code == 413
+
+
+def test_api_is_not_ready_without_a_plan(store: SqliteOnlineStore) -> None:
+    api = TestClient(create_app(store, None))
+    assert api.get("/health/ready").status_code == 503
+    assert post(api, {"view": "spend", "entities": [1]}).status_code == 503
