@@ -21,10 +21,12 @@ one Redis (TENX_REDIS_URL, required: `eval "$(scripts/services up --only redis)"
   feature repo whose registry holds the plan. One keep-alive httpx.Client, sequential
   POST /features for 1 random entity: p50/p95/p99, beside GET /health/live through the
   same client (the HTTP floor: no Redis, no decoding). Then requests/s with 8 concurrent
-  keep-alive clients (8 threads, one httpx.Client each) for `--http-seconds`, with the
-  CPU used by the server, the load generator and Redis; /health/live again as the floor.
-  The load generator shares the machine's cores with the server: on a small machine
-  it can be the bottleneck, which the CPU figures show.
+  keep-alive clients (8 threads, one connection each) for `--http-seconds`, with the
+  CPU used by the server, the load generator and Redis: once with a minimal socket
+  HTTP/1.1 client (the figure held against the target; /health/live the floor) and once
+  with httpx.Client. The load generator shares the machine's cores with the server: on
+  a small machine it can be the bottleneck (httpx costs far more CPU per request than
+  the server does), which the CPU figures show.
 
 Every figure is printed beside its raw baseline, with the targets as met/MISSED, and
 written to bench/results/online.json. Only localhost traffic; every loop is bounded by
@@ -97,7 +99,7 @@ def bench_plan() -> Plan:
     plan = compile_definitions("bench", views=[bench_online])
     view = plan.views[0]
     dtypes = {f.dtype for f in view.features}
-    assert len(view.features) == 20 and dtypes == {"float64"}, (len(view.features), dtypes)
+    check(len(view.features) == 20 and dtypes == {"float64"}, f"expected 20 float64 features, got {dtypes}")
     return plan
 
 
@@ -116,6 +118,12 @@ def changelog(view: ViewSpec, entities: int, now_us: int, seed: int) -> pa.Table
 
 
 # -- measurement helpers ------------------------------------------------------------------
+
+
+def check(condition: bool, message: str) -> None:
+    """A sanity check that stays under `python -O`."""
+    if not condition:
+        raise SystemExit(f"check failed: {message}")
 
 
 def summary(samples_ns: np.ndarray) -> dict[str, float]:
@@ -212,9 +220,7 @@ def free_port() -> int:
 # -- parts --------------------------------------------------------------------------------
 
 
-def part_materialize(
-    url: str, view: ViewSpec, table: pa.Table, offline: Any, repeat: int
-) -> tuple[dict[str, Any], dict[bytes, bytes]]:
+def part_materialize(url: str, view: ViewSpec, table: pa.Table, offline: Any, repeat: int) -> dict[str, Any]:
     """Materialize into the serving prefix (fresh keys each time) beside raw pipelined
     SETs of the same bytes under RAW_PREFIX; both stay populated for the lookups."""
     import redis
@@ -235,7 +241,7 @@ def part_materialize(
         store = RedisOnlineStore(url, prefix=SERVE_PREFIX, timeout_s=30)
         seconds, result = timed(lambda store=store: materialize(view, offline, store))
         store.close()
-        assert result.entities == table.num_rows, (result.entities, table.num_rows)
+        check(result.entities == table.num_rows, f"materialized {result.entities} of {table.num_rows} entities")
         written = result.written
         runs["materialize"].append(seconds)
 
@@ -251,9 +257,7 @@ def part_materialize(
 
         runs["raw_set"].append(timed(raw_set)[0])
 
-        runs["delta_read"].append(
-            timed(lambda: sum(b.num_rows for b in latest_rows(view, offline)))[0]  # noqa: B023
-        )
+        runs["delta_read"].append(timed(lambda: sum(b.num_rows for b in latest_rows(view, offline)))[0])
         unlink_matching(raw, write_pattern)
         writer = RedisOnlineStore(url, prefix=WRITE_PREFIX, timeout_s=30)
         runs["store_write"].append(timed(lambda writer=writer: writer.write(view, table))[0])
@@ -264,7 +268,7 @@ def part_materialize(
     sample = list(range(1, table.num_rows + 1, max(1, table.num_rows // 200)))
     stored = raw.mget([online_key(view, e, prefix=SERVE_PREFIX) for e in sample])
     copied = raw.mget([f"{RAW_PREFIX}:{e}" for e in sample])
-    assert stored == copied and all(v is not None for v in stored), "raw keys do not hold the bytes tenx stored"
+    check(stored == copied and None not in stored, "the raw keys do not hold the bytes tenx stored")
     size = len(stored[0])
     raw.close()
     medians = {name: float(np.median(values)) for name, values in runs.items()}
@@ -274,7 +278,7 @@ def part_materialize(
         "value_bytes": size,
         "runs_s": runs,
         "median_s": medians,
-    }, {}
+    }
 
 
 def part_lookups(url: str, plan: Plan, entities: int, calls: int, cap_s: float, seed: int) -> dict[str, Any]:
@@ -292,9 +296,9 @@ def part_lookups(url: str, plan: Plan, entities: int, calls: int, cap_s: float, 
     client = FeatureClient(RedisOnlineStore(url, prefix=SERVE_PREFIX), plan)
     name = view.name
 
-    check = client.get(name, batches[0])
-    assert all(s is Status.FOUND for s in check.statuses), {s.value for s in check.statuses}
-    assert len(check.names) == 20
+    first = client.get(name, batches[0])
+    check(all(s is Status.FOUND for s in first.statuses), f"statuses {[s.value for s in first.statuses]}")
+    check(len(first.names) == 20, f"{len(first.names)} features")
 
     def raw_get(i: int) -> Any:
         return raw.get(f"{RAW_PREFIX}:{singles[i]}")
@@ -366,20 +370,70 @@ def served(url: str, plan: Plan, folder: Path, workers: int) -> Iterator[tuple[s
         log.close()
 
 
-def throughput(base: str, path: str, bodies: list[bytes] | None, clients: int, seconds: float) -> dict[str, float]:
+class _SocketClient:
+    """A minimal HTTP/1.1 keep-alive client on one socket: sends prepared request bytes,
+    reads one response by its content-length. Much cheaper per request than httpx, so
+    that on a small machine the load generator leaves more CPU to the server."""
+
+    def __init__(self, base: str) -> None:
+        host, port = base.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=5.0)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    @staticmethod
+    def request(path: str, body: bytes | None) -> bytes:
+        if body is None:
+            return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+    def send(self, request: bytes) -> int:
+        """The status code of the response to `request`."""
+        self.sock.sendall(request)
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            self._fill()
+        head = self.buffer[:end].lower()
+        at = head.find(b"content-length:")
+        if at < 0:
+            raise OSError("response without content-length")
+        stop = head.find(b"\r\n", at)
+        length = int(head[at + 15 : stop if stop > 0 else len(head)])
+        while len(self.buffer) < end + 4 + length:
+            self._fill()
+        self.buffer = self.buffer[end + 4 + length :]
+        return int(head[9:12])
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65_536)
+        if not chunk:
+            raise OSError("connection closed")
+        self.buffer += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def throughput(
+    base: str, path: str, bodies: list[bytes] | None, clients: int, seconds: float, loadgen: str
+) -> dict[str, float]:
     """Requests/s over `seconds` from `clients` threads, each with its own keep-alive
-    client, after one second of warm-up; errors are counted, not retried."""
+    connection (`loadgen`: "socket" or "httpx"), after one second of warm-up; errors are
+    counted, not retried."""
     import httpx
 
     warm = 1.0
     counts = [0] * clients
     errors = [0] * clients
-    start = threading.Barrier(clients + 1)
+    start = threading.Barrier(clients + 1, timeout=30)
     window: dict[str, float] = {}
+    payloads = bodies if bodies is not None else [None]
 
     def worker(index: int) -> None:
         headers = {"content-type": "application/json"}
-        with httpx.Client(base_url=base, timeout=5.0) as http:
+        prepared = [_SocketClient.request(path, body) for body in payloads]
+        http: Any = _SocketClient(base) if loadgen == "socket" else httpx.Client(base_url=base, timeout=5.0)
+        try:
             start.wait()
             begin, end = window["begin"], window["end"]
             n = index * 7919
@@ -388,19 +442,25 @@ def throughput(base: str, path: str, bodies: list[bytes] | None, clients: int, s
                 if now >= end:
                     break
                 try:
-                    if bodies is None:
-                        response = http.get(path)
+                    if loadgen == "socket":
+                        ok = http.send(prepared[n % len(prepared)]) == 200
+                    elif bodies is None:
+                        ok = http.get(path).status_code == 200
                     else:
-                        response = http.post(path, content=bodies[n % len(bodies)], headers=headers)
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
+                        ok = http.post(path, content=bodies[n % len(bodies)], headers=headers).status_code == 200
+                except (OSError, httpx.HTTPError):
                     ok = False
+                    if loadgen == "socket":
+                        http.close()
+                        http = _SocketClient(base)
                 n += 1
                 if now >= begin:
                     if ok:
                         counts[index] += 1
                     else:
                         errors[index] += 1
+        finally:
+            http.close()
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
@@ -425,16 +485,16 @@ def part_http(
     total = calls + WARMUP
     bodies = [orjson.dumps({"view": view.name, "entities": [e]}) for e in rng.integers(1, entities + 1, total).tolist()]
     raw = redis.Redis.from_url(url, socket_timeout=2.0)
-    with tempfile.TemporaryDirectory(prefix="tenx-bench-serve-") as folder, served(url, plan, Path(folder), workers) as (
-        base,
-        pid,
+    with (
+        tempfile.TemporaryDirectory(prefix="tenx-bench-serve-") as folder,
+        served(url, plan, Path(folder), workers) as (base, pid),
     ):
         headers = {"content-type": "application/json"}
         with httpx.Client(base_url=base, timeout=5.0) as http:
             first = http.post("/features", content=bodies[0], headers=headers)
-            assert first.status_code == 200, first.text
+            check(first.status_code == 200, f"POST /features answered {first.status_code}: {first.text}")
             answer = first.json()["results"][0]
-            assert answer["status"] == "found" and len(answer["values"]) == 20, answer
+            check(answer["status"] == "found" and len(answer["values"]) == 20, f"unexpected answer {answer}")
 
             def post(i: int) -> None:
                 response = http.post("/features", content=bodies[i], headers=headers)
@@ -449,10 +509,14 @@ def part_http(
             sequential = latencies({"http_live": live, "http_features_1": post}, calls, WARMUP, cap_s)
 
         loads: dict[str, Any] = {}
-        for name, path, load_bodies in (("live", "/health/live", None), ("features_1", "/features", bodies)):
-            print(f"  HTTP {clients} clients on {path} for {seconds:.0f} s ...", file=sys.stderr)
+        for name, path, load_bodies, loadgen in (
+            ("live_socket", "/health/live", None, "socket"),
+            ("features_1_socket", "/features", bodies, "socket"),
+            ("features_1_httpx", "/features", bodies, "httpx"),
+        ):
+            print(f"  HTTP {clients} {loadgen} clients on {path} for {seconds:.0f} s ...", file=sys.stderr)
             server_cpu, own_cpu, redis_cpu = proc_cpu_s(pid), time.process_time(), redis_cpu_s(raw)
-            result = throughput(base, path, load_bodies, clients, seconds)
+            result = throughput(base, path, load_bodies, clients, seconds, loadgen)
             wall = seconds + 1.0  # the window plus the warm-up second
             result["server_cpu_pct"] = 100 * (proc_cpu_s(pid) - server_cpu) / wall
             result["loadgen_cpu_pct"] = 100 * (time.process_time() - own_cpu) / wall
@@ -512,7 +576,7 @@ def main() -> None:
             )
         )
         print("materialize ...", file=sys.stderr)
-        materialized, _ = part_materialize(url, view, rows, offline, args.repeat)
+        materialized = part_materialize(url, view, rows, offline, args.repeat)
         print("lookups ...", file=sys.stderr)
         lookups = part_lookups(url, plan, args.entities, args.calls, args.cap_s, args.seed)
         print("HTTP API ...", file=sys.stderr)
@@ -541,14 +605,14 @@ def main() -> None:
     ms = "{:.3f}".format
     raw_get, raw_mget = lookups["raw_get"], lookups["raw_mget_100"]
     seq = http["sequential"]
-    lines: list[tuple[str, ...]] = [("latency (ms)", "calls", "p50", "p95", "p99", "p99 vs raw GET", "p99 vs raw MGET")]
-    for label, key, source in (
-        ("redis-py GET, 1 key (raw)", "raw_get", lookups),
-        ("FeatureClient.get, 1 entity", "client_1", lookups),
-        ("redis-py MGET, 100 keys (raw)", "raw_mget_100", lookups),
-        ("FeatureClient.get, 100 entities", "client_100", lookups),
-        ("HTTP GET /health/live (floor)", "http_live", seq),
-        ("HTTP POST /features, 1 entity", "http_features_1", seq),
+    lines: list[tuple[str, ...]] = [("latency (ms)", "calls", "p50", "p95", "p99", "p99 vs raw")]
+    for label, key, source, baseline in (
+        ("redis-py GET, 1 key (raw)", "raw_get", lookups, raw_get),
+        ("FeatureClient.get, 1 entity", "client_1", lookups, raw_get),
+        ("redis-py MGET, 100 keys (raw)", "raw_mget_100", lookups, raw_mget),
+        ("FeatureClient.get, 100 entities", "client_100", lookups, raw_mget),
+        ("HTTP GET /health/live (floor)", "http_live", seq, raw_get),
+        ("HTTP POST /features, 1 entity", "http_features_1", seq, raw_get),
     ):
         s = source[key]
         lines.append(
@@ -558,15 +622,18 @@ def main() -> None:
                 ms(s["p50_ms"]),
                 ms(s["p95_ms"]),
                 ms(s["p99_ms"]),
-                f"{s['p99_ms'] / raw_get['p99_ms']:.2f}x",
-                f"{s['p99_ms'] / raw_mget['p99_ms']:.2f}x",
+                f"{s['p99_ms'] / baseline['p99_ms']:.2f}x {'GET' if baseline is raw_get else 'MGET'}",
             )
         )
     conc = http["concurrent"]
     load_lines: list[tuple[str, ...]] = [
         (f"{http['clients']} keep-alive clients", "req/s", "errors", "server CPU", "loadgen CPU", "redis CPU")
     ]
-    for label, key in (("GET /health/live (floor)", "live"), ("POST /features, 1 entity", "features_1")):
+    for label, key in (
+        ("GET /health/live, socket client (floor)", "live_socket"),
+        ("POST /features 1 entity, socket client", "features_1_socket"),
+        ("POST /features 1 entity, httpx client", "features_1_httpx"),
+    ):
         c = conc[key]
         load_lines.append(
             (
@@ -580,9 +647,7 @@ def main() -> None:
         )
     med = materialized["median_s"]
     n = materialized["entities"]
-    mat_lines: list[tuple[str, ...]] = [
-        (f"load {n:,} entities", "median s", "entities/s", "vs raw SET", "runs s")
-    ]
+    mat_lines: list[tuple[str, ...]] = [(f"load {n:,} entities", "median s", "entities/s", "vs raw SET", "runs s")]
     for label, key in (
         ("tenx materialize (Delta -> Redis)", "materialize"),
         ("  part: latest_rows (Delta read)", "delta_read"),
@@ -612,7 +677,7 @@ def main() -> None:
         "client_p99_1_entity_le_1.5x_raw_get": lookups["client_1"]["p99_ms"] <= 1.5 * raw_get["p99_ms"],
         "client_p99_100_entities_le_1.5x_raw_mget": lookups["client_100"]["p99_ms"] <= 1.5 * raw_mget["p99_ms"],
         "http_p99_1_entity_le_3ms": seq["http_features_1"]["p99_ms"] <= 3.0,
-        f"http_ge_1500_rps_{http['clients']}_clients": conc["features_1"]["requests_per_s"] >= 1500,
+        f"http_ge_1500_rps_{http['clients']}_clients": conc["features_1_socket"]["requests_per_s"] >= 1500,
         f"materialize_{n // 1000}k_le_3s": med["materialize"] <= 3.0,
     }
     print("targets: " + ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in targets.items()))

@@ -1,0 +1,179 @@
+"""Training export: the value at each label time equals the reference engine's, every
+label row comes back once and in order, and mistakes get clear errors."""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import hypothesis.strategies as st
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from featurestore.plan import AS_OF, Plan, compile_repo
+from featurestore.semantics import values_match
+from featurestore.stores.offline import DeltaOfflineStore
+from pipelines.batch.engine import backfill, dask_client
+from pipelines.ingest import ingest_file
+from pipelines.reference import reference_changelog
+from tenx.demo_data import DemoConfig, write_demo_data
+from training import LabelError, export_training_set
+
+ROOT = Path(__file__).resolve().parents[3]
+FEATURES = [
+    "user_spend:count_1h",
+    "user_spend:sum_amount_eur_1d",
+    "user_spend:mean_amount_eur_7d",
+    "user_spend:last_amount_eur_1d",
+    "user_spend:std_amount_eur_1h",
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Plan, DeltaOfflineStore, pa.Table, pa.Table]]:
+    plan = compile_repo(ROOT / "tenx" / "templates" / "repo", project="demo", modules=["features"])
+    root = tmp_path_factory.mktemp("export")
+    write_demo_data(root / "tx.parquet", DemoConfig(events=2_500, users=30, merchants=10, days=3, seed=3))
+    store = DeltaOfflineStore(root / "offline")
+    ingest_file(store, plan.source("transactions"), root / "tx.parquet")
+    with dask_client(None, workers=2) as client:
+        backfill(plan, store, client=client)
+    events = store.read_events(plan.source("transactions"))
+    reference = reference_changelog(plan.view("user_spend"), events.to_pandas())
+    yield plan, store, events, reference
+
+
+_BY_USER: dict[int, dict[int, list[dict[str, Any]]]] = {}
+
+
+def value_at(reference: pa.Table, user: int, moment: datetime, name: str, kind: str) -> Any:
+    """The reference's value as of `moment`: its last changelog row at or before it."""
+    by_user = _BY_USER.setdefault(id(reference), {})
+    if not by_user:
+        for row in reference.to_pylist():  # sorted by user, then as_of
+            by_user.setdefault(row["user_id"], []).append(row)
+    rows = by_user.get(user, [])
+    position = bisect.bisect_right([r[AS_OF] for r in rows], moment)
+    if position == 0:
+        return 0 if kind == "count" else (0.0 if kind == "sum" else None)
+    return rows[position - 1][name]
+
+
+@st.composite
+def label_sets(draw: Any, events: pa.Table, reference: pa.Table) -> pd.DataFrame:
+    times = events.column("event_time").to_pylist()
+    expiries = reference.column(AS_OF).to_pylist()
+    first = min(times)
+    moments = st.one_of(
+        st.sampled_from(times),  # exactly at an event
+        st.sampled_from(expiries),  # exactly at a change point (expiry)
+        st.sampled_from(times).map(lambda t: t - timedelta(microseconds=1)),
+        st.just(first - timedelta(days=1)),  # before any history
+        st.just(max(expiries) + timedelta(days=3)),  # after everything expired
+        st.integers(0, 4 * 86_400).map(lambda s: first + timedelta(seconds=s)),
+    )
+    size = draw(st.integers(1, 25))
+    return pd.DataFrame(
+        {
+            "user_id": draw(st.lists(st.integers(1, 32), min_size=size, max_size=size)),  # 31, 32: no history
+            "timestamp": pd.to_datetime(draw(st.lists(moments, min_size=size, max_size=size)), utc=True),
+            "label": draw(st.lists(st.booleans(), min_size=size, max_size=size)),
+        }
+    )
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(data=st.data())
+def test_export_equals_reference_at_every_label_time(world: Any, data: Any) -> None:
+    plan, store, events, reference = world
+    labels = data.draw(label_sets(events, reference))
+    table, summary = export_training_set(plan, store, labels, FEATURES, chunk_rows=7)
+    assert summary.rows_in == summary.rows_out == len(labels) == table.num_rows
+    assert table.column("label").to_pylist() == labels["label"].tolist()  # order and extra columns kept
+    view = plan.view("user_spend")
+    for index, row in enumerate(table.to_pylist()):
+        user, moment = labels["user_id"][index], labels["timestamp"][index].to_pydatetime()
+        for reference_name in FEATURES:
+            name = reference_name.split(":")[1]
+            expected = value_at(reference, user, moment, name, view.feature(name).kind)
+            assert values_match(expected, row[name], kind=view.feature(name).kind), (user, moment, name)
+
+
+def test_duplicates_order_and_manifest(world: Any, tmp_path: Path) -> None:
+    plan, store, events, _ = world
+    moment = events.column("event_time")[100].as_py()
+    labels = pa.table(
+        {
+            "user_id": pa.array([5, 5, 31, 5], pa.int64()),
+            "merchant_id": pa.array([1, 2, 3, 4], pa.int64()),
+            "timestamp": pa.array([moment, moment, moment, moment - timedelta(days=9)], pa.timestamp("us", tz="UTC")),
+            "target": [1, 0, 1, 1],
+        }
+    )
+    out = tmp_path / "train.parquet"
+    table, summary = export_training_set(plan, store, labels, ["user_spend:count_1d", "merchant_sales:*"], out=out)
+    assert table is None
+    written = pq.read_table(out)
+    assert written.column("target").to_pylist() == [1, 0, 1, 1]
+    assert written.column("user_spend__count_1d").to_pylist()[2:] == [0, 0]  # no history yet: Count 0
+    manifest = json.loads(Path(f"{out}.manifest.json").read_text())
+    assert manifest["label_rows_in"] == manifest["label_rows_out"] == 4
+    assert manifest["plan_version"] == plan.version
+    assert "merchant_sales:count_1h" in manifest["features"]
+
+
+def test_max_age_blanks_old_values_explicitly(world: Any) -> None:
+    plan, store, events, _ = world
+    last = max(events.column("event_time").to_pylist())
+    labels = pa.table({"user_id": pa.array([1], pa.int64()), "timestamp": pa.array([last + timedelta(days=30)])})
+    table, _ = export_training_set(plan, store, labels, ["user_spend:count_7d"], max_age=86_400_000_000)
+    assert table.to_pylist()[0]["user_spend__stale"] is True
+    assert table.to_pylist()[0]["count_7d"] is None
+    fresh, _ = export_training_set(plan, store, labels, ["user_spend:count_7d"])
+    assert fresh.to_pylist()[0]["count_7d"] == 0  # the window emptied long ago
+
+
+@pytest.mark.parametrize(
+    ("labels", "features", "message"),
+    [
+        (
+            pa.table({"user_id": pa.array([], pa.int64()), "timestamp": pa.array([], pa.timestamp("us", "UTC"))}),
+            ["user_spend:count_1h"],
+            "the label table is empty; nothing to export",
+        ),
+        (
+            pa.table({"user_id": [1], "timestamp": pa.array([datetime(2026, 1, 1)])}),
+            ["user_spend:count_1h"],
+            "label column `timestamp` has timestamps without a timezone; localize them to UTC",
+        ),
+        (
+            pa.table({"user_id": [1], "timestamp": ["2026-01-01"]}),
+            ["user_spend:count_1h"],
+            "label column `timestamp` is string, expected a timestamp with a timezone",
+        ),
+        (
+            pa.table({"uid": [1], "timestamp": pa.array([datetime(2026, 1, 1, tzinfo=UTC)])}),
+            ["user_spend:count_1h"],
+            "label table has no entity column `user_id` for view `user_spend`",
+        ),
+        (
+            pa.table({"user_id": [1], "timestamp": pa.array([datetime(2026, 1, 1, tzinfo=UTC)])}),
+            ["user_spend:count_1hr"],
+            "unknown feature 'user_spend:count_1hr'; did you mean user_spend:count_1h",
+        ),
+    ],
+)
+def test_clear_errors(world: Any, labels: pa.Table, features: list[str], message: str) -> None:
+    plan, store, _, _ = world
+    with pytest.raises(LabelError) as raised:
+        export_training_set(plan, store, labels, features)
+    assert str(raised.value).startswith(message)

@@ -1,0 +1,284 @@
+"""Point-in-time correct training sets: each label row gets the feature values the
+online store would have served at its timestamp.
+
+For every requested view, a label (entity k, time t) takes the latest changelog row of
+k with `as_of <= t` (DuckDB ASOF LEFT JOIN). An entity with no row yet gets the
+empty-window values (Count 0, Sum 0, others null). Every label row comes back exactly
+once, in input order, duplicates and extra columns untouched. Labels are processed in
+chunks of input rows, so memory is bounded whatever their number; DuckDB itself runs
+under a memory limit and spills to disk.
+
+    result = export_training_set(plan, offline, labels, ["user_spend:count_1d", ...])
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from featurestore.plan.model import AS_OF, Plan, ViewSpec
+from featurestore.semantics import empty_value
+from featurestore.stores.offline import DeltaOfflineStore
+from schemas.dtypes import parse_dtype
+from training.errors import LabelError
+
+CHUNK_ROWS = 1_000_000
+ROW = "__tenx_row"
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    rows_in: int
+    rows_out: int
+    features: tuple[str, ...]
+    plan_version: str
+    first_label: str | None
+    last_label: str | None
+    seconds: float
+    output: str | None
+    columns: tuple[str, ...] = field(default=())
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "plan_version": self.plan_version,
+            "features": list(self.features),
+            "label_rows_in": self.rows_in,
+            "label_rows_out": self.rows_out,
+            "label_time_range": [self.first_label, self.last_label],
+            "seconds": round(self.seconds, 3),
+            "output": self.output,
+            "columns": list(self.columns),
+        }
+
+
+@dataclass(frozen=True)
+class _ViewRequest:
+    view: ViewSpec
+    names: tuple[str, ...]
+
+
+def parse_features(plan: Plan, references: Sequence[str]) -> list[_ViewRequest]:
+    """`view:feature` names (or `view:*`) grouped by view, in the order given; unknown
+    names get close-match suggestions."""
+    if not references:
+        raise LabelError("no features asked; give view:feature names, e.g. user_spend:count_1d")
+    grouped: dict[str, list[str]] = {}
+    every = [f"{v.name}:{f}" for v in plan.views for f in v.feature_names]
+    for reference in references:
+        view_name, sep, name = reference.partition(":")
+        try:
+            view = plan.view(view_name) if sep else None
+        except KeyError:
+            view = None
+        if view is None or (name != "*" and name not in view.feature_names):
+            close = difflib.get_close_matches(reference, every, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise LabelError(f"unknown feature {reference!r}{hint} (features are named view:feature)")
+        names = grouped.setdefault(view_name, [])
+        for feature in view.feature_names if name == "*" else [name]:
+            if feature not in names:
+                names.append(feature)
+    return [_ViewRequest(plan.view(name), tuple(names)) for name, names in grouped.items()]
+
+
+def read_labels(source: Path | pa.Table | Any) -> pa.Table:
+    """Labels from a Parquet/CSV file, an Arrow table, or a pandas/polars DataFrame."""
+    if isinstance(source, pa.Table):
+        return source
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.exists():
+            raise LabelError(f"label file {path} does not exist")
+        if path.suffix == ".parquet":
+            return pq.read_table(path)
+        if path.suffix == ".csv":
+            import pyarrow.csv as pacsv
+
+            return pacsv.read_csv(path)
+        raise LabelError(f"label file {path}: expected .parquet or .csv")
+    if hasattr(source, "to_arrow"):  # polars
+        return source.to_arrow()
+    if hasattr(source, "columns"):  # pandas
+        return pa.Table.from_pandas(source, preserve_index=False)
+    raise LabelError(f"labels must be a file path, an Arrow table or a DataFrame, got {type(source).__name__}")
+
+
+def _check_labels(labels: pa.Table, requests: list[_ViewRequest], time_column: str) -> None:
+    if labels.num_rows == 0:
+        raise LabelError("the label table is empty; nothing to export")
+    names = labels.column_names
+    if time_column not in names:
+        raise LabelError(
+            f"label table has no time column `{time_column}` (columns: {', '.join(names)}); use --time-column"
+        )
+    dtype = labels.schema.field(time_column).type
+    if not pa.types.is_timestamp(dtype):
+        raise LabelError(
+            f"label column `{time_column}` is {dtype}, expected a timestamp with a timezone "
+            "(e.g. pd.to_datetime(..., utc=True))"
+        )
+    if dtype.tz is None:
+        raise LabelError(
+            f"label column `{time_column}` has timestamps without a timezone; localize them to UTC first "
+            "(tenx will not guess a timezone)"
+        )
+    for request in requests:
+        key = request.view.entity_key
+        if key not in names:
+            raise LabelError(
+                f"label table has no entity column `{key}` for view `{request.view.name}` (columns: {', '.join(names)})"
+            )
+        if labels.schema.field(key).type != request.view.changelog_schema().field(key).type:
+            expected = request.view.changelog_schema().field(key).type
+            raise LabelError(f"label column `{key}` is {labels.schema.field(key).type}, expected {expected}")
+        if labels.column(key).null_count:
+            raise LabelError(f"label column `{key}` has {labels.column(key).null_count} null entity keys")
+    if labels.column(time_column).null_count:
+        raise LabelError(f"label column `{time_column}` has {labels.column(time_column).null_count} null times")
+
+
+def export_training_set(
+    plan: Plan,
+    offline: DeltaOfflineStore,
+    labels: Path | pa.Table | Any,
+    features: Sequence[str],
+    *,
+    time_column: str = "timestamp",
+    max_age: int | None = None,
+    out: Path | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    memory_limit: str = "1GB",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[pa.Table | None, ExportSummary]:
+    """Join labels to features point-in-time. Returns (table, summary); with `out`,
+    rows stream into that Parquet file (plus `<out>.manifest.json`) and table is None.
+
+    `max_age` (microseconds): values whose changelog row is older than that at the
+    label time are blanked (null), and `<view>__stale` says so; never silently.
+    """
+    began = time.perf_counter()
+    requests = parse_features(plan, features)
+    table = read_labels(labels)
+    _check_labels(table, requests, time_column)
+    table = table.cast(
+        table.schema.set(table.schema.get_field_index(time_column), pa.field(time_column, pa.timestamp("us", tz="UTC")))
+    )
+    chunks = _join_chunks(requests, offline, table, time_column, max_age, chunk_rows, memory_limit)
+    times = pc.min_max(table.column(time_column))
+    first = times["min"].as_py()
+    last = times["max"].as_py()
+    produced: list[pa.Table] = []
+    rows_out = 0
+    writer: pq.ParquetWriter | None = None
+    columns: tuple[str, ...] = ()
+    try:
+        for chunk in chunks:
+            rows_out += chunk.num_rows
+            columns = tuple(chunk.column_names)
+            if out is not None:
+                if writer is None:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    writer = pq.ParquetWriter(out, chunk.schema, compression="zstd")
+                writer.write_table(chunk)
+            else:
+                produced.append(chunk)
+            if progress is not None:
+                progress(chunk.num_rows)
+    finally:
+        if writer is not None:
+            writer.close()
+    if rows_out != table.num_rows:  # the contract; never ship a partial set silently
+        raise RuntimeError(f"export produced {rows_out} rows for {table.num_rows} labels")
+    summary = ExportSummary(
+        rows_in=table.num_rows,
+        rows_out=rows_out,
+        features=tuple(f"{r.view.name}:{n}" for r in requests for n in r.names),
+        plan_version=plan.version,
+        first_label=first.isoformat() if first else None,
+        last_label=last.isoformat() if last else None,
+        seconds=time.perf_counter() - began,
+        output=str(out) if out is not None else None,
+        columns=columns,
+    )
+    if out is not None:
+        Path(f"{out}.manifest.json").write_text(json.dumps(summary.manifest(), indent=2) + "\n")
+        return None, summary
+    return pa.concat_tables(produced) if produced else table.slice(0, 0), summary
+
+
+def _join_chunks(
+    requests: list[_ViewRequest],
+    offline: DeltaOfflineStore,
+    labels: pa.Table,
+    time_column: str,
+    max_age: int | None,
+    chunk_rows: int,
+    memory_limit: str,
+) -> Iterator[pa.Table]:
+    import duckdb
+
+    connection = duckdb.connect()
+    connection.execute(f"SET memory_limit = '{memory_limit}'")
+    connection.execute("SET preserve_insertion_order = true")
+    for index, request in enumerate(requests):
+        connection.register(f"changelog_{index}", offline.changelog_dataset(request.view))
+    selects: list[str] = []
+    joins: list[str] = []
+    fills: list[tuple[str, Any, pa.DataType, str]] = []
+    label_columns = ", ".join(f'l."{c}"' for c in labels.column_names)
+    for index, request in enumerate(requests):
+        view = request.view
+        alias = f"c{index}"
+        key = view.entity_key
+        needed = ", ".join(f'"{n}"' for n in (key, AS_OF, *request.names))
+        joins.append(
+            f"ASOF LEFT JOIN (SELECT {needed} FROM changelog_{index}) {alias} "
+            f'ON l."{key}" = {alias}."{key}" AND l."{time_column}" >= {alias}."{AS_OF}"'
+        )
+        stale = (
+            f'({alias}."{AS_OF}" IS NOT NULL AND epoch_us(l."{time_column}") - epoch_us({alias}."{AS_OF}") > {max_age})'
+            if max_age is not None
+            else None
+        )
+        for name in request.names:
+            column = f"{view.name}__{name}" if len(requests) > 1 or name in labels.column_names else name
+            feature = view.feature(name)
+            value = f'{alias}."{name}"'
+            if stale is not None:
+                value = f"CASE WHEN {stale} THEN NULL ELSE {value} END"
+            selects.append(f'{value} AS "{column}"')
+            fallback = empty_value(feature.kind, feature.dtype)
+            if fallback is not None:
+                fills.append((column, fallback, parse_dtype(feature.dtype), f"{view.name}__as_of"))
+        selects.append(f'{alias}."{AS_OF}" AS "{view.name}__as_of"')
+        if stale is not None:
+            selects.append(f'coalesce({stale}, false) AS "{view.name}__stale"')
+    query = f'SELECT {label_columns}, {", ".join(selects)} FROM chunk l {" ".join(joins)} ORDER BY l."{ROW}"'  # noqa: S608
+    offset = 0
+    while offset < labels.num_rows:
+        chunk = labels.slice(offset, chunk_rows)
+        chunk = chunk.append_column(ROW, pa.array(range(offset, offset + chunk.num_rows), pa.int64()))
+        connection.register("chunk", chunk)
+        result = connection.sql(query).to_arrow_table()
+        connection.unregister("chunk")
+        for column, fallback, dtype, as_of_column in fills:
+            # No changelog row yet: the empty-window value (Count 0, Sum 0). Values
+            # blanked by max_age have a row, so they stay blank.
+            position = result.schema.get_field_index(column)
+            missing = pc.is_null(result.column(as_of_column))
+            filled = pc.if_else(missing, pa.scalar(fallback, dtype), result.column(column))
+            result = result.set_column(position, column, filled)
+        yield result.drop_columns([ROW]) if ROW in result.column_names else result
+        offset += chunk.num_rows
+
+
+__all__ = ["ExportSummary", "LabelError", "export_training_set", "parse_features", "read_labels"]
