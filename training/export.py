@@ -234,14 +234,15 @@ def _join_chunks(
     selects: list[str] = []
     joins: list[str] = []
     fills: list[tuple[str, Any, pa.DataType, str]] = []
-    label_columns = ", ".join(f'l."{c}"' for c in labels.column_names)
+    label_columns = ", ".join(f"l.{_quote(c)}" for c in labels.column_names)
+    time_column = _quote(time_column)[1:-1]  # user-given: escaped, then used inside quotes
     for index, request in enumerate(requests):
         view = request.view
         alias = f"c{index}"
         key = view.entity_key
         needed = ", ".join(f'"{n}"' for n in (key, AS_OF, *request.names))
         joins.append(
-            f"ASOF LEFT JOIN (SELECT {needed} FROM changelog_{index}) {alias} "
+            f"ASOF LEFT JOIN (SELECT {needed} FROM changelog_{index}) {alias} "  # noqa: S608 - plan names are [a-z0-9_]
             f'ON l."{key}" = {alias}."{key}" AND l."{time_column}" >= {alias}."{AS_OF}"'
         )
         stale = (
@@ -279,6 +280,11 @@ def _join_chunks(
             result = result.set_column(position, column, filled)
         yield result.drop_columns([ROW]) if ROW in result.column_names else result
         offset += chunk.num_rows
+
+
+def _quote(name: str) -> str:
+    """A SQL identifier for any label column name."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 __all__ = ["ExportSummary", "LabelError", "export_training_set", "parse_features", "read_labels"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ FEATURES = [
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Plan, DeltaOfflineStore, pa.Table, pa.Table]]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Plan, DeltaOfflineStore, pa.Table, pa.Table]:
     plan = compile_repo(ROOT / "tenx" / "templates" / "repo", project="demo", modules=["features"])
     root = tmp_path_factory.mktemp("export")
     write_demo_data(root / "tx.parquet", DemoConfig(events=2_500, users=30, merchants=10, days=3, seed=3))
@@ -47,7 +46,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Plan, Delt
         backfill(plan, store, client=client)
     events = store.read_events(plan.source("transactions"))
     reference = reference_changelog(plan.view("user_spend"), events.to_pandas())
-    yield plan, store, events, reference
+    return plan, store, events, reference
 
 
 _BY_USER: dict[int, dict[int, list[dict[str, Any]]]] = {}
@@ -120,7 +119,7 @@ def test_duplicates_order_and_manifest(world: Any, tmp_path: Path) -> None:
         }
     )
     out = tmp_path / "train.parquet"
-    table, summary = export_training_set(plan, store, labels, ["user_spend:count_1d", "merchant_sales:*"], out=out)
+    table, _ = export_training_set(plan, store, labels, ["user_spend:count_1d", "merchant_sales:*"], out=out)
     assert table is None
     written = pq.read_table(out)
     assert written.column("target").to_pylist() == [1, 0, 1, 1]
