@@ -422,6 +422,70 @@ def backfill(
         console.print(f"  {s.view} v{s.version}: {store.changelog_path(view)}", highlight=False)
 
 
+@main.command("export")
+@click.option(
+    "--labels",
+    "labels_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Label rows: Parquet or CSV with the entity key column(s) and a UTC timestamp column.",
+)
+@click.option("--features", required=True, help="Comma-separated view:feature names (view:* for all of a view).")
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output Parquet file.")
+@click.option("--time-column", default="timestamp", show_default=True, help="Label column holding the label time.")
+@click.option("--max-age", default=None, help="Blank values older than this at the label time (e.g. 2d); flagged.")
+@click.option(
+    "--chunk-rows",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Labels joined per chunk (bounds memory).",
+)
+@config_option
+@_friendly
+def export(
+    labels_path: Path,
+    features: str,
+    out: Path,
+    time_column: str,
+    max_age: str | None,
+    chunk_rows: int,
+    config_file: Path | None,
+) -> None:
+    """Export a point-in-time correct training set: every label row, in input order, with
+    the feature values the online store would have served at its timestamp. Writes OUT
+    and OUT.manifest.json (plan version, features, rows in and out, time range)."""
+    from featurestore.durations import parse_duration
+    from featurestore.stores.offline import DeltaOfflineStore
+    from training import export_training_set
+
+    settings = _settings(config_file)
+    plan = _applied_plan(settings)
+    try:
+        age = parse_duration(max_age) if max_age else None
+    except ValueError as error:
+        raise ConfigError(f"--max-age: {error}") from error
+    references = [f.strip() for f in features.split(",") if f.strip()]
+    with _progress() as progress:
+        advance = functools.partial(progress.advance, progress.add_task("exporting", total=None))
+        _, summary = export_training_set(
+            plan,
+            DeltaOfflineStore(settings.offline_dir),
+            labels_path,
+            references,
+            time_column=time_column,
+            max_age=age,
+            out=out,
+            chunk_rows=chunk_rows,
+            progress=advance,
+        )
+    console.print(
+        f"Exported {summary.rows_out:,} of {summary.rows_in:,} label rows x {len(summary.features)} features "
+        f"to {out} in {summary.seconds:.1f} s (manifest: {out}.manifest.json)",
+        highlight=False,
+    )
+
+
 # -- online: materialize and serve --------------------------------------------------------
 
 

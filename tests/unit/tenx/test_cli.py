@@ -24,7 +24,7 @@ def tenx(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess
 def test_help_lists_every_command(tmp_path: Path) -> None:
     result = tenx("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for command in ("init", "plan", "apply", "demo-data", "ingest", "backfill", "materialize", "serve"):
+    for command in ("init", "plan", "apply", "demo-data", "ingest", "backfill", "export", "materialize", "serve"):
         assert command in result.stdout
     assert "TENX_REDIS_URL" in result.stdout
 
@@ -134,6 +134,36 @@ def test_offline_loop_demo_data_ingest_backfill(tmp_path: Path) -> None:
         "backfill", "--view", "user_spend", "--start", "2026-01-02", "--end", "2026-01-02T12:00:00Z", cwd=repo
     )
     assert ranged.returncode == 0, ranged.stderr
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = pa.table(
+        {
+            "user_id": pa.array([1, 2, 1, 10_000], pa.int64()),
+            "timestamp": pa.array(["2026-01-02T10:00:00Z"] * 4).cast(pa.timestamp("us", tz="UTC")),
+            "target": [True, False, True, False],
+        }
+    )
+    pq.write_table(labels, repo / "labels.parquet")
+    exported = tenx(
+        "export",
+        "--labels",
+        "labels.parquet",
+        "--features",
+        "user_spend:count_1d,user_spend:mean_amount_eur_7d",
+        "--out",
+        "train.parquet",
+        cwd=repo,
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert "Exported 4 of 4 label rows x 2 features" in exported.stdout
+    assert pq.read_table(repo / "train.parquet").column("target").to_pylist() == [True, False, True, False]
+    typo = tenx(
+        "export", "--labels", "labels.parquet", "--features", "user_spend:cnt_1d", "--out", "x.parquet", cwd=repo
+    )
+    assert typo.returncode == 2
+    assert "unknown feature 'user_spend:cnt_1d'" in typo.stderr
 
     naive = tenx("backfill", "--start", "2026-01-02T10:00", cwd=repo)
     assert naive.returncode == 2
