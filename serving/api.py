@@ -12,8 +12,10 @@ Settings are read by the caller (`tenx serve`) and passed to `create_app`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
+from collections import Counter as Counter_
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -169,8 +171,8 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
                 code = 503
                 metrics.errors.labels("features", "store").inc()
                 return _problem(503, str(error))
-            for status in result.statuses:
-                metrics.entities.labels(result.view, status.value).inc()
+            for status, count in Counter_(result.statuses).items():
+                metrics.entities.labels(result.view, status.value).inc(count)
             return _json(render(result))
         finally:
             metrics.requests.labels("features", str(code)).inc()
@@ -188,7 +190,7 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
         try:
             ping = getattr(store, "ping", None)
             if ping is not None:
-                ping()
+                await asyncio.to_thread(ping)  # never block the event loop on a slow store
         except TransientError as error:
             problems.append(str(error))
         if problems:

@@ -142,6 +142,7 @@ def assemble(request: _Request, entities: Sequence[Any], raws: Sequence[bytes | 
     """Decode and judge freshness: the pure core of every read path."""
     view = request.view
     ttl = view.ttl
+    everything = request.positions == tuple(range(len(view.features)))
     values: list[tuple[Any, ...] | None] = []
     times: list[int | None] = []
     statuses: list[Status] = []
@@ -152,7 +153,7 @@ def assemble(request: _Request, entities: Sequence[Any], raws: Sequence[bytes | 
             statuses.append(Status.MISSING)
             continue
         as_of, vector = decode(view, raw)
-        values.append(tuple(vector[p] for p in request.positions))
+        values.append(tuple(vector) if everything else tuple([vector[p] for p in request.positions]))
         times.append(as_of)
         statuses.append(Status.STALE if ttl is not None and now_us - as_of > ttl else Status.FOUND)
     return FeatureResult(

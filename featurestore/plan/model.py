@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
@@ -218,8 +219,9 @@ class ViewSpec:
             "features": [f.to_dict() for f in self.features],
         }
 
-    @property
+    @cached_property
     def version(self) -> str:
+        # Cached: online keys are built from it on every lookup (hashing costs ~50 us).
         return content_hash(self.compute_dict())
 
     def changelog_schema(self) -> pa.Schema:
@@ -290,7 +292,7 @@ class Plan:
                 view["where"].pop("location", None)
         return data
 
-    @property
+    @cached_property
     def version(self) -> str:
         return content_hash(self.content_dict())
 

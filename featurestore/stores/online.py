@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from featurestore.errors import TransientError
 from featurestore.plan.model import ViewSpec
-from featurestore.stores.codec import encode_rows, online_key
+from featurestore.stores.codec import encode_rows, online_keys
 
 WRITE_CHUNK = 2_000
 
@@ -46,14 +46,22 @@ class OnlineStore(Protocol):
 # -- Redis --------------------------------------------------------------------------------
 
 # KEYS: keys; ARGV[1]: expiry in ms (0: none); ARGV[2..]: values, one per key.
-# Bytes 2-9 of a value are its as_of, big-endian: a string comparison orders them.
+# Bytes 2-9 of a value are its as_of, big-endian: compared byte by byte (Lua's string
+# `<=` uses strcoll, which depends on the server's locale).
 _ORDERED_SET = """
+local function not_newer(current, value)
+  for i = 2, 9 do
+    local a, b = string.byte(current, i), string.byte(value, i)
+    if a ~= b then return a < b end
+  end
+  return true
+end
 local expiry = tonumber(ARGV[1])
 local written = 0
 for index, key in ipairs(KEYS) do
   local value = ARGV[index + 1]
   local current = redis.call('GET', key)
-  if (not current) or string.sub(current, 2, 9) <= string.sub(value, 2, 9) then
+  if (not current) or not_newer(current, value) then
     if expiry > 0 then
       redis.call('SET', key, value, 'PX', expiry)
     else
@@ -108,7 +116,9 @@ class RedisOnlineStore:
     def write(self, view: ViewSpec, rows: pa.Table) -> WriteResult:
         import redis
 
-        encoded = [(online_key(view, k, prefix=self.prefix), v) for k, _, v in encode_rows(view, rows)]
+        triples = list(encode_rows(view, rows))
+        keys = online_keys(view, [k for k, _, _ in triples], prefix=self.prefix)
+        encoded = [(key, value) for key, (_, _, value) in zip(keys, triples, strict=True)]
         written = 0
         try:
             if self.cluster:
@@ -140,7 +150,7 @@ class RedisOnlineStore:
     def read(self, view: ViewSpec, entities: Sequence[Any]) -> list[bytes | None]:
         import redis
 
-        keys = [online_key(view, e, prefix=self.prefix) for e in entities]
+        keys = online_keys(view, entities, prefix=self.prefix)
         try:
             if self.cluster:
                 return list(self.client.mget_nonatomic(keys))
@@ -168,7 +178,7 @@ class RedisOnlineStore:
                 self._async = AsyncCluster.from_url(self.url.replace("redis+cluster://", "redis://"), **self._options)
             else:
                 self._async = redis.asyncio.Redis.from_url(self.url, **self._options)
-        keys = [online_key(view, e, prefix=self.prefix) for e in entities]
+        keys = online_keys(view, entities, prefix=self.prefix)
         try:
             if self.cluster:
                 return list(await self._async.mget_nonatomic(keys))
@@ -219,7 +229,9 @@ class SqliteOnlineStore:
 
     def write(self, view: ViewSpec, rows: pa.Table) -> WriteResult:
         connection = self._connection()
-        items = [(online_key(view, k, prefix=self.prefix), t, v) for k, t, v in encode_rows(view, rows)]
+        triples = list(encode_rows(view, rows))
+        keys = online_keys(view, [k for k, _, _ in triples], prefix=self.prefix)
+        items = [(key, t, v) for key, (_, t, v) in zip(keys, triples, strict=True)]
         before = connection.total_changes
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -237,7 +249,7 @@ class SqliteOnlineStore:
         return WriteResult(written, len(items) - written)
 
     def read(self, view: ViewSpec, entities: Sequence[Any]) -> list[bytes | None]:
-        keys = [online_key(view, e, prefix=self.prefix) for e in entities]
+        keys = online_keys(view, entities, prefix=self.prefix)
         found: dict[bytes, bytes] = {}
         connection = self._connection()
         for start in range(0, len(keys), 500):
