@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.plan.model import Plan, ViewSpec
-from featurestore.stores.codec import decode
+from featurestore.stores.codec import decode_many
 from featurestore.stores.online import OnlineStore
 from serving.errors import UnknownFeatureError
 
@@ -146,14 +146,15 @@ def assemble(request: _Request, entities: Sequence[Any], raws: Sequence[bytes | 
     values: list[tuple[Any, ...] | None] = []
     times: list[int | None] = []
     statuses: list[Status] = []
-    for raw in raws:
-        if raw is None:
+    positions = request.positions
+    for item in decode_many(view, raws):
+        if item is None:
             values.append(None)
             times.append(None)
             statuses.append(Status.MISSING)
             continue
-        as_of, vector = decode(view, raw)
-        values.append(tuple(vector) if everything else tuple([vector[p] for p in request.positions]))
+        as_of, vector = item
+        values.append(vector if everything else tuple([vector[p] for p in positions]))
         times.append(as_of)
         statuses.append(Status.STALE if ttl is not None and now_us - as_of > ttl else Status.FOUND)
     return FeatureResult(

@@ -1,0 +1,76 @@
+"""Packed online values: round trips, batch decoding, ordering bytes, version checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given
+
+from featurestore import Count, Entity, Last, Max, Mean, Source, Sum, feature_view
+from featurestore.plan import ViewSpec, compile_definitions
+from featurestore.stores.codec import HEADER, decode, decode_many, encode, online_key, online_keys
+from schemas import TRANSACTIONS
+
+USER = Entity("user", key="user_id")
+TX = Source("transactions", TRANSACTIONS)
+
+
+def view_of(*aggregations: Any) -> ViewSpec:
+    @feature_view(entity=USER, source=TX, aggregations=list(aggregations), windows=["1h"])
+    def codec_view(tx: Any) -> Any:
+        return tx[[]]
+
+    return compile_definitions("codec", views=[codec_view]).views[0]
+
+
+FIXED = view_of(Count(), Sum("amount"), Mean("amount"), Max("merchant_id"))  # int64, float64, float64, int64
+MIXED = view_of(Count(), Mean("amount"), Last("currency"))
+
+floats = st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False))
+ints = st.integers(-(2**63), 2**63 - 1)
+
+
+@given(
+    as_of=st.integers(0, 2**63 - 1),
+    count=ints,
+    total=st.floats(allow_nan=False),
+    mean=floats,
+    biggest=st.one_of(st.none(), ints),
+)
+def test_fixed_round_trip(as_of: int, count: int, total: float, mean: float | None, biggest: int | None) -> None:
+    values = [count, total, mean, biggest]
+    packed = encode(FIXED, as_of, values)
+    assert decode(FIXED, packed) == (as_of, values)
+    assert decode_many(FIXED, [None, packed, None]) == [None, (as_of, tuple(values)), None]
+
+
+@given(label=st.one_of(st.none(), st.text()), mean=floats)
+def test_variable_round_trip(label: str | None, mean: float | None) -> None:
+    packed = encode(MIXED, 7, [3, mean, label])
+    assert decode(MIXED, packed) == (7, [3, mean, label])
+    assert decode_many(MIXED, [packed]) == [(7, (3, mean, label))]
+
+
+def test_as_of_bytes_order_values_by_time() -> None:
+    earlier, later = encode(FIXED, 1_000, [1, 1.0, 1.0, 1]), encode(FIXED, 256_000, [0, 0.0, None, None])
+    assert earlier[1:9] < later[1:9]
+    assert HEADER.unpack_from(later)[1] == 256_000
+
+
+def test_values_of_another_version_are_refused() -> None:
+    other = view_of(Count(), Sum("amount"), Mean("amount"), Max("merchant_id"), Count("country"))
+    packed = encode(FIXED, 1, [1, 1.0, 1.0, 1])
+    with pytest.raises(ValueError, match=f"expected 1 / {other.version}"):
+        decode(other, packed)
+    with pytest.raises(ValueError, match=f"expected 1 / {other.version}"):
+        decode_many(other, [encode(other, 1, [1, 1.0, 1.0, 1, 0]), packed])
+
+
+def test_keys() -> None:
+    assert online_key(FIXED, 42) == f"tenx:codec_view:{FIXED.version}:42".encode()
+    assert online_keys(FIXED, [42, "a"], prefix="p") == [
+        f"p:codec_view:{FIXED.version}:42".encode(),
+        f"p:codec_view:{FIXED.version}:a".encode(),
+    ]
