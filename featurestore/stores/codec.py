@@ -131,32 +131,37 @@ def decode(view: ViewSpec, data: bytes) -> tuple[int, list[Any]]:
     return as_of, values
 
 
-_NUMPY = {"q": "<i8", "d": "<f8", "?": "?"}
 _RECORDS: dict[tuple[str, str], Any] = {}
+_BATCH_MIN = 16  # below this, value-by-value decoding is faster than numpy's setup
 
 
 def _record_dtype(view: ViewSpec, shape: Layout) -> Any:
-    """A numpy structured dtype matching a fixed-width value byte for byte."""
+    """A numpy structured dtype matching an all-float64 value byte for byte."""
     import numpy as np
 
     cached = _RECORDS.get((view.name, view.version))
     if cached is None:
-        assert shape.fixed is not None
-        codes = shape.fixed.format.lstrip("<")
-        fields = [("codec", "u1"), ("as_of", ">u8"), ("version", "S8"), ("bitmap", "u1", (shape.bitmap_bytes,))]
-        fields += [(f"f{i}", _NUMPY[code]) for i, code in enumerate(codes)]
-        cached = _RECORDS[(view.name, view.version)] = np.dtype(fields)
+        cached = _RECORDS[(view.name, view.version)] = np.dtype(
+            [
+                ("codec", "u1"),
+                ("as_of", ">u8"),
+                ("version", "S8"),
+                ("bitmap", "u1", (shape.bitmap_bytes,)),
+                ("values", "<f8", (len(shape.dtypes),)),
+            ]
+        )
     return cached
 
 
 def decode_many(view: ViewSpec, raws: Sequence[bytes | None]) -> list[tuple[int, tuple[Any, ...]] | None]:
-    """`decode` for a batch of values (None stays None). Fixed-width views are decoded
-    in one numpy pass, about 5x faster than value by value for 100 entities."""
+    """`decode` for a batch of values (None stays None). Views whose features are all
+    float64 are decoded in one numpy pass when the batch is large enough (measured:
+    45 us instead of 91 us for 100 values of 20 features)."""
     import numpy as np
 
     shape = layout(view)
     present = [raw for raw in raws if raw is not None]
-    if shape.fixed is None or not present:
+    if len(present) < _BATCH_MIN or any(d != "float64" for d in shape.dtypes):
         return [None if raw is None else _as_tuple(decode(view, raw)) for raw in raws]
     dtype = _record_dtype(view, shape)
     if any(len(raw) != dtype.itemsize for raw in present):
@@ -165,20 +170,19 @@ def decode_many(view: ViewSpec, raws: Sequence[bytes | None]) -> list[tuple[int,
     if bool((records["codec"] != CODEC).any()) or bool((records["version"] != shape.version).any()):
         decode(view, next(raw for raw in present if raw[0] != CODEC or raw[9:17] != shape.version))  # raises
     times = records["as_of"].tolist()
-    vectors = records[[f"f{i}" for i in range(len(shape.dtypes))]].tolist()
-    nulls = np.flatnonzero(records["bitmap"].any(axis=1))
-    for row in nulls.tolist():
-        bitmap = records["bitmap"][row]
-        vector = list(vectors[row])
+    vectors: list[Any] = records["values"].tolist()
+    bitmaps = records["bitmap"]
+    for row in np.flatnonzero(bitmaps.any(axis=1)).tolist():
+        bitmap = bitmaps[row]
+        vector = vectors[row]
         for index in range(len(vector)):
             if bitmap[index >> 3] & (1 << (index & 7)):
                 vector[index] = None
-        vectors[row] = tuple(vector)
     decoded = iter(zip(times, vectors, strict=True))
-    return [None if raw is None else next(decoded) for raw in raws]
+    return [None if raw is None else _as_tuple(next(decoded)) for raw in raws]
 
 
-def _as_tuple(item: tuple[int, list[Any]]) -> tuple[int, tuple[Any, ...]]:
+def _as_tuple(item: tuple[int, Any]) -> tuple[int, tuple[Any, ...]]:
     return item[0], tuple(item[1])
 
 

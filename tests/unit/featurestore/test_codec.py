@@ -74,3 +74,13 @@ def test_keys() -> None:
         f"p:codec_view:{FIXED.version}:42".encode(),
         f"p:codec_view:{FIXED.version}:a".encode(),
     ]
+
+
+FLOATS = view_of(Sum("amount"), Mean("amount"), Max("amount"))
+
+
+@given(rows=st.lists(st.one_of(st.none(), st.lists(floats, min_size=3, max_size=3)), min_size=0, max_size=40))
+def test_batch_decoding_equals_value_by_value(rows: list[list[float | None] | None]) -> None:
+    raws = [None if row is None else encode(FLOATS, 5 + i, row) for i, row in enumerate(rows)]
+    expected = [None if raw is None else (decode(FLOATS, raw)[0], tuple(decode(FLOATS, raw)[1])) for raw in raws]
+    assert decode_many(FLOATS, raws) == expected
