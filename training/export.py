@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -228,6 +229,8 @@ def _join_chunks(
 
     connection = duckdb.connect()
     connection.execute(f"SET memory_limit = '{memory_limit}'")
+    # Spill files go to the system temp folder, never into the user's working folder.
+    connection.execute(f"SET temp_directory = '{tempfile.gettempdir()}/tenx-duckdb'")
     connection.execute("SET preserve_insertion_order = true")
     for index, request in enumerate(requests):
         connection.register(f"changelog_{index}", offline.changelog_dataset(request.view))

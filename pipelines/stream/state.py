@@ -1,0 +1,296 @@
+"""Stream state for one view and one shard of entities: event-time tiles, a raw tail,
+a watermark and expiry timers. Pure Python, no Bytewax: the dataflow wraps it, tests
+drive it directly.
+
+Per entity the state keeps, for each tile granularity g of the view's windows, one
+partial aggregate per tile *below the compaction boundary* C, and the raw events at or
+after C. Evaluating a feature at time p merges the partials of the window's tiles and
+the raw events in [tile(p) - W + g, p]. Every point ever evaluated is >= C, because:
+
+- the watermark is max event time seen - allowed_lateness, and an event older than the
+  watermark is late (not applied: it goes to the late output);
+- expiry rows (s + W) are emitted once the watermark has passed them, *before* the
+  boundary moves up to the new watermark;
+- event rows are evaluated at event times >= the watermark.
+
+So a row at p sees exactly the events <= p, as the reference does, while old events are
+folded into one partial per tile. Values follow `featurestore.semantics`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from featurestore.plan.model import FeatureSpec, ViewSpec
+from featurestore.semantics import empty_value
+
+# (entity, as_of µs, values in feature order)
+Row = tuple[Any, int, tuple[Any, ...]]
+# (time µs, sequence, input values in `ViewState.inputs` order)
+Event = tuple[int, int, tuple[Any, ...]]
+
+
+class _Partial:
+    """Aggregates of one input column over a set of events (a tile, or a window)."""
+
+    __slots__ = ("count", "last", "m2", "maximum", "mean", "minimum", "total")
+
+    def __init__(self) -> None:
+        self.count = 0  # non-null values
+        self.total: int | float = 0  # stays an int for int columns: exact
+        self.minimum: Any = None
+        self.maximum: Any = None
+        self.last: tuple[int, int, Any] | None = None  # (time, sequence, value)
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def add(self, time: int, sequence: int, value: Any) -> None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        self.count += 1
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            self.total += value
+            self.minimum = value if self.minimum is None or value < self.minimum else self.minimum
+            self.maximum = value if self.maximum is None or value > self.maximum else self.maximum
+            delta = value - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (value - self.mean)
+        if self.last is None or (time, sequence) >= self.last[:2]:
+            self.last = (time, sequence, value)
+
+    def merge(self, other: _Partial) -> None:
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.count, self.total, self.mean, self.m2 = other.count, other.total, other.mean, other.m2
+            self.minimum, self.maximum, self.last = other.minimum, other.maximum, other.last
+            return
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * other.count / n
+        self.m2 += other.m2 + delta * delta * self.count * other.count / n
+        self.count = n
+        self.total += other.total
+        if other.minimum is not None and (self.minimum is None or other.minimum < self.minimum):
+            self.minimum = other.minimum
+        if other.maximum is not None and (self.maximum is None or other.maximum > self.maximum):
+            self.maximum = other.maximum
+        if other.last is not None and (self.last is None or other.last[:2] >= self.last[:2]):
+            self.last = other.last
+
+
+@dataclass
+class _Tile:
+    events: int = 0
+    columns: list[_Partial] = field(default_factory=list)
+
+
+@dataclass
+class _Entity:
+    tiles: dict[int, dict[int, _Tile]] = field(default_factory=dict)  # every -> tile start -> tile
+    raw: list[Event] = field(default_factory=list)  # events at or after the boundary
+    head: int | None = None  # latest event time applied
+    expiries: set[int] = field(default_factory=set)
+
+
+class ViewState:
+    """The stream state of one view for one shard of entities."""
+
+    def __init__(self, view: ViewSpec) -> None:
+        self.view = view
+        self.inputs: tuple[str, ...] = tuple(sorted({f.column for f in view.features if f.column is not None}))
+        self._column_index = {name: index for index, name in enumerate(self.inputs)}
+        self.lateness = view.source.allowed_lateness
+        self.granularities = sorted({f.window.every for f in view.features})
+        self.longest = max(f.window.length for f in view.features)
+        self.entities: dict[Any, _Entity] = {}
+        self.max_time: int | None = None
+        self.boundary: int | None = None  # events before it are folded into tiles
+        self._timers: list[tuple[int, Any]] = []  # (expiry, entity) heap, may hold stale entries
+
+    # -- watermark -----------------------------------------------------------------------------
+    @property
+    def watermark(self) -> int | None:
+        return None if self.max_time is None else self.max_time - self.lateness
+
+    def is_late(self, time: int) -> bool:
+        watermark = self.watermark
+        return watermark is not None and time < watermark
+
+    # -- applying events -----------------------------------------------------------------------
+    def apply(self, events: Iterable[tuple[Any, Event]]) -> tuple[list[Row], list[tuple[Any, Event]]]:
+        """Apply (entity, event) pairs in log order. Returns the rows they change (one per
+        entity and new event time, or a re-evaluation at the entity's head for an event
+        that arrived behind it) and the late events (not applied)."""
+        late: list[tuple[Any, Event]] = []
+        touched: dict[Any, list[int]] = {}
+        for entity, event in events:
+            time = event[0]
+            if self.is_late(time):
+                late.append((entity, event))
+                continue
+            state = self.entities.get(entity)
+            if state is None:
+                state = self.entities[entity] = _Entity()
+            state.raw.append(event)
+            for window in self.view.windows:
+                expiry = time - time % window.every + window.length
+                if expiry not in state.expiries:
+                    state.expiries.add(expiry)
+                    heapq.heappush(self._timers, (expiry, entity))
+            times = touched.setdefault(entity, [])
+            times.append(max(time, state.head) if state.head is not None else time)
+            state.head = time if state.head is None else max(state.head, time)
+            self.max_time = time if self.max_time is None else max(self.max_time, time)
+        rows = [
+            (entity, point, self.evaluate(entity, point))
+            for entity, points in touched.items()
+            for point in sorted(set(points))
+        ]
+        return rows, late
+
+    # -- time passing --------------------------------------------------------------------------
+    def advance(self, watermark: int | None = None) -> list[Row]:
+        """Emit the expiry rows the watermark has passed (all of them with +inf), then
+        fold events below it into tiles and forget what no window can reach."""
+        limit = self.watermark if watermark is None else watermark
+        if limit is None:
+            return []
+        rows: list[Row] = []
+        while self._timers and self._timers[0][0] <= limit:
+            expiry, entity = heapq.heappop(self._timers)
+            state = self.entities.get(entity)
+            if state is None or expiry not in state.expiries:
+                continue
+            state.expiries.discard(expiry)
+            rows.append((entity, expiry, self.evaluate(entity, expiry)))
+        if limit != math.inf:
+            self._compact(int(limit))
+        return rows
+
+    def flush(self) -> list[Row]:
+        """End of a bounded input: every pending expiry, in time order."""
+        rows = self.advance(math.inf)  # type: ignore[arg-type]
+        self.entities.clear()
+        return rows
+
+    def _compact(self, boundary: int) -> None:
+        if self.boundary is not None and boundary <= self.boundary:
+            return
+        self.boundary = boundary
+        horizon = boundary - self.longest - max(self.granularities)
+        for entity in list(self.entities):
+            state = self.entities[entity]
+            keep: list[Event] = []
+            for event in state.raw:
+                if event[0] < boundary:
+                    self._fold(state, event)
+                else:
+                    keep.append(event)
+            state.raw = keep
+            for tiles in state.tiles.values():
+                for start in [s for s in tiles if s < horizon]:
+                    del tiles[start]
+            if not state.raw and not state.expiries and not any(state.tiles.values()):
+                del self.entities[entity]
+
+    def _fold(self, state: _Entity, event: Event) -> None:
+        time, sequence, values = event
+        for every in self.granularities:
+            start = time - time % every
+            tiles = state.tiles.setdefault(every, {})
+            tile = tiles.get(start)
+            if tile is None:
+                tile = tiles[start] = _Tile(0, [_Partial() for _ in self.inputs])
+            tile.events += 1
+            for partial, value in zip(tile.columns, values, strict=True):
+                partial.add(time, sequence, value)
+
+    # -- values --------------------------------------------------------------------------------
+    def evaluate(self, entity: Any, point: int) -> tuple[Any, ...]:
+        """The view's vector for `entity` as of `point` (>= the compaction boundary)."""
+        state = self.entities.get(entity)
+        cache: dict[tuple[int, int], tuple[int, list[_Partial]]] = {}
+        values = []
+        for feature in self.view.features:
+            window = (feature.window.length, feature.window.every)
+            if window not in cache:
+                cache[window] = self._window(state, point, *window)
+            values.append(_value(feature, *cache[window], self._column_index))
+        return tuple(values)
+
+    def _window(self, state: _Entity | None, point: int, length: int, every: int) -> tuple[int, list[_Partial]]:
+        merged = [_Partial() for _ in self.inputs]
+        events = 0
+        if state is None:
+            return events, merged
+        lower = point - point % every - length + every
+        for start, tile in state.tiles.get(every, {}).items():
+            if lower <= start <= point:
+                events += tile.events
+                for total, partial in zip(merged, tile.columns, strict=True):
+                    total.merge(partial)
+        for time, sequence, values in state.raw:
+            if lower <= time <= point:
+                events += 1
+                for total, value in zip(merged, values, strict=True):
+                    total.add(time, sequence, value)
+        return events, merged
+
+
+def _value(feature: FeatureSpec, events: int, partials: list[_Partial], index: dict[str, int]) -> Any:
+    if feature.kind == "count" and feature.column is None:
+        return events
+    partial = partials[index[feature.column or ""]]
+    kind = feature.kind
+    if kind == "count":
+        return partial.count
+    if partial.count == 0:
+        return empty_value(kind, feature.dtype)
+    if kind == "sum":
+        return int(partial.total) if feature.dtype.startswith("int") else float(partial.total)
+    if kind == "mean":
+        return partial.total / partial.count
+    if kind == "min":
+        return partial.minimum
+    if kind == "max":
+        return partial.maximum
+    if kind == "last":
+        return partial.last[2] if partial.last is not None else None
+    if kind == "std":
+        return math.sqrt(max(partial.m2 / partial.count, 0.0))
+    raise ValueError(f"unknown aggregation kind {kind!r}")
+
+
+def events_from_frame(
+    view: ViewSpec, frame: Any, inputs: tuple[str, ...], sequences: list[int]
+) -> list[tuple[Any, Event]]:
+    """(entity, event) pairs from a prepared micro-batch (transform and `where` applied)
+    whose rows carry `sequences` (their log positions) in a `_seq` column."""
+    import pyarrow as pa
+
+    if len(frame) == 0:
+        return []
+    times = pa.array(frame[view.event_time]).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_pylist()
+    keys = frame[view.entity_key].tolist()
+    columns = [_plain(frame[name].tolist()) for name in inputs]
+    sequence = frame["_seq"].tolist() if "_seq" in frame.columns else sequences
+    return [(keys[i], (times[i], sequence[i], tuple(column[i] for column in columns))) for i in range(len(keys))]
+
+
+def _plain(values: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for value in values:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            out.append(None)
+        elif hasattr(value, "item") and not isinstance(value, str):
+            out.append(value.item())
+        elif type(value).__name__ in ("NAType", "NaTType"):
+            out.append(None)
+        else:
+            out.append(value)
+    return out
