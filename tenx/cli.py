@@ -581,6 +581,126 @@ def serve(host: str, port: int, workers: int, token: str | None, config_file: Pa
     )
 
 
+# -- stream ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--view", "views", multiple=True, help="Feature view to run (repeatable; default: all online views).")
+@click.option("-w", "--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker threads.")
+@click.option(
+    "--from-file",
+    "from_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Replay a JSON-lines file instead of Kafka (then ends at the end of the file).",
+)
+@click.option("--bounded", is_flag=True, help="Stop at the end of the Kafka topic instead of tailing it.")
+@click.option(
+    "--shards",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="State shards per view (keys spread over workers).",
+)
+@click.option(
+    "--recovery-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Bytewax recovery store: a restarted job resumes from its last snapshot.",
+)
+@click.option("--process-id", "-i", type=int, default=None, help="This process's index in a Bytewax cluster.")
+@click.option("--addresses", "-a", default=None, help="Cluster processes, host:port;host:port (Bytewax -a).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve Prometheus metrics here.")
+@config_option
+@_friendly
+def stream(
+    views: tuple[str, ...],
+    workers: int,
+    from_file: Path | None,
+    bounded: bool,
+    shards: int,
+    recovery_dir: Path | None,
+    process_id: int | None,
+    addresses: str | None,
+    metrics_port: int | None,
+    config_file: Path | None,
+) -> None:
+    """Run the Bytewax stream job: events from Kafka (TENX_KAFKA_BOOTSTRAP) or a file,
+    validated (bad records to the dead-letter output), aggregated in event time and
+    written to the online store as they change. Late events go to the late output."""
+    from bytewax.run import cli_main
+
+    from pipelines.stream.dataflow import (
+        JsonLinesSink,
+        JsonLinesSource,
+        KafkaJsonSink,
+        OnlineSink,
+        Outputs,
+        StoreFactory,
+        build_dataflow,
+        kafka_messages,
+    )
+
+    settings = _settings(config_file)
+    plan = _applied_plan(settings)
+    for name in views:
+        _view_or_error(plan, name)
+    if from_file is None and not settings.kafka_bootstrap:
+        raise ConfigError("no Kafka configured: set TENX_KAFKA_BOOTSTRAP (or kafka.bootstrap), or pass --from-file")
+    if from_file is not None and not from_file.exists():
+        raise ConfigError(f"--from-file {from_file}: no such file")
+    outputs_dir = settings.repo_dir / "data" / "stream"
+    if from_file is not None:
+        from bytewax import operators as op
+
+        def messages(flow: Any, source: Any) -> Any:
+            return op.input(f"file_{source.name}", flow, JsonLinesSource(from_file))
+
+        dead: Any = JsonLinesSink(outputs_dir / "dead_letters.jsonl")
+        late: Any = JsonLinesSink(outputs_dir / "late.jsonl")
+    else:
+        bootstrap = str(settings.kafka_bootstrap)
+
+        def messages(flow: Any, source: Any) -> Any:
+            return kafka_messages(flow, source, bootstrap, tail=not bounded)
+
+        topic = plan.sources[0].topic
+        dead = KafkaJsonSink(bootstrap, f"{topic}.dead-letters")
+        late = KafkaJsonSink(bootstrap, f"{topic}.late")
+    factory = StoreFactory(settings.redis_url, settings.online_path)
+    flow = build_dataflow(
+        plan,
+        messages,
+        Outputs(OnlineSink(factory, plan.views), dead, late),
+        views=list(views) or None,
+        shards=shards,
+    )
+    recovery = None
+    if recovery_dir is not None:
+        from bytewax.recovery import RecoveryConfig, init_db_dir
+
+        if not recovery_dir.exists():
+            recovery_dir.mkdir(parents=True)
+            init_db_dir(recovery_dir, workers)
+        recovery = RecoveryConfig(recovery_dir)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
+    console.print(
+        f"tenx stream: {', '.join(views) or 'all online views'} from "
+        f"{from_file or settings.kafka_bootstrap} into {_store_name(settings)}, {workers} worker(s)",
+        highlight=False,
+    )
+    cli_main(
+        flow,
+        workers_per_process=workers,
+        process_id=process_id,
+        addresses=addresses.split(";") if addresses else None,
+        recovery_config=recovery,
+    )
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),

@@ -157,7 +157,7 @@ def export_training_set(
     max_age: int | None = None,
     out: Path | None = None,
     chunk_rows: int = CHUNK_ROWS,
-    memory_limit: str = "1GB",
+    memory_limit: str = "1500MB",
     progress: Callable[[int], None] | None = None,
 ) -> tuple[pa.Table | None, ExportSummary]:
     """Join labels to features point-in-time. Returns (table, summary); with `out`,
@@ -233,7 +233,13 @@ def _join_chunks(
     connection.execute(f"SET temp_directory = '{tempfile.gettempdir()}/tenx-duckdb'")
     connection.execute("SET preserve_insertion_order = true")
     for index, request in enumerate(requests):
-        connection.register(f"changelog_{index}", offline.changelog_dataset(request.view))
+        # DuckDB's own Parquet reader over the table's live files: parallel, with
+        # projection and filter pushdown (2x faster than scanning an Arrow dataset).
+        files = offline.changelog_files(request.view)
+        listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        connection.execute(
+            f"CREATE VIEW changelog_{index} AS SELECT * FROM read_parquet([{listing}])"  # noqa: S608 - our file names
+        )
     selects: list[str] = []
     joins: list[str] = []
     fills: list[tuple[str, Any, pa.DataType, str]] = []
@@ -266,7 +272,9 @@ def _join_chunks(
         selects.append(f'{alias}."{AS_OF}" AS "{view.name}__as_of"')
         if stale is not None:
             selects.append(f'coalesce({stale}, false) AS "{view.name}__stale"')
-    query = f'SELECT {label_columns}, {", ".join(selects)} FROM chunk l {" ".join(joins)} ORDER BY l."{ROW}"'  # noqa: S608
+    # No ORDER BY: sorting wide rows in DuckDB spilled to disk; the row number comes
+    # back instead and Arrow restores input order (an int64 argsort and one take).
+    query = f'SELECT {label_columns}, {", ".join(selects)}, l."{ROW}" FROM chunk l {" ".join(joins)}'  # noqa: S608
     offset = 0
     while offset < labels.num_rows:
         chunk = labels.slice(offset, chunk_rows)
@@ -274,6 +282,7 @@ def _join_chunks(
         connection.register("chunk", chunk)
         result = connection.sql(query).to_arrow_table()
         connection.unregister("chunk")
+        result = result.take(pc.sort_indices(result.column(ROW)))
         for column, fallback, dtype, as_of_column in fills:
             # No changelog row yet: the empty-window value (Count 0, Sum 0). Values
             # blanked by max_age have a row, so they stay blank.

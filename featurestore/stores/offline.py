@@ -340,6 +340,16 @@ class DeltaOfflineStore:
             )
         return _dataset(table, self.changelog_schema(view))
 
+    def changelog_files(self, view: ViewSpec) -> list[str]:
+        """Live Parquet files of the view's changelog (no partition column inside)."""
+        table = self._table(self.changelog_path(view))
+        if table is None:
+            raise TerminalError(
+                f"no changelog for feature view `{view.name}` version {view.version} at "
+                f"{self.changelog_path(view)}; run `tenx backfill` first"
+            )
+        return list(table.file_uris())
+
     def read_changelog(self, view: ViewSpec, start: int | None = None, end: int | None = None) -> pa.Table:
         """Changelog rows with as_of in [start, end), sorted by entity then time, without
         the partition column."""

@@ -125,11 +125,14 @@ class StoreFactory:
 
     redis_url: str | None
     sqlite_path: Path | None
+    prefix: str = "tenx"
 
     def open(self) -> OnlineStore:
         from featurestore.stores.online import open_online_store
 
-        return open_online_store(redis_url=self.redis_url, sqlite_path=self.sqlite_path or Path("online.sqlite"))
+        return open_online_store(
+            redis_url=self.redis_url, sqlite_path=self.sqlite_path or Path("online.sqlite"), prefix=self.prefix
+        )
 
 
 class _OnlinePartition(StatelessSinkPartition[tuple[str, Row]]):
@@ -330,9 +333,15 @@ class _ShardLogic(StatefulBatchLogic[tuple[Any, Any], tuple[str, Any], ViewState
 
 @dataclass(frozen=True)
 class Outputs:
+    """Where the job writes: rows (one sink or several, e.g. the online store and a
+    capture for tests), dead letters and late events."""
+
     rows: DynamicSink[tuple[str, Row]] | Any
     dead_letters: DynamicSink[dict[str, Any]] | Any
     late: DynamicSink[dict[str, Any]] | Any
+
+    def row_sinks(self) -> list[Any]:
+        return list(self.rows) if isinstance(self.rows, list | tuple) else [self.rows]
 
 
 def build_dataflow(
@@ -363,7 +372,8 @@ def build_dataflow(
             tagged = op.map(f"untag_{view.name}", results, _second)
             kinds = op.branch(f"rows_or_late_{view.name}", tagged, lambda item: item[0] == "row")
             rows = op.map(f"rows_{view.name}", kinds.trues, functools.partial(_named, view.name))
-            op.output(f"online_{view.name}", rows, outputs.rows)
+            for index, sink in enumerate(outputs.row_sinks()):
+                op.output(f"rows_{index}_{view.name}", rows, sink)
             op.output(f"late_{view.name}", op.map(f"late_items_{view.name}", kinds.falses, _second), outputs.late)
     return flow
 

@@ -65,7 +65,8 @@ def run(plan: Plan, items: list[tuple[int, int, bytes]], workers: int, views: li
 def test_in_order_log_gives_the_batch_changelog_row_for_row(plan: Plan, workers: int) -> None:
     events = demo_events(1_500, in_order=True)
     rows, dlq, late = run(plan, messages(events), workers, ["user_spend", "merchant_sales"])
-    assert dlq == [] and late == []
+    assert dlq == []
+    assert late == []
     for name in ("user_spend", "merchant_sales"):
         view = plan.view(name)
         produced = as_changelog(view, [row for view_name, row in rows if view_name == name])

@@ -24,7 +24,18 @@ def tenx(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess
 def test_help_lists_every_command(tmp_path: Path) -> None:
     result = tenx("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for command in ("init", "plan", "apply", "demo-data", "ingest", "backfill", "export", "materialize", "serve"):
+    for command in (
+        "init",
+        "plan",
+        "apply",
+        "demo-data",
+        "ingest",
+        "backfill",
+        "export",
+        "materialize",
+        "serve",
+        "stream",
+    ):
         assert command in result.stdout
     assert "TENX_REDIS_URL" in result.stdout
 

@@ -1,0 +1,101 @@
+"""The stream job against a real Kafka topic and a real Redis: in-order parity with the
+batch changelog, dead letters to a real topic, final online values, 1 and 2 workers."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pytest
+from bytewax.testing import TestingSink, cluster_main
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from featurestore.plan import Plan, compile_repo
+from featurestore.semantics import changelog_differences
+from featurestore.stores.codec import decode
+from featurestore.stores.online import RedisOnlineStore
+from pipelines.reference import reference_changelog
+from pipelines.stream.dataflow import (
+    KafkaJsonSink,
+    OnlineSink,
+    Outputs,
+    StoreFactory,
+    build_dataflow,
+    kafka_messages,
+)
+from tenx.demo_data import DemoConfig, generate
+from tests.unit.pipelines.test_stream_state import as_changelog, last_per_entity
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kafka_to_redis_stream(
+    kafka_bootstrap: str, kafka_admin: AdminClient, redis_url: str, redis_prefix: str, workers: int
+) -> None:
+    plan: Plan = compile_repo(ROOT / "tenx" / "templates" / "repo", project="demo", modules=["features"])
+    view = plan.view("user_spend")
+    topic = f"tenx-stream-{uuid.uuid4().hex[:8]}"
+    futures = kafka_admin.create_topics([NewTopic(topic, num_partitions=1), NewTopic(f"{topic}.dlq", num_partitions=1)])
+    for future in futures.values():
+        future.result(timeout=15)
+    try:
+        events = next(generate(DemoConfig(events=2_000, users=30, days=2, chunk_rows=2_000, seed=9))).sort_by(
+            "event_time"
+        )
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        for index, row in enumerate(events.to_pylist()):
+            row["event_time"] = row["event_time"].isoformat()
+            producer.produce(topic, orjson.dumps(row))
+            if index == 100:
+                producer.produce(topic, b'{"broken": ')
+        producer.flush(15)
+
+        source = plan.source("transactions")
+        bound = type(source)(**{**source.__dict__, "topic": topic})
+        rows: list[Any] = []
+        captured = TestingSink(rows)
+        prefix = redis_prefix.rstrip(":")
+        flow = build_dataflow(
+            plan,
+            lambda flow, _: kafka_messages(flow, bound, kafka_bootstrap, tail=False, batch_size=256),
+            Outputs(
+                [captured, OnlineSink(StoreFactory(redis_url, None, prefix=prefix), plan.views)],
+                KafkaJsonSink(kafka_bootstrap, f"{topic}.dlq"),
+                TestingSink([]),
+            ),
+            views=["user_spend"],
+            shards=4,
+        )
+        cluster_main(flow, [], 0, worker_count_per_proc=workers)
+
+        produced = as_changelog(view, [r for _, r in rows])
+        expected = reference_changelog(view, events.to_pandas(), with_scale=True)
+        kinds = {f.name: f.kind for f in view.features}
+        assert changelog_differences(expected, produced, key="user_id", kinds=kinds) == []
+
+        store = RedisOnlineStore(redis_url, prefix=prefix)
+        final = last_per_entity(expected, view)
+        users = final.column("user_id").to_pylist()
+        for user, raw, as_of in zip(users, store.read(view, users), final.column("as_of").to_pylist(), strict=True):
+            assert raw is not None
+            assert decode(view, raw)[0] == int(pa.scalar(as_of).cast(pa.int64()).as_py()), user
+
+        consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": topic, "auto.offset.reset": "earliest"})
+        consumer.subscribe([f"{topic}.dlq"])
+        message = None
+        for _ in range(30):
+            message = consumer.poll(1.0)
+            if message is not None and message.error() is None:
+                break
+        consumer.close()
+        assert message is not None
+        dead = orjson.loads(message.value())
+        assert dead["offset"] == 101
+        assert dead["reason"].startswith("invalid JSON")
+    finally:
+        kafka_admin.delete_topics([topic, f"{topic}.dlq"])
