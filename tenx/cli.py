@@ -6,7 +6,7 @@ import functools
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
@@ -611,6 +611,14 @@ def serve(host: str, port: int, workers: int, token: str | None, config_file: Pa
 @click.option("--process-id", "-i", type=int, default=None, help="This process's index in a Bytewax cluster.")
 @click.option("--addresses", "-a", default=None, help="Cluster processes, host:port;host:port (Bytewax -a).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve Prometheus metrics here.")
+@click.option("--drain", is_flag=True, help="At the end of a bounded input, emit every pending window expiry.")
+@click.option(
+    "--snapshot-interval",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds between recovery snapshots (with --recovery-dir).",
+)
 @config_option
 @_friendly
 def stream(
@@ -623,6 +631,8 @@ def stream(
     process_id: int | None,
     addresses: str | None,
     metrics_port: int | None,
+    drain: bool,
+    snapshot_interval: float,
     config_file: Path | None,
 ) -> None:
     """Run the Bytewax stream job: events from Kafka (TENX_KAFKA_BOOTSTRAP) or a file,
@@ -674,6 +684,7 @@ def stream(
         Outputs(OnlineSink(factory, plan.views), dead, late),
         views=list(views) or None,
         shards=shards,
+        drain=drain,
     )
     recovery = None
     if recovery_dir is not None:
@@ -698,6 +709,7 @@ def stream(
         process_id=process_id,
         addresses=addresses.split(";") if addresses else None,
         recovery_config=recovery,
+        epoch_interval=timedelta(seconds=snapshot_interval),
     )
 
 

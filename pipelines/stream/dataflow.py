@@ -301,8 +301,9 @@ def _events_for(view: ViewSpec, shards: int, inputs: tuple[str, ...]) -> Callabl
 
 
 class _ShardLogic(StatefulBatchLogic[tuple[Any, Any], tuple[str, Any], ViewState]):
-    def __init__(self, view: ViewSpec, resume: ViewState | None) -> None:
+    def __init__(self, view: ViewSpec, drain: bool, resume: ViewState | None) -> None:
         self.state = resume if resume is not None else ViewState(view)
+        self.drain = drain
 
     def on_batch(self, values: list[tuple[Any, Any]]) -> tuple[Iterable[tuple[str, Any]], bool]:
         rows, late = self.state.apply(values)
@@ -325,6 +326,11 @@ class _ShardLogic(StatefulBatchLogic[tuple[Any, Any], tuple[str, Any], ViewState
         return out, StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[Iterable[tuple[str, Any]], bool]:
+        # A bounded input ending is not time passing: only with `drain` are the pending
+        # expiries (up to the end of every window) emitted. Without it the store keeps
+        # the values as of the last events, as a live stream would serve them.
+        if not self.drain:
+            return [], StatefulBatchLogic.RETAIN
         return [("row", row) for row in self.state.flush()], StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> ViewState:
@@ -351,10 +357,12 @@ def build_dataflow(
     *,
     views: list[str] | None = None,
     shards: int = 8,
+    drain: bool = True,
     name: str = "tenx_stream",
 ) -> Dataflow:
     """The dataflow for every online view of the plan (or those named), reading each
-    source's messages from `messages(flow, source)`."""
+    source's messages from `messages(flow, source)`. With `drain`, the end of a bounded
+    input emits every pending expiry (the full changelog, for tests and backfills)."""
     flow = Dataflow(name)
     chosen = [plan.view(v) for v in views] if views else [v for v in plan.views if v.online]
     for source in {view.source.name: view.source for view in chosen}.values():
@@ -368,7 +376,7 @@ def build_dataflow(
         for view in (v for v in chosen if v.source.name == source.name):
             state = ViewState(view)
             keyed = op.flat_map_batch(f"events_{view.name}", records, _events_for(view, shards, state.inputs))
-            results = op.stateful_batch(f"state_{view.name}", keyed, functools.partial(_ShardLogic, view))
+            results = op.stateful_batch(f"state_{view.name}", keyed, functools.partial(_ShardLogic, view, drain))
             tagged = op.map(f"untag_{view.name}", results, _second)
             kinds = op.branch(f"rows_or_late_{view.name}", tagged, lambda item: item[0] == "row")
             rows = op.map(f"rows_{view.name}", kinds.trues, functools.partial(_named, view.name))
