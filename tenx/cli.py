@@ -650,6 +650,7 @@ def stream(
         build_dataflow,
         kafka_messages,
     )
+    from pipelines.stream.state import Emit
 
     settings = _settings(config_file)
     plan = _applied_plan(settings)
@@ -685,6 +686,7 @@ def stream(
         views=list(views) or None,
         shards=shards,
         drain=drain,
+        emit=Emit.LATEST,
     )
     recovery = None
     if recovery_dir is not None:

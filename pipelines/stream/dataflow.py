@@ -34,7 +34,7 @@ from featurestore.plan.model import AS_OF, Plan, SourceSpec, ViewSpec
 from featurestore.stores.online import OnlineStore
 from featurestore.transforms import prepare_events
 from pipelines.stream.metrics import METRICS
-from pipelines.stream.state import Row, ViewState, events_from_frame
+from pipelines.stream.state import Emit, Row, ViewState, events_from_frame
 from schemas.validation import validate_record
 
 # (partition, offset, raw bytes): what every source yields
@@ -301,8 +301,8 @@ def _events_for(view: ViewSpec, shards: int, inputs: tuple[str, ...]) -> Callabl
 
 
 class _ShardLogic(StatefulBatchLogic[tuple[Any, Any], tuple[str, Any], ViewState]):
-    def __init__(self, view: ViewSpec, drain: bool, resume: ViewState | None) -> None:
-        self.state = resume if resume is not None else ViewState(view)
+    def __init__(self, view: ViewSpec, drain: bool, emit: Emit, resume: ViewState | None) -> None:
+        self.state = resume if resume is not None else ViewState(view, emit)
         self.drain = drain
 
     def on_batch(self, values: list[tuple[Any, Any]]) -> tuple[Iterable[tuple[str, Any]], bool]:
@@ -358,11 +358,13 @@ def build_dataflow(
     views: list[str] | None = None,
     shards: int = 8,
     drain: bool = True,
+    emit: Emit = Emit.CHANGELOG,
     name: str = "tenx_stream",
 ) -> Dataflow:
     """The dataflow for every online view of the plan (or those named), reading each
     source's messages from `messages(flow, source)`. With `drain`, the end of a bounded
-    input emits every pending expiry (the full changelog, for tests and backfills)."""
+    input emits every pending expiry. `emit` chooses every changelog row or only those
+    that can become online values (what `tenx stream` runs)."""
     flow = Dataflow(name)
     chosen = [plan.view(v) for v in views] if views else [v for v in plan.views if v.online]
     for source in {view.source.name: view.source for view in chosen}.values():
@@ -376,7 +378,7 @@ def build_dataflow(
         for view in (v for v in chosen if v.source.name == source.name):
             state = ViewState(view)
             keyed = op.flat_map_batch(f"events_{view.name}", records, _events_for(view, shards, state.inputs))
-            results = op.stateful_batch(f"state_{view.name}", keyed, functools.partial(_ShardLogic, view, drain))
+            results = op.stateful_batch(f"state_{view.name}", keyed, functools.partial(_ShardLogic, view, drain, emit))
             tagged = op.map(f"untag_{view.name}", results, _second)
             kinds = op.branch(f"rows_or_late_{view.name}", tagged, lambda item: item[0] == "row")
             rows = op.map(f"rows_{view.name}", kinds.trues, functools.partial(_named, view.name))

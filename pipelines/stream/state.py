@@ -23,6 +23,7 @@ import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from featurestore.plan.model import FeatureSpec, ViewSpec
@@ -95,18 +96,38 @@ class _Entity:
     raw: list[Event] = field(default_factory=list)  # events at or after the boundary
     head: int | None = None  # latest event time applied
     expiries: set[int] = field(default_factory=set)
+    # (length, every, head tile T) -> merged tile partials of [T - length + every, T]:
+    # the folded part of a window, kept up to date as events fold into it, so it is
+    # built once per head tile (event rows and expiry rows use different heads).
+    merged: dict[tuple[int, int, int], _Tile] = field(default_factory=dict)
+
+
+class Emit(Enum):
+    """Which rows the state emits.
+
+    CHANGELOG: every change point (the full changelog; parity tests, changelog sinks).
+    LATEST: only rows that can become an entity's online value: per micro-batch the
+    newest event time of each entity, and expiries after the entity's last event
+    (an expiry older than a later event can never win the newer-as_of write).
+    """
+
+    CHANGELOG = "changelog"
+    LATEST = "latest"
 
 
 class ViewState:
     """The stream state of one view for one shard of entities."""
 
-    def __init__(self, view: ViewSpec) -> None:
+    def __init__(self, view: ViewSpec, emit: Emit = Emit.CHANGELOG) -> None:
         self.view = view
+        self.emit = emit
         self.inputs: tuple[str, ...] = tuple(sorted({f.column for f in view.features if f.column is not None}))
         self._column_index = {name: index for index, name in enumerate(self.inputs)}
         self.lateness = view.source.allowed_lateness
         self.granularities = sorted({f.window.every for f in view.features})
         self.longest = max(f.window.length for f in view.features)
+        # Tiles of granularity g are kept only as long as the longest window using g.
+        self.reach = {g: max(f.window.length for f in view.features if f.window.every == g) for g in self.granularities}
         self.entities: dict[Any, _Entity] = {}
         self.max_time: int | None = None
         self.boundary: int | None = None  # events before it are folded into tiles
@@ -146,10 +167,11 @@ class ViewState:
             times.append(max(time, state.head) if state.head is not None else time)
             state.head = time if state.head is None else max(state.head, time)
             self.max_time = time if self.max_time is None else max(self.max_time, time)
+        latest_only = self.emit is Emit.LATEST
         rows = [
             (entity, point, self.evaluate(entity, point))
             for entity, points in touched.items()
-            for point in sorted(set(points))
+            for point in ([max(points)] if latest_only else sorted(set(points)))
         ]
         return rows, late
 
@@ -167,6 +189,8 @@ class ViewState:
             if state is None or expiry not in state.expiries:
                 continue
             state.expiries.discard(expiry)
+            if self.emit is Emit.LATEST and state.head is not None and expiry <= state.head:
+                continue  # a later event's row already holds the newer value
             rows.append((entity, expiry, self.evaluate(entity, expiry)))
         if limit != math.inf:
             self._compact(int(limit))
@@ -182,7 +206,6 @@ class ViewState:
         if self.boundary is not None and boundary <= self.boundary:
             return
         self.boundary = boundary
-        horizon = boundary - self.longest - max(self.granularities)
         for entity in list(self.entities):
             state = self.entities[entity]
             keep: list[Event] = []
@@ -192,7 +215,10 @@ class ViewState:
                 else:
                     keep.append(event)
             state.raw = keep
-            for tiles in state.tiles.values():
+            for key in [k for k in state.merged if k[2] + k[1] <= boundary]:
+                del state.merged[key]  # no point left to evaluate in that head tile
+            for every, tiles in state.tiles.items():
+                horizon = boundary - self.reach[every] - every
                 for start in [s for s in tiles if s < horizon]:
                     del tiles[start]
             if not state.raw and not state.expiries and not any(state.tiles.values()):
@@ -200,6 +226,11 @@ class ViewState:
 
     def _fold(self, state: _Entity, event: Event) -> None:
         time, sequence, values = event
+        for (length, every, head), cached in state.merged.items():
+            if head - length + every <= time - time % every <= head:
+                cached.events += 1
+                for partial, value in zip(cached.columns, values, strict=True):
+                    partial.add(time, sequence, value)
         for every in self.granularities:
             start = time - time % every
             tiles = state.tiles.setdefault(every, {})
@@ -224,16 +255,23 @@ class ViewState:
         return tuple(values)
 
     def _window(self, state: _Entity | None, point: int, length: int, every: int) -> tuple[int, list[_Partial]]:
-        merged = [_Partial() for _ in self.inputs]
-        events = 0
         if state is None:
-            return events, merged
-        lower = point - point % every - length + every
-        for start, tile in state.tiles.get(every, {}).items():
-            if lower <= start <= point:
-                events += tile.events
-                for total, partial in zip(merged, tile.columns, strict=True):
-                    total.merge(partial)
+            return 0, [_Partial() for _ in self.inputs]
+        head = point - point % every
+        lower = head - length + every
+        folded = state.merged.get((length, every, head))
+        if folded is None:
+            folded = _Tile(0, [_Partial() for _ in self.inputs])
+            for start, tile in state.tiles.get(every, {}).items():
+                if lower <= start <= head:
+                    folded.events += tile.events
+                    for total, partial in zip(folded.columns, tile.columns, strict=True):
+                        total.merge(partial)
+            state.merged[(length, every, head)] = folded
+        events = folded.events
+        merged = [_Partial() for _ in self.inputs]
+        for total, partial in zip(merged, folded.columns, strict=True):
+            total.merge(partial)
         for time, sequence, values in state.raw:
             if lower <= time <= point:
                 events += 1

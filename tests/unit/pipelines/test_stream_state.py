@@ -15,13 +15,13 @@ from featurestore.plan import AS_OF, ViewSpec
 from featurestore.semantics import changelog_differences
 from featurestore.transforms import prepare_events
 from pipelines.reference import reference_changelog
-from pipelines.stream.state import Row, ViewState, events_from_frame
+from pipelines.stream.state import Emit, Row, ViewState, events_from_frame
 from tests.unit.pipelines.test_kernel_parity import VIEWS, logs
 
 
-def run_stream(view: ViewSpec, frame: pd.DataFrame, cuts: list[int]) -> list[Row]:
+def run_stream(view: ViewSpec, frame: pd.DataFrame, cuts: list[int], emit: Emit = Emit.CHANGELOG) -> list[Row]:
     """Feed `frame` (log order) in micro-batches split at `cuts`; rows in emit order."""
-    state = ViewState(view)
+    state = ViewState(view, emit)
     frame = frame.assign(_seq=range(len(frame)))
     rows: list[Row] = []
     bounds = sorted({0, len(frame), *[c for c in cuts if 0 < c < len(frame)]})
@@ -111,3 +111,15 @@ def last_per_entity(table: pa.Table, view: ViewSpec) -> pa.Table:
     out = pa.table({n: pa.array([r[n] for r in ordered], table.schema.field(n).type) for n in names})
     _ = SCALE_PREFIX
     return out
+
+
+@given(frame=logs(), view_index=st.integers(0, len(VIEWS) - 1), cuts=st.lists(st.integers(0, 40), max_size=6))
+def test_latest_only_emission_serves_the_same_online_values(
+    frame: pd.DataFrame, view_index: int, cuts: list[int]
+) -> None:
+    view = VIEWS[view_index]
+    full = last_per_entity(as_changelog(view, run_stream(view, frame, cuts)), view)
+    latest_rows = run_stream(view, frame, cuts, Emit.LATEST)
+    latest = last_per_entity(as_changelog(view, latest_rows), view)
+    assert latest.equals(full)
+    assert len(latest_rows) <= len(run_stream(view, frame, cuts))
