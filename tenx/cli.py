@@ -211,6 +211,13 @@ def apply(config_file: Path | None) -> None:
     type=click.IntRange(min=0),
     help="Malformed records to mix in.",
 )
+@click.option(
+    "--to-kafka",
+    "to_kafka",
+    default=None,
+    metavar="TOPIC",
+    help="Also produce the events (JSON, keyed by user_id) to this Kafka topic ($TENX_KAFKA_BOOTSTRAP).",
+)
 @_friendly
 def demo_data(
     out: Path,
@@ -222,6 +229,7 @@ def demo_data(
     seed: int,
     out_of_order: float,
     malformed: int,
+    to_kafka: str | None,
 ) -> None:
     """Generate demo card transactions into OUT (.parquet, or .jsonl for JSON lines).
 
@@ -255,6 +263,16 @@ def demo_data(
         + f" to {summary.path} ({summary.bytes_written / 1e6:.1f} MB, {seconds:.1f} s), "
         f"{summary.first_time:%Y-%m-%d %H:%M} .. {summary.last_time:%Y-%m-%d %H:%M} UTC"
     )
+    if to_kafka:
+        import os
+
+        from tenx.demo_data import produce_to_kafka
+
+        bootstrap = os.environ.get("TENX_KAFKA_BOOTSTRAP")
+        if not bootstrap:
+            raise ConfigError("--to-kafka needs TENX_KAFKA_BOOTSTRAP (host:port of a Kafka broker)")
+        sent = produce_to_kafka(out, bootstrap, to_kafka)
+        console.print(f"Produced {sent:,} records to Kafka topic {to_kafka} at {bootstrap}")
 
 
 # -- offline: ingest and backfill ----------------------------------------------------------

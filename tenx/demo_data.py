@@ -253,3 +253,47 @@ def _bad_parquet_rows(rows: list[dict[str, Any] | bytes], schema: pa.Schema) -> 
     return pa.table(
         {name: pa.array(values, schema.field(name).type) for name, values in columns.items()}, schema=schema
     )
+
+
+def produce_to_kafka(path: Path, bootstrap: str, topic: str, *, timeout_s: float = 60.0) -> int:
+    """Produce a demo file's records to a Kafka topic as JSON, keyed by user_id (so one
+    entity's events keep their order in one partition). Malformed records go as they are."""
+    from confluent_kafka import KafkaException, Producer
+
+    from featurestore.errors import TransientError
+
+    producer = Producer({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 5000, "linger.ms": 20})
+    sent = 0
+
+    def send(value: bytes, key: Any) -> None:
+        nonlocal sent
+        while True:
+            try:
+                producer.produce(topic, value, key=None if key is None else str(key).encode())
+                break
+            except BufferError:
+                producer.poll(0.1)
+        sent += 1
+
+    try:
+        if path.suffix == ".parquet":
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=50_000):
+                for row in batch.to_pylist():
+                    if row.get("event_time") is not None:
+                        row["event_time"] = row["event_time"].isoformat()
+                    send(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY), row.get("user_id"))
+        else:
+            with path.open("rb") as handle:
+                for line in handle:
+                    if line.strip():
+                        try:
+                            key = orjson.loads(line).get("user_id")
+                        except (orjson.JSONDecodeError, AttributeError):
+                            key = None
+                        send(line.rstrip(b"\n"), key)
+        left = producer.flush(timeout_s)
+    except KafkaException as error:
+        raise TransientError(f"Kafka at {bootstrap}: {error}") from error
+    if left:
+        raise TransientError(f"Kafka at {bootstrap}: {left} records not delivered within {timeout_s:.0f} s")
+    return sent

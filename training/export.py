@@ -157,7 +157,7 @@ def export_training_set(
     max_age: int | None = None,
     out: Path | None = None,
     chunk_rows: int = CHUNK_ROWS,
-    memory_limit: str = "1500MB",
+    memory_limit: str = "1400MB",
     progress: Callable[[int], None] | None = None,
 ) -> tuple[pa.Table | None, ExportSummary]:
     """Join labels to features point-in-time. Returns (table, summary); with `out`,
