@@ -347,7 +347,7 @@ def part_consume(args: argparse.Namespace) -> dict[str, Any]:
         consumer = Consumer(consumer_config(args.bootstrap, tail=tail))
         consumer.assign([TopicPartition(args.topic, partition, OFFSET_BEGINNING)])
         consumers.append(consumer)
-    client = redis.Redis.from_url(args.redis_url, socket_timeout=10) if args.redis_url else None
+    client = redis.Redis.from_url(args.redis_url, socket_timeout=10) if args.prefix else None
     out = Path(args.samples).open("a") if tail else None  # noqa: SIM115 (closed by os._exit/kill)
     prefix = args.prefix
     live = set(range(len(consumers)))
@@ -375,14 +375,16 @@ def part_consume(args: argparse.Namespace) -> dict[str, Any]:
                 value = message.value()
                 records.append(orjson.loads(value))
                 values.append(value)
+            if not records:
+                continue  # the end-of-partition report: the last message came before it
             events += len(records)
-            if client is not None and records:
+            if client is not None:
                 pipe = client.pipeline(transaction=False)
                 for record, value in zip(records, values, strict=True):
                     pipe.set(f"{prefix}:{record['user_id']}", value)
                 pipe.execute()
             last = time.time()
-            if out is not None and records:
+            if out is not None:
                 now_us = int(last * 1_000_000)
                 out.write("".join(f"{iso_us(r['event_time'])} {now_us}\n" for r in records))
                 out.flush()
@@ -423,6 +425,7 @@ def part_job(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.stream.dataflow import OnlineSink, Outputs, StoreFactory, build_dataflow, kafka_messages
     from pipelines.stream.state import Emit
 
+    check(bool(args.redis_url), "the job part needs --redis-url (else it would write a SQLite file)")
     clock = _Clock()
     counts = {"dead_letters": 0, "late": 0}
     tail = args.samples is not None
@@ -577,7 +580,8 @@ def freshness(
     base = folder / f"samples-{part}-{uuid.uuid4().hex[:6]}"
     samples = Samples(base)
     cap = args.warm_cap_s + args.fresh_seconds + args.drain_cap_s + 60
-    log = (folder / f"{base.name}.log").open("wb")
+    log_path = folder / f"log-{base.name}.txt"
+    log = log_path.open("wb")
     process = subprocess.Popen(
         child_command(part, args, topic=topic, samples=base, max_s=cap, **options), stdout=log, stderr=log
     )
@@ -585,7 +589,7 @@ def freshness(
 
         def ready() -> bool:
             if process.poll() is not None:
-                raise SystemExit(f"{part} exited early:\n{(folder / f'{base.name}.log').read_text()[-4000:]}")
+                raise SystemExit(f"{part} exited early:\n{log_path.read_text()[-4000:]}")
             return samples.read() > 0
 
         produced = produce_at_rate(args.bootstrap, topic, rows, rate, args.fresh_seconds, ready, args.warm_cap_s)
@@ -668,7 +672,7 @@ def main() -> None:
         return
 
     args.bootstrap = os.environ.get("TENX_KAFKA_BOOTSTRAP")
-    url = os.environ.get("TENX_REDIS_URL")
+    url = args.redis_url = os.environ.get("TENX_REDIS_URL")
     if not args.bootstrap or not url:
         raise SystemExit('TENX_KAFKA_BOOTSTRAP / TENX_REDIS_URL not set; start them: eval "$(scripts/services up)"')
     if args.events < 1000:

@@ -28,7 +28,15 @@ def readme_commands() -> list[str]:
 
 def test_readme_shows_the_main_loop() -> None:
     commands = " ".join(readme_commands())
-    for step in ("tenx init", "tenx plan", "tenx apply", "tenx demo-data", "tenx ingest", "tenx backfill"):
+    for step in (
+        "tenx quickstart",
+        "tenx init",
+        "tenx plan",
+        "tenx apply",
+        "tenx demo-data",
+        "tenx ingest",
+        "tenx backfill",
+    ):
         assert step in commands
 
 
@@ -45,7 +53,9 @@ def test_readme_tenx_commands_run(tmp_path: Path) -> None:
                 continue
             if words[:2] == ["tenx", "demo-data"]:
                 words = [*words[:3], "--events", "20000", "--users", "200", "--days", "3"]  # smaller, same path
+            if words[:2] == ["tenx", "quickstart"]:
+                words = [*words, "--events", "20000", "--users", "300", "--days", "9"]
             result = subprocess.run([TENX, *words[1:]], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
             assert result.returncode == 0, f"`{part}` failed:\n{result.stdout}\n{result.stderr}"
             ran.append(words[1])
-    assert ran == ["init", "plan", "apply", "demo-data", "ingest", "backfill"]
+    assert ran == ["quickstart", "init", "plan", "apply", "demo-data", "ingest", "backfill", "materialize", "verify"]
