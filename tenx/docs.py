@@ -1,0 +1,30 @@
+"""Generate docs/cli.md from the CLI itself: `python -m tenx.docs > docs/cli.md`."""
+
+from __future__ import annotations
+
+import click
+
+from tenx.cli import main
+
+
+def render() -> str:
+    context = click.Context(main, info_name="tenx", max_content_width=100, terminal_width=100)
+    parts = [
+        "# CLI reference",
+        "",
+        "Generated from the CLI (`python -m tenx.docs > docs/cli.md`); a test keeps it current.",
+        "",
+    ]
+    parts += ["```", main.get_help(context).rstrip(), "```", ""]
+    for name in sorted(main.list_commands(context)):
+        command = main.get_command(context, name)
+        assert command is not None
+        sub = click.Context(
+            command, info_name=f"tenx {name}", parent=context, max_content_width=100, terminal_width=100
+        )
+        parts += [f"## tenx {name}", "", "```", command.get_help(sub).rstrip(), "```", ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(render(), end="")
