@@ -89,3 +89,14 @@ def test_the_cli_materializes_into_redis(tmp_path: Path, redis_url: str) -> None
         done = subprocess.run([tenx, *args], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr
     assert f"materialize into Redis at {redis_url}" in done.stdout
+
+
+def test_unreachable_kafka_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
+    from tenx.demo_data import produce_to_kafka
+
+    path = tmp_path / "tx.jsonl"
+    write_demo_data(path, DemoConfig(events=50, users=5, days=1))
+    began = time.perf_counter()
+    with pytest.raises(TransientError, match=r"Kafka at 127.0.0.1:1: 50 records not delivered within 3 s"):
+        produce_to_kafka(path, "127.0.0.1:1", "nowhere", timeout_s=3)
+    assert time.perf_counter() - began < 15
