@@ -17,7 +17,11 @@ one Redis (TENX_KAFKA_BOOTSTRAP and TENX_REDIS_URL, required:
   consume rate of the same topic with the same client and the same consumer settings
   as Bytewax's Kafka connector (confluent_kafka, one assigned consumer per partition,
   consume(1000)): plain consume + orjson decode, and the same plus one pipelined Redis
-  SET per message (the floor of any job that writes every event somewhere).
+  SET per message (the floor of any job that writes every event somewhere). The raw
+  figures run from the first message to the last one decoded: the end-of-partition
+  report comes one broker fetch.wait.max.ms (500 ms) later and is not counted, as the
+  job's last write does not wait for it either. The raw consume runs 3 times (the
+  median is shown).
 - freshness: events produced at a fixed offered rate (default half the 1-worker rate
   measured above, capped at half the target) for `--fresh-seconds`, with event_time =
   now, while the job tails a fresh topic in a subprocess; freshness of each written row
@@ -25,8 +29,14 @@ one Redis (TENX_KAFKA_BOOTSTRAP and TENX_REDIS_URL, required:
   it: a raw tail consumer (consume + decode + pipelined SET per batch) on another fresh
   topic at the same rate, its freshness per message. Each tail process is stopped once
   the last produced event is written (or a wall-clock cap), then killed if need be.
+  The p99 of each 5 s slice of the timed phase is shown too: the job keeps every event
+  of the last allowed_lateness (5 min) raw per entity, so with event times = now its
+  cost per event grows for the first 5 minutes of a live stream, and a short run
+  understates the steady state.
 - profile: cProfile of the bounded 1-worker job on `--profile-events` events (run_main
-  in the profiled thread), top functions by own time.
+  in the profiled thread), top functions by own time, and the time of the pipeline's
+  stages (cumulative time of the step functions: Kafka source, decode + validate, row
+  transform, state, online sink).
 
 Every job and consumer runs in its own process (`--part`); every phase has a
 wall-clock cap; only localhost traffic; every topic and Redis key created is deleted
@@ -522,6 +532,16 @@ def part_job(args: argparse.Namespace) -> dict[str, Any]:
 
 
 PARTS = {"consume": part_consume, "job": part_job}
+# Pipeline stages in the profile: (file, function) whose cumulative time is the stage's.
+STAGES = {
+    "Kafka source (connector next_batch)": ("connectors/kafka/__init__.py", "next_batch"),
+    "decode + validate (orjson, validate_record)": ("pipelines/stream/dataflow.py", "decode"),
+    "row transform (Arrow + pandas -> events)": ("pipelines/stream/dataflow.py", "to_events"),
+    "state (ViewState.apply + advance)": ("pipelines/stream/dataflow.py", "on_batch"),
+    "  of which evaluate (rows' values)": ("pipelines/stream/state.py", "evaluate"),
+    "  of which _compact (fold + forget)": ("pipelines/stream/state.py", "_compact"),
+    "online sink (rows_table + Redis write)": ("pipelines/stream/dataflow.py", "write_batch"),
+}
 
 
 def child_command(part: str, args: argparse.Namespace, **options: Any) -> list[str]:
@@ -610,7 +630,13 @@ def freshness(
     timed = data[data[:, 0] >= produced["first_us"]]
     lag_ms = (timed[:, 1] - timed[:, 0]) / 1000.0
     check(len(lag_ms) > 0, f"{part}: no sample for the timed events")
+    slice_of = (timed[:, 0] - produced["first_us"]) // 5_000_000
+    slices = [
+        float(np.percentile(lag_ms[slice_of == i], 99)) if (slice_of == i).any() else float("nan")
+        for i in range(int(slice_of.max()) + 1)
+    ]
     return {
+        "p99_per_5s_ms": slices,
         **produced,
         "samples": len(lag_ms),
         "p50_ms": float(np.percentile(lag_ms, 50)),
@@ -634,7 +660,12 @@ def profile_top(path: Path, count: int) -> dict[str, Any]:
         )
     by_own = sorted(entries, key=lambda e: e["tottime_s"], reverse=True)[:count]
     by_cumulative = sorted(entries, key=lambda e: e["cumtime_s"], reverse=True)[: 3 * count]
-    return {"total_s": total, "top_tottime": by_own, "top_cumtime": by_cumulative}
+    stages: dict[str, float] = {}
+    for stage, (where, function) in STAGES.items():
+        found = [e["cumtime_s"] for e in entries if where in e["function"] and e["function"].endswith(f"({function})")]
+        if found:
+            stages[stage] = max(found)
+    return {"total_s": total, "top_tottime": by_own, "top_cumtime": by_cumulative, "stages_s": stages}
 
 
 def main() -> None:
@@ -818,7 +849,7 @@ def main() -> None:
 
     raw_s = span(raw, "last")
     lines: list[tuple[str, ...]] = [
-        ("throughput", "seconds", "events/s", "vs raw", "rows written", "CPU s", "process s")
+        ("throughput", "seconds", "events/s", "time vs raw", "rows written", "CPU s", "process s")
     ]
     entries = [
         ("raw consume + orjson (baseline)", raw, "last", "-"),
@@ -876,7 +907,10 @@ def main() -> None:
         f"produce {produce_s:.1f} s = {n / produce_s:,.0f} events/s)\n"
     )
     print(table(lines) + "\n")
-    print(table(fresh_lines) + "\n")
+    print(table(fresh_lines))
+    for label, r in (("raw", fr["raw"]), ("tenx", fr["tenx"])):
+        print(f"  {label} p99 per 5 s slice (ms): " + " ".join(f"{v:.0f}" for v in r["p99_per_5s_ms"]))
+    print()
     if profile is not None:
         prof = [("profile: top 10 by own time", "calls", "tottime s", "cumtime s")]
         for entry in profile["top_tottime"]:
@@ -884,6 +918,11 @@ def main() -> None:
                 (entry["function"], f"{entry['calls']:,}", f"{entry['tottime_s']:.2f}", f"{entry['cumtime_s']:.2f}")
             )
         print(table(prof) + f"\n(profiled total {profile['total_s']:.1f} s)\n")
+        total = profile["total_s"]
+        stage_lines = [("profile: stages (cumulative)", "seconds", "share")]
+        for stage, seconds in profile["stages_s"].items():
+            stage_lines.append((stage, f"{seconds:.2f}", f"{100 * seconds / total:.0f}%"))
+        print(table(stage_lines) + "\n")
 
     rate_1w = n / span(jobs["tenx_1w"], "last_write")
     targets = {

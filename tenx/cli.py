@@ -510,7 +510,7 @@ def export(
 def _online_store(settings: Settings) -> Any:
     from featurestore.stores.online import open_online_store
 
-    return open_online_store(redis_url=settings.redis_url, sqlite_path=settings.online_path)
+    return open_online_store(redis_url=settings.redis_url, sqlite_path=settings.online_path, project=settings.project)
 
 
 def _store_name(settings: Settings) -> str:
@@ -705,7 +705,7 @@ def stream(
         topic = plan.sources[0].topic
         dead = KafkaJsonSink(bootstrap, f"{topic}.dead-letters")
         late = KafkaJsonSink(bootstrap, f"{topic}.late")
-    factory = StoreFactory(settings.redis_url, settings.online_path)
+    factory = StoreFactory(settings.redis_url, settings.online_path, project=settings.project)
     flow = build_dataflow(
         plan,
         messages,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from tenx.cli import main
 
 
 def render() -> str:
-    context = click.Context(main, info_name="tenx", max_content_width=100, terminal_width=100)
+    # The main group's context settings, given explicitly: a Context built by hand does
+    # not apply them, and click caches each command's help option on first use.
+    settings: dict[str, Any] = {"max_content_width": 100, "terminal_width": 100, "help_option_names": ["-h", "--help"]}
+    context = click.Context(main, info_name="tenx", **settings)
     parts = [
         "# CLI reference",
         "",
@@ -19,9 +24,7 @@ def render() -> str:
     for name in sorted(main.list_commands(context)):
         command = main.get_command(context, name)
         assert command is not None
-        sub = click.Context(
-            command, info_name=f"tenx {name}", parent=context, max_content_width=100, terminal_width=100
-        )
+        sub = click.Context(command, info_name=f"tenx {name}", parent=context, **settings)
         parts += [f"## tenx {name}", "", "```", command.get_help(sub).rstrip(), "```", ""]
     return "\n".join(parts)
 

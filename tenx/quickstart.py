@@ -140,7 +140,7 @@ def run_quickstart(
         detail.append(f"{rows:,} changelog rows for {len(done)} views")
         summary.facts["changelog_rows"] = rows
 
-    online = open_online_store(redis_url=redis_url, sqlite_path=settings.online_path)
+    online = open_online_store(redis_url=redis_url, sqlite_path=settings.online_path, project=plan.project)
     with step("materialize online store") as detail:
         loaded = [
             materialize(v, offline, online, as_of=datetime_to_micros(recent_start)) for v in plan.views if v.online
@@ -259,7 +259,7 @@ def _run_stream(plan: Any, replay: Path, redis_url: str | None, sqlite: Path, ou
         plan,
         lambda flow, source: op.input(f"file_{source.name}", flow, JsonLinesSource(replay)),
         Outputs(
-            OnlineSink(StoreFactory(redis_url, sqlite), plan.views),
+            OnlineSink(StoreFactory(redis_url, sqlite, project=plan.project), plan.views),
             JsonLinesSink(outputs / "dead_letters.jsonl"),
             JsonLinesSink(outputs / "late.jsonl"),
         ),

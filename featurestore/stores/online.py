@@ -270,8 +270,14 @@ class SqliteOnlineStore:
             self._local.connection = None
 
 
-def open_online_store(*, redis_url: str | None, sqlite_path: Path, prefix: str = "tenx") -> OnlineStore:
-    """Redis when a URL is configured, else the embedded SQLite store."""
+def open_online_store(
+    *, redis_url: str | None, sqlite_path: Path, project: str | None = None, prefix: str | None = None
+) -> OnlineStore:
+    """Redis when a URL is configured, else the embedded SQLite store. Keys start with
+    `tenx:<project>` so two feature repos sharing a Redis never read each other's values
+    (identical views have identical versions)."""
+    if prefix is None:
+        prefix = f"tenx:{project}" if project else "tenx"
     if redis_url:
         return RedisOnlineStore(redis_url, prefix=prefix)
     return SqliteOnlineStore(sqlite_path, prefix=prefix)

@@ -125,13 +125,17 @@ class StoreFactory:
 
     redis_url: str | None
     sqlite_path: Path | None
-    prefix: str = "tenx"
+    prefix: str | None = None
+    project: str | None = None
 
     def open(self) -> OnlineStore:
         from featurestore.stores.online import open_online_store
 
         return open_online_store(
-            redis_url=self.redis_url, sqlite_path=self.sqlite_path or Path("online.sqlite"), prefix=self.prefix
+            redis_url=self.redis_url,
+            sqlite_path=self.sqlite_path or Path("online.sqlite"),
+            project=self.project,
+            prefix=self.prefix,
         )
 
 

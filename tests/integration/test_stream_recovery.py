@@ -68,7 +68,7 @@ def expected_online(view: Any, events: pa.Table) -> dict[int, tuple[int, list[An
 
 
 def online_state(url: str, view: Any, users: list[int]) -> dict[int, tuple[int, list[Any]]]:
-    store = RedisOnlineStore(url)
+    store = RedisOnlineStore(url, prefix="tenx:crash")  # the CLI keys values by project
     try:
         return {user: decode(view, raw) for user, raw in zip(users, store.read(view, users), strict=True) if raw}
     finally:
