@@ -74,7 +74,6 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python bench/stream.py` from anywhere
 RESULTS = ROOT / "bench" / "results"
 REPO = ROOT / "tenx" / "templates" / "repo"
 BATCH = 1000  # kafka_messages' default batch (what `tenx stream` uses)
@@ -137,7 +136,7 @@ def consumer_config(bootstrap: str, *, tail: bool) -> dict[str, Any]:
 
 
 def create_topic(admin: Any, topic: str, partitions: int, cap_s: float = 30.0) -> None:
-    from confluent_kafka.admin import NewTopic
+    from confluent_kafka.cimpl import NewTopic  # .admin re-exports it implicitly
 
     futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
     futures[topic].result(timeout=cap_s)
@@ -382,7 +381,7 @@ def part_consume(args: argparse.Namespace) -> dict[str, Any]:
                         break
                     errors += 1
                     continue
-                value = message.value()
+                value = message.value() or b""
                 records.append(orjson.loads(value))
                 values.append(value)
             if not records:
@@ -912,14 +911,14 @@ def main() -> None:
         print(f"  {label} p99 per 5 s slice (ms): " + " ".join(f"{v:.0f}" for v in r["p99_per_5s_ms"]))
     print()
     if profile is not None:
-        prof = [("profile: top 10 by own time", "calls", "tottime s", "cumtime s")]
+        prof: list[tuple[str, ...]] = [("profile: top 10 by own time", "calls", "tottime s", "cumtime s")]
         for entry in profile["top_tottime"]:
             prof.append(
                 (entry["function"], f"{entry['calls']:,}", f"{entry['tottime_s']:.2f}", f"{entry['cumtime_s']:.2f}")
             )
         print(table(prof) + f"\n(profiled total {profile['total_s']:.1f} s)\n")
         total = profile["total_s"]
-        stage_lines = [("profile: stages (cumulative)", "seconds", "share")]
+        stage_lines: list[tuple[str, ...]] = [("profile: stages (cumulative)", "seconds", "share")]
         for stage, seconds in profile["stages_s"].items():
             stage_lines.append((stage, f"{seconds:.2f}", f"{100 * seconds / total:.0f}%"))
         print(table(stage_lines) + "\n")

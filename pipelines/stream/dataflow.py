@@ -131,9 +131,11 @@ class StoreFactory:
     def open(self) -> OnlineStore:
         from featurestore.stores.online import open_online_store
 
+        if self.redis_url is None and self.sqlite_path is None:
+            raise ValueError("no online store configured: give a Redis URL or an embedded store path")
         return open_online_store(
             redis_url=self.redis_url,
-            sqlite_path=self.sqlite_path or Path("online.sqlite"),
+            sqlite_path=self.sqlite_path or Path(),
             project=self.project,
             prefix=self.prefix,
         )

@@ -157,7 +157,13 @@ class ViewState:
             state = self.entities.get(entity)
             if state is None:
                 state = self.entities[entity] = _Entity()
-            state.raw.append(event)
+            if self.emit is Emit.LATEST:
+                # Every point LATEST evaluates (the entity's newest event, or an expiry
+                # after it) is at or after all of the entity's events: no raw tail is
+                # needed to exclude later ones, so events fold into tiles at once.
+                self._fold(state, event)
+            else:
+                state.raw.append(event)
             for window in self.view.windows:
                 expiry = time - time % window.every + window.length
                 if expiry not in state.expiries:
@@ -205,16 +211,21 @@ class ViewState:
     def _compact(self, boundary: int) -> None:
         if self.boundary is not None and boundary <= self.boundary:
             return
+        previous = self.boundary
         self.boundary = boundary
+        finest = self.granularities[0]
+        if self.emit is Emit.LATEST and previous is not None and previous // finest == boundary // finest:
+            return  # nothing is raw, and no tile can have left every window yet
         for entity in list(self.entities):
             state = self.entities[entity]
-            keep: list[Event] = []
-            for event in state.raw:
-                if event[0] < boundary:
-                    self._fold(state, event)
-                else:
-                    keep.append(event)
-            state.raw = keep
+            if state.raw:
+                keep: list[Event] = []
+                for event in state.raw:
+                    if event[0] < boundary:
+                        self._fold(state, event)
+                    else:
+                        keep.append(event)
+                state.raw = keep
             for key in [k for k in state.merged if k[2] + k[1] <= boundary]:
                 del state.merged[key]  # no point left to evaluate in that head tile
             for every, tiles in state.tiles.items():
@@ -268,6 +279,8 @@ class ViewState:
                     for total, partial in zip(folded.columns, tile.columns, strict=True):
                         total.merge(partial)
             state.merged[(length, every, head)] = folded
+        if not state.raw:
+            return folded.events, folded.columns  # read only: no copy needed
         events = folded.events
         merged = [_Partial() for _ in self.inputs]
         for total, partial in zip(merged, folded.columns, strict=True):
