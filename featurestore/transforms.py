@@ -6,6 +6,7 @@ Only pandas API that cuDF also implements is used here.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from featurestore.errors import TransformError
@@ -31,32 +32,31 @@ def prepare_events(view: ViewSpec, events: Any) -> Any:
     ties between events at the same time).
     """
     frame = events.reset_index(drop=True)
-    if True:  # every view has a transform; a view without derived columns returns none
-        derived = load(view.transform)(frame)
-        if not hasattr(derived, "columns"):
+    derived = load(view.transform)(frame)  # a view without derived columns returns none
+    if not hasattr(derived, "columns"):
+        raise TransformError(
+            f"feature view `{view.name}`: the row transform must return a DataFrame of "
+            f"the declared columns, got {type(derived).__name__}"
+        )
+    declared = [name for name, _ in view.columns]
+    got = [str(c) for c in derived.columns]
+    if sorted(got) != sorted(declared):
+        raise TransformError(
+            f"feature view `{view.name}`: the row transform returned columns {got}, expected exactly {declared}"
+        )
+    if len(derived) != len(frame):
+        raise TransformError(
+            f"feature view `{view.name}`: the row transform returned {len(derived)} rows "
+            f"for {len(frame)} events; it must return one row per event (filter with where=)"
+        )
+    derived = derived.reset_index(drop=True)
+    for name, dtype in view.columns:
+        try:
+            frame[name] = derived[name].astype(FRAME_DTYPES[dtype])
+        except (TypeError, ValueError) as error:
             raise TransformError(
-                f"feature view `{view.name}`: the row transform must return a DataFrame of "
-                f"the declared columns, got {type(derived).__name__}"
-            )
-        declared = [name for name, _ in view.columns]
-        got = [str(c) for c in derived.columns]
-        if sorted(got) != sorted(declared):
-            raise TransformError(
-                f"feature view `{view.name}`: the row transform returned columns {got}, expected exactly {declared}"
-            )
-        if len(derived) != len(frame):
-            raise TransformError(
-                f"feature view `{view.name}`: the row transform returned {len(derived)} rows "
-                f"for {len(frame)} events; it must return one row per event (filter with where=)"
-            )
-        derived = derived.reset_index(drop=True)
-        for name, dtype in view.columns:
-            try:
-                frame[name] = derived[name].astype(FRAME_DTYPES[dtype])
-            except (TypeError, ValueError) as error:
-                raise TransformError(
-                    f"feature view `{view.name}`: derived column `{name}` cannot be {dtype}: {error}"
-                ) from error
+                f"feature view `{view.name}`: derived column `{name}` cannot be {dtype}: {error}"
+            ) from error
     if view.where is not None:
         mask = load(view.where)(frame)
         if not hasattr(mask, "dtype") or str(mask.dtype) not in ("bool", "boolean"):
@@ -70,3 +70,28 @@ def prepare_events(view: ViewSpec, events: Any) -> Any:
             )
         frame = frame[mask.fillna(False).reset_index(drop=True)].reset_index(drop=True)
     return frame
+
+
+def event_micros(series: Any) -> list[int]:
+    """Event times of a (pandas) column as integer microseconds, UTC."""
+    import pyarrow as pa
+
+    return pa.array(series).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_pylist()  # type: ignore[no-any-return]
+
+
+def plain_values(values: list[Any]) -> list[Any]:
+    """Python values from a frame column: numpy scalars unwrapped, and NaN, pd.NA and
+    NaT turned into None (the value rules treat NaN as null)."""
+    out: list[Any] = []
+    for value in values:
+        if (
+            value is None
+            or (isinstance(value, float) and math.isnan(value))
+            or type(value).__name__ in ("NAType", "NaTType")
+        ):
+            out.append(None)
+        elif hasattr(value, "item") and not isinstance(value, str):
+            out.append(value.item())
+        else:
+            out.append(value)
+    return out

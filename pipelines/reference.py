@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from featurestore.plan.model import AS_OF, FeatureSpec, ViewSpec
 from featurestore.semantics import SCALE_PREFIX, empty_value
-from featurestore.transforms import prepare_events
+from featurestore.transforms import event_micros, plain_values, prepare_events
 from featurestore.windows import expiry_time, window_start
 
 
@@ -41,9 +41,9 @@ def reference_changelog(
     float rounding (see featurestore.semantics).
     """
     frame = prepare_events(view, events)
-    times = _micros(frame[view.event_time])
+    times = event_micros(frame[view.event_time])
     keys = frame[view.entity_key].tolist()
-    columns = {name: _plain(frame[name].tolist()) for name in _inputs(view.features)}
+    columns = {name: plain_values(frame[name].tolist()) for name in _inputs(view.features)}
     by_entity: dict[Any, list[int]] = {}
     for position, key in enumerate(keys):
         by_entity.setdefault(key, []).append(position)
@@ -86,24 +86,6 @@ def reference_changelog(
 
 def _inputs(features: Iterable[FeatureSpec]) -> set[str]:
     return {f.column for f in features if f.column is not None}
-
-
-def _micros(series: pd.Series) -> list[int]:
-    values = pa.array(series).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-    return [int(v) for v in values.to_pylist()]
-
-
-def _plain(values: list[Any]) -> list[Any]:
-    """Python values with NaN and pandas' missing markers turned into None."""
-    out: list[Any] = []
-    for value in values:
-        if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
-            out.append(None)
-        elif hasattr(value, "item") and not isinstance(value, str):
-            out.append(value.item())
-        else:
-            out.append(value)
-    return out
 
 
 def _aggregate(feature: FeatureSpec, inside: list[int], times: list[int], columns: dict[str, list[Any]]) -> Any:

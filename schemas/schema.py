@@ -12,6 +12,7 @@ import pyarrow as pa
 from schemas.dtypes import TIMESTAMP_UTC, dtype_name, parse_dtype
 from schemas.errors import SchemaError
 from schemas.source_location import SourceLocation, caller_location
+from schemas.timestamps import from_micros, to_micros
 
 # Event times outside these bounds are "absurd" (a seconds/ms mix-up, a zero default)
 # and rejected by validation; a schema may widen them.
@@ -111,11 +112,11 @@ class EventSchema:
 
     @property
     def min_time_us(self) -> int:
-        return _to_micros(self.min_time)
+        return to_micros(self.min_time)
 
     @property
     def max_time_us(self) -> int:
-        return _to_micros(self.max_time)
+        return to_micros(self.max_time)
 
     # -- checks -------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -174,19 +175,8 @@ class EventSchema:
             ],
             event_time=data["event_time"],
             entity_keys=data["entity_keys"],
-            min_time=_from_micros(data["min_time_us"]),
-            max_time=_from_micros(data["max_time_us"]),
+            min_time=from_micros(data["min_time_us"]),
+            max_time=from_micros(data["max_time_us"]),
             description=data["description"],
             location=SourceLocation.unknown(),
         )
-
-
-def _to_micros(value: datetime) -> int:
-    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _from_micros(value: int) -> datetime:
-    from datetime import timedelta
-
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=value)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 
 from schemas.dtypes import dtype_name
 from schemas.schema import EventSchema, Field
+from schemas.timestamps import to_micros
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _INT_BOUNDS = {"int64": (-(2**63), 2**63 - 1), "int32": (-(2**31), 2**31 - 1)}
 
@@ -122,8 +122,7 @@ def _check_timestamp(schema: EventSchema, f: Field, value: Any) -> tuple[Any, Pr
             return None, Problem(f.name, expected, f"unparseable string {_short(value)}")
         if parsed.tzinfo is None:
             return None, Problem(f.name, expected, f"timestamp without timezone {_short(value)}")
-        delta = parsed - _EPOCH
-        micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+        micros = to_micros(parsed)
     else:
         return None, Problem(f.name, expected, f"{type(value).__name__} {_short(value)}")
     if not schema.min_time_us <= micros < schema.max_time_us:
@@ -250,8 +249,7 @@ def _parse_times(column: pa.Array, f: Field) -> tuple[pa.Array, Problem | None]:
             except ValueError:
                 moment = None
             if moment is not None and moment.tzinfo is not None:
-                delta = moment - _EPOCH
-                micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+                micros = to_micros(moment)
         parsed.append(micros)
     return pa.array(parsed, pa.int64()).cast(target), None
 

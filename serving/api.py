@@ -17,7 +17,6 @@ import hmac
 import time
 from collections import Counter as Counter_
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -30,12 +29,12 @@ from starlette.routing import Route
 from featurestore.errors import TransientError
 from featurestore.plan.model import Plan
 from featurestore.stores.online import OnlineStore
+from schemas.timestamps import from_micros
 from serving.client import AsyncFeatureClient, FeatureResult, split_references
 from serving.errors import UnknownFeatureError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_ENTITIES = 10_000
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ def _problem(status: int, message: str) -> Response:
 def _iso(as_of_us: int | None) -> str | None:
     if as_of_us is None:
         return None
-    return (_EPOCH + timedelta(microseconds=as_of_us)).isoformat().replace("+00:00", "Z")
+    return from_micros(as_of_us).isoformat().replace("+00:00", "Z")
 
 
 def render(result: FeatureResult) -> dict[str, Any]:

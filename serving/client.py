@@ -17,7 +17,7 @@ import difflib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
@@ -26,9 +26,8 @@ import numpy as np
 from featurestore.plan.model import Plan, ViewSpec
 from featurestore.stores.codec import decode_many
 from featurestore.stores.online import OnlineStore
+from schemas.timestamps import from_micros
 from serving.errors import UnknownFeatureError
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Status(Enum):
@@ -56,7 +55,7 @@ class FeatureResult:
 
     def as_of(self, index: int) -> datetime | None:
         as_of = self.as_of_us[index]
-        return None if as_of is None else _EPOCH + timedelta(microseconds=as_of)
+        return None if as_of is None else from_micros(as_of)
 
     def to_dicts(self) -> list[dict[str, Any]]:
         rows = []

@@ -395,10 +395,7 @@ def backfill(
     settings = _settings(config_file)
     plan = _applied_plan(settings)
     for name in views:
-        try:
-            plan.view(name)
-        except KeyError as error:
-            raise ConfigError(str(error.args[0])) from error
+        _view_or_error(plan, name)
     store = DeltaOfflineStore(settings.offline_dir)
     began = time.perf_counter()
     with _progress() as progress:

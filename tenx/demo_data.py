@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from featurestore.durations import MINUTE, SECOND
+from featurestore.durations import MINUTE
+from schemas.timestamps import from_micros, to_micros
 from schemas.transactions import TRANSACTIONS
 
 COUNTRIES = np.array(["FR", "DE", "ES", "US", "GB", "JP"])
@@ -29,7 +30,6 @@ CURRENCY_OF = {"FR": "EUR", "DE": "EUR", "ES": "EUR", "US": "USD", "GB": "GBP", 
 CATEGORIES = np.array(["grocery", "restaurants", "travel", "electronics", "fuel", "online", "health", "leisure"])
 CATEGORY_WEIGHTS = np.array([0.30, 0.18, 0.05, 0.05, 0.12, 0.20, 0.05, 0.05])
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,6 @@ class DemoSummary:
     bytes_written: int
 
 
-def _micros(value: datetime) -> int:
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * SECOND + delta.microseconds
-
-
 def _popularity(count: int, exponent: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Ids 1..count with Zipf-like weights, the ranks shuffled so popular ids scatter."""
     ranks = np.arange(1, count + 1, dtype=np.float64)
@@ -85,7 +80,7 @@ def generate(config: DemoConfig, *, progress: Callable[[int], None] | None = Non
     user_ids, user_cdf = _popularity(config.users, 0.9, rng)
     merchant_ids, merchant_cdf = _popularity(config.merchants, 1.1, rng)
     per_minute = _minute_counts(config, rng)
-    start_us = _micros(config.start)
+    start_us = to_micros(config.start)
     emitted = 0
     minute = 0
     while minute < len(per_minute):
@@ -233,8 +228,8 @@ def write_demo_data(path: Path, config: DemoConfig, *, progress: Callable[[int],
         path=path,
         events=count,
         malformed=written_bad,
-        first_time=_EPOCH + timedelta(microseconds=first or 0),
-        last_time=_EPOCH + timedelta(microseconds=last or 0),
+        first_time=from_micros(first or 0),
+        last_time=from_micros(last or 0),
         bytes_written=path.stat().st_size,
     )
 
@@ -248,7 +243,7 @@ def _bad_parquet_rows(rows: list[dict[str, Any] | bytes], schema: pa.Schema) -> 
             if name == "event_time" and isinstance(value, str):
                 value = datetime.fromisoformat(value.replace("Z", "+00:00"))
             elif name == "event_time" and isinstance(value, int):
-                value = _EPOCH + timedelta(microseconds=value)
+                value = from_micros(value)
             columns[name].append(value)
     return pa.table(
         {name: pa.array(values, schema.field(name).type) for name, values in columns.items()}, schema=schema

@@ -198,6 +198,11 @@ class ViewSpec:
     def longest_window(self) -> int:
         return max(f.window.length for f in self.features)
 
+    @property
+    def coarsest_tile(self) -> int:
+        """The largest granularity among the view's windows."""
+        return max(f.window.every for f in self.features)
+
     def feature(self, name: str) -> FeatureSpec:
         for candidate in self.features:
             if candidate.name == name:

@@ -33,10 +33,10 @@ from deltalake.transaction import AddAction
 
 from featurestore.errors import TerminalError
 from featurestore.plan.model import AS_OF, SourceSpec, ViewSpec
+from schemas.timestamps import from_micros, to_micros
 
 SEQUENCE = "_seq"
 DATE = "_date"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 REJECTS_SCHEMA = pa.schema(
     [
@@ -60,14 +60,13 @@ class IngestRecord:
 
 
 def micros_to_datetime(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
+    return from_micros(value)
 
 
 def datetime_to_micros(value: datetime) -> int:
     if value.tzinfo is None:
         raise TerminalError(f"{value.isoformat()} has no timezone; give times in UTC (e.g. 2026-01-01T00:00:00Z)")
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return to_micros(value)
 
 
 def _literal(micros: int) -> str:

@@ -51,7 +51,7 @@ def default_range(view: ViewSpec, store: DeltaOfflineStore) -> tuple[int, int] |
     if bounds is None:
         return None
     first, last = bounds
-    return first, last + view.longest_window + max(f.window.every for f in view.features) + 1
+    return first, last + view.longest_window + view.coarsest_tile + 1
 
 
 def backfill_view(
@@ -81,7 +81,7 @@ def backfill_view(
         end = everything[1] if end is None else end
     if end <= start:
         raise TerminalError(f"empty range: --end must be after --start (got {start} .. {end} us)")
-    read_from = start - view.longest_window - max(f.window.every for f in view.features)
+    read_from = start - view.longest_window - view.coarsest_tile
     files = store.event_files(view.source, read_from, end)
     if not files:
         store.write_changelog(view, [], start=start, end=end)

@@ -30,10 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from featurestore.plan.model import AS_OF, FeatureSpec, ViewSpec
+from featurestore.stores.offline import SEQUENCE  # log order: Kafka offset / ingest order
 from featurestore.transforms import prepare_events
 from schemas.dtypes import parse_dtype
-
-SEQUENCE = "_seq"  # log order of events (Kafka offset order / ingest order)
 
 
 def changelog_kernel(

@@ -28,6 +28,7 @@ from typing import Any
 
 from featurestore.plan.model import FeatureSpec, ViewSpec
 from featurestore.semantics import empty_value
+from featurestore.transforms import event_micros, plain_values
 
 # (entity, as_of µs, values in feature order)
 Row = tuple[Any, int, tuple[Any, ...]]
@@ -322,26 +323,10 @@ def events_from_frame(
 ) -> list[tuple[Any, Event]]:
     """(entity, event) pairs from a prepared micro-batch (transform and `where` applied)
     whose rows carry `sequences` (their log positions) in a `_seq` column."""
-    import pyarrow as pa
-
     if len(frame) == 0:
         return []
-    times = pa.array(frame[view.event_time]).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_pylist()
+    times = event_micros(frame[view.event_time])
     keys = frame[view.entity_key].tolist()
-    columns = [_plain(frame[name].tolist()) for name in inputs]
+    columns = [plain_values(frame[name].tolist()) for name in inputs]
     sequence = frame["_seq"].tolist() if "_seq" in frame.columns else sequences
     return [(keys[i], (times[i], sequence[i], tuple(column[i] for column in columns))) for i in range(len(keys))]
-
-
-def _plain(values: list[Any]) -> list[Any]:
-    out: list[Any] = []
-    for value in values:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            out.append(None)
-        elif hasattr(value, "item") and not isinstance(value, str):
-            out.append(value.item())
-        elif type(value).__name__ in ("NAType", "NaTType"):
-            out.append(None)
-        else:
-            out.append(value)
-    return out

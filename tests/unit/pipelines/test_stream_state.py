@@ -98,8 +98,6 @@ def accepted_events(view: ViewSpec, frame: pd.DataFrame, cuts: list[int]) -> pd.
 
 
 def last_per_entity(table: pa.Table, view: ViewSpec) -> pa.Table:
-    from featurestore.semantics import SCALE_PREFIX
-
     rows = table.to_pylist()
     latest: dict[Any, dict[str, Any]] = {}
     for row in rows:
@@ -109,7 +107,6 @@ def last_per_entity(table: pa.Table, view: ViewSpec) -> pa.Table:
     names = list(table.schema.names)
     ordered = [latest[k] for k in sorted(latest)]
     out = pa.table({n: pa.array([r[n] for r in ordered], table.schema.field(n).type) for n in names})
-    _ = SCALE_PREFIX
     return out
 
 
