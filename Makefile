@@ -27,7 +27,7 @@ format:
 	$(BIN)/ruff check --fix .
 
 bench:  ## benchmarks: each prints a table and writes JSON under bench/results/
-	@set -e; for script in bench/*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(BIN)/python $$script; done
+	@set -e; for script in bench/[!_]*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(BIN)/python $$script; done
 
 services-up:
 	scripts/services up

@@ -71,6 +71,9 @@ from featurestore import Entity, Max, Mean, Min, Source, Std, Sum, feature_view
 from featurestore.plan import AS_OF, Plan, ViewSpec, compile_definitions
 from schemas import TRANSACTIONS
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _redis_keys import unlink_matching
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 RAW_PREFIX = "tenxbench:raw"  # raw baseline keys: {RAW_PREFIX}:{entity}
@@ -170,23 +173,6 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     began = time.perf_counter()
     result = fn()
     return time.perf_counter() - began, result
-
-
-def unlink_matching(client: Any, pattern: str, cap_s: float = 120.0) -> int:
-    """Delete the keys matching `pattern` (SCAN + UNLINK); the number deleted."""
-    deleted = 0
-    deadline = time.perf_counter() + cap_s
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=pattern, count=10_000):
-        batch.append(key)
-        if len(batch) >= 10_000:
-            deleted += client.unlink(*batch)
-            batch = []
-        if time.perf_counter() > deadline:
-            raise SystemExit(f"deleting {pattern} took over {cap_s:.0f} s")
-    if batch:
-        deleted += client.unlink(*batch)
-    return deleted
 
 
 def proc_cpu_s(pid: int) -> float:

@@ -73,6 +73,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _redis_keys import unlink_matching
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 REPO = ROOT / "tenx" / "templates" / "repo"
@@ -153,23 +156,6 @@ def create_topic(admin: Any, topic: str, partitions: int, cap_s: float = 30.0) -
         if time.monotonic() > deadline:
             raise SystemExit(f"topic {topic} not ready {cap_s:.0f} s after creation")
         time.sleep(0.05)
-
-
-def unlink_matching(client: Any, pattern: str, cap_s: float = 120.0) -> int:
-    """Delete the keys matching `pattern` (SCAN + UNLINK); the number deleted."""
-    deleted = 0
-    deadline = time.perf_counter() + cap_s
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=pattern, count=10_000):
-        batch.append(key)
-        if len(batch) >= 10_000:
-            deleted += client.unlink(*batch)
-            batch = []
-        if time.perf_counter() > deadline:
-            raise SystemExit(f"deleting {pattern} took over {cap_s:.0f} s")
-    if batch:
-        deleted += client.unlink(*batch)
-    return deleted
 
 
 def count_matching(client: Any, pattern: str) -> int:
