@@ -1,0 +1,655 @@
+"""The stream state `tenx stream` runs: one view, one shard of entities, tiles held in
+numpy columns and updated a micro-batch at a time (no Python loop over events except to
+map entity keys and new tiles to slots).
+
+It emits what can become an online value (the `Emit.LATEST` rows of
+`pipelines.stream.state.ViewState`, the pure-Python state that also emits the full
+changelog): after each micro-batch one row per touched entity at its newest event time,
+and, as the watermark passes window expiries after an entity's newest event, one row at
+the newest such expiry. Values follow `featurestore.semantics`; the tests hold it to
+`ViewState` and the reference engine.
+
+Why this is exact without a raw tail: every point evaluated is at or after all of the
+entity's applied events (its newest event, or an expiry after it), so the window as of
+point p is the entity's tiles with start >= tile(p) - W + g: a suffix of its tiles in
+start order. Each tile of granularity g keeps per input column the count, sum, min,
+max, mean and M2 (Welford, merged with Chan's formula) and last (time, sequence,
+value) of its non-null values, only those the view's features need.
+
+Layout: per granularity a `_Tiles` table, slot i = one (entity, tile start); per entity
+the sorted tile starts and their slots (Python lists: a window is `bisect` + a slice);
+per tile start its slots (for expiries and for forgetting tiles no window reaches).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from featurestore.plan.model import ViewSpec
+from featurestore.transforms import plain_values
+
+INT_MIN = np.iinfo(np.int64).min
+_NEVER = -(2**62)  # "no time yet" that survives subtracting a lateness
+_FOREVER = 2**62  # a watermark past every expiry (end of a bounded input)
+_INITIAL = 1024
+
+
+# -- micro-batches in and out ---------------------------------------------------------------
+
+
+@dataclass
+class EventBatch:
+    """Events of one view in log order, columnar: what crosses workers (numpy arrays and a
+    list of keys pickle as a few buffers, not one object per event)."""
+
+    keys: list[Any]
+    times: np.ndarray  # int64 µs
+    sequences: np.ndarray  # int64 log position (Last tie-break)
+    values: list[np.ndarray]  # per input column: int64 / float64 (nulls filled) or object
+    valid: list[np.ndarray]  # per input column: non-null
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self, index: np.ndarray) -> EventBatch:
+        keys = self.keys
+        return EventBatch(
+            [keys[i] for i in index.tolist()],
+            self.times[index],
+            self.sequences[index],
+            [v[index] for v in self.values],
+            [v[index] for v in self.valid],
+        )
+
+    @staticmethod
+    def concat(batches: list[EventBatch]) -> EventBatch:
+        if len(batches) == 1:
+            return batches[0]
+        return EventBatch(
+            [k for b in batches for k in b.keys],
+            np.concatenate([b.times for b in batches]),
+            np.concatenate([b.sequences for b in batches]),
+            [np.concatenate(c) for c in zip(*(b.values for b in batches), strict=True)],
+            [np.concatenate(c) for c in zip(*(b.valid for b in batches), strict=True)],
+        )
+
+
+@dataclass
+class RowBatch:
+    """Rows (entity, as_of, feature vector), columnar: values[i] holds feature i for every
+    row, nulls[i] marks its nulls (None: no nulls)."""
+
+    keys: list[Any]
+    as_of: np.ndarray  # int64 µs
+    values: list[np.ndarray]
+    nulls: list[np.ndarray | None]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rows(self) -> list[tuple[Any, int, tuple[Any, ...]]]:
+        """Plain Python rows, like `ViewState` emits (None for null)."""
+        columns = []
+        for values, nulls in zip(self.values, self.nulls, strict=True):
+            column = values.tolist()
+            if nulls is not None:
+                for index in np.flatnonzero(nulls).tolist():
+                    column[index] = None
+            columns.append(column)
+        vectors = zip(*columns, strict=True) if columns else ((),) * len(self.keys)
+        return list(zip(self.keys, self.as_of.tolist(), (tuple(v) for v in vectors), strict=True))
+
+    @staticmethod
+    def empty(features: int) -> RowBatch:
+        return RowBatch([], np.empty(0, np.int64), [np.empty(0) for _ in range(features)], [None] * features)
+
+    @staticmethod
+    def concat(batches: list[RowBatch]) -> RowBatch:
+        nonempty = [b for b in batches if len(b)]
+        if len(nonempty) <= 1:
+            return nonempty[0] if nonempty else batches[0]
+        batches = nonempty
+        nulls: list[np.ndarray | None] = []
+        for index in range(len(batches[0].values)):
+            parts = [b.nulls[index] for b in batches]
+            if all(p is None for p in parts):
+                nulls.append(None)
+            else:
+                nulls.append(
+                    np.concatenate(
+                        [np.zeros(len(b), bool) if p is None else p for b, p in zip(batches, parts, strict=True)]
+                    )
+                )
+        return RowBatch(
+            [k for b in batches for k in b.keys],
+            np.concatenate([b.as_of for b in batches]),
+            [np.concatenate(c) for c in zip(*(b.values for b in batches), strict=True)],
+            nulls,
+        )
+
+
+def input_dtype(view: ViewSpec, name: str) -> str:
+    """The declared dtype of an input column (a derived column or a source field)."""
+    for column, dtype in view.columns:
+        if column == name:
+            return dtype
+    from schemas.dtypes import dtype_name
+
+    return dtype_name(view.source.schema.field(name).dtype)
+
+
+def batch_from_frame(view: ViewSpec, frame: Any, inputs: tuple[str, ...]) -> EventBatch:
+    """An EventBatch from a prepared micro-batch (transform and `where` applied) whose rows
+    carry their log positions in a `_seq` column."""
+    import pyarrow as pa
+
+    times = pa.array(frame[view.event_time]).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    values: list[np.ndarray] = []
+    valid: list[np.ndarray] = []
+    for name in inputs:
+        dtype = input_dtype(view, name)
+        series = frame[name]
+        present = series.notna().to_numpy(dtype=bool)
+        if dtype.startswith("int"):
+            values.append(
+                series.to_numpy(dtype=np.float64 if series.dtype.kind == "f" else None, na_value=0).astype(np.int64)
+            )
+        elif dtype.startswith("float"):
+            values.append(series.to_numpy(dtype=np.float64, na_value=0.0))
+        else:
+            values.append(np.array(plain_values(series.tolist()), dtype=object))
+        valid.append(present)
+    return EventBatch(
+        frame[view.entity_key].tolist(),
+        times.to_numpy(zero_copy_only=False).astype(np.int64, copy=False),
+        frame["_seq"].to_numpy(dtype=np.int64),
+        values,
+        valid,
+    )
+
+
+# -- tiles ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Column:
+    name: str
+    integer: bool
+    numeric: bool
+    total: bool
+    extremes: tuple[bool, bool]  # min, max
+    moments: bool
+    last: bool
+
+    @property
+    def number(self) -> Any:
+        return np.int64 if self.integer else np.float64
+
+    @property
+    def high(self) -> Any:
+        return np.iinfo(np.int64).max if self.integer else np.inf
+
+    @property
+    def low(self) -> Any:
+        return INT_MIN if self.integer else -np.inf
+
+
+def _columns(view: ViewSpec, inputs: tuple[str, ...]) -> list[_Column]:
+    out = []
+    for name in inputs:
+        kinds = {f.kind for f in view.features if f.column == name}
+        dtype = input_dtype(view, name)
+        integer = dtype.startswith("int")
+        out.append(
+            _Column(
+                name,
+                integer,
+                integer or dtype.startswith("float"),
+                total=bool(kinds & {"sum", "mean"}),
+                extremes=("min" in kinds, "max" in kinds),
+                moments="std" in kinds,
+                last="last" in kinds,
+            )
+        )
+    return out
+
+
+class _Tiles:
+    """The tiles of one granularity: numpy columns indexed by slot, and the indexes."""
+
+    def __init__(self, every: int, columns: list[_Column]) -> None:
+        self.every = every
+        self.columns = columns
+        self.capacity = 0
+        self.used = 0
+        self.free: list[int] = []
+        self.index: dict[tuple[int, int], int] = {}  # (entity id, start) -> slot
+        self.entity_starts: dict[int, list[int]] = {}  # sorted
+        self.entity_slots: dict[int, list[int]] = {}  # parallel to entity_starts
+        self.by_start: dict[int, list[int]] = {}
+        self.starts: list[int] = []  # sorted keys of by_start
+        self.arrays: dict[str, np.ndarray] = {}
+        self._grow(_INITIAL)
+
+    def _specs(self) -> list[tuple[str, Any, Any]]:
+        """(array name, dtype, reset value) for every array a tile needs."""
+        specs: list[tuple[str, Any, Any]] = [("eid", np.int64, -1), ("start", np.int64, 0), ("events", np.int64, 0)]
+        for i, c in enumerate(self.columns):
+            specs.append((f"count{i}", np.int64, 0))
+            if c.total:
+                specs.append((f"total{i}", c.number, 0))
+            if c.extremes[0]:
+                specs.append((f"min{i}", c.number, c.high))
+            if c.extremes[1]:
+                specs.append((f"max{i}", c.number, c.low))
+            if c.moments:
+                specs += [(f"mean{i}", np.float64, 0.0), (f"m2{i}", np.float64, 0.0)]
+            if c.last:
+                value_dtype = c.number if c.numeric else object
+                specs += [
+                    (f"ltime{i}", np.int64, INT_MIN),
+                    (f"lseq{i}", np.int64, INT_MIN),
+                    (f"last{i}", value_dtype, 0 if c.numeric else None),
+                ]
+        return specs
+
+    def _grow(self, capacity: int) -> None:
+        for name, dtype, reset in self._specs():
+            array = np.empty(capacity, dtype=dtype)
+            if reset is not None:
+                array[:] = reset
+            old = self.arrays.get(name)
+            if old is not None:
+                array[: len(old)] = old
+            self.arrays[name] = array
+        self.capacity = capacity
+
+    def allocate(self, count: int) -> list[int]:
+        reused = self.free[len(self.free) - count :] if count <= len(self.free) else list(self.free)
+        del self.free[len(self.free) - len(reused) :]
+        fresh = count - len(reused)
+        if self.used + fresh > self.capacity:
+            self._grow(max(self.capacity * 2, self.used + fresh))
+        slots = reused + list(range(self.used, self.used + fresh))
+        self.used += fresh
+        if reused:
+            where = np.array(reused, dtype=np.int64)
+            for name, _, reset in self._specs():
+                self.arrays[name][where] = reset
+        return slots
+
+    def fold(self, eids: np.ndarray, times: np.ndarray, sequences: np.ndarray, batch: EventBatch) -> None:
+        """Add events (entity ids, times ...) to their tiles, creating tiles as needed."""
+        n = len(times)
+        every = self.every
+        starts = times - times % every
+        order = np.lexsort((sequences, times, starts, eids))
+        e_sorted, s_sorted = eids[order], starts[order]
+        first = np.ones(n, dtype=bool)
+        first[1:] = (e_sorted[1:] != e_sorted[:-1]) | (s_sorted[1:] != s_sorted[:-1])
+        segments = np.flatnonzero(first)
+        lengths = np.diff(np.append(segments, n))
+        pairs = list(zip(e_sorted[segments].tolist(), s_sorted[segments].tolist(), strict=True))
+        index = self.index
+        slots = [index.get(pair, -1) for pair in pairs]
+        missing = [i for i, slot in enumerate(slots) if slot < 0]
+        if missing:
+            fresh = self.allocate(len(missing))
+            for i, new in zip(missing, fresh, strict=True):
+                eid, start = pairs[i]
+                slots[i] = new
+                index[(eid, start)] = new
+                self._link(eid, start, new)
+            where = np.array(fresh, dtype=np.int64)
+            self.arrays["eid"][where] = e_sorted[segments][missing]
+            self.arrays["start"][where] = s_sorted[segments][missing]
+        slot = np.array(slots, dtype=np.int64)
+        a = self.arrays
+        a["events"][slot] += lengths
+        t_sorted, q_sorted = times[order], sequences[order]
+        for i, column in enumerate(self.columns):
+            present = batch.valid[i][order]
+            x = batch.values[i][order]
+            count = a[f"count{i}"]
+            n_b = np.add.reduceat(present.astype(np.int64), segments)
+            if column.total or column.moments:
+                zeroed = np.where(present, x, 0)
+                s_b = np.add.reduceat(zeroed, segments)
+                if column.total:
+                    a[f"total{i}"][slot] += s_b
+            if column.extremes[0]:
+                m = np.minimum.reduceat(np.where(present, x, column.high), segments)
+                a[f"min{i}"][slot] = np.minimum(a[f"min{i}"][slot], m)
+            if column.extremes[1]:
+                m = np.maximum.reduceat(np.where(present, x, column.low), segments)
+                a[f"max{i}"][slot] = np.maximum(a[f"max{i}"][slot], m)
+            if column.moments:
+                has = n_b > 0
+                mean_b = np.divide(s_b, n_b, out=np.zeros(len(n_b)), where=has)
+                segment_of = np.repeat(np.arange(len(segments)), lengths)
+                deviation = np.where(present, x - mean_b[segment_of], 0.0)
+                m2_b = np.add.reduceat(deviation * deviation, segments)
+                n_a = count[slot].astype(np.float64)
+                mean_a, m2_a = a[f"mean{i}"][slot], a[f"m2{i}"][slot]
+                total = n_a + n_b
+                safe = np.where(has, total, 1.0)
+                delta = mean_b - mean_a
+                a[f"mean{i}"][slot] = np.where(has, mean_a + delta * n_b / safe, mean_a)
+                a[f"m2{i}"][slot] = np.where(has, m2_a + m2_b + delta * delta * n_a * n_b / safe, m2_a)
+            if column.last:
+                position = np.maximum.reduceat(np.where(present, np.arange(n), -1), segments)
+                has = position >= 0
+                candidate = position[has]
+                target = slot[has]
+                c_time, c_seq = t_sorted[candidate], q_sorted[candidate]
+                o_time, o_seq = a[f"ltime{i}"][target], a[f"lseq{i}"][target]
+                newer = (c_time > o_time) | ((c_time == o_time) & (c_seq >= o_seq))
+                target, candidate = target[newer], candidate[newer]
+                a[f"ltime{i}"][target] = c_time[newer]
+                a[f"lseq{i}"][target] = c_seq[newer]
+                a[f"last{i}"][target] = x[candidate]
+            count[slot] += n_b
+
+    def _link(self, eid: int, start: int, slot: int) -> None:
+        starts = self.entity_starts.get(eid)
+        if starts is None:
+            self.entity_starts[eid] = [start]
+            self.entity_slots[eid] = [slot]
+        elif start > starts[-1]:
+            starts.append(start)
+            self.entity_slots[eid].append(slot)
+        else:
+            at = bisect.bisect_left(starts, start)
+            starts.insert(at, start)
+            self.entity_slots[eid].insert(at, slot)
+        members = self.by_start.get(start)
+        if members is None:
+            self.by_start[start] = [slot]
+            if not self.starts or start > self.starts[-1]:
+                self.starts.append(start)
+            else:
+                bisect.insort(self.starts, start)
+        else:
+            members.append(slot)
+
+    def forget_before(self, horizon: int) -> set[int]:
+        """Drop every tile starting before `horizon`; returns the entity ids that lost
+        their last tile."""
+        cut = bisect.bisect_left(self.starts, horizon)
+        if cut == 0:
+            return set()
+        emptied: set[int] = set()
+        eid_of = self.arrays["eid"]
+        for start in self.starts[:cut]:
+            for slot in self.by_start.pop(start):
+                eid = int(eid_of[slot])
+                del self.index[(eid, start)]
+                starts, slots = self.entity_starts[eid], self.entity_slots[eid]
+                # Tiles leave in start order, so an entity's oldest tile goes first.
+                del starts[0], slots[0]
+                if not starts:
+                    del self.entity_starts[eid], self.entity_slots[eid]
+                    emptied.add(eid)
+                self.free.append(slot)
+        del self.starts[:cut]
+        return emptied
+
+    def window(self, eids: list[int], lowers: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Slots of each entity's tiles starting at or after its lower bound (all its
+        tiles end before the point evaluated), concatenated, and how many per entity."""
+        gathered: list[int] = []
+        lengths: list[int] = []
+        entity_starts, entity_slots = self.entity_starts, self.entity_slots
+        for eid, lower in zip(eids, lowers, strict=True):
+            starts = entity_starts.get(eid)
+            if starts is None:
+                lengths.append(0)
+                continue
+            at = 0 if lower <= starts[0] else bisect.bisect_left(starts, lower)
+            chosen = entity_slots[eid][at:]
+            gathered.extend(chosen)
+            lengths.append(len(chosen))
+        return np.array(gathered, dtype=np.int64), np.array(lengths, dtype=np.int64)
+
+
+@dataclass
+class _Window:
+    """Aggregates of one window for a set of rows (entities at points)."""
+
+    events: np.ndarray
+    count: list[np.ndarray] = field(default_factory=list)
+    total: list[np.ndarray | None] = field(default_factory=list)
+    minimum: list[np.ndarray | None] = field(default_factory=list)
+    maximum: list[np.ndarray | None] = field(default_factory=list)
+    m2: list[np.ndarray | None] = field(default_factory=list)
+    last: list[np.ndarray | None] = field(default_factory=list)
+
+
+def _aggregate(tiles: _Tiles, slots: np.ndarray, lengths: np.ndarray) -> _Window:
+    rows = len(lengths)
+    nonempty = lengths > 0
+    offsets = (np.cumsum(lengths) - lengths)[nonempty]
+    a = tiles.arrays
+
+    def reduce(ufunc: Any, values: np.ndarray, fill: Any, dtype: Any = None) -> np.ndarray:
+        out = np.full(rows, fill, dtype=dtype or values.dtype)
+        if len(offsets):
+            out[nonempty] = ufunc.reduceat(values, offsets)
+        return out
+
+    window = _Window(reduce(np.add, a["events"][slots], 0))
+    for i, column in enumerate(tiles.columns):
+        count = a[f"count{i}"][slots]
+        window.count.append(reduce(np.add, count, 0))
+        window.total.append(reduce(np.add, a[f"total{i}"][slots], 0) if column.total else None)
+        window.minimum.append(reduce(np.minimum, a[f"min{i}"][slots], column.high) if column.extremes[0] else None)
+        window.maximum.append(reduce(np.maximum, a[f"max{i}"][slots], column.low) if column.extremes[1] else None)
+        if column.moments:
+            n = count.astype(np.float64)
+            mean = a[f"mean{i}"][slots]
+            total_n = window.count[i].astype(np.float64)
+            weighted = reduce(np.add, n * mean, 0.0)
+            centre = np.divide(weighted, total_n, out=np.zeros(rows), where=total_n > 0)
+            row_of = np.repeat(np.arange(rows), lengths)
+            spread = a[f"m2{i}"][slots] + n * (mean - centre[row_of]) ** 2
+            window.m2.append(reduce(np.add, spread, 0.0))
+        else:
+            window.m2.append(None)
+        if column.last:
+            position = reduce(np.maximum, np.where(count > 0, np.arange(len(slots)), -1), -1, np.int64)
+            values = a[f"last{i}"]
+            found = position >= 0
+            last = np.empty(rows, dtype=values.dtype)
+            last[found] = values[slots[position[found]]]
+            if values.dtype != object:
+                last[~found] = 0
+            window.last.append(last)
+        else:
+            window.last.append(None)
+    return window
+
+
+# -- the state --------------------------------------------------------------------------------
+
+
+class LatestState:
+    """Online rows of one view for one shard of entities (see the module docstring)."""
+
+    def __init__(self, view: ViewSpec) -> None:
+        self.view = view
+        self.inputs: tuple[str, ...] = tuple(sorted({f.column for f in view.features if f.column is not None}))
+        self.lateness = view.source.allowed_lateness
+        self.granularities = sorted({f.window.every for f in view.features})
+        self.windows = sorted({(f.window.length, f.window.every) for f in view.features})
+        self.reach = {g: max(w for w, e in self.windows if e == g) for g in self.granularities}
+        self._column_index = {name: i for i, name in enumerate(self.inputs)}
+        self._reset()
+
+    def _reset(self) -> None:
+        columns = _columns(self.view, self.inputs)
+        self.tables = {g: _Tiles(g, columns) for g in self.granularities}
+        self.ids: dict[Any, int] = {}
+        self.keys: list[Any] = []
+        self.free_ids: list[int] = []
+        self.heads = np.full(_INITIAL, INT_MIN, dtype=np.int64)
+        self.max_time: int | None = None
+        self.expired_through: int | None = None  # expiries up to here are emitted
+
+    @property
+    def watermark(self) -> int | None:
+        return None if self.max_time is None else self.max_time - self.lateness
+
+    @property
+    def entity_count(self) -> int:
+        return len(self.ids)
+
+    def apply(self, batch: EventBatch) -> tuple[RowBatch, np.ndarray]:
+        """Apply a micro-batch (log order). Returns a row per entity it touched (at the
+        entity's newest event time) and the positions of the late events (not applied:
+        older than the watermark when they arrived)."""
+        if len(batch) == 0:
+            return RowBatch.empty(len(self.view.features)), np.empty(0, np.int64)
+        prior = _NEVER if self.max_time is None else self.max_time
+        running = np.maximum.accumulate(np.concatenate([np.array([prior], np.int64), batch.times]))[1:]
+        late = batch.times < running - self.lateness
+        self.max_time = int(running[-1])
+        late_positions = np.flatnonzero(late)
+        if len(late_positions):
+            batch = batch.take(np.flatnonzero(~late))
+            if len(batch) == 0:
+                return RowBatch.empty(len(self.view.features)), late_positions
+        eids = self._entity_ids(batch.keys)
+        np.maximum.at(self.heads, eids, batch.times)
+        for tiles in self.tables.values():
+            tiles.fold(eids, batch.times, batch.sequences, batch)
+        touched = np.unique(eids)
+        return self._evaluate(touched, self.heads[touched]), late_positions
+
+    def advance(self, watermark: int | None = None) -> RowBatch:
+        """Rows for the window expiries the watermark has passed that come after an
+        entity's newest event (the newest one per entity), then forget the tiles no
+        window reaches any more."""
+        limit = self.watermark if watermark is None else watermark
+        if limit is None or (self.expired_through is not None and limit <= self.expired_through):
+            return RowBatch.empty(len(self.view.features))
+        previous = _NEVER if self.expired_through is None else self.expired_through
+        best: dict[int, int] = {}
+        for length, every in self.windows:
+            tiles = self.tables[every]
+            low = bisect.bisect_right(tiles.starts, previous - length)
+            high = bisect.bisect_right(tiles.starts, limit - length)
+            if low == high:
+                continue
+            slots = np.array([s for start in tiles.starts[low:high] for s in tiles.by_start[start]], dtype=np.int64)
+            eids = tiles.arrays["eid"][slots]
+            expiries = tiles.arrays["start"][slots] + length
+            after = expiries > self.heads[eids]
+            for eid, expiry in zip(eids[after].tolist(), expiries[after].tolist(), strict=True):
+                if expiry > best.get(eid, INT_MIN):
+                    best[eid] = expiry
+        self.expired_through = limit
+        rows = RowBatch.empty(len(self.view.features))
+        if best:
+            rows = self._evaluate(np.fromiter(best.keys(), np.int64), np.fromiter(best.values(), np.int64))
+        if limit < _FOREVER:
+            self._forget(limit)
+        return rows
+
+    def flush(self) -> RowBatch:
+        """End of a bounded input: the last expiry row of every entity."""
+        rows = self.advance(_FOREVER)
+        self._reset()
+        return rows
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _entity_ids(self, keys: list[Any]) -> np.ndarray:
+        ids = self.ids
+        out = []
+        for key in keys:
+            eid = ids.get(key)
+            if eid is None:
+                if self.free_ids:
+                    eid = self.free_ids.pop()
+                    self.keys[eid] = key
+                else:
+                    eid = len(self.keys)
+                    self.keys.append(key)
+                    if eid >= len(self.heads):
+                        grown = np.full(len(self.heads) * 2, INT_MIN, dtype=np.int64)
+                        grown[: len(self.heads)] = self.heads
+                        self.heads = grown
+                self.heads[eid] = INT_MIN
+                ids[key] = eid
+            out.append(eid)
+        return np.array(out, dtype=np.int64)
+
+    def _forget(self, boundary: int) -> None:
+        emptied: set[int] = set()
+        for every, tiles in self.tables.items():
+            emptied |= tiles.forget_before(boundary - self.reach[every] - every)
+        for eid in emptied:
+            if any(eid in tiles.entity_starts for tiles in self.tables.values()):
+                continue
+            del self.ids[self.keys[eid]]
+            self.keys[eid] = None
+            self.heads[eid] = INT_MIN
+            self.free_ids.append(eid)
+
+    def _evaluate(self, eids: np.ndarray, points: np.ndarray) -> RowBatch:
+        """The view's vectors for entities at points (each at or after the entity's
+        newest event)."""
+        eid_list = eids.tolist()
+        windows: dict[tuple[int, int], _Window] = {}
+        for length, every in self.windows:
+            lowers = (points - points % every - length + every).tolist()
+            slots, lengths = self.tables[every].window(eid_list, lowers)
+            windows[(length, every)] = _aggregate(self.tables[every], slots, lengths)
+        values: list[np.ndarray] = []
+        nulls: list[np.ndarray | None] = []
+        for feature in self.view.features:
+            window = windows[(feature.window.length, feature.window.every)]
+            value, null = _feature(feature.kind, feature.dtype, window, self._column_index.get(feature.column or ""))
+            values.append(value)
+            nulls.append(null)
+        keys = self.keys
+        return RowBatch([keys[e] for e in eid_list], points.astype(np.int64), values, nulls)
+
+
+def _feature(kind: str, dtype: str, window: _Window, column: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    if column is None:  # Count()
+        return window.events, None
+    count = window.count[column]
+    if kind == "count":
+        return count, None
+    empty = count == 0
+    if kind == "sum":
+        total = window.total[column]
+        assert total is not None
+        return (total.astype(np.int64) if dtype.startswith("int") else total.astype(np.float64)), None
+    if kind == "mean":
+        total = window.total[column]
+        assert total is not None
+        return np.divide(total, count, out=np.zeros(len(count)), where=~empty), _or_none(empty)
+    if kind == "std":
+        m2 = window.m2[column]
+        assert m2 is not None
+        variance = np.divide(m2, count, out=np.zeros(len(count)), where=~empty)
+        return np.sqrt(np.maximum(variance, 0.0)), _or_none(empty)
+    chosen = {"min": window.minimum, "max": window.maximum, "last": window.last}.get(kind)
+    if chosen is None:
+        raise ValueError(f"unknown aggregation kind {kind!r}")
+    value = chosen[column]
+    assert value is not None
+    if value.dtype == object:
+        value = value.copy()
+        value[empty] = None
+    return value, _or_none(empty)
+
+
+def _or_none(mask: np.ndarray) -> np.ndarray | None:
+    return mask if bool(mask.any()) else None

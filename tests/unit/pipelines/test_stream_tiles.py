@@ -1,0 +1,124 @@
+"""The columnar stream state (`tenx stream`'s) serves exactly what the pure-Python state
+serves: after every micro-batch, the online value of every entity (newer-or-equal
+as_of wins, as the stores write) is the same, and the same events are late. Through
+`ViewState` it equals the reference engine (tests/unit/pipelines/test_stream_state.py)."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+from typing import Any
+
+import hypothesis.strategies as st
+import numpy as np
+import pandas as pd
+from hypothesis import given
+
+from featurestore.plan import ViewSpec
+from featurestore.semantics import values_match
+from featurestore.transforms import prepare_events
+from pipelines.stream.state import Emit, ViewState, events_from_frame
+from pipelines.stream.tiles import EventBatch, LatestState, RowBatch, batch_from_frame
+from tests.unit.pipelines.test_kernel_parity import VIEWS, logs
+
+Online = dict[Any, tuple[int, tuple[Any, ...]]]
+
+
+def serve(online: Online, rows: list[tuple[Any, int, tuple[Any, ...]]]) -> None:
+    for entity, as_of, values in rows:
+        current = online.get(entity)
+        if current is None or as_of >= current[0]:
+            online[entity] = (as_of, values)
+
+
+def replay(view: ViewSpec, frame: pd.DataFrame, cuts: list[int], *, snapshot: bool = False) -> list[Any]:
+    """Both states fed the same micro-batches; per batch: (python online, columnar
+    online, python late sequences, columnar late sequences)."""
+    python, columnar = ViewState(view, Emit.LATEST), LatestState(view)
+    python_online: Online = {}
+    columnar_online: Online = {}
+    frame = frame.assign(_seq=range(len(frame)))
+    steps = []
+    bounds = sorted({0, len(frame), *[c for c in cuts if 0 < c < len(frame)]})
+    for low, high in itertools.pairwise(bounds):
+        batch = prepare_events(view, frame.iloc[low:high])
+        rows, late = python.apply(events_from_frame(view, batch, python.inputs, []))
+        serve(python_online, rows + python.advance())
+        events = batch_from_frame(view, batch, columnar.inputs)
+        emitted, late_positions = columnar.apply(events)
+        serve(columnar_online, emitted.rows() + columnar.advance().rows())
+        if snapshot:  # what Bytewax recovery does between epochs
+            columnar = pickle.loads(pickle.dumps(columnar))
+        late_python = [event[1] for _, event in late]
+        late_columnar = events.sequences[late_positions].tolist()
+        steps.append((dict(python_online), dict(columnar_online), late_python, late_columnar))
+    serve(python_online, python.flush())
+    serve(columnar_online, columnar.flush().rows())
+    steps.append((python_online, columnar_online, [], []))
+    return steps
+
+
+def assert_same_online(view: ViewSpec, expected: Online, got: Online) -> None:
+    assert sorted(expected) == sorted(got)
+    kinds = [f.kind for f in view.features]
+    for entity, (as_of, values) in expected.items():
+        got_as_of, got_values = got[entity]
+        assert got_as_of == as_of, entity
+        for name, kind, a, b in zip(view.feature_names, kinds, values, got_values, strict=True):
+            # Both states add floats in tile order; Std differs only in the merge formula.
+            assert values_match(a, b, kind=kind, scale=1e12), (entity, name, a, b)
+            assert type(a) is type(b) or a is None or b is None, (name, a, b)
+
+
+@given(frame=logs(), view_index=st.integers(0, len(VIEWS) - 1), cuts=st.lists(st.integers(0, 40), max_size=6))
+def test_columnar_state_serves_what_the_python_state_serves(
+    frame: pd.DataFrame, view_index: int, cuts: list[int]
+) -> None:
+    view = VIEWS[view_index]
+    for python_online, columnar_online, late_python, late_columnar in replay(view, frame, cuts):
+        assert late_columnar == late_python
+        assert_same_online(view, python_online, columnar_online)
+
+
+@given(frame=logs(), cuts=st.lists(st.integers(0, 40), max_size=6))
+def test_columnar_state_survives_a_snapshot_between_batches(frame: pd.DataFrame, cuts: list[int]) -> None:
+    view = VIEWS[1]
+    for python_online, columnar_online, _, _ in replay(view, frame, cuts, snapshot=True):
+        assert_same_online(view, python_online, columnar_online)
+
+
+def test_state_forgets_tiles_and_entities_no_window_reaches() -> None:
+    view = VIEWS[0]  # one 10-minute window in 5-minute tiles, 5 minutes of lateness
+    state = LatestState(view)
+    assert state.inputs == ("amount", "label", "value")
+    minute = 60_000_000
+
+    def batch(entity: int, minutes: float, sequence: int) -> EventBatch:
+        return EventBatch(
+            [entity],
+            np.array([int(minutes * minute)], np.int64),
+            np.array([sequence], np.int64),
+            [np.array([1], np.int64), np.array(["a"], dtype=object), np.array([1.0])],  # amount, label, value
+            [np.array([True]), np.array([True]), np.array([True])],
+        )
+
+    state.apply(batch(1, 0, 0))
+    state.apply(batch(2, 1, 1))
+    assert state.entity_count == 2
+    rows, _ = state.apply(batch(3, 60, 2))  # watermark 55 min: entities 1 and 2 expired
+    expired = state.advance()
+    assert sorted(expired.keys) == [1, 2]
+    assert expired.as_of.tolist() == [10 * minute, 10 * minute]
+    count = view.feature_names.index("count_10m")
+    assert expired.values[count].tolist() == [0, 0]
+    assert state.entity_count == 1  # tiles of 1 and 2 forgotten, and the entities
+    assert sum(len(t.index) for t in state.tables.values()) == 1
+    assert len(rows) == 1 and rows.keys == [3]
+
+
+def test_row_batches_concatenate_keeping_types_and_nulls() -> None:
+    a = RowBatch([1], np.array([5], np.int64), [np.array([2], np.int64), np.array([0.5])], [None, np.array([True])])
+    b = RowBatch([2], np.array([6], np.int64), [np.array([3], np.int64), np.array([1.5])], [None, None])
+    both = RowBatch.concat([RowBatch.empty(2), a, b])
+    assert both.rows() == [(1, 5, (2, None)), (2, 6, (3, 1.5))]
+    assert both.values[0].dtype == np.int64
