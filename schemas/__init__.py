@@ -5,7 +5,14 @@ from schemas.errors import SchemaError, ValidationError
 from schemas.schema import EventSchema, Field
 from schemas.source_location import SourceLocation
 from schemas.transactions import TRANSACTIONS
-from schemas.validation import BatchValidation, Problem, validate_batch, validate_record
+from schemas.validation import (
+    BatchValidation,
+    Problem,
+    RecordsValidation,
+    validate_batch,
+    validate_record,
+    validate_records,
+)
 
 __all__ = [
     "SUPPORTED",
@@ -15,6 +22,7 @@ __all__ = [
     "EventSchema",
     "Field",
     "Problem",
+    "RecordsValidation",
     "SchemaError",
     "SourceLocation",
     "ValidationError",
@@ -22,4 +30,5 @@ __all__ = [
     "parse_dtype",
     "validate_batch",
     "validate_record",
+    "validate_records",
 ]

@@ -134,6 +134,119 @@ def _check_timestamp(schema: EventSchema, f: Field, value: Any) -> tuple[Any, Pr
     return micros, None
 
 
+# -- many records (a stream micro-batch) ---------------------------------------------------
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class RecordsValidation:
+    """Decoded records checked column by column: the valid ones as one Arrow table with
+    the schema's types (event time as integer microseconds in an int64 column), their
+    positions in the input, and every invalid one with its problems."""
+
+    valid: pa.Table
+    positions: list[int]
+    rejected: list[tuple[int, list[Problem]]]
+
+
+def validate_records(schema: EventSchema, records: list[Any]) -> RecordsValidation:
+    """`validate_record` for many records at once, with the same outcome record by
+    record: each field is checked over the whole list with one type test per value
+    (`type(v) is int` rejects bools, as `validate_record` does), and only the records
+    that fail are run through `validate_record`, for their reasons."""
+    n = len(records)
+    bad: set[int] = {i for i, r in enumerate(records) if type(r) is not dict}
+    columns: dict[str, list[Any]] = {}
+    for f in schema.fields:
+        name = dtype_name(f.dtype)
+        got = [r.get(f.name, _MISSING) if type(r) is dict else None for r in records]
+        ok = _column_check(schema, f, name, got)
+        bad.update(i for i, good in enumerate(ok) if not good)
+        columns[f.name] = got
+    rejected: list[tuple[int, list[Problem]]] = []
+    for index in sorted(bad):
+        normalised, problems = validate_record(schema, records[index])
+        if normalised is None:
+            rejected.append((index, problems))
+            continue
+        for name, value in normalised.items():  # stricter than validate_record here: it decides
+            columns[name][index] = value
+        bad.discard(index)
+    positions = [i for i in range(n) if i not in bad] if bad else list(range(n))
+    arrays = []
+    for f in schema.fields:
+        values = columns[f.name]
+        if bad:
+            values = [values[i] for i in positions]
+        values = [None if v is _MISSING else v for v in values] if f.nullable else values
+        if f.name == schema.event_time or pa.types.is_timestamp(f.dtype):
+            arrays.append(pa.array(values, pa.int64()))
+        else:
+            arrays.append(pa.array(values, f.dtype))
+    fields = [
+        pa.field(f.name, pa.int64() if pa.types.is_timestamp(f.dtype) else f.dtype, nullable=f.nullable)
+        for f in schema.fields
+    ]
+    return RecordsValidation(pa.Table.from_arrays(arrays, schema=pa.schema(fields)), positions, rejected)
+
+
+def _column_check(schema: EventSchema, f: Field, name: str, values: list[Any]) -> list[bool]:
+    """Whether each value passes `_check_value`; timestamps are replaced in `values` by
+    their microseconds, ints in float columns by floats."""
+    nullable = f.nullable
+    if name == "string":
+        return [type(v) is str or (nullable and (v is None or v is _MISSING)) for v in values]
+    if name in _INT_BOUNDS:
+        low, high = _INT_BOUNDS[name]
+        return [(type(v) is int and low <= v <= high) or (nullable and (v is None or v is _MISSING)) for v in values]
+    if name == "bool":
+        return [type(v) is bool or (nullable and (v is None or v is _MISSING)) for v in values]
+    if name in ("float64", "float32"):
+        bound = math.inf if name == "float64" else _FLOAT32_MAX
+        ok = []
+        for index, v in enumerate(values):
+            kind = type(v)
+            if kind is float:
+                ok.append(abs(v) <= bound and math.isfinite(v))
+            elif kind is int:
+                try:
+                    as_float = float(v)
+                except OverflowError:
+                    ok.append(False)
+                    continue
+                values[index] = as_float
+                ok.append(math.isfinite(as_float) and abs(as_float) <= bound)
+            else:
+                ok.append(nullable and (v is None or v is _MISSING))
+        return ok
+    if name == "timestamp[us, UTC]":
+        low, high = schema.min_time_us, schema.max_time_us
+        ok = []
+        for index, v in enumerate(values):
+            micros: int | None = None
+            if type(v) is str:
+                try:
+                    parsed = datetime.fromisoformat(v.replace("Z", "+00:00"))
+                except ValueError:
+                    parsed = None
+                if parsed is not None and parsed.tzinfo is not None:
+                    micros = to_micros(parsed)
+            elif type(v) is int:
+                micros = v
+            elif nullable and (v is None or v is _MISSING):
+                ok.append(True)
+                continue
+            if micros is not None and low <= micros < high:
+                values[index] = micros
+                ok.append(True)
+            else:
+                ok.append(False)
+        return ok
+    return [False] * len(values)  # a type the fast path does not know: ask validate_record
+
+
 # -- a batch ----------------------------------------------------------------------------
 
 

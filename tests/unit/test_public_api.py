@@ -15,6 +15,7 @@ PUBLIC = {
         "EventSchema",
         "Field",
         "Problem",
+        "RecordsValidation",
         "SchemaError",
         "SourceLocation",
         "ValidationError",
@@ -22,6 +23,7 @@ PUBLIC = {
         "parse_dtype",
         "validate_batch",
         "validate_record",
+        "validate_records",
     ],
     "featurestore": [
         "CompileError",

@@ -8,8 +8,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from schemas import TRANSACTIONS, EventSchema, Field, validate_batch, validate_record
+from schemas import TRANSACTIONS, EventSchema, Field, validate_batch, validate_record, validate_records
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z in microseconds since the epoch
 TIME_EXPECTED = "timestamp (integer microseconds since epoch, or ISO-8601 with timezone)"
@@ -446,3 +448,76 @@ def test_an_unparseable_time_string_rejects_only_its_row() -> None:
     result = validate_batch(TRANSACTIONS, transactions_table(3, event_time=strings))
     assert result.valid.column("transaction_id").to_pylist() == ["tx-0", "tx-2"]
     assert result.rejected.column("row").to_pylist() == [1]
+
+
+# -- many records at once (the stream's micro-batches) ------------------------------------
+
+MIXED = EventSchema(
+    "mixed",
+    [
+        Field("id", "string"),
+        Field("n", "int64"),
+        Field("small", "int32", nullable=True),
+        Field("x", "float64"),
+        Field("f", "float32", nullable=True),
+        Field("flag", "bool", nullable=True),
+        Field("note", "string", nullable=True),
+        Field("at", "timestamp[us, UTC]"),
+    ],
+    event_time="at",
+)
+
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, 1, -1, 2**31, 2**63 - 1, 2**63, 1_700_000_000, 1_700_000_000_000_000]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1e39, -3.5e38, 0.5]),
+    st.text(max_size=5),
+    st.sampled_from(
+        [
+            "2024-05-01T10:00:00+00:00",
+            "2024-05-01T10:00:00.123456Z",
+            "2024-05-01T10:00:00",
+            "2024-05-01 12:00:00+02:00",
+            "1900-01-01T00:00:00+00:00",
+            "not a time",
+        ]
+    ),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@st.composite
+def records(draw: Any) -> Any:
+    if draw(st.integers(0, 20)) == 0:
+        return draw(st.one_of(st.none(), st.integers(), st.text(max_size=3), st.lists(st.integers(), max_size=2)))
+    names = [f.name for f in MIXED.fields] + ["extra"]
+    return {name: draw(ANY_VALUE) for name in names if draw(st.integers(0, 9)) > 0}
+
+
+@given(st.lists(records(), max_size=12))
+def test_records_validate_as_each_record_does(batch: list[Any]) -> None:
+    result = validate_records(MIXED, batch)
+    expected = [validate_record(MIXED, record) for record in batch]
+    assert result.positions == [i for i, (ok, _) in enumerate(expected) if ok is not None]
+    assert [(i, [str(p) for p in problems]) for i, problems in result.rejected] == [
+        (i, [str(p) for p in problems]) for i, (ok, problems) in enumerate(expected) if ok is None
+    ]
+    assert result.valid.num_rows == len(result.positions)
+    for row, index in zip(result.valid.to_pylist(), result.positions, strict=True):
+        normalised = expected[index][0]
+        assert normalised is not None
+        assert row == normalised
+
+
+def test_records_are_decoded_column_by_column_into_typed_arrow_columns() -> None:
+    good = {"id": "a", "n": 3, "x": 2, "at": "2024-05-01T10:00:00Z", "extra": [1]}
+    result = validate_records(MIXED, [good, {"id": "b"}, good])
+    assert result.positions == [0, 2]
+    assert [i for i, _ in result.rejected] == [1]
+    assert result.valid.schema.field("x").type == pa.float64()
+    assert result.valid.column("x").to_pylist() == [2.0, 2.0]
+    assert result.valid.column("at").type == pa.int64()
+    assert result.valid.column("small").to_pylist() == [None, None]
