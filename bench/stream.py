@@ -1,7 +1,7 @@
 """Stream job benchmark: demo events from Kafka into Redis, against raw consumers.
 
 The `tenx stream` dataflow as the CLI wires it (`build_dataflow` with Emit.LATEST,
-drain=False, `kafka_messages` with the connector's default batch of 1000, 16 shards,
+drain=False, `kafka_messages` (tenx's KafkaSource, batches of up to 5000), 4 shards,
 `OnlineSink` into a real Redis), on the template repo's `user_spend` view (3 windows
 x 8 aggregations = 20 features; `--both-views` adds `merchant_sales`). Dead letters and
 late events go to counting sinks instead of Kafka topics (the demo data has none of
@@ -15,11 +15,11 @@ one Redis (TENX_KAFKA_BOOTSTRAP and TENX_REDIS_URL, required:
   (cluster_main, worker_count_per_proc): events/s from the first message consumed to
   the last Redis write, rows written, CPU used. Beside it, in the same run: the raw
   consume rate of the same topic with the same client and the same consumer settings
-  as Bytewax's Kafka connector (confluent_kafka, one assigned consumer per partition,
-  consume(1000)): plain consume + orjson decode, and the same plus one pipelined Redis
+  as the job's KafkaSource (confluent_kafka, one assigned consumer per partition,
+  consume(5000)): plain consume + orjson decode, and the same plus one pipelined Redis
   SET per message (the floor of any job that writes every event somewhere). The raw
   figures run from the first message to the last one decoded: the end-of-partition
-  report comes one broker fetch.wait.max.ms (500 ms) later and is not counted, as the
+  report comes one broker fetch.wait.max.ms (50 ms) later and is not counted, as the
   job's last write does not wait for it either. The raw consume runs 3 times (the
   median is shown).
 - freshness: events produced at a fixed offered rate (default half the 1-worker rate
@@ -29,10 +29,8 @@ one Redis (TENX_KAFKA_BOOTSTRAP and TENX_REDIS_URL, required:
   it: a raw tail consumer (consume + decode + pipelined SET per batch) on another fresh
   topic at the same rate, its freshness per message. Each tail process is stopped once
   the last produced event is written (or a wall-clock cap), then killed if need be.
-  The p99 of each 5 s slice of the timed phase is shown too: the job keeps every event
-  of the last allowed_lateness (5 min) raw per entity, so with event times = now its
-  cost per event grows for the first 5 minutes of a live stream, and a short run
-  understates the steady state.
+  The p99 of each 5 s slice of the timed phase is shown too (a drift would show a
+  cost that grows with the state).
 - profile: cProfile of the bounded 1-worker job on `--profile-events` events (run_main
   in the profiled thread), top functions by own time, and the time of the pipeline's
   stages (cumulative time of the step functions: Kafka source, decode + validate, row
@@ -79,8 +77,8 @@ from _redis_keys import unlink_matching
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 REPO = ROOT / "tenx" / "templates" / "repo"
-BATCH = 1000  # kafka_messages' default batch (what `tenx stream` uses)
-SHARDS = 16  # `tenx stream --shards` default
+BATCH = 5000  # kafka_messages' default batch (what `tenx stream` uses)
+SHARDS = 4  # `tenx stream --shards` default
 TARGET_EVENTS_S = 50_000
 TARGET_P99_MS = 250.0
 
@@ -124,17 +122,15 @@ def kafka_config(bootstrap: str) -> dict[str, Any]:
 
 
 def consumer_config(bootstrap: str, *, tail: bool) -> dict[str, Any]:
-    """What Bytewax's KafkaSource.build_part gives each partition's consumer, with the
-    add_config of `pipelines.stream.dataflow.kafka_messages`."""
+    """What `pipelines.stream.dataflow.KafkaSource` gives each partition's consumer."""
     return {
-        "group.id": "BYTEWAX_IGNORED",
-        "enable.auto.commit": "false",
         "bootstrap.servers": bootstrap,
-        "enable.partition.eof": str(not tail),
-        "statistics.interval.ms": 1000,
-        "socket.connection.setup.timeout.ms": "5000",
-        "session.timeout.ms": "10000",
-        "stats_cb": json.loads,  # Bytewax parses every stats report too
+        "group.id": "tenx-stream",
+        "enable.auto.commit": False,
+        "enable.partition.eof": not tail,
+        "socket.connection.setup.timeout.ms": 5000,
+        "session.timeout.ms": 10000,
+        "fetch.wait.max.ms": 50,
     }
 
 
@@ -325,7 +321,7 @@ def _dumps(value: Any) -> bytes:
 
 
 def part_consume(args: argparse.Namespace) -> dict[str, Any]:
-    """Raw baseline: the topic with the connector's consumer settings, one assigned
+    """Raw baseline: the topic with the job's consumer settings, one assigned
     consumer per partition polled in turn, consume(1000) + orjson decode; with --redis,
     also one pipelined SET per message (key by user_id) per batch. Bounded: until every
     partition reports EOF. With --samples (tail mode): runs until killed, appending
@@ -352,7 +348,7 @@ def part_consume(args: argparse.Namespace) -> dict[str, Any]:
     cpu = cpu_s()
     while live:
         for index in list(live):
-            messages = consumers[index].consume(BATCH, 0.001)
+            messages = consumers[index].consume(BATCH, 0.05)
             if not messages:
                 continue
             if first is None:
@@ -402,12 +398,13 @@ class _Clock:
         self.batches = 0
 
     def seen(self, batch: list[Any]) -> list[Any]:
-        """A pass-through step right after the source: one call per batch."""
+        """A pass-through step right after the source: one call per batch of items
+        (each item a consumed batch of messages)."""
         if batch:
             with self.lock:
                 if self.first is None:
                     self.first = time.time()
-                self.events += len(batch)
+                self.events += sum(len(item) for item in batch)
         return batch
 
 
@@ -437,11 +434,11 @@ def part_job(args: argparse.Namespace) -> dict[str, Any]:
             now = time.time()
             with clock.lock:
                 clock.last_write = max(clock.last_write, now)
-                clock.rows += len(items)
+                clock.rows += sum(len(rows) for _, rows in items)
                 clock.batches += 1
             if self.out is not None:
                 now_us = int(now * 1_000_000)
-                self.out.write("".join(f"{row[1]} {now_us}\n" for _, row in items))
+                self.out.write("".join(f"{as_of} {now_us}\n" for _, rows in items for as_of in rows.as_of.tolist()))
                 self.out.flush()
 
         def close(self) -> None:
@@ -487,7 +484,7 @@ def part_job(args: argparse.Namespace) -> dict[str, Any]:
         messages,
         Outputs(TimedSink(online, args.samples), CountSink("dead_letters"), CountSink("late")),
         views=views,
-        shards=SHARDS,
+        shards=args.shards,
         drain=False,
         emit=Emit.LATEST,
     )
@@ -519,13 +516,14 @@ def part_job(args: argparse.Namespace) -> dict[str, Any]:
 PARTS = {"consume": part_consume, "job": part_job}
 # Pipeline stages in the profile: (file, function) whose cumulative time is the stage's.
 STAGES = {
-    "Kafka source (connector next_batch)": ("connectors/kafka/__init__.py", "next_batch"),
-    "decode + validate (orjson, validate_record)": ("pipelines/stream/dataflow.py", "decode"),
-    "row transform (Arrow + pandas -> events)": ("pipelines/stream/dataflow.py", "to_events"),
-    "state (ViewState.apply + advance)": ("pipelines/stream/dataflow.py", "on_batch"),
-    "  of which evaluate (rows' values)": ("pipelines/stream/state.py", "evaluate"),
-    "  of which _compact (fold + forget)": ("pipelines/stream/state.py", "_compact"),
-    "online sink (rows_table + Redis write)": ("pipelines/stream/dataflow.py", "write_batch"),
+    "Kafka source (KafkaSource next_batch)": ("pipelines/stream/dataflow.py", "next_batch"),
+    "decode + validate (orjson, validate_records)": ("pipelines/stream/dataflow.py", "decode"),
+    "row transform + shard split (pandas -> EventBatch)": ("pipelines/stream/dataflow.py", "to_events"),
+    "state (LatestState.apply + advance)": ("pipelines/stream/dataflow.py", "on_batch"),
+    "  of which fold (tiles)": ("pipelines/stream/tiles.py", "fold"),
+    "  of which evaluate (rows' values)": ("pipelines/stream/tiles.py", "_evaluate"),
+    "  of which forget (old tiles)": ("pipelines/stream/tiles.py", "_forget"),
+    "online sink (encode_columns + Redis write)": ("pipelines/stream/dataflow.py", "write_batch"),
 }
 
 
@@ -668,6 +666,7 @@ def main() -> None:
     parser.add_argument("--warm-cap-s", type=float, default=60.0, help="Wait for a tail job's first write at most.")
     parser.add_argument("--profile-events", type=int, default=50_000, help="Events of the profiled run (0: skip).")
     parser.add_argument("--cap-s", type=float, default=600.0, help="Wall-clock cap of each bounded run.")
+    parser.add_argument("--shards", type=int, default=SHARDS, help="State shards per view (`tenx stream --shards`).")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS / "stream.json")
     # child parts
@@ -750,7 +749,14 @@ def main() -> None:
             print(f"tenx stream job, {workers} worker(s), bounded ...", file=sys.stderr)
             prefix = new_prefix(name)
             job = child(
-                "job", args, args.cap_s, topic=topic, prefix=prefix, workers=workers, both_views=args.both_views
+                "job",
+                args,
+                args.cap_s,
+                topic=topic,
+                prefix=prefix,
+                workers=workers,
+                both_views=args.both_views,
+                shards=args.shards,
             )
             check(job["events"] == args.events, f"{name} consumed {job['events']} of {args.events} events")
             check(
@@ -783,6 +789,7 @@ def main() -> None:
                 prefix=new_prefix("profile"),
                 profile=path,
                 both_views=args.both_views,
+                shards=args.shards,
             )
             profile = {"events": count, "run": run, **profile_top(path, 10)}
 
@@ -798,6 +805,7 @@ def main() -> None:
             folder,
             prefix=new_prefix("fresh"),
             both_views=args.both_views,
+            shards=args.shards,
         )
         print(f"freshness at {rate:,.0f} events/s: raw consumer ...", file=sys.stderr)
         fresh_raw = freshness(

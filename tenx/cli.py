@@ -620,11 +620,18 @@ def serve(host: str, port: int, workers: int, token: str | None, config_file: Pa
 )
 @click.option("--bounded", is_flag=True, help="Stop at the end of the Kafka topic instead of tailing it.")
 @click.option(
+    "--from-beginning",
+    is_flag=True,
+    help="Without a recovery snapshot, read the topic from its first message instead of from "
+    "now minus the longest window and the allowed lateness (Kafka offsets for times).",
+)
+@click.option(
     "--shards",
-    default=16,
+    default=4,
     show_default=True,
     type=click.IntRange(min=1),
-    help="State shards per view (keys spread over workers).",
+    help="State shards per view, spread over workers (at least the worker count; keep it fixed "
+    "for a recovery directory: state is snapshotted per shard).",
 )
 @click.option(
     "--recovery-dir",
@@ -650,6 +657,7 @@ def stream(
     workers: int,
     from_file: Path | None,
     bounded: bool,
+    from_beginning: bool,
     shards: int,
     recovery_dir: Path | None,
     process_id: int | None,
@@ -661,7 +669,11 @@ def stream(
 ) -> None:
     """Run the Bytewax stream job: events from Kafka (TENX_KAFKA_BOOTSTRAP) or a file,
     validated (bad records to the dead-letter output), aggregated in event time and
-    written to the online store as they change. Late events go to the late output."""
+    written to the online store as they change. Late events go to the late output.
+
+    A cold start (no recovery snapshot) rebuilds the state from the topic: from the first
+    message at or after now minus the longest window plus the allowed lateness of the
+    views run (by Kafka message time), or from the beginning with --from-beginning."""
     from bytewax.run import cli_main
 
     from pipelines.stream.dataflow import (
@@ -680,6 +692,11 @@ def stream(
     plan = _applied_plan(settings)
     for name in views:
         _view_or_error(plan, name)
+    if shards < workers:
+        raise ConfigError(
+            f"--shards {shards} is below -w {workers}: some workers would hold no state; "
+            f"pass --shards {workers} or more"
+        )
     if from_file is None and not settings.kafka_bootstrap:
         raise ConfigError("no Kafka configured: set TENX_KAFKA_BOOTSTRAP (or kafka.bootstrap), or pass --from-file")
     if from_file is not None and not from_file.exists():
@@ -695,9 +712,12 @@ def stream(
         late: Any = JsonLinesSink(outputs_dir / "late.jsonl")
     else:
         bootstrap = str(settings.kafka_bootstrap)
+        run = [plan.view(n) for n in views] if views else [v for v in plan.views if v.online]
+        reach = max((v.longest_window + v.source.allowed_lateness for v in run), default=0)
+        start_us = None if from_beginning else int(time.time() * 1_000_000) - reach
 
         def messages(flow: Any, source: Any) -> Any:
-            return kafka_messages(flow, source, bootstrap, tail=not bounded)
+            return kafka_messages(flow, source, bootstrap, tail=not bounded, start_time_us=start_us)
 
         topic = plan.sources[0].topic
         dead = KafkaJsonSink(bootstrap, f"{topic}.dead-letters")

@@ -38,6 +38,10 @@ class OnlineStore(Protocol):
 
     def write(self, view: ViewSpec, rows: pa.Table) -> WriteResult: ...
 
+    def write_packed(
+        self, view: ViewSpec, entities: Sequence[Any], as_of: Sequence[int], values: Sequence[bytes]
+    ) -> WriteResult: ...
+
     def read(self, view: ViewSpec, entities: Sequence[Any]) -> list[bytes | None]: ...
 
     def close(self) -> None: ...
@@ -114,11 +118,16 @@ class RedisOnlineStore:
         return TransientError(f"online store Redis at {self.url}: {type(error).__name__}: {error}")
 
     def write(self, view: ViewSpec, rows: pa.Table) -> WriteResult:
+        return self.write_packed(view, *_split(encode_rows(view, rows)))
+
+    def write_packed(
+        self, view: ViewSpec, entities: Sequence[Any], as_of: Sequence[int], values: Sequence[bytes]
+    ) -> WriteResult:
+        """Packed values (`codec.encode`) for entities; `as_of` is inside each value."""
         import redis
 
-        triples = list(encode_rows(view, rows))
-        keys = online_keys(view, [k for k, _, _ in triples], prefix=self.prefix)
-        encoded = [(key, value) for key, (_, _, value) in zip(keys, triples, strict=True)]
+        keys = online_keys(view, entities, prefix=self.prefix)
+        encoded = list(zip(keys, values, strict=True))
         written = 0
         try:
             if self.cluster:
@@ -228,10 +237,14 @@ class SqliteOnlineStore:
         return connection
 
     def write(self, view: ViewSpec, rows: pa.Table) -> WriteResult:
+        return self.write_packed(view, *_split(encode_rows(view, rows)))
+
+    def write_packed(
+        self, view: ViewSpec, entities: Sequence[Any], as_of: Sequence[int], values: Sequence[bytes]
+    ) -> WriteResult:
         connection = self._connection()
-        triples = list(encode_rows(view, rows))
-        keys = online_keys(view, [k for k, _, _ in triples], prefix=self.prefix)
-        items = [(key, t, v) for key, (_, t, v) in zip(keys, triples, strict=True)]
+        keys = online_keys(view, entities, prefix=self.prefix)
+        items = list(zip(keys, as_of, values, strict=True))
         before = connection.total_changes
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -281,6 +294,17 @@ def open_online_store(
     if redis_url:
         return RedisOnlineStore(redis_url, prefix=prefix)
     return SqliteOnlineStore(sqlite_path, prefix=prefix)
+
+
+def _split(triples: Iterable[tuple[Any, int, bytes]]) -> tuple[list[Any], list[int], list[bytes]]:
+    entities: list[Any] = []
+    times: list[int] = []
+    values: list[bytes] = []
+    for entity, as_of, value in triples:
+        entities.append(entity)
+        times.append(as_of)
+        values.append(value)
+    return entities, times, values
 
 
 def write_all(store: OnlineStore, view: ViewSpec, tables: Iterable[pa.Table]) -> WriteResult:

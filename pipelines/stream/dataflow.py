@@ -1,14 +1,18 @@
 """The Bytewax stream job built from a Plan: events in, fresh feature vectors out.
 
-    source (Kafka | JSON-lines file | test list)
-      -> decode + validate           bad record -> dead-letter output, with reason + offset
-      -> per view: row transform + where on each micro-batch (the batch engine's code)
-      -> key by shard (crc32(entity) % shards)
-      -> ViewState per shard          tiles, watermark, expiry timers (pipelines.stream.state)
-      -> rows -> online store          batched, ordered writes (newer-or-equal as_of wins)
+    source (Kafka | JSON-lines file | test list): one item per consumed batch of messages
+      -> decode + validate           column by column; bad record -> dead-letter output,
+                                     with reason + partition + offset
+      -> per view: row transform + where on the micro-batch (the batch engine's code)
+      -> split by shard (crc32(entity) % shards): one EventBatch (numpy columns) per shard
+      -> state per shard              LatestState (numpy tiles; what `tenx stream` runs) or
+                                      ViewState (every changelog row; parity tests)
+      -> RowBatch -> online store     packed in one numpy pass, ordered writes in one
+                                      script call per 2,000 keys (newer-or-equal as_of wins)
       -> late events -> late output
 
-Items crossing workers are plain tuples of ints, floats and strings (pickled one by one).
+Items are micro-batches, not events: Bytewax's per-item cost (and pickling between
+processes) is paid once per batch and shard. Measured in bench/stream.py.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
+import pandas as pd
 import pyarrow as pa
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
@@ -31,11 +37,13 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from featurestore.plan.model import AS_OF, Plan, SourceSpec, ViewSpec
+from featurestore.stores.codec import encode_columns
 from featurestore.stores.online import OnlineStore
 from featurestore.transforms import prepare_events
 from pipelines.stream.metrics import METRICS
-from pipelines.stream.state import Emit, Row, ViewState, events_from_frame
-from schemas.validation import validate_record
+from pipelines.stream.state import Emit, Event, Row, ViewState
+from pipelines.stream.tiles import EventBatch, LatestState, RowBatch, batch_from_frame
+from schemas.validation import validate_records
 
 # (partition, offset, raw bytes): what every source yields
 Message = tuple[int, int, bytes]
@@ -49,7 +57,7 @@ def sequence(partition: int, offset: int) -> int:
 # -- sources -------------------------------------------------------------------------------
 
 
-class _LinesPartition(StatefulSourcePartition[Message, int]):
+class _LinesPartition(StatefulSourcePartition[list[Message], int]):
     def __init__(self, path: Path, resume: int | None, batch_size: int) -> None:
         self._file = path.open("rb")
         self._offset = 0
@@ -58,7 +66,7 @@ class _LinesPartition(StatefulSourcePartition[Message, int]):
             self._file.readline()
             self._offset += 1
 
-    def next_batch(self) -> list[Message]:
+    def next_batch(self) -> list[list[Message]]:
         out: list[Message] = []
         for _ in range(self._batch):
             line = self._file.readline()
@@ -69,7 +77,7 @@ class _LinesPartition(StatefulSourcePartition[Message, int]):
             if line.strip():
                 out.append((0, self._offset, line.rstrip(b"\n")))
             self._offset += 1
-        return out
+        return [out]
 
     def snapshot(self) -> int:
         return self._offset
@@ -78,11 +86,11 @@ class _LinesPartition(StatefulSourcePartition[Message, int]):
         self._file.close()
 
 
-class JsonLinesSource(FixedPartitionedSource[Message, int]):
+class JsonLinesSource(FixedPartitionedSource[list[Message], int]):
     """A JSON-lines file as a one-partition log (offset = line number): replay without
-    Kafka, e.g. for the quickstart. Resumes from its snapshot."""
+    Kafka, e.g. for the quickstart. Yields batches of lines; resumes from its snapshot."""
 
-    def __init__(self, path: Path, batch_size: int = 1000) -> None:
+    def __init__(self, path: Path, batch_size: int = 5000) -> None:
         self.path = Path(path)
         self.batch_size = batch_size
 
@@ -93,27 +101,137 @@ class JsonLinesSource(FixedPartitionedSource[Message, int]):
         return _LinesPartition(self.path, resume_state, self.batch_size)
 
 
-def kafka_messages(flow: Dataflow, source: SourceSpec, bootstrap: str, *, tail: bool, batch_size: int = 1000) -> Any:
-    """The source's topic through Bytewax's Kafka connector (partitions spread over
-    workers, offsets kept in the recovery store)."""
-    from bytewax.connectors.kafka import KafkaSource
+class _KafkaSourcePartition(StatefulSourcePartition[list[Message], int]):
+    """One Kafka partition; yields each consumed batch as one item, snapshots the next
+    offset (restored with the state of the same epoch: nothing lost or applied twice)."""
 
-    kafka = KafkaSource(
-        [bootstrap],
-        [source.topic],
-        tail=tail,
-        add_config={"socket.connection.setup.timeout.ms": "5000", "session.timeout.ms": "10000"},
-        batch_size=batch_size,
-        raise_on_errors=False,
-    )
-    raw = op.input(f"kafka_{source.name}", flow, kafka)
-    return op.map(f"messages_{source.name}", raw, _from_kafka)
+    def __init__(self, bootstrap: str, topic: str, partition: int, offset: int, *, tail: bool, batch_size: int) -> None:
+        from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+        self._eof_code = KafkaError._PARTITION_EOF
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "tenx-stream",  # offsets live in the recovery store, not in Kafka
+                "enable.auto.commit": False,
+                "enable.partition.eof": not tail,
+                "socket.connection.setup.timeout.ms": 5000,
+                "session.timeout.ms": 10000,
+                "fetch.wait.max.ms": 50,
+            }
+        )
+        self._consumer.assign([TopicPartition(topic, partition, offset)])
+        self._topic, self._partition = topic, partition
+        self._offset = offset
+        self._batch = batch_size
+        self._eof = False
+        self._polls = 0
+
+    def next_batch(self) -> list[list[Message]]:
+        if self._eof:
+            raise StopIteration
+        out: list[Message] = []
+        for message in self._consumer.consume(self._batch, 0.05):
+            error = message.error()
+            if error is not None:
+                if error.code() == self._eof_code:
+                    self._eof = True
+                    break
+                out.append((-1, message.offset() or -1, orjson.dumps({"kafka_error": str(error)})))
+                continue
+            offset = int(message.offset() or 0)
+            out.append((self._partition, offset, message.value() or b""))
+            self._offset = offset + 1
+        self._polls += 1
+        if self._polls % 20 == 0:
+            self._report_lag()
+        return [out] if out else []
+
+    def _report_lag(self) -> None:
+        from confluent_kafka import TopicPartition
+
+        try:
+            _, high = self._consumer.get_watermark_offsets(TopicPartition(self._topic, self._partition), cached=True)
+        except Exception:  # noqa: BLE001 (no statistics yet: nothing to report)
+            return
+        if high is not None and high >= 0 and self._offset >= 0:
+            METRICS.lag.labels(self._topic, str(self._partition)).set(max(high - self._offset, 0))
+
+    def snapshot(self) -> int:
+        return self._offset
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
-def _from_kafka(message: Any) -> Message:
-    if getattr(message, "error", None) is not None:
-        return (-1, -1, orjson.dumps({"kafka_error": str(message.error)}))
-    return (message.partition, message.offset, message.value or b"")
+class KafkaSource(FixedPartitionedSource[list[Message], int]):
+    """A topic's partitions spread over workers. Each yields a consumed batch as one item.
+    Without a snapshot a partition starts at the first message at or after
+    `start_time_us` (Kafka's offsets for times; the end when there is none), or at the
+    beginning when `start_time_us` is None. Every call to the broker has a timeout."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        *,
+        tail: bool = True,
+        batch_size: int = 5000,
+        start_time_us: int | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.tail = tail
+        self.batch_size = batch_size
+        self.start_time_us = start_time_us
+        self.timeout_s = timeout_s
+
+    def _config(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.bootstrap, "socket.connection.setup.timeout.ms": 5000}
+
+    def list_parts(self) -> list[str]:
+        from confluent_kafka.admin import AdminClient
+
+        metadata = AdminClient(self._config()).list_topics(self.topic, timeout=self.timeout_s)
+        topic = metadata.topics.get(self.topic)
+        if topic is None or topic.error is not None:
+            raise RuntimeError(f"Kafka topic {self.topic!r} at {self.bootstrap}: {topic.error if topic else 'missing'}")
+        return [str(p) for p in sorted(topic.partitions)]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaSourcePartition:
+        partition = int(for_part)
+        offset = resume_state if resume_state is not None else self._start_offset(partition)
+        return _KafkaSourcePartition(
+            self.bootstrap, self.topic, partition, offset, tail=self.tail, batch_size=self.batch_size
+        )
+
+    def _start_offset(self, partition: int) -> int:
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+
+        if self.start_time_us is None:
+            return int(OFFSET_BEGINNING)
+        consumer = Consumer({**self._config(), "group.id": "tenx-stream-offsets"})
+        try:
+            wanted = TopicPartition(self.topic, partition, max(self.start_time_us // 1000, 0))
+            (found,) = consumer.offsets_for_times([wanted], timeout=self.timeout_s)
+        finally:
+            consumer.close()
+        return int(found.offset) if found.offset >= 0 else int(OFFSET_END)
+
+
+def kafka_messages(
+    flow: Dataflow,
+    source: SourceSpec,
+    bootstrap: str,
+    *,
+    tail: bool,
+    batch_size: int = 5000,
+    start_time_us: int | None = None,
+) -> Any:
+    """The source's topic as a stream of message batches (`KafkaSource`)."""
+    kafka = KafkaSource(bootstrap, source.topic, tail=tail, batch_size=batch_size, start_time_us=start_time_us)
+    return op.input(f"kafka_{source.name}", flow, kafka)
 
 
 # -- sinks ---------------------------------------------------------------------------------
@@ -141,28 +259,30 @@ class StoreFactory:
         )
 
 
-class _OnlinePartition(StatelessSinkPartition[tuple[str, Row]]):
+class _OnlinePartition(StatelessSinkPartition[tuple[str, RowBatch]]):
     def __init__(self, store: OnlineStore, views: dict[str, ViewSpec]) -> None:
         self.store = store
         self.views = views
 
-    def write_batch(self, items: list[tuple[str, Row]]) -> None:
-        by_view: dict[str, list[Row]] = {}
-        for name, row in items:
-            by_view.setdefault(name, []).append(row)
-        for name, rows in by_view.items():
+    def write_batch(self, items: list[tuple[str, RowBatch]]) -> None:
+        by_view: dict[str, list[RowBatch]] = {}
+        for name, rows in items:
+            by_view.setdefault(name, []).append(rows)
+        for name, batches in by_view.items():
             view = self.views[name]
-            self.store.write(view, rows_table(view, rows))
-            now = time.time()
-            for _, as_of, _ in rows:
-                METRICS.freshness.observe(max(now - as_of / 1e6, 0.0))
+            rows = RowBatch.concat(batches)
+            if not len(rows):
+                continue
+            values = encode_columns(view, rows.as_of, rows.values, rows.nulls)
+            self.store.write_packed(view, rows.keys, rows.as_of.tolist(), values)
+            METRICS.freshness.observe_many(np.maximum(time.time() - rows.as_of / 1e6, 0.0))
             METRICS.rows_out.labels(name).inc(len(rows))
 
     def close(self) -> None:
         self.store.close()
 
 
-class OnlineSink(DynamicSink[tuple[str, Row]]):
+class OnlineSink(DynamicSink[tuple[str, RowBatch]]):
     """Rows into the online store, one store connection per worker, batched writes."""
 
     def __init__(self, factory: StoreFactory, views: Iterable[ViewSpec]) -> None:
@@ -196,7 +316,7 @@ class JsonLinesSink(DynamicSink[dict[str, Any]]):
         return _JsonLinesPartition(self.path.with_name(f"{self.path.stem}.{worker_index}{self.path.suffix}"))
 
 
-class _KafkaPartition(StatelessSinkPartition[dict[str, Any]]):
+class _KafkaSinkPartition(StatelessSinkPartition[dict[str, Any]]):
     def __init__(self, bootstrap: str, topic: str) -> None:
         from confluent_kafka import Producer
 
@@ -219,115 +339,140 @@ class KafkaJsonSink(DynamicSink[dict[str, Any]]):
         self.bootstrap = bootstrap
         self.topic = topic
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaPartition:
-        return _KafkaPartition(self.bootstrap, self.topic)
-
-
-def rows_table(view: ViewSpec, rows: list[Row]) -> pa.Table:
-    """Changelog-shaped Arrow table from stream rows."""
-    schema = view.changelog_schema()
-    columns: list[list[Any]] = [[] for _ in schema.names]
-    for entity, as_of, values in rows:
-        columns[0].append(entity)
-        columns[1].append(as_of)
-        for index, value in enumerate(values):
-            columns[index + 2].append(value)
-    arrays = [pa.array(columns[0], schema.field(0).type), pa.array(columns[1], pa.int64()).cast(schema.field(1).type)]
-    arrays += [pa.array(column, schema.field(i + 2).type) for i, column in enumerate(columns[2:])]
-    return pa.Table.from_arrays(arrays, schema=schema)
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaSinkPartition:
+        return _KafkaSinkPartition(self.bootstrap, self.topic)
 
 
 # -- steps ---------------------------------------------------------------------------------
 
 
-def _decoder(source: SourceSpec) -> Callable[[list[Message]], list[tuple[str, Any]]]:
+def _decoder(source: SourceSpec) -> Callable[[list[Any]], list[tuple[str, Any]]]:
     schema = source.schema
 
-    def decode(messages: list[Message]) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = []
-        for partition, offset, value in messages:
-            reason: str
-            try:
-                record = orjson.loads(value)
-            except orjson.JSONDecodeError as error:
-                reason = f"invalid JSON: {error}"
+    def dead_letter(partition: int, offset: int, value: bytes, reason: str) -> tuple[str, Any]:
+        METRICS.dead_letters.labels(source.name).inc()
+        return (
+            "dlq",
+            {
+                "source": source.name,
+                "topic": source.topic,
+                "partition": partition,
+                "offset": offset,
+                "reason": reason,
+                "value": value.decode("utf-8", errors="replace"),
+                "at": datetime.now(UTC).isoformat(),
+            },
+        )
+
+    def decode(items: list[Any]) -> list[tuple[str, Any]]:
+        messages: list[Message] = []
+        for item in items:  # message batches (Kafka, files) or single messages (tests)
+            if isinstance(item, list):
+                messages.extend(item)
             else:
-                if partition < 0:
-                    reason = f"Kafka error: {record.get('kafka_error')}"
-                else:
-                    normalised, problems = validate_record(schema, record)
-                    if normalised is not None:
-                        normalised["_seq"] = sequence(partition, offset)
-                        out.append(("ok", normalised))
-                        continue
-                    reason = "; ".join(str(p) for p in problems)
-            METRICS.dead_letters.labels(source.name).inc()
-            out.append(
-                (
-                    "dlq",
-                    {
-                        "source": source.name,
-                        "topic": source.topic,
-                        "partition": partition,
-                        "offset": offset,
-                        "reason": reason,
-                        "value": value.decode("utf-8", errors="replace"),
-                        "at": datetime.now(UTC).isoformat(),
-                    },
-                )
-            )
+                messages.append(item)
+        out: list[tuple[str, Any]] = []
+        records: list[Any] = []
+        sequences: list[int] = []
+        kept: list[Message] = []
+        loads = orjson.loads
+        for message in messages:
+            partition, offset, value = message
+            try:
+                record = loads(value)
+            except orjson.JSONDecodeError as error:
+                out.append(dead_letter(partition, offset, value, f"invalid JSON: {error}"))
+                continue
+            if partition < 0:
+                out.append(dead_letter(partition, offset, value, f"Kafka error: {record.get('kafka_error')}"))
+                continue
+            records.append(record)
+            sequences.append((offset << PARTITION_BITS) | partition)
+            kept.append(message)
         METRICS.events_in.labels(source.name).inc(len(messages))
+        if not records:
+            return out
+        checked = validate_records(schema, records)
+        for index, problems in checked.rejected:
+            partition, offset, value = kept[index]
+            out.append(dead_letter(partition, offset, value, "; ".join(str(p) for p in problems)))
+        if checked.valid.num_rows:
+            positions = checked.positions
+            seq = sequences if len(positions) == len(sequences) else [sequences[i] for i in positions]
+            out.append(("ok", checked.valid.append_column("_seq", pa.array(seq, pa.int64()))))
         return out
 
     return decode
 
 
-def _events_for(view: ViewSpec, shards: int, inputs: tuple[str, ...]) -> Callable[[list[Any]], list[tuple[str, Any]]]:
-    schema = view.source.schema.arrow_schema()
+def _events_for(view: ViewSpec, shards: int, inputs: tuple[str, ...]) -> Callable[[pa.Table], list[tuple[str, Any]]]:
     time_field = view.event_time
-    relaxed = pa.schema(
-        [pa.field(f.name, pa.int64() if f.name == time_field else f.type) for f in schema]
-        + [pa.field("_seq", pa.int64())]
-    )
+    time_type = view.source.schema.field(time_field).dtype
 
-    def to_events(records: list[Any]) -> list[tuple[str, Any]]:
-        table = pa.Table.from_pylist(list(records), schema=relaxed)
-        table = table.set_column(
-            table.schema.get_field_index(time_field),
-            time_field,
-            table.column(time_field).cast(schema.field(time_field).type),
-        )
+    def to_events(table: pa.Table) -> list[tuple[str, Any]]:
+        index = table.schema.get_field_index(time_field)
+        table = table.set_column(index, time_field, table.column(index).cast(time_type))
         frame = prepare_events(view, table.to_pandas())
+        if len(frame) == 0:
+            return []
+        events = batch_from_frame(view, frame, inputs)
+        codes, uniques = pd.factorize(pd.Series(events.keys, dtype=object))
+        shard_of = np.array([zlib.crc32(str(key).encode()) % shards for key in uniques.tolist()], dtype=np.int64)
+        shard = shard_of[codes]
+        present = np.unique(shard)
+        if len(present) == 1:
+            return [(str(int(present[0])), events)]
+        order = np.argsort(shard, kind="stable")
+        bounds = [*np.searchsorted(shard[order], present, side="left").tolist(), len(order)]
         return [
-            (str(zlib.crc32(str(entity).encode()) % shards), (entity, event))
-            for entity, event in events_from_frame(view, frame, inputs, [])
+            (str(int(key)), events.take(order[bounds[i] : bounds[i + 1]])) for i, key in enumerate(present.tolist())
         ]
 
     return to_events
 
 
-class _ShardLogic(StatefulBatchLogic[tuple[Any, Any], tuple[str, Any], ViewState]):
-    def __init__(self, view: ViewSpec, drain: bool, emit: Emit, resume: ViewState | None) -> None:
-        self.state = resume if resume is not None else ViewState(view, emit)
+class _ShardLogic(StatefulBatchLogic[EventBatch, tuple[str, Any], Any]):
+    """One shard's state: LatestState (online rows) or ViewState (every changelog row)."""
+
+    def __init__(self, view: ViewSpec, drain: bool, emit: Emit, resume: Any) -> None:
+        self.view = view
+        self.emit = emit
+        if resume is not None:
+            self.state = resume
+        else:
+            self.state = LatestState(view) if emit is Emit.LATEST else ViewState(view, emit)
         self.drain = drain
 
-    def on_batch(self, values: list[tuple[Any, Any]]) -> tuple[Iterable[tuple[str, Any]], bool]:
-        rows, late = self.state.apply(values)
-        rows.extend(self.state.advance())
-        out: list[tuple[str, Any]] = [("row", row) for row in rows]
-        for entity, event in late:
-            METRICS.late.labels(self.state.view.name).inc()
-            out.append(
+    def on_batch(self, values: list[EventBatch]) -> tuple[Iterable[tuple[str, Any]], bool]:
+        batch = EventBatch.concat(values)
+        state = self.state
+        late_events: list[tuple[Any, int, int]] = []
+        if isinstance(state, LatestState):
+            rows, late = state.apply(batch)
+            rows = RowBatch.concat([rows, state.advance()])
+            if len(late):
+                times, sequences = batch.times[late].tolist(), batch.sequences[late].tolist()
+                late_events = [(batch.keys[i], times[n], sequences[n]) for n, i in enumerate(late.tolist())]
+        else:
+            plain, late_pairs = state.apply(_as_events(batch))
+            rows = rows_batch(self.view, plain + state.advance())
+            late_events = [(entity, event[0], event[1]) for entity, event in late_pairs]
+        out: list[tuple[str, Any]] = [("row", rows)] if len(rows) else []
+        if late_events:
+            METRICS.late.labels(self.view.name).inc(len(late_events))
+            watermark = state.watermark
+            out.extend(
                 (
                     "late",
                     {
-                        "view": self.state.view.name,
+                        "view": self.view.name,
                         "entity": entity,
-                        "event_time_us": event[0],
-                        "sequence": event[1],
-                        "watermark_us": self.state.watermark,
+                        "event_time_us": event_time,
+                        "sequence": sequence,
+                        "watermark_us": watermark,
                     },
                 )
+                for entity, event_time, sequence in late_events
             )
         return out, StatefulBatchLogic.RETAIN
 
@@ -337,10 +482,42 @@ class _ShardLogic(StatefulBatchLogic[tuple[Any, Any], tuple[str, Any], ViewState
         # the values as of the last events, as a live stream would serve them.
         if not self.drain:
             return [], StatefulBatchLogic.RETAIN
-        return [("row", row) for row in self.state.flush()], StatefulBatchLogic.RETAIN
+        state = self.state
+        rows = state.flush() if isinstance(state, LatestState) else rows_batch(self.view, state.flush())
+        return ([("row", rows)] if len(rows) else []), StatefulBatchLogic.RETAIN
 
-    def snapshot(self) -> ViewState:
+    def snapshot(self) -> Any:
         return self.state
+
+
+def _as_events(batch: EventBatch) -> list[tuple[Any, Event]]:
+    """An EventBatch as `ViewState` events (plain Python values, None for null)."""
+    columns = []
+    for values, valid in zip(batch.values, batch.valid, strict=True):
+        column = values.tolist()
+        for index in np.flatnonzero(~valid).tolist():
+            column[index] = None
+        columns.append(column)
+    times, sequences = batch.times.tolist(), batch.sequences.tolist()
+    return [(key, (times[i], sequences[i], tuple(column[i] for column in columns))) for i, key in enumerate(batch.keys)]
+
+
+def rows_batch(view: ViewSpec, rows: list[Row]) -> RowBatch:
+    """A RowBatch from plain rows (entity, as_of, values)."""
+    if not rows:
+        return RowBatch.empty(len(view.features))
+    values: list[np.ndarray] = []
+    nulls: list[np.ndarray | None] = []
+    for index, feature in enumerate(view.features):
+        column = [row[2][index] for row in rows]
+        null = np.array([v is None for v in column], dtype=bool)
+        kind = {"int64": np.int64, "int32": np.int64, "float64": np.float64, "float32": np.float64, "bool": bool}
+        dtype = kind.get(feature.dtype, object)
+        if dtype is not object and null.any():
+            column = [0 if v is None else v for v in column]
+        values.append(np.array(column, dtype=dtype))
+        nulls.append(null if null.any() else None)
+    return RowBatch([row[0] for row in rows], np.array([row[1] for row in rows], dtype=np.int64), values, nulls)
 
 
 @dataclass(frozen=True)
@@ -348,7 +525,7 @@ class Outputs:
     """Where the job writes: rows (one sink or several, e.g. the online store and a
     capture for tests), dead letters and late events."""
 
-    rows: DynamicSink[tuple[str, Row]] | Any
+    rows: DynamicSink[tuple[str, RowBatch]] | Any
     dead_letters: DynamicSink[dict[str, Any]] | Any
     late: DynamicSink[dict[str, Any]] | Any
 
@@ -362,7 +539,7 @@ def build_dataflow(
     outputs: Outputs,
     *,
     views: list[str] | None = None,
-    shards: int = 8,
+    shards: int = 4,
     drain: bool = True,
     emit: Emit = Emit.CHANGELOG,
     name: str = "tenx_stream",
@@ -382,8 +559,8 @@ def build_dataflow(
         )
         records = op.map(f"records_{source.name}", split.trues, _second)
         for view in (v for v in chosen if v.source.name == source.name):
-            state = ViewState(view)
-            keyed = op.flat_map_batch(f"events_{view.name}", records, _events_for(view, shards, state.inputs))
+            inputs = LatestState(view).inputs
+            keyed = op.flat_map(f"events_{view.name}", records, _events_for(view, shards, inputs))
             results = op.stateful_batch(f"state_{view.name}", keyed, functools.partial(_ShardLogic, view, drain, emit))
             tagged = op.map(f"untag_{view.name}", results, _second)
             kinds = op.branch(f"rows_or_late_{view.name}", tagged, lambda item: item[0] == "row")
@@ -398,7 +575,7 @@ def _second(item: tuple[Any, Any]) -> Any:
     return item[1]
 
 
-def _named(name: str, item: tuple[str, Row]) -> tuple[str, Row]:
+def _named(name: str, item: tuple[str, RowBatch]) -> tuple[str, RowBatch]:
     return (name, item[1])
 
 
@@ -412,6 +589,6 @@ __all__ = [
     "StoreFactory",
     "build_dataflow",
     "kafka_messages",
-    "rows_table",
+    "rows_batch",
     "sequence",
 ]

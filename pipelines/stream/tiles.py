@@ -605,10 +605,24 @@ class LatestState:
         newest event)."""
         eid_list = eids.tolist()
         windows: dict[tuple[int, int], _Window] = {}
-        for length, every in self.windows:
-            lowers = (points - points % every - length + every).tolist()
-            slots, lengths = self.tables[every].window(eid_list, lowers)
-            windows[(length, every)] = _aggregate(self.tables[every], slots, lengths)
+        for every in self.granularities:
+            # One gather per granularity, for its widest window; narrower windows keep
+            # the suffix of each entity's tiles that they reach.
+            tiles = self.tables[every]
+            head = points - points % every
+            widest = self.reach[every]
+            slots, lengths = tiles.window(eid_list, (head - widest + every).tolist())
+            row_of = np.repeat(np.arange(len(eid_list)), lengths)
+            starts = tiles.arrays["start"][slots]
+            for length, granularity in self.windows:
+                if granularity != every:
+                    continue
+                if length == widest:
+                    windows[(length, every)] = _aggregate(tiles, slots, lengths)
+                    continue
+                keep = starts >= (head - length + every)[row_of]
+                narrow = np.bincount(row_of[keep], minlength=len(eid_list)).astype(np.int64)
+                windows[(length, every)] = _aggregate(tiles, slots[keep], narrow)
         values: list[np.ndarray] = []
         nulls: list[np.ndarray | None] = []
         for feature in self.view.features:

@@ -28,7 +28,7 @@ from pipelines.stream.dataflow import (
     kafka_messages,
 )
 from tenx.demo_data import DemoConfig, generate
-from tests.unit.pipelines.test_stream_state import as_changelog, last_per_entity
+from tests.unit.pipelines.test_stream_state import as_changelog, last_per_entity, rows_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,7 +73,7 @@ def test_kafka_to_redis_stream(
         )
         cluster_main(flow, [], 0, worker_count_per_proc=workers)
 
-        produced = as_changelog(view, [r for _, r in rows])
+        produced = as_changelog(view, rows_of(rows))
         expected = reference_changelog(view, events.to_pandas(), with_scale=True)
         kinds = {f.name: f.kind for f in view.features}
         assert changelog_differences(expected, produced, key="user_id", kinds=kinds) == []

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 from hypothesis import given
 
 from featurestore import Count, Entity, Last, Max, Mean, Source, Sum, feature_view
 from featurestore.plan import ViewSpec, compile_definitions
-from featurestore.stores.codec import HEADER, decode, decode_many, encode, online_key, online_keys
+from featurestore.stores.codec import HEADER, decode, decode_many, encode, encode_columns, online_key, online_keys
 from schemas import TRANSACTIONS
 
 USER = Entity("user", key="user_id")
@@ -51,6 +52,30 @@ def test_variable_round_trip(label: str | None, mean: float | None) -> None:
     packed = encode(MIXED, 7, [3, mean, label])
     assert decode(MIXED, packed) == (7, [3, mean, label])
     assert decode_many(MIXED, [packed]) == [(7, (3, mean, label))]
+
+
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 2**63 - 1), ints, st.floats(allow_nan=False), floats, st.one_of(st.none(), ints)),
+        max_size=20,
+    )
+)
+def test_columns_encode_byte_for_byte_as_rows_do(rows: list[tuple[Any, ...]]) -> None:
+    as_of = np.array([r[0] for r in rows], dtype=np.uint64).astype(np.int64)
+    kinds = [np.int64, np.float64, np.float64, np.int64]
+    values, nulls = [], []
+    for index, kind in enumerate(kinds):
+        column = [r[index + 1] for r in rows]
+        null = np.array([v is None for v in column], dtype=bool)
+        values.append(np.array([0 if v is None else v for v in column], dtype=kind))
+        nulls.append(null if null.any() else None)
+    assert encode_columns(FIXED, as_of, values, nulls) == [encode(FIXED, r[0], list(r[1:])) for r in rows]
+
+
+def test_columns_with_text_encode_value_by_value() -> None:
+    values = [np.array([3], np.int64), np.array([0.5]), np.array(["EUR"], dtype=object)]
+    nulls = [None, np.array([True]), None]
+    assert encode_columns(MIXED, np.array([9], np.int64), values, nulls) == [encode(MIXED, 9, [3, None, "EUR"])]
 
 
 def test_as_of_bytes_order_values_by_time() -> None:

@@ -18,7 +18,7 @@ from featurestore.stores.online import SqliteOnlineStore
 from pipelines.reference import reference_changelog
 from pipelines.stream.dataflow import OnlineSink, Outputs, StoreFactory, build_dataflow
 from tenx.demo_data import DemoConfig, generate
-from tests.unit.pipelines.test_stream_state import as_changelog, last_per_entity
+from tests.unit.pipelines.test_stream_state import as_changelog, last_per_entity, rows_of
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -69,7 +69,7 @@ def test_in_order_log_gives_the_batch_changelog_row_for_row(plan: Plan, workers:
     assert late == []
     for name in ("user_spend", "merchant_sales"):
         view = plan.view(name)
-        produced = as_changelog(view, [row for view_name, row in rows if view_name == name])
+        produced = as_changelog(view, rows_of(rows, name))
         frame = events.to_pandas()
         expected = reference_changelog(view, frame, with_scale=True)
         kinds = {f.name: f.kind for f in view.features}
@@ -94,7 +94,7 @@ def test_bad_records_go_to_the_dead_letter_output_and_the_job_continues(plan: Pl
     view = plan.view("user_spend")
     expected = reference_changelog(view, kept.to_pandas(), with_scale=True)
     kinds = {f.name: f.kind for f in view.features}
-    assert changelog_differences(expected, as_changelog(view, [r for _, r in rows]), key="user_id", kinds=kinds) == []
+    assert changelog_differences(expected, as_changelog(view, rows_of(rows)), key="user_id", kinds=kinds) == []
 
 
 def test_out_of_order_log_converges_and_reports_late_events(plan: Plan) -> None:
@@ -108,7 +108,7 @@ def test_out_of_order_log_converges_and_reports_late_events(plan: Plan) -> None:
     view = plan.view("user_spend")
     accepted = shuffled.slice(0, events.num_rows - 1).to_pandas()
     expected = last_per_entity(reference_changelog(view, accepted, with_scale=True), view)
-    got = last_per_entity(as_changelog(view, [r for _, r in rows]), view)
+    got = last_per_entity(as_changelog(view, rows_of(rows)), view)
     kinds = {f.name: f.kind for f in view.features}
     assert changelog_differences(expected, got, key="user_id", kinds=kinds) == []
 

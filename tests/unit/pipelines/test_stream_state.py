@@ -34,6 +34,11 @@ def run_stream(view: ViewSpec, frame: pd.DataFrame, cuts: list[int], emit: Emit 
     return rows
 
 
+def rows_of(items: list[Any], view: str | None = None) -> list[Row]:
+    """Plain rows from the (view name, RowBatch) items a row sink of the dataflow receives."""
+    return [row for name, batch in items if view is None or name == view for row in batch.rows()]
+
+
 def as_changelog(view: ViewSpec, rows: list[Row]) -> pa.Table:
     """The changelog a stream produced: the last row emitted per (entity, as_of) wins."""
     latest: dict[tuple[Any, int], tuple[Any, ...]] = {}

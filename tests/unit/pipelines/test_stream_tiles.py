@@ -113,7 +113,8 @@ def test_state_forgets_tiles_and_entities_no_window_reaches() -> None:
     assert expired.values[count].tolist() == [0, 0]
     assert state.entity_count == 1  # tiles of 1 and 2 forgotten, and the entities
     assert sum(len(t.index) for t in state.tables.values()) == 1
-    assert len(rows) == 1 and rows.keys == [3]
+    assert len(rows) == 1
+    assert rows.keys == [3]
 
 
 def test_row_batches_concatenate_keeping_types_and_nulls() -> None:
