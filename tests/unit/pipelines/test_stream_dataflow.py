@@ -12,11 +12,13 @@ import pytest
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from featurestore.plan import Plan, compile_repo
-from featurestore.semantics import changelog_differences
+from featurestore.semantics import changelog_differences, values_match
 from featurestore.stores.codec import decode
 from featurestore.stores.online import SqliteOnlineStore
 from pipelines.reference import reference_changelog
 from pipelines.stream.dataflow import OnlineSink, Outputs, StoreFactory, build_dataflow
+from pipelines.stream.state import Emit
+from schemas.timestamps import to_micros
 from tenx.demo_data import DemoConfig, generate
 from tests.unit.pipelines.test_stream_state import as_changelog, last_per_entity, rows_of
 
@@ -41,7 +43,15 @@ def messages(table: pa.Table, bad: dict[int, bytes] | None = None) -> list[tuple
     return out
 
 
-def run(plan: Plan, items: list[tuple[int, int, bytes]], workers: int, views: list[str]) -> tuple[list[Any], ...]:
+def run(
+    plan: Plan,
+    items: list[tuple[int, int, bytes]],
+    workers: int,
+    views: list[str],
+    *,
+    emit: Emit = Emit.CHANGELOG,
+    drain: bool = True,
+) -> tuple[list[Any], ...]:
     rows: list[Any] = []
     dlq: list[Any] = []
     late: list[Any] = []
@@ -53,6 +63,8 @@ def run(plan: Plan, items: list[tuple[int, int, bytes]], workers: int, views: li
         Outputs(TestingSink(rows), TestingSink(dlq), TestingSink(late)),
         views=views,
         shards=5,
+        emit=emit,
+        drain=drain,
     )
     if workers == 1:
         run_main(flow)
@@ -111,6 +123,45 @@ def test_out_of_order_log_converges_and_reports_late_events(plan: Plan) -> None:
     got = last_per_entity(as_changelog(view, rows_of(rows)), view)
     kinds = {f.name: f.kind for f in view.features}
     assert changelog_differences(expected, got, key="user_id", kinds=kinds) == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("drain", [False, True])
+def test_online_rows_are_exact_and_as_new_as_each_entity(plan: Plan, workers: int, drain: bool) -> None:
+    # What `tenx stream` runs (Emit.LATEST): per entity the value served (newest as_of
+    # wins, as the stores write) is the reference value as of its as_of, never older
+    # than the entity's newest event; drained, it is the reference's last row.
+    events = demo_events(1_500, in_order=False)
+    order = list(range(events.num_rows))
+    order.append(order.pop(7))  # one event 2 days late: reported, not applied
+    shuffled = events.take(pa.array(order))
+    rows, dlq, late = run(plan, messages(shuffled), workers, ["user_spend"], emit=Emit.LATEST, drain=drain)
+    assert dlq == []
+    assert len(late) == 1
+    view = plan.view("user_spend")
+    accepted = shuffled.slice(0, events.num_rows - 1)
+    reference = reference_changelog(view, accepted.to_pandas(), with_scale=True).to_pylist()
+    history: dict[Any, list[dict[str, Any]]] = {}
+    for row in reference:  # sorted by entity, then as_of
+        history.setdefault(row["user_id"], []).append(row)
+    newest: dict[Any, Any] = {}
+    users, moments = accepted.column("user_id").to_pylist(), accepted.column("event_time").to_pylist()
+    for user, moment in zip(users, moments, strict=True):
+        newest[user] = max(newest.get(user, moment), moment)
+    served: dict[Any, tuple[int, tuple[Any, ...]]] = {}
+    for entity, as_of, values in rows_of(rows):
+        if entity not in served or as_of >= served[entity][0]:
+            served[entity] = (as_of, values)
+    assert sorted(served) == sorted(history)
+    kinds = {f.name: f.kind for f in view.features}
+    for user, (as_of, values) in served.items():
+        assert as_of >= to_micros(newest[user])
+        if drain:
+            assert as_of == to_micros(history[user][-1]["as_of"])
+        expected = [r for r in history[user] if to_micros(r["as_of"]) <= as_of][-1]
+        for name, value in zip(view.feature_names, values, strict=True):
+            scale = expected.get(f"_scale_{name}") or 0.0
+            assert values_match(expected[name], value, kind=kinds[name], scale=scale), (user, as_of, name)
 
 
 def test_rows_reach_a_real_online_store(plan: Plan, tmp_path: Path) -> None:
