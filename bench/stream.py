@@ -519,7 +519,7 @@ STAGES = {
     "Kafka source (KafkaSource next_batch)": ("pipelines/stream/dataflow.py", "next_batch"),
     "decode + validate (orjson, validate_records)": ("pipelines/stream/dataflow.py", "decode"),
     "row transform + shard split (pandas -> EventBatch)": ("pipelines/stream/dataflow.py", "to_events"),
-    "state (LatestState.apply + advance)": ("pipelines/stream/dataflow.py", "on_batch"),
+    "state (LatestState.step)": ("pipelines/stream/dataflow.py", "on_batch"),
     "  of which fold (tiles)": ("pipelines/stream/tiles.py", "fold"),
     "  of which evaluate (rows' values)": ("pipelines/stream/tiles.py", "_evaluate"),
     "  of which forget (old tiles)": ("pipelines/stream/tiles.py", "_forget"),

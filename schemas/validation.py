@@ -158,12 +158,11 @@ def validate_records(schema: EventSchema, records: list[Any]) -> RecordsValidati
     that fail are run through `validate_record`, for their reasons."""
     n = len(records)
     bad: set[int] = {i for i, r in enumerate(records) if type(r) is not dict}
+    mappings = [r if type(r) is dict else {} for r in records] if bad else records
     columns: dict[str, list[Any]] = {}
     for f in schema.fields:
-        name = dtype_name(f.dtype)
-        got = [r.get(f.name, _MISSING) if type(r) is dict else None for r in records]
-        ok = _column_check(schema, f, name, got)
-        bad.update(i for i, good in enumerate(ok) if not good)
+        got = [r.get(f.name, _MISSING) for r in mappings]
+        bad.update(_failing(schema, f, dtype_name(f.dtype), got))
         columns[f.name] = got
     rejected: list[tuple[int, list[Problem]]] = []
     for index in sorted(bad):
@@ -192,59 +191,71 @@ def validate_records(schema: EventSchema, records: list[Any]) -> RecordsValidati
     return RecordsValidation(pa.Table.from_arrays(arrays, schema=pa.schema(fields)), positions, rejected)
 
 
-def _column_check(schema: EventSchema, f: Field, name: str, values: list[Any]) -> list[bool]:
-    """Whether each value passes `_check_value`; timestamps are replaced in `values` by
-    their microseconds, ints in float columns by floats."""
-    nullable = f.nullable
+def _failing(schema: EventSchema, f: Field, name: str, values: list[Any]) -> list[int]:
+    """Positions of the values `_check_value` would reject (a null or missing value is
+    accepted where the field is nullable). Timestamps are replaced in `values` by their
+    microseconds, ints in float columns by floats."""
     if name == "string":
-        return [type(v) is str or (nullable and (v is None or v is _MISSING)) for v in values]
-    if name in _INT_BOUNDS:
+        failing = [i for i, v in enumerate(values) if type(v) is not str]
+    elif name in _INT_BOUNDS:
         low, high = _INT_BOUNDS[name]
-        return [(type(v) is int and low <= v <= high) or (nullable and (v is None or v is _MISSING)) for v in values]
-    if name == "bool":
-        return [type(v) is bool or (nullable and (v is None or v is _MISSING)) for v in values]
-    if name in ("float64", "float32"):
-        bound = math.inf if name == "float64" else _FLOAT32_MAX
-        ok = []
-        for index, v in enumerate(values):
-            kind = type(v)
-            if kind is float:
-                ok.append(abs(v) <= bound and math.isfinite(v))
-            elif kind is int:
-                try:
-                    as_float = float(v)
-                except OverflowError:
-                    ok.append(False)
-                    continue
-                values[index] = as_float
-                ok.append(math.isfinite(as_float) and abs(as_float) <= bound)
-            else:
-                ok.append(nullable and (v is None or v is _MISSING))
-        return ok
-    if name == "timestamp[us, UTC]":
-        low, high = schema.min_time_us, schema.max_time_us
-        ok = []
-        for index, v in enumerate(values):
-            micros: int | None = None
-            if type(v) is str:
-                try:
-                    parsed = datetime.fromisoformat(v.replace("Z", "+00:00"))
-                except ValueError:
-                    parsed = None
-                if parsed is not None and parsed.tzinfo is not None:
-                    micros = to_micros(parsed)
-            elif type(v) is int:
-                micros = v
-            elif nullable and (v is None or v is _MISSING):
-                ok.append(True)
+        failing = [i for i, v in enumerate(values) if type(v) is not int or not low <= v <= high]
+    elif name == "bool":
+        failing = [i for i, v in enumerate(values) if type(v) is not bool]
+    elif name in ("float64", "float32"):
+        failing = _failing_floats(name, values)
+    elif name == "timestamp[us, UTC]":
+        failing = _failing_times(schema, values)
+    else:
+        failing = list(range(len(values)))  # a type the fast path does not know: ask validate_record
+    if failing and f.nullable:
+        failing = [i for i in failing if values[i] is not None and values[i] is not _MISSING]
+    return failing
+
+
+def _failing_floats(name: str, values: list[Any]) -> list[int]:
+    bound = math.inf if name == "float64" else _FLOAT32_MAX
+    isfinite = math.isfinite
+    failing = []
+    for index, v in enumerate(values):
+        kind = type(v)
+        if kind is float:
+            if not (isfinite(v) and abs(v) <= bound):
+                failing.append(index)
+        elif kind is int:
+            try:
+                as_float = float(v)
+            except OverflowError:
+                failing.append(index)
                 continue
-            if micros is not None and low <= micros < high:
-                values[index] = micros
-                ok.append(True)
-            else:
-                ok.append(False)
-        return ok
-    return [False] * len(values)  # a type the fast path does not know: ask validate_record
+            values[index] = as_float
+            if not (isfinite(as_float) and abs(as_float) <= bound):
+                failing.append(index)
+        else:
+            failing.append(index)
+    return failing
+
+
+def _failing_times(schema: EventSchema, values: list[Any]) -> list[int]:
+    low, high = schema.min_time_us, schema.max_time_us
+    parse = datetime.fromisoformat
+    failing = []
+    for index, v in enumerate(values):
+        micros: int | None = None
+        if type(v) is str:
+            try:
+                parsed = parse(v.replace("Z", "+00:00"))
+            except ValueError:
+                parsed = None
+            if parsed is not None and parsed.tzinfo is not None:
+                micros = to_micros(parsed)
+        elif type(v) is int:
+            micros = v
+        if micros is not None and low <= micros < high:
+            values[index] = micros
+        else:
+            failing.append(index)
+    return failing
 
 
 # -- a batch ----------------------------------------------------------------------------

@@ -130,18 +130,24 @@ class _KafkaSourcePartition(StatefulSourcePartition[list[Message], int]):
     def next_batch(self) -> list[list[Message]]:
         if self._eof:
             raise StopIteration
-        out: list[Message] = []
-        for message in self._consumer.consume(self._batch, 0.05):
-            error = message.error()
-            if error is not None:
-                if error.code() == self._eof_code:
+        consumed = self._consumer.consume(self._batch, 0.05)
+        partition = self._partition
+        out: list[Message] = [(partition, m.offset(), m.value()) for m in consumed if m.error() is None]  # type: ignore[misc]
+        if len(out) != len(consumed):  # errors, or the end of the partition: in log order
+            out = []
+            for message in consumed:
+                error = message.error()
+                if error is None:
+                    out.append((partition, int(message.offset() or 0), message.value() or b""))
+                elif error.code() == self._eof_code:
                     self._eof = True
                     break
-                out.append((-1, message.offset() or -1, orjson.dumps({"kafka_error": str(error)})))
-                continue
-            offset = int(message.offset() or 0)
-            out.append((self._partition, offset, message.value() or b""))
-            self._offset = offset + 1
+                else:
+                    out.append((-1, message.offset() or -1, orjson.dumps({"kafka_error": str(error)})))
+        for item in reversed(out):
+            if item[0] >= 0:
+                self._offset = item[1] + 1
+                break
         self._polls += 1
         if self._polls % 20 == 0:
             self._report_lag()
@@ -176,7 +182,7 @@ class KafkaSource(FixedPartitionedSource[list[Message], int]):
         topic: str,
         *,
         tail: bool = True,
-        batch_size: int = 5000,
+        batch_size: int = 20000,
         start_time_us: int | None = None,
         timeout_s: float = 10.0,
     ) -> None:
@@ -226,7 +232,7 @@ def kafka_messages(
     bootstrap: str,
     *,
     tail: bool,
-    batch_size: int = 5000,
+    batch_size: int = 20000,
     start_time_us: int | None = None,
 ) -> Any:
     """The source's topic as a stream of message batches (`KafkaSource`)."""
@@ -371,36 +377,37 @@ def _decoder(source: SourceSpec) -> Callable[[list[Any]], list[tuple[str, Any]]]
                 messages.extend(item)
             else:
                 messages.append(item)
-        out: list[tuple[str, Any]] = []
+        dead: list[tuple[int, tuple[str, Any]]] = []  # (position in the batch, item): log order
         records: list[Any] = []
         sequences: list[int] = []
-        kept: list[Message] = []
+        kept: list[int] = []
         loads = orjson.loads
-        for message in messages:
-            partition, offset, value = message
+        for position, (partition, offset, value) in enumerate(messages):
             try:
                 record = loads(value)
-            except orjson.JSONDecodeError as error:
-                out.append(dead_letter(partition, offset, value, f"invalid JSON: {error}"))
+            except (orjson.JSONDecodeError, TypeError) as error:  # TypeError: a tombstone (no value)
+                dead.append((position, dead_letter(partition, offset, value or b"", f"invalid JSON: {error}")))
                 continue
             if partition < 0:
-                out.append(dead_letter(partition, offset, value, f"Kafka error: {record.get('kafka_error')}"))
+                reason = f"Kafka error: {record.get('kafka_error')}"
+                dead.append((position, dead_letter(partition, offset, value, reason)))
                 continue
             records.append(record)
             sequences.append((offset << PARTITION_BITS) | partition)
-            kept.append(message)
+            kept.append(position)
         METRICS.events_in.labels(source.name).inc(len(messages))
-        if not records:
-            return out
-        checked = validate_records(schema, records)
-        for index, problems in checked.rejected:
-            partition, offset, value = kept[index]
-            out.append(dead_letter(partition, offset, value, "; ".join(str(p) for p in problems)))
-        if checked.valid.num_rows:
-            positions = checked.positions
-            seq = sequences if len(positions) == len(sequences) else [sequences[i] for i in positions]
-            out.append(("ok", checked.valid.append_column("_seq", pa.array(seq, pa.int64()))))
-        return out
+        out: list[tuple[str, Any]] = []
+        if records:
+            checked = validate_records(schema, records)
+            for index, problems in checked.rejected:
+                partition, offset, value = messages[kept[index]]
+                dead.append((kept[index], dead_letter(partition, offset, value, "; ".join(str(p) for p in problems))))
+            if checked.valid.num_rows:
+                positions = checked.positions
+                seq = sequences if len(positions) == len(sequences) else [sequences[i] for i in positions]
+                out.append(("ok", checked.valid.append_column("_seq", pa.array(seq, pa.int64()))))
+        dead.sort(key=lambda item: item[0])
+        return [item for _, item in dead] + out
 
     return decode
 
@@ -448,8 +455,7 @@ class _ShardLogic(StatefulBatchLogic[EventBatch, tuple[str, Any], Any]):
         state = self.state
         late_events: list[tuple[Any, int, int]] = []
         if isinstance(state, LatestState):
-            rows, late = state.apply(batch)
-            rows = RowBatch.concat([rows, state.advance()])
+            rows, late = state.step(batch)
             if len(late):
                 times, sequences = batch.times[late].tolist(), batch.sequences[late].tolist()
                 late_events = [(batch.keys[i], times[n], sequences[n]) for n, i in enumerate(late.tolist())]

@@ -219,7 +219,16 @@ def _columns(view: ViewSpec, inputs: tuple[str, ...]) -> list[_Column]:
 
 
 class _Tiles:
-    """The tiles of one granularity: numpy columns indexed by slot, and the indexes."""
+    """The tiles of one granularity: numpy columns indexed by slot.
+
+    Each entity's tiles form a chain in numpy arrays, newest first (`newest[eid]`, then
+    `older[slot]`; `newer[slot]` back): an event in the entity's newest tile or a newer
+    one (in-order data) is found and linked without a Python loop, and a window (a
+    suffix of the tiles by start) is gathered by walking every touched entity's chain
+    one step per numpy pass. Only a new tile older than an entity's newest (an event out
+    of order across a tile boundary) is inserted by a short Python walk. `by_start`
+    lists the slots per tile start, for expiries and for forgetting old tiles.
+    """
 
     def __init__(self, every: int, columns: list[_Column]) -> None:
         self.every = every
@@ -227,17 +236,25 @@ class _Tiles:
         self.capacity = 0
         self.used = 0
         self.free: list[int] = []
-        self.index: dict[tuple[int, int], int] = {}  # (entity id, start) -> slot
-        self.entity_starts: dict[int, list[int]] = {}  # sorted
-        self.entity_slots: dict[int, list[int]] = {}  # parallel to entity_starts
+        self.newest = np.full(_INITIAL, -1, dtype=np.int64)  # per entity id
         self.by_start: dict[int, list[int]] = {}
         self.starts: list[int] = []  # sorted keys of by_start
         self.arrays: dict[str, np.ndarray] = {}
         self._grow(_INITIAL)
 
+    @property
+    def live(self) -> int:
+        return self.used - len(self.free)
+
     def _specs(self) -> list[tuple[str, Any, Any]]:
         """(array name, dtype, reset value) for every array a tile needs."""
-        specs: list[tuple[str, Any, Any]] = [("eid", np.int64, -1), ("start", np.int64, 0), ("events", np.int64, 0)]
+        specs: list[tuple[str, Any, Any]] = [
+            ("eid", np.int64, -1),
+            ("start", np.int64, 0),
+            ("events", np.int64, 0),
+            ("older", np.int64, -1),
+            ("newer", np.int64, -1),
+        ]
         for i, c in enumerate(self.columns):
             specs.append((f"count{i}", np.int64, 0))
             if c.total:
@@ -268,19 +285,82 @@ class _Tiles:
             self.arrays[name] = array
         self.capacity = capacity
 
-    def allocate(self, count: int) -> list[int]:
+    def ensure_entities(self, count: int) -> None:
+        if count > len(self.newest):
+            grown = np.full(max(count, len(self.newest) * 2), -1, dtype=np.int64)
+            grown[: len(self.newest)] = self.newest
+            self.newest = grown
+
+    def allocate(self, count: int, eids: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Fresh tiles (reset, unlinked) for (entity, start) pairs; listed by start."""
         reused = self.free[len(self.free) - count :] if count <= len(self.free) else list(self.free)
         del self.free[len(self.free) - len(reused) :]
         fresh = count - len(reused)
         if self.used + fresh > self.capacity:
             self._grow(max(self.capacity * 2, self.used + fresh))
-        slots = reused + list(range(self.used, self.used + fresh))
+        slots = np.array(reused + list(range(self.used, self.used + fresh)), dtype=np.int64)
         self.used += fresh
         if reused:
-            where = np.array(reused, dtype=np.int64)
+            where = slots[: len(reused)]
             for name, _, reset in self._specs():
                 self.arrays[name][where] = reset
+        self.arrays["eid"][slots] = eids
+        self.arrays["start"][slots] = starts
+        unique, inverse = np.unique(starts, return_inverse=True)
+        groups = np.split(slots[np.argsort(inverse, kind="stable")], np.cumsum(np.bincount(inverse))[:-1])
+        for start, group in zip(unique.tolist(), groups, strict=True):
+            members = self.by_start.get(start)
+            if members is None:
+                self.by_start[start] = group.tolist()
+                if not self.starts or start > self.starts[-1]:
+                    self.starts.append(start)
+                else:
+                    bisect.insort(self.starts, start)
+            else:
+                members.extend(group.tolist())
         return slots
+
+    def _find(self, eids: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Slots of (entity, start) pairs sorted by (entity, start), creating the tiles
+        that do not exist yet and linking them into their entities' chains."""
+        a = self.arrays
+        head = self.newest[eids]
+        head_start = np.where(head >= 0, a["start"][np.maximum(head, 0)], INT_MIN)
+        slots = np.where(head_start == starts, head, -1)
+        newer = starts > head_start
+        for index in np.flatnonzero(~newer & (slots < 0)).tolist():  # behind the newest tile: rare
+            slots[index] = self._insert_behind(int(eids[index]), int(starts[index]))
+        fresh = np.flatnonzero(newer)
+        if len(fresh):
+            e_new = eids[fresh]
+            new = self.allocate(len(fresh), e_new, starts[fresh])
+            slots[fresh] = new
+            same = np.zeros(len(fresh), dtype=bool)
+            same[1:] = e_new[1:] == e_new[:-1]
+            previous = np.where(same, np.concatenate(([-1], new[:-1])), self.newest[e_new])
+            a["older"][new] = previous
+            linked = previous >= 0
+            a["newer"][previous[linked]] = new[linked]
+            last = np.ones(len(fresh), dtype=bool)
+            last[:-1] = e_new[1:] != e_new[:-1]
+            self.newest[e_new[last]] = new[last]
+        return slots
+
+    def _insert_behind(self, eid: int, start: int) -> int:
+        a = self.arrays
+        older, newer, starts = a["older"], a["newer"], a["start"]
+        after = -1
+        current = int(self.newest[eid])
+        while current >= 0 and starts[current] > start:
+            after, current = current, int(older[current])
+        if current >= 0 and starts[current] == start:
+            return current
+        (slot,) = self.allocate(1, np.array([eid]), np.array([start])).tolist()
+        older[slot], newer[slot] = current, after
+        if current >= 0:
+            newer[current] = slot
+        older[after] = slot  # `after` exists: the new tile is behind the newest
+        return int(slot)
 
     def fold(self, eids: np.ndarray, times: np.ndarray, sequences: np.ndarray, batch: EventBatch) -> None:
         """Add events (entity ids, times ...) to their tiles, creating tiles as needed."""
@@ -293,21 +373,7 @@ class _Tiles:
         first[1:] = (e_sorted[1:] != e_sorted[:-1]) | (s_sorted[1:] != s_sorted[:-1])
         segments = np.flatnonzero(first)
         lengths = np.diff(np.append(segments, n))
-        pairs = list(zip(e_sorted[segments].tolist(), s_sorted[segments].tolist(), strict=True))
-        index = self.index
-        slots = [index.get(pair, -1) for pair in pairs]
-        missing = [i for i, slot in enumerate(slots) if slot < 0]
-        if missing:
-            fresh = self.allocate(len(missing))
-            for i, new in zip(missing, fresh, strict=True):
-                eid, start = pairs[i]
-                slots[i] = new
-                index[(eid, start)] = new
-                self._link(eid, start, new)
-            where = np.array(fresh, dtype=np.int64)
-            self.arrays["eid"][where] = e_sorted[segments][missing]
-            self.arrays["start"][where] = s_sorted[segments][missing]
-        slot = np.array(slots, dtype=np.int64)
+        slot = self._find(e_sorted[segments], s_sorted[segments])
         a = self.arrays
         a["events"][slot] += lengths
         t_sorted, q_sorted = times[order], sequences[order]
@@ -354,66 +420,53 @@ class _Tiles:
                 a[f"last{i}"][target] = x[candidate]
             count[slot] += n_b
 
-    def _link(self, eid: int, start: int, slot: int) -> None:
-        starts = self.entity_starts.get(eid)
-        if starts is None:
-            self.entity_starts[eid] = [start]
-            self.entity_slots[eid] = [slot]
-        elif start > starts[-1]:
-            starts.append(start)
-            self.entity_slots[eid].append(slot)
-        else:
-            at = bisect.bisect_left(starts, start)
-            starts.insert(at, start)
-            self.entity_slots[eid].insert(at, slot)
-        members = self.by_start.get(start)
-        if members is None:
-            self.by_start[start] = [slot]
-            if not self.starts or start > self.starts[-1]:
-                self.starts.append(start)
-            else:
-                bisect.insort(self.starts, start)
-        else:
-            members.append(slot)
-
-    def forget_before(self, horizon: int) -> set[int]:
+    def forget_before(self, horizon: int) -> np.ndarray:
         """Drop every tile starting before `horizon`; returns the entity ids that lost
-        their last tile."""
+        their last tile. Such tiles are the oldest of their chains: cut the chains."""
         cut = bisect.bisect_left(self.starts, horizon)
         if cut == 0:
-            return set()
-        emptied: set[int] = set()
-        eid_of = self.arrays["eid"]
-        for start in self.starts[:cut]:
-            for slot in self.by_start.pop(start):
-                eid = int(eid_of[slot])
-                del self.index[(eid, start)]
-                starts, slots = self.entity_starts[eid], self.entity_slots[eid]
-                # Tiles leave in start order, so an entity's oldest tile goes first.
-                del starts[0], slots[0]
-                if not starts:
-                    del self.entity_starts[eid], self.entity_slots[eid]
-                    emptied.add(eid)
-                self.free.append(slot)
+            return np.empty(0, dtype=np.int64)
+        slots = np.array([slot for start in self.starts[:cut] for slot in self.by_start.pop(start)], dtype=np.int64)
         del self.starts[:cut]
+        a = self.arrays
+        newer = a["newer"][slots]
+        survivor = newer[newer >= 0]
+        gone = np.zeros(self.capacity, dtype=bool)
+        gone[slots] = True
+        survivor = survivor[~gone[survivor]]
+        a["older"][survivor] = -1
+        emptied = a["eid"][slots[newer < 0]]  # the entity's newest tile went: all did
+        self.newest[emptied] = -1
+        self.free.extend(slots.tolist())
         return emptied
 
-    def window(self, eids: list[int], lowers: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def window(self, eids: np.ndarray, lowers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Slots of each entity's tiles starting at or after its lower bound (all its
-        tiles end before the point evaluated), concatenated, and how many per entity."""
-        gathered: list[int] = []
-        lengths: list[int] = []
-        entity_starts, entity_slots = self.entity_starts, self.entity_slots
-        for eid, lower in zip(eids, lowers, strict=True):
-            starts = entity_starts.get(eid)
-            if starts is None:
-                lengths.append(0)
-                continue
-            at = 0 if lower <= starts[0] else bisect.bisect_left(starts, lower)
-            chosen = entity_slots[eid][at:]
-            gathered.extend(chosen)
-            lengths.append(len(chosen))
-        return np.array(gathered, dtype=np.int64), np.array(lengths, dtype=np.int64)
+        tiles end before the point evaluated), grouped by entity in start order, and how
+        many per entity. Walks all chains together, one tile per step."""
+        a = self.arrays
+        starts, older = a["start"], a["older"]
+        rows = np.arange(len(eids))
+        current = self.newest[eids]
+        bound = lowers
+        found_rows: list[np.ndarray] = []
+        found_slots: list[np.ndarray] = []
+        while len(rows):
+            alive = current >= 0
+            alive[alive] = starts[current[alive]] >= bound[alive]
+            if not alive.all():
+                rows, current, bound = rows[alive], current[alive], bound[alive]
+            if not len(rows):
+                break
+            found_rows.append(rows)
+            found_slots.append(current)
+            current = older[current]
+        if not found_rows:
+            return np.empty(0, dtype=np.int64), np.zeros(len(eids), dtype=np.int64)
+        row_of = np.concatenate(found_rows)
+        slots = np.concatenate(found_slots)
+        order = np.lexsort((starts[slots], row_of))
+        return slots[order], np.bincount(row_of, minlength=len(eids)).astype(np.int64)
 
 
 @dataclass
@@ -511,8 +564,45 @@ class LatestState:
         """Apply a micro-batch (log order). Returns a row per entity it touched (at the
         entity's newest event time) and the positions of the late events (not applied:
         older than the watermark when they arrived)."""
+        touched, late = self._fold(batch)
+        return self._evaluate(touched, self.heads[touched]), late
+
+    def advance(self, watermark: int | None = None) -> RowBatch:
+        """Rows for the window expiries the watermark has passed that come after an
+        entity's newest event (the newest one per entity), then forget the tiles no
+        window reaches any more."""
+        limit = self.watermark if watermark is None else watermark
+        eids, points = self._expiries(limit)
+        rows = self._evaluate(eids, points)
+        if limit is not None and limit < _FOREVER:
+            self._forget(limit)
+        return rows
+
+    def step(self, batch: EventBatch) -> tuple[RowBatch, np.ndarray]:
+        """`apply` then `advance`, with one row per entity: the one that wins online
+        (an expiry after the entity's newest event beats its event-time row)."""
+        touched, late = self._fold(batch)
+        limit = self.watermark
+        expiring, expiries = self._expiries(limit)
+        eids, points = _newest(np.concatenate([touched, expiring]), np.concatenate([self.heads[touched], expiries]))
+        rows = self._evaluate(eids, points)
+        if limit is not None:
+            self._forget(limit)
+        return rows, late
+
+    def flush(self) -> RowBatch:
+        """End of a bounded input: the last expiry row of every entity."""
+        rows = self.advance(_FOREVER)
+        self._reset()
+        return rows
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _fold(self, batch: EventBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Fold the events that are not late into their tiles: (entity ids touched,
+        positions of the late events)."""
         if len(batch) == 0:
-            return RowBatch.empty(len(self.view.features)), np.empty(0, np.int64)
+            return np.empty(0, np.int64), np.empty(0, np.int64)
         prior = _NEVER if self.max_time is None else self.max_time
         running = np.maximum.accumulate(np.concatenate([np.array([prior], np.int64), batch.times]))[1:]
         late = batch.times < running - self.lateness
@@ -521,23 +611,24 @@ class LatestState:
         if len(late_positions):
             batch = batch.take(np.flatnonzero(~late))
             if len(batch) == 0:
-                return RowBatch.empty(len(self.view.features)), late_positions
+                return np.empty(0, np.int64), late_positions
         eids = self._entity_ids(batch.keys)
         np.maximum.at(self.heads, eids, batch.times)
         for tiles in self.tables.values():
+            tiles.ensure_entities(len(self.keys))
             tiles.fold(eids, batch.times, batch.sequences, batch)
-        touched = np.unique(eids)
-        return self._evaluate(touched, self.heads[touched]), late_positions
+        return np.unique(eids), late_positions
 
-    def advance(self, watermark: int | None = None) -> RowBatch:
-        """Rows for the window expiries the watermark has passed that come after an
-        entity's newest event (the newest one per entity), then forget the tiles no
-        window reaches any more."""
-        limit = self.watermark if watermark is None else watermark
+    def _expiries(self, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Per entity the newest window expiry in (last limit, limit] after its newest
+        event: (entity ids, expiry times). Moves the emitted-through mark to `limit`."""
+        none = np.empty(0, np.int64), np.empty(0, np.int64)
         if limit is None or (self.expired_through is not None and limit <= self.expired_through):
-            return RowBatch.empty(len(self.view.features))
+            return none
         previous = _NEVER if self.expired_through is None else self.expired_through
-        best: dict[int, int] = {}
+        self.expired_through = limit
+        found_eids: list[np.ndarray] = []
+        found_times: list[np.ndarray] = []
         for length, every in self.windows:
             tiles = self.tables[every]
             low = bisect.bisect_right(tiles.starts, previous - length)
@@ -548,24 +639,11 @@ class LatestState:
             eids = tiles.arrays["eid"][slots]
             expiries = tiles.arrays["start"][slots] + length
             after = expiries > self.heads[eids]
-            for eid, expiry in zip(eids[after].tolist(), expiries[after].tolist(), strict=True):
-                if expiry > best.get(eid, INT_MIN):
-                    best[eid] = expiry
-        self.expired_through = limit
-        rows = RowBatch.empty(len(self.view.features))
-        if best:
-            rows = self._evaluate(np.fromiter(best.keys(), np.int64), np.fromiter(best.values(), np.int64))
-        if limit < _FOREVER:
-            self._forget(limit)
-        return rows
-
-    def flush(self) -> RowBatch:
-        """End of a bounded input: the last expiry row of every entity."""
-        rows = self.advance(_FOREVER)
-        self._reset()
-        return rows
-
-    # -- internals --------------------------------------------------------------------------
+            found_eids.append(eids[after])
+            found_times.append(expiries[after])
+        if not found_eids:
+            return none
+        return _newest(np.concatenate(found_eids), np.concatenate(found_times))
 
     def _entity_ids(self, keys: list[Any]) -> np.ndarray:
         ids = self.ids
@@ -589,12 +667,11 @@ class LatestState:
         return np.array(out, dtype=np.int64)
 
     def _forget(self, boundary: int) -> None:
-        emptied: set[int] = set()
-        for every, tiles in self.tables.items():
-            emptied |= tiles.forget_before(boundary - self.reach[every] - every)
-        for eid in emptied:
-            if any(eid in tiles.entity_starts for tiles in self.tables.values()):
-                continue
+        emptied = [tiles.forget_before(boundary - self.reach[every] - every) for every, tiles in self.tables.items()]
+        candidates = np.unique(np.concatenate(emptied))
+        for tiles in self.tables.values():
+            candidates = candidates[tiles.newest[candidates] < 0]
+        for eid in candidates.tolist():
             del self.ids[self.keys[eid]]
             self.keys[eid] = None
             self.heads[eid] = INT_MIN
@@ -603,6 +680,8 @@ class LatestState:
     def _evaluate(self, eids: np.ndarray, points: np.ndarray) -> RowBatch:
         """The view's vectors for entities at points (each at or after the entity's
         newest event)."""
+        if len(eids) == 0:
+            return RowBatch.empty(len(self.view.features))
         eid_list = eids.tolist()
         windows: dict[tuple[int, int], _Window] = {}
         for every in self.granularities:
@@ -611,7 +690,7 @@ class LatestState:
             tiles = self.tables[every]
             head = points - points % every
             widest = self.reach[every]
-            slots, lengths = tiles.window(eid_list, (head - widest + every).tolist())
+            slots, lengths = tiles.window(eids, head - widest + every)
             row_of = np.repeat(np.arange(len(eid_list)), lengths)
             starts = tiles.arrays["start"][slots]
             for length, granularity in self.windows:
@@ -632,6 +711,17 @@ class LatestState:
             nulls.append(null)
         keys = self.keys
         return RowBatch([keys[e] for e in eid_list], points.astype(np.int64), values, nulls)
+
+
+def _newest(eids: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The latest point per entity id."""
+    if len(eids) == 0:
+        return eids, points
+    order = np.lexsort((points, eids))
+    eids, points = eids[order], points[order]
+    last = np.ones(len(eids), dtype=bool)
+    last[:-1] = eids[1:] != eids[:-1]
+    return eids[last], points[last]
 
 
 def _feature(kind: str, dtype: str, window: _Window, column: int | None) -> tuple[np.ndarray, np.ndarray | None]:

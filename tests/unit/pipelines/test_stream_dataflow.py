@@ -35,7 +35,7 @@ def demo_events(count: int, *, in_order: bool) -> pa.Table:
     return table.sort_by("event_time") if in_order else table
 
 
-def messages(table: pa.Table, bad: dict[int, bytes] | None = None) -> list[tuple[int, int, bytes]]:
+def messages(table: pa.Table, bad: dict[int, bytes | None] | None = None) -> list[tuple[int, int, bytes | None]]:
     out = []
     for offset, row in enumerate(table.to_pylist()):
         row["event_time"] = row["event_time"].isoformat()
@@ -94,12 +94,14 @@ def test_bad_records_go_to_the_dead_letter_output_and_the_job_continues(plan: Pl
         3: b"{not json",
         10: orjson.dumps({"user_id": "abc"}),
         20: orjson.dumps({**events.slice(20, 1).to_pylist()[0], "event_time": 1_700_000_000}, default=str),
+        30: None,  # a Kafka tombstone (no value)
     }
     rows, dlq, _ = run(plan, messages(events, bad), 1, ["user_spend"])
     assert [(d["offset"], d["reason"].split(":")[0]) for d in dlq] == [
         (3, "invalid JSON"),
         (10, "field `transaction_id`"),
         (20, "field `event_time`"),
+        (30, "invalid JSON"),
     ]
     assert "absurd timestamp" in dlq[2]["reason"]
     kept = events.filter(pa.array([i not in bad for i in range(events.num_rows)]))

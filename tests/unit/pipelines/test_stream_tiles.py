@@ -34,9 +34,10 @@ def serve(online: Online, rows: list[tuple[Any, int, tuple[Any, ...]]]) -> None:
 def replay(view: ViewSpec, frame: pd.DataFrame, cuts: list[int], *, snapshot: bool = False) -> list[Any]:
     """Both states fed the same micro-batches; per batch: (python online, columnar
     online, python late sequences, columnar late sequences)."""
-    python, columnar = ViewState(view, Emit.LATEST), LatestState(view)
+    python, columnar, stepped = ViewState(view, Emit.LATEST), LatestState(view), LatestState(view)
     python_online: Online = {}
     columnar_online: Online = {}
+    stepped_online: Online = {}
     frame = frame.assign(_seq=range(len(frame)))
     steps = []
     bounds = sorted({0, len(frame), *[c for c in cuts if 0 < c < len(frame)]})
@@ -47,6 +48,10 @@ def replay(view: ViewSpec, frame: pd.DataFrame, cuts: list[int], *, snapshot: bo
         events = batch_from_frame(view, batch, columnar.inputs)
         emitted, late_positions = columnar.apply(events)
         serve(columnar_online, emitted.rows() + columnar.advance().rows())
+        one_row_each, _ = stepped.step(events)  # what the dataflow runs: apply + advance, one row per entity
+        assert len(set(one_row_each.keys)) == len(one_row_each)
+        serve(stepped_online, one_row_each.rows())
+        assert stepped_online == columnar_online
         if snapshot:  # what Bytewax recovery does between epochs
             columnar = pickle.loads(pickle.dumps(columnar))
         late_python = [event[1] for _, event in late]
@@ -112,7 +117,7 @@ def test_state_forgets_tiles_and_entities_no_window_reaches() -> None:
     count = view.feature_names.index("count_10m")
     assert expired.values[count].tolist() == [0, 0]
     assert state.entity_count == 1  # tiles of 1 and 2 forgotten, and the entities
-    assert sum(len(t.index) for t in state.tables.values()) == 1
+    assert sum(t.live for t in state.tables.values()) == 1
     assert len(rows) == 1
     assert rows.keys == [3]
 
