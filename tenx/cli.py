@@ -684,6 +684,7 @@ def stream(
         Outputs,
         StoreFactory,
         build_dataflow,
+        check_topics,
         kafka_messages,
     )
     from pipelines.stream.state import Emit
@@ -713,6 +714,7 @@ def stream(
     else:
         bootstrap = str(settings.kafka_bootstrap)
         run = [plan.view(n) for n in views] if views else [v for v in plan.views if v.online]
+        check_topics(bootstrap, sorted({v.source.topic for v in run}))
         reach = max((v.longest_window + v.source.allowed_lateness for v in run), default=0)
         start_us = None if from_beginning else int(time.time() * 1_000_000) - reach
 

@@ -36,6 +36,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from featurestore.errors import ConfigError, TransientError
 from featurestore.plan.model import AS_OF, Plan, SourceSpec, ViewSpec
 from featurestore.stores.codec import encode_columns
 from featurestore.stores.online import OnlineStore
@@ -202,7 +203,7 @@ class KafkaSource(FixedPartitionedSource[list[Message], int]):
         metadata = AdminClient(self._config()).list_topics(self.topic, timeout=self.timeout_s)
         topic = metadata.topics.get(self.topic)
         if topic is None or topic.error is not None:
-            raise RuntimeError(f"Kafka topic {self.topic!r} at {self.bootstrap}: {topic.error if topic else 'missing'}")
+            raise ConfigError(f"Kafka topic {self.topic!r} at {self.bootstrap}: {topic.error if topic else 'missing'}")
         return [str(p) for p in sorted(topic.partitions)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaSourcePartition:
@@ -224,6 +225,26 @@ class KafkaSource(FixedPartitionedSource[list[Message], int]):
         finally:
             consumer.close()
         return int(found.offset) if found.offset >= 0 else int(OFFSET_END)
+
+
+def check_topics(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> None:
+    """Fail early, with what to do, when the broker is unreachable or a topic is missing
+    (inside the running dataflow either would end in a Bytewax traceback)."""
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka import KafkaException
+
+    # log_level 0: the connection failures are reported once, below, not logged every 50 ms.
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 5000, "log_level": 0})
+    try:
+        metadata = admin.list_topics(timeout=timeout_s)
+    except KafkaException as error:
+        raise TransientError(f"cannot reach Kafka at {bootstrap} within {timeout_s:.0f} s: {error}") from error
+    missing = [topic for topic in topics if topic not in metadata.topics]
+    if missing:
+        raise ConfigError(
+            f"Kafka topic(s) {', '.join(missing)} do not exist at {bootstrap}: create them "
+            "(e.g. `tenx demo-data --to-kafka <topic>`), or set the source's topic= in the feature repo"
+        )
 
 
 def kafka_messages(
@@ -594,6 +615,7 @@ __all__ = [
     "Outputs",
     "StoreFactory",
     "build_dataflow",
+    "check_topics",
     "kafka_messages",
     "rows_batch",
     "sequence",

@@ -125,3 +125,14 @@ def test_cold_start_reads_from_the_offset_for_a_time(kafka_bootstrap: str, kafka
     run_main(flow)
     offsets = [offset for _, offset, _ in seen]
     assert offsets == {"time": list(range(5, 10)), "beginning": list(range(10)), "future": []}[start]
+
+
+def test_a_missing_topic_or_broker_is_a_clear_error_before_the_job_starts(kafka_bootstrap: str) -> None:
+    from featurestore.errors import ConfigError, TransientError
+    from pipelines.stream.dataflow import check_topics
+
+    missing = f"tenx-missing-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ConfigError, match=f"{missing} do not exist"):
+        check_topics(kafka_bootstrap, [missing])
+    with pytest.raises(TransientError, match="cannot reach Kafka at 127.0.0.1:1"):
+        check_topics("127.0.0.1:1", [missing], timeout_s=1.0)
