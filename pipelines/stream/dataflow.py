@@ -230,8 +230,8 @@ class KafkaSource(FixedPartitionedSource[list[Message], int]):
 def check_topics(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> None:
     """Fail early, with what to do, when the broker is unreachable or a topic is missing
     (inside the running dataflow either would end in a Bytewax traceback)."""
-    from confluent_kafka.admin import AdminClient
     from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
 
     # log_level 0: the connection failures are reported once, below, not logged every 50 ms.
     admin = AdminClient({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 5000, "log_level": 0})

@@ -134,5 +134,5 @@ def test_a_missing_topic_or_broker_is_a_clear_error_before_the_job_starts(kafka_
     missing = f"tenx-missing-{uuid.uuid4().hex[:8]}"
     with pytest.raises(ConfigError, match=f"{missing} do not exist"):
         check_topics(kafka_bootstrap, [missing])
-    with pytest.raises(TransientError, match="cannot reach Kafka at 127.0.0.1:1"):
+    with pytest.raises(TransientError, match=r"cannot reach Kafka at 127\.0\.0\.1:1"):
         check_topics("127.0.0.1:1", [missing], timeout_s=1.0)
