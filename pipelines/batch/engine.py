@@ -97,6 +97,7 @@ def backfill_view(
         files,
         columns=columns,
         filters=[(time_column, ">=", lower), (time_column, "<", upper)],
+        split_row_groups=True,  # a partition per row group: stage 1 holds a few of them
         dataframe_backend="cudf" if backend is Backend.CUDF else "pandas",
     )
     # Scratch lives beside the tables by default: a remote Dask cluster needs a path
