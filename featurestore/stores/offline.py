@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction
 
@@ -37,7 +37,6 @@ from schemas.timestamps import from_micros, to_micros
 
 SEQUENCE = "_seq"
 DATE = "_date"
-EVENT_ROW_GROUP = 262_144  # events per Parquet row group in the events table
 
 REJECTS_SCHEMA = pa.schema(
     [
@@ -165,8 +164,6 @@ class DeltaOfflineStore:
             pa.RecordBatchReader.from_batches(schema, numbered()),
             partition_by=[DATE],
             mode="append",
-            # Row groups are the backfill's unit of reading: small ones bound its memory.
-            writer_properties=WriterProperties(max_row_group_size=EVENT_ROW_GROUP),
             commit_properties=CommitProperties(
                 custom_metadata=metadata | {"tenx.seq_start": str(first), "tenx.seq_end": str(first + rows)}
             ),

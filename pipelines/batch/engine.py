@@ -30,6 +30,8 @@ Progress = Callable[[str, int, int], None]  # (view, partitions done, partitions
 # Events per shuffled partition: the unit of kernel work and of memory (a partition's
 # changelog is about 3x its events, times the features).
 PARTITION_EVENTS = 400_000
+# A shard holding more events than this (a hot entity) is computed in time slices.
+SLICE_EVENTS = 2 * PARTITION_EVENTS
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def backfill_view(
         files,
         columns=columns,
         filters=[(time_column, ">=", lower), (time_column, "<", upper)],
-        split_row_groups=True,  # a partition per row group: stage 1 holds a few of them
+        split_row_groups=True,  # a partition per row group (about 1M events): stage 1 holds a few
         dataframe_backend="cudf" if backend is Backend.CUDF else "pandas",
     )
     # Scratch lives beside the tables by default: a remote Dask cluster needs a path
@@ -192,13 +194,52 @@ def _shard_changelog(
     path: str, view: ViewSpec, store: DeltaOfflineStore, start: int, end: int, backend: str
 ) -> tuple[int, list[Any]]:
     """Runs on a Dask worker: read one shuffled shard, run the kernel, write its rows
-    as uncommitted Delta files. Returns (rows, add actions)."""
-    import pyarrow.parquet as pq
+    as uncommitted Delta files. Returns (rows, add actions).
+
+    A shard far above the partition size (an entity with millions of events lands
+    whole in one shard) runs in time slices: as_of in [a, b) needs only the events in
+    [a - longest window - coarsest tile, b), as a range backfill does, so memory
+    follows the slice, not the hottest entity."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
 
     chosen = Backend(backend)
-    frame = to_frame(pq.read_table(path), chosen)
-    table = changelog_kernel(view, frame, start=start, end=end, xp=array_module(chosen))
-    return table.num_rows, store.write_changelog_files(view, table, start=start, end=end)
+    dataset = ds.dataset(path, format="parquet")
+    time_column = view.event_time
+    slices = [(start, end)]
+    if dataset.count_rows() > SLICE_EVENTS:
+        times = np.sort(pc.cast(dataset.to_table(columns=[time_column]).column(time_column), "int64").to_numpy())
+        pieces = -(-len(times) // PARTITION_EVENTS)
+        cuts = sorted({int(times[len(times) * i // pieces]) for i in range(1, pieces)} - {start})
+        bounds = [start, *(c for c in cuts if start < c < end), end]
+        slices = list(itertools.pairwise(bounds))
+    reach = view.longest_window + view.coarsest_tile
+    rows = 0
+    actions: list[Any] = []
+    for low, high in slices:
+        if len(slices) == 1:
+            table = dataset.to_table()
+        else:
+            moment = pa_timestamp(time_column, dataset)
+            table = dataset.to_table(
+                filter=(ds.field(time_column) >= moment(low - reach)) & (ds.field(time_column) < moment(high))
+            )
+        frame = to_frame(table, chosen)
+        del table
+        changelog = changelog_kernel(view, frame, start=low, end=high, xp=array_module(chosen))
+        del frame
+        rows += changelog.num_rows
+        actions.extend(store.write_changelog_files(view, changelog, start=low, end=high))
+    return rows, actions
+
+
+def pa_timestamp(column: str, dataset: Any) -> Callable[[int], Any]:
+    """Microseconds as a scalar of the dataset's time column type (for filters)."""
+    import pyarrow as pa
+
+    kind = dataset.schema.field(column).type
+    return lambda micros: pa.scalar(micros, pa.int64()).cast(kind)
 
 
 def _kernel_results(

@@ -71,6 +71,33 @@ def test_backfill_equals_reference_for_any_partition_count(
         assert differences(plan, summary.view, reference_for(plan, store, summary.view), got) == []
 
 
+def test_shards_above_the_partition_size_run_in_time_slices_with_the_same_result(
+    plan: Plan, store: DeltaOfflineStore, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hot entity lands whole in one shard; such a shard is computed in time slices,
+    # each reading the longest window before its start (workers are threads here, so
+    # the patched sizes reach them).
+    import pipelines.batch.engine as engine
+
+    monkeypatch.setattr(engine, "PARTITION_EVENTS", 150)
+    monkeypatch.setattr(engine, "SLICE_EVENTS", 300)
+    calls: list[int] = []
+    kernel = engine.changelog_kernel
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(len(args[1]))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "changelog_kernel", counting)
+    summary = backfill(plan, store, views=["user_spend"], partitions=2, client=client)[0]
+    assert len(calls) >= 10  # 2 shards of about 1,500 events, cut into slices of about 150
+    # Each slice reads its own events and the 7 days before it (here: all earlier ones).
+    assert min(calls) < 300
+    got = store.read_changelog(plan.view("user_spend"))
+    assert got.num_rows == summary.rows_written
+    assert differences(plan, "user_spend", reference_for(plan, store, "user_spend"), got) == []
+
+
 def test_backfill_twice_replaces_and_never_duplicates(plan: Plan, store: DeltaOfflineStore, client: Any) -> None:
     view = plan.view("user_spend")
     first = backfill(plan, store, views=["user_spend"], client=client)[0]
