@@ -3,6 +3,7 @@ batch changelog, dead letters to a real topic, final online values, 1 and 2 work
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,9 @@ def test_cold_start_reads_from_the_offset_for_a_time(kafka_bootstrap: str, kafka
     from bytewax.dataflow import Dataflow
     from bytewax.testing import run_main
 
-    base_ms = 1_700_000_000_000
+    # Recent message times: the broker deletes messages older than its retention (7 days),
+    # by message time, on its own schedule.
+    base_ms = int(time.time() * 1000) - 3_600_000
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     for index in range(10):
         producer.produce(kafka_topic, orjson.dumps({"n": index}), timestamp=base_ms + index * 60_000)
