@@ -214,7 +214,9 @@ class KafkaSource(FixedPartitionedSource[list[Message], int]):
         )
 
     def _start_offset(self, partition: int) -> int:
-        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+        """A concrete offset (never the "end" sentinel: a snapshot taken before the first
+        message must not resume at a later end and skip what arrived in between)."""
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
         if self.start_time_us is None:
             return int(OFFSET_BEGINNING)
@@ -222,9 +224,12 @@ class KafkaSource(FixedPartitionedSource[list[Message], int]):
         try:
             wanted = TopicPartition(self.topic, partition, max(self.start_time_us // 1000, 0))
             (found,) = consumer.offsets_for_times([wanted], timeout=self.timeout_s)
+            if found.offset >= 0:
+                return int(found.offset)
+            _, high = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=self.timeout_s)
+            return int(high)  # nothing at or after the time: start after the last message
         finally:
             consumer.close()
-        return int(found.offset) if found.offset >= 0 else int(OFFSET_END)
 
 
 def check_topics(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> None:
