@@ -143,8 +143,8 @@ _MISSING = object()
 @dataclass(frozen=True)
 class RecordsValidation:
     """Decoded records checked column by column: the valid ones as one Arrow table with
-    the schema's types (event time as integer microseconds in an int64 column), their
-    positions in the input, and every invalid one with its problems."""
+    the schema's types, their positions in the input, and every invalid one with its
+    problems."""
 
     valid: pa.Table
     positions: list[int]
@@ -180,14 +180,11 @@ def validate_records(schema: EventSchema, records: list[Any]) -> RecordsValidati
         if bad:
             values = [values[i] for i in positions]
         values = [None if v is _MISSING else v for v in values] if f.nullable else values
-        if f.name == schema.event_time or pa.types.is_timestamp(f.dtype):
-            arrays.append(pa.array(values, pa.int64()))
+        if pa.types.is_timestamp(f.dtype):  # microseconds by now
+            arrays.append(pa.array(values, pa.int64()).cast(f.dtype))
         else:
             arrays.append(pa.array(values, f.dtype))
-    fields = [
-        pa.field(f.name, pa.int64() if pa.types.is_timestamp(f.dtype) else f.dtype, nullable=f.nullable)
-        for f in schema.fields
-    ]
+    fields = [pa.field(f.name, f.dtype, nullable=f.nullable) for f in schema.fields]
     return RecordsValidation(pa.Table.from_arrays(arrays, schema=pa.schema(fields)), positions, rejected)
 
 

@@ -245,6 +245,9 @@ def _join_chunks(
         # DuckDB's own Parquet reader over the table's live files: parallel, with
         # projection and filter pushdown (2x faster than scanning an Arrow dataset).
         files = offline.changelog_files(request.view)
+        if not files:  # backfilled over a range without events: every label gets empty windows
+            connection.register(f"changelog_{index}", request.view.changelog_schema().empty_table())
+            continue
         listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         connection.execute(
             f"CREATE VIEW changelog_{index} AS SELECT * FROM read_parquet([{listing}])"  # noqa: S608 - our file names

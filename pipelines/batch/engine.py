@@ -142,8 +142,11 @@ def bucket_ids(frame: Any, key: str, count: int, backend: Backend) -> Any:
     hashing, other keys by the frame library's own row hash."""
     xp = array_module(backend)
     column = frame[key]
-    if str(column.dtype).lower().startswith(("int", "uint")):
-        values = column.to_numpy() if backend is Backend.PANDAS else column.values
+    if str(column.dtype).lower().startswith(("int", "uint", "float")):
+        # One key, one bucket, whatever a partition's column type: a nullable int key
+        # reads as float64 in a row group with a null and as int64 elsewhere.
+        whole = column.fillna(0).astype("int64")
+        values = whole.to_numpy() if backend is Backend.PANDAS else whole.values
         hashed = values.astype(xp.uint64) * xp.uint64(GOLDEN)
     elif backend is Backend.PANDAS:
         hashed = pd.util.hash_pandas_object(column, index=False).to_numpy()

@@ -119,6 +119,8 @@ class _KafkaSourcePartition(StatefulSourcePartition[list[Message], int]):
                 "socket.connection.setup.timeout.ms": 5000,
                 "session.timeout.ms": 10000,
                 "fetch.wait.max.ms": 50,
+                # An offset retention has deleted: the oldest message left, never the end.
+                "auto.offset.reset": "earliest",
             }
         )
         self._consumer.assign([TopicPartition(topic, partition, offset)])
@@ -204,6 +206,11 @@ class KafkaSource(FixedPartitionedSource[list[Message], int]):
         topic = metadata.topics.get(self.topic)
         if topic is None or topic.error is not None:
             raise ConfigError(f"Kafka topic {self.topic!r} at {self.bootstrap}: {topic.error if topic else 'missing'}")
+        if len(topic.partitions) > 1 << PARTITION_BITS:
+            raise ConfigError(
+                f"Kafka topic {self.topic!r} has {len(topic.partitions)} partitions; tenx supports up to "
+                f"{1 << PARTITION_BITS} (an event's sequence is offset << {PARTITION_BITS} | partition)"
+            )
         return [str(p) for p in sorted(topic.partitions)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaSourcePartition:
@@ -439,12 +446,7 @@ def _decoder(source: SourceSpec) -> Callable[[list[Any]], list[tuple[str, Any]]]
 
 
 def _events_for(view: ViewSpec, shards: int, inputs: tuple[str, ...]) -> Callable[[pa.Table], list[tuple[str, Any]]]:
-    time_field = view.event_time
-    time_type = view.source.schema.field(time_field).dtype
-
     def to_events(table: pa.Table) -> list[tuple[str, Any]]:
-        index = table.schema.get_field_index(time_field)
-        table = table.set_column(index, time_field, table.column(index).cast(time_type))
         frame = prepare_events(view, table.to_pandas())
         if len(frame) == 0:
             return []

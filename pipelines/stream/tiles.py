@@ -347,8 +347,7 @@ class _Tiles:
         return slots
 
     def _insert_behind(self, eid: int, start: int) -> int:
-        a = self.arrays
-        older, newer, starts = a["older"], a["newer"], a["start"]
+        older, starts = self.arrays["older"], self.arrays["start"]
         after = -1
         current = int(self.newest[eid])
         while current >= 0 and starts[current] > start:
@@ -356,6 +355,7 @@ class _Tiles:
         if current >= 0 and starts[current] == start:
             return current
         (slot,) = self.allocate(1, np.array([eid]), np.array([start])).tolist()
+        older, newer = self.arrays["older"], self.arrays["newer"]  # allocate may have grown them
         older[slot], newer[slot] = current, after
         if current >= 0:
             newer[current] = slot

@@ -128,3 +128,29 @@ def test_row_batches_concatenate_keeping_types_and_nulls() -> None:
     both = RowBatch.concat([RowBatch.empty(2), a, b])
     assert both.rows() == [(1, 5, (2, None)), (2, 6, (3, 1.5))]
     assert both.values[0].dtype == np.int64
+
+
+def test_an_out_of_order_tile_when_the_table_is_full() -> None:
+    # Inserting a tile behind an entity's newest one when every slot is taken grows the
+    # table first (regression: the insert wrote into the arrays from before the growth).
+    view = VIEWS[0]
+    minute = 60_000_000
+
+    def batch(entities: list[int], minutes: int, first: int) -> EventBatch:
+        n = len(entities)
+        return EventBatch(
+            entities,
+            np.full(n, minutes * minute, np.int64),
+            np.arange(first, first + n, dtype=np.int64),
+            [np.ones(n, np.int64), np.array(["a"] * n, dtype=object), np.ones(n)],
+            [np.ones(n, bool)] * 3,
+        )
+
+    state = LatestState(view)
+    state.step(batch(list(range(1024)), 10, 0))
+    assert [t.live for t in state.tables.values()] == [t.capacity for t in state.tables.values()]
+    rows, late = state.step(batch([0], 9, 5_000))  # within the lateness, one tile behind
+    assert len(late) == 0
+    assert rows.rows()[0][0] == 0
+    count = view.feature_names.index("count_10m")
+    assert rows.values[count].tolist() == [2]

@@ -176,3 +176,22 @@ def test_clear_errors(world: Any, labels: pa.Table, features: list[str], message
     with pytest.raises(LabelError) as raised:
         export_training_set(plan, store, labels, features)
     assert str(raised.value).startswith(message)
+
+
+def test_a_view_without_changelog_files_gives_empty_windows(tmp_path: Path) -> None:
+    # A backfill over a range without events commits a table with no files.
+    plan = compile_repo(ROOT / "tenx" / "templates" / "repo", project="demo", modules=["features"])
+    view = plan.view("user_spend")
+    store = DeltaOfflineStore(tmp_path / "offline")
+    store.write_changelog(view, [], start=1_767_225_600_000_000, end=1_767_312_000_000_000)
+    labels = pa.table(
+        {
+            "user_id": pa.array([1, 2], pa.int64()),
+            "timestamp": pa.array([1_767_225_600_000_001] * 2, pa.timestamp("us", tz="UTC")),
+        }
+    )
+    table, summary = export_training_set(plan, store, labels, ["user_spend:count_1d", "user_spend:mean_amount_eur_1d"])
+    assert table is not None
+    assert summary.rows_out == 2
+    assert table.column("count_1d").to_pylist() == [0, 0]
+    assert table.column("mean_amount_eur_1d").to_pylist() == [None, None]
