@@ -195,6 +195,11 @@ class ViewSpec:
         return tuple(sorted(unique.values(), key=lambda w: (-w.length, w.every)))
 
     @property
+    def input_columns(self) -> tuple[str, ...]:
+        """The columns the features aggregate, sorted (Count() reads none)."""
+        return tuple(sorted({f.column for f in self.features if f.column is not None}))
+
+    @property
     def longest_window(self) -> int:
         return max(f.window.length for f in self.features)
 

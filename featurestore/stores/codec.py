@@ -214,6 +214,17 @@ def _packed_dtype(view: ViewSpec, shape: Layout) -> Any:
     return cached
 
 
+def with_nulls(values: Any, nulls: Any) -> list[Any]:
+    """A numpy column as a Python list, None where the `nulls` mask (or None) says."""
+    import numpy as np
+
+    plain: list[Any] = values.tolist()
+    if nulls is not None:
+        for index in np.flatnonzero(nulls).tolist():
+            plain[index] = None
+    return plain
+
+
 def encode_columns(view: ViewSpec, as_of: Any, values: Sequence[Any], nulls: Sequence[Any]) -> list[bytes]:
     """`encode` for many rows given column by column: `as_of` an int64 array, `values[i]`
     an array of feature i, `nulls[i]` a bool array marking its nulls (or None). Views
@@ -223,13 +234,7 @@ def encode_columns(view: ViewSpec, as_of: Any, values: Sequence[Any], nulls: Seq
     shape = layout(view)
     rows = len(as_of)
     if shape.fixed is None or any(v.dtype == object for v in values):
-        columns = []
-        for column, null in zip(values, nulls, strict=True):
-            plain = column.tolist()
-            if null is not None:
-                for index in np.flatnonzero(null).tolist():
-                    plain[index] = None
-            columns.append(plain)
+        columns = [with_nulls(column, null) for column, null in zip(values, nulls, strict=True)]
         times = as_of.tolist()
         return [encode(view, times[i], [c[i] for c in columns]) for i in range(rows)]
     dtype = _packed_dtype(view, shape)

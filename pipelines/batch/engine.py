@@ -224,7 +224,7 @@ def _shard_changelog(
         if len(slices) == 1:
             table = dataset.to_table()
         else:
-            moment = pa_timestamp(time_column, dataset)
+            moment = _timestamp_of(time_column, dataset)
             table = dataset.to_table(
                 filter=(ds.field(time_column) >= moment(low - reach)) & (ds.field(time_column) < moment(high))
             )
@@ -237,7 +237,7 @@ def _shard_changelog(
     return rows, actions
 
 
-def pa_timestamp(column: str, dataset: Any) -> Callable[[int], Any]:
+def _timestamp_of(column: str, dataset: Any) -> Callable[[int], Any]:
     """Microseconds as a scalar of the dataset's time column type (for filters)."""
     import pyarrow as pa
 

@@ -106,7 +106,7 @@ class _SortedEvents:
                 f"{span} us do not fit one int64 search key; use more partitions"
             )
         composite = codes * span + (times - base)
-        needed = sorted({f.column for f in view.features if f.column is not None})
+        needed = list(view.input_columns)
         ordered = frame[needed].take(xp_to_numpy(order)).reset_index(drop=True)
         key_type = view.changelog_schema().field(view.entity_key).type
         return cls(codes, times, composite, base, span, uniques, key_type, ordered, len(frame))

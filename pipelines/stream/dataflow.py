@@ -38,7 +38,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from featurestore.errors import ConfigError, TransientError
 from featurestore.plan.model import AS_OF, Plan, SourceSpec, ViewSpec
-from featurestore.stores.codec import encode_columns
+from featurestore.stores.codec import encode_columns, with_nulls
 from featurestore.stores.online import OnlineStore
 from featurestore.transforms import prepare_events
 from pipelines.stream.metrics import METRICS
@@ -526,12 +526,7 @@ class _ShardLogic(StatefulBatchLogic[EventBatch, tuple[str, Any], Any]):
 
 def _as_events(batch: EventBatch) -> list[tuple[Any, Event]]:
     """An EventBatch as `ViewState` events (plain Python values, None for null)."""
-    columns = []
-    for values, valid in zip(batch.values, batch.valid, strict=True):
-        column = values.tolist()
-        for index in np.flatnonzero(~valid).tolist():
-            column[index] = None
-        columns.append(column)
+    columns = [with_nulls(values, ~valid) for values, valid in zip(batch.values, batch.valid, strict=True)]
     times, sequences = batch.times.tolist(), batch.sequences.tolist()
     return [(key, (times[i], sequences[i], tuple(column[i] for column in columns))) for i, key in enumerate(batch.keys)]
 
@@ -593,8 +588,7 @@ def build_dataflow(
         )
         records = op.map(f"records_{source.name}", split.trues, _second)
         for view in (v for v in chosen if v.source.name == source.name):
-            inputs = LatestState(view).inputs
-            keyed = op.flat_map(f"events_{view.name}", records, _events_for(view, shards, inputs))
+            keyed = op.flat_map(f"events_{view.name}", records, _events_for(view, shards, view.input_columns))
             results = op.stateful_batch(f"state_{view.name}", keyed, functools.partial(_ShardLogic, view, drain, emit))
             tagged = op.map(f"untag_{view.name}", results, _second)
             kinds = op.branch(f"rows_or_late_{view.name}", tagged, lambda item: item[0] == "row")

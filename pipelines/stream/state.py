@@ -122,7 +122,7 @@ class ViewState:
     def __init__(self, view: ViewSpec, emit: Emit = Emit.CHANGELOG) -> None:
         self.view = view
         self.emit = emit
-        self.inputs: tuple[str, ...] = tuple(sorted({f.column for f in view.features if f.column is not None}))
+        self.inputs = view.input_columns
         self._column_index = {name: index for index, name in enumerate(self.inputs)}
         self.lateness = view.source.allowed_lateness
         self.granularities = sorted({f.window.every for f in view.features})

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.plan.model import ViewSpec
+from featurestore.stores.codec import with_nulls
 from featurestore.transforms import plain_values
 
 INT_MIN = np.iinfo(np.int64).min
@@ -93,13 +94,7 @@ class RowBatch:
 
     def rows(self) -> list[tuple[Any, int, tuple[Any, ...]]]:
         """Plain Python rows, like `ViewState` emits (None for null)."""
-        columns = []
-        for values, nulls in zip(self.values, self.nulls, strict=True):
-            column = values.tolist()
-            if nulls is not None:
-                for index in np.flatnonzero(nulls).tolist():
-                    column[index] = None
-            columns.append(column)
+        columns = [with_nulls(values, nulls) for values, nulls in zip(self.values, self.nulls, strict=True)]
         vectors = zip(*columns, strict=True) if columns else ((),) * len(self.keys)
         return list(zip(self.keys, self.as_of.tolist(), (tuple(v) for v in vectors), strict=True))
 
@@ -534,7 +529,7 @@ class LatestState:
 
     def __init__(self, view: ViewSpec) -> None:
         self.view = view
-        self.inputs: tuple[str, ...] = tuple(sorted({f.column for f in view.features if f.column is not None}))
+        self.inputs = view.input_columns
         self.lateness = view.source.allowed_lateness
         self.granularities = sorted({f.window.every for f in view.features})
         self.windows = sorted({(f.window.length, f.window.every) for f in view.features})
