@@ -12,7 +12,9 @@ searches only, no Python loop over rows:
    [lo, hi) of the sorted events: hi = events with (entity, time <= p),
    lo = events with (entity, time < tile(p) - W + g);
 4. each aggregation is read off prefix arrays over the sorted events: counts and
-   compensated (TwoSum) prefix sums, shifted sums of squares for Std, sparse tables for
+   compensated (TwoSum) prefix sums, shifted sums of squares for Std (all of a view's
+   float prefixes in a per-entity layout with a zero before each entity, so a window
+   is two plain gathers with no special case at an entity's start), sparse tables for
    Min/Max, a running "last non-null index" for Last.
 
 Arrays go through `xp` (numpy here, cupy for the cuDF backend), frames through the
@@ -58,14 +60,16 @@ def changelog_kernel(
         AS_OF: pa.array(xp_to_numpy(points.times), pa.int64()).cast(schema.field(AS_OF).type),
     }
     prefixes = _Prefixes(sorted_events, xp)
+    sums = _EntityPrefixes.build(view, prefixes, xp)
     hi = xp.searchsorted(sorted_events.composite, points.composite, side="right")
-    first = xp.searchsorted(sorted_events.codes, points.codes, side="left")
-    bounds: dict[tuple[int, int], Any] = {}
+    by_window: dict[tuple[int, int], list[FeatureSpec]] = {}
     for feature in view.features:
-        window = (feature.window.length, feature.window.every)
-        if window not in bounds:
-            bounds[window] = _lower_bounds(sorted_events, points, feature, xp)
-        columns[feature.name] = _aggregate(feature, _Window(prefixes, window, bounds[window], hi, first, xp))
+        by_window.setdefault((feature.window.length, feature.window.every), []).append(feature)
+    for features in by_window.values():  # one window's arrays at a time
+        lo = _lower_bounds(sorted_events, points, features[0], xp)
+        window = _Window(prefixes, lo, hi, sums.read(lo, hi, points.codes), xp)
+        for feature in features:
+            columns[feature.name] = _aggregate(feature, window)
     return pa.table([columns[name] for name in schema.names], schema=schema)
 
 
@@ -209,32 +213,8 @@ class _Prefixes:
             self._cache[(name, kind)] = build()
         return self._cache[(name, kind)]
 
-    def present_count(self, name: str) -> Any:
-        return self.cached(name, "count", lambda: _prefix(self.column(name).present.astype(np.int64), self.xp))
-
-    def total(self, name: str) -> tuple[Any, Any]:
-        column = self.column(name)
-        if column.is_int:
-            return self.cached(name, "sum", lambda: (_prefix(column.values, self.xp), None))  # type: ignore[no-any-return]
-        return self.cached(name, "sum", lambda: _compensated_prefix(column.values, self.events.codes, self.xp))  # type: ignore[no-any-return]
-
-    def centred(self, name: str) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
-        """Compensated prefix sums of d and d*d, d = x - (the entity's mean of x)."""
-
-        def build() -> tuple[tuple[Any, Any], tuple[Any, Any]]:
-            xp = self.xp
-            column = self.column(name)
-            values = column.values.astype(np.float64)
-            codes = self.events.codes
-            entities = int(codes.max()) + 1
-            sums = xp.bincount(codes, weights=values, minlength=entities)
-            counts = xp.bincount(codes, weights=column.present.astype(np.float64), minlength=entities)
-            shift = xp.where(counts > 0, sums / xp.maximum(counts, 1), 0.0)[codes]
-            deviation = xp.where(column.present, values - shift, 0.0)
-            codes = self.events.codes
-            return _compensated_prefix(deviation, codes, xp), _compensated_prefix(deviation * deviation, codes, xp)
-
-        return self.cached(name, "centred", build)  # type: ignore[no-any-return]
+    def int_prefix(self, name: str) -> Any:
+        return self.cached(name, "int_sum", lambda: _prefix(self.column(name).values, self.xp))
 
     def moments(self, name: str) -> list[tuple[Any, Any, Any]]:
         """Sparse table of (count, mean, M2) over blocks of 2**k events, merged with
@@ -257,16 +237,18 @@ class _Prefixes:
 
         return self.cached(name, "moments", build)  # type: ignore[no-any-return]
 
-    def extreme(self, name: str, kind: str) -> list[Any]:
+    def extreme(self, name: str, kind: str, longest: int) -> list[Any]:
+        """Sparse table levels for ranges of up to `longest` events (grown on demand:
+        windows span far fewer events than a partition holds)."""
+
         def build() -> list[Any]:
-            xp = self.xp
             column = self.column(name)
             values = column.values.astype(np.float64)
-            fill = np.inf if kind == "min" else -np.inf
-            combine = xp.minimum if kind == "min" else xp.maximum
-            return _sparse_table(xp.where(column.present, values, fill), combine, xp)
+            return [self.xp.where(column.present, values, np.inf if kind == "min" else -np.inf)]
 
-        return self.cached(name, kind, build)  # type: ignore[no-any-return]
+        levels: list[Any] = self.cached(name, kind, build)
+        _grow_sparse_table(levels, longest, self.xp.minimum if kind == "min" else self.xp.maximum)
+        return levels
 
     def arrow(self, name: str) -> pa.Array:
         """The column as Arrow, in sorted event order (for Last of any type)."""
@@ -314,62 +296,125 @@ def _segmented_cumsum(values: Any, codes: Any, xp: Any) -> Any:
     return cudf.Series(values).groupby(cudf.Series(codes), sort=False).cumsum().values
 
 
-def _compensated_prefix(values: Any, codes: Any, xp: Any) -> tuple[Any, Any]:
-    """Per-entity prefix sums plus the exact rounding error of every step (TwoSum),
-    accumulated: prefix[i + 1] covers the entity's values up to and including i.
+def _compensated_cumsum(values: Any, codes: Any, xp: Any) -> tuple[Any, Any]:
+    """Per-entity running sums (inclusive) plus the exact rounding error of every step
+    (TwoSum), accumulated.
 
-    A window's sum, (total[hi] - total[lo]) + (error[hi] - error[lo]) with the `lo`
-    terms taken as 0 at the entity's first event, is right to within a rounding of the
-    result however large the entity's earlier values were; a plain prefix difference
-    would lose the low bits of small windows after a huge value.
+    A window's sum, (total[hi] - total[lo]) + (error[hi] - error[lo]) in the per-entity
+    prefix layout of `_EntityPrefixes`, is right to within a rounding of the result however
+    large the entity's earlier values were; a plain prefix difference would lose the low
+    bits of small windows after a huge value.
     """
     running = _segmented_cumsum(values, codes, xp)
-    total = xp.zeros(values.shape[0] + 1, dtype=np.float64)
-    total[1:] = running
     start = xp.ones(values.shape[0], dtype=bool)
     start[1:] = codes[1:] != codes[:-1]
-    before = xp.where(start, 0.0, total[:-1])
-    after = running
-    virtual = after - before
-    step_error = (before - (after - virtual)) + (values - virtual)
-    error = xp.zeros(values.shape[0] + 1, dtype=np.float64)
-    error[1:] = _segmented_cumsum(step_error, codes, xp)
-    return total, error
+    before = xp.zeros(values.shape[0], dtype=np.float64)
+    before[1:] = running[:-1]
+    before = xp.where(start, 0.0, before)
+    virtual = running - before
+    step_error = (before - (running - virtual)) + (values - virtual)
+    return running, _segmented_cumsum(step_error, codes, xp)
 
 
-def _window_sum(prefix: tuple[Any, Any], lo: Any, hi: Any, first: Any, xp: Any) -> Any:
-    """Sum over events [lo, hi) of one entity whose first event is at `first`."""
-    total, error = prefix
-    if error is None:  # integers: one global prefix is exact
-        return total[hi] - total[lo]
-    at_start = lo == first
-    lower_total = xp.where(at_start, 0.0, total[lo])
-    lower_error = xp.where(at_start, 0.0, error[lo])
-    return (total[hi] - lower_total) + (error[hi] - lower_error)
+@dataclass
+class _EntityPrefixes:
+    """Every float prefix sum a view reads (present counts, compensated sums, centred
+    sums for Std), in a per-entity prefix layout: entity k's slots are a zero and then
+    its inclusive running sums, so a window [lo, hi) of entity k is slot `hi + k` minus
+    slot `lo + k`, with no special case at the entity's first event."""
+
+    columns: dict[tuple[str, str], Any]  # float64 (events + entities,) each
+
+    @classmethod
+    def build(cls, view: ViewSpec, prefixes: _Prefixes, xp: Any) -> _EntityPrefixes:
+        codes = prefixes.events.codes
+        running: dict[tuple[str, str], Any] = {}
+        for feature in view.features:
+            name = feature.column
+            if name is None:
+                continue
+            column = prefixes.column(name)
+            if (name, "n") not in running:
+                running[(name, "n")] = _restart(xp.cumsum(column.present.astype(np.float64)), codes, xp)
+            if feature.kind in ("sum", "mean") and not column.is_int and (name, "sum") not in running:
+                running[(name, "sum")], running[(name, "sum_error")] = _compensated_cumsum(column.values, codes, xp)
+            if feature.kind == "std" and (name, "linear") not in running:
+                deviation = _centred(column, codes, xp)
+                running[(name, "linear")], running[(name, "linear_error")] = _compensated_cumsum(deviation, codes, xp)
+                running[(name, "square")], running[(name, "square_error")] = _compensated_cumsum(
+                    deviation * deviation, codes, xp
+                )
+        count = prefixes.events.count
+        entities = int(codes[-1]) + 1
+        slots = xp.arange(count) + codes + 1
+        columns = {}
+        for key, values in running.items():
+            padded = xp.zeros(count + entities, dtype=np.float64)
+            padded[slots] = values
+            columns[key] = padded
+        return cls(columns)
+
+    def read(self, lo: Any, hi: Any, codes: Any) -> _Sums:
+        """Sums over each window [lo, hi) (event positions) of entity `codes`."""
+        return _Sums(self.columns, lo + codes, hi + codes)
 
 
-def _sparse_table(values: Any, combine: Any, xp: Any) -> list[Any]:
-    levels = [values]
-    width = 1
-    while 2 * width <= values.shape[0]:
+@dataclass
+class _Sums:
+    columns: dict[tuple[str, str], Any]
+    lower: Any
+    upper: Any
+
+    def get(self, name: str, kind: str) -> Any:
+        column = self.columns[(name, kind)]
+        return column.take(self.upper) - column.take(self.lower)
+
+    def compensated(self, name: str, kind: str) -> Any:
+        return self.get(name, kind) + self.get(name, f"{kind}_error")
+
+
+def _restart(running: Any, codes: Any, xp: Any) -> Any:
+    """Running sums over all events -> running sums per entity (codes sorted, dense);
+    exact for counts."""
+    change = xp.ones(codes.shape[0], dtype=bool)
+    change[1:] = codes[1:] != codes[:-1]
+    starts = xp.nonzero(change)[0]
+    before = xp.where(starts > 0, running[xp.maximum(starts - 1, 0)], 0.0)
+    return running - before[codes]
+
+
+def _centred(column: _Column, codes: Any, xp: Any) -> Any:
+    """x - (the entity's mean of x) where x is present, else 0: Std from sums of these
+    does not cancel catastrophically for values far from zero."""
+    values = column.values.astype(np.float64)
+    entities = int(codes.max()) + 1
+    sums = xp.bincount(codes, weights=values, minlength=entities)
+    counts = xp.bincount(codes, weights=column.present.astype(np.float64), minlength=entities)
+    shift = xp.where(counts > 0, sums / xp.maximum(counts, 1), 0.0)[codes]
+    return xp.where(column.present, values - shift, 0.0)
+
+
+def _grow_sparse_table(levels: list[Any], longest: int, combine: Any) -> None:
+    """levels[k][i] = combine() over values[i : i + 2**k], for every 2**k <= longest."""
+    while (2 << (len(levels) - 1)) <= min(longest, levels[0].shape[0]):
+        width = 1 << (len(levels) - 1)
         previous = levels[-1]
         levels.append(combine(previous[:-width], previous[width:]))
-        width *= 2
-    return levels
 
 
 def _range_extreme(levels: list[Any], lo: Any, hi: Any, combine: Any, xp: Any) -> Any:
-    """combine() over values[lo:hi] for non-empty ranges (two overlapping lookups)."""
+    """combine() over values[lo:hi] for non-empty ranges (two overlapping lookups, per
+    level, so each level's table is read in order)."""
     length = hi - lo
-    level = xp.floor(xp.log2(xp.maximum(length, 1).astype(np.float64))).astype(np.int64)
+    level = xp.frexp(xp.maximum(length, 1).astype(np.float64))[1] - 1
     level = xp.where(length > 0, level, -1)  # empty ranges stay NaN (null)
     out = xp.full(lo.shape[0], np.nan, dtype=np.float64)
     for k in range(len(levels)):
-        chosen = level == k
-        if not bool(chosen.any()):
+        chosen = xp.nonzero(level == k)[0]
+        if chosen.shape[0] == 0:
             continue
         table = levels[k]
-        out[chosen] = combine(table[lo[chosen]], table[hi[chosen] - (1 << k)])
+        out[chosen] = combine(table.take(lo.take(chosen)), table.take(hi.take(chosen) - (1 << k)))
     return out
 
 
@@ -421,14 +466,13 @@ def _running_max(values: Any, xp: Any) -> Any:
 
 @dataclass
 class _Window:
-    """One window's [lo, hi) per change point, with per-column results cached so that
-    e.g. Sum and Mean of a column share one window sum."""
+    """One window's [lo, hi) (event positions) per change point and the sums of every
+    prefix column over it."""
 
     prefixes: _Prefixes
-    key: tuple[int, int]
     lo: Any
     hi: Any
-    first: Any
+    sums: _Sums
     xp: Any
     _memo: dict[tuple[str, str], Any] = field(default_factory=dict)
 
@@ -438,15 +482,16 @@ class _Window:
         return self._memo[(name, kind)]
 
     def present(self, name: str) -> Any:
-        def build() -> Any:
-            counts = self.prefixes.present_count(name)
-            return counts[self.hi] - counts[self.lo]
-
-        return self.memo(name, "n", build)
+        return self.memo(name, "n", lambda: self.sums.get(name, "n").astype(np.int64))
 
     def total(self, name: str) -> Any:
-        prefix = self.prefixes.total
-        return self.memo(name, "sum", lambda: _window_sum(prefix(name), self.lo, self.hi, self.first, self.xp))
+        def build() -> Any:
+            if self.prefixes.column(name).is_int:  # integers: one global prefix is exact
+                prefix = self.prefixes.int_prefix(name)
+                return prefix[self.hi] - prefix[self.lo]
+            return self.sums.compensated(name, "sum")
+
+        return self.memo(name, "sum", build)
 
 
 def _aggregate(feature: FeatureSpec, window: _Window) -> pa.Array:
@@ -466,10 +511,11 @@ def _aggregate(feature: FeatureSpec, window: _Window) -> pa.Array:
         mean = window.total(name) / xp.maximum(n, 1)
         return pa.array(xp_to_numpy(mean).astype(np.float64), pa.float64(), mask=empty)
     if feature.kind == "std":
-        return pa.array(xp_to_numpy(_std(prefixes, name, lo, hi, window.first, n, xp)), pa.float64(), mask=empty)
+        return pa.array(xp_to_numpy(_std(window, name, n)), pa.float64(), mask=empty)
     if feature.kind in ("min", "max"):
         combine = xp.minimum if feature.kind == "min" else xp.maximum
-        values = _range_extreme(prefixes.extreme(name, feature.kind), lo, hi, combine, xp)
+        longest = int((hi - lo).max()) if lo.shape[0] else 0
+        values = _range_extreme(prefixes.extreme(name, feature.kind, longest), lo, hi, combine, xp)
         return _typed(xp_to_numpy(values), feature.dtype, empty)
     if feature.kind == "last":
         last = prefixes.last_present(name)
@@ -486,20 +532,20 @@ def _aggregate(feature: FeatureSpec, window: _Window) -> pa.Array:
 _STD_CONDITION_LIMIT = 1e4
 
 
-def _std(prefixes: _Prefixes, name: str, lo: Any, hi: Any, first: Any, n: Any, xp: Any) -> Any:
+def _std(window: _Window, name: str, n: Any) -> Any:
     """Population Std per window: fast from compensated prefix sums of the deviations
     from each entity's mean, and, where that is ill-conditioned (a window far from its
     entity's mean, relative to its spread), from Chan-merged blocks of the window's own
     values, which is as stable as a two-pass Std."""
-    linear, squares = prefixes.centred(name)
+    xp, lo, hi = window.xp, window.lo, window.hi
     count = xp.maximum(n, 1).astype(np.float64)
-    mean_square = _window_sum(squares, lo, hi, first, xp) / count
-    mean = _window_sum(linear, lo, hi, first, xp) / count
+    mean_square = window.sums.compensated(name, "square") / count
+    mean = window.sums.compensated(name, "linear") / count
     variance = xp.where(n > 1, xp.maximum(mean_square - mean * mean, 0.0), 0.0)
     suspect = (n > 1) & (mean_square > _STD_CONDITION_LIMIT * variance)
     if bool(suspect.any()):
         chosen = xp.nonzero(suspect)[0]
-        variance[chosen] = _exact_variance(prefixes, name, lo[chosen], hi[chosen], xp)
+        variance[chosen] = _exact_variance(window.prefixes, name, lo[chosen], hi[chosen], xp)
     return xp.sqrt(variance)
 
 
