@@ -340,10 +340,9 @@ def main() -> None:
                 for i, (cell, width) in enumerate(zip(row, widths, strict=True))
             )
         )
-    targets = {
-        "backfill_seconds_le_60": results["backfill"]["seconds"] <= 60,
-        "backfill_peak_rss_le_4gib": results["backfill"]["peak_rss_mb"] <= 4096,
-    }
+    targets = {"backfill_peak_rss_le_4gib": results["backfill"]["peak_rss_mb"] <= 4096}
+    if events <= 10_000_000:  # the time target is for 10M events; larger runs check memory
+        targets["backfill_10m_seconds_le_60"] = results["backfill"]["seconds"] <= 60
     if "polars" in results:
         # Judged against the baseline that computes the same values (checked by `verify`).
         kernel, polars = results["kernel"]["seconds"], results["polars"]["seconds"]
