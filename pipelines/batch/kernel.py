@@ -289,11 +289,14 @@ def _prefix(values: Any, xp: Any) -> Any:
 def _segmented_cumsum(values: Any, codes: Any, xp: Any) -> Any:
     """Cumulative sums restarting at each entity (codes are sorted): one entity's
     rounding never leaks into another's sums."""
-    if xp is np:
-        return pd.Series(values).groupby(codes, sort=False).cumsum().to_numpy()
-    import cudf
-
-    return cudf.Series(values).groupby(cudf.Series(codes), sort=False).cumsum().values
+    if xp is not np:
+        try:
+            import cudf
+        except ImportError:  # arrays on a device without cuDF: one host round trip
+            host = pd.Series(xp_to_numpy(values)).groupby(xp_to_numpy(codes), sort=False).cumsum()
+            return xp.asarray(host.to_numpy())
+        return cudf.Series(values).groupby(cudf.Series(codes), sort=False).cumsum().values
+    return pd.Series(values).groupby(codes, sort=False).cumsum().to_numpy()
 
 
 def _compensated_cumsum(values: Any, codes: Any, xp: Any) -> tuple[Any, Any]:
@@ -450,9 +453,9 @@ def _range_moments(levels: list[tuple[Any, Any, Any]], lo: Any, hi: Any, xp: Any
 
 
 def _running_max(values: Any, xp: Any) -> Any:
-    if hasattr(xp.maximum, "accumulate"):
-        return xp.maximum.accumulate(values)
-    # cupy lacks ufunc.accumulate for maximum on some versions: scan by doubling.
+    if xp is np:
+        return np.maximum.accumulate(values)
+    # CuPy's ufunc.accumulate exists but supports only add and multiply: scan by doubling.
     out = values.copy()
     step = 1
     while step < out.shape[0]:
@@ -561,8 +564,10 @@ def _exact_variance(prefixes: _Prefixes, name: str, lo: Any, hi: Any, xp: Any) -
         count, _, m2 = _range_moments(prefixes.moments(name), lo, hi, xp)
         return xp.maximum(m2 / xp.maximum(count, 1.0), 0.0)
     column = prefixes.column(name)
-    window_of = xp.repeat(xp.arange(lo.shape[0]), lengths)
-    starts = xp.cumsum(lengths) - lengths
+    ends = xp.cumsum(lengths)
+    starts = ends - lengths
+    # The window of each pair (np.repeat(arange, lengths); CuPy's repeat takes no array).
+    window_of = xp.searchsorted(ends, xp.arange(pairs), side="right")
     event = lo[window_of] + (xp.arange(pairs) - starts[window_of])
     present = column.present[event].astype(np.float64)
     values = xp.where(column.present[event], column.values[event].astype(np.float64), 0.0)

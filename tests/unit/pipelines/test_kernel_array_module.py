@@ -1,0 +1,87 @@
+"""The kernel's array code stays within what CuPy (the cuDF backend's array module)
+supports, checked on CPU: the kernel runs with numpy restricted the way CuPy is and
+returns exactly what it returns with plain numpy.
+
+Restrictions modelled (from CuPy's sources): `ufunc.accumulate` exists on every ufunc
+but supports only add and multiply; `repeat` refuses an array of repeat counts (before
+CuPy 14). Without cuDF the kernel's per-entity cumulative sums take a host round trip,
+which these runs exercise too.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pipelines.batch.kernel as kernel
+from pipelines.batch.kernel import changelog_kernel
+from tests.unit.pipelines.test_kernel_parity import VIEWS, logs
+from tests.unit.pipelines.test_reference import BASE
+
+
+class _UfuncLike:
+    def __init__(self, ufunc: np.ufunc) -> None:
+        self.ufunc = ufunc
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.ufunc(*args, **kwargs)
+
+    def accumulate(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"`cupy_{self.ufunc.__name__}.accumulate` is not supported yet")
+
+
+class _CupyLike:
+    """numpy, with CuPy's restrictions."""
+
+    maximum = _UfuncLike(np.maximum)
+    minimum = _UfuncLike(np.minimum)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(np, name)
+
+    @staticmethod
+    def repeat(a: Any, repeats: Any, axis: int | None = None) -> Any:
+        if isinstance(repeats, np.ndarray):
+            raise ValueError("cupy.ndarray cannot be specified as `repeats` argument.")
+        return np.repeat(a, repeats, axis)
+
+
+@given(frame=logs(), view_index=st.integers(min_value=0, max_value=len(VIEWS) - 1))
+def test_kernel_under_cupy_restrictions_equals_numpy(frame: pd.DataFrame, view_index: int) -> None:
+    view = VIEWS[view_index]
+    expected = changelog_kernel(view, frame)
+    assert changelog_kernel(view, frame, xp=_CupyLike()).equals(expected)
+
+
+def test_ill_conditioned_std_under_cupy_restrictions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small window far from its entity's mean takes the exact two-pass Std path."""
+    calls: list[int] = []
+    exact = kernel._exact_variance
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return exact(*args)
+
+    monkeypatch.setattr(kernel, "_exact_variance", counted)
+    values = [1e12, 1.0, 1.5, 2.0, 2.5, 1e12, 3.0, 3.5]
+    frame = pd.DataFrame(
+        {
+            "user_id": np.array([1] * len(values), dtype=np.int64),
+            "value": np.array(values),
+            "amount": pd.array([1] * len(values), dtype="Int64"),
+            "label": ["a"] * len(values),
+            "event_time": pd.to_datetime(
+                [BASE + timedelta(minutes=7 * i) for i in range(len(values))], utc=True
+            ).as_unit("us"),
+        }
+    )
+    expected = changelog_kernel(VIEWS[0], frame)
+    got = changelog_kernel(VIEWS[0], frame, xp=_CupyLike())
+    assert calls, "no window took the exact Std path"
+    assert got.equals(expected)
