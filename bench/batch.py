@@ -153,7 +153,7 @@ def part_polars(data: Path) -> dict[str, float]:
 
     frames = [pl.from_arrow(part) for part in _partitions(_events_frame(data))]
     began = time.perf_counter()
-    rows = sum(user_spend_changelog(frame).height for frame in frames)  # type: ignore[arg-type]
+    rows = sum(user_spend_changelog(frame).height for frame in frames if frame.height)  # type: ignore[arg-type]
     return {"seconds": time.perf_counter() - began, "rows": rows, "peak_rss_mb": own_peak_mb()}
 
 
@@ -176,7 +176,7 @@ def part_verify(data: Path) -> dict[str, float]:
     plan = FileRegistry(data / "registry").current()
     assert plan is not None
     view = plan.view("user_spend")
-    part = _partitions(_events_frame(data))[0]
+    part = next(part for part in _partitions(_events_frame(data)) if part.num_rows)
     ours = pl.from_arrow(changelog_kernel(view, part.to_pandas()))
     theirs = user_spend_changelog(pl.from_arrow(part))  # type: ignore[arg-type]
     assert isinstance(ours, pl.DataFrame)
@@ -341,7 +341,7 @@ def main() -> None:
             )
         )
     targets = {"backfill_peak_rss_le_4gib": results["backfill"]["peak_rss_mb"] <= 4096}
-    if events <= 10_000_000:  # the time target is for 10M events; larger runs check memory
+    if events == 10_000_000:  # the time target is for 10M events; a 50M run checks memory
         targets["backfill_10m_seconds_le_60"] = results["backfill"]["seconds"] <= 60
     if "polars" in results:
         # Judged against the baseline that computes the same values (checked by `verify`).
