@@ -227,12 +227,16 @@ def _join_chunks(
 ) -> Iterator[pa.Table]:
     """Labels with their features, a chunk of input rows at a time, in input order.
 
-    Per view, two steps. (1) An ASOF join of the chunk's (row, entity, time) against the
-    changelog's (entity, as_of) only: which changelog row each label takes. (2) A hash
-    join of those (entity, as_of) pairs, the small build side, with the changelog's
-    feature columns, read once in a stream. Carrying the feature columns through the
-    ASOF join instead made DuckDB sort every changelog row with all of them (17 s and a
-    spill for 1M labels x 20 features against 26M rows; 5 s this way, at 1.3 GB).
+    Per view, two steps, each run once for all labels. (1) An ASOF join of every label's
+    (row, entity, time) against the changelog's (entity, as_of) only: which changelog
+    row each label takes. (2) A hash join of those (entity, as_of) pairs, the build side,
+    with the changelog's feature columns, read once in a stream; its rows go to one
+    Parquet folder per chunk of labels (unless there is only one chunk), which is then
+    read back a chunk at a time and put in input order. Carrying the feature columns
+    through the ASOF join instead made DuckDB sort every changelog row with all of them
+    (17 s and a spill for 1M labels x 20 features against 26M rows; 5 s this way, at
+    1.3 GB). Running both steps per chunk re-sorted and re-read the changelog for every
+    chunk (10M labels: 68 s; once: see docs/design.md).
     """
     import duckdb
 
@@ -241,6 +245,7 @@ def _join_chunks(
     # Spill files go to the system temp folder, never into the user's working folder.
     connection.execute(f"SET temp_directory = '{tempfile.gettempdir()}/tenx-duckdb'")
     connection.execute("SET preserve_insertion_order = false")  # order comes back from the row numbers
+    connection.execute("SET enable_progress_bar = false")  # the caller shows progress; DuckDB's goes to the terminal
     for index, request in enumerate(requests):
         # DuckDB's own Parquet reader over the table's live files: parallel, with
         # projection and filter pushdown (2x faster than scanning an Arrow dataset).
@@ -253,34 +258,56 @@ def _join_chunks(
             f"CREATE VIEW changelog_{index} AS SELECT * FROM read_parquet([{listing}])"  # noqa: S608 - our file names
         )
     time_name = _quote(time_column)[1:-1]  # user-given: escaped, then used inside quotes
-    steps = [
-        _view_queries(index, request, labels, time_name, max_age, len(requests))
-        for index, request in enumerate(requests)
-    ]
     needed = list(dict.fromkeys([r.view.entity_key for r in requests] + [time_column]))
-    offset = 0
-    while offset < labels.num_rows:
-        chunk = labels.slice(offset, chunk_rows)
-        numbered = chunk.select(needed)
-        numbered = numbered.append_column(ROW, pa.array(range(chunk.num_rows), pa.int64()))
-        connection.register("chunk", numbered)
-        result = chunk
-        for match, fetch, columns in steps:
+    numbered = labels.select(needed).append_column(ROW, pa.array(range(labels.num_rows), pa.int64()))
+    connection.register("labels", numbered)
+    chunks = max(1, -(-labels.num_rows // chunk_rows))
+    with tempfile.TemporaryDirectory(prefix="tenx-export-") as scratch:
+        fetched: list[Callable[[int], pa.Table]] = []
+        fills: list[list[tuple[str, Any, pa.DataType | None, str]]] = []
+        for index, request in enumerate(requests):
+            match, fetch, columns = _view_queries(index, request, labels, time_name, max_age, len(requests))
             connection.execute(match)
-            part = connection.sql(fetch).to_arrow_table()
-            part = part.take(pc.sort_indices(part.column(ROW)))
-            if part.num_rows != chunk.num_rows:  # (entity, as_of) is unique in a changelog
-                raise RuntimeError(f"feature join returned {part.num_rows} rows for {chunk.num_rows} labels")
-            for column, fallback, dtype, as_of_column in columns:
-                values = part.column(column)
-                if fallback is not None:
-                    # No changelog row yet: the empty-window value (Count 0, Sum 0).
-                    # Values blanked by max_age have a row, so they stay blank.
-                    values = pc.if_else(pc.is_null(part.column(as_of_column)), pa.scalar(fallback, dtype), values)
-                result = result.append_column(column, values)
-        connection.unregister("chunk")
-        yield result
-        offset += chunk.num_rows
+            fetched.append(_fetched(connection, fetch, chunks, chunk_rows, Path(scratch) / f"view_{index}"))
+            connection.execute(f"DROP TABLE matched_{index}")
+            fills.append(columns)
+        connection.unregister("labels")
+        for number in range(chunks):
+            chunk = labels.slice(number * chunk_rows, chunk_rows)
+            result = chunk
+            for read, columns in zip(fetched, fills, strict=True):
+                part = read(number)
+                part = part.take(pc.sort_indices(part.column(ROW)))
+                if part.num_rows != chunk.num_rows:  # (entity, as_of) is unique in a changelog
+                    raise RuntimeError(f"feature join returned {part.num_rows} rows for {chunk.num_rows} labels")
+                for column, fallback, dtype, as_of_column in columns:
+                    values = part.column(column)
+                    if fallback is not None:
+                        # No changelog row yet: the empty-window value (Count 0, Sum 0).
+                        # Values blanked by max_age have a row, so they stay blank.
+                        values = pc.if_else(pc.is_null(part.column(as_of_column)), pa.scalar(fallback, dtype), values)
+                    result = result.append_column(column, values)
+            yield result
+
+
+def _fetched(connection: Any, fetch: str, chunks: int, chunk_rows: int, folder: Path) -> Callable[[int], pa.Table]:
+    """Runs one view's feature query once for every label; returns a reader of the rows
+    of one chunk of labels (any order). One chunk stays in memory; more go to Parquet
+    files, one folder per chunk, so each chunk is read back alone."""
+    if chunks == 1:
+        whole = connection.sql(fetch).to_arrow_table()
+        return lambda number: whole
+    target = str(folder).replace("'", "''")
+    connection.execute(
+        f'COPY (SELECT *, "{ROW}" // {chunk_rows} AS __chunk FROM ({fetch})) '  # noqa: S608 - our names
+        f"TO '{target}' (FORMAT parquet, PARTITION_BY (__chunk), COMPRESSION snappy)"
+    )
+
+    def read(number: int) -> pa.Table:
+        files = sorted((folder / f"__chunk={number}").glob("*.parquet"))
+        return pa.concat_tables([pq.read_table(file) for file in files])
+
+    return read
 
 
 def _view_queries(
@@ -299,7 +326,7 @@ def _view_queries(
     )
     match = (
         f"CREATE OR REPLACE TEMP TABLE {matched} AS "  # noqa: S608 - plan names are [a-z0-9_]
-        f'SELECT l."{ROW}", l."{key}", c."{AS_OF}", {stale} AS __stale FROM chunk l '
+        f'SELECT l."{ROW}", l."{key}", c."{AS_OF}", {stale} AS __stale FROM labels l '
         f'ASOF LEFT JOIN (SELECT "{key}", "{AS_OF}" FROM changelog_{index}) c '
         f'ON l."{key}" = c."{key}" AND l."{time_name}" >= c."{AS_OF}"'
     )
