@@ -37,6 +37,7 @@ def latest_rows(view: ViewSpec, offline: DeltaOfflineStore, *, as_of: int | None
 
     dataset = offline.changelog_dataset(view)
     connection = duckdb.connect()
+    connection.execute("SET enable_progress_bar = false")  # the CLI shows progress; DuckDB's would print over it
     connection.register("changelog", dataset)
     key = view.entity_key
     # arg_max over a struct of every feature: arg_max of a single column would skip the
