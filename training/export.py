@@ -195,6 +195,7 @@ def export_training_set(
             if progress is not None:
                 progress(chunk.num_rows)
     finally:
+        chunks.close()  # removes the scratch folder now, also when a write or progress call raised
         if writer is not None:
             writer.close()
     if rows_out != table.num_rows:  # the contract; never ship a partial set silently
@@ -242,6 +243,9 @@ def _join_chunks(
 
     connection = duckdb.connect()
     connection.execute(f"SET memory_limit = '{memory_limit}'")
+    # Timestamps come back in UTC whatever the machine's zone (the labels are UTC too),
+    # and the same whether a view's rows come straight from DuckDB or through Parquet.
+    connection.execute("SET TimeZone = 'UTC'")
     # Spill files go to the system temp folder, never into the user's working folder.
     connection.execute(f"SET temp_directory = '{tempfile.gettempdir()}/tenx-duckdb'")
     connection.execute("SET preserve_insertion_order = false")  # order comes back from the row numbers
@@ -272,6 +276,7 @@ def _join_chunks(
             connection.execute(f"DROP TABLE matched_{index}")
             fills.append(columns)
         connection.unregister("labels")
+        del numbered
         for number in range(chunks):
             chunk = labels.slice(number * chunk_rows, chunk_rows)
             result = chunk
@@ -305,6 +310,8 @@ def _fetched(connection: Any, fetch: str, chunks: int, chunk_rows: int, folder: 
 
     def read(number: int) -> pa.Table:
         files = sorted((folder / f"__chunk={number}").glob("*.parquet"))
+        if not files:  # every label has a row (LEFT JOIN), so every chunk has files
+            raise RuntimeError(f"feature join wrote no rows for label chunk {number}")
         return pa.concat_tables([pq.read_table(file) for file in files])
 
     return read

@@ -301,7 +301,11 @@ def dask_client(
         n_workers=1,
         threads_per_worker=workers or os.cpu_count() or 2,
         processes=False,
-        dashboard_address=None,
+        # Loopback only, on free ports: the scheduler and the worker always serve HTTP;
+        # with no address the scheduler took 0.0.0.0:8787 (open to the network, and a
+        # clash with a second backfill or a notebook's cluster), the worker 0.0.0.0.
+        dashboard_address="127.0.0.1:0",
+        worker_dashboard_address="127.0.0.1:0",
         silence_logs=logging.ERROR,
     )
     client = Client(cluster, timeout=timeout_s)

@@ -195,3 +195,48 @@ def test_a_view_without_changelog_files_gives_empty_windows(tmp_path: Path) -> N
     assert summary.rows_out == 2
     assert table.column("count_1d").to_pylist() == [0, 0]
     assert table.column("mean_amount_eur_1d").to_pylist() == [None, None]
+
+
+def test_chunked_export_equals_one_chunk_in_any_machine_zone(world: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several chunks go through scratch Parquet files, one chunk straight from DuckDB:
+    the same table either way (values and types), and times in UTC on a machine that
+    is not."""
+    import time as clock
+
+    plan, store, events, _ = world
+    monkeypatch.setenv("TZ", "America/New_York")
+    clock.tzset()
+    try:
+        times = events.column("event_time").take(pa.array(range(0, events.num_rows, max(1, events.num_rows // 50))))
+        users = pa.array(([5, 31, 7] * len(times))[: len(times)], pa.int64())
+        merchants = pa.array([1] * len(times), pa.int64())
+        labels = pa.table({"user_id": users, "merchant_id": merchants, "timestamp": times})
+        features = ["user_spend:count_1d", "user_spend:last_amount_eur_1d", "merchant_sales:count_1h"]
+        whole, _ = export_training_set(plan, store, labels, features, max_age=3_600_000_000)
+        chunked, _ = export_training_set(plan, store, labels, features, max_age=3_600_000_000, chunk_rows=7)
+    finally:
+        monkeypatch.undo()
+        clock.tzset()
+    assert whole is not None
+    assert chunked is not None
+    assert chunked.schema == whole.schema
+    assert chunked.equals(whole)
+    assert whole.schema.field("user_spend__as_of").type == pa.timestamp("us", tz="UTC")
+
+
+def test_scratch_files_go_when_the_export_fails(world: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    plan, store, events, _ = world
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    times = events.column("event_time").slice(0, 20)
+    labels = pa.table({"user_id": pa.array([5] * 20, pa.int64()), "timestamp": times})
+
+    def fail(rows: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        export_training_set(plan, store, labels, ["user_spend:count_1d"], chunk_rows=5, progress=fail)
+    # The traceback (kept here, as a notebook keeps the last one) holds the export's frames.
+    assert caught.traceback
+    assert not list(tmp_path.glob("tenx-export-*"))
