@@ -17,7 +17,7 @@ import difflib
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,7 +225,7 @@ def _join_chunks(
     max_age: int | None,
     chunk_rows: int,
     memory_limit: str,
-) -> Iterator[pa.Table]:
+) -> Generator[pa.Table, None, None]:
     """Labels with their features, a chunk of input rows at a time, in input order.
 
     Per view, two steps, each run once for all labels. (1) An ASOF join of every label's
