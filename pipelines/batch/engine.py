@@ -22,6 +22,7 @@ import pandas as pd
 from featurestore.errors import TerminalError, TransientError
 from featurestore.plan.model import Plan, ViewSpec
 from featurestore.stores.offline import SEQUENCE, DeltaOfflineStore
+from featurestore.transforms import prepare_events
 from pipelines.batch.backends import Backend, array_module, to_frame
 from pipelines.batch.kernel import changelog_kernel
 
@@ -111,7 +112,7 @@ def backfill_view(
         # hash-partitions its events and writes one Parquet file per bucket
         # (`<bucket>/<input part>.parquet`). Memory holds a few input partitions, at any
         # size. (Dask's p2p shuffle kept its buffers in the worker: 7.6 GB at 50M events.)
-        _shuffle_to_buckets(client, events, view.entity_key, count, scratch, backend)
+        _shuffle_to_buckets(client, events, view, count, scratch, backend)
         shards = sorted(str(p) for p in Path(scratch).iterdir() if p.is_dir())
         # Stage 2: per shard, the kernel and its Parquet files, on the workers, a few
         # in flight; then one Delta commit of every file.
@@ -155,11 +156,19 @@ def bucket_ids(frame: Any, key: str, count: int, backend: Backend) -> Any:
     return (hashed >> xp.uint64(32)) % xp.uint64(count)
 
 
-def _write_buckets(frame: Any, key: str, count: int, folder: str, name: str, backend: str) -> int:
-    """Runs on a Dask worker: one input partition's events, one file per bucket."""
+def _write_buckets(frame: Any, view: ViewSpec, count: int, folder: str, name: str, backend: str) -> int:
+    """Runs on a Dask worker: one input partition's events, through the view's row
+    transform and `where` (row-wise, so before the shuffle is the same as after it),
+    cut to the columns the kernel reads, one file per bucket. Returns events read."""
     chosen = Backend(backend)
-    if len(frame) == 0:
+    read = len(frame)
+    if read == 0:
         return 0
+    key = view.entity_key
+    frame = prepare_events(view, frame)
+    frame = frame[list(dict.fromkeys([key, view.event_time, SEQUENCE, *view.input_columns]))]
+    if len(frame) == 0:
+        return read
     xp = array_module(chosen)
     ids = bucket_ids(frame, key, count, chosen)
     order = xp.argsort(ids, kind="stable")
@@ -171,17 +180,17 @@ def _write_buckets(frame: Any, key: str, count: int, folder: str, name: str, bac
             target = Path(folder) / f"{bucket:05d}"
             target.mkdir(exist_ok=True)
             ordered.iloc[low:high].to_parquet(target / f"{name}.parquet", index=False)
-    return len(frame)
+    return read
 
 
-def _shuffle_to_buckets(client: Any, events: Any, key: str, count: int, folder: str, backend: Backend) -> None:
+def _shuffle_to_buckets(client: Any, events: Any, view: ViewSpec, count: int, folder: str, backend: Backend) -> None:
     from dask.delayed import delayed
     from distributed import as_completed
 
     parts = events.to_delayed()
     in_flight = max(2, sum(client.nthreads().values()) + 1)
     tasks = iter(
-        delayed(_write_buckets, pure=False)(part, key, count, folder, f"part-{index:05d}", backend.value)
+        delayed(_write_buckets, pure=False)(part, view, count, folder, f"part-{index:05d}", backend.value)
         for index, part in enumerate(parts)
     )
     queue = as_completed(client.compute(list(itertools.islice(tasks, in_flight))))
@@ -230,7 +239,7 @@ def _shard_changelog(
             )
         frame = to_frame(table, chosen)
         del table
-        changelog = changelog_kernel(view, frame, start=low, end=high, xp=array_module(chosen))
+        changelog = changelog_kernel(view, frame, start=low, end=high, xp=array_module(chosen), prepared=True)
         del frame
         rows += changelog.num_rows
         actions.extend(store.write_changelog_files(view, changelog, start=low, end=high))

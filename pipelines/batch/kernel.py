@@ -44,10 +44,12 @@ def changelog_kernel(
     start: int | None = None,
     end: int | None = None,
     xp: Any = np,
+    prepared: bool = False,
 ) -> pa.Table:
     """The changelog rows of `view` for change points in [start, end) (microseconds),
-    as an Arrow table with `view.changelog_schema()`, sorted by entity then time."""
-    frame = prepare_events(view, events)
+    as an Arrow table with `view.changelog_schema()`, sorted by entity then time.
+    `prepared`: the events already went through `prepare_events` (transform, where)."""
+    frame = events if prepared else prepare_events(view, events)
     schema = view.changelog_schema()
     if len(frame) == 0:
         return schema.empty_table()
