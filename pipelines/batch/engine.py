@@ -11,11 +11,11 @@ import itertools
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
@@ -26,6 +26,7 @@ from featurestore.transforms import prepare_events
 from pipelines.batch.backends import Backend, array_module, to_frame
 from pipelines.batch.kernel import changelog_kernel
 
+T = TypeVar("T")
 Progress = Callable[[str, int, int], None]  # (view, partitions done, partitions total)
 
 # Events per shuffled partition: the unit of kernel work and of memory (a partition's
@@ -188,21 +189,31 @@ def _write_buckets(frame: Any, view: ViewSpec, count: int, folder: str, name: st
 
 def _shuffle_to_buckets(client: Any, events: Any, view: ViewSpec, count: int, folder: str, backend: Backend) -> None:
     from dask.delayed import delayed
+
+    def submit(part: tuple[int, Any]) -> Any:
+        index, frame = part
+        task = delayed(_write_buckets, pure=False)(frame, view, count, folder, f"part-{index:05d}", backend.value)
+        return client.compute(task)
+
+    for _ in _bounded(client, enumerate(events.to_delayed()), submit):
+        pass
+
+
+def _bounded(client: Any, items: Iterable[T], start: Callable[[T], Any]) -> Iterator[Any]:
+    """Results of `start(item)` futures as they complete, at most one more in flight than
+    the cluster has threads: memory holds a few partitions, not the whole input."""
     from distributed import as_completed
 
-    parts = events.to_delayed()
+    pending = iter(items)
     in_flight = max(2, sum(client.nthreads().values()) + 1)
-    tasks = iter(
-        delayed(_write_buckets, pure=False)(part, view, count, folder, f"part-{index:05d}", backend.value)
-        for index, part in enumerate(parts)
-    )
-    queue = as_completed(client.compute(list(itertools.islice(tasks, in_flight))))
+    queue = as_completed([start(item) for item in itertools.islice(pending, in_flight)])
     for future in queue:
-        future.result()
+        result = future.result()
         future.release()
-        following = next(tasks, None)
+        following = next(pending, None)
         if following is not None:
-            queue.add(client.compute(following))
+            queue.add(start(following))
+        yield result
 
 
 def _shard_changelog(
@@ -232,11 +243,11 @@ def _shard_changelog(
     reach = view.longest_window + view.coarsest_tile
     rows = 0
     actions: list[Any] = []
+    moment = _timestamp_of(time_column, dataset)
     for low, high in slices:
         if len(slices) == 1:
             table = dataset.to_table()
         else:
-            moment = _timestamp_of(time_column, dataset)
             table = dataset.to_table(
                 filter=(ds.field(time_column) >= moment(low - reach)) & (ds.field(time_column) < moment(high))
             )
@@ -267,21 +278,12 @@ def _kernel_results(
     backend: Backend,
     progress: Progress | None,
 ) -> Iterator[tuple[int, list[Any]]]:
-    """Shard results as they complete, at most one more shard in flight than threads:
-    memory is bounded by a few partitions, not the whole changelog."""
-    from distributed import as_completed
+    """Shard results (rows, add actions) as they complete, a few shards in flight."""
 
-    in_flight = max(2, sum(client.nthreads().values()) + 1)
-    pending = iter(shards)
-    queue = as_completed()
-    for path in itertools.islice(pending, in_flight):
-        queue.add(client.submit(_shard_changelog, path, view, store, start, end, backend.value, pure=False))
-    for done, future in enumerate(queue, start=1):
-        result = future.result()
-        future.release()
-        following = next(pending, None)
-        if following is not None:
-            queue.add(client.submit(_shard_changelog, following, view, store, start, end, backend.value, pure=False))
+    def submit(path: str) -> Any:
+        return client.submit(_shard_changelog, path, view, store, start, end, backend.value, pure=False)
+
+    for done, result in enumerate(_bounded(client, shards, submit), start=1):
         if progress is not None:
             progress(view.name, done, len(shards))
         yield result
