@@ -268,24 +268,26 @@ def _join_chunks(
     chunks = max(1, -(-labels.num_rows // chunk_rows))
     with tempfile.TemporaryDirectory(prefix="tenx-export-") as scratch:
         fetched: list[Callable[[int], pa.Table]] = []
-        fills: list[list[tuple[str, Any, pa.DataType | None, str]]] = []
+        outputs: list[tuple[str, list[tuple[str, Any, pa.DataType | None]]]] = []
         for index, request in enumerate(requests):
-            match, fetch, columns = _view_queries(index, request, labels, time_name, max_age, len(requests))
+            match, fetch, as_of_column, columns = _view_queries(
+                index, request, labels, time_name, max_age, len(requests)
+            )
             connection.execute(match)
             fetched.append(_fetched(connection, fetch, chunks, chunk_rows, Path(scratch) / f"view_{index}"))
             connection.execute(f"DROP TABLE matched_{index}")
-            fills.append(columns)
+            outputs.append((as_of_column, columns))
         connection.unregister("labels")
         del numbered
         for number in range(chunks):
             chunk = labels.slice(number * chunk_rows, chunk_rows)
             result = chunk
-            for read, columns in zip(fetched, fills, strict=True):
+            for read, (as_of_column, columns) in zip(fetched, outputs, strict=True):
                 part = read(number)
                 part = part.take(pc.sort_indices(part.column(ROW)))
                 if part.num_rows != chunk.num_rows:  # (entity, as_of) is unique in a changelog
                     raise RuntimeError(f"feature join returned {part.num_rows} rows for {chunk.num_rows} labels")
-                for column, fallback, dtype, as_of_column in columns:
+                for column, fallback, dtype in columns:
                     values = part.column(column)
                     if fallback is not None:
                         # No changelog row yet: the empty-window value (Count 0, Sum 0).
@@ -319,9 +321,9 @@ def _fetched(connection: Any, fetch: str, chunks: int, chunk_rows: int, folder: 
 
 def _view_queries(
     index: int, request: _ViewRequest, labels: pa.Table, time_name: str, max_age: int | None, views: int
-) -> tuple[str, str, list[tuple[str, Any, pa.DataType | None, str]]]:
-    """(match statement, fetch query, output columns with their empty-window fills) of
-    one view."""
+) -> tuple[str, str, str, list[tuple[str, Any, pa.DataType | None]]]:
+    """(match statement, fetch query, its as_of column, output columns with their
+    empty-window fills) of one view."""
     view = request.view
     key = view.entity_key
     matched = f"matched_{index}"
@@ -338,25 +340,25 @@ def _view_queries(
         f'ON l."{key}" = c."{key}" AND l."{time_name}" >= c."{AS_OF}"'
     )
     selects: list[str] = []
-    columns: list[tuple[str, Any, pa.DataType | None, str]] = []
+    columns: list[tuple[str, Any, pa.DataType | None]] = []
     for name in request.names:
         column = f"{view.name}__{name}" if views > 1 or name in labels.column_names else name
         feature = view.feature(name)
         selects.append(f'CASE WHEN m.__stale THEN NULL ELSE c."{name}" END AS "{column}"')
         fallback = empty_value(feature.kind, feature.dtype)
-        columns.append((column, fallback, parse_dtype(feature.dtype) if fallback is not None else None, as_of_column))
+        columns.append((column, fallback, parse_dtype(feature.dtype) if fallback is not None else None))
     selects.append(f'm."{AS_OF}" AS "{as_of_column}"')
-    columns.append((as_of_column, None, None, as_of_column))
+    columns.append((as_of_column, None, None))
     if max_age is not None:
         selects.append(f'm.__stale AS "{view.name}__stale"')
-        columns.append((f"{view.name}__stale", None, None, as_of_column))
+        columns.append((f"{view.name}__stale", None, None))
     needed = ", ".join(f'"{n}"' for n in (key, AS_OF, *request.names))
     fetch = (
         f'SELECT m."{ROW}", {", ".join(selects)} FROM {matched} m '  # noqa: S608 - plan names are [a-z0-9_]
         f"LEFT JOIN (SELECT {needed} FROM changelog_{index}) c "
         f'ON c."{key}" = m."{key}" AND c."{AS_OF}" = m."{AS_OF}"'
     )
-    return match, fetch, columns
+    return match, fetch, as_of_column, columns
 
 
 def _quote(name: str) -> str:
