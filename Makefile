@@ -27,7 +27,10 @@ format:
 	$(BIN)/ruff check --fix .
 
 bench:  ## benchmarks: each prints a table and writes JSON under bench/results/
-	@set -e; for script in bench/[!_]*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(BIN)/python $$script; done
+	@set -e; for script in bench/[!_]*.py; do [ -e "$$script" ] || continue; echo "== $$script"; \
+	  if [ "$$script" = bench/gpu_kernel.py ] && ! $(BIN)/python -c 'import cupy' 2>/dev/null; then \
+	    echo "skipped: needs CuPy and an NVIDIA GPU (scripts/gpu-check)"; continue; fi; \
+	  $(BIN)/python $$script; done
 
 services-up:
 	scripts/services up

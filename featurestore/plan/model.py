@@ -22,6 +22,7 @@ from schemas.schema import EventSchema
 
 PLAN_FORMAT = 1
 AS_OF = "as_of"  # changelog / online column: the vector holds from this time on
+SEQUENCE = "_seq"  # events column: log order (Kafka offset / ingest order), the tie-break for Last
 
 
 def content_hash(data: Any) -> str:

@@ -32,10 +32,9 @@ from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction
 
 from featurestore.errors import TerminalError
-from featurestore.plan.model import AS_OF, SourceSpec, ViewSpec
+from featurestore.plan.model import AS_OF, SEQUENCE, SourceSpec, ViewSpec
 from schemas.timestamps import from_micros, to_micros
 
-SEQUENCE = "_seq"
 DATE = "_date"
 
 REJECTS_SCHEMA = pa.schema(

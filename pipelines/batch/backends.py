@@ -13,8 +13,8 @@ import pyarrow as pa
 from featurestore.errors import TerminalError
 
 CUDF_HINT = (
-    "the cudf backend needs an NVIDIA GPU with RAPIDS: pip install 'tenx[gpu]' "
-    "(cudf-cu12, dask-cudf-cu12; see https://docs.rapids.ai/install), or use --backend pandas"
+    "the cudf backend needs an NVIDIA GPU with RAPIDS: pip install 'tenx[gpu]' for CUDA 12 "
+    "or 'tenx[gpu-cu13]' for CUDA 13 (see https://docs.rapids.ai/install), or use --backend pandas"
 )
 
 

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import pandas as pd
 
 from featurestore.errors import TerminalError, TransientError
-from featurestore.plan.model import Plan, ViewSpec
-from featurestore.stores.offline import SEQUENCE, DeltaOfflineStore
+from featurestore.plan.model import SEQUENCE, Plan, ViewSpec
+from featurestore.stores.offline import DeltaOfflineStore
 from featurestore.transforms import prepare_events
 from pipelines.batch.backends import Backend, array_module, to_frame
 from pipelines.batch.kernel import changelog_kernel

@@ -31,8 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from featurestore.plan.model import AS_OF, FeatureSpec, ViewSpec
-from featurestore.stores.offline import SEQUENCE  # log order: Kafka offset / ingest order
+from featurestore.plan.model import AS_OF, SEQUENCE, FeatureSpec, ViewSpec
 from featurestore.transforms import prepare_events
 from schemas.dtypes import parse_dtype
 

@@ -1,21 +1,35 @@
-"""GPU tests run only where cuDF and a GPU are present; elsewhere they skip, saying why."""
+"""GPU tests run only where a GPU is present; elsewhere they skip, saying why.
+
+Two levels: most tests need CuPy and a device (the kernel's array code on GPU, pandas
+frames on the host: what the lent GPU machines' images hold); tests marked `cudf` need
+RAPIDS cuDF as well (the full `--backend cudf` path)."""
 
 from __future__ import annotations
 
 import pytest
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def _missing(check: str) -> str | None:
     try:
-        import cudf  # noqa: F401
+        if check == "cudf":
+            import cudf  # noqa: F401
         import cupy
 
         cupy.cuda.runtime.getDeviceCount()
-        reason = None
-    except Exception as error:  # any failure means no usable GPU
-        reason = f"needs an NVIDIA GPU with cuDF (pip install 'tenx[gpu]'): {type(error).__name__}: {error}"
+    except Exception as error:  # any failure means the test cannot run here
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    reasons: dict[str, str | None] = {}
     for item in items:
-        if "tests/gpu/" in str(item.fspath).replace("\\", "/"):
-            item.add_marker(pytest.mark.gpu)
-            if reason:
-                item.add_marker(pytest.mark.skip(reason=reason))
+        if "tests/gpu/" not in str(item.fspath).replace("\\", "/"):
+            continue
+        item.add_marker(pytest.mark.gpu)
+        check = "cudf" if item.get_closest_marker("cudf") else "cupy"
+        if check not in reasons:
+            reasons[check] = _missing(check)
+        if reasons[check]:
+            need = "an NVIDIA GPU with cuDF (pip install 'tenx[gpu]')" if check == "cudf" else "an NVIDIA GPU with CuPy"
+            item.add_marker(pytest.mark.skip(reason=f"needs {need}: {reasons[check]}"))

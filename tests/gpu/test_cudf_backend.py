@@ -15,6 +15,7 @@ from tenx.demo_data import DemoConfig, generate
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.cudf
 @pytest.mark.parametrize("view_name", ["user_spend", "merchant_sales"])
 def test_cudf_kernel_equals_pandas_kernel(view_name: str) -> None:
     plan = compile_repo(ROOT / "tenx" / "templates" / "repo", project="demo", modules=["features"])
@@ -26,6 +27,7 @@ def test_cudf_kernel_equals_pandas_kernel(view_name: str) -> None:
     assert changelog_differences(expected, got, key=view.entity_key, kinds=kinds) == []
 
 
+@pytest.mark.cudf
 def test_cudf_backfill_end_to_end(tmp_path: Path) -> None:
     from featurestore.stores.offline import DeltaOfflineStore
     from pipelines.batch.engine import backfill, dask_client

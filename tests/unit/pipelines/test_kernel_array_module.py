@@ -1,11 +1,8 @@
 """The kernel's array code stays within what CuPy (the cuDF backend's array module)
-supports, checked on CPU: the kernel runs with numpy restricted the way CuPy is and
-returns exactly what it returns with plain numpy.
-
-Restrictions modelled (from CuPy's sources): `ufunc.accumulate` exists on every ufunc
-but supports only add and multiply; `repeat` refuses an array of repeat counts (before
-CuPy 14). Without cuDF the kernel's per-entity cumulative sums take a host round trip,
-which these runs exercise too.
+supports, checked on CPU: the kernel runs with `cupy_like` (numpy whose arrays refuse
+host arrays and implicit host copies, with CuPy's missing pieces; see that module) and
+returns exactly what it returns with plain numpy. Without cuDF the kernel's per-entity
+cumulative sums take a host round trip, which these runs exercise too.
 """
 
 from __future__ import annotations
@@ -21,42 +18,16 @@ from hypothesis import strategies as st
 
 import pipelines.batch.kernel as kernel
 from pipelines.batch.kernel import changelog_kernel
+from tests.unit.pipelines import cupy_like
 from tests.unit.pipelines.test_kernel_parity import VIEWS, logs
 from tests.unit.pipelines.test_reference import BASE
-
-
-class _UfuncLike:
-    def __init__(self, ufunc: np.ufunc) -> None:
-        self.ufunc = ufunc
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.ufunc(*args, **kwargs)
-
-    def accumulate(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(f"`cupy_{self.ufunc.__name__}.accumulate` is not supported yet")
-
-
-class _CupyLike:
-    """numpy, with CuPy's restrictions."""
-
-    maximum = _UfuncLike(np.maximum)
-    minimum = _UfuncLike(np.minimum)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(np, name)
-
-    @staticmethod
-    def repeat(a: Any, repeats: Any, axis: int | None = None) -> Any:
-        if isinstance(repeats, np.ndarray):
-            raise ValueError("cupy.ndarray cannot be specified as `repeats` argument.")
-        return np.repeat(a, repeats, axis)
 
 
 @given(frame=logs(), view_index=st.integers(min_value=0, max_value=len(VIEWS) - 1))
 def test_kernel_under_cupy_restrictions_equals_numpy(frame: pd.DataFrame, view_index: int) -> None:
     view = VIEWS[view_index]
     expected = changelog_kernel(view, frame)
-    assert changelog_kernel(view, frame, xp=_CupyLike()).equals(expected)
+    assert changelog_kernel(view, frame, xp=cupy_like).equals(expected)
 
 
 def test_ill_conditioned_std_under_cupy_restrictions(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,6 +53,22 @@ def test_ill_conditioned_std_under_cupy_restrictions(monkeypatch: pytest.MonkeyP
         }
     )
     expected = changelog_kernel(VIEWS[0], frame)
-    got = changelog_kernel(VIEWS[0], frame, xp=_CupyLike())
+    got = changelog_kernel(VIEWS[0], frame, xp=cupy_like)
     assert calls, "no window took the exact Std path"
     assert got.equals(expected)
+
+
+def test_cupy_like_refuses_what_cupy_refuses() -> None:
+    device = cupy_like.arange(5)
+    assert isinstance(device + 1, cupy_like.ndarray)
+    assert type(device.get()) is np.ndarray
+    with pytest.raises(TypeError, match="host array mixed"):
+        device + np.arange(5)
+    with pytest.raises(TypeError, match="host array mixed"):
+        np.concatenate([device, np.arange(2)])
+    with pytest.raises(TypeError, match="implicitly"):
+        list(device)
+    with pytest.raises(NotImplementedError):
+        cupy_like.maximum.accumulate(device)
+    with pytest.raises(ValueError, match="repeats"):
+        cupy_like.repeat(device, cupy_like.asarray([1, 2, 1, 1, 1]))
