@@ -369,7 +369,10 @@ def ingest(files: tuple[Path, ...], source_name: str | None, force: bool, config
 )
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port); default: a local cluster.")
 @click.option(
-    "--workers", type=click.IntRange(min=1), default=None, help="Threads of the local cluster (default: cores)."
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads of the local cluster (default: cores; 2 with --backend cudf, as tasks share one GPU).",
 )
 @click.option(
     "--partitions", type=click.IntRange(min=1), default=None, help="Entity partitions (default: 1 per 400k events)."

@@ -45,7 +45,30 @@ def frame_module(backend: Backend) -> Any:
 
 
 def to_frame(table: pa.Table, backend: Backend) -> Any:
-    """An Arrow table as the backend's DataFrame (pandas: Arrow-backed strings)."""
+    """An Arrow table as the backend's DataFrame (pandas: Arrow-backed strings; cuDF:
+    timestamps without their time zone, see `utc_as_naive`)."""
     if backend is Backend.PANDAS:
         return table.to_pandas()
-    return frame_module(backend).DataFrame.from_arrow(table)
+    return frame_module(backend).DataFrame.from_arrow(utc_as_naive(table))
+
+
+def utc_as_naive(table: pa.Table) -> pa.Table:
+    """Time-zone-aware timestamp columns as naive ones holding the same UTC instants.
+
+    Event times are UTC throughout tenx. cuDF's support for zoned columns is partial (its
+    Parquet reader drops the zone, comparisons between zoned scalars and naive columns
+    raise, and zoned columns reach numpy as Python objects), so cuDF frames carry naive
+    UTC times; the kernel reads either kind as microseconds."""
+    fields = [
+        pa.field(f.name, pa.timestamp(f.type.unit), f.nullable, f.metadata)
+        if pa.types.is_timestamp(f.type) and f.type.tz is not None
+        else f
+        for f in table.schema
+    ]
+    schema = pa.schema(fields, metadata=table.schema.metadata)
+    return table if schema.equals(table.schema) else table.cast(schema)
+
+
+def is_device_frame(value: Any) -> bool:
+    """A cuDF DataFrame, Series or Index (without importing cuDF)."""
+    return type(value).__module__.split(".")[0] == "cudf"

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
+import pyarrow as pa
 
 from featurestore.errors import TerminalError, TransientError
 from featurestore.plan.model import SEQUENCE, Plan, ViewSpec
 from featurestore.stores.offline import DeltaOfflineStore
 from featurestore.transforms import prepare_events
-from pipelines.batch.backends import Backend, array_module, to_frame
+from pipelines.batch.backends import Backend, array_module, frame_module, to_frame
 from pipelines.batch.kernel import changelog_kernel
 
 T = TypeVar("T")
@@ -102,8 +103,7 @@ def backfill_view(
         columns=columns,
         filters=[(time_column, ">=", lower), (time_column, "<", upper)],
         split_row_groups=True,  # a partition per row group (about 1M events): stage 1 holds a few
-        dataframe_backend="cudf" if backend is Backend.CUDF else "pandas",
-    )
+    )  # read by pyarrow on either backend; a cuDF partition is made on its worker (`_write_buckets`)
     # Scratch lives beside the tables by default: a remote Dask cluster needs a path
     # its workers share with the client, and the offline store is one.
     scratch_root = Path(scratch_dir) if scratch_dir else store.root / "_scratch"
@@ -153,7 +153,7 @@ def bucket_ids(frame: Any, key: str, count: int, backend: Backend) -> Any:
     elif backend is Backend.PANDAS:
         hashed = pd.util.hash_pandas_object(column, index=False).to_numpy()
     else:
-        hashed = column.hash_values().values.astype(xp.uint64)
+        hashed = column.hash_values(method="xxhash64").values.astype(xp.uint64)  # murmur3 is 32 bits
     return (hashed >> xp.uint64(32)) % xp.uint64(count)
 
 
@@ -165,6 +165,10 @@ def _write_buckets(frame: Any, view: ViewSpec, count: int, folder: str, name: st
     read = len(frame)
     if read == 0:
         return 0
+    if chosen is not Backend.PANDAS:
+        # Dask reads the Delta files with pyarrow (its zoned-time filters are exact; cuDF's
+        # reader drops the zone); the transform, hashing and writing run on the device.
+        frame = to_frame(pa.Table.from_pandas(frame, preserve_index=False), chosen)
     key = view.entity_key
     frame = prepare_events(view, frame)
     frame = frame[list(dict.fromkeys([key, view.event_time, SEQUENCE, *view.input_columns]))]
@@ -176,14 +180,15 @@ def _write_buckets(frame: Any, view: ViewSpec, count: int, folder: str, name: st
     ordered = frame.take(order)
     bounds = xp.searchsorted(ids[order], xp.arange(count + 1, dtype=xp.uint64)).tolist()
     # Scratch files are read once: dictionary pages (pyarrow's default) cost 38% of the
-    # write for these mostly unique numeric columns. (cuDF's writer takes no such option.)
+    # write for these mostly unique numeric columns. (cuDF's writer keeps its defaults:
+    # its option differs between releases.)
     options = {"use_dictionary": False} if chosen is Backend.PANDAS else {}
     for bucket in range(count):
         low, high = bounds[bucket], bounds[bucket + 1]
         if high > low:
             target = Path(folder) / f"{bucket:05d}"
             target.mkdir(exist_ok=True)
-            ordered.iloc[low:high].to_parquet(target / f"{name}.parquet", index=False, **options)
+            ordered.iloc[low:high].to_parquet(str(target / f"{name}.parquet"), index=False, **options)
     return read
 
 
@@ -352,7 +357,11 @@ def backfill(
     """Backfill every offline view of the plan (or those named) over [start, end)."""
     chosen = [plan.view(name) for name in views] if views else [v for v in plan.views if v.offline]
     if backend is Backend.CUDF:
-        array_module(backend)  # fail early with the install hint
+        array_module(backend)  # fail early with the install hint: CuPy, then cuDF
+        frame_module(backend)
+        # Each task holds a partition on the device, and CuPy's memory pool keeps what it
+        # freed: two at a time leave room on a 16 GB card (--workers raises it).
+        workers = workers or 2
     context: AbstractContextManager[Any] = (
         nullcontext(client) if client is not None else dask_client(scheduler, workers=workers)
     )

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from featurestore.plan.model import AS_OF, SEQUENCE, FeatureSpec, ViewSpec
 from featurestore.transforms import prepare_events
+from pipelines.batch.backends import is_device_frame
 from schemas.dtypes import parse_dtype
 
 
@@ -121,17 +122,21 @@ class _SortedEvents:
 
 
 def _factorize(keys: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Dense codes in key order (so output is sorted by key) and the key of each code."""
+    """Dense codes in key order (so output is sorted by key) and the key of each code,
+    on the host. cuDF returns a CuPy array (as narrow as int8) and a cuDF Index."""
     codes, uniques = keys.factorize(sort=True)
-    if hasattr(codes, "to_numpy"):  # cuDF returns device columns
-        codes, uniques = codes.to_numpy(), uniques.to_numpy()
-    return np.asarray(codes, dtype=np.int64), np.asarray(uniques)
+    codes = xp_to_numpy(codes) if hasattr(codes, "get") else np.asarray(codes)
+    uniques = uniques.to_numpy() if hasattr(uniques, "to_numpy") else np.asarray(uniques)
+    return codes.astype(np.int64), uniques
 
 
-def _micros(series: Any) -> np.ndarray:
-    """Event times as int64 microseconds (UTC) from a tz-aware or int column."""
+def _micros(series: Any) -> Any:
+    """Event times as int64 microseconds (UTC) from a timestamp or int column: numpy for
+    pandas; for cuDF (naive UTC times, see `backends.utc_as_naive`) a CuPy array."""
     if getattr(series.dtype, "kind", "") in "iu":
-        return np.asarray(series.to_numpy(), dtype=np.int64)
+        return series.values.astype("int64") if is_device_frame(series) else series.to_numpy().astype(np.int64)
+    if is_device_frame(series):
+        return series.astype("datetime64[us]").astype("int64").values
     return np.asarray(series.to_numpy(dtype="datetime64[us]")).astype(np.int64)
 
 

@@ -3,8 +3,8 @@ kernel's `xp`, so the cuDF backend's array code is checked without a GPU.
 
 Modelled from CuPy's sources and behaviour:
 - its arrays refuse to mix with host numpy arrays (a ufunc or function given both
-  raises TypeError) and refuse implicit host conversions (iteration, `tolist`); `.get()`
-  copies to the host;
+  raises TypeError); `.get()` copies to the host (so do `tolist()` and iteration, as in
+  CuPy; `np.asarray` of a CuPy array raises there but cannot be refused here);
 - `ufunc.accumulate` exists on every ufunc but supports only add and multiply;
 - `repeat` refuses an array of repeat counts (before CuPy 14).
 
@@ -42,12 +42,6 @@ class ndarray(np.ndarray):  # noqa: N801 (CuPy's name)
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         _refuse_host(args, func.__name__)
         return _device(func(*_host(args), **_host(kwargs)))
-
-    def __iter__(self) -> Any:
-        raise TypeError("iterating a device array copies it to the host implicitly: use .get()")
-
-    def tolist(self) -> Any:
-        raise TypeError("tolist on a device array copies it to the host implicitly: use .get()")
 
 
 def _refuse_host(value: Any, name: str) -> None:
