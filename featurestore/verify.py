@@ -38,8 +38,13 @@ class VerifyReport:
     mismatches: list[Mismatch] = field(default_factory=list)
 
     @property
+    def nothing_online(self) -> bool:
+        """Entities were sampled and none had an online value: nothing was compared."""
+        return self.checked == 0 and self.missing_online > 0
+
+    @property
     def ok(self) -> bool:
-        return not self.mismatches and not self.missing_offline
+        return not self.mismatches and not self.missing_offline and not self.nothing_online
 
 
 def verify_view(

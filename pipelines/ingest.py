@@ -2,11 +2,15 @@
 
 Every input row ends up in exactly one place: the events table (valid) or the rejects
 table (with every reason). Files are read in batches, so memory stays bounded; a file
-already ingested (same SHA-256) is skipped unless forced.
+already ingested (same SHA-256) is skipped unless forced. Events already in the table
+(every field equal, a file overlapping an earlier one) are refused unless allowed: they
+would be counted twice by every feature.
 """
 
 from __future__ import annotations
 
+import collections
+import difflib
 import hashlib
 import tempfile
 import time
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -37,6 +42,11 @@ class IngestSummary:
     rejected: int
     seconds: float
     skipped: bool = False  # already ingested
+    reasons: tuple[tuple[str, int], ...] = ()  # the most frequent reject reasons, with counts
+
+
+class DuplicateEventsError(TerminalError):
+    """Valid events of a file are already in the events table."""
 
 
 def file_digest(path: Path) -> str:
@@ -53,17 +63,25 @@ def ingest_file(
     path: Path,
     *,
     force: bool = False,
+    allow_duplicates: bool = False,
     progress: Callable[[int], None] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> IngestSummary:
     """Validate `path` (Parquet, CSV or JSON lines) against the source schema and append
-    its valid rows to the events table and its invalid rows to the rejects table."""
+    its valid rows to the events table and its invalid rows to the rejects table.
+
+    Raises TerminalError, before writing anything, for a file that is empty, unreadable
+    or lacks a column of the schema, and DuplicateEventsError for valid events already
+    in the table (unless `allow_duplicates`)."""
     began = time.perf_counter()
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise TerminalError(f"{path}: unknown format {path.suffix!r}; expected .parquet, .csv or .jsonl")
     if not path.exists():
         raise TerminalError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise TerminalError(f"{path}: the file is empty")
+    _check_columns(path, kind, source)
     digest = file_digest(path)
     if not force and any(record.file_sha256 == digest for record in store.ingests(source)):
         return IngestSummary(path, 0, 0, 0, time.perf_counter() - began, skipped=True)
@@ -87,6 +105,8 @@ def ingest_file(
                     progress(batch.num_rows)
         finally:
             writer.close()
+        if valid_rows and not allow_duplicates:
+            _refuse_stored_duplicates(store, source, staged, path, valid_rows)
         rejected = sum(t.num_rows for t in reject_tables)
         metadata = {
             "tenx.file_sha256": digest,
@@ -102,7 +122,73 @@ def ingest_file(
         if valid_rows:
             reader = pq.ParquetFile(staged)
             store.append_events(source, reader.iter_batches(batch_size=BATCH_ROWS), rows=valid_rows, metadata=metadata)
-    return IngestSummary(path, rows_in, valid_rows, rejected, time.perf_counter() - began)
+    reasons = _top_reasons(reject_tables)
+    return IngestSummary(path, rows_in, valid_rows, rejected, time.perf_counter() - began, reasons=reasons)
+
+
+def _check_columns(path: Path, kind: str, source: SourceSpec) -> None:
+    """A Parquet or CSV file must hold every column of the schema (else every row would
+    be rejected for the same reason): said at once, nothing written."""
+    if kind == "jsonl":
+        return  # each record carries its own fields: checked per record
+    try:
+        names = pq.ParquetFile(path).schema_arrow.names if kind == "parquet" else pacsv.open_csv(path).schema.names
+    except (pa.ArrowInvalid, OSError) as error:
+        raise TerminalError(f"{path}: not a readable {kind} file ({error})") from error
+    missing = [name for name in source.schema.names if name not in names]
+    if missing:
+        hints = []
+        for name in missing:
+            close = difflib.get_close_matches(name, names, n=1)
+            hints.append(f"`{name}`" + (f" (the file has `{close[0]}`)" if close else ""))
+        raise TerminalError(
+            f"{path}: missing column(s) {', '.join(hints)} of source `{source.name}`; "
+            f"the file has: {', '.join(names) or 'no columns'}"
+        )
+
+
+def _refuse_stored_duplicates(
+    store: DeltaOfflineStore, source: SourceSpec, staged: Path, path: Path, rows: int
+) -> None:
+    """Raise if any staged event equals (every field) an event already in the table.
+
+    Only the table's files for the staged time range are read (date partitions), so
+    appending newer events costs little; DuckDB streams the comparison."""
+    import duckdb
+
+    times = pq.read_table(staged, columns=[source.event_time]).column(source.event_time)
+    low, high = pc.min_max(pc.cast(times, pa.int64())).values()
+    files = store.event_files(source, low.as_py(), high.as_py() + 1)
+    if not files:
+        return
+    names = ", ".join(f'"{name}"' for name in source.schema.names)
+    same = " AND ".join(f's."{name}" IS NOT DISTINCT FROM e."{name}"' for name in source.schema.names)
+    connection = duckdb.connect()
+    try:
+        connection.execute("SET TimeZone = 'UTC'")
+        connection.execute("SET enable_progress_bar = false")
+        found = connection.execute(
+            f'SELECT count(*), any_value(s."{source.event_time}") FROM read_parquet(?) s '  # noqa: S608 - schema names
+            f"SEMI JOIN (SELECT {names} FROM read_parquet(?)) e ON {same}",
+            [str(staged), files],
+        ).fetchone()
+    finally:
+        connection.close()
+    duplicates, example = found if found else (0, None)
+    if duplicates:
+        raise DuplicateEventsError(
+            f"{path}: {duplicates:,} of its {rows:,} valid events are already in the events table of "
+            f"`{source.name}` (every field equal, e.g. one at {example}); ingesting them again would "
+            "count them twice. Ingest only the new events, or pass --allow-duplicates if they really "
+            "are distinct events."
+        )
+
+
+def _top_reasons(reject_tables: list[pa.Table], limit: int = 5) -> tuple[tuple[str, int], ...]:
+    counts: collections.Counter[str] = collections.Counter()
+    for table in reject_tables:
+        counts.update(table.column("reason").to_pylist())
+    return tuple(counts.most_common(limit))
 
 
 def _batches(path: Path, kind: str, source: SourceSpec) -> Iterator[tuple[int, pa.Table]]:

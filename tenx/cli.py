@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -19,11 +20,14 @@ from rich.table import Table
 from featurestore.config import ENVIRONMENT, Settings, load_settings
 from featurestore.durations import format_duration
 from featurestore.errors import CompileError, ConfigError, SchemaError, TenxError, TerminalError
-from featurestore.plan import Plan, compile_repo, diff_plans
+from featurestore.plan import Plan, SourceSpec, compile_repo, diff_plans
 from featurestore.registry import FileRegistry
 from tenx import __version__
 
-console = Console()
+# Off a terminal (a pipe, a CI log) rich assumes 80 columns and cuts names in tables;
+# 120 keeps them whole unless COLUMNS says otherwise.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
+console = Console(width=_WIDTH)
 errors = Console(stderr=True, soft_wrap=True)  # messages stay one line each, greppable
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,7 +65,7 @@ _ENV_HELP = "\n".join(f"  {name}: {meaning}" for name, meaning in ENVIRONMENT.it
 
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    epilog=f"Environment variables:\n\n{_ENV_HELP}",
+    epilog=f"\b\nEnvironment variables:\n{_ENV_HELP}",  # \b: one variable per line, not rewrapped
 )
 @click.version_option(__version__, prog_name="tenx")
 def main() -> None:
@@ -286,6 +290,19 @@ def _applied_plan(settings: Settings) -> Plan:
     return plan
 
 
+def _source(plan: Plan, name: str | None) -> SourceSpec:
+    """The source named, or the plan's only one."""
+    if name is None:
+        if len(plan.sources) != 1:
+            names = ", ".join(s.name for s in plan.sources)
+            raise ConfigError(f"the plan has several sources ({names}); choose one with --source")
+        return plan.sources[0]
+    try:
+        return plan.source(name)
+    except KeyError as error:
+        raise ConfigError(str(error.args[0])) from error
+
+
 def _parse_time(value: str | None, option: str) -> int | None:
     """`2026-01-01` (midnight UTC) or ISO-8601 with a timezone, as microseconds."""
     from datetime import UTC
@@ -309,36 +326,48 @@ def _parse_time(value: str | None, option: str) -> int | None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--source", "source_name", default=None, help="Source to load into (default: the plan's only source).")
-@click.option("--force", is_flag=True, help="Ingest again even if a file with the same content was ingested.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Read a file again even if a file with the same content was ingested (its events must not "
+    "be in the table any more, unless --allow-duplicates).",
+)
+@click.option(
+    "--allow-duplicates",
+    is_flag=True,
+    help="Ingest events equal in every field to events already in the table (they count twice).",
+)
 @config_option
 @_friendly
-def ingest(files: tuple[Path, ...], source_name: str | None, force: bool, config_file: Path | None) -> None:
+def ingest(
+    files: tuple[Path, ...], source_name: str | None, force: bool, allow_duplicates: bool, config_file: Path | None
+) -> None:
     """Validate event FILES (.parquet, .csv, .jsonl) and load them into the source's
-    Delta events table. Invalid rows go to the rejects table with the reason; a file
-    already ingested is skipped (same SHA-256), unless --force."""
+    Delta events table.
+
+    Invalid rows go to the rejects table with the reason (the most frequent reasons are
+    printed; `tenx rejects` lists them). A file already ingested is skipped (same
+    SHA-256) unless --force; events already in the table (every field equal: a file
+    overlapping an earlier one) are refused unless --allow-duplicates, since every
+    feature would count them twice. A file missing a column of the schema, empty or
+    unreadable is refused before anything is written. Exits 1 when a file had rows and
+    none was valid."""
     from featurestore.stores.offline import DeltaOfflineStore
     from pipelines.ingest import ingest_file
 
     settings = _settings(config_file)
     plan = _applied_plan(settings)
-    if source_name is None:
-        if len(plan.sources) != 1:
-            names = ", ".join(s.name for s in plan.sources)
-            raise ConfigError(f"the plan has several sources ({names}); choose one with --source")
-        source = plan.sources[0]
-    else:
-        try:
-            source = plan.source(source_name)
-        except KeyError as error:
-            raise ConfigError(str(error.args[0])) from error
+    source = _source(plan, source_name)
     store = DeltaOfflineStore(settings.offline_dir)
     table = Table(title=f"ingest into {store.events_path(source)}", title_justify="left")
     for column in ("file", "rows", "ingested", "rejected", "seconds"):
         table.add_column(column, justify="right" if column != "file" else "left")
+    summaries = []
     for path in files:
         with _progress() as progress:
             advance = functools.partial(progress.advance, progress.add_task(f"ingesting {path.name}", total=None))
-            summary = ingest_file(store, source, path, force=force, progress=advance)
+            summary = ingest_file(store, source, path, force=force, allow_duplicates=allow_duplicates, progress=advance)
+        summaries.append(summary)
         if summary.skipped:
             table.add_row(str(path), "-", "already ingested", "-", f"{summary.seconds:.1f}")
             continue
@@ -350,8 +379,59 @@ def ingest(files: tuple[Path, ...], source_name: str | None, force: bool, config
             f"{summary.seconds:.1f}",
         )
     console.print(table)
-    if store.read_rejects(source).num_rows:
-        console.print(f"Rejected rows and their reasons: {store.rejects_path(source)} (Delta)")
+    for summary in summaries:
+        if summary.reasons:
+            console.print(f"{summary.file}: {summary.rejected:,} rejected; most frequent reasons:")
+            for reason, count in summary.reasons:
+                console.print(f"  {count:>9,}  {reason}", markup=False, highlight=False)
+    if any(summary.rejected for summary in summaries):
+        console.print(f"All rejects: `tenx rejects` (Delta table {store.rejects_path(source)})")
+    nothing = [str(s.file) for s in summaries if not s.skipped and s.rows_in and not s.ingested]
+    if nothing:
+        errors.print("[bold red]error:[/] no valid event in ", end="")
+        errors.print(", ".join(nothing), markup=False, highlight=False)
+        sys.exit(EXIT_FAILURE)
+
+
+@main.command()
+@click.option("--source", "source_name", default=None, help="Source whose rejects to list (default: the only one).")
+@click.option("--file", "file_name", default=None, help="Only rows rejected from this input file (as ingested).")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=0), help="Rows to show (0: all).")
+@config_option
+@_friendly
+def rejects(source_name: str | None, file_name: str | None, limit: int, config_file: Path | None) -> None:
+    """List rows `tenx ingest` rejected, newest first: file, row, reason and the record
+    as read, with a count per reason."""
+    import collections
+
+    from featurestore.stores.offline import DeltaOfflineStore
+
+    settings = _settings(config_file)
+    plan = _applied_plan(settings)
+    source = _source(plan, source_name)
+    store = DeltaOfflineStore(settings.offline_dir)
+    rows = store.read_rejects(source).to_pylist()
+    if file_name is not None:
+        rows = [row for row in rows if row["file"] == file_name or Path(row["file"]).name == file_name]
+    if not rows:
+        console.print(f"No rejected rows for source `{source.name}`{f' from {file_name}' if file_name else ''}.")
+        return
+    rows.sort(key=lambda row: (row["ingested_at"], row["file"], -row["row"]), reverse=True)
+    counts = collections.Counter(row["reason"] for row in rows)
+    summary = Table(title=f"{len(rows):,} rejected rows of `{source.name}` by reason", title_justify="left")
+    summary.add_column("rows", justify="right")
+    summary.add_column("reason")
+    for reason, count in counts.most_common():
+        summary.add_row(f"{count:,}", reason)
+    console.print(summary)
+    shown = rows if limit == 0 else rows[:limit]
+    table = Table(title=f"newest {len(shown):,}", title_justify="left")
+    for column in ("ingested at", "file", "row", "reason", "record"):
+        table.add_column(column, overflow="fold")
+    for row in shown:
+        moment = row["ingested_at"].strftime("%Y-%m-%d %H:%M:%SZ")
+        table.add_row(moment, row["file"], str(row["row"]), row["reason"], row["record"])
+    console.print(table)
 
 
 @main.command()
@@ -774,7 +854,8 @@ def stream(
 @_friendly
 def verify(views: tuple[str, ...], sample: int, config_file: Path | None) -> None:
     """Online/offline parity: for a random sample of entities, the online value must
-    equal the last changelog row at or before its online as_of. Exits 1 on mismatch."""
+    equal the last changelog row at or before its online as_of. Exits 1 on a mismatch,
+    and when no sampled entity is online (nothing could be compared)."""
     from featurestore.stores.offline import DeltaOfflineStore
     from featurestore.verify import verify_view
 
@@ -793,6 +874,11 @@ def verify(views: tuple[str, ...], sample: int, config_file: Path | None) -> Non
             )
             for mismatch in report.mismatches[:20]:
                 console.print(f"  {mismatch}", markup=False, highlight=False)
+            if report.nothing_online:
+                console.print(
+                    f"  none of the {report.missing_online} sampled entities has an online value, so nothing was "
+                    "compared: run `tenx materialize` (or the stream job) for this plan first"
+                )
             failed = failed or not report.ok
     finally:
         online.close()

@@ -24,7 +24,7 @@ def render() -> str:
     for name in sorted(main.list_commands(context)):
         command = main.get_command(context, name)
         assert command is not None
-        sub = click.Context(command, info_name=f"tenx {name}", parent=context, **settings)
+        sub = click.Context(command, info_name=name, parent=context, **settings)
         parts += [f"## tenx {name}", "", "```", command.get_help(sub).rstrip(), "```", ""]
     return "\n".join(parts)
 

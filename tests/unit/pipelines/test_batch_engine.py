@@ -177,6 +177,68 @@ def test_csv_ingest_parses_text_and_rejects_bad_cells(tmp_path: Path, plan: Plan
     assert events.column("_seq").to_pylist() == [0]
 
 
+HEADER = "transaction_id,user_id,merchant_id,amount,currency,category,country,event_time\n"
+
+
+def test_events_already_in_the_table_are_refused_not_counted_twice(tmp_path: Path, plan: Plan) -> None:
+    from pipelines.ingest import DuplicateEventsError
+
+    source = plan.source("transactions")
+    store = DeltaOfflineStore(tmp_path / "offline")
+    first = tmp_path / "monday.csv"
+    first.write_text(
+        HEADER + "t1,1,2,10.5,EUR,grocery,FR,2026-01-01T10:00:00Z\nt2,1,2,3,USD,grocery,FR,2026-01-01T11:00:00Z\n"
+    )
+    ingest_file(store, source, first)
+    # An overlapping export: one event already ingested, one new.
+    overlap = tmp_path / "monday-again.csv"
+    overlap.write_text(
+        HEADER + "t2,1,2,3,USD,grocery,FR,2026-01-01T11:00:00Z\nt3,1,2,4,EUR,grocery,FR,2026-01-01T12:00:00Z\n"
+    )
+    with pytest.raises(DuplicateEventsError, match="1 of its 2 valid events are already in the events table"):
+        ingest_file(store, source, overlap)
+    with pytest.raises(DuplicateEventsError, match="2 of its 2 valid events"):
+        ingest_file(store, source, first, force=True)
+    assert store.count_events(source) == 2  # nothing written by the refused files
+    assert ingest_file(store, source, overlap, allow_duplicates=True).ingested == 2
+    assert store.count_events(source) == 4
+    # Same times, one field different: a distinct event, ingested.
+    other = tmp_path / "other.csv"
+    other.write_text(HEADER + "t1,1,2,10.75,EUR,grocery,FR,2026-01-01T10:00:00Z\n")
+    assert ingest_file(store, source, other).ingested == 1
+
+
+def test_files_that_cannot_be_ingested_are_refused_before_anything_is_written(tmp_path: Path, plan: Plan) -> None:
+    from featurestore.errors import TerminalError
+
+    source = plan.source("transactions")
+    store = DeltaOfflineStore(tmp_path / "offline")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(TerminalError, match=r"empty\.csv: the file is empty"):
+        ingest_file(store, source, empty)
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text(HEADER.replace("amount", "amt") + "t1,1,2,10.5,EUR,grocery,FR,2026-01-01T10:00:00Z\n")
+    with pytest.raises(TerminalError, match=r"missing column\(s\) `amount` \(the file has `amt`\)"):
+        ingest_file(store, source, renamed)
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"not parquet at all")
+    with pytest.raises(TerminalError, match=r"garbage\.parquet: not a readable parquet file"):
+        ingest_file(store, source, garbage)
+    assert store.read_rejects(source).num_rows == 0
+    assert store.ingests(source) == []
+
+
+def test_ingest_reports_its_most_frequent_reject_reasons(tmp_path: Path, plan: Plan) -> None:
+    source = plan.source("transactions")
+    path = tmp_path / "naive.csv"
+    path.write_text(HEADER + "".join(f"t{i},1,2,1,EUR,grocery,FR,2026-01-01T10:0{i}:00\n" for i in range(3)))
+    summary = ingest_file(DeltaOfflineStore(tmp_path / "offline"), source, path)
+    assert (summary.ingested, summary.rejected) == (0, 3)
+    assert [count for _, count in summary.reasons] == [1, 1, 1]
+    assert all("ISO-8601 with timezone" in reason for reason, _ in summary.reasons)
+
+
 def test_sequence_numbers_continue_across_ingests(tmp_path: Path, plan: Plan) -> None:
     source = plan.source("transactions")
     store = DeltaOfflineStore(tmp_path / "offline")

@@ -132,14 +132,39 @@ def test_offline_loop_demo_data_ingest_backfill(tmp_path: Path) -> None:
     assert ingested.returncode == 0, ingested.stderr
     assert "3,004" in ingested.stdout
     assert "3,000" in ingested.stdout
-    assert "Rejected rows and their reasons:" in ingested.stdout
+    assert "4 rejected; most frequent reasons:" in ingested.stdout
+    assert "All rejects: `tenx rejects`" in ingested.stdout
     assert "already ingested" in tenx("ingest", "data/tx.jsonl", cwd=repo).stdout
+    listed = tenx("rejects", cwd=repo)
+    assert listed.returncode == 0, listed.stderr
+    assert "4 rejected rows of `transactions` by reason" in listed.stdout
+    assert "field `currency`: expected string, got missing" in listed.stdout
+    again = tenx("ingest", "data/tx.jsonl", "--force", cwd=repo)
+    assert again.returncode == 2
+    assert "3,000 of its 3,000 valid events are already in the events table" in again.stderr
+    assert "--allow-duplicates" in again.stderr
+    (repo / "naive.csv").write_text(
+        "transaction_id,user_id,merchant_id,amount,currency,category,country,event_time\n"
+        "n1,1,2,5.0,EUR,grocery,FR,2026-01-02T10:00:00\n"
+    )
+    refused = tenx("ingest", "naive.csv", cwd=repo)
+    assert refused.returncode == 1  # rows, and not one valid
+    assert "no valid event in naive.csv" in refused.stderr
+    assert "ISO-8601 with timezone" in refused.stdout
+    assert "Traceback" not in again.stderr + refused.stderr
 
     filled = tenx("backfill", cwd=repo)
     assert filled.returncode == 0, filled.stderr
     assert "user_spend" in filled.stdout
     assert "merchant_sales" in filled.stdout
     assert len(list((repo / "data" / "offline" / "features").iterdir())) == 2
+    unchecked = tenx("verify", cwd=repo)  # nothing materialized: nothing to compare is not "ok"
+    assert unchecked.returncode == 1
+    assert "nothing was compared: run `tenx materialize`" in unchecked.stdout
+    assert tenx("materialize", cwd=repo).returncode == 0
+    checked = tenx("verify", cwd=repo)
+    assert checked.returncode == 0, checked.stdout
+    assert "user_spend: ok 50 checked" in checked.stdout
 
     ranged = tenx(
         "backfill", "--view", "user_spend", "--start", "2026-01-02", "--end", "2026-01-02T12:00:00Z", cwd=repo
