@@ -1,6 +1,13 @@
 """Serving: lookups of precomputed feature values (client, HTTP API). Nothing is computed here."""
 
 from serving.client import AsyncFeatureClient, FeatureClient, FeatureResult, Status
-from serving.errors import UnknownFeatureError
+from serving.errors import FeatureReferenceError, UnknownFeatureError
 
-__all__ = ["AsyncFeatureClient", "FeatureClient", "FeatureResult", "Status", "UnknownFeatureError"]
+__all__ = [
+    "AsyncFeatureClient",
+    "FeatureClient",
+    "FeatureReferenceError",
+    "FeatureResult",
+    "Status",
+    "UnknownFeatureError",
+]

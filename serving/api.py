@@ -3,9 +3,15 @@
     POST /features        {"view": "user_spend", "entities": [1, 2], "features": ["count_1h"]}
                           or {"features": ["user_spend:count_1h"], "entities": [1, 2]}
     GET  /health/live     the process answers
-    GET  /health/ready    the online store answers and a plan is loaded
+    GET  /health/ready    the online store answers and a plan is loaded (200, else 503)
+    GET  /health          the same as /health/ready
     GET  /metrics         Prometheus: latency histogram, requests, errors, entities served
     GET  /openapi.json    this API's description
+
+Entities are JSON integers (within int64) or strings. A view keyed by int64 also takes
+strings of digits ("42", read as 42; answered as sent); a view keyed by strings also
+takes integers (1 and "1" are the same key). A malformed body is a 400, an unknown view
+or feature a 404 with close matches.
 
 Settings are read by the caller (`tenx serve`) and passed to `create_app`.
 """
@@ -14,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import re
 import time
 from collections import Counter as Counter_
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -27,14 +35,17 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from featurestore.errors import TransientError
-from featurestore.plan.model import Plan
+from featurestore.plan.model import EntitySpec, Plan
 from featurestore.stores.online import OnlineStore
 from schemas.timestamps import from_micros
 from serving.client import AsyncFeatureClient, FeatureResult, split_references
-from serving.errors import UnknownFeatureError
+from serving.errors import FeatureReferenceError, UnknownFeatureError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_ENTITIES = 10_000
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_INT64_RANGE = f"[{INT64_MIN}, {INT64_MAX}]"
+_DIGITS = re.compile(r"-?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -107,8 +118,11 @@ def _parse(body: bytes, settings: ApiSettings) -> tuple[str, list[str] | None, l
         raise ValueError("`entities` must be a non-empty list of entity keys")
     if len(entities) > settings.max_entities:
         raise ValueError(f"{len(entities)} entities asked; at most {settings.max_entities} per request")
-    if not all(isinstance(e, int | str) and not isinstance(e, bool) for e in entities):
-        raise ValueError("`entities` must hold integers or strings")
+    for index, entity in enumerate(entities):
+        if isinstance(entity, bool) or not isinstance(entity, int | str):
+            raise ValueError(_not_a_key(body, index, entity))
+        if isinstance(entity, int) and not INT64_MIN <= entity <= INT64_MAX:
+            raise ValueError(_out_of_range(entity, index))
     features = data.get("features")
     if features is not None and (not isinstance(features, list) or not all(isinstance(f, str) for f in features)):
         raise ValueError("`features` must be a list of feature names")
@@ -119,9 +133,69 @@ def _parse(body: bytes, settings: ApiSettings) -> tuple[str, list[str] | None, l
         view, features = split_references(features)
     elif not isinstance(view, str):
         raise ValueError("`view` must be a string")
-    elif features is not None and any(":" in f for f in features):
-        features = [f.partition(":")[2] if f.startswith(view + ":") else f for f in features]
+    elif features is not None:
+        if not features:
+            raise ValueError("`features` is empty: omit it for every feature of the view")
+        if any(":" in f for f in features):
+            features = [_within(view, f) for f in features]
     return view, features, entities
+
+
+def _within(view: str, feature: str) -> str:
+    """A feature of `view`, given plain or as `view:feature`."""
+    named, sep, name = feature.partition(":")
+    if not sep:
+        return feature
+    if named != view:
+        raise FeatureReferenceError(
+            f"feature reference `{feature}` names view `{named}`, not `{view}`; ask one view per call"
+        )
+    return name
+
+
+def _out_of_range(entity: int, index: int) -> str:
+    return (
+        f"entity {entity} (entities[{index}]) is out of the int64 range {_INT64_RANGE}; "
+        "send string keys as JSON strings"
+    )
+
+
+def _not_a_key(body: bytes, index: int, entity: Any) -> str:
+    """Why entities[index] is no key. orjson reads an integer beyond 64 bits as a float:
+    the standard parser, run only on this error path, tells it from a literal float."""
+    if isinstance(entity, float):
+        try:
+            exact = json.loads(body)["entities"][index]
+        except (ValueError, RecursionError):  # beyond int's digit limit, or deeper than the stack
+            exact = entity
+        if isinstance(exact, int):
+            return _out_of_range(exact, index)
+    shown = orjson.dumps(entity).decode()
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return f"`entities` must hold integers or strings; entities[{index}] is {shown}"
+
+
+def _entity_keys(view: str, entity: EntitySpec, entities: list[Any]) -> list[Any]:
+    """The keys to look up: an int64 view reads strings of digits as integers ("007" is
+    7), a string view takes integers as they are (1 and "1" make the same online key)."""
+    if entity.dtype != "int64" or not any(isinstance(e, str) for e in entities):
+        return entities
+    keys = []
+    for index, key in enumerate(entities):
+        if isinstance(key, str):
+            if not _DIGITS.fullmatch(key):
+                raise ValueError(
+                    f"entity {key!r} (entities[{index}]) is not an int64 `{entity.key}`: "
+                    f"view `{view}` takes integers or strings of digits"
+                )
+            key = int(key)
+            if not INT64_MIN <= key <= INT64_MAX:
+                raise ValueError(
+                    f"entity {entities[index]!r} (entities[{index}]) is out of the int64 range {_INT64_RANGE} "
+                    f"of `{entity.key}`"
+                )
+        keys.append(key)
+    return keys
 
 
 def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | None = None) -> Starlette:
@@ -129,6 +203,7 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
     config = settings or ApiSettings()
     metrics = _Metrics()
     client = AsyncFeatureClient(store, plan) if plan is not None else None
+    entity_of = {view.name: view.entity for view in plan.views} if plan is not None else {}
     expected_auth = f"Bearer {config.token}".encode() if config.token else None
 
     def authorized(request: Request) -> bool:
@@ -159,7 +234,11 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
                     return _problem(413, f"body exceeds {config.max_body_bytes} bytes")
             try:
                 view, names, entities = _parse(body, config)
-                result = await client.get(view, entities, features=names)
+                entity = entity_of.get(view)  # None: an unknown view, which `get` reports with close matches
+                keys = _entity_keys(view, entity, entities) if entity is not None else entities
+                result = await client.get(view, keys, features=names)
+                if keys is not entities:
+                    result = replace(result, entities=tuple(entities))  # answer each entity as it was sent
             except ValueError as error:
                 code = 400
                 return _problem(400, str(error))
@@ -207,6 +286,7 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
             Route("/features", features, methods=["POST"]),
             Route("/health/live", live),
             Route("/health/ready", ready),
+            Route("/health", ready),
             Route("/metrics", prometheus),
             Route("/openapi.json", openapi),
         ]
@@ -243,6 +323,12 @@ def openapi_spec(plan: Plan | None) -> dict[str, Any]:
     error = {
         "content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}
     }
+    readiness = {
+        "get": {
+            "summary": "Readiness: store reachable, plan loaded",
+            "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
+        }
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "tenx feature API", "version": plan.version if plan else "none"},
@@ -277,12 +363,8 @@ def openapi_spec(plan: Plan | None) -> dict[str, Any]:
                 }
             },
             "/health/live": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
-            "/health/ready": {
-                "get": {
-                    "summary": "Readiness: store reachable, plan loaded",
-                    "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
-                }
-            },
+            "/health/ready": readiness,
+            "/health": readiness,
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "metrics"}}}},
         },
     }

@@ -4,7 +4,8 @@ No feature is computed here. Every entity comes back with a status: FOUND, MISSI
 value in the online store) or STALE (older than the view's ttl); a missing or stale
 value is never replaced by a silent default.
 
-    client = FeatureClient(store, plan)
+    store = open_online_store(redis_url=None, sqlite_path=path, project=plan.project)
+    client = FeatureClient(store, plan)   # the store's keys start with tenx:<project>
     result = client.get("user_spend", [1, 2, 3], features=["count_1h", "sum_amount_eur_1d"])
     result.to_dicts()      # [{"user_id": 1, "status": "found", "as_of": ..., "count_1h": 4, ...}, ...]
     result.to_numpy()      # float matrix in the order asked, NaN where null
@@ -27,7 +28,7 @@ from featurestore.plan.model import Plan, ViewSpec
 from featurestore.stores.codec import decode_many
 from featurestore.stores.online import OnlineStore
 from schemas.timestamps import from_micros
-from serving.errors import UnknownFeatureError
+from serving.errors import FeatureReferenceError, UnknownFeatureError
 
 
 class Status(Enum):
@@ -109,32 +110,35 @@ def resolve(plan: Plan, view: str, features: Sequence[str] | None) -> _Request:
     positions = []
     for name in features:
         if name not in all_names:
-            raise UnknownFeatureError(_unknown(f"feature of view `{view}`", name, list(all_names)))
+            raise UnknownFeatureError(_unknown("feature", name, list(all_names), where=f" in view `{view}`"))
         positions.append(all_names.index(name))
     return _Request(spec, tuple(positions), tuple(features))
 
 
 def split_references(references: Sequence[str]) -> tuple[str, list[str]]:
-    """`["user_spend:count_1h", ...]` -> ("user_spend", ["count_1h", ...]); one view."""
+    """`["user_spend:count_1h", ...]` -> ("user_spend", ["count_1h", ...]); one view.
+
+    A malformed reference or a second view is a FeatureReferenceError (a ValueError):
+    the request is wrong whatever the plan holds."""
     views = set()
     names = []
     for reference in references:
         view, sep, name = reference.partition(":")
         if not sep or not view or not name:
-            raise UnknownFeatureError(f"feature reference {reference!r} must look like `view:feature`")
+            raise FeatureReferenceError(f"feature reference {reference!r} must look like `view:feature`")
         views.add(view)
         names.append(name)
     if len(views) != 1:
-        raise UnknownFeatureError(
+        raise FeatureReferenceError(
             f"feature references name {len(views)} views ({', '.join(sorted(views))}); ask one view per call"
         )
     return views.pop(), names
 
 
-def _unknown(kind: str, name: str, known: list[str]) -> str:
+def _unknown(kind: str, name: str, known: list[str], *, where: str = "") -> str:
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"; did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
-    return f"unknown {kind} `{name}`{hint} (known: {', '.join(known) or 'none'})"
+    return f"unknown {kind} `{name}`{where}{hint} (known: {', '.join(known) or 'none'})"
 
 
 def assemble(request: _Request, entities: Sequence[Any], raws: Sequence[bytes | None], now_us: int) -> FeatureResult:

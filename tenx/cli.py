@@ -662,7 +662,7 @@ def _view_or_error(plan: Plan, name: str) -> Any:
 @config_option
 @_friendly
 def serve(host: str, port: int, workers: int, token: str | None, config_file: Path | None) -> None:
-    """Run the HTTP feature API: POST /features, /health/live, /health/ready, /metrics,
+    """Run the HTTP feature API: POST /features, /health (= /health/ready), /health/live, /health/ready, /metrics,
     /openapi.json. It only looks values up in the online store."""
     import os
 

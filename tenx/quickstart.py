@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from featurestore.config import load_settings
+from featurestore.errors import ConfigError
 from featurestore.plan import compile_repo
 from featurestore.registry import FileRegistry
 from featurestore.stores.offline import DeltaOfflineStore, datetime_to_micros
@@ -59,6 +61,40 @@ class QuickstartSummary:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
+MARKER = ".tenx-quickstart"  # the folder is quickstart's own: a re-run may clear its data
+
+
+def _prepare_folder(target: Path) -> str:
+    """A new feature repo in `target`, or the one a previous quickstart made there with
+    its data cleared (a re-run starts clean: events of two runs would overlap). Any other
+    non-empty folder is refused: quickstart adds demo events and overwrites online values."""
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{target} is a file; pass a new or empty folder")
+    if not target.exists() or not any(target.iterdir()):
+        init_repo(target, project="quickstart")
+        (target / MARKER).write_text("Made by `tenx quickstart`; running it again clears data/ and .tenx/.\n")
+        return f"{target} (new)"
+    if not (target / MARKER).exists():
+        raise ConfigError(
+            f"{target} is not empty and was not made by `tenx quickstart`: it would add demo events and "
+            "overwrite online values there. Pass a new folder (default ./tenx-quickstart)."
+        )
+    if not (target / "tenx.yaml").exists():
+        init_repo(target, project="quickstart")
+    settings = load_settings(target / "tenx.yaml", environ={})
+    cleared = []
+    for path in (settings.offline_dir, settings.online_path, settings.registry_dir, target / "data"):
+        inside = path.resolve().is_relative_to(target.resolve()) and path.resolve() != target.resolve()
+        if inside and path.is_dir():
+            shutil.rmtree(path)
+        elif inside and path.exists():
+            path.unlink()
+        else:
+            continue
+        cleared.append(str(path.relative_to(target)))
+    return f"{target} (again: cleared {', '.join(sorted(set(cleared))) or 'nothing'})"
+
+
 def run_quickstart(
     target: Path,
     *,
@@ -84,10 +120,8 @@ def run_quickstart(
         say(f"  {name:<34} {seconds:6.1f} s   {'; '.join(detail)}")
 
     with step("scaffold feature repo") as detail:
-        if not (target / "tenx.yaml").exists():
-            init_repo(target, project="quickstart")
+        detail.append(_prepare_folder(target))
         settings = load_settings(target / "tenx.yaml", environ={})
-        detail.append(str(target))
     redis_url = redis_url or settings.redis_url
 
     with step("compile + apply plan") as detail:

@@ -18,10 +18,11 @@ from featurestore import Count, Entity, Last, Mean, Source, Sum, feature_view
 from featurestore.plan import AS_OF, Plan, compile_definitions
 from featurestore.stores.online import SqliteOnlineStore
 from schemas import TRANSACTIONS
-from serving import AsyncFeatureClient, FeatureClient, Status, UnknownFeatureError
+from serving import AsyncFeatureClient, FeatureClient, FeatureReferenceError, Status, UnknownFeatureError
 from serving.api import ApiSettings, create_app
 
 USER = Entity("user", key="user_id")
+COUNTRY = Entity("country", key="country", dtype="string")
 TX = Source("transactions", TRANSACTIONS)
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 
@@ -37,7 +38,12 @@ def spend(tx: Any) -> Any:
     return tx[[]]
 
 
-PLAN: Plan = compile_definitions("serving", views=[spend])
+@feature_view(entity=COUNTRY, source=TX, aggregations=[Count()], windows=["1h"])
+def by_country(tx: Any) -> Any:
+    return tx[[]]
+
+
+PLAN: Plan = compile_definitions("serving", views=[spend, by_country])
 VIEW = PLAN.view("spend")
 
 
@@ -57,6 +63,9 @@ def store(tmp_path: Path) -> Iterator[SqliteOnlineStore]:
         "last_currency_1h": ["EUR", None],
     }
     opened.write(VIEW, pa.table(rows, schema=VIEW.changelog_schema()))
+    countries = PLAN.view("by_country")
+    by_key = {"country": ["DE", "1"], AS_OF: [NOW, NOW], "count_1h": [7, 2]}
+    opened.write(countries, pa.table(by_key, schema=countries.changelog_schema()))
     yield opened
     opened.close()
 
@@ -96,13 +105,24 @@ def test_unknown_names_suggest_close_matches(store: SqliteOnlineStore) -> None:
     client = FeatureClient(store, PLAN)
     with pytest.raises(UnknownFeatureError) as raised:
         client.get("spnd", [1])
-    assert str(raised.value) == "unknown feature view `spnd`; did you mean `spend`? (known: spend)"
-    with pytest.raises(
-        UnknownFeatureError, match=r"unknown feature of view `spend` `count_1d`; did you mean `count_1h`"
-    ):
+    assert str(raised.value) == "unknown feature view `spnd`; did you mean `spend`? (known: by_country, spend)"
+    with pytest.raises(UnknownFeatureError) as raised:
         client.get("spend", [1], features=["count_1d"])
-    with pytest.raises(UnknownFeatureError, match="must look like `view:feature`"):
+    assert str(raised.value) == (
+        "unknown feature `count_1d` in view `spend`; did you mean `count_1h`? "
+        "(known: count_1h, sum_amount_1h, mean_amount_1h, last_currency_1h)"
+    )
+
+
+def test_malformed_references_are_value_errors(store: SqliteOnlineStore) -> None:
+    client = FeatureClient(store, PLAN)
+    with pytest.raises(FeatureReferenceError) as raised:
         client.get_features(["count_1h"], [1])
+    assert isinstance(raised.value, ValueError)
+    assert str(raised.value) == "feature reference 'count_1h' must look like `view:feature`"
+    with pytest.raises(FeatureReferenceError) as raised:
+        client.get_features(["spend:count_1h", "by_country:count_1h"], [1])
+    assert str(raised.value) == "feature references name 2 views (by_country, spend); ask one view per call"
 
 
 def test_async_client_gives_the_same_result(store: SqliteOnlineStore) -> None:
@@ -136,6 +156,8 @@ def test_api_returns_values_statuses_and_metrics(store: SqliteOnlineStore) -> No
     assert 'tenx_api_entities_total{status="missing",view="spend"} 1.0' in metrics
     assert api.get("/health/live").json() == {"status": "ok"}
     assert api.get("/health/ready").json() == {"status": "ok", "plan": PLAN.version}
+    assert api.get("/health").json() == {"status": "ok", "plan": PLAN.version}
+    assert "/health" in api.get("/openapi.json").json()["paths"]
     assert api.get("/openapi.json").json()["paths"]["/features"]["post"]["summary"]
 
 
@@ -157,6 +179,109 @@ def test_api_explains_bad_requests(store: SqliteOnlineStore, body: Any, status: 
     assert response.json()["error"].startswith(message)
 
 
+INT64 = "[-9223372036854775808, 9223372036854775807]"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (
+            {"view": "spend", "entities": [1, "abc"]},
+            400,
+            "entity 'abc' (entities[1]) is not an int64 `user_id`: view `spend` takes integers or strings of digits",
+        ),
+        (
+            {"view": "spend", "entities": ["1.5"]},
+            400,
+            "entity '1.5' (entities[0]) is not an int64 `user_id`: view `spend` takes integers or strings of digits",
+        ),
+        (
+            {"view": "spend", "entities": ["99999999999999999999999"]},
+            400,
+            f"entity '99999999999999999999999' (entities[0]) is out of the int64 range {INT64} of `user_id`",
+        ),
+        (
+            b'{"view": "spend", "entities": [99999999999999999999999]}',
+            400,
+            f"entity 99999999999999999999999 (entities[0]) is out of the int64 range {INT64}; "
+            "send string keys as JSON strings",
+        ),
+        (
+            b'{"view": "by_country", "entities": [1, 9223372036854775808]}',
+            400,
+            f"entity 9223372036854775808 (entities[1]) is out of the int64 range {INT64}; "
+            "send string keys as JSON strings",
+        ),
+        (
+            b'{"view": "spend", "entities": [-9223372036854775809]}',
+            400,
+            f"entity -9223372036854775809 (entities[0]) is out of the int64 range {INT64}; "
+            "send string keys as JSON strings",
+        ),
+        (
+            b'{"view": "spend", "entities": [1e23]}',
+            400,
+            "`entities` must hold integers or strings; entities[0] is 1e+23",
+        ),
+        (
+            {"view": "spend", "entities": [1, {"id": 2}]},
+            400,
+            '`entities` must hold integers or strings; entities[1] is {"id":2}',
+        ),
+        (
+            {"features": ["count_1h"], "entities": [1]},
+            400,
+            "feature reference 'count_1h' must look like `view:feature`",
+        ),
+        (
+            {"features": ["spend:count_1h", "by_country:count_1h"], "entities": [1]},
+            400,
+            "feature references name 2 views (by_country, spend); ask one view per call",
+        ),
+        (
+            {"view": "spend", "features": ["by_country:count_1h"], "entities": [1]},
+            400,
+            "feature reference `by_country:count_1h` names view `by_country`, not `spend`; ask one view per call",
+        ),
+        (
+            {"view": "spend", "entities": [1], "features": []},
+            400,
+            "`features` is empty: omit it for every feature of the view",
+        ),
+        (
+            {"view": "spend", "entities": [1], "features": ["nope"]},
+            404,
+            "unknown feature `nope` in view `spend` (known: count_1h, sum_amount_1h, mean_amount_1h, last_currency_1h)",
+        ),
+        (
+            {"features": ["spend:count_1d"], "entities": [1]},
+            404,
+            "unknown feature `count_1d` in view `spend`; did you mean `count_1h`? "
+            "(known: count_1h, sum_amount_1h, mean_amount_1h, last_currency_1h)",
+        ),
+    ],
+)
+def test_api_error_messages(store: SqliteOnlineStore, body: Any, status: int, message: str) -> None:
+    response = post(TestClient(create_app(store, PLAN)), body)
+    assert (response.status_code, response.json()) == (status, {"error": message})
+
+
+def test_api_reads_strings_of_digits_as_int64_keys_and_echoes_them(store: SqliteOnlineStore) -> None:
+    response = post(TestClient(create_app(store, PLAN)), {"view": "spend", "entities": ["1", "001", 1, "-5"]})
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["entity"] for r in results] == ["1", "001", 1, "-5"]
+    assert [r["values"] for r in results] == [[3, 30.0, 10.0, "EUR"]] * 3 + [None]
+
+
+def test_api_takes_integers_for_string_keys(store: SqliteOnlineStore) -> None:
+    response = post(TestClient(create_app(store, PLAN)), {"view": "by_country", "entities": ["DE", 1, "1", "FR"]})
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["entity"] for r in results] == ["DE", 1, "1", "FR"]
+    assert [r["values"] for r in results] == [[7], [2], [2], None]
+
+
 def test_api_limits_and_auth(store: SqliteOnlineStore) -> None:
     api = TestClient(create_app(store, PLAN, ApiSettings(token="s3cret", max_body_bytes=200, max_entities=5)))
     assert post(api, {"view": "spend", "entities": [1]}).status_code == 401
@@ -172,4 +297,5 @@ def test_api_limits_and_auth(store: SqliteOnlineStore) -> None:
 def test_api_is_not_ready_without_a_plan(store: SqliteOnlineStore) -> None:
     api = TestClient(create_app(store, None))
     assert api.get("/health/ready").status_code == 503
+    assert api.get("/health").json() == {"status": "unavailable", "problems": ["no plan loaded"]}
     assert post(api, {"view": "spend", "entities": [1]}).status_code == 503

@@ -56,3 +56,23 @@ def test_quickstart_runs_the_whole_loop(tmp_path: Path) -> None:
     verified = subprocess.run([TENX, "verify"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "user_spend: ok" in verified.stdout
+
+
+def test_quickstart_runs_again_in_its_folder_and_refuses_other_repos(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENX_")}
+    env["COLUMNS"] = "200"
+
+    def quickstart(folder: str) -> subprocess.CompletedProcess[str]:
+        command = [TENX, "quickstart", folder, "--events", "5000", "--users", "50", "--days", "8"]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+
+    assert quickstart("qs").returncode == 0
+    again = quickstart("qs")  # a second run starts clean: its events would overlap the first's
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "again: cleared" in again.stdout
+    assert "0 mismatches" in again.stdout
+    subprocess.run([TENX, "init", "mine"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    refused = quickstart("mine")
+    assert refused.returncode == 2
+    assert "is not empty and was not made by `tenx quickstart`" in refused.stderr
+    assert not (tmp_path / "mine" / "data").exists()
