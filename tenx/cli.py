@@ -699,7 +699,8 @@ def serve(host: str, port: int, workers: int, token: str | None, config_file: Pa
     "from_file",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="Replay a JSON-lines file instead of Kafka (then ends at the end of the file).",
+    help="Replay a JSON-lines file (one event object per line) instead of Kafka; ends at the end of the "
+    "file. Dead letters and late events then go to data/stream/dead_letters.*.jsonl and late.*.jsonl.",
 )
 @click.option("--bounded", is_flag=True, help="Stop at the end of the Kafka topic instead of tailing it.")
 @click.option(
@@ -722,7 +723,13 @@ def serve(host: str, port: int, workers: int, token: str | None, config_file: Pa
     default=None,
     help="Bytewax recovery store: a restarted job resumes from its last snapshot.",
 )
-@click.option("--process-id", "-i", type=int, default=None, help="This process's index in a Bytewax cluster.")
+@click.option(
+    "--process-id",
+    "-i",
+    type=int,
+    default=None,
+    help="This process's index in a Bytewax cluster (omit it for one process).",
+)
 @click.option("--addresses", "-a", default=None, help="Cluster processes, host:port;host:port (Bytewax -a).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve Prometheus metrics here.")
 @click.option("--drain", is_flag=True, help="At the end of a bounded input, emit every pending window expiry.")
@@ -751,8 +758,10 @@ def stream(
     config_file: Path | None,
 ) -> None:
     """Run the Bytewax stream job: events from Kafka (TENX_KAFKA_BOOTSTRAP) or a file,
-    validated (bad records to the dead-letter output), aggregated in event time and
-    written to the online store as they change. Late events go to the late output.
+    validated, aggregated in event time and written to the online store as they change.
+    Invalid records go, with the reason, to the dead-letter topic `<topic>.dead-letters`;
+    events older than the watermark to `<topic>.late` (with --from-file: JSON-lines files
+    under data/stream/).
 
     A cold start (no recovery snapshot) rebuilds the state from the topic: from the first
     message at or after now minus the longest window plus the allowed lateness of the
@@ -783,8 +792,8 @@ def stream(
         )
     if from_file is None and not settings.kafka_bootstrap:
         raise ConfigError("no Kafka configured: set TENX_KAFKA_BOOTSTRAP (or kafka.bootstrap), or pass --from-file")
-    if from_file is not None and not from_file.exists():
-        raise ConfigError(f"--from-file {from_file}: no such file")
+    if from_file is not None:
+        _check_json_lines(from_file)
     outputs_dir = settings.repo_dir / "data" / "stream"
     if from_file is not None:
         from bytewax import operators as op
@@ -834,6 +843,9 @@ def stream(
         f"{from_file or settings.kafka_bootstrap} into {_store_name(settings)}, {workers} worker(s)",
         highlight=False,
     )
+    if from_file is None:
+        console.print(f"dead letters -> Kafka topic {topic}.dead-letters, late events -> {topic}.late", highlight=False)
+    before = {kind: _lines(outputs_dir, kind) for kind in ("dead_letters", "late")}
     cli_main(
         flow,
         workers_per_process=workers,
@@ -842,6 +854,37 @@ def stream(
         recovery_config=recovery,
         epoch_interval=timedelta(seconds=snapshot_interval),
     )
+    if from_file is not None:  # a file ends: say what did not reach the online store
+        dead, late_count = (_lines(outputs_dir, kind) - before[kind] for kind in ("dead_letters", "late"))
+        console.print(
+            f"done: {dead:,} dead letters ({outputs_dir}/dead_letters.*.jsonl), {late_count:,} late events "
+            f"({outputs_dir}/late.*.jsonl)",
+            highlight=False,
+        )
+
+
+def _check_json_lines(path: Path) -> None:
+    """--from-file replays JSON lines (one event object per line), as Kafka would carry
+    them: a Parquet or CSV file would become one dead letter per line."""
+    if not path.exists():
+        raise ConfigError(f"--from-file {path}: no such file")
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    first = next((line.strip() for line in head.splitlines() if line.strip()), b"")
+    if head.startswith(b"PAR1") or path.suffix.lower() in (".parquet", ".csv", ".tsv") or not first.startswith(b"{"):
+        raise ConfigError(
+            f"--from-file {path}: expected JSON lines (one event object per line, like the Kafka messages); "
+            "load Parquet or CSV files with `tenx ingest`, or write JSON lines with "
+            "`tenx demo-data events.jsonl`"
+        )
+
+
+def _lines(folder: Path, kind: str) -> int:
+    total = 0
+    for path in folder.glob(f"{kind}.*.jsonl"):
+        with path.open("rb") as handle:
+            total += sum(1 for _ in handle)
+    return total
 
 
 # -- verify and quickstart -------------------------------------------------------------------

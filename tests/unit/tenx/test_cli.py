@@ -211,3 +211,20 @@ def test_offline_loop_demo_data_ingest_backfill(tmp_path: Path) -> None:
     assert gpu.returncode == 2
     assert "the cudf backend needs an NVIDIA GPU with RAPIDS" in gpu.stderr
     assert "Traceback" not in naive.stderr + unknown.stderr + gpu.stderr
+
+
+def test_stream_from_file_takes_json_lines_and_says_what_it_dropped(tmp_path: Path) -> None:
+    tenx("init", "demo", cwd=tmp_path)
+    repo = tmp_path / "demo"
+    assert tenx("apply", cwd=repo).returncode == 0
+    env = {"TENX_REDIS_URL": ""}  # the embedded store
+    made = tenx("demo-data", "tx.jsonl", "--events", "500", "--users", "5", "--days", "1", "--malformed", "3", cwd=repo)
+    assert made.returncode == 0, made.stderr
+    assert tenx("demo-data", "tx.parquet", "--events", "50", "--users", "5", "--days", "1", cwd=repo).returncode == 0
+    refused = tenx("stream", "--from-file", "tx.parquet", cwd=repo, env=env)
+    assert refused.returncode == 2
+    assert "expected JSON lines" in refused.stderr
+    assert "`tenx ingest`" in refused.stderr
+    replayed = tenx("stream", "--from-file", "tx.jsonl", cwd=repo, env=env)
+    assert replayed.returncode == 0, replayed.stderr
+    assert "done: 3 dead letters" in replayed.stdout
