@@ -7,6 +7,7 @@ Library code never reads the environment; `load_settings` is called by entry poi
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +30,35 @@ ENVIRONMENT = {
     "TENX_API_TOKEN": "tenx serve: bearer token required by the feature API",
 }
 
+# A project name prefixes every online key (tenx:<project>:...); `tenx init` checks the same rule.
+PROJECT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_PROJECT_RULE = "must start with a letter and hold only letters, digits, '_' or '-'"
+# URL schemes redis-py accepts.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A leaf of tenx.yaml: the Python type it must have and how to describe it."""
+
+    kind: type
+    expected: str
+    path: bool = False  # a path: an unquoted number (a folder named 2024) only needs quotes
+
+
+_FOLDER = _Value(str, "a string (a folder path)", path=True)
+
+# Every key of tenx.yaml; null means "use the default" everywhere.
 _KEYS: dict[str, Any] = {
-    "project": None,
-    "features": {"modules": None, "path": None},
-    "registry": None,
-    "offline_store": {"path": None},
-    "online_store": {"path": None, "redis_url": None},
-    "kafka": {"bootstrap": None},
+    "project": _Value(str, "a string"),
+    "features": {"modules": _Value(list, "a list of module names"), "path": _FOLDER},
+    "registry": _FOLDER,
+    "offline_store": {"path": _FOLDER},
+    "online_store": {
+        "path": _Value(str, "a string (a file path)", path=True),
+        "redis_url": _Value(str, "a string like redis://host:6379"),
+    },
+    "kafka": {"bootstrap": _Value(str, "a string like host:port[,host:port]")},
 }
 
 
@@ -61,12 +84,14 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     cwd: Path | None = None,
 ) -> Settings:
-    """Read tenx.yaml (from `config_file`, $TENX_CONFIG or ./tenx.yaml) and apply the
-    environment overrides listed in ENVIRONMENT."""
+    """Read tenx.yaml (from `config_file`, $TENX_CONFIG or ./tenx.yaml; a folder means the
+    tenx.yaml inside it) and apply the environment overrides listed in ENVIRONMENT."""
     env = os.environ if environ is None else environ
     here = (cwd or Path.cwd()).resolve()
     path = config_file or (Path(env["TENX_CONFIG"]) if env.get("TENX_CONFIG") else here / CONFIG_FILE)
     path = path if path.is_absolute() else here / path
+    if path.is_dir():
+        path = path / CONFIG_FILE
     if not path.exists():
         raise ConfigError(
             f"no {CONFIG_FILE} at {path}; run `tenx init NAME` to create a feature repo, cd into one, or pass --config"
@@ -90,11 +115,20 @@ def load_settings(
 
     features = section("features")
     modules = features.get("modules")
-    if modules is not None and (not isinstance(modules, list) or not all(isinstance(m, str) for m in modules)):
+    if modules is not None and not all(isinstance(m, str) for m in modules):
         raise ConfigError(f"{path}: features.modules must be a list of module names, got {modules!r}")
     project = data.get("project")
     if not isinstance(project, str) or not project:
         raise ConfigError(f"{path}: `project` must be a non-empty string, got {project!r}")
+    if not PROJECT_NAME.match(project):
+        raise ConfigError(f"{path}: `project` {project!r} {_PROJECT_RULE} (it prefixes every online key)")
+    redis_url = env.get("TENX_REDIS_URL") or None
+    if redis_url is not None:
+        check_redis_url(redis_url, "TENX_REDIS_URL")
+    else:
+        redis_url = section("online_store").get("redis_url")
+        if redis_url is not None:
+            check_redis_url(redis_url, f"{path}: `online_store.redis_url`")
     return Settings(
         project=project,
         repo_dir=repo_dir,
@@ -103,10 +137,27 @@ def load_settings(
         registry_dir=resolve(env.get("TENX_REGISTRY") or data.get("registry"), ".tenx/registry"),
         offline_dir=resolve(env.get("TENX_OFFLINE_PATH") or section("offline_store").get("path"), "data/offline"),
         online_path=resolve(env.get("TENX_ONLINE_PATH") or section("online_store").get("path"), "data/online.sqlite"),
-        redis_url=env.get("TENX_REDIS_URL") or section("online_store").get("redis_url"),
+        redis_url=redis_url,
         kafka_bootstrap=env.get("TENX_KAFKA_BOOTSTRAP") or section("kafka").get("bootstrap"),
         config_file=path,
     )
+
+
+def check_project_name(name: str) -> None:
+    """Raise ConfigError unless `name` can name a project (what `tenx init` accepts)."""
+    if not PROJECT_NAME.match(name):
+        raise ConfigError(f"project name {name!r} {_PROJECT_RULE}")
+
+
+def check_redis_url(url: str, what: str) -> None:
+    """Raise ConfigError unless `url` is one redis-py can open; `what` names where it came from.
+
+    >>> check_redis_url("redis://localhost:6379/0", "TENX_REDIS_URL")
+    """
+    if url.startswith(REDIS_SCHEMES):
+        return
+    hint = f"; did you mean 'redis://{url}'?" if "://" not in url and not url.isdigit() else ""
+    raise ConfigError(f"{what} must look like redis://host:port (or rediss://, unix://); got {url!r}{hint}")
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Mapping[str, Any], path: Path, prefix: str) -> None:
@@ -114,8 +165,15 @@ def _check_keys(data: Mapping[str, Any], allowed: Mapping[str, Any], path: Path,
         if key not in allowed:
             known = ", ".join(prefix + k for k in allowed)
             raise ConfigError(f"{path}: unknown key `{prefix}{key}`; known keys: {known}")
-        nested = allowed[key]
-        if isinstance(nested, dict) and value is not None:
+        if value is None:
+            continue
+        expected = allowed[key]
+        if isinstance(expected, dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: `{prefix}{key}` must be a mapping, got {value!r}")
-            _check_keys(value, nested, path, f"{prefix}{key}.")
+            _check_keys(value, expected, path, f"{prefix}{key}.")
+        elif not isinstance(value, expected.kind):
+            quote = "; put it in quotes" if expected.path and not isinstance(value, dict | list) else ""
+            raise ConfigError(
+                f"{path}: `{prefix}{key}` must be {expected.expected}, got {value!r} ({type(value).__name__}){quote}"
+            )

@@ -46,6 +46,7 @@ class FileRegistry:
     def __init__(self, root: Path, *, clock: type[datetime] = datetime) -> None:
         self.root = Path(root)
         self._clock = clock
+        _check_folder(self.root)
 
     def __repr__(self) -> str:
         return f"FileRegistry({str(self.root)!r})"
@@ -103,6 +104,20 @@ class FileRegistry:
             handle.write(json.dumps(asdict(record)) + "\n")
         _atomic_write(self.root / "current", version + "\n")
         return record
+
+
+def _check_folder(root: Path) -> None:
+    """The registry folder may not exist yet, but neither it nor a folder above it may be a file:
+    reads would find nothing ("nothing applied yet") and the first apply would fail."""
+    for path in (root, *root.parents):
+        if path.exists():
+            if path.is_dir():
+                return
+            what = "is a file" if path == root else f"is inside {path}, which is a file"
+            raise RegistryError(
+                f"registry path {root} {what}; it must be a folder: point `registry:` in tenx.yaml "
+                "(or TENX_REGISTRY) at a folder, or move the file away"
+            )
 
 
 def _user() -> str:

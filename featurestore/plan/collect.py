@@ -6,6 +6,7 @@ afterwards, so compiling two repos in one process never mixes their modules.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import sys
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from featurestore.definitions import Entity, FeatureView, Source
+from featurestore.definitions import Entity, FeatureView, Source, feature_view
 from featurestore.errors import CompileProblem
 
 _SKIP_DIRS = {"__pycache__", "tests", "test", "data", "node_modules", "venv", "build", "dist"}
@@ -78,6 +79,7 @@ def collect(repo_dir: Path, module_names: Sequence[str]) -> Collected:
         module = _import(module_name, repo_dir, found.problems)
         if module is None:
             continue
+        found.problems.extend(_redefined_views(module))
         for value in vars(module).values():
             if id(value) in seen:
                 continue
@@ -114,17 +116,95 @@ def _import(module_name: str, repo_dir: Path, problems: list[CompileProblem]) ->
 
 
 def _import_problem(module_name: str, error: BaseException, repo_dir: Path) -> CompileProblem:
+    """Where the import failed, in the user's code: a syntax error's own file and line, else
+    the innermost traceback frame in the repo (never importlib's `<frozen ...>` frames)."""
+    if isinstance(error, SyntaxError) and error.filename and error.lineno:
+        # str(error) repeats the file and line, already in the location.
+        location = f"{os.path.basename(error.filename)}:{error.lineno}"
+        return CompileProblem(
+            location, f"module `{module_name}`", f"import failed: {type(error).__name__}: {error.msg}"
+        )
     root = str(repo_dir.resolve())
     location = ""
-    frames = traceback.extract_tb(error.__traceback__)
-    if isinstance(error, SyntaxError) and error.filename:
-        location = f"{os.path.basename(error.filename)}:{error.lineno}"
-    for frame in reversed(frames):
-        if os.path.abspath(frame.filename).startswith(root + os.sep):
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if _in_repo(frame.filename, root):
             location = f"{os.path.basename(frame.filename)}:{frame.lineno}"
             break
+    return CompileProblem(location, f"module `{module_name}`", f"import failed: {type(error).__name__}: {error}")
+
+
+def _in_repo(filename: str, root: str) -> bool:
+    # `<frozen importlib._bootstrap>` is no file: abspath would put it under the cwd, often the repo.
+    if filename.startswith("<"):
+        return False
+    path = os.path.abspath(filename)
+    return path.startswith(root + os.sep) and "site-packages" not in Path(path).parts
+
+
+def _redefined_views(module: ModuleType) -> list[CompileProblem]:
+    """Views lost because a later `@feature_view def` at the top of the module took the same
+    function name: definitions are collected from module attributes, so only the last one
+    would reach the plan, silently."""
+    filename = getattr(module, "__file__", None) or ""
+    try:
+        tree = ast.parse(Path(filename).read_bytes(), filename)  # bytes: the file's own encoding
+    except (OSError, SyntaxError, ValueError):
+        return []  # compiled or generated modules: nothing to read
+    defined: dict[str, list[ast.FunctionDef | ast.AsyncFunctionDef]] = {}
+    for statement in tree.body:
+        if isinstance(statement, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+            _is_feature_view(decorator, module) for decorator in statement.decorator_list
+        ):
+            defined.setdefault(statement.name, []).append(statement)
+    problems: list[CompileProblem] = []
+    for function_name, statements in defined.items():
+        final = getattr(module, function_name, None)
+        if len(statements) < 2 or not isinstance(final, FeatureView):
+            continue
+        last = _line_of(statements[-1], filename)
+        for statement in statements[:-1]:
+            lost = _view_name(statement)
+            if lost == final.name:
+                problems.append(duplicate_view(final.name, _line_of(statement, filename), last))
+            else:
+                problems.append(
+                    CompileProblem(
+                        _line_of(statement, filename),
+                        f"feature view `{lost}`",
+                        f"lost: `def {function_name}` at {last} (feature view `{final.name}`) replaces it; "
+                        "give the two functions different names",
+                    )
+                )
+    return problems
+
+
+def duplicate_view(name: str, first: object, second: object) -> CompileProblem:
+    """Two feature views named alike, in one module or two; `first` and `second` are locations."""
     return CompileProblem(
-        location,
-        f"module `{module_name}`",
-        f"import failed: {type(error).__name__}: {error}",
+        f"{first} and {second}",
+        f"duplicate feature view `{name}`",
+        "a feature view name must be unique in the repo; rename one of them (its function, or name=...)",
     )
+
+
+def _is_feature_view(decorator: ast.expr, module: ModuleType) -> bool:
+    """`@feature_view(...)`, `@featurestore.feature_view(...)` or an alias of it."""
+    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+    if isinstance(target, ast.Attribute):
+        return target.attr == "feature_view"
+    return isinstance(target, ast.Name) and getattr(module, target.id, None) is feature_view
+
+
+def _view_name(statement: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    """The view's name= when it is a literal, else the function's name (the decorator's rule)."""
+    for decorator in statement.decorator_list:
+        if isinstance(decorator, ast.Call):
+            for keyword in decorator.keywords:
+                if keyword.arg == "name" and isinstance(keyword.value, ast.Constant):
+                    return str(keyword.value.value)
+    return statement.name
+
+
+def _line_of(statement: ast.FunctionDef | ast.AsyncFunctionDef, filename: str) -> str:
+    """`features.py:17`: the first decorator's line, as FeatureView.location prints it."""
+    return f"{os.path.basename(filename)}:{statement.decorator_list[0].lineno}"

@@ -15,7 +15,7 @@ from featurestore.definitions import Aggregation, Entity, FeatureView, Source, W
 from featurestore.durations import format_duration, parse_duration
 from featurestore.errors import CompileError, CompileProblem
 from featurestore.plan.code import CaptureError, capture
-from featurestore.plan.collect import collect, modules_under, repo_on_path
+from featurestore.plan.collect import collect, duplicate_view, modules_under, repo_on_path
 from featurestore.plan.model import CodeSpec, EntitySpec, FeatureSpec, Plan, SourceSpec, ViewSpec, WindowSpec
 from featurestore.windows import default_granularity
 from schemas.dtypes import dtype_name, is_numeric, parse_dtype
@@ -75,7 +75,8 @@ def compile_definitions(
 
 
 def _problem_order(problem: CompileProblem) -> tuple[str, int]:
-    file, _, line = problem.location.rpartition(":")
+    # A duplicate is located "a.py:3 and b.py:9": it sorts by its first location.
+    file, _, line = problem.location.split(" and ")[0].rpartition(":")
     return (file, int(line) if line.isdigit() else 0)
 
 
@@ -384,11 +385,7 @@ class _Compiler:
             if not isinstance(view, FeatureView):
                 continue
             if view.name in first:
-                self.report(
-                    view.location,
-                    f"feature view `{view.name}`",
-                    f"name already used by the feature view at {first[view.name].location}",
-                )
+                self.problems.append(duplicate_view(view.name, first[view.name].location, view.location))
             else:
                 first[view.name] = view
 

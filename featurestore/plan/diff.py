@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from featurestore.plan.model import Plan, ViewSpec
+from featurestore.plan.model import EntitySpec, Plan, SourceSpec, ViewSpec
 
 
 class ChangeKind(Enum):
@@ -27,15 +28,26 @@ class Change:
 
 
 def diff_plans(old: Plan | None, new: Plan) -> list[Change]:
-    """Changes from `old` (None: nothing applied yet) to `new`, views sorted by name.
+    """Changes from `old` (None: nothing applied yet) to `new`: the project first, then
+    views, entities and sources, each sorted by name (entities and sources only against
+    an applied plan: from nothing, the views added say it all).
 
     Breaking: anything that makes an online feature disappear or take new values, i.e.
-    a removed online view or feature, or a changed view version (new online keys: the
-    view must be backfilled and materialized before clients see values again).
+    a removed online view or feature, a changed view version or a renamed project (new
+    online keys: values must be backfilled and materialized before clients see them again).
     """
     old_views = {v.name: v for v in old.views} if old else {}
     new_views = {v.name: v for v in new.views}
     changes: list[Change] = []
+    if old is not None and old.project != new.project:
+        changes.append(
+            Change(
+                ChangeKind.CHANGED,
+                "project",
+                f"{old.project} -> {new.project}: online keys change; re-run tenx materialize",
+                breaking=any(view.online for view in new.views),
+            )
+        )
     for name in sorted(old_views.keys() | new_views.keys()):
         subject = f"feature view `{name}`"
         before, after = old_views.get(name), new_views.get(name)
@@ -47,6 +59,28 @@ def diff_plans(old: Plan | None, new: Plan) -> list[Change]:
             changes.append(Change(ChangeKind.REMOVED, subject, "removed", breaking=before.online))
         elif before is not None and after is not None:
             changes.extend(_view_changes(subject, before, after))
+    if old is not None:
+        changes.extend(_named_changes("entity", old.entities, new.entities))
+        changes.extend(_named_changes("source", old.sources, new.sources))
+    return changes
+
+
+def _named_changes(
+    kind: str, before: Sequence[EntitySpec | SourceSpec], after: Sequence[EntitySpec | SourceSpec]
+) -> list[Change]:
+    """Entities or sources added, removed or edited. Never breaking on their own: a view
+    using one reports the change (and whether it breaks) as its own."""
+    old = {item.name: item for item in before}
+    new = {item.name: item for item in after}
+    changes: list[Change] = []
+    for name in sorted(old.keys() | new.keys()):
+        subject = f"{kind} `{name}`"
+        if name not in old:
+            changes.append(Change(ChangeKind.ADDED, subject, "added"))
+        elif name not in new:
+            changes.append(Change(ChangeKind.REMOVED, subject, "removed"))
+        elif old[name].to_dict() != new[name].to_dict():
+            changes.append(Change(ChangeKind.CHANGED, subject, "definition"))
     return changes
 
 
@@ -86,6 +120,8 @@ def _view_changes(subject: str, before: ViewSpec, after: ViewSpec) -> list[Chang
                 breaking=before.online,
             )
         )
+    if before.offline != after.offline:
+        changes.append(Change(ChangeKind.CHANGED, subject, f"offline {before.offline} -> {after.offline}"))
     if (before.description, before.owner, before.tags) != (after.description, after.owner, after.tags):
         changes.append(Change(ChangeKind.CHANGED, subject, "description/owner/tags"))
     if recomputed:

@@ -147,6 +147,142 @@ def test_import_errors_are_reported_with_their_line(tmp_path: Path) -> None:
     ]
 
 
+def test_a_syntax_error_points_at_the_users_file_and_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # From inside the repo, as `tenx plan` runs: importlib's `<frozen ...>` frames looked like repo files.
+    monkeypatch.chdir(tmp_path)
+    write_repo(tmp_path, {"features.py": "x = 1\ndef broken(tx)\n    return tx\n"})
+    with pytest.raises(CompileError) as raised:
+        compile_repo(tmp_path, project="p", modules=["features"])
+    assert [str(p) for p in raised.value.problems] == [
+        "module `features` (features.py:2): import failed: SyntaxError: expected ':'"
+    ]
+
+
+def test_an_import_error_points_at_the_innermost_line_in_the_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_repo(
+        tmp_path,
+        {
+            "helpers.py": "import json\n\nRATES = json.loads('{broken')\n",
+            "features.py": "import helpers\n",
+            "indented.py": "if True:\nx = 1\n",
+        },
+    )
+    with pytest.raises(CompileError) as raised:
+        compile_repo(tmp_path, project="p", modules=["features", "indented"])
+    assert [str(p) for p in raised.value.problems] == [
+        "module `features` (helpers.py:3): import failed: JSONDecodeError: Expecting property name enclosed in "
+        "double quotes: line 1 column 2 (char 1)",
+        "module `indented` (indented.py:2): import failed: IndentationError: expected an indented block after "
+        "'if' statement on line 1",
+    ]
+
+
+REDEFINED = """\
+from featurestore import Count, Entity, Source, feature_view
+from featurestore import feature_view as view
+from schemas import TRANSACTIONS
+
+user = Entity("user", key="user_id")
+tx = Source("tx", TRANSACTIONS)
+
+
+@feature_view(entity=user, source=tx, aggregations=[Count(windows=["1h"])])
+def user_spend(tx):
+    return tx[[]]
+
+
+@view(entity=user, source=tx, aggregations=[Count(windows=["1d"])])
+def user_spend(tx):
+    return tx[[]]
+
+
+@feature_view(entity=user, source=tx, aggregations=[Count(windows=["1h"])], name="first")
+def renamed(tx):
+    return tx[[]]
+
+
+@feature_view(entity=user, source=tx, aggregations=[Count(windows=["1h"])], name="second")
+def renamed(tx):
+    return tx[[]]
+"""
+
+
+def test_a_view_function_defined_twice_in_a_module_is_reported_not_dropped(tmp_path: Path) -> None:
+    write_repo(tmp_path, {"features.py": REDEFINED})
+    with pytest.raises(CompileError) as raised:
+        compile_repo(tmp_path, project="p", modules=["features"])
+    assert [str(p) for p in raised.value.problems] == [
+        "duplicate feature view `user_spend` (features.py:9 and features.py:14): a feature view name must be "
+        "unique in the repo; rename one of them (its function, or name=...)",
+        "feature view `first` (features.py:19): lost: `def renamed` at features.py:24 (feature view `second`) "
+        "replaces it; give the two functions different names",
+    ]
+
+
+def test_redefining_a_function_that_is_no_view_is_not_a_problem(tmp_path: Path) -> None:
+    write_repo(
+        tmp_path,
+        {
+            "features.py": """\
+            import functools
+
+            from featurestore import Count, Entity, Source, feature_view
+            from schemas import TRANSACTIONS
+
+            user = Entity("user", key="user_id")
+            tx = Source("tx", TRANSACTIONS)
+
+
+            @functools.cache
+            def rate():
+                return 1.0
+
+
+            @feature_view(entity=user, source=tx, aggregations=[Count(windows=["1h"])])
+            def rate(tx):
+                return tx[[]]
+            """
+        },
+    )
+    assert [v.name for v in compile_repo(tmp_path, project="p", modules=["features"]).views] == ["rate"]
+
+
+def test_one_view_name_in_two_modules_is_a_duplicate(tmp_path: Path) -> None:
+    write_repo(
+        tmp_path,
+        {
+            "features.py": """\
+            from featurestore import Count, Entity, Source, feature_view
+            from schemas import TRANSACTIONS
+
+            user = Entity("user", key="user_id")
+            tx = Source("tx", TRANSACTIONS)
+
+            @feature_view(entity=user, source=tx, aggregations=[Count(windows=["1h"])])
+            def user_spend(tx):
+                return tx[[]]
+            """,
+            "more.py": """\
+            from features import tx, user
+            from featurestore import Count, feature_view
+
+            @feature_view(entity=user, source=tx, aggregations=[Count(windows=["1d"])])
+            def user_spend(tx):
+                return tx[[]]
+            """,
+        },
+    )
+    with pytest.raises(CompileError) as raised:
+        compile_repo(tmp_path, project="p", modules=["features", "more"])
+    assert [str(p) for p in raised.value.problems] == [
+        "duplicate feature view `user_spend` (features.py:7 and more.py:4): a feature view name must be "
+        "unique in the repo; rename one of them (its function, or name=...)"
+    ]
+
+
 def test_path_mode_compiles_every_module_and_dedupes_shared_definitions(tmp_path: Path) -> None:
     (tmp_path / "views").mkdir()
     write_repo(
@@ -226,8 +362,10 @@ def test_duplicate_view_names_across_modules() -> None:
 
     with pytest.raises(CompileError) as raised:
         compile_definitions("p", views=[make(), make()])  # type: ignore[list-item]
-    assert [p.message for p in raised.value.problems] == [
-        f"name already used by the feature view at {Path(__file__).name}:{make.__code__.co_firstlineno + 1}"
+    line = f"{Path(__file__).name}:{make.__code__.co_firstlineno + 1}"
+    assert [str(p) for p in raised.value.problems] == [
+        f"duplicate feature view `twin` ({line} and {line}): a feature view name must be unique in the repo; "
+        "rename one of them (its function, or name=...)"
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -175,6 +176,21 @@ def test_registry_names_missing_versions(tmp_path: Path) -> None:
         registry.get("abc")
 
 
+def test_a_registry_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    # Before: `plan` said "nothing applied yet" and `apply` died with NotADirectoryError.
+    file = tmp_path / "registry"
+    file.write_text("")
+    with pytest.raises(RegistryError) as raised:
+        FileRegistry(file)
+    assert str(raised.value) == (
+        f"registry path {file} is a file; it must be a folder: point `registry:` in tenx.yaml "
+        "(or TENX_REGISTRY) at a folder, or move the file away"
+    )
+    with pytest.raises(RegistryError) as raised:
+        FileRegistry(file / "plans")
+    assert str(raised.value).startswith(f"registry path {file / 'plans'} is inside {file}, which is a file; ")
+
+
 # -- diff ----------------------------------------------------------------------------------
 
 
@@ -201,3 +217,38 @@ def test_diff_from_nothing_adds_every_view(repo: Path) -> None:
     changes = diff_plans(None, plan)
     assert [c.kind for c in changes] == [ChangeKind.ADDED, ChangeKind.ADDED]
     assert not any(c.breaking for c in changes)
+
+
+def test_a_renamed_project_is_a_breaking_change(repo: Path) -> None:
+    # Online keys are tenx:<project>:...: after the rename, serving finds nothing until materialize.
+    before = compile_template(repo)
+    after = compile_repo(repo, project="demo2", modules=["features"])
+    assert [str(c) for c in diff_plans(before, after)] == [
+        "~ project: demo -> demo2: online keys change; re-run tenx materialize  BREAKING"
+    ]
+    offline_only = dataclasses.replace(
+        after, views=tuple(dataclasses.replace(view, online=False) for view in after.views)
+    )
+    project_change = diff_plans(dataclasses.replace(offline_only, project="demo"), offline_only)
+    assert [(c.subject, c.breaking) for c in project_change] == [("project", False)]
+
+
+def test_entities_and_sources_no_view_uses_still_show_in_the_diff(repo: Path) -> None:
+    before = compile_template(repo)
+    _edit(repo, "transactions = Source(", 'store = Entity("store", key="merchant_id")\ntransactions = Source(')
+    after = compile_template(repo)
+    assert after.version != before.version
+    assert [str(c) for c in diff_plans(before, after)] == ["+ entity `store`: added"]
+    assert [str(c) for c in diff_plans(after, before)] == ["- entity `store`: removed"]
+    described = dataclasses.replace(
+        before, sources=tuple(dataclasses.replace(s, description="Card payments.") for s in before.sources)
+    )
+    assert [str(c) for c in diff_plans(before, described)] == ["~ source `transactions`: definition"]
+
+
+def test_turning_offline_storage_off_shows_in_the_diff(repo: Path) -> None:
+    before = compile_template(repo)
+    _edit(repo, 'ttl="1d",', 'ttl="1d",\n    offline=False,')
+    after = compile_template(repo)
+    assert after.version != before.version
+    assert [str(c) for c in diff_plans(before, after)] == ["~ feature view `merchant_sales`: offline True -> False"]

@@ -1,0 +1,117 @@
+"""Settings: tenx.yaml and environment overrides, every mistake named with its key and a fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from featurestore.config import check_project_name, load_settings
+from featurestore.errors import ConfigError
+
+
+def write_config(folder: Path, text: str) -> Path:
+    path = folder / "tenx.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_minimal_config_gets_the_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write_config(tmp_path, "project: demo\n"), environ={})
+    assert settings.project == "demo"
+    assert settings.registry_dir == tmp_path.resolve() / ".tenx" / "registry"
+    assert settings.redis_url is None
+
+
+def test_a_folder_means_the_tenx_yaml_inside_it(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "project: demo\n")
+    assert load_settings(tmp_path, environ={}).config_file == config
+    assert load_settings(environ={"TENX_CONFIG": str(tmp_path)}).config_file == config
+
+
+def test_a_folder_without_tenx_yaml_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(tmp_path, environ={})
+    assert str(raised.value) == (
+        f"no tenx.yaml at {tmp_path / 'tenx.yaml'}; run `tenx init NAME` to create a feature repo, cd into one, "
+        "or pass --config"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "online_store: {redis_url: 6379}",
+            "`online_store.redis_url` must be a string like redis://host:6379, got 6379 (int)",
+        ),
+        (
+            "online_store: {path: 42}",
+            "`online_store.path` must be a string (a file path), got 42 (int); put it in quotes",
+        ),
+        ("registry: [a, b]", "`registry` must be a string (a folder path), got ['a', 'b'] (list)"),
+        (
+            "features: {path: true}",
+            "`features.path` must be a string (a folder path), got True (bool); put it in quotes",
+        ),
+        ("features: {modules: features}", "`features.modules` must be a list of module names, got 'features' (str)"),
+        ("kafka: {bootstrap: 9092}", "`kafka.bootstrap` must be a string like host:port[,host:port], got 9092 (int)"),
+        ("project: 7", "`project` must be a string, got 7 (int)"),
+        ("offline_store: data", "`offline_store` must be a mapping, got 'data'"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_its_key_and_the_expected_type(tmp_path: Path, text: str, message: str) -> None:
+    config = write_config(tmp_path, "project: demo\n" * ("project" not in text) + text + "\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={})
+    assert str(raised.value) == f"{config}: {message}"
+
+
+@pytest.mark.parametrize("name", ["my project", "2024", "demo.v2", "_x", "démo"])
+def test_the_project_name_follows_the_init_rule(tmp_path: Path, name: str) -> None:
+    config = write_config(tmp_path, f"project: '{name}'\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={})
+    assert str(raised.value) == (
+        f"{config}: `project` {name!r} must start with a letter and hold only letters, digits, '_' or '-' "
+        "(it prefixes every online key)"
+    )
+    with pytest.raises(ConfigError, match="must start with a letter"):
+        check_project_name(name)
+
+
+@pytest.mark.parametrize("name", ["demo", "Demo-2", "fraud_v2"])
+def test_project_names_that_init_accepts_load(tmp_path: Path, name: str) -> None:
+    assert load_settings(write_config(tmp_path, f"project: {name}\n"), environ={}).project == name
+    check_project_name(name)
+
+
+@pytest.mark.parametrize(
+    ("url", "hint"),
+    [
+        ("localhost:6379", "; did you mean 'redis://localhost:6379'?"),
+        ("http://localhost:6379", ""),
+        ("6379", ""),
+    ],
+)
+def test_a_redis_url_without_a_redis_scheme_is_refused_at_load(tmp_path: Path, url: str, hint: str) -> None:
+    config = write_config(tmp_path, "project: demo\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={"TENX_REDIS_URL": url})
+    assert str(raised.value) == (
+        f"TENX_REDIS_URL must look like redis://host:port (or rediss://, unix://); got {url!r}{hint}"
+    )
+    write_config(tmp_path, f"project: demo\nonline_store:\n  redis_url: '{url}'\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={})
+    assert str(raised.value) == (
+        f"{config}: `online_store.redis_url` must look like redis://host:port (or rediss://, unix://); "
+        f"got {url!r}{hint}"
+    )
+
+
+@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://user:secret@cache:6380", "unix:///tmp/r.sock"])
+def test_redis_urls_redis_py_opens_are_kept(tmp_path: Path, url: str) -> None:
+    config = write_config(tmp_path, "project: demo\nonline_store:\n  redis_url: redis://from-yaml:6379\n")
+    assert load_settings(config, environ={"TENX_REDIS_URL": url}).redis_url == url
+    assert load_settings(config, environ={}).redis_url == "redis://from-yaml:6379"
