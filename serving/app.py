@@ -16,5 +16,6 @@ def app_from_environment() -> Starlette:
     """The app for `tenx serve` (uvicorn factory): tenx.yaml from $TENX_CONFIG."""
     settings = load_settings()
     plan = FileRegistry(settings.registry_dir).current()
-    store = open_online_store(redis_url=settings.redis_url, sqlite_path=settings.online_path, project=settings.project)
+    project = plan.project if plan is not None else settings.project  # the applied plan's keys
+    store = open_online_store(redis_url=settings.redis_url, sqlite_path=settings.online_path, project=project)
     return create_app(store, plan, ApiSettings(token=os.environ.get("TENX_API_TOKEN") or None))

@@ -83,9 +83,9 @@ def main() -> None:
 config_option = click.option(
     "--config",
     "config_file",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=click.Path(path_type=Path),
     default=None,
-    help="Path of tenx.yaml (default: $TENX_CONFIG, else ./tenx.yaml).",
+    help="Path of tenx.yaml, or of the folder holding it (default: $TENX_CONFIG, else ./tenx.yaml).",
 )
 
 
@@ -151,8 +151,14 @@ def _print_diff(plan: Plan, applied: Plan | None) -> bool:
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the compiled plan as JSON instead of a summary.")
+@click.option(
+    "--features",
+    "list_features",
+    is_flag=True,
+    help="Also list every feature as view:name (what export --features and the API take), with its definition.",
+)
 @_friendly
-def plan(config_file: Path | None, as_json: bool) -> None:
+def plan(config_file: Path | None, as_json: bool, list_features: bool) -> None:
     """Compile the feature repo, print the plan and its diff against the applied one.
 
     Exits 2 and lists every problem when the definitions are wrong. Changes marked
@@ -164,8 +170,33 @@ def plan(config_file: Path | None, as_json: bool) -> None:
         click.echo(compiled.to_json(), nl=False)
         return
     console.print(_plan_table(compiled))
+    if not compiled.views:
+        errors.print(f"warning: {_no_views(settings)}", highlight=False)
+    if list_features:
+        console.print(_features_table(compiled))
     applied = FileRegistry(settings.registry_dir).current()
     _print_diff(compiled, applied)
+
+
+def _no_views(settings: Settings) -> str:
+    where = f"modules {', '.join(settings.modules)}" if settings.modules else f"folder {settings.features_path}"
+    return f"the feature repo defines no feature view ({where}, from {settings.config_file}): check `features:` there"
+
+
+def _features_table(plan: Plan) -> Table:
+    table = Table(title="features", title_justify="left")
+    for column in ("feature", "aggregation", "window", "every", "type"):
+        table.add_column(column)
+    for view in plan.views:
+        for feature in view.features:
+            table.add_row(
+                f"{view.name}:{feature.name}",
+                f"{feature.kind}({feature.column or ''})",
+                feature.window.label,
+                format_duration(feature.window.every),
+                feature.dtype,
+            )
+    return table
 
 
 @main.command()
@@ -175,6 +206,8 @@ def apply(config_file: Path | None) -> None:
     """Compile the feature repo and record the plan in the registry as the applied one."""
     settings = _settings(config_file)
     compiled = _compile(settings)
+    if not compiled.views:
+        raise ConfigError(_no_views(settings) + "; nothing applied")
     registry = FileRegistry(settings.registry_dir)
     applied = registry.current()
     _print_diff(compiled, applied)
@@ -196,9 +229,9 @@ def apply(config_file: Path | None) -> None:
 @click.option(
     "--start",
     type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
-    default="2026-01-01",
-    show_default=True,
-    help="First day (UTC).",
+    default=None,
+    help="First day (UTC), e.g. 2026-01-01 [default: --days before today, so the data ends at today's "
+    "midnight and served values are fresh].",
 )
 @click.option("--seed", default=42, show_default=True, help="Random seed: same seed, same data.")
 @click.option(
@@ -229,7 +262,7 @@ def demo_data(
     users: int,
     merchants: int,
     days: int,
-    start: datetime,
+    start: datetime | None,
     seed: int,
     out_of_order: float,
     malformed: int,
@@ -240,12 +273,23 @@ def demo_data(
     Seeded and realistic: Zipf-like user popularity, a daily traffic curve, a share of
     out-of-order events; memory stays bounded however many events are asked for.
     """
+    import os
     from datetime import UTC
 
     from tenx.demo_data import DemoConfig, write_demo_data
 
     if out.suffix not in (".parquet", ".jsonl", ".json", ".ndjson"):
         raise ConfigError(f"output {out} must end in .parquet or .jsonl")
+    bootstrap = os.environ.get("TENX_KAFKA_BOOTSTRAP")
+    if to_kafka:  # checked before anything is written
+        from pipelines.stream.dataflow import kafka_topics
+
+        if not bootstrap:
+            raise ConfigError("--to-kafka needs TENX_KAFKA_BOOTSTRAP (host:port of a Kafka broker)")
+        kafka_topics(bootstrap)
+    if start is None:  # ends at today's midnight (UTC): values are fresh, within any ttl
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        start = today - timedelta(days=days)
     config = DemoConfig(
         events=events,
         users=users,
@@ -267,14 +311,9 @@ def demo_data(
         + f" to {summary.path} ({summary.bytes_written / 1e6:.1f} MB, {seconds:.1f} s), "
         f"{summary.first_time:%Y-%m-%d %H:%M} .. {summary.last_time:%Y-%m-%d %H:%M} UTC"
     )
-    if to_kafka:
-        import os
-
+    if to_kafka and bootstrap:
         from tenx.demo_data import produce_to_kafka
 
-        bootstrap = os.environ.get("TENX_KAFKA_BOOTSTRAP")
-        if not bootstrap:
-            raise ConfigError("--to-kafka needs TENX_KAFKA_BOOTSTRAP (host:port of a Kafka broker)")
         sent = produce_to_kafka(out, bootstrap, to_kafka)
         console.print(f"Produced {sent:,} records to Kafka topic {to_kafka} at {bootstrap}")
 
@@ -283,10 +322,22 @@ def demo_data(
 
 
 def _applied_plan(settings: Settings) -> Plan:
-    """Engines run the applied plan from the registry, never the repo's modules."""
+    """Engines run the applied plan from the registry, never the repo's modules; an edit
+    not applied yet is pointed out (it does not take effect until `tenx apply`)."""
     plan = FileRegistry(settings.registry_dir).current()
     if plan is None:
         raise ConfigError(f"no plan applied in {settings.registry_dir}; run `tenx apply` first")
+    try:
+        current = _compile(settings).version
+    except TenxError:
+        current = None
+    if current != plan.version:
+        state = "does not compile" if current is None else f"differs from it (plan {current})"
+        errors.print(
+            f"note: running the applied plan {plan.version}; the feature repo {state}: `tenx plan` shows why, "
+            "`tenx apply` puts it to use",
+            highlight=False,
+        )
     return plan
 
 
@@ -314,7 +365,9 @@ def _parse_time(value: str | None, option: str) -> int | None:
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as error:
-        raise ConfigError(f"{option} {value!r}: expected 2026-01-01 or 2026-01-01T10:00:00Z") from error
+        raise ConfigError(
+            f"{option} {value!r}: {error}; expected a time like 2026-01-01 or 2026-01-01T10:00:00Z"
+        ) from error
     if moment.tzinfo is None:
         if len(value) == 10:
             moment = moment.replace(tzinfo=UTC)
@@ -508,7 +561,7 @@ def backfill(
         rate = s.events_read / s.seconds if s.seconds else 0.0
         table.add_row(
             s.view,
-            f"{micros_to_datetime(s.start):%m-%d %H:%M} .. {micros_to_datetime(s.end):%m-%d %H:%M}",
+            f"{micros_to_datetime(s.start):%Y-%m-%d %H:%M} .. {micros_to_datetime(s.end):%Y-%m-%d %H:%M}",
             f"{s.events_read:,}",
             f"{s.rows_written:,}",
             f"{s.seconds:.1f}",
@@ -517,7 +570,7 @@ def backfill(
     console.print(table)
     for s in summaries:
         view = plan.view(s.view)
-        console.print(f"  {s.view} v{s.version}: {store.changelog_path(view)}", highlight=False)
+        console.print(f"  {s.view} (version {s.version}): {store.changelog_path(view)}", highlight=False)
 
 
 @main.command("export")
@@ -552,11 +605,20 @@ def export(
 ) -> None:
     """Export a point-in-time correct training set: every label row, in input order, with
     the feature values the online store would have served at its timestamp. Writes OUT
-    and OUT.manifest.json (plan version, features, rows in and out, time range)."""
+    (Parquet) and OUT.manifest.json (plan version, features, columns, rows in and out,
+    time range).
+
+    A feature's column is its name (count_1d), or <view>__<name> when the features come
+    from several views or a label column has that name; <view>__as_of says which
+    changelog row each value came from. The manifest lists the columns written."""
     from featurestore.durations import parse_duration
     from featurestore.stores.offline import DeltaOfflineStore
     from training import export_training_set
 
+    if out.suffix.lower() != ".parquet":
+        raise ConfigError(f"--out {out}: the training set is written as Parquet; name it *.parquet")
+    if out.exists() and labels_path.exists() and out.resolve() == labels_path.resolve():
+        raise ConfigError(f"--out {out} is the labels file; writing it would destroy the labels: choose another path")
     settings = _settings(config_file)
     plan = _applied_plan(settings)
     try:
@@ -587,10 +649,12 @@ def export(
 # -- online: materialize and serve --------------------------------------------------------
 
 
-def _online_store(settings: Settings) -> Any:
+def _online_store(settings: Settings, plan: Plan) -> Any:
+    """The online store, keyed by the applied plan's project (an edit of tenx.yaml counts
+    once applied, as every engine sees it)."""
     from featurestore.stores.online import open_online_store
 
-    return open_online_store(redis_url=settings.redis_url, sqlite_path=settings.online_path, project=settings.project)
+    return open_online_store(redis_url=settings.redis_url, sqlite_path=settings.online_path, project=plan.project)
 
 
 def _store_name(settings: Settings) -> str:
@@ -613,7 +677,7 @@ def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | N
     plan = _applied_plan(settings)
     chosen = [_view_or_error(plan, name) for name in views] if views else [v for v in plan.views if v.online]
     offline = DeltaOfflineStore(settings.offline_dir)
-    online = _online_store(settings)
+    online = _online_store(settings, plan)
     table = Table(title=f"materialize into {_store_name(settings)}", title_justify="left")
     for column in ("view", "entities", "written", "kept newer", "seconds"):
         table.add_column(column, justify="left" if column == "view" else "right")
@@ -674,6 +738,7 @@ def serve(host: str, port: int, workers: int, token: str | None, config_file: Pa
         os.environ["TENX_CONFIG"] = str(settings.config_file)
     if token:
         os.environ["TENX_API_TOKEN"] = token
+    _check_port_free(host, port)
     console.print(f"tenx feature API on http://{host}:{port} ({_store_name(settings)})")
     uvicorn.run(
         "serving.app:app_from_environment",
@@ -686,6 +751,23 @@ def serve(host: str, port: int, workers: int, token: str | None, config_file: Pa
         loop="uvloop",
         http="httptools",
     )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Say so before announcing the API, rather than after, in uvicorn's words."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as error:
+        raise ConfigError(f"--host {host}: {error}") from error
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror}); pass another --port") from error
 
 
 # -- stream ---------------------------------------------------------------------------------
@@ -816,7 +898,7 @@ def stream(
         topic = plan.sources[0].topic
         dead = KafkaJsonSink(bootstrap, f"{topic}.dead-letters")
         late = KafkaJsonSink(bootstrap, f"{topic}.late")
-    factory = StoreFactory(settings.redis_url, settings.online_path, project=settings.project)
+    factory = StoreFactory(settings.redis_url, settings.online_path, project=plan.project)
     flow = build_dataflow(
         plan,
         messages,
@@ -905,7 +987,7 @@ def verify(views: tuple[str, ...], sample: int, config_file: Path | None) -> Non
     settings = _settings(config_file)
     plan = _applied_plan(settings)
     chosen = [_view_or_error(plan, n) for n in views] if views else [v for v in plan.views if v.online]
-    online = _online_store(settings)
+    online = _online_store(settings, plan)
     failed = False
     try:
         for view in chosen:
@@ -991,6 +1073,7 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=errors,
         transient=True,
+        disable=not errors.is_terminal,  # off a terminal a bar only leaves a blank line
     )
 
 

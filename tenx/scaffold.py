@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from importlib import resources
 from pathlib import Path
 
+from featurestore.config import check_project_name
 from featurestore.errors import ConfigError
-
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 def init_repo(target: Path, *, project: str | None = None) -> list[Path]:
@@ -17,8 +15,7 @@ def init_repo(target: Path, *, project: str | None = None) -> list[Path]:
     Refuses to overwrite an existing tenx.yaml so an existing repo is never clobbered.
     """
     name = project or target.name
-    if not _NAME.match(name):
-        raise ConfigError(f"project name {name!r} must start with a letter and hold only letters, digits, '_' or '-'")
+    check_project_name(name)
     if (target / "tenx.yaml").exists():
         raise ConfigError(f"{target / 'tenx.yaml'} already exists; choose another folder")
     target.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from featurestore.stores.offline import DeltaOfflineStore
 from featurestore.transforms import prepare_events
 from pipelines.batch.backends import Backend, array_module, frame_module, to_frame
 from pipelines.batch.kernel import changelog_kernel
+from schemas.timestamps import from_micros
 
 T = TypeVar("T")
 Progress = Callable[[str, int, int], None]  # (view, partitions done, partitions total)
@@ -75,6 +76,7 @@ def backfill_view(
     import dask.dataframe as dd
 
     began = time.perf_counter()
+    given = (start is not None, end is not None)
     if start is None or end is None:
         everything = default_range(view, store)
         if everything is None:
@@ -85,7 +87,7 @@ def backfill_view(
         start = everything[0] if start is None else start
         end = everything[1] if end is None else end
     if end <= start:
-        raise TerminalError(f"empty range: --end must be after --start (got {start} .. {end} us)")
+        raise TerminalError(_empty_range(view, start, end, given))
     read_from = start - view.longest_window - view.coarsest_tile
     files = store.event_files(view.source, read_from, end)
     if not files:
@@ -134,6 +136,18 @@ def backfill_view(
         time.perf_counter() - began,
         backend.value,
     )
+
+
+def _empty_range(view: ViewSpec, start: int, end: int, given: tuple[bool, bool]) -> str:
+    first, last = (from_micros(t).isoformat().replace("+00:00", "Z") for t in (start, end))
+    if given == (True, True):
+        return f"empty range: --end {last} must be after --start {first}"
+    if given[0]:
+        return (
+            f"--start {first} is at or after the end of `{view.name}`'s data ({last}: its last event's "
+            "latest window expiry); nothing to compute"
+        )
+    return f"--end {last} is at or before the start of `{view.name}`'s data ({first}: its first event)"
 
 
 GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads consecutive integer keys

@@ -239,9 +239,8 @@ class KafkaSource(FixedPartitionedSource[list[Message], int]):
             consumer.close()
 
 
-def check_topics(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> None:
-    """Fail early, with what to do, when the broker is unreachable or a topic is missing
-    (inside the running dataflow either would end in a Bytewax traceback)."""
+def kafka_topics(bootstrap: str, timeout_s: float = 10.0) -> set[str]:
+    """The broker's topics; a TransientError saying so when it does not answer in time."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
@@ -251,7 +250,14 @@ def check_topics(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> 
         metadata = admin.list_topics(timeout=timeout_s)
     except KafkaException as error:
         raise TransientError(f"cannot reach Kafka at {bootstrap} within {timeout_s:.0f} s: {error}") from error
-    missing = [topic for topic in topics if topic not in metadata.topics]
+    return set(metadata.topics)
+
+
+def check_topics(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> None:
+    """Fail early, with what to do, when the broker is unreachable or a topic is missing
+    (inside the running dataflow either would end in a Bytewax traceback)."""
+    known = kafka_topics(bootstrap, timeout_s)
+    missing = [topic for topic in topics if topic not in known]
     if missing:
         raise ConfigError(
             f"Kafka topic(s) {', '.join(missing)} do not exist at {bootstrap}: create them "

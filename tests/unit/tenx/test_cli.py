@@ -124,7 +124,10 @@ def test_offline_loop_demo_data_ingest_backfill(tmp_path: Path) -> None:
     assert tenx("ingest", "x.parquet", cwd=repo).returncode == 2  # nothing applied yet
     assert tenx("apply", cwd=repo).returncode == 0
     made = tenx(
-        "demo-data", "data/tx.jsonl", "--events", "3000", "--users", "50", "--days", "2", "--malformed", "4", cwd=repo
+        "demo-data",
+        "data/tx.jsonl",
+        *("--events", "3000", "--users", "50", "--days", "2", "--malformed", "4", "--start", "2026-01-01"),
+        cwd=repo,
     )
     assert made.returncode == 0, made.stderr
 
@@ -200,6 +203,15 @@ def test_offline_loop_demo_data_ingest_backfill(tmp_path: Path) -> None:
     )
     assert typo.returncode == 2
     assert "unknown feature 'user_spend:cnt_1d'" in typo.stderr
+    over = tenx(
+        "export", "--labels", "labels.parquet", "--features", "user_spend:count_1d", "--out", "labels.parquet", cwd=repo
+    )
+    assert over.returncode == 2
+    assert "is the labels file" in over.stderr
+    assert pq.read_table(repo / "labels.parquet").num_rows == 4
+    csv = tenx("export", "--labels", "labels.parquet", "--features", "user_spend:count_1d", "--out", "t.csv", cwd=repo)
+    assert csv.returncode == 2
+    assert "name it *.parquet" in csv.stderr
 
     naive = tenx("backfill", "--start", "2026-01-02T10:00", cwd=repo)
     assert naive.returncode == 2
@@ -228,3 +240,45 @@ def test_stream_from_file_takes_json_lines_and_says_what_it_dropped(tmp_path: Pa
     replayed = tenx("stream", "--from-file", "tx.jsonl", cwd=repo, env=env)
     assert replayed.returncode == 0, replayed.stderr
     assert "done: 3 dead letters" in replayed.stdout
+
+
+def test_an_edit_not_applied_is_pointed_out(tmp_path: Path) -> None:
+    tenx("init", "demo", cwd=tmp_path)
+    repo = tmp_path / "demo"
+    assert tenx("apply", cwd=repo).returncode == 0
+    assert "note:" not in tenx("rejects", cwd=repo).stderr
+    features = repo / "features.py"
+    features.write_text(features.read_text().replace('windows=["1h", "1d", "7d"]', 'windows=["1h", "1d", "7d", "30d"]'))
+    edited = tenx("rejects", cwd=repo)
+    assert edited.returncode == 0
+    assert "note: running the applied plan" in edited.stderr
+    assert "`tenx apply` puts it to use" in edited.stderr
+
+
+def test_serve_on_a_busy_port_says_so_before_announcing(tmp_path: Path) -> None:
+    import socket
+
+    tenx("init", "demo", cwd=tmp_path)
+    repo = tmp_path / "demo"
+    assert tenx("apply", cwd=repo).returncode == 0
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = tenx("serve", "--port", str(port), cwd=repo)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "tenx feature API on" not in result.stdout
+
+
+def test_apply_refuses_a_repo_without_views(tmp_path: Path) -> None:
+    tenx("init", "demo", cwd=tmp_path)
+    repo = tmp_path / "demo"
+    assert tenx("apply", cwd=repo).returncode == 0
+    (repo / "features.py").write_text('"""nothing here yet"""\n')
+    planned = tenx("plan", cwd=repo)
+    assert "warning: the feature repo defines no feature view (modules features" in planned.stderr
+    applied = tenx("apply", cwd=repo)
+    assert applied.returncode == 2
+    assert "nothing applied" in applied.stderr
+    assert "note: running the applied plan" in tenx("rejects", cwd=repo).stderr  # the old plan stays

@@ -219,6 +219,19 @@ def test_cli_writes_demo_data(tmp_path: Path) -> None:
     assert table.num_rows == 5_003
     assert validate_batch(TRANSACTIONS, table).rejected.num_rows == 3
     assert "5,000 events + 3 malformed" in " ".join(result.stdout.split())
+    # Without --start the data ends at today's midnight (UTC): served values are fresh.
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    times = pc.cast(table.column("event_time").drop_null(), pa.int64())
+    assert pc.max(times).as_py() < today.timestamp() * 1e6
+    assert pc.max(times).as_py() > (today - timedelta(hours=6)).timestamp() * 1e6
+
+
+def test_cli_checks_kafka_before_writing_anything(tmp_path: Path) -> None:
+    out = tmp_path / "x.parquet"
+    result = CliRunner(env={"TENX_KAFKA_BOOTSTRAP": ""}).invoke(main, ["demo-data", str(out), "--to-kafka", "t"])
+    assert result.exit_code == 2
+    assert "--to-kafka needs TENX_KAFKA_BOOTSTRAP" in " ".join(result.stderr.split())
+    assert not out.exists()
 
 
 def test_cli_rejects_an_unknown_suffix_without_a_traceback(tmp_path: Path) -> None:
