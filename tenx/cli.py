@@ -34,6 +34,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_FAILURE = 1  # something went wrong while running
 EXIT_USAGE = 2  # the input, definitions or configuration are wrong: fix and rerun
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
 def _friendly(command: F) -> F:
@@ -56,6 +57,15 @@ def _friendly(command: F) -> F:
             errors.print("[bold red]error:[/] ", end="")
             errors.print(str(error), markup=False, highlight=False)
             sys.exit(EXIT_FAILURE)
+        except KeyboardInterrupt:
+            # Every write commits whole (a Delta commit, an ordered online write), so an
+            # interrupted command leaves what it finished and nothing half-written.
+            errors.print(
+                f"interrupted: `tenx {command.__name__.replace('_', '-')}` stopped; what it had committed stays, "
+                "and running it again is safe (it replaces or skips what is already there)",
+                highlight=False,
+            )
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]
 

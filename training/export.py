@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -181,25 +182,35 @@ def export_training_set(
     rows_out = 0
     writer: pq.ParquetWriter | None = None
     columns: tuple[str, ...] = ()
+    # Rows go to `<out>.partial`, renamed to `out` once complete: an interrupted or failed
+    # export never leaves a training set that looks whole but lacks rows.
+    staging = out.with_name(out.name + ".partial") if out is not None else None
+    complete = False
     try:
         for chunk in chunks:
             rows_out += chunk.num_rows
             columns = tuple(chunk.column_names)
-            if out is not None:
+            if staging is not None:
                 if writer is None:
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    writer = pq.ParquetWriter(out, chunk.schema, compression="zstd")
+                    staging.parent.mkdir(parents=True, exist_ok=True)
+                    writer = pq.ParquetWriter(staging, chunk.schema, compression="zstd")
                 writer.write_table(chunk)
             else:
                 produced.append(chunk)
             if progress is not None:
                 progress(chunk.num_rows)
+        if rows_out != table.num_rows:  # the contract; never ship a partial set silently
+            raise RuntimeError(f"export produced {rows_out} rows for {table.num_rows} labels")
+        complete = True
     finally:
         chunks.close()  # removes the scratch folder now, also when a write or progress call raised
         if writer is not None:
             writer.close()
-    if rows_out != table.num_rows:  # the contract; never ship a partial set silently
-        raise RuntimeError(f"export produced {rows_out} rows for {table.num_rows} labels")
+        if staging is not None and out is not None:
+            if complete and writer is not None:
+                os.replace(staging, out)
+            else:
+                staging.unlink(missing_ok=True)
     summary = ExportSummary(
         rows_in=table.num_rows,
         rows_out=rows_out,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -110,7 +112,13 @@ def backfill_view(
     # its workers share with the client, and the offline store is one.
     scratch_root = Path(scratch_dir) if scratch_dir else store.root / "_scratch"
     scratch_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"shuffle-{view.name}-", dir=scratch_root) as scratch:
+    _remove_abandoned_scratch(scratch_root)
+    owner = f"{socket.gethostname()}.{os.getpid()}"
+    # Cleanup errors are ignored: after an interrupt, workers may still be writing into
+    # the folder; the next backfill on this host removes it (its owner process is gone).
+    with tempfile.TemporaryDirectory(
+        prefix=f"shuffle-{view.name}-{owner}-", dir=scratch_root, ignore_cleanup_errors=True
+    ) as scratch:
         # Stage 1: shuffle by entity through disk: each input partition, on a worker,
         # hash-partitions its events and writes one Parquet file per bucket
         # (`<bucket>/<input part>.parquet`). Memory holds a few input partitions, at any
@@ -136,6 +144,24 @@ def backfill_view(
         time.perf_counter() - began,
         backend.value,
     )
+
+
+def _remove_abandoned_scratch(root: Path) -> None:
+    """Shuffle folders left by a backfill of this host whose process is gone (killed,
+    interrupted). Folders of other hosts (a shared store) are left to them."""
+    marker = f"-{socket.gethostname()}."
+    for folder in root.glob("shuffle-*"):
+        stem = folder.name.rsplit("-", 1)[0]  # shuffle-<view>-<host>.<pid>-<random>
+        at = stem.rfind(marker)
+        pid = stem[at + len(marker) :] if at >= 0 else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            continue  # alive, another user's
 
 
 def _empty_range(view: ViewSpec, start: int, end: int, given: tuple[bool, bool]) -> str:

@@ -267,3 +267,24 @@ def test_a_key_lands_in_one_bucket_whatever_its_column_type() -> None:
     as_float = bucket_ids(pd.DataFrame({"k": [5.0, 6.0, 7.0, float("nan")]}), "k", 8, Backend.PANDAS)
     nullable = bucket_ids(pd.DataFrame({"k": pd.array([5, 6, 7, None], "Int64")}), "k", 8, Backend.PANDAS)
     assert as_int.tolist() == as_float.tolist()[:3] == nullable.tolist()[:3]
+
+
+def test_shuffle_folders_of_dead_backfills_on_this_host_are_removed(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from pipelines.batch.engine import _remove_abandoned_scratch
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead = tmp_path / f"shuffle-user_spend-{host}.{gone.stdout.strip()}-abc123"
+    alive = tmp_path / f"shuffle-user_spend-{host}.{os.getpid()}-def456"
+    elsewhere = tmp_path / f"shuffle-user_spend-other-host.{gone.stdout.strip()}-ghi789"
+    for folder in (dead, alive, elsewhere):
+        (folder / "00001").mkdir(parents=True)
+    _remove_abandoned_scratch(tmp_path)
+    assert not dead.exists()
+    assert alive.exists()
+    assert elsewhere.exists()

@@ -282,3 +282,20 @@ def test_apply_refuses_a_repo_without_views(tmp_path: Path) -> None:
     assert applied.returncode == 2
     assert "nothing applied" in applied.stderr
     assert "note: running the applied plan" in tenx("rejects", cwd=repo).stderr  # the old plan stays
+
+
+def test_ctrl_c_exits_130_saying_what_stays() -> None:
+    import click
+    from click.testing import CliRunner
+
+    from tenx.cli import _friendly
+
+    @click.command()
+    @_friendly
+    def backfill() -> None:
+        raise KeyboardInterrupt
+
+    result = CliRunner().invoke(backfill)
+    assert result.exit_code == 130
+    assert "interrupted: `tenx backfill` stopped; what it had committed stays" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.output

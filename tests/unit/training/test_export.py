@@ -235,8 +235,14 @@ def test_scratch_files_go_when_the_export_fails(world: Any, tmp_path: Path, monk
     def fail(rows: int) -> None:
         raise KeyboardInterrupt
 
+    out = tmp_path / "out" / "train.parquet"
     with pytest.raises(KeyboardInterrupt) as caught:
-        export_training_set(plan, store, labels, ["user_spend:count_1d"], chunk_rows=5, progress=fail)
+        export_training_set(plan, store, labels, ["user_spend:count_1d"], chunk_rows=5, progress=fail, out=out)
     # The traceback (kept here, as a notebook keeps the last one) holds the export's frames.
     assert caught.traceback
     assert not list(tmp_path.glob("tenx-export-*"))
+    # No file that looks like a training set but holds 5 of the 20 rows.
+    assert list(out.parent.iterdir()) == []
+    export_training_set(plan, store, labels, ["user_spend:count_1d"], chunk_rows=5, out=out)
+    assert pq.read_table(out).num_rows == 20
+    assert sorted(p.name for p in out.parent.iterdir()) == ["train.parquet", "train.parquet.manifest.json"]
