@@ -673,7 +673,13 @@ def _store_name(settings: Settings) -> str:
 
 @main.command()
 @click.option("--view", "views", multiple=True, help="Feature view to load (repeatable; default: all online views).")
-@click.option("--as-of", "as_of", default=None, help="Load values as of this time (default: now).")
+@click.option(
+    "--as-of",
+    "as_of",
+    default=None,
+    help="Load values as of this time: 2026-01-01 (midnight UTC) or ISO-8601 with a zone, 2026-01-01T10:00:00Z "
+    "(default: now).",
+)
 @config_option
 @_friendly
 def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | None) -> None:
