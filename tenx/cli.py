@@ -692,6 +692,10 @@ def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | N
     settings = _settings(config_file)
     plan = _applied_plan(settings)
     chosen = [_view_or_error(plan, name) for name in views] if views else [v for v in plan.views if v.online]
+    # Not the last changelog row: a backfill holds expiry rows up to the widest window
+    # ahead, and a value from the future would also block the stream's writes until then.
+    parsed = _parse_time(as_of, "--as-of")
+    moment = parsed if parsed is not None else _now_us()
     offline = DeltaOfflineStore(settings.offline_dir)
     online = _online_store(settings, plan)
     table = Table(title=f"materialize into {_store_name(settings)}", title_justify="left")
@@ -703,7 +707,7 @@ def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | N
                 advance = functools.partial(
                     progress.advance, progress.add_task(f"materializing {view.name}", total=None)
                 )
-                summary = run_materialize(view, offline, online, as_of=_parse_time(as_of, "--as-of"), progress=advance)
+                summary = run_materialize(view, offline, online, as_of=moment, progress=advance)
             table.add_row(
                 view.name,
                 f"{summary.entities:,}",

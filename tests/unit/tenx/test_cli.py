@@ -299,3 +299,32 @@ def test_ctrl_c_exits_130_saying_what_stays() -> None:
     assert result.exit_code == 130
     assert "interrupted: `tenx backfill` stopped; what it had committed stays" in " ".join(result.stderr.split())
     assert "Traceback" not in result.output
+
+
+def test_materialize_loads_values_as_of_now_not_future_expiries(tmp_path: Path) -> None:
+    import time
+
+    from featurestore.registry import FileRegistry
+    from featurestore.stores.codec import decode
+    from featurestore.stores.online import open_online_store
+
+    tenx("init", "demo", cwd=tmp_path)
+    repo = tmp_path / "demo"
+    env = {"TENX_REDIS_URL": ""}
+    assert tenx("apply", cwd=repo).returncode == 0
+    # Demo data ends at today's midnight: the changelog holds expiry rows up to 7 days ahead.
+    assert tenx("demo-data", "tx.parquet", "--events", "2000", "--users", "20", "--days", "2", cwd=repo).returncode == 0
+    assert tenx("ingest", "tx.parquet", cwd=repo).returncode == 0
+    assert tenx("backfill", "--view", "user_spend", cwd=repo).returncode == 0
+    assert tenx("materialize", "--view", "user_spend", cwd=repo, env=env).returncode == 0
+    plan = FileRegistry(repo / ".tenx" / "registry").current()
+    assert plan is not None
+    view = plan.view("user_spend")
+    store = open_online_store(redis_url=None, sqlite_path=repo / "data" / "online.sqlite", project=plan.project)
+    try:
+        raws = [raw for raw in store.read(view, list(range(1, 21))) if raw is not None]
+    finally:
+        store.close()
+    assert raws
+    now_us = time.time() * 1_000_000
+    assert all(decode(view, raw)[0] <= now_us for raw in raws)
