@@ -31,8 +31,10 @@ ENVIRONMENT = {
 }
 
 # A project name prefixes every online key (tenx:<project>:...); `tenx init` checks the same rule.
-PROJECT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-_PROJECT_RULE = "must start with a letter and hold only letters, digits, '_' or '-'"
+# Permissive enough for every name that loaded before the rule existed in practice
+# (acme.fraud, 2fa-risk); no spaces, no ':' (the key separator).
+PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PROJECT_RULE = "must start with a letter or digit and hold only letters, digits, '_', '-' or '.'"
 # URL schemes redis-py accepts.
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -126,7 +128,7 @@ def load_settings(
     if redis_url is not None:
         check_redis_url(redis_url, "TENX_REDIS_URL")
     else:
-        redis_url = section("online_store").get("redis_url")
+        redis_url = section("online_store").get("redis_url") or None  # "" means the embedded store
         if redis_url is not None:
             check_redis_url(redis_url, f"{path}: `online_store.redis_url`")
     return Settings(
@@ -154,7 +156,7 @@ def check_redis_url(url: str, what: str) -> None:
 
     >>> check_redis_url("redis://localhost:6379/0", "TENX_REDIS_URL")
     """
-    if url.startswith(REDIS_SCHEMES):
+    if url.lower().startswith(REDIS_SCHEMES):
         return
     hint = f"; did you mean 'redis://{url}'?" if "://" not in url and not url.isdigit() else ""
     raise ConfigError(f"{what} must look like redis://host:port (or rediss://, unix://); got {url!r}{hint}")

@@ -106,7 +106,7 @@ def ingest_file(
         finally:
             writer.close()
         if valid_rows and not allow_duplicates:
-            _refuse_stored_duplicates(store, source, staged, path, valid_rows)
+            _refuse_stored_duplicates(store, source, staged, path, valid_rows, Path(scratch))
         rejected = sum(t.num_rows for t in reject_tables)
         metadata = {
             "tenx.file_sha256": digest,
@@ -127,15 +127,16 @@ def ingest_file(
 
 
 def _check_columns(path: Path, kind: str, source: SourceSpec) -> None:
-    """A Parquet or CSV file must hold every column of the schema (else every row would
-    be rejected for the same reason): said at once, nothing written."""
+    """A Parquet or CSV file must hold every required column of the schema (else every
+    row would be rejected for the same reason): said at once, nothing written."""
     if kind == "jsonl":
         return  # each record carries its own fields: checked per record
     try:
         names = pq.ParquetFile(path).schema_arrow.names if kind == "parquet" else pacsv.open_csv(path).schema.names
     except (pa.ArrowInvalid, OSError) as error:
         raise TerminalError(f"{path}: not a readable {kind} file ({error})") from error
-    missing = [name for name in source.schema.names if name not in names]
+    # A missing nullable column reads as nulls; a missing required one rejects every row.
+    missing = [f.name for f in source.schema.fields if f.name not in names and not f.nullable]
     if missing:
         hints = []
         for name in missing:
@@ -148,17 +149,19 @@ def _check_columns(path: Path, kind: str, source: SourceSpec) -> None:
 
 
 def _refuse_stored_duplicates(
-    store: DeltaOfflineStore, source: SourceSpec, staged: Path, path: Path, rows: int
+    store: DeltaOfflineStore, source: SourceSpec, staged: Path, path: Path, rows: int, scratch: Path
 ) -> None:
     """Raise if any staged event equals (every field) an event already in the table.
 
-    Only the table's files for the staged time range are read (date partitions), so
-    appending newer events costs little; DuckDB streams the comparison."""
+    Only the table's files for the days the staged events fall on are read (date
+    partitions), so appending newer events costs little; DuckDB streams the comparison
+    within a memory limit, spilling to the ingest's scratch folder."""
     import duckdb
+    import pyarrow.dataset as ds
 
     times = pq.read_table(staged, columns=[source.event_time]).column(source.event_time)
-    low, high = pc.min_max(pc.cast(times, pa.int64())).values()
-    files = store.event_files(source, low.as_py(), high.as_py() + 1)
+    days = pc.unique(pc.strftime(times, format="%Y-%m-%d")).to_pylist()
+    files = store.event_files_on(source, days)
     if not files:
         return
     names = ", ".join(f'"{name}"' for name in source.schema.names)
@@ -167,11 +170,17 @@ def _refuse_stored_duplicates(
     try:
         connection.execute("SET TimeZone = 'UTC'")
         connection.execute("SET enable_progress_bar = false")
+        connection.execute("SET memory_limit = '1GB'")
+        connection.execute(f"SET temp_directory = '{str(scratch).replace(chr(39), chr(39) * 2)}'")
+        # Datasets, not paths: DuckDB would read a path's ? [ { as glob patterns.
+        connection.register("staged", ds.dataset(str(staged), format="parquet"))
+        connection.register("stored", ds.dataset(files, format="parquet"))
         found = connection.execute(
-            f'SELECT count(*), any_value(s."{source.event_time}") FROM read_parquet(?) s '  # noqa: S608 - schema names
-            f"SEMI JOIN (SELECT {names} FROM read_parquet(?)) e ON {same}",
-            [str(staged), files],
+            f'SELECT count(*), any_value(s."{source.event_time}") FROM staged s '  # noqa: S608 - schema names
+            f"SEMI JOIN (SELECT {names} FROM stored) e ON {same}"
         ).fetchone()
+    except duckdb.Error as error:
+        raise TerminalError(f"{path}: could not compare with the stored events: {error}") from error
     finally:
         connection.close()
     duplicates, example = found if found else (0, None)
@@ -184,11 +193,22 @@ def _refuse_stored_duplicates(
         )
 
 
+def reason_kind(reason: str) -> str:
+    """A reject reason without its value: "field `x`: expected int64, got 'oops'" ->
+    "field `x`: expected int64". Reasons with different bad values count as one kind."""
+    return "; ".join(part.rsplit(", got ", 1)[0] for part in reason.split("; "))
+
+
 def _top_reasons(reject_tables: list[pa.Table], limit: int = 5) -> tuple[tuple[str, int], ...]:
+    """The most frequent kinds of reason, each shown by its first example."""
     counts: collections.Counter[str] = collections.Counter()
+    example: dict[str, str] = {}
     for table in reject_tables:
-        counts.update(table.column("reason").to_pylist())
-    return tuple(counts.most_common(limit))
+        for reason in table.column("reason").to_pylist():
+            kind = reason_kind(reason)
+            counts[kind] += 1
+            example.setdefault(kind, reason)
+    return tuple((example[kind], count) for kind, count in counts.most_common(limit))
 
 
 def _batches(path: Path, kind: str, source: SourceSpec) -> Iterator[tuple[int, pa.Table]]:
@@ -203,7 +223,15 @@ def _batches(path: Path, kind: str, source: SourceSpec) -> Iterator[tuple[int, p
         names = pacsv.open_csv(path).schema.names
         options = pacsv.ConvertOptions(column_types={name: pa.string() for name in names}, strings_can_be_null=True)
         reader = pacsv.open_csv(path, convert_options=options, read_options=pacsv.ReadOptions(block_size=32 << 20))
-        for batch in reader:
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except pa.ArrowInvalid as error:  # a malformed line (wrong field count, bad quoting)
+                raise TerminalError(
+                    f"{path}: not a readable csv file after row {offset:,} ({error}); nothing was ingested"
+                ) from error
             yield offset, pa.Table.from_batches([batch])
             offset += batch.num_rows
     else:

@@ -243,7 +243,7 @@ def apply(config_file: Path | None) -> None:
     help="First day (UTC), e.g. 2026-01-01 [default: --days before today, so the data ends at today's "
     "midnight and served values are fresh].",
 )
-@click.option("--seed", default=42, show_default=True, help="Random seed: same seed, same data.")
+@click.option("--seed", default=42, show_default=True, help="Random seed: same seed and --start, same data.")
 @click.option(
     "--out-of-order",
     default=0.01,
@@ -339,7 +339,7 @@ def _applied_plan(settings: Settings) -> Plan:
         raise ConfigError(f"no plan applied in {settings.registry_dir}; run `tenx apply` first")
     try:
         current = _compile(settings).version
-    except TenxError:
+    except (Exception, SystemExit):  # noqa: BLE001 - a note only: whatever the repo does, the plan runs
         current = None
     if current != plan.version:
         state = "does not compile" if current is None else f"differs from it (plan {current})"
@@ -426,10 +426,18 @@ def ingest(
     for column in ("file", "rows", "ingested", "rejected", "seconds"):
         table.add_column(column, justify="right" if column != "file" else "left")
     summaries = []
+    refused: list[str] = []  # one file's mistake does not stop the others
     for path in files:
         with _progress() as progress:
             advance = functools.partial(progress.advance, progress.add_task(f"ingesting {path.name}", total=None))
-            summary = ingest_file(store, source, path, force=force, allow_duplicates=allow_duplicates, progress=advance)
+            try:
+                summary = ingest_file(
+                    store, source, path, force=force, allow_duplicates=allow_duplicates, progress=advance
+                )
+            except TerminalError as error:
+                refused.append(str(error))
+                table.add_row(str(path), "-", "refused", "-", "-")
+                continue
         summaries.append(summary)
         if summary.skipped:
             table.add_row(str(path), "-", "already ingested", "-", f"{summary.seconds:.1f}")
@@ -449,6 +457,11 @@ def ingest(
                 console.print(f"  {count:>9,}  {reason}", markup=False, highlight=False)
     if any(summary.rejected for summary in summaries):
         console.print(f"All rejects: `tenx rejects` (Delta table {store.rejects_path(source)})")
+    for problem in refused:
+        errors.print("[bold red]error:[/] ", end="")
+        errors.print(problem, markup=False, highlight=False)
+    if refused:
+        sys.exit(EXIT_USAGE)
     nothing = [str(s.file) for s in summaries if not s.skipped and s.rows_in and not s.ingested]
     if nothing:
         errors.print("[bold red]error:[/] no valid event in ", end="")
@@ -468,6 +481,7 @@ def rejects(source_name: str | None, file_name: str | None, limit: int, config_f
     import collections
 
     from featurestore.stores.offline import DeltaOfflineStore
+    from pipelines.ingest import reason_kind
 
     settings = _settings(config_file)
     plan = _applied_plan(settings)
@@ -480,10 +494,10 @@ def rejects(source_name: str | None, file_name: str | None, limit: int, config_f
         console.print(f"No rejected rows for source `{source.name}`{f' from {file_name}' if file_name else ''}.")
         return
     rows.sort(key=lambda row: (row["ingested_at"], row["file"], -row["row"]), reverse=True)
-    counts = collections.Counter(row["reason"] for row in rows)
+    counts = collections.Counter(reason_kind(row["reason"]) for row in rows)
     summary = Table(title=f"{len(rows):,} rejected rows of `{source.name}` by reason", title_justify="left")
     summary.add_column("rows", justify="right")
-    summary.add_column("reason")
+    summary.add_column("reason (the bad values differ)")
     for reason, count in counts.most_common():
         summary.add_row(f"{count:,}", reason)
     console.print(summary)
@@ -775,6 +789,7 @@ def serve(host: str, port: int, workers: int, token: str | None, config_file: Pa
 
 def _check_port_free(host: str, port: int) -> None:
     """Say so before announcing the API, rather than after, in uvicorn's words."""
+    import errno
     import socket
 
     try:
@@ -787,7 +802,8 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as error:
-            raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror}); pass another --port") from error
+            hint = "; pass another --port" if error.errno == errno.EADDRINUSE else ""
+            raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror}){hint}") from error
 
 
 # -- stream ---------------------------------------------------------------------------------

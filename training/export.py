@@ -208,6 +208,8 @@ def export_training_set(
             writer.close()
         if staging is not None and out is not None:
             if complete and writer is not None:
+                # The old manifest goes first: never a new file beside an old manifest.
+                Path(f"{out}.manifest.json").unlink(missing_ok=True)
                 os.replace(staging, out)
             else:
                 staging.unlink(missing_ok=True)

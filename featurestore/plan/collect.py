@@ -157,12 +157,17 @@ def _redefined_views(module: ModuleType) -> list[CompileProblem]:
         ):
             defined.setdefault(statement.name, []).append(statement)
     problems: list[CompileProblem] = []
+    # A view kept under another name (`spend_v1 = user_spend` before the redefinition)
+    # is not lost: it is collected like any other.
+    kept = {str(value.location) for value in vars(module).values() if isinstance(value, FeatureView)}
     for function_name, statements in defined.items():
         final = getattr(module, function_name, None)
         if len(statements) < 2 or not isinstance(final, FeatureView):
             continue
         last = _line_of(statements[-1], filename)
         for statement in statements[:-1]:
+            if _line_of(statement, filename) in kept:
+                continue
             lost = _view_name(statement)
             if lost == final.name:
                 problems.append(duplicate_view(final.name, _line_of(statement, filename), last))

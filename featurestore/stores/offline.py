@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -179,7 +180,13 @@ class DeltaOfflineStore:
             filters.append((DATE, ">=", micros_to_datetime(start).strftime("%Y-%m-%d")))
         if end is not None:
             filters.append((DATE, "<=", micros_to_datetime(end).strftime("%Y-%m-%d")))
-        return list(table.file_uris(file_pruning_predicate=filters or None))
+        return _file_paths(table, filters or None)
+
+    def event_files_on(self, source: SourceSpec, days: Iterable[str]) -> list[str]:
+        """Data files of the events table for these days (YYYY-MM-DD, UTC)."""
+        table = self._table(self.events_path(source))
+        chosen = sorted(set(days))
+        return _file_paths(table, [(DATE, "in", chosen)]) if table is not None and chosen else []
 
     def events_dataset(self, source: SourceSpec) -> ds.Dataset:
         table = self._table(self.events_path(source))
@@ -350,7 +357,7 @@ class DeltaOfflineStore:
                 f"no changelog for feature view `{view.name}` version {view.version} at "
                 f"{self.changelog_path(view)}; run `tenx backfill` first"
             )
-        return list(table.file_uris())
+        return _file_paths(table)
 
     def read_changelog(self, view: ViewSpec, start: int | None = None, end: int | None = None) -> pa.Table:
         """Changelog rows with as_of in [start, end), sorted by entity then time, without
@@ -426,12 +433,12 @@ def _dataset(table: DeltaTable, schema: pa.Schema) -> ds.Dataset:
     directly does not. tenx tables use no deletion vectors or column mapping, so the
     live files plus the hive `_date` partition are the whole table.
     """
-    root = table.table_uri.removeprefix("file://").rstrip("/")
+    root = _local(table.table_uri).rstrip("/")
     partitioning = None
     if DATE in schema.names:
         partitioning = ds.partitioning(pa.schema([pa.field(DATE, pa.date32())]), flavor="hive")
     return ds.dataset(
-        table.file_uris(),
+        _file_paths(table),
         schema=schema,
         format="parquet",
         partitioning=partitioning,
@@ -451,3 +458,15 @@ def _time_filter(column: str, start: int | None, end: int | None) -> ds.Expressi
         upper = ds.field(column) < _timestamp(end)
         expression = upper if expression is None else expression & upper
     return expression
+
+
+def _file_paths(table: DeltaTable, filters: list[Any] | None = None) -> list[str]:
+    """The table's live data files as paths pyarrow, Dask and DuckDB open as they are:
+    deltalake percent-encodes local paths (a space is `%20`), which none of them decode."""
+    return [_local(uri) for uri in table.file_uris(file_pruning_predicate=filters)]
+
+
+def _local(uri: str) -> str:
+    if "://" in uri and not uri.startswith("file://"):
+        return uri  # object stores: their own URI rules
+    return urllib.parse.unquote(uri.removeprefix("file://"))

@@ -8,6 +8,7 @@ The whole range is replaced in one Delta commit, so a re-run replaces, never dup
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import socket
@@ -113,12 +114,12 @@ def backfill_view(
     scratch_root = Path(scratch_dir) if scratch_dir else store.root / "_scratch"
     scratch_root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_scratch(scratch_root)
-    owner = f"{socket.gethostname()}.{os.getpid()}"
     # Cleanup errors are ignored: after an interrupt, workers may still be writing into
-    # the folder; the next backfill on this host removes it (its owner process is gone).
+    # the folder; a later backfill on this host removes it (see _remove_abandoned_scratch).
     with tempfile.TemporaryDirectory(
-        prefix=f"shuffle-{view.name}-{owner}-", dir=scratch_root, ignore_cleanup_errors=True
+        prefix=f"shuffle-{view.name}-", dir=scratch_root, ignore_cleanup_errors=True
     ) as scratch:
+        (Path(scratch) / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         # Stage 1: shuffle by entity through disk: each input partition, on a worker,
         # hash-partitions its events and writes one Parquet file per bucket
         # (`<bucket>/<input part>.parquet`). Memory holds a few input partitions, at any
@@ -146,22 +147,30 @@ def backfill_view(
     )
 
 
-def _remove_abandoned_scratch(root: Path) -> None:
-    """Shuffle folders left by a backfill of this host whose process is gone (killed,
-    interrupted). Folders of other hosts (a shared store) are left to them."""
-    marker = f"-{socket.gethostname()}."
+OWNER = "owner.json"  # in a shuffle folder: the host and process of its backfill
+ABANDONED_AFTER_S = 24 * 3600
+
+
+def _remove_abandoned_scratch(root: Path, *, idle_s: float = ABANDONED_AFTER_S) -> None:
+    """Shuffle folders left by an interrupted or killed backfill: made on this host (same
+    name), by a process that is gone, and untouched for `idle_s` (a container with the
+    same host name but its own process ids must not lose a live folder). Folders of
+    other hosts on a shared store are left alone."""
+    host = socket.gethostname()
     for folder in root.glob("shuffle-*"):
-        stem = folder.name.rsplit("-", 1)[0]  # shuffle-<view>-<host>.<pid>-<random>
-        at = stem.rfind(marker)
-        pid = stem[at + len(marker) :] if at >= 0 else ""
-        if not pid.isdigit() or int(pid) == os.getpid():
+        try:
+            owner = json.loads((folder / OWNER).read_text())
+            newest = max((p.stat().st_mtime for p in folder.rglob("*")), default=folder.stat().st_mtime)
+        except (OSError, ValueError):
+            continue
+        if owner.get("host") != host or owner.get("pid") == os.getpid() or time.time() - newest < idle_s:
             continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(int(owner["pid"]), 0)
         except ProcessLookupError:
             shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:
-            continue  # alive, another user's
+        except (PermissionError, KeyError, TypeError, ValueError):
+            continue  # alive (another user's), or not an owner file of ours
 
 
 def _empty_range(view: ViewSpec, start: int, end: int, given: tuple[bool, bool]) -> str:

@@ -222,6 +222,36 @@ def test_a_view_function_defined_twice_in_a_module_is_reported_not_dropped(tmp_p
     ]
 
 
+def test_a_view_kept_under_another_name_before_a_redefinition_is_not_lost(tmp_path: Path) -> None:
+    write_repo(
+        tmp_path,
+        {
+            "features.py": """\
+            from featurestore import Count, Entity, Source, feature_view
+            from schemas import TRANSACTIONS
+
+            user = Entity("user", key="user_id")
+            tx = Source("tx", TRANSACTIONS)
+
+
+            @feature_view(entity=user, source=tx, aggregations=[Count(windows=["1h"])], name="spend_v1")
+            def spend(tx):
+                return tx[[]]
+
+
+            spend_v1 = spend
+
+
+            @feature_view(entity=user, source=tx, aggregations=[Count(windows=["1d"])], name="spend_v2")
+            def spend(tx):
+                return tx[[]]
+            """
+        },
+    )
+    plan = compile_repo(tmp_path, project="p", modules=["features"])
+    assert sorted(v.name for v in plan.views) == ["spend_v1", "spend_v2"]
+
+
 def test_redefining_a_function_that_is_no_view_is_not_a_problem(tmp_path: Path) -> None:
     write_repo(
         tmp_path,

@@ -67,20 +67,21 @@ def test_a_value_of_the_wrong_type_names_its_key_and_the_expected_type(tmp_path:
     assert str(raised.value) == f"{config}: {message}"
 
 
-@pytest.mark.parametrize("name", ["my project", "2024", "demo.v2", "_x", "démo"])
+@pytest.mark.parametrize("name", ["my project", "tenx:demo", ".hidden", "_x", "démo"])
 def test_the_project_name_follows_the_init_rule(tmp_path: Path, name: str) -> None:
     config = write_config(tmp_path, f"project: '{name}'\n")
     with pytest.raises(ConfigError) as raised:
         load_settings(config, environ={})
     assert str(raised.value) == (
-        f"{config}: `project` {name!r} must start with a letter and hold only letters, digits, '_' or '-' "
+        f"{config}: `project` {name!r} must start with a letter or digit and hold only letters, digits, '_', '-' "
+        "or '.' "
         "(it prefixes every online key)"
     )
-    with pytest.raises(ConfigError, match="must start with a letter"):
+    with pytest.raises(ConfigError, match="must start with a letter or digit"):
         check_project_name(name)
 
 
-@pytest.mark.parametrize("name", ["demo", "Demo-2", "fraud_v2"])
+@pytest.mark.parametrize("name", ["demo", "Demo-2", "fraud_v2", "acme.fraud", "2fa-risk"])
 def test_project_names_that_init_accepts_load(tmp_path: Path, name: str) -> None:
     assert load_settings(write_config(tmp_path, f"project: {name}\n"), environ={}).project == name
     check_project_name(name)
@@ -110,8 +111,15 @@ def test_a_redis_url_without_a_redis_scheme_is_refused_at_load(tmp_path: Path, u
     )
 
 
-@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://user:secret@cache:6380", "unix:///tmp/r.sock"])
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:6379/0", "rediss://user:secret@cache:6380", "unix:///tmp/r.sock", "REDIS://cache:6379"]
+)
 def test_redis_urls_redis_py_opens_are_kept(tmp_path: Path, url: str) -> None:
     config = write_config(tmp_path, "project: demo\nonline_store:\n  redis_url: redis://from-yaml:6379\n")
     assert load_settings(config, environ={"TENX_REDIS_URL": url}).redis_url == url
     assert load_settings(config, environ={}).redis_url == "redis://from-yaml:6379"
+
+
+def test_an_empty_redis_url_means_the_embedded_store(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "project: demo\nonline_store:\n  redis_url: ''\n")
+    assert load_settings(config, environ={}).redis_url is None

@@ -229,14 +229,56 @@ def test_files_that_cannot_be_ingested_are_refused_before_anything_is_written(tm
     assert store.ingests(source) == []
 
 
+def test_a_missing_nullable_column_reads_as_nulls(tmp_path: Path) -> None:
+    from featurestore import Count
+    from tests.unit.pipelines.test_reference import make_view
+
+    source = make_view(Count()).source  # value, amount and label are nullable
+    path = tmp_path / "no-label.csv"
+    path.write_text("user_id,value,amount,event_time\n1,2.5,3,2026-01-01T10:00:00Z\n")
+    store = DeltaOfflineStore(tmp_path / "offline")
+    assert ingest_file(store, source, path).ingested == 1
+    assert store.read_events(source).column("label").to_pylist() == [None]
+
+
+def test_stores_under_paths_with_spaces_work(tmp_path: Path, plan: Plan, client: Any) -> None:
+    from pipelines.ingest import DuplicateEventsError
+
+    source = plan.source("transactions")
+    events = tmp_path / "events.parquet"
+    write_demo_data(events, DemoConfig(events=400, users=8, days=2, seed=3))
+    store = DeltaOfflineStore(tmp_path / "my store (v1)")  # deltalake itself refuses ? [ in paths
+    assert ingest_file(store, source, events).ingested == 400
+    with pytest.raises(DuplicateEventsError, match="400 of its 400 valid events"):
+        ingest_file(store, source, events, force=True)
+    summary = backfill(plan, store, views=["user_spend"], client=client)[0]
+    assert summary.rows_written == store.read_changelog(plan.view("user_spend")).num_rows > 0
+
+
+def test_a_csv_with_a_broken_line_is_refused_whole(tmp_path: Path, plan: Plan) -> None:
+    from featurestore.errors import TerminalError
+
+    source = plan.source("transactions")
+    path = tmp_path / "broken.csv"
+    good = "t{i},1,2,1.5,EUR,grocery,FR,2026-01-01T10:00:00Z\n"
+    path.write_text(HEADER + good.format(i=1) + "t2,1,2,oops,too,many,fields,here,2026\n" + good.format(i=3))
+    store = DeltaOfflineStore(tmp_path / "offline")
+    with pytest.raises(TerminalError, match=r"broken\.csv: not a readable csv file"):
+        ingest_file(store, source, path)
+    assert store.ingests(source) == []
+
+
 def test_ingest_reports_its_most_frequent_reject_reasons(tmp_path: Path, plan: Plan) -> None:
     source = plan.source("transactions")
     path = tmp_path / "naive.csv"
     path.write_text(HEADER + "".join(f"t{i},1,2,1,EUR,grocery,FR,2026-01-01T10:0{i}:00\n" for i in range(3)))
     summary = ingest_file(DeltaOfflineStore(tmp_path / "offline"), source, path)
     assert (summary.ingested, summary.rejected) == (0, 3)
-    assert [count for _, count in summary.reasons] == [1, 1, 1]
-    assert all("ISO-8601 with timezone" in reason for reason, _ in summary.reasons)
+    # One kind of mistake, three different bad values: one line, counted three times.
+    assert len(summary.reasons) == 1
+    reason, count = summary.reasons[0]
+    assert count == 3
+    assert "ISO-8601 with timezone), got '2026-01-01T10:00:00'" in reason
 
 
 def test_sequence_numbers_continue_across_ingests(tmp_path: Path, plan: Plan) -> None:
@@ -270,21 +312,44 @@ def test_a_key_lands_in_one_bucket_whatever_its_column_type() -> None:
 
 
 def test_shuffle_folders_of_dead_backfills_on_this_host_are_removed(tmp_path: Path) -> None:
+    import json
     import os
     import socket
     import subprocess
     import sys
+    import time
 
-    from pipelines.batch.engine import _remove_abandoned_scratch
+    from pipelines.batch.engine import OWNER, _remove_abandoned_scratch
 
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
     host = socket.gethostname()
-    dead = tmp_path / f"shuffle-user_spend-{host}.{gone.stdout.strip()}-abc123"
-    alive = tmp_path / f"shuffle-user_spend-{host}.{os.getpid()}-def456"
-    elsewhere = tmp_path / f"shuffle-user_spend-other-host.{gone.stdout.strip()}-ghi789"
-    for folder in (dead, alive, elsewhere):
-        (folder / "00001").mkdir(parents=True)
-    _remove_abandoned_scratch(tmp_path)
-    assert not dead.exists()
-    assert alive.exists()
-    assert elsewhere.exists()
+    old = time.time() - 2 * 86_400
+
+    def folder(name: str, owner: dict[str, Any], *, idle: bool = True) -> Path:
+        made = tmp_path / name
+        (made / "00001").mkdir(parents=True)
+        (made / "00001" / "part.parquet").write_bytes(b"x")
+        (made / OWNER).write_text(json.dumps(owner))
+        if idle:
+            for path in [*made.rglob("*"), made]:
+                os.utime(path, (old, old))
+        return made
+
+    try:
+        dead = folder("shuffle-a-1", {"host": host, "pid": dead_pid})
+        live = folder("shuffle-b-2", {"host": host, "pid": alive.pid})
+        recent = folder("shuffle-c-3", {"host": host, "pid": dead_pid}, idle=False)
+        other_host = folder("shuffle-d-4", {"host": "gpu-" + host, "pid": dead_pid})
+        unowned = tmp_path / "shuffle-e-5"
+        unowned.mkdir()
+        _remove_abandoned_scratch(tmp_path)
+        assert not dead.exists()
+        assert live.exists()  # its process runs
+        assert recent.exists()  # written lately: maybe a process id of another container
+        assert other_host.exists()
+        assert unowned.exists()
+    finally:
+        alive.kill()
+        alive.wait()

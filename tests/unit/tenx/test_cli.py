@@ -146,6 +146,15 @@ def test_offline_loop_demo_data_ingest_backfill(tmp_path: Path) -> None:
     assert again.returncode == 2
     assert "3,000 of its 3,000 valid events are already in the events table" in again.stderr
     assert "--allow-duplicates" in again.stderr
+    (repo / "new.csv").write_text(
+        "transaction_id,user_id,merchant_id,amount,currency,category,country,event_time\n"
+        "n0,1,2,5.0,EUR,grocery,FR,2026-01-02T10:00:00Z\n"
+    )
+    both = tenx("ingest", "data/tx.jsonl", "new.csv", "--force", cwd=repo)  # one refused, one fine
+    assert both.returncode == 2
+    assert "refused" in both.stdout
+    assert "already in the events table" in both.stderr
+    assert "│ new.csv       │    1 │        1 │" in both.stdout
     (repo / "naive.csv").write_text(
         "transaction_id,user_id,merchant_id,amount,currency,category,country,event_time\n"
         "n1,1,2,5.0,EUR,grocery,FR,2026-01-02T10:00:00\n"
