@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,15 +25,13 @@ DATA = ROOT / "bench" / "data" / "batch"
 RESULTS = ROOT / "bench" / "results"
 
 
-def own_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.path.insert(0, str(ROOT / "bench"))
+from _harness import child as _child  # noqa: E402
+from _harness import own_peak_mb  # noqa: E402
 
 
 def child(args: list[str]) -> dict[str, float]:
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return _child(__file__, args)
 
 
 def _plan():  # type: ignore[no-untyped-def]

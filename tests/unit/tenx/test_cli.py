@@ -16,8 +16,10 @@ TENX = shutil.which("tenx", path=os.path.dirname(sys.executable)) or "tenx"
 
 
 def tenx(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "COLUMNS": "200", **(env or {})}
-    environment.pop("TENX_CONFIG", None)
+    # The embedded online store: every test repo here is project `demo` with the same plan,
+    # so on a shared Redis (CI runs one) they would overwrite each other's values.
+    environment = {k: v for k, v in os.environ.items() if k not in ("TENX_CONFIG", "TENX_REDIS_URL")}
+    environment.update({"COLUMNS": "200", **(env or {})})
     return subprocess.run([TENX, *args], cwd=cwd, capture_output=True, text=True, env=environment, timeout=120)
 
 
