@@ -160,7 +160,7 @@ def _refuse_stored_duplicates(
     import pyarrow.dataset as ds
 
     times = pq.read_table(staged, columns=[source.event_time]).column(source.event_time)
-    days = pc.unique(pc.strftime(times, format="%Y-%m-%d")).to_pylist()
+    days = [day.isoformat() for day in pc.unique(pc.cast(times, pa.date32())).to_pylist()]  # UTC days
     files = store.event_files_on(source, days)
     if not files:
         return
@@ -172,9 +172,13 @@ def _refuse_stored_duplicates(
         connection.execute("SET enable_progress_bar = false")
         connection.execute("SET memory_limit = '1GB'")
         connection.execute(f"SET temp_directory = '{str(scratch).replace(chr(39), chr(39) * 2)}'")
-        # Datasets, not paths: DuckDB would read a path's ? [ { as glob patterns.
-        connection.register("staged", ds.dataset(str(staged), format="parquet"))
-        connection.register("stored", ds.dataset(files, format="parquet"))
+        # DuckDB reads ? [ { * in a path as a glob pattern: such paths go through pyarrow
+        # datasets (about 1.5x slower), the others straight to DuckDB's reader.
+        for name, paths in (("staged", [str(staged)]), ("stored", files)):
+            if any(char in path for path in paths for char in "?[{*"):
+                connection.register(name, ds.dataset(paths, format="parquet"))
+            else:
+                connection.read_parquet(paths).create_view(name)
         found = connection.execute(
             f'SELECT count(*), any_value(s."{source.event_time}") FROM staged s '  # noqa: S608 - schema names
             f"SEMI JOIN (SELECT {names} FROM stored) e ON {same}"
