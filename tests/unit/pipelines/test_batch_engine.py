@@ -255,6 +255,25 @@ def test_stores_under_paths_with_spaces_work(tmp_path: Path, plan: Plan, client:
     assert summary.rows_written == store.read_changelog(plan.view("user_spend")).num_rows > 0
 
 
+def test_the_duplicate_check_reads_paths_with_glob_characters_literally(
+    tmp_path: Path, plan: Plan, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from pipelines.ingest import DuplicateEventsError
+
+    scratch = tmp_path / "tmp [a-z]*"  # DuckDB would read this as a pattern
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    source = plan.source("transactions")
+    events = tmp_path / "events.parquet"
+    write_demo_data(events, DemoConfig(events=200, users=5, days=1, seed=4))
+    store = DeltaOfflineStore(tmp_path / "offline")
+    ingest_file(store, source, events)
+    with pytest.raises(DuplicateEventsError, match="200 of its 200 valid events"):
+        ingest_file(store, source, events, force=True)
+
+
 def test_a_csv_with_a_broken_line_is_refused_whole(tmp_path: Path, plan: Plan) -> None:
     from featurestore.errors import TerminalError
 
