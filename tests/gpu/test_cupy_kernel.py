@@ -6,12 +6,10 @@ holds CuPy but not RAPIDS; `scripts/gpu-check` runs them in one call."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
-import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
@@ -20,10 +18,9 @@ from featurestore.plan import compile_repo
 from featurestore.semantics import changelog_differences
 from pipelines.batch.backends import Backend, array_module, to_frame
 from pipelines.batch.kernel import changelog_kernel
-from pipelines.reference import reference_changelog
 from tenx.demo_data import DemoConfig, generate
-from tests.unit.pipelines.test_kernel_parity import VIEWS, logs
-from tests.unit.pipelines.test_reference import BASE
+from tests.unit.pipelines.test_kernel_array_module import ill_conditioned_events
+from tests.unit.pipelines.test_kernel_parity import VIEWS, check_against_reference, logs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,15 +34,7 @@ def _cupy() -> Any:
 @settings(max_examples=300)
 @given(frame=logs(), view_index=st.integers(min_value=0, max_value=len(VIEWS) - 1), data=st.data())
 def test_cupy_kernel_equals_reference(frame: pd.DataFrame, view_index: int, data: Any) -> None:
-    view = VIEWS[view_index]
-    start = end = None
-    if data.draw(st.booleans()):
-        start = 1_767_225_600_000_000 + data.draw(st.integers(0, 20)) * 60_000_000
-        end = start + data.draw(st.integers(1, 30)) * 60_000_000
-    expected = reference_changelog(view, frame, start=start, end=end, with_scale=True)
-    got = changelog_kernel(view, frame, start=start, end=end, xp=_cupy())
-    kinds = {f.name: f.kind for f in view.features}
-    assert changelog_differences(expected, got, key="user_id", kinds=kinds) == []
+    check_against_reference(frame, view_index, data, xp=_cupy())
 
 
 @pytest.mark.parametrize("view_name", ["user_spend", "merchant_sales"])
@@ -63,18 +52,7 @@ def test_cupy_kernel_equals_numpy_kernel_on_demo_data(view_name: str) -> None:
 
 def test_cupy_ill_conditioned_std_equals_numpy() -> None:
     """Small windows far from their entity's mean take the kernel's exact two-pass Std."""
-    values = [1e12, 1.0, 1.5, 2.0, 2.5, 1e12, 3.0, 3.5]
-    frame = pd.DataFrame(
-        {
-            "user_id": np.array([1] * len(values), dtype=np.int64),
-            "value": np.array(values),
-            "amount": pd.array([1] * len(values), dtype="Int64"),
-            "label": ["a"] * len(values),
-            "event_time": pd.to_datetime(
-                [BASE + timedelta(minutes=7 * i) for i in range(len(values))], utc=True
-            ).as_unit("us"),
-        }
-    )
+    frame = ill_conditioned_events()
     kinds = {f.name: f.kind for f in VIEWS[0].features}
     expected = changelog_kernel(VIEWS[0], frame)
     got = changelog_kernel(VIEWS[0], frame, xp=_cupy())

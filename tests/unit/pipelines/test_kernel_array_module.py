@@ -30,18 +30,11 @@ def test_kernel_under_cupy_restrictions_equals_numpy(frame: pd.DataFrame, view_i
     assert changelog_kernel(view, frame, xp=cupy_like).equals(expected)
 
 
-def test_ill_conditioned_std_under_cupy_restrictions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A small window far from its entity's mean takes the exact two-pass Std path."""
-    calls: list[int] = []
-    exact = kernel._exact_variance
-
-    def counted(*args: Any) -> Any:
-        calls.append(1)
-        return exact(*args)
-
-    monkeypatch.setattr(kernel, "_exact_variance", counted)
+def ill_conditioned_events() -> pd.DataFrame:
+    """One user whose small windows sit far from the mean of all their values: the kernel's
+    exact two-pass Std path."""
     values = [1e12, 1.0, 1.5, 2.0, 2.5, 1e12, 3.0, 3.5]
-    frame = pd.DataFrame(
+    return pd.DataFrame(
         {
             "user_id": np.array([1] * len(values), dtype=np.int64),
             "value": np.array(values),
@@ -52,6 +45,19 @@ def test_ill_conditioned_std_under_cupy_restrictions(monkeypatch: pytest.MonkeyP
             ).as_unit("us"),
         }
     )
+
+
+def test_ill_conditioned_std_under_cupy_restrictions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small window far from its entity's mean takes the exact two-pass Std path."""
+    calls: list[int] = []
+    exact = kernel._exact_variance
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return exact(*args)
+
+    monkeypatch.setattr(kernel, "_exact_variance", counted)
+    frame = ill_conditioned_events()
     expected = changelog_kernel(VIEWS[0], frame)
     got = changelog_kernel(VIEWS[0], frame, xp=cupy_like)
     assert calls, "no window took the exact Std path"

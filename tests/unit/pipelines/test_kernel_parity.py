@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import hypothesis.strategies as st
+import numpy as np
 import pandas as pd
 from hypothesis import given
 
@@ -77,14 +78,20 @@ def all_aggregations() -> list[Any]:
 VIEWS = [make_view(*all_aggregations(), windows=windows) for windows in WINDOW_SETS]
 
 
-@given(frame=logs(), view_index=st.integers(min_value=0, max_value=len(VIEWS) - 1), data=st.data())
-def test_kernel_equals_reference(frame: pd.DataFrame, view_index: int, data: Any) -> None:
+def check_against_reference(frame: pd.DataFrame, view_index: int, data: Any, xp: Any = np) -> None:
+    """The kernel (with array module `xp`) equals the reference, over the whole log or a
+    drawn range."""
     view = VIEWS[view_index]
     start = end = None
     if data.draw(st.booleans()):
         start = 1_767_225_600_000_000 + data.draw(st.integers(0, 20)) * 60_000_000
         end = start + data.draw(st.integers(1, 30)) * 60_000_000
     expected = reference_changelog(view, frame, start=start, end=end, with_scale=True)
-    got = changelog_kernel(view, frame, start=start, end=end)
+    got = changelog_kernel(view, frame, start=start, end=end, xp=xp)
     kinds = {f.name: f.kind for f in view.features}
     assert changelog_differences(expected, got, key="user_id", kinds=kinds) == []
+
+
+@given(frame=logs(), view_index=st.integers(min_value=0, max_value=len(VIEWS) - 1), data=st.data())
+def test_kernel_equals_reference(frame: pd.DataFrame, view_index: int, data: Any) -> None:
+    check_against_reference(frame, view_index, data)
