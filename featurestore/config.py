@@ -21,7 +21,7 @@ CONFIG_FILE = "tenx.yaml"
 
 # Every environment variable tenx reads, and what it overrides.
 ENVIRONMENT = {
-    "TENX_CONFIG": "path of tenx.yaml (default: ./tenx.yaml)",
+    "TENX_CONFIG": "path of tenx.yaml (default: the nearest one in this folder or above)",
     "TENX_REDIS_URL": "online_store.redis_url: use Redis instead of the embedded store",
     "TENX_KAFKA_BOOTSTRAP": "kafka.bootstrap: Kafka bootstrap servers, host:port[,host:port]",
     "TENX_REGISTRY": "registry: folder of the plan registry",
@@ -86,12 +86,23 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     cwd: Path | None = None,
 ) -> Settings:
-    """Read tenx.yaml (from `config_file`, $TENX_CONFIG or ./tenx.yaml; a folder means the
+    """Read tenx.yaml (from `config_file`, $TENX_CONFIG, or the nearest tenx.yaml in the
+    working folder or a folder above it, as git finds its repo; a folder means the
     tenx.yaml inside it) and apply the environment overrides listed in ENVIRONMENT."""
     env = os.environ if environ is None else environ
     here = (cwd or Path.cwd()).resolve()
-    path = config_file or (Path(env["TENX_CONFIG"]) if env.get("TENX_CONFIG") else here / CONFIG_FILE)
-    path = path if path.is_absolute() else here / path
+    given = config_file or (Path(env["TENX_CONFIG"]) if env.get("TENX_CONFIG") else None)
+    if given is None:
+        candidates = (folder / CONFIG_FILE for folder in (here, *here.parents))
+        found = next((candidate for candidate in candidates if candidate.is_file()), None)
+        if found is None:
+            raise ConfigError(
+                f"no {CONFIG_FILE} in {here} or any folder above it; run `tenx init NAME` to create a feature "
+                "repo, cd into one, or pass --config"
+            )
+        path = found
+    else:
+        path = given if given.is_absolute() else here / given
     if path.is_dir():
         path = path / CONFIG_FILE
     if not path.exists():

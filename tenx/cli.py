@@ -95,7 +95,8 @@ config_option = click.option(
     "config_file",
     type=click.Path(path_type=Path),
     default=None,
-    help="Path of tenx.yaml, or of the folder holding it (default: $TENX_CONFIG, else ./tenx.yaml).",
+    help="Path of tenx.yaml, or of the folder holding it (default: $TENX_CONFIG, else the nearest tenx.yaml in "
+    "this folder or one above it).",
 )
 
 

@@ -101,7 +101,16 @@ def test_missing_config_is_a_clear_error(tmp_path: Path) -> None:
     result = tenx("plan", cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert f"error: no tenx.yaml at {tmp_path.resolve() / 'tenx.yaml'}; run `tenx init NAME`" in result.stderr
+    assert f"error: no tenx.yaml in {tmp_path.resolve()} or any folder above it; run `tenx init NAME`" in result.stderr
+
+
+def test_commands_find_tenx_yaml_in_a_folder_above(tmp_path: Path) -> None:
+    tenx("init", "demo", cwd=tmp_path)
+    below = tmp_path / "demo" / "data" / "raw"
+    below.mkdir(parents=True)
+    planned = tenx("plan", cwd=below)
+    assert planned.returncode == 0, planned.stderr
+    assert "user_spend" in planned.stdout
 
 
 def test_unknown_config_key_is_named(tmp_path: Path) -> None:
