@@ -701,7 +701,7 @@ def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | N
     """Load the latest changelog row per entity from the Delta feature tables into the
     online store (Redis when TENX_REDIS_URL is set, else the embedded store). Safe while
     the stream job writes: an older value never replaces a newer one."""
-    from featurestore.stores.offline import DeltaOfflineStore
+    from featurestore.stores.offline import DeltaOfflineStore, micros_to_datetime
     from pipelines.materialize import materialize as run_materialize
 
     settings = _settings(config_file)
@@ -711,6 +711,7 @@ def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | N
     # ahead, and a value from the future would also block the stream's writes until then.
     parsed = _parse_time(as_of, "--as-of")
     moment = parsed if parsed is not None else _now_us()
+    empty: list[str] = []
     offline = DeltaOfflineStore(settings.offline_dir)
     online = _online_store(settings, plan)
     table = Table(title=f"materialize into {_store_name(settings)}", title_justify="left")
@@ -730,9 +731,17 @@ def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | N
                 f"{summary.skipped:,}",
                 f"{summary.seconds:.1f}",
             )
+            if not summary.entities:
+                empty.append(view.name)
     finally:
         online.close()
     console.print(table)
+    if empty:
+        console.print(
+            f"note: {', '.join(empty)}: no entity has a changelog row at or before "
+            f"{micros_to_datetime(moment).isoformat()}; pass a later --as-of, or backfill the data first",
+            highlight=False,
+        )
 
 
 def _now_us() -> int:

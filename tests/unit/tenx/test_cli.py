@@ -336,6 +336,9 @@ def test_materialize_loads_values_as_of_now_not_future_expiries(tmp_path: Path) 
     assert tenx("demo-data", "tx.parquet", "--events", "2000", "--users", "20", "--days", "2", cwd=repo).returncode == 0
     assert tenx("ingest", "tx.parquet", cwd=repo).returncode == 0
     assert tenx("backfill", "--view", "user_spend", cwd=repo).returncode == 0
+    early = tenx("materialize", "--view", "user_spend", "--as-of", "2020-01-01", cwd=repo, env=env)
+    assert early.returncode == 0
+    assert "note: user_spend: no entity has a changelog row at or before 2020-01-01T00:00:00+00:00" in early.stdout
     assert tenx("materialize", "--view", "user_spend", cwd=repo, env=env).returncode == 0
     plan = FileRegistry(repo / ".tenx" / "registry").current()
     assert plan is not None
