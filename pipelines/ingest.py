@@ -12,9 +12,10 @@ from __future__ import annotations
 import collections
 import difflib
 import hashlib
+import itertools
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -199,16 +200,21 @@ def reason_kind(reason: str) -> str:
     return "; ".join(part.rsplit(", got ", 1)[0] for part in reason.split("; "))
 
 
-def _top_reasons(reject_tables: list[pa.Table], limit: int = 5) -> tuple[tuple[str, int], ...]:
-    """The most frequent kinds of reason, each shown by its first example."""
+def reason_counts(reasons: Iterable[str]) -> list[tuple[str, str, int]]:
+    """(kind, first example, count) per kind of reason, most frequent first."""
     counts: collections.Counter[str] = collections.Counter()
     example: dict[str, str] = {}
-    for table in reject_tables:
-        for reason in table.column("reason").to_pylist():
-            kind = reason_kind(reason)
-            counts[kind] += 1
-            example.setdefault(kind, reason)
-    return tuple((example[kind], count) for kind, count in counts.most_common(limit))
+    for reason in reasons:
+        kind = reason_kind(reason)
+        counts[kind] += 1
+        example.setdefault(kind, reason)
+    return [(kind, example[kind], count) for kind, count in counts.most_common()]
+
+
+def _top_reasons(reject_tables: list[pa.Table], limit: int = 5) -> tuple[tuple[str, int], ...]:
+    """The most frequent kinds of reason, each shown by its first example."""
+    reasons = itertools.chain.from_iterable(table.column("reason").to_pylist() for table in reject_tables)
+    return tuple((example, count) for _, example, count in reason_counts(reasons)[:limit])
 
 
 def _batches(path: Path, kind: str, source: SourceSpec) -> Iterator[tuple[int, pa.Table]]:

@@ -37,6 +37,12 @@ EXIT_USAGE = 2  # the input, definitions or configuration are wrong: fix and rer
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
+def _print_error(message: str) -> None:
+    """`error: <message>` on stderr; the message printed as it is (no rich markup)."""
+    errors.print("[bold red]error:[/] ", end="")
+    errors.print(message, markup=False, highlight=False)
+
+
 def _friendly(command: F) -> F:
     """Expected mistakes print a clear message and exit non-zero, never a traceback."""
 
@@ -50,12 +56,10 @@ def _friendly(command: F) -> F:
                 errors.print(f"  - {problem}", markup=False, highlight=False)
             sys.exit(EXIT_USAGE)
         except (ConfigError, TerminalError, SchemaError) as error:
-            errors.print("[bold red]error:[/] ", end="")
-            errors.print(str(error), markup=False, highlight=False)
+            _print_error(str(error))
             sys.exit(EXIT_USAGE)
         except TenxError as error:
-            errors.print("[bold red]error:[/] ", end="")
-            errors.print(str(error), markup=False, highlight=False)
+            _print_error(str(error))
             sys.exit(EXIT_FAILURE)
         except KeyboardInterrupt:
             # Every write commits whole (a Delta commit, an ordered online write), so an
@@ -459,14 +463,12 @@ def ingest(
     if any(summary.rejected for summary in summaries):
         console.print(f"All rejects: `tenx rejects` (Delta table {store.rejects_path(source)})")
     for problem in refused:
-        errors.print("[bold red]error:[/] ", end="")
-        errors.print(problem, markup=False, highlight=False)
+        _print_error(problem)
     if refused:
         sys.exit(EXIT_USAGE)
     nothing = [str(s.file) for s in summaries if not s.skipped and s.rows_in and not s.ingested]
     if nothing:
-        errors.print("[bold red]error:[/] no valid event in ", end="")
-        errors.print(", ".join(nothing), markup=False, highlight=False)
+        _print_error(f"no valid event in {', '.join(nothing)}")
         sys.exit(EXIT_FAILURE)
 
 
@@ -479,10 +481,8 @@ def ingest(
 def rejects(source_name: str | None, file_name: str | None, limit: int, config_file: Path | None) -> None:
     """List rows `tenx ingest` rejected, newest first: file, row, reason and the record
     as read, with a count per reason."""
-    import collections
-
     from featurestore.stores.offline import DeltaOfflineStore
-    from pipelines.ingest import reason_kind
+    from pipelines.ingest import reason_counts
 
     settings = _settings(config_file)
     plan = _applied_plan(settings)
@@ -495,12 +495,11 @@ def rejects(source_name: str | None, file_name: str | None, limit: int, config_f
         console.print(f"No rejected rows for source `{source.name}`{f' from {file_name}' if file_name else ''}.")
         return
     rows.sort(key=lambda row: (row["ingested_at"], row["file"], -row["row"]), reverse=True)
-    counts = collections.Counter(reason_kind(row["reason"]) for row in rows)
     summary = Table(title=f"{len(rows):,} rejected rows of `{source.name}` by reason", title_justify="left")
     summary.add_column("rows", justify="right")
     summary.add_column("reason (the bad values differ)")
-    for reason, count in counts.most_common():
-        summary.add_row(f"{count:,}", reason)
+    for kind, _, count in reason_counts(row["reason"] for row in rows):
+        summary.add_row(f"{count:,}", kind)
     console.print(summary)
     shown = rows if limit == 0 else rows[:limit]
     table = Table(title=f"newest {len(shown):,}", title_justify="left")

@@ -125,7 +125,7 @@ def _factorize(keys: Any) -> tuple[np.ndarray, np.ndarray]:
     """Dense codes in key order (so output is sorted by key) and the key of each code,
     on the host. cuDF returns a CuPy array (as narrow as int8) and a cuDF Index."""
     codes, uniques = keys.factorize(sort=True)
-    codes = xp_to_numpy(codes) if hasattr(codes, "get") else np.asarray(codes)
+    codes = xp_to_numpy(codes)
     uniques = uniques.to_numpy() if hasattr(uniques, "to_numpy") else np.asarray(uniques)
     return codes.astype(np.int64), uniques
 

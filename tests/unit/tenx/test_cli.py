@@ -351,3 +351,12 @@ def test_materialize_loads_values_as_of_now_not_future_expiries(tmp_path: Path) 
     assert raws
     now_us = time.time() * 1_000_000
     assert all(decode(view, raw)[0] <= now_us for raw in raws)
+
+
+def test_plan_lists_feature_names_as_export_and_the_api_take_them(tmp_path: Path) -> None:
+    tenx("init", "demo", cwd=tmp_path)
+    listed = tenx("plan", "--features", cwd=tmp_path / "demo")
+    assert listed.returncode == 0, listed.stderr
+    assert "user_spend:count_1d" in listed.stdout
+    assert "merchant_sales:sum_amount_1h" in listed.stdout
+    assert "sum(amount_eur)" in listed.stdout
