@@ -133,11 +133,13 @@ class _Compiler:
         for problem in source.schema.problems():
             self.report(source.location, subject, f"schema `{source.schema.name}`: {problem}")
             ok = False
-        try:
-            lateness = parse_duration(source.allowed_lateness)
-        except ValueError as error:
-            self.report(source.location, subject, f"allowed_lateness: {error}")
-            ok = False
+        durations: dict[str, int] = {}
+        for option in ("allowed_lateness", "idle_timeout", "max_future"):
+            try:
+                durations[option] = parse_duration(getattr(source, option))
+            except ValueError as error:
+                self.report(source.location, subject, f"{option}: {error}")
+                ok = False
         if not ok:
             return None
         spec = SourceSpec(
@@ -145,7 +147,9 @@ class _Compiler:
             schema=source.schema,
             topic=source.topic,
             table=source.table,
-            allowed_lateness=lateness,
+            allowed_lateness=durations["allowed_lateness"],
+            idle_timeout=durations["idle_timeout"],
+            max_future=durations["max_future"],
             description=source.description,
         )
         self.sources[source.name] = spec

@@ -121,6 +121,10 @@ class EntitySpec:
         return {"name": self.name, "key": self.key, "dtype": self.dtype, "description": self.description}
 
 
+DEFAULT_IDLE_TIMEOUT = 30_000_000  # 30 s
+DEFAULT_MAX_FUTURE = 300_000_000  # 5 min
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     name: str
@@ -129,6 +133,8 @@ class SourceSpec:
     table: str
     allowed_lateness: int  # microseconds
     description: str = ""
+    idle_timeout: int = DEFAULT_IDLE_TIMEOUT  # microseconds
+    max_future: int = DEFAULT_MAX_FUTURE  # microseconds
 
     @property
     def event_time(self) -> str:
@@ -141,6 +147,8 @@ class SourceSpec:
             "topic": self.topic,
             "table": self.table,
             "allowed_lateness": self.allowed_lateness,
+            "idle_timeout": self.idle_timeout,
+            "max_future": self.max_future,
             "description": self.description,
         }
 
@@ -153,6 +161,9 @@ class SourceSpec:
             table=data["table"],
             allowed_lateness=data["allowed_lateness"],
             description=data["description"],
+            # plans recorded before these options existed ran with these values' rules absent
+            idle_timeout=data.get("idle_timeout", DEFAULT_IDLE_TIMEOUT),
+            max_future=data.get("max_future", DEFAULT_MAX_FUTURE),
         )
 
 

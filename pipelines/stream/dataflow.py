@@ -32,252 +32,31 @@ import pandas as pd
 import pyarrow as pa
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
-from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from featurestore.errors import ConfigError, TransientError
+from featurestore.durations import format_duration
 from featurestore.plan.model import AS_OF, Plan, SourceSpec, ViewSpec
 from featurestore.stores.codec import encode_columns, with_nulls
 from featurestore.stores.online import OnlineStore
 from featurestore.transforms import prepare_events
 from pipelines.stream.metrics import METRICS
+from pipelines.stream.producer import Delivery
+from pipelines.stream.sources import (
+    PARTITION_BITS,
+    JsonLinesSource,
+    KafkaSource,
+    Message,
+    check_topics,
+    kafka_messages,
+    kafka_topics,
+    sequence,
+    sources_stopped,
+)
 from pipelines.stream.state import Emit, Event, Row, ViewState
 from pipelines.stream.tiles import EventBatch, LatestState, RowBatch, batch_from_frame
+from pipelines.stream.watermark import PartitionStatus, Progress
 from schemas.validation import validate_records
-
-# (partition, offset, raw bytes): what every source yields
-Message = tuple[int, int, bytes]
-PARTITION_BITS = 10  # sequence = offset << 10 | partition: log order within a partition
-
-
-def sequence(partition: int, offset: int) -> int:
-    return (offset << PARTITION_BITS) | partition
-
-
-# -- sources -------------------------------------------------------------------------------
-
-
-class _LinesPartition(StatefulSourcePartition[list[Message], int]):
-    def __init__(self, path: Path, resume: int | None, batch_size: int) -> None:
-        self._file = path.open("rb")
-        self._offset = 0
-        self._batch = batch_size
-        for _ in range(resume or 0):
-            self._file.readline()
-            self._offset += 1
-
-    def next_batch(self) -> list[list[Message]]:
-        out: list[Message] = []
-        for _ in range(self._batch):
-            line = self._file.readline()
-            if not line:
-                if not out:
-                    raise StopIteration
-                break
-            if line.strip():
-                out.append((0, self._offset, line.rstrip(b"\n")))
-            self._offset += 1
-        return [out]
-
-    def snapshot(self) -> int:
-        return self._offset
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class JsonLinesSource(FixedPartitionedSource[list[Message], int]):
-    """A JSON-lines file as a one-partition log (offset = line number): replay without
-    Kafka, e.g. for the quickstart. Yields batches of lines; resumes from its snapshot."""
-
-    def __init__(self, path: Path, batch_size: int = 5000) -> None:
-        self.path = Path(path)
-        self.batch_size = batch_size
-
-    def list_parts(self) -> list[str]:
-        return [str(self.path)]
-
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _LinesPartition:
-        return _LinesPartition(self.path, resume_state, self.batch_size)
-
-
-class _KafkaSourcePartition(StatefulSourcePartition[list[Message], int]):
-    """One Kafka partition; yields each consumed batch as one item, snapshots the next
-    offset (restored with the state of the same epoch: nothing lost or applied twice)."""
-
-    def __init__(self, bootstrap: str, topic: str, partition: int, offset: int, *, tail: bool, batch_size: int) -> None:
-        from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-        self._eof_code = KafkaError._PARTITION_EOF
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": "tenx-stream",  # offsets live in the recovery store, not in Kafka
-                "enable.auto.commit": False,
-                "enable.partition.eof": not tail,
-                "socket.connection.setup.timeout.ms": 5000,
-                "session.timeout.ms": 10000,
-                "fetch.wait.max.ms": 50,
-                # An offset retention has deleted: the oldest message left, never the end.
-                "auto.offset.reset": "earliest",
-            }
-        )
-        self._consumer.assign([TopicPartition(topic, partition, offset)])
-        self._topic, self._partition = topic, partition
-        self._offset = offset
-        self._batch = batch_size
-        self._eof = False
-        self._polls = 0
-
-    def next_batch(self) -> list[list[Message]]:
-        if self._eof:
-            raise StopIteration
-        consumed = self._consumer.consume(self._batch, 0.05)
-        partition = self._partition
-        out: list[Message] = [(partition, m.offset(), m.value()) for m in consumed if m.error() is None]  # type: ignore[misc]
-        if len(out) != len(consumed):  # errors, or the end of the partition: in log order
-            out = []
-            for message in consumed:
-                error = message.error()
-                if error is None:
-                    out.append((partition, int(message.offset() or 0), message.value() or b""))
-                elif error.code() == self._eof_code:
-                    self._eof = True
-                    break
-                else:
-                    out.append((-1, message.offset() or -1, orjson.dumps({"kafka_error": str(error)})))
-        for item in reversed(out):
-            if item[0] >= 0:
-                self._offset = item[1] + 1
-                break
-        self._polls += 1
-        if self._polls % 20 == 0:
-            self._report_lag()
-        return [out] if out else []
-
-    def _report_lag(self) -> None:
-        from confluent_kafka import TopicPartition
-
-        try:
-            _, high = self._consumer.get_watermark_offsets(TopicPartition(self._topic, self._partition), cached=True)
-        except Exception:  # noqa: BLE001 (no statistics yet: nothing to report)
-            return
-        if high is not None and high >= 0 and self._offset >= 0:
-            METRICS.lag.labels(self._topic, str(self._partition)).set(max(high - self._offset, 0))
-
-    def snapshot(self) -> int:
-        return self._offset
-
-    def close(self) -> None:
-        self._consumer.close()
-
-
-class KafkaSource(FixedPartitionedSource[list[Message], int]):
-    """A topic's partitions spread over workers. Each yields a consumed batch as one item.
-    Without a snapshot a partition starts at the first message at or after
-    `start_time_us` (Kafka's offsets for times; the end when there is none), or at the
-    beginning when `start_time_us` is None. Every call to the broker has a timeout."""
-
-    def __init__(
-        self,
-        bootstrap: str,
-        topic: str,
-        *,
-        tail: bool = True,
-        batch_size: int = 20000,
-        start_time_us: int | None = None,
-        timeout_s: float = 10.0,
-    ) -> None:
-        self.bootstrap = bootstrap
-        self.topic = topic
-        self.tail = tail
-        self.batch_size = batch_size
-        self.start_time_us = start_time_us
-        self.timeout_s = timeout_s
-
-    def _config(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.bootstrap, "socket.connection.setup.timeout.ms": 5000}
-
-    def list_parts(self) -> list[str]:
-        from confluent_kafka.admin import AdminClient
-
-        metadata = AdminClient(self._config()).list_topics(self.topic, timeout=self.timeout_s)
-        topic = metadata.topics.get(self.topic)
-        if topic is None or topic.error is not None:
-            raise ConfigError(f"Kafka topic {self.topic!r} at {self.bootstrap}: {topic.error if topic else 'missing'}")
-        if len(topic.partitions) > 1 << PARTITION_BITS:
-            raise ConfigError(
-                f"Kafka topic {self.topic!r} has {len(topic.partitions)} partitions; tenx supports up to "
-                f"{1 << PARTITION_BITS} (an event's sequence is offset << {PARTITION_BITS} | partition)"
-            )
-        return [str(p) for p in sorted(topic.partitions)]
-
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaSourcePartition:
-        partition = int(for_part)
-        offset = resume_state if resume_state is not None else self._start_offset(partition)
-        return _KafkaSourcePartition(
-            self.bootstrap, self.topic, partition, offset, tail=self.tail, batch_size=self.batch_size
-        )
-
-    def _start_offset(self, partition: int) -> int:
-        """A concrete offset (never the "end" sentinel: a snapshot taken before the first
-        message must not resume at a later end and skip what arrived in between)."""
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-        if self.start_time_us is None:
-            return int(OFFSET_BEGINNING)
-        consumer = Consumer({**self._config(), "group.id": "tenx-stream-offsets"})
-        try:
-            wanted = TopicPartition(self.topic, partition, max(self.start_time_us // 1000, 0))
-            (found,) = consumer.offsets_for_times([wanted], timeout=self.timeout_s)
-            if found.offset >= 0:
-                return int(found.offset)
-            _, high = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=self.timeout_s)
-            return int(high)  # nothing at or after the time: start after the last message
-        finally:
-            consumer.close()
-
-
-def kafka_topics(bootstrap: str, timeout_s: float = 10.0) -> set[str]:
-    """The broker's topics; a TransientError saying so when it does not answer in time."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-
-    # log_level 0: the connection failures are reported once, below, not logged every 50 ms.
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 5000, "log_level": 0})
-    try:
-        metadata = admin.list_topics(timeout=timeout_s)
-    except KafkaException as error:
-        raise TransientError(f"cannot reach Kafka at {bootstrap} within {timeout_s:.0f} s: {error}") from error
-    return set(metadata.topics)
-
-
-def check_topics(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> None:
-    """Fail early, with what to do, when the broker is unreachable or a topic is missing
-    (inside the running dataflow either would end in a Bytewax traceback)."""
-    known = kafka_topics(bootstrap, timeout_s)
-    missing = [topic for topic in topics if topic not in known]
-    if missing:
-        raise ConfigError(
-            f"Kafka topic(s) {', '.join(missing)} do not exist at {bootstrap}: create them "
-            "(e.g. `tenx demo-data --to-kafka <topic>`), or set the source's topic= in the feature repo"
-        )
-
-
-def kafka_messages(
-    flow: Dataflow,
-    source: SourceSpec,
-    bootstrap: str,
-    *,
-    tail: bool,
-    batch_size: int = 20000,
-    start_time_us: int | None = None,
-) -> Any:
-    """The source's topic as a stream of message batches (`KafkaSource`)."""
-    kafka = KafkaSource(bootstrap, source.topic, tail=tail, batch_size=batch_size, start_time_us=start_time_us)
-    return op.input(f"kafka_{source.name}", flow, kafka)
-
 
 # -- sinks ---------------------------------------------------------------------------------
 
@@ -363,18 +142,19 @@ class JsonLinesSink(DynamicSink[dict[str, Any]]):
 
 class _KafkaSinkPartition(StatelessSinkPartition[dict[str, Any]]):
     def __init__(self, bootstrap: str, topic: str) -> None:
-        from confluent_kafka import Producer
-
         self.topic = topic
-        self.producer = Producer({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 5000})
+        self.producer = Delivery(bootstrap, **{"linger.ms": 20})
 
     def write_batch(self, items: list[dict[str, Any]]) -> None:
+        # Delivered before the epoch closes: a snapshot never covers a dead letter or a
+        # late event that is not in its topic yet (a failure here restarts the job from
+        # its last snapshot, which sends them again: at least once).
         for item in items:
-            self.producer.produce(self.topic, orjson.dumps(item))
-        self.producer.flush(10)
+            self.producer.send(self.topic, orjson.dumps(item))
+        self.producer.flush()
 
     def close(self) -> None:
-        self.producer.flush(10)
+        self.producer.flush()
 
 
 class KafkaJsonSink(DynamicSink[dict[str, Any]]):
@@ -391,8 +171,16 @@ class KafkaJsonSink(DynamicSink[dict[str, Any]]):
 # -- steps ---------------------------------------------------------------------------------
 
 
-def _decoder(source: SourceSpec) -> Callable[[list[Any]], list[tuple[str, Any]]]:
+def _decoder(source: SourceSpec, clock: Callable[[], float]) -> Callable[[list[Any]], list[tuple[str, Any]]]:
+    """Decode + validate message batches: ("dlq", dead letter) items first (in log
+    order), then ("ok", table with a `_seq` column) and ("progress", Progress) items: the
+    sources' start and idle reports, one report per partition with the newest valid
+    event time of the batch, then the sources' end reports. An event more than the
+    source's `max_future` ahead of the processing clock is a dead letter: it would move
+    a watermark past every real event."""
     schema = source.schema
+    event_time = source.event_time
+    ahead = format_duration(source.max_future)
 
     def dead_letter(partition: int, offset: int, value: bytes, reason: str) -> tuple[str, Any]:
         METRICS.dead_letters.labels(source.name).inc()
@@ -411,9 +199,13 @@ def _decoder(source: SourceSpec) -> Callable[[list[Any]], list[tuple[str, Any]]]
 
     def decode(items: list[Any]) -> list[tuple[str, Any]]:
         messages: list[Message] = []
+        reports: list[Progress] = []
         for item in items:  # message batches (Kafka, files) or single messages (tests)
             if isinstance(item, list):
-                messages.extend(item)
+                for entry in item:
+                    (reports if isinstance(entry, Progress) else messages).append(entry)
+            elif isinstance(item, Progress):
+                reports.append(item)
             else:
                 messages.append(item)
         dead: list[tuple[int, tuple[str, Any]]] = []  # (position in the batch, item): log order
@@ -436,23 +228,60 @@ def _decoder(source: SourceSpec) -> Callable[[list[Any]], list[tuple[str, Any]]]
             kept.append(position)
         METRICS.events_in.labels(source.name).inc(len(messages))
         out: list[tuple[str, Any]] = []
+        newest: list[Progress] = []
         if records:
             checked = validate_records(schema, records)
             for index, problems in checked.rejected:
                 partition, offset, value = messages[kept[index]]
                 dead.append((kept[index], dead_letter(partition, offset, value, "; ".join(str(p) for p in problems))))
-            if checked.valid.num_rows:
+            valid = checked.valid
+            if valid.num_rows:
                 positions = checked.positions
-                seq = sequences if len(positions) == len(sequences) else [sequences[i] for i in positions]
-                out.append(("ok", checked.valid.append_column("_seq", pa.array(seq, pa.int64()))))
+                seq = np.asarray(sequences if len(positions) == len(sequences) else [sequences[i] for i in positions])
+                times = valid.column(event_time).cast(pa.int64()).to_numpy(zero_copy_only=False)
+                limit = int(clock() * 1_000_000) + source.max_future
+                future = times > limit
+                if future.any():
+                    for index in np.flatnonzero(future).tolist():
+                        partition, offset, value = messages[kept[positions[index]]]
+                        moment = datetime.fromtimestamp(times[index] / 1e6, UTC).isoformat()
+                        reason = (
+                            f"field `{event_time}`: {moment} is more than {ahead} ahead of the processing clock "
+                            f"(max_future of source `{source.name}`); check the producer's clock"
+                        )
+                        dead.append((kept[positions[index]], dead_letter(partition, offset, value, reason)))
+                    keep = ~future
+                    valid, seq, times = valid.filter(pa.array(keep)), seq[keep], times[keep]
+            if valid.num_rows:
+                out.append(("ok", valid.append_column("_seq", pa.array(seq, pa.int64()))))
+                newest = _newest_per_partition(seq, times)
         dead.sort(key=lambda item: item[0])
-        return [item for _, item in dead] + out
+        progress = [r for r in reports if r.status is not PartitionStatus.ENDED] + newest
+        progress += [r for r in reports if r.status is PartitionStatus.ENDED]
+        return [item for _, item in dead] + out + [("progress", report) for report in progress]
 
     return decode
 
 
-def _events_for(view: ViewSpec, shards: int, inputs: tuple[str, ...]) -> Callable[[pa.Table], list[tuple[str, Any]]]:
-    def to_events(table: pa.Table) -> list[tuple[str, Any]]:
+def _newest_per_partition(sequences: np.ndarray, times: np.ndarray) -> list[Progress]:
+    partitions = sequences & ((1 << PARTITION_BITS) - 1)
+    first = int(partitions[0])
+    if (partitions == first).all():  # a batch from one partition (what a Kafka source yields)
+        return [Progress(first, event_time=int(times.max()))]
+    found = pd.Series(times).groupby(partitions).max()
+    return [Progress(int(p), event_time=int(t)) for p, t in zip(found.index.tolist(), found.tolist(), strict=True)]
+
+
+def _events_for(
+    view: ViewSpec, shards: int, inputs: tuple[str, ...]
+) -> Callable[[pa.Table | Progress], list[tuple[str, Any]]]:
+    """A validated table -> (shard, EventBatch) items; a progress report -> one copy per
+    shard (every shard's watermark waits for every partition)."""
+    every_shard = [str(shard) for shard in range(shards)]
+
+    def to_events(table: pa.Table | Progress) -> list[tuple[str, Any]]:
+        if isinstance(table, Progress):
+            return [(shard, table) for shard in every_shard]
         frame = prepare_events(view, table.to_pandas())
         if len(frame) == 0:
             return []
@@ -472,7 +301,7 @@ def _events_for(view: ViewSpec, shards: int, inputs: tuple[str, ...]) -> Callabl
     return to_events
 
 
-class _ShardLogic(StatefulBatchLogic[EventBatch, tuple[str, Any], Any]):
+class _ShardLogic(StatefulBatchLogic[EventBatch | Progress, tuple[str, Any], Any]):
     """One shard's state: LatestState (online rows) or ViewState (every changelog row)."""
 
     def __init__(self, view: ViewSpec, drain: bool, emit: Emit, resume: Any) -> None:
@@ -484,23 +313,30 @@ class _ShardLogic(StatefulBatchLogic[EventBatch, tuple[str, Any], Any]):
             self.state = LatestState(view) if emit is Emit.LATEST else ViewState(view, emit)
         self.drain = drain
 
-    def on_batch(self, values: list[EventBatch]) -> tuple[Iterable[tuple[str, Any]], bool]:
-        batch = EventBatch.concat(values)
+    def on_batch(self, values: list[EventBatch | Progress]) -> tuple[Iterable[tuple[str, Any]], bool]:
+        # Events are judged against the watermark as it was before this call's progress
+        # reports (which come after the events they describe): never too strict.
+        batches = [v for v in values if isinstance(v, EventBatch)]
+        progress = [v for v in values if isinstance(v, Progress)]
+        batch = EventBatch.concat(batches) if batches else None
         state = self.state
+        watermark = state.watermark
         late_events: list[tuple[Any, int, int]] = []
         if isinstance(state, LatestState):
-            rows, late = state.step(batch)
-            if len(late):
+            rows, late = state.step(batch, progress)
+            if len(late) and batch is not None:
                 times, sequences = batch.times[late].tolist(), batch.sequences[late].tolist()
                 late_events = [(batch.keys[i], times[n], sequences[n]) for n, i in enumerate(late.tolist())]
         else:
-            plain, late_pairs = state.apply(_as_events(batch))
+            plain, late_pairs = state.apply(_as_events(batch)) if batch is not None else ([], [])
+            state.observe(progress)
             rows = rows_batch(self.view, plain + state.advance())
             late_events = [(entity, event[0], event[1]) for entity, event in late_pairs]
+        if state.watermark is not None:
+            METRICS.watermarks.set(self.view.name, id(self), state.watermark)
         out: list[tuple[str, Any]] = [("row", rows)] if len(rows) else []
         if late_events:
             METRICS.late.labels(self.view.name).inc(len(late_events))
-            watermark = state.watermark
             out.extend(
                 (
                     "late",
@@ -520,7 +356,7 @@ class _ShardLogic(StatefulBatchLogic[EventBatch, tuple[str, Any], Any]):
         # A bounded input ending is not time passing: only with `drain` are the pending
         # expiries (up to the end of every window) emitted. Without it the store keeps
         # the values as of the last events, as a live stream would serve them.
-        if not self.drain:
+        if not self.drain or sources_stopped():  # a stop (Ctrl-C) is not the end of the input either
             return [], StatefulBatchLogic.RETAIN
         state = self.state
         rows = state.flush() if isinstance(state, LatestState) else rows_batch(self.view, state.flush())
@@ -578,17 +414,21 @@ def build_dataflow(
     drain: bool = True,
     emit: Emit = Emit.CHANGELOG,
     name: str = "tenx_stream",
+    clock: Callable[[], float] = time.time,
 ) -> Dataflow:
     """The dataflow for every online view of the plan (or those named), reading each
-    source's messages from `messages(flow, source)`. With `drain`, the end of a bounded
-    input emits every pending expiry. `emit` chooses every changelog row or only those
-    that can become online values (what `tenx stream` runs)."""
+    source's messages from `messages(flow, source)`: message batches with the sources'
+    `Progress` reports (a source announces its partition count when a partition starts;
+    without any announcement the partitions seen so far are all there is). With `drain`,
+    the end of a bounded input emits every pending expiry. `emit` chooses every
+    changelog row or only those that can become online values (what `tenx stream`
+    runs). `clock` (seconds) bounds event times from the future."""
     flow = Dataflow(name)
     chosen = [plan.view(v) for v in views] if views else [v for v in plan.views if v.online]
     for source in {view.source.name: view.source for view in chosen}.values():
         raw = messages(flow, source)
-        decoded = op.flat_map_batch(f"decode_{source.name}", raw, _decoder(source))
-        split = op.branch(f"valid_{source.name}", decoded, lambda item: item[0] == "ok")
+        decoded = op.flat_map_batch(f"decode_{source.name}", raw, _decoder(source, clock))
+        split = op.branch(f"valid_{source.name}", decoded, lambda item: item[0] != "dlq")
         op.output(
             f"dead_letters_{source.name}", op.map(f"dlq_{source.name}", split.falses, _second), outputs.dead_letters
         )
@@ -618,12 +458,15 @@ __all__ = [
     "JsonLinesSink",
     "JsonLinesSource",
     "KafkaJsonSink",
+    "KafkaSource",
     "OnlineSink",
     "Outputs",
     "StoreFactory",
     "build_dataflow",
     "check_topics",
     "kafka_messages",
+    "kafka_topics",
     "rows_batch",
     "sequence",
+    "sources_stopped",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import REGISTRY, Counter, Gauge
-from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily
 
 FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600, 86400)
 
@@ -42,6 +42,34 @@ class BatchHistogram:
         )
 
 
+class SlowestWatermark:
+    """Per view the watermark of its slowest shard in this process (seconds since the
+    epoch): what the status line's watermark age and `tenx_stream_watermark_seconds`
+    show. Shards report under a token of their own."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._values: dict[str, dict[int, int]] = {}
+        self._lock = threading.Lock()
+
+    def set(self, view: str, shard: int, watermark_us: int) -> None:
+        with self._lock:
+            self._values.setdefault(view, {})[shard] = watermark_us
+
+    def slowest(self) -> dict[str, int]:
+        """View -> the lowest shard watermark (µs)."""
+        with self._lock:
+            return {view: min(shards.values()) for view, shards in self._values.items() if shards}
+
+    def collect(self) -> Iterator[Any]:
+        family = GaugeMetricFamily(
+            self.name, "Event-time watermark of the view's slowest shard (seconds since the epoch).", labels=["view"]
+        )
+        for view, value in sorted(self.slowest().items()):
+            family.add_metric([view], value / 1e6)
+        yield family
+
+
 class _StreamMetrics:
     def __init__(self) -> None:
         self.events_in = Counter("tenx_stream_events_in_total", "Messages read.", ["source"])
@@ -53,6 +81,8 @@ class _StreamMetrics:
             "tenx_stream_freshness_seconds", "Online write time minus the row's as_of time.", FRESHNESS_BUCKETS
         )
         REGISTRY.register(self.freshness)
+        self.watermarks = SlowestWatermark("tenx_stream_watermark_seconds")
+        REGISTRY.register(self.watermarks)
 
 
 METRICS = _StreamMetrics()

@@ -7,8 +7,9 @@ partial aggregate per tile *below the compaction boundary* C, and the raw events
 after C. Evaluating a feature at time p merges the partials of the window's tiles and
 the raw events in [tile(p) - W + g, p]. Every point ever evaluated is >= C, because:
 
-- the watermark is max event time seen - allowed_lateness, and an event older than the
-  watermark is late (not applied: it goes to the late output);
+- the watermark only moves forward (`pipelines.stream.watermark`: the slowest input
+  partition's newest event time minus the allowed lateness), and an event older than
+  the watermark is late (not applied: it goes to the late output);
 - expiry rows (s + W) are emitted once the watermark has passed them, *before* the
   boundary moves up to the new watermark;
 - event rows are evaluated at event times >= the watermark.
@@ -29,6 +30,7 @@ from typing import Any
 from featurestore.plan.model import FeatureSpec, ViewSpec
 from featurestore.semantics import empty_value
 from featurestore.transforms import event_micros, plain_values
+from pipelines.stream.watermark import Progress, Watermarks
 
 # (entity, as_of µs, values in feature order)
 Row = tuple[Any, int, tuple[Any, ...]]
@@ -130,24 +132,29 @@ class ViewState:
         # Tiles of granularity g are kept only as long as the longest window using g.
         self.reach = {g: max(f.window.length for f in view.features if f.window.every == g) for g in self.granularities}
         self.entities: dict[Any, _Entity] = {}
-        self.max_time: int | None = None
+        self.watermarks = Watermarks(self.lateness)
         self.boundary: int | None = None  # events before it are folded into tiles
         self._timers: list[tuple[int, Any]] = []  # (expiry, entity) heap, may hold stale entries
 
     # -- watermark -----------------------------------------------------------------------------
     @property
     def watermark(self) -> int | None:
-        return None if self.max_time is None else self.max_time - self.lateness
+        return self.watermarks.value
 
     def is_late(self, time: int) -> bool:
-        watermark = self.watermark
-        return watermark is not None and time < watermark
+        return self.watermarks.is_late(time)
+
+    def observe(self, progress: list[Progress]) -> None:
+        """Partition progress reports (see `pipelines.stream.watermark`)."""
+        if progress:
+            self.watermarks.observe(progress)
 
     # -- applying events -----------------------------------------------------------------------
     def apply(self, events: Iterable[tuple[Any, Event]]) -> tuple[list[Row], list[tuple[Any, Event]]]:
         """Apply (entity, event) pairs in log order. Returns the rows they change (one per
         entity and new event time, or a re-evaluation at the entity's head for an event
-        that arrived behind it) and the late events (not applied)."""
+        that arrived behind it) and the late events (older than the watermark: not
+        applied). The watermark moves only with `observe`."""
         late: list[tuple[Any, Event]] = []
         touched: dict[Any, list[int]] = {}
         for entity, event in events:
@@ -173,7 +180,6 @@ class ViewState:
             times = touched.setdefault(entity, [])
             times.append(max(time, state.head) if state.head is not None else time)
             state.head = time if state.head is None else max(state.head, time)
-            self.max_time = time if self.max_time is None else max(self.max_time, time)
         latest_only = self.emit is Emit.LATEST
         rows = [
             (entity, point, self.evaluate(entity, point))

@@ -32,6 +32,7 @@ import numpy as np
 from featurestore.plan.model import ViewSpec
 from featurestore.stores.codec import with_nulls
 from featurestore.transforms import plain_values
+from pipelines.stream.watermark import Progress, Watermarks
 
 INT_MIN = np.iinfo(np.int64).min
 _NEVER = -(2**62)  # "no time yet" that survives subtracting a lateness
@@ -535,6 +536,7 @@ class LatestState:
         self.windows = sorted({(f.window.length, f.window.every) for f in view.features})
         self.reach = {g: max(w for w, e in self.windows if e == g) for g in self.granularities}
         self._column_index = {name: i for i, name in enumerate(self.inputs)}
+        self.watermarks = Watermarks(self.lateness)
         self._reset()
 
     def _reset(self) -> None:
@@ -544,21 +546,33 @@ class LatestState:
         self.keys: list[Any] = []
         self.free_ids: list[int] = []
         self.heads = np.full(_INITIAL, INT_MIN, dtype=np.int64)
-        self.max_time: int | None = None
         self.expired_through: int | None = None  # expiries up to here are emitted
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "watermarks" not in state:  # a snapshot from before per-partition watermarks
+            max_time = state.pop("max_time", None)
+            floor = None if max_time is None else max_time - state["lateness"]
+            state["watermarks"] = Watermarks.resumed(state["lateness"], floor)
+        self.__dict__.update(state)
 
     @property
     def watermark(self) -> int | None:
-        return None if self.max_time is None else self.max_time - self.lateness
+        """Events before it are late; expiries up to it are emitted (`Watermarks`)."""
+        return self.watermarks.value
+
+    def observe(self, progress: list[Progress]) -> None:
+        """Partition progress reports (see `pipelines.stream.watermark`)."""
+        if progress:
+            self.watermarks.observe(progress)
 
     @property
     def entity_count(self) -> int:
         return len(self.ids)
 
     def apply(self, batch: EventBatch) -> tuple[RowBatch, np.ndarray]:
-        """Apply a micro-batch (log order). Returns a row per entity it touched (at the
-        entity's newest event time) and the positions of the late events (not applied:
-        older than the watermark when they arrived)."""
+        """Apply a micro-batch. Returns a row per entity it touched (at the entity's
+        newest event time) and the positions of the late events (not applied: older
+        than the watermark when they arrived)."""
         touched, late = self._fold(batch)
         return self._evaluate(touched, self.heads[touched]), late
 
@@ -573,10 +587,12 @@ class LatestState:
             self._forget(limit)
         return rows
 
-    def step(self, batch: EventBatch) -> tuple[RowBatch, np.ndarray]:
-        """`apply` then `advance`, with one row per entity: the one that wins online
-        (an expiry after the entity's newest event beats its event-time row)."""
-        touched, late = self._fold(batch)
+    def step(self, batch: EventBatch | None, progress: list[Progress] | None = None) -> tuple[RowBatch, np.ndarray]:
+        """`apply`, `observe` the progress reports that came with the batch, then
+        `advance`, with one row per entity: the one that wins online (an expiry after
+        the entity's newest event beats its event-time row)."""
+        touched, late = self._fold(batch) if batch is not None else (np.empty(0, np.int64), np.empty(0, np.int64))
+        self.observe(progress or [])
         limit = self.watermark
         expiring, expiries = self._expiries(limit)
         eids, points = _newest(np.concatenate([touched, expiring]), np.concatenate([self.heads[touched], expiries]))
@@ -598,10 +614,8 @@ class LatestState:
         positions of the late events)."""
         if len(batch) == 0:
             return np.empty(0, np.int64), np.empty(0, np.int64)
-        prior = _NEVER if self.max_time is None else self.max_time
-        running = np.maximum.accumulate(np.concatenate([np.array([prior], np.int64), batch.times]))[1:]
-        late = batch.times < running - self.lateness
-        self.max_time = int(running[-1])
+        watermark = self.watermark
+        late = batch.times < (watermark if watermark is not None else INT_MIN)
         late_positions = np.flatnonzero(late)
         if len(late_positions):
             batch = batch.take(np.flatnonzero(~late))

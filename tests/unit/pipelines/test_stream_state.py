@@ -16,11 +16,21 @@ from featurestore.semantics import changelog_differences
 from featurestore.transforms import prepare_events
 from pipelines.reference import reference_changelog
 from pipelines.stream.state import Emit, Row, ViewState, events_from_frame
+from pipelines.stream.watermark import Progress
 from tests.unit.pipelines.test_kernel_parity import VIEWS, logs
 
 
+def batch_progress(frame: pd.DataFrame) -> list[Progress]:
+    """What the decode step reports after a one-partition micro-batch: its newest event
+    time (over every valid event, before any `where=`)."""
+    if len(frame) == 0:
+        return []
+    return [Progress(0, event_time=int(pa.array(frame["event_time"]).cast(pa.int64()).to_numpy().max()))]
+
+
 def run_stream(view: ViewSpec, frame: pd.DataFrame, cuts: list[int], emit: Emit = Emit.CHANGELOG) -> list[Row]:
-    """Feed `frame` (log order) in micro-batches split at `cuts`; rows in emit order."""
+    """Feed `frame` (log order, one partition) in micro-batches split at `cuts`, each
+    followed by its progress report, as the dataflow does; rows in emit order."""
     state = ViewState(view, emit)
     frame = frame.assign(_seq=range(len(frame)))
     rows: list[Row] = []
@@ -29,6 +39,7 @@ def run_stream(view: ViewSpec, frame: pd.DataFrame, cuts: list[int], emit: Emit 
         batch = prepare_events(view, frame.iloc[low:high])
         emitted, _ = state.apply(events_from_frame(view, batch, state.inputs, []))
         rows.extend(emitted)
+        state.observe(batch_progress(frame.iloc[low:high]))
         rows.extend(state.advance())
     rows.extend(state.flush())
     return rows
@@ -84,21 +95,17 @@ def test_out_of_order_within_lateness_converges_to_the_last_batch_row(
 
 
 def accepted_events(view: ViewSpec, frame: pd.DataFrame, cuts: list[int]) -> pd.DataFrame:
-    """Replay the watermark rule to find which events a stream applies."""
+    """Replay the watermark rule by brute force to find which events a stream applies:
+    an event is late when it is more than the lateness older than the newest event of
+    an earlier micro-batch (a batch's events are judged before its progress counts)."""
     lateness = view.source.allowed_lateness
     times = pa.array(frame["event_time"]).cast(pa.int64()).to_pylist()
-    keep, max_time = [], None
-    passes = prepare_events(view, frame.assign(_seq=range(len(frame))))["_seq"].tolist()
-    passing = set(passes)
-    for index, time in enumerate(times):
-        if index not in passing:
-            keep.append(True)  # filtered by where=: no effect either way
-            continue
-        if max_time is not None and time < max_time - lateness:
-            keep.append(False)
-            continue
-        keep.append(True)
-        max_time = time if max_time is None else max(max_time, time)
+    bounds = sorted({0, len(frame), *[c for c in cuts if 0 < c < len(frame)]})
+    keep, newest = [], None
+    for low, high in itertools.pairwise(bounds):
+        for time in times[low:high]:
+            keep.append(newest is None or time >= newest - lateness)
+        newest = max(times[low:high]) if newest is None else max(newest, *times[low:high])
     return frame[pd.Series(keep, index=frame.index, dtype=bool)].reset_index(drop=True)
 
 

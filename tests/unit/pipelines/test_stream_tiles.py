@@ -19,7 +19,9 @@ from featurestore.semantics import values_match
 from featurestore.transforms import prepare_events
 from pipelines.stream.state import Emit, ViewState, events_from_frame
 from pipelines.stream.tiles import EventBatch, LatestState, RowBatch, batch_from_frame
+from pipelines.stream.watermark import Progress
 from tests.unit.pipelines.test_kernel_parity import VIEWS, logs
+from tests.unit.pipelines.test_stream_state import batch_progress
 
 Online = dict[Any, tuple[int, tuple[Any, ...]]]
 
@@ -43,12 +45,16 @@ def replay(view: ViewSpec, frame: pd.DataFrame, cuts: list[int], *, snapshot: bo
     bounds = sorted({0, len(frame), *[c for c in cuts if 0 < c < len(frame)]})
     for low, high in itertools.pairwise(bounds):
         batch = prepare_events(view, frame.iloc[low:high])
+        progress = batch_progress(frame.iloc[low:high])
         rows, late = python.apply(events_from_frame(view, batch, python.inputs, []))
+        python.observe(progress)
         serve(python_online, rows + python.advance())
         events = batch_from_frame(view, batch, columnar.inputs)
         emitted, late_positions = columnar.apply(events)
+        columnar.observe(progress)
         serve(columnar_online, emitted.rows() + columnar.advance().rows())
-        one_row_each, _ = stepped.step(events)  # what the dataflow runs: apply + advance, one row per entity
+        # what the dataflow runs: apply + observe + advance, one row per entity
+        one_row_each, _ = stepped.step(events, progress)
         assert len(set(one_row_each.keys)) == len(one_row_each)
         serve(stepped_online, one_row_each.rows())
         assert stepped_online == columnar_online
@@ -110,7 +116,8 @@ def test_state_forgets_tiles_and_entities_no_window_reaches() -> None:
     state.apply(batch(1, 0, 0))
     state.apply(batch(2, 1, 1))
     assert state.entity_count == 2
-    rows, _ = state.apply(batch(3, 60, 2))  # watermark 55 min: entities 1 and 2 expired
+    rows, _ = state.apply(batch(3, 60, 2))
+    state.observe([Progress(0, event_time=60 * minute)])  # watermark 55 min: entities 1 and 2 expired
     expired = state.advance()
     assert sorted(expired.keys) == [1, 2]
     assert expired.as_of.tolist() == [10 * minute, 10 * minute]
@@ -147,7 +154,7 @@ def test_an_out_of_order_tile_when_the_table_is_full() -> None:
         )
 
     state = LatestState(view)
-    state.step(batch(list(range(1024)), 10, 0))
+    state.step(batch(list(range(1024)), 10, 0), [Progress(0, event_time=10 * minute)])
     assert [t.live for t in state.tables.values()] == [t.capacity for t in state.tables.values()]
     rows, late = state.step(batch([0], 9, 5_000))  # within the lateness, one tile behind
     assert len(late) == 0
