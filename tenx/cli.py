@@ -867,6 +867,13 @@ def _check_port_free(host: str, port: int) -> None:
     type=click.FloatRange(min=0.1),
     help="Seconds between recovery snapshots (with --recovery-dir).",
 )
+@click.option(
+    "--status-interval",
+    default=None,
+    type=click.FloatRange(min=0.5),
+    help="Seconds between status lines (events/s, lag, late, dead letters, watermark age) "
+    "[default: 2 on a terminal, rewritten in place; 30 otherwise].",
+)
 @config_option
 @_friendly
 def stream(
@@ -882,17 +889,26 @@ def stream(
     metrics_port: int | None,
     drain: bool,
     snapshot_interval: float,
+    status_interval: float | None,
     config_file: Path | None,
 ) -> None:
     """Run the Bytewax stream job: events from Kafka (TENX_KAFKA_BOOTSTRAP) or a file,
     validated, aggregated in event time and written to the online store as they change.
-    Invalid records go, with the reason, to the dead-letter topic `<topic>.dead-letters`;
-    events older than the watermark to `<topic>.late` (with --from-file: JSON-lines files
-    under data/stream/).
+    Invalid records go, with the reason, to the dead-letter topic `<topic>.dead-letters`
+    (an event more than the source's max_future ahead of the clock too); events older
+    than the watermark to `<topic>.late` (with --from-file: JSON-lines files under
+    data/stream/).
+
+    \b
+    The watermark is the slowest partition's newest event time minus the source's
+    allowed_lateness; a partition caught up and quiet for the source's idle_timeout
+    follows the clock instead, so windows expire on a quiet stream.
 
     A cold start (no recovery snapshot) rebuilds the state from the topic: from the first
     message at or after now minus the longest window plus the allowed lateness of the
-    views run (by Kafka message time), or from the beginning with --from-beginning."""
+    views run (by Kafka message time), or from the beginning with --from-beginning.
+    Ctrl-C stops after the current batch (exit 130; with --recovery-dir the next start
+    resumes there)."""
     from bytewax.run import cli_main
 
     from pipelines.stream.dataflow import (
@@ -907,6 +923,7 @@ def stream(
         kafka_messages,
     )
     from pipelines.stream.state import Emit
+    from tenx.stream_status import Counts, Stopper, StatusReporter, summary
 
     settings = _settings(config_file)
     plan = _applied_plan(settings)
@@ -973,18 +990,36 @@ def stream(
     if from_file is None:
         console.print(f"dead letters -> Kafka topic {topic}.dead-letters, late events -> {topic}.late", highlight=False)
     before = {kind: _lines(outputs_dir, kind) for kind in ("dead_letters", "late")}
-    cli_main(
-        flow,
-        workers_per_process=workers,
-        process_id=process_id,
-        addresses=addresses.split(";") if addresses else None,
-        recovery_config=recovery,
-        epoch_interval=timedelta(seconds=snapshot_interval),
-    )
+    live = errors.is_terminal
+    reporter = StatusReporter(errors, interval=status_interval or (2.0 if live else 30.0), live=live)
+    stopper = Stopper(lambda line: reporter.print(line))
+    stopper.install()
+    reporter.start()
+    try:
+        cli_main(
+            flow,
+            workers_per_process=workers,
+            process_id=process_id,
+            addresses=addresses.split(";") if addresses else None,
+            recovery_config=recovery,
+            epoch_interval=timedelta(seconds=snapshot_interval),
+        )
+    finally:
+        reporter.stop()
+        stopper.restore()
+    if stopper.signal_number is not None:
+        resume = (
+            f"the next start with --recovery-dir {recovery_dir} resumes there"
+            if recovery_dir is not None
+            else "without --recovery-dir the next start rebuilds its state from the topic"
+        )
+        errors.print(f"stopped: {summary(reporter.start_counts, Counts.now())[6:]}; {resume}", highlight=False)
+        sys.exit(128 + stopper.signal_number)
+    console.print(summary(reporter.start_counts, Counts.now()), highlight=False)
     if from_file is not None:  # a file ends: say what did not reach the online store
         dead, late_count = (_lines(outputs_dir, kind) - before[kind] for kind in ("dead_letters", "late"))
         console.print(
-            f"done: {dead:,} dead letters ({outputs_dir}/dead_letters.*.jsonl), {late_count:,} late events "
+            f"written: {dead:,} dead letters ({outputs_dir}/dead_letters.*.jsonl), {late_count:,} late events "
             f"({outputs_dir}/late.*.jsonl)",
             highlight=False,
         )

@@ -252,23 +252,23 @@ def _bad_parquet_rows(rows: list[dict[str, Any] | bytes], schema: pa.Schema) -> 
 
 def produce_to_kafka(path: Path, bootstrap: str, topic: str, *, timeout_s: float = 60.0) -> int:
     """Produce a demo file's records to a Kafka topic as JSON, keyed by user_id (so one
-    entity's events keep their order in one partition). Malformed records go as they are."""
-    from confluent_kafka import KafkaException, Producer
+    entity's events keep their order in one partition). Malformed records go as they are.
+    A full producer queue waits for deliveries; a broker that takes nothing for
+    `timeout_s` is a TransientError saying so."""
+    from confluent_kafka import KafkaException
 
     from featurestore.errors import TransientError
+    from pipelines.stream.producer import Delivery
 
-    producer = Producer({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 5000, "linger.ms": 20})
+    producer = Delivery(bootstrap, timeout_s=timeout_s, **{"linger.ms": 20})
     sent = 0
 
     def send(value: bytes, key: Any) -> None:
         nonlocal sent
-        while True:
-            try:
-                producer.produce(topic, value, key=None if key is None else str(key).encode())
-                break
-            except BufferError:
-                producer.poll(0.1)
+        producer.send(topic, value, None if key is None else str(key).encode())
         sent += 1
+        if sent % 10_000 == 0:
+            producer.poll()
 
     try:
         if path.suffix == ".parquet":
@@ -286,9 +286,7 @@ def produce_to_kafka(path: Path, bootstrap: str, topic: str, *, timeout_s: float
                         except (orjson.JSONDecodeError, AttributeError):
                             key = None
                         send(line.rstrip(b"\n"), key)
-        left = producer.flush(timeout_s)
+        producer.flush()
     except KafkaException as error:
         raise TransientError(f"Kafka at {bootstrap}: {error}") from error
-    if left:
-        raise TransientError(f"Kafka at {bootstrap}: {left} records not delivered within {timeout_s:.0f} s")
     return sent

@@ -259,7 +259,9 @@ def test_stream_from_file_takes_json_lines_and_says_what_it_dropped(tmp_path: Pa
     assert "`tenx ingest`" in refused.stderr
     replayed = tenx("stream", "--from-file", "tx.jsonl", cwd=repo, env=env)
     assert replayed.returncode == 0, replayed.stderr
-    assert "done: 3 dead letters" in replayed.stdout
+    assert "written: 3 dead letters" in replayed.stdout
+    assert "done: 503 events in " in replayed.stdout  # the final counts
+    assert "rows written, 0 late, 3 dead letters" in replayed.stdout
 
 
 def test_an_edit_not_applied_is_pointed_out(tmp_path: Path) -> None:
