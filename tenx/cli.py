@@ -923,7 +923,7 @@ def stream(
         kafka_messages,
     )
     from pipelines.stream.state import Emit
-    from tenx.stream_status import Counts, Stopper, StatusReporter, summary
+    from tenx.stream_status import Counts, StatusReporter, Stopper, summary
 
     settings = _settings(config_file)
     plan = _applied_plan(settings)

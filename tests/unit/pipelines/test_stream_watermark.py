@@ -42,7 +42,8 @@ def test_the_slowest_partition_sets_the_watermark() -> None:
     assert marks.value is None  # partition 2 may still deliver anything
     marks.observe([Progress(2, event_time=70 * MINUTE)])
     assert marks.value == 35 * MINUTE
-    assert marks.is_late(35 * MINUTE - 1) and not marks.is_late(35 * MINUTE)
+    assert marks.is_late(35 * MINUTE - 1)
+    assert not marks.is_late(35 * MINUTE)
     marks.observe([Progress(1, event_time=90 * MINUTE)])
     assert marks.value == 65 * MINUTE  # now partition 2 is the slowest
 
@@ -76,7 +77,8 @@ def test_a_snapshot_keeps_progress_but_not_statuses() -> None:
     marks.observe([Progress(0, partitions=2), Progress(0, event_time=100), Progress(1, status=ENDED)])
     assert marks.value == 100
     restored = pickle.loads(pickle.dumps(marks))
-    assert restored.value == 100 and restored.newest == {0: 100}
+    assert restored.value == 100
+    assert restored.newest == {0: 100}
     assert restored.status(1) is PartitionStatus.ACTIVE  # a restarted job waits for partition 1 again
     restored.observe([Progress(0, event_time=500)])
     assert restored.value == 100
