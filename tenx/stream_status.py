@@ -35,7 +35,9 @@ from pipelines.stream.sources import stop_sources
 def _total(metric: Any) -> float:
     return sum(
         float(sample.value)
-        sample.value for family in metric.collect() for sample in family.samples if not sample.name.endswith("_created")
+        for family in metric.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
     )
 
 
