@@ -41,11 +41,12 @@ Event = tuple[int, int, tuple[Any, ...]]
 class _Partial:
     """Aggregates of one input column over a set of events (a tile, or a window)."""
 
-    __slots__ = ("count", "last", "m2", "maximum", "mean", "minimum", "total")
+    __slots__ = ("compensation", "count", "last", "m2", "maximum", "mean", "minimum", "total")
 
     def __init__(self) -> None:
         self.count = 0  # non-null values
         self.total: int | float = 0  # stays an int for int columns: exact
+        self.compensation: int | float = 0  # Neumaier: the low bits float additions to `total` lost
         self.minimum: Any = None
         self.maximum: Any = None
         self.last: tuple[int, int, Any] | None = None  # (time, sequence, value)
@@ -57,7 +58,7 @@ class _Partial:
             return
         self.count += 1
         if isinstance(value, int | float) and not isinstance(value, bool):
-            self.total += value
+            self._add_total(value)
             self.minimum = value if self.minimum is None or value < self.minimum else self.minimum
             self.maximum = value if self.maximum is None or value > self.maximum else self.maximum
             delta = value - self.mean
@@ -66,11 +67,25 @@ class _Partial:
         if self.last is None or (time, sequence) >= self.last[:2]:
             self.last = (time, sequence, value)
 
+    def _add_total(self, value: int | float) -> None:
+        total = self.total + value
+        if isinstance(total, float):
+            if abs(self.total) >= abs(value):
+                self.compensation += (self.total - total) + value
+            else:
+                self.compensation += (value - total) + self.total
+        self.total = total
+
+    @property
+    def sum(self) -> int | float:
+        return self.total + self.compensation
+
     def merge(self, other: _Partial) -> None:
         if other.count == 0:
             return
         if self.count == 0:
             self.count, self.total, self.mean, self.m2 = other.count, other.total, other.mean, other.m2
+            self.compensation = other.compensation
             self.minimum, self.maximum, self.last = other.minimum, other.maximum, other.last
             return
         n = self.count + other.count
@@ -78,7 +93,8 @@ class _Partial:
         self.mean += delta * other.count / n
         self.m2 += other.m2 + delta * delta * self.count * other.count / n
         self.count = n
-        self.total += other.total
+        self._add_total(other.total)
+        self.compensation += other.compensation
         if other.minimum is not None and (self.minimum is None or other.minimum < self.minimum):
             self.minimum = other.minimum
         if other.maximum is not None and (self.maximum is None or other.maximum > self.maximum):
@@ -310,9 +326,9 @@ def _value(feature: FeatureSpec, events: int, partials: list[_Partial], index: d
     if partial.count == 0:
         return empty_value(kind, feature.dtype)
     if kind == "sum":
-        return int(partial.total) if feature.dtype.startswith("int") else float(partial.total)
+        return int(partial.total) if feature.dtype.startswith("int") else float(partial.sum)
     if kind == "mean":
-        return partial.total / partial.count
+        return partial.sum / partial.count
     if kind == "min":
         return partial.minimum
     if kind == "max":

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from featurestore.plan.model import ViewSpec
 from featurestore.stores.codec import with_nulls
@@ -242,6 +243,12 @@ class _Tiles:
     def live(self) -> int:
         return self.used - len(self.free)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for name, dtype, reset in self._specs():  # arrays added since the snapshot was taken
+            if name not in self.arrays:
+                self.arrays[name] = np.full(self.capacity, reset, dtype=dtype)
+
     def _specs(self) -> list[tuple[str, Any, Any]]:
         """(array name, dtype, reset value) for every array a tile needs."""
         specs: list[tuple[str, Any, Any]] = [
@@ -255,6 +262,8 @@ class _Tiles:
             specs.append((f"count{i}", np.int64, 0))
             if c.total:
                 specs.append((f"total{i}", c.number, 0))
+                if not c.integer:  # Neumaier's running compensation: the low bits `total` lost
+                    specs.append((f"comp{i}", np.float64, 0.0))
             if c.extremes[0]:
                 specs.append((f"min{i}", c.number, c.high))
             if c.extremes[1]:
@@ -381,8 +390,11 @@ class _Tiles:
             if column.total or column.moments:
                 zeroed = np.where(present, x, 0)
                 s_b = np.add.reduceat(zeroed, segments)
-                if column.total:
+                if column.total and column.integer:
                     a[f"total{i}"][slot] += s_b
+                elif column.total:
+                    exact, error = compensated_sums(zeroed, segments, lengths)
+                    _add_compensated(a[f"total{i}"], a[f"comp{i}"], slot, exact, error)
             if column.extremes[0]:
                 m = np.minimum.reduceat(np.where(present, x, column.high), segments)
                 a[f"min{i}"][slot] = np.minimum(a[f"min{i}"][slot], m)
@@ -494,7 +506,16 @@ def _aggregate(tiles: _Tiles, slots: np.ndarray, lengths: np.ndarray) -> _Window
     for i, column in enumerate(tiles.columns):
         count = a[f"count{i}"][slots]
         window.count.append(reduce(np.add, count, 0))
-        window.total.append(reduce(np.add, a[f"total{i}"][slots], 0) if column.total else None)
+        if not column.total:
+            window.total.append(None)
+        elif column.integer:
+            window.total.append(reduce(np.add, a[f"total{i}"][slots], 0))
+        else:  # the tiles' totals added with compensation, plus what each tile had kept
+            total = np.zeros(rows)
+            if len(offsets):
+                exact, error = compensated_sums(a[f"total{i}"][slots], offsets, lengths[nonempty])
+                total[nonempty] = exact + (error + np.add.reduceat(a[f"comp{i}"][slots], offsets))
+            window.total.append(total)
         window.minimum.append(reduce(np.minimum, a[f"min{i}"][slots], column.high) if column.extremes[0] else None)
         window.maximum.append(reduce(np.maximum, a[f"max{i}"][slots], column.low) if column.extremes[1] else None)
         if column.moments:
@@ -520,6 +541,36 @@ def _aggregate(tiles: _Tiles, slots: np.ndarray, lengths: np.ndarray) -> _Window
         else:
             window.last.append(None)
     return window
+
+
+def compensated_sums(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of consecutive segments of float `values` (segment j = `lengths[j]` values
+    from `starts[j]`), each as (rounded sum, the rounding errors of its additions): their
+    sum is right to about one rounding of the result however much the values cancel
+    (1e16 + 1 - 1e16 gives 1, not 0), as the batch engine's compensated prefix sums are.
+    TwoSum on every addition of a per-segment running sum, all segments at once."""
+    if len(values) == len(starts):  # one value per segment: nothing was rounded
+        return values.astype(np.float64, copy=True), np.zeros(len(values))
+    codes = np.repeat(np.arange(len(starts)), lengths)
+    running = pd.Series(values, dtype=np.float64).groupby(codes, sort=False).cumsum().to_numpy()
+    before = np.empty(len(values))
+    before[0] = 0.0
+    before[1:] = running[:-1]
+    before[starts] = 0.0
+    added = running - before
+    error = (before - (running - added)) + (values - added)
+    return running[starts + lengths - 1], np.add.reduceat(error, starts)
+
+
+def _add_compensated(
+    total: np.ndarray, compensation: np.ndarray, slots: np.ndarray, exact: np.ndarray, error: np.ndarray
+) -> None:
+    """Add (sum, error) pairs into tiles' running totals (slots distinct), Neumaier style."""
+    before = total[slots]
+    after = before + exact
+    added = after - before
+    total[slots] = after
+    compensation[slots] += ((before - (after - added)) + (exact - added)) + error
 
 
 # -- the state --------------------------------------------------------------------------------
