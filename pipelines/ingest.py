@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from featurestore.durations import format_duration
 from featurestore.errors import TerminalError
 from featurestore.plan.model import SourceSpec
 from featurestore.stores.offline import REJECTS_SCHEMA, DeltaOfflineStore
@@ -264,7 +266,49 @@ def _json_lines(path: Path) -> Iterator[tuple[int, pa.Table]]:
 
 def _validate(source: SourceSpec, batch: pa.Table, offset: int, path: Path, now: datetime) -> tuple[pa.Table, pa.Table]:
     if batch.column_names == ["_json"]:
-        return _validate_json(source, batch.column("_json").to_pylist(), offset, path, now)
+        valid, rejects = _validate_json(source, batch.column("_json").to_pylist(), offset, path, now)
+    else:
+        valid, rejects = _validate_table(source, batch, offset, path, now)
+    return _refuse_future(source, valid, rejects, offset, path, now)
+
+
+def _refuse_future(
+    source: SourceSpec, valid: pa.Table, rejects: pa.Table, offset: int, path: Path, now: datetime
+) -> tuple[pa.Table, pa.Table]:
+    """Events more than the source's max_future ahead of the clock are rejected, as the
+    stream job dead-letters them: a producer's wrong clock, not an event."""
+    if not valid.num_rows:
+        return valid, rejects
+    limit = int(now.timestamp() * 1_000_000) + source.max_future
+    times = valid.column(source.event_time).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    future = times > limit
+    if not future.any():
+        return valid, rejects
+    # Input rows of the valid rows: the rows of the batch that were not rejected, in order.
+    refused = set(rejects.column("row").to_pylist())
+    rows = [row for row in range(offset, offset + valid.num_rows + len(refused)) if row not in refused]
+    ahead = format_duration(source.max_future)
+    found = valid.filter(pa.array(future)).to_pylist()
+    extra = pa.table(
+        {
+            "file": [str(path)] * len(found),
+            "row": [rows[i] for i in np.flatnonzero(future).tolist()],
+            "record": [orjson.dumps(record, default=str).decode() for record in found],
+            "reason": [
+                f"field `{source.event_time}`: {record[source.event_time].isoformat()} is more than {ahead} ahead "
+                f"of the processing clock (max_future of source `{source.name}`); check the producer's clock"
+                for record in found
+            ],
+            "ingested_at": pa.array([now] * len(found), pa.timestamp("us", tz="UTC")),
+        },
+        schema=REJECTS_SCHEMA,
+    )
+    return valid.filter(pa.array(~future)), pa.concat_tables([rejects, extra])
+
+
+def _validate_table(
+    source: SourceSpec, batch: pa.Table, offset: int, path: Path, now: datetime
+) -> tuple[pa.Table, pa.Table]:
     result = validate_batch(source.schema, batch)
     rejected = result.rejected
     records = [

@@ -180,6 +180,41 @@ def test_csv_ingest_parses_text_and_rejects_bad_cells(tmp_path: Path, plan: Plan
 HEADER = "transaction_id,user_id,merchant_id,amount,currency,category,country,event_time\n"
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_ingest_rejects_events_from_the_future_as_the_stream_does(tmp_path: Path, plan: Plan, suffix: str) -> None:
+    # A producer's clock in 2099 is not an event: beyond the source's max_future (5m)
+    # ahead of the ingest clock it is rejected with the stream's reason, row number kept.
+    source = plan.source("transactions")
+    rows = [
+        ("t1", "oops", "2026-01-01T10:00:00Z"),
+        ("t2", "1", "2026-01-01T10:04:59Z"),  # 4m59s ahead of the clock below: accepted
+        ("t3", "1", "2099-12-31T00:00:00Z"),
+        ("t4", "1", "2026-01-01T09:00:00Z"),
+    ]
+    path = tmp_path / f"tx{suffix}"
+    if suffix == ".csv":
+        path.write_text(HEADER + "".join(f"{t},{u},2,1.5,EUR,grocery,FR,{time}\n" for t, u, time in rows))
+    else:
+        path.write_text(
+            "".join(
+                f'{{"transaction_id": "{t}", "user_id": {u if u.isdigit() else chr(34) + u + chr(34)}, "merchant_id": 2, '
+                f'"amount": 1.5, "currency": "EUR", "category": "grocery", "country": "FR", "event_time": "{time}"}}\n'
+                for t, u, time in rows
+            )
+        )
+    store = DeltaOfflineStore(tmp_path / "offline")
+    summary = ingest_file(store, source, path, clock=lambda: datetime(2026, 1, 1, 10, tzinfo=UTC))
+    assert (summary.ingested, summary.rejected) == (2, 2)
+    rejects = store.read_rejects(source).sort_by("row").to_pylist()
+    assert [r["row"] for r in rejects] == [0, 2]
+    assert rejects[1]["reason"] == (
+        "field `event_time`: 2099-12-31T00:00:00+00:00 is more than 5m ahead of the processing clock "
+        "(max_future of source `transactions`); check the producer's clock"
+    )
+    assert "t3" in rejects[1]["record"]
+    assert sorted(store.read_events(source).column("transaction_id").to_pylist()) == ["t2", "t4"]
+
+
 def test_events_already_in_the_table_are_refused_not_counted_twice(tmp_path: Path, plan: Plan) -> None:
     from pipelines.ingest import DuplicateEventsError
 
