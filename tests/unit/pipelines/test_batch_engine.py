@@ -3,6 +3,7 @@ the reference, idempotent range replaces, partition counts that do not change re
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -195,13 +196,12 @@ def test_ingest_rejects_events_from_the_future_as_the_stream_does(tmp_path: Path
     if suffix == ".csv":
         path.write_text(HEADER + "".join(f"{t},{u},2,1.5,EUR,grocery,FR,{time}\n" for t, u, time in rows))
     else:
-        path.write_text(
-            "".join(
-                f'{{"transaction_id": "{t}", "user_id": {u if u.isdigit() else chr(34) + u + chr(34)}, "merchant_id": 2, '
-                f'"amount": 1.5, "currency": "EUR", "category": "grocery", "country": "FR", "event_time": "{time}"}}\n'
-                for t, u, time in rows
-            )
-        )
+        fields = {"merchant_id": 2, "amount": 1.5, "currency": "EUR", "category": "grocery", "country": "FR"}
+        records = [
+            {"transaction_id": t, "user_id": int(u) if u.isdigit() else u, **fields, "event_time": time}
+            for t, u, time in rows
+        ]
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
     store = DeltaOfflineStore(tmp_path / "offline")
     summary = ingest_file(store, source, path, clock=lambda: datetime(2026, 1, 1, 10, tzinfo=UTC))
     assert (summary.ingested, summary.rejected) == (2, 2)
