@@ -22,6 +22,11 @@ one Redis (TENX_KAFKA_BOOTSTRAP and TENX_REDIS_URL, required:
   report comes one broker fetch.wait.max.ms (50 ms) later and is not counted, as the
   job's last write does not wait for it either. The raw consume runs 3 times (the
   median is shown).
+- partitions: the same throughput runs on a topic of `--multi-partitions` (3)
+  partitions, the events keyed by user as `tenx demo-data --to-kafka` sends them: the
+  job reads the partitions at different paces (a batch of each in turn), so a
+  watermark that followed the fastest partition would send most events to the late
+  output; checked 0 late, every key written, beside the raw consume of that topic.
 - freshness: events produced at a fixed offered rate (default half the 1-worker rate
   measured above, capped at half the target) for `--fresh-seconds`, with event_time =
   now, while the job tails a fresh topic in a subprocess; freshness of each written row
@@ -400,11 +405,12 @@ class _Clock:
     def seen(self, batch: list[Any]) -> list[Any]:
         """A pass-through step right after the source: one call per batch of items
         (each item a consumed batch of messages)."""
-        if batch:
+        messages = sum(1 for item in batch for entry in item if isinstance(entry, tuple))  # not progress reports
+        if messages:
             with self.lock:
                 if self.first is None:
                     self.first = time.time()
-                self.events += sum(len(item) for item in batch)
+                self.events += messages
         return batch
 
 
@@ -516,7 +522,7 @@ def part_job(args: argparse.Namespace) -> dict[str, Any]:
 PARTS = {"consume": part_consume, "job": part_job}
 # Pipeline stages in the profile: (file, function) whose cumulative time is the stage's.
 STAGES = {
-    "Kafka source (KafkaSource next_batch)": ("pipelines/stream/dataflow.py", "next_batch"),
+    "Kafka source (KafkaSource next_batch)": ("pipelines/stream/sources.py", "next_batch"),
     "decode + validate (orjson, validate_records)": ("pipelines/stream/dataflow.py", "decode"),
     "row transform + shard split (pandas -> EventBatch)": ("pipelines/stream/dataflow.py", "to_events"),
     "state (LatestState.step)": ("pipelines/stream/dataflow.py", "on_batch"),
@@ -658,6 +664,12 @@ def main() -> None:
     parser.add_argument("--merchants", type=int, default=1_000)
     parser.add_argument("--days", type=int, default=7, help="Event-time span of the demo events.")
     parser.add_argument("--partitions", type=int, default=1, help="Partitions of each topic.")
+    parser.add_argument(
+        "--multi-partitions",
+        type=int,
+        default=3,
+        help="Also run the throughput jobs on a topic of this many partitions (same events, keyed by user; 0: skip).",
+    )
     parser.add_argument("--both-views", action="store_true", help="Run user_spend and merchant_sales (default: 1).")
     parser.add_argument("--rate", type=float, default=None, help="Offered rate of the freshness runs (events/s).")
     parser.add_argument("--rate-cap", type=float, default=TARGET_EVENTS_S / 2, help="Cap of the default rate.")
@@ -707,9 +719,9 @@ def main() -> None:
     topics: list[str] = []
     patterns: list[str] = []
 
-    def new_topic(name: str) -> str:
+    def new_topic(name: str, partitions: int | None = None) -> str:
         topic = f"tenxbench-stream-{run_id}-{name}"
-        create_topic(admin, topic, args.partitions)
+        create_topic(admin, topic, partitions or args.partitions)
         topics.append(topic)
         return topic
 
@@ -744,15 +756,27 @@ def main() -> None:
         check(raw_set["events"] == args.events, f"raw consume + SET read {raw_set['events']} events")
 
         jobs: dict[str, dict[str, Any]] = {}
-        for workers in (1, 2):
-            name = f"tenx_{workers}w"
-            print(f"tenx stream job, {workers} worker(s), bounded ...", file=sys.stderr)
+        runs = [(topic, workers, f"tenx_{workers}w") for workers in (1, 2)]
+        multi_raw: dict[str, Any] | None = None
+        if args.multi_partitions and args.multi_partitions != args.partitions:
+            # The watermark waits for the slowest partition: the same events over several
+            # partitions (read at different paces) must give no late event and no slower job.
+            many = args.multi_partitions
+            multi = new_topic(f"p{many}", many)
+            print(f"producing to {multi} ({many} partitions) ...", file=sys.stderr)
+            produce_all(args.bootstrap, multi, payloads, args.cap_s)
+            print(f"raw consume, {many} partitions ...", file=sys.stderr)
+            multi_raw = child("consume", args, args.cap_s, topic=multi)
+            check(multi_raw["events"] == args.events, f"raw consume read {multi_raw['events']} events")
+            runs += [(multi, workers, f"tenx_{workers}w_{many}p") for workers in (1, 2)]
+        for run_topic, workers, name in runs:
+            print(f"tenx stream job, {workers} worker(s), bounded, {run_topic} ...", file=sys.stderr)
             prefix = new_prefix(name)
             job = child(
                 "job",
                 args,
                 args.cap_s,
-                topic=topic,
+                topic=run_topic,
                 prefix=prefix,
                 workers=workers,
                 both_views=args.both_views,
@@ -814,6 +838,7 @@ def main() -> None:
         results = {
             "raw_runs": raw_runs,
             "raw": raw,
+            "raw_multi_partitions": multi_raw,
             "raw_set": raw_set,
             "jobs": jobs,
             "final_values_identical_1w_2w": identical,
@@ -850,6 +875,13 @@ def main() -> None:
         (f"tenx stream, 1 worker ({'+'.join(views)})", jobs["tenx_1w"], "last_write", None),
         (f"tenx stream, 2 workers ({'+'.join(views)})", jobs["tenx_2w"], "last_write", None),
     ]
+    many = args.multi_partitions
+    if multi_raw is not None:
+        entries += [
+            (f"raw consume + orjson, {many} partitions", multi_raw, "last", "-"),
+            (f"tenx stream, 1 worker, {many} partitions", jobs[f"tenx_1w_{many}p"], "last_write", None),
+            (f"tenx stream, 2 workers, {many} partitions", jobs[f"tenx_2w_{many}p"], "last_write", None),
+        ]
     if profile is not None:
         entries.append(
             (f"  same, 1 worker, under cProfile ({profile['events'] // 1000}k)", profile["run"], "last_write", None)
@@ -920,6 +952,15 @@ def main() -> None:
     rate_1w = n / span(jobs["tenx_1w"], "last_write")
     targets = {
         f"e2e_1_worker_ge_{TARGET_EVENTS_S // 1000}k_events_s": rate_1w >= TARGET_EVENTS_S,
+        **(
+            {
+                f"e2e_1_worker_{many}_partitions_ge_{TARGET_EVENTS_S // 1000}k_events_s": n
+                / span(jobs[f"tenx_1w_{many}p"], "last_write")
+                >= TARGET_EVENTS_S
+            }
+            if multi_raw is not None
+            else {}
+        ),
         f"freshness_p99_le_{TARGET_P99_MS:.0f}ms_at_{fr['rate']:.0f}_events_s": fr["tenx"]["p99_ms"] <= TARGET_P99_MS
         and fr["tenx"]["drained"],
     }
@@ -951,6 +992,11 @@ def main() -> None:
                     "raw_consume_set": n / span(raw_set, "last"),
                     "tenx_1w": rate_1w,
                     "tenx_2w": n / span(jobs["tenx_2w"], "last_write"),
+                    **{
+                        name: n / span(job, "last_write")
+                        for name, job in jobs.items()
+                        if name not in ("tenx_1w", "tenx_2w")
+                    },
                 },
                 **results,
                 "targets": targets,
