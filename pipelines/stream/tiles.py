@@ -544,22 +544,49 @@ def _aggregate(tiles: _Tiles, slots: np.ndarray, lengths: np.ndarray) -> _Window
 
 
 def compensated_sums(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sums of consecutive segments of float `values` (segment j = `lengths[j]` values
-    from `starts[j]`), each as (rounded sum, the rounding errors of its additions): their
-    sum is right to about one rounding of the result however much the values cancel
-    (1e16 + 1 - 1e16 gives 1, not 0), as the batch engine's compensated prefix sums are.
-    TwoSum on every addition of a per-segment running sum, all segments at once."""
+    """Sums of consecutive non-empty segments of float `values` (segment j =
+    `lengths[j]` values from `starts[j]`), each as (sum, rounding error to add to it):
+    within one rounding of the result plus (n u)^2 times the segment's magnitudes,
+    however much the values cancel (1e16 + 0.25 - 1e16 gives 0.25, not 0), as the batch
+    engine's compensated prefix sums are.
+
+    A running sum per segment (restarted at each: another segment's magnitude never
+    costs this one digits) and the exact error of each of its additions (TwoSum). Short
+    segments run position by position over all segments at once; long ones through
+    pandas' grouped cumsum."""
+    values = values.astype(np.float64, copy=False)
     if len(values) == len(starts):  # one value per segment: nothing was rounded
-        return values.astype(np.float64, copy=True), np.zeros(len(values))
-    codes = np.repeat(np.arange(len(starts)), lengths)
-    running = pd.Series(values, dtype=np.float64).groupby(codes, sort=False).cumsum().to_numpy()
-    before = np.empty(len(values))
-    before[0] = 0.0
-    before[1:] = running[:-1]
-    before[starts] = 0.0
-    added = running - before
-    error = (before - (running - added)) + (values - added)
-    return running[starts + lengths - 1], np.add.reduceat(error, starts)
+        return values.copy(), np.zeros(len(values))
+    longest = int(lengths.max())
+    if longest > _SHORT:
+        codes = np.repeat(np.arange(len(starts)), lengths)
+        running = pd.Series(values).groupby(codes, sort=False).cumsum().to_numpy()
+        before = np.empty(len(values))
+        before[0] = 0.0
+        before[1:] = running[:-1]
+        before[starts] = 0.0
+        added = running - before
+        steps = (before - (running - added)) + (values - added)
+        return running[starts + lengths - 1], np.add.reduceat(steps, starts)
+    # Longest segments first: those still running at each position are a prefix.
+    order = np.argsort(-lengths, kind="stable")
+    firsts, sizes = starts[order], lengths[order]
+    running_at = np.searchsorted(-sizes, -np.arange(1, longest), side="left")  # segments longer than k
+    total = values[firsts]
+    error = np.zeros(len(starts))
+    for position, live in enumerate(running_at.tolist(), start=1):
+        part = total[:live]
+        value = values[firsts[:live] + position]
+        after = part + value
+        added = after - part
+        error[:live] += (part - (after - added)) + (value - added)
+        total[:live] = after
+    out_total, out_error = np.empty(len(starts)), np.empty(len(starts))
+    out_total[order], out_error[order] = total, error
+    return out_total, out_error
+
+
+_SHORT = 64  # segments up to this long: position by position; longer: grouped cumsum
 
 
 def _add_compensated(

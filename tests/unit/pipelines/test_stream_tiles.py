@@ -6,6 +6,7 @@ as_of wins, as the stores write) is the same, and the same events are late. Thro
 from __future__ import annotations
 
 import itertools
+import math
 import pickle
 from datetime import timedelta
 from typing import Any
@@ -21,7 +22,7 @@ from featurestore.transforms import prepare_events
 from pipelines.batch.kernel import changelog_kernel
 from pipelines.reference import reference_changelog
 from pipelines.stream.state import Emit, ViewState, events_from_frame
-from pipelines.stream.tiles import EventBatch, LatestState, RowBatch, batch_from_frame
+from pipelines.stream.tiles import EventBatch, LatestState, RowBatch, batch_from_frame, compensated_sums
 from pipelines.stream.watermark import Progress
 from tests.unit.pipelines.test_kernel_parity import VIEWS, logs
 from tests.unit.pipelines.test_reference import BASE
@@ -227,3 +228,27 @@ def test_cancelling_amounts_sum_as_exactly_as_the_batch_engine(
         for user, (moment, values) in online.items():
             rows = [r for r in reference if r["user_id"] == user and as_of(r) <= moment]
             check(rows[-1], values)
+
+
+@given(
+    st.lists(
+        st.lists(
+            st.one_of(CANCELLING, st.floats(min_value=-1e307, max_value=1e307, allow_nan=False)), min_size=1, max_size=8
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_compensated_segment_sums_are_within_twice_working_precision_of_fsum(segments: list[list[float]]) -> None:
+    # The documented bound of a compensated sum: one rounding of the result plus
+    # (n u)^2 times the sum of magnitudes (1e16 + 0.25 - 1e16 is exactly 0.25). Values up
+    # to 1e307 overflow one running sum over every segment: the restarted path then.
+    values = np.array([v for segment in segments for v in segment])
+    lengths = np.array([len(segment) for segment in segments])
+    starts = np.cumsum(lengths) - lengths
+    sums, errors = compensated_sums(values, starts, lengths)
+    u = 2.0**-53
+    for segment, total, error in zip(segments, sums.tolist(), errors.tolist(), strict=True):
+        exact = math.fsum(segment)
+        bound = 2 * u * abs(exact) + (len(segment) * 2 * u) ** 2 * math.fsum(abs(v) for v in segment)
+        assert abs((total + error) - exact) <= bound, (segment, total + error, exact)
