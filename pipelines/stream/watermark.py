@@ -17,9 +17,11 @@ partitions, minus the source's allowed lateness:
   message for the source's `idle_timeout`) stops holding the watermark back: it counts
   as the processing time at which it was found caught up, so on a quiet stream the
   watermark follows the clock and window expiries are emitted.
-- A partition that ended (a bounded input read to its end) does not count at all; when
-  every partition ended the watermark stays where it is (the end of an input is not
-  time passing; `--drain` is the explicit way to emit what remains).
+- A partition that ended (a bounded input read to its end) keeps its last progress,
+  and one that ended without delivering anything counts no more: the watermark at the
+  end of a replay is the same whatever order the partitions were read in (the slowest
+  partition's last event minus the lateness). The end of an input is not time passing;
+  `--drain` is the explicit way to emit what remains.
 - Statuses (idle, ended) are facts about the running job, not about the data: a
   snapshot keeps each partition's progress and the watermark but not the statuses, so a
   restarted job waits to hear from every partition again.
@@ -41,7 +43,7 @@ class PartitionStatus(Enum):
 
     ACTIVE = "active"  # delivering events: holds the watermark at its newest event time
     IDLE = "idle"  # caught up and quiet for the idle timeout: counts as the clock
-    ENDED = "ended"  # a bounded input read to its end: counts no more
+    ENDED = "ended"  # a bounded input read to its end: keeps its last progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +87,8 @@ class Watermarks:
         self._clock: dict[int, int] = {}
 
     def observe(self, reports: Iterable[Progress]) -> None:
-        """Apply progress reports in the order they arrived, then move the watermark."""
-        changed = False
+        """Apply progress reports in the order they arrived, moving the watermark after
+        each (a partition's last progress counts before the report that it ended)."""
         for report in reports:
             partition = report.partition
             if report.partitions is not None:
@@ -98,8 +100,6 @@ class Watermarks:
             self._status[partition] = report.status
             if report.status is PartitionStatus.IDLE and report.clock is not None:
                 self._clock[partition] = report.clock
-            changed = True
-        if changed:
             self._move()
 
     def status(self, partition: int) -> PartitionStatus:
@@ -113,9 +113,9 @@ class Watermarks:
         lowest: int | None = None
         for partition in partitions:
             status = self._status.get(partition, PartitionStatus.ACTIVE)
-            if status is PartitionStatus.ENDED:
-                continue
             progress = self.newest.get(partition)
+            if status is PartitionStatus.ENDED and progress is None:
+                continue  # ended without an event: nothing to wait for
             if status is PartitionStatus.IDLE and partition in self._clock:
                 clock = self._clock[partition]
                 progress = clock if progress is None else max(progress, clock)
@@ -123,7 +123,7 @@ class Watermarks:
                 return  # a partition that may still deliver anything holds everything back
             lowest = progress if lowest is None else min(lowest, progress)
         if lowest is None:
-            return  # every partition ended (or none is known): time does not pass
+            return  # no partition delivered anything: time does not pass
         candidate = lowest - self.lateness
         if self.value is None or candidate > self.value:
             self.value = candidate

@@ -36,6 +36,7 @@ from featurestore.stores.online import RedisOnlineStore
 from pipelines.reference import reference_changelog
 from tenx.demo_data import DemoConfig, generate
 from tenx.scaffold import init_repo
+from tests.integration.test_stream_recovery import expected_online
 
 TENX = str(Path(sys.executable).parent / "tenx")
 PARTITIONS = 3
@@ -50,6 +51,7 @@ class Stack:
     project: str
     topic: str
     events: pa.Table
+    partitions: list[int]
     env: dict[str, str]
     redis_url: str
     bootstrap: str
@@ -128,17 +130,25 @@ def make_repo(tmp_path: Path, project: str, topic: str, source_options: str, fea
     return repo
 
 
-def produce(bootstrap: str, topic: str, rows: list[tuple[int | None, dict[str, Any]]]) -> None:
-    """(partition or None for keyed by user, record) in order."""
+def produce(bootstrap: str, topic: str, rows: list[tuple[int | None, dict[str, Any]]]) -> list[int]:
+    """(partition or None for keyed by user, record) in order; returns the partition
+    each record went to."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
-    for partition, row in rows:
+    placed = [-1] * len(rows)
+    for index, (partition, row) in enumerate(rows):
         value = orjson.dumps({**row, "event_time": row["event_time"].isoformat()})
+
+        def delivered(error: Any, message: Any, index: int = index) -> None:
+            placed[index] = message.partition()
+
         if partition is None:
-            producer.produce(topic, value, key=str(row["user_id"]).encode())
+            producer.produce(topic, value, key=str(row["user_id"]).encode(), on_delivery=delivered)
         else:
-            producer.produce(topic, value, partition=partition)
+            producer.produce(topic, value, partition=partition, on_delivery=delivered)
         producer.poll(0)
     assert producer.flush(30) == 0
+    assert min(placed, default=0) >= 0
+    return placed
 
 
 @pytest.fixture
@@ -156,7 +166,7 @@ def stack_factory(
             future.result(timeout=15)
         repo = make_repo(tmp_path_factory.mktemp(name), name, topic, options or 'idle_timeout="2s"', features)
         env = {**os.environ, "TENX_KAFKA_BOOTSTRAP": kafka_bootstrap, "TENX_REDIS_URL": redis_url, "COLUMNS": "200"}
-        stack = Stack(repo, name, topic, pa.table({}), env, redis_url, kafka_bootstrap)
+        stack = Stack(repo, name, topic, pa.table({}), [], env, redis_url, kafka_bootstrap)
         stacks.append(stack)
         assert stack.tenx("apply").returncode == 0
         if layout == "none":
@@ -184,7 +194,7 @@ def stack_factory(
                     row["event_time"] -= timedelta(hours=3)
                 placed.append((partition, row))
             table = pa.Table.from_pylist(rows, schema=table.schema)
-        produce(kafka_bootstrap, topic, placed)
+        stack.partitions = produce(kafka_bootstrap, topic, placed)
         pq.write_table(table, repo / "events.parquet")
         stack.events = table
         for command in (("ingest", "events.parquet"), ("backfill",)):
@@ -249,6 +259,12 @@ def test_a_three_partition_replay_loses_nothing_and_equals_the_batch_engine(
     assert stack.messages(f"{stack.topic}.late") == []
     assert_verified(stack)
     assert_equals_reference(stack)
+    # Exactly the rows a stream serves at the end of a replay: each user's newest event,
+    # or an expiry after it up to the slowest partition's last event minus the lateness.
+    view = stack.plan().view("user_spend")
+    expected = expected_online(view, stack.events, stack.partitions)
+    online = stack.online("user_spend", sorted(expected))
+    assert {user: as_of for user, (as_of, _) in online.items()} == {user: row[0] for user, row in expected.items()}
 
 
 def wait_for_rows(url: str, project: str, process: subprocess.Popen[bytes], cap_s: float = 120) -> None:
