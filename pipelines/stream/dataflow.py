@@ -141,9 +141,9 @@ class JsonLinesSink(DynamicSink[dict[str, Any]]):
 
 
 class _KafkaSinkPartition(StatelessSinkPartition[dict[str, Any]]):
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, config: dict[str, Any]) -> None:
         self.topic = topic
-        self.producer = Delivery(bootstrap, **{"linger.ms": 20})
+        self.producer = Delivery(bootstrap, **{"linger.ms": 20, **config})
 
     def write_batch(self, items: list[dict[str, Any]]) -> None:
         # Delivered before the epoch closes: a snapshot never covers a dead letter or a
@@ -160,12 +160,13 @@ class _KafkaSinkPartition(StatelessSinkPartition[dict[str, Any]]):
 class KafkaJsonSink(DynamicSink[dict[str, Any]]):
     """Dead letters or late events to a Kafka topic, as JSON."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, **config: Any) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
+        self.config = config  # librdkafka producer settings
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaSinkPartition:
-        return _KafkaSinkPartition(self.bootstrap, self.topic)
+        return _KafkaSinkPartition(self.bootstrap, self.topic, self.config)
 
 
 # -- steps ---------------------------------------------------------------------------------

@@ -97,6 +97,8 @@ def test_unreachable_kafka_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
     path = tmp_path / "tx.jsonl"
     write_demo_data(path, DemoConfig(events=50, users=5, days=1))
     began = time.perf_counter()
-    with pytest.raises(TransientError, match=r"Kafka at 127.0.0.1:1: 50 records not delivered within 3 s"):
+    with pytest.raises(
+        TransientError, match=r"50 message\(s\) not delivered to Kafka at 127.0.0.1:1 within 3 s: is the broker up"
+    ):
         produce_to_kafka(path, "127.0.0.1:1", "nowhere", timeout_s=3)
     assert time.perf_counter() - began < 15

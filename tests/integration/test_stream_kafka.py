@@ -12,7 +12,7 @@ import orjson
 import pyarrow as pa
 import pytest
 from bytewax.testing import TestingSink, cluster_main
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from featurestore.plan import Plan, compile_repo
@@ -139,3 +139,35 @@ def test_a_missing_topic_or_broker_is_a_clear_error_before_the_job_starts(kafka_
         check_topics(kafka_bootstrap, [missing])
     with pytest.raises(TransientError, match=r"cannot reach Kafka at 127\.0\.0\.1:1"):
         check_topics("127.0.0.1:1", [missing], timeout_s=1.0)
+
+
+def test_a_burst_larger_than_the_producer_queue_is_delivered_whole(
+    kafka_bootstrap: str, kafka_admin: AdminClient
+) -> None:
+    # The late and dead-letter sinks produce a whole output batch at once: past
+    # librdkafka's local queue that raised BufferError and crashed the job (compose).
+    topic = f"tenx-burst-{uuid.uuid4().hex[:8]}"
+    kafka_admin.create_topics([NewTopic(topic, num_partitions=1)])[topic].result(timeout=15)
+    try:
+        sink = KafkaJsonSink(kafka_bootstrap, topic, **{"queue.buffering.max.messages": 500})
+        partition = sink.build("late", 0, 1)
+        partition.write_batch([{"n": n, "pad": "x" * 100} for n in range(20_000)])
+        partition.close()
+        consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": topic})
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        consumer.close()
+        assert high - low == 20_000
+    finally:
+        kafka_admin.delete_topics([topic])
+
+
+def test_a_broker_that_takes_nothing_is_one_clear_error() -> None:
+    from featurestore.errors import TransientError
+    from pipelines.stream.producer import Delivery
+
+    producer = Delivery("127.0.0.1:1", timeout_s=2, **{"queue.buffering.max.messages": 10})
+    began = time.perf_counter()
+    with pytest.raises(TransientError, match=r"Kafka at 127.0.0.1:1 took no message for 2 s \(10 waiting"):
+        for n in range(100):
+            producer.send("nowhere", b"{}")
+    assert time.perf_counter() - began < 10
