@@ -28,7 +28,8 @@ def commands(service: dict[str, Any]) -> list[list[str]]:
     if isinstance(command, str):
         command = shlex.split(command)
     if command[:2] == ["sh", "-c"]:
-        return [shlex.split(part) for part in re.split(r"&&|;", command[2]) if part.strip()]
+        parts = [shlex.split(part) for part in re.split(r"&&|\|\||;", command[2]) if part.strip()]
+        return [words[1:] if words[0] in ("then", "else", "do") else words for words in parts]
     return [command]
 
 
@@ -65,18 +66,53 @@ def test_every_environment_variable_is_read_by_tenx() -> None:
 def test_ports_agree() -> None:
     environment = SERVICES["feature-api"]["environment"]
     assert environment["TENX_REDIS_URL"] == "redis://redis:6379/0"
-    assert "6379:6379" in SERVICES["redis"]["ports"]
+    assert "127.0.0.1:6379:6379" in SERVICES["redis"]["ports"]
     host, port = environment["TENX_KAFKA_BOOTSTRAP"].split(":")
     assert host == "kafka"
     assert f"PLAINTEXT://kafka:{port}" == SERVICES["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
     api = SERVICES["feature-api"]["command"]
     api_port = api[api.index("--port") + 1]
-    assert f"{api_port}:{api_port}" in SERVICES["feature-api"]["ports"]
+    assert f"127.0.0.1:{api_port}:{api_port}" in SERVICES["feature-api"]["ports"]
     assert f"localhost:{api_port}/health/ready" in " ".join(SERVICES["feature-api"]["healthcheck"]["test"])
     stream = SERVICES["stream"]["command"]
     metrics = stream[stream.index("--metrics-port") + 1]
-    assert f"{metrics}:{metrics}" in SERVICES["stream"]["ports"]
+    assert f"127.0.0.1:{metrics}:{metrics}" in SERVICES["stream"]["ports"]
     assert f"localhost:{metrics}/metrics" in " ".join(SERVICES["stream"]["healthcheck"]["test"])
     worker = SERVICES["dask-worker"]["command"]
     assert "tcp://dask-scheduler:8786" in worker
     assert "--scheduler tcp://dask-scheduler:8786" in " ".join(SERVICES["setup"]["command"])
+
+
+def test_every_port_is_published_on_loopback_only() -> None:
+    # Nothing in the stack authenticates by default, and the Dask scheduler runs any
+    # code a client submits: published on 127.0.0.1, never on every interface.
+    for name, service in SERVICES.items():
+        for port in service.get("ports") or []:
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond this machine"
+
+
+def test_one_service_builds_the_image_the_others_reuse() -> None:
+    builders = [name for name, service in SERVICES.items() if "build" in service]
+    assert builders == ["dask-scheduler"]
+    tenx = [name for name, service in SERVICES.items() if service.get("image") == "tenx:local"]
+    assert set(tenx) == {"dask-scheduler", "dask-worker", "setup", "stream", "feature-api"}
+    for name in set(tenx) - set(builders):
+        assert SERVICES[name]["pull_policy"] == "never", name
+
+
+def test_long_running_services_restart_and_kafka_keeps_its_log_on_a_volume() -> None:
+    for name in ("kafka", "redis", "dask-scheduler", "dask-worker", "stream", "feature-api"):
+        assert SERVICES[name]["restart"] == "unless-stopped", name
+    assert SERVICES["setup"]["restart"] == "no"
+    log_dir = SERVICES["kafka"]["environment"]["KAFKA_LOG_DIRS"]
+    assert f"kafka-data:{log_dir}" in SERVICES["kafka"]["volumes"]
+    assert "kafka-data" in COMPOSE["volumes"]
+
+
+def test_setup_runs_once_per_data_volume() -> None:
+    # A second `up` must not send the demo events to Kafka again (it doubled the topic).
+    script = SERVICES["setup"]["command"][2]
+    assert script.index("if [ -f /data/setup.done ]") < script.index("tenx apply")
+    assert script.rstrip().endswith("touch /data/setup.done")
+    sent = script.index("if [ ! -f /data/kafka.sent ]")
+    assert sent < script.index("--to-kafka transactions") < script.index("touch /data/kafka.sent")
