@@ -100,10 +100,13 @@ def summary(start: Counts, end: Counts) -> str:
 class StatusReporter:
     """A daemon thread printing status and broker lines to `console` (stderr)."""
 
-    def __init__(self, console: Console, *, interval: float, live: bool) -> None:
+    def __init__(self, console: Console, *, interval: float, live: bool, grace_s: float = 5.0) -> None:
         self.console = console
         self.interval = interval
         self.live = live
+        # librdkafka also reports a connection the broker closed while idle: only an
+        # outage nothing has contradicted for `grace_s` is worth a line.
+        self.grace_s = grace_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tenx-stream-status", daemon=True)
         self._broker_down: float | None = None
@@ -138,7 +141,7 @@ class StatusReporter:
 
     def _broker(self) -> None:
         outage = BROKER.outage
-        if outage is not None and self._broker_down is None:
+        if outage is not None and self._broker_down is None and time.time() - outage.since >= self.grace_s:
             self._broker_down = outage.since
             since = datetime.fromtimestamp(outage.since).strftime("%H:%M:%S")
             self.print(f"Kafka unreachable since {since} ({outage.error}); retrying, nothing is lost meanwhile")
