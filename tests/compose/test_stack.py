@@ -154,3 +154,17 @@ def test_a_second_up_sends_nothing_twice(caught_up: dict[str, float]) -> None:
     done = compose("logs", "--no-color", "setup")
     assert "setup: already done on this data volume" in done.stdout
     assert topic_offsets() == offsets
+
+
+def test_down_and_up_keep_topics_online_values_and_the_stream_place(caught_up: dict[str, float]) -> None:
+    # Kafka's log, Redis' values and the stream job's snapshots live on volumes: after
+    # `down` (without -v) and `up`, nothing is sent twice and nothing served is lost.
+    offsets = topic_offsets()
+    before = features(1)
+    assert compose("down", timeout=300).returncode == 0
+    done = compose("up", "-d", "--wait", timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert topic_offsets() == offsets
+    after = features(1)
+    assert after["status"] == "found"
+    assert after["as_of"] == before["as_of"]

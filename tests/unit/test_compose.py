@@ -107,6 +107,9 @@ def test_long_running_services_restart_and_kafka_keeps_its_log_on_a_volume() -> 
     log_dir = SERVICES["kafka"]["environment"]["KAFKA_LOG_DIRS"]
     assert f"kafka-data:{log_dir}" in SERVICES["kafka"]["volumes"]
     assert "kafka-data" in COMPOSE["volumes"]
+    # Online values outlive a `down` as the stream's recovery snapshots on tenx-data do.
+    assert "redis-data:/data" in SERVICES["redis"]["volumes"]
+    assert SERVICES["redis"]["command"][SERVICES["redis"]["command"].index("--appendonly") + 1] == "yes"
 
 
 def test_setup_runs_once_per_data_volume() -> None:
