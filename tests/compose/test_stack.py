@@ -92,11 +92,19 @@ def caught_up() -> dict[str, float]:
         time.sleep(2)
 
 
-def test_every_long_running_service_is_up_and_healthy() -> None:
+def services() -> dict[str, tuple[str, str, int]]:
+    """Service -> (state, health, exit code), from `docker compose ps`."""
     done = compose("ps", "--all", "--format", "json")
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
-    state = {row["Service"]: (row["State"], row.get("Health", ""), row.get("ExitCode", 0)) for row in rows}
+    return {row["Service"]: (row["State"], row.get("Health", ""), row.get("ExitCode", 0)) for row in rows}
+
+
+def test_every_long_running_service_is_up_and_healthy() -> None:
+    deadline = time.monotonic() + 120  # healthchecks run every 5-10 s
+    while any(health == "starting" for _, health, _ in (state := services()).values()):
+        assert time.monotonic() < deadline, state
+        time.sleep(2)
     for service in ("kafka", "redis", "dask-scheduler", "stream", "feature-api"):
         assert state[service][:2] == ("running", "healthy"), (service, state[service])
     assert state["dask-worker"][0] == "running"
