@@ -102,9 +102,11 @@ def services() -> dict[str, tuple[str, str, int]]:
 
 def test_every_long_running_service_is_up_and_healthy() -> None:
     deadline = time.monotonic() + 120  # healthchecks run every 5-10 s
-    while any(health == "starting" for _, health, _ in (state := services()).values()):
+    state = services()
+    while any(health == "starting" for _, health, _ in state.values()):
         assert time.monotonic() < deadline, state
         time.sleep(2)
+        state = services()
     for service in ("kafka", "redis", "dask-scheduler", "stream", "feature-api"):
         assert state[service][:2] == ("running", "healthy"), (service, state[service])
     assert state["dask-worker"][0] == "running"
