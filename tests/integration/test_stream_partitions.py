@@ -285,9 +285,12 @@ def wait_for_rows(url: str, project: str, process: subprocess.Popen[bytes], cap_
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize(("poison", "workers"), [(False, ("1", "2")), (True, ("2", "1"))])
+@pytest.mark.parametrize(
+    ("layout", "poison", "workers"),
+    [("keyed", False, ("1", "2")), ("keyed", True, ("2", "1")), ("skewed", False, ("1", "2"))],
+)
 def test_sigkill_mid_replay_and_a_restart_on_other_workers_lose_and_duplicate_nothing(
-    stack_factory: Any, tmp_path: Path, poison: bool, workers: tuple[str, str]
+    stack_factory: Any, tmp_path: Path, layout: str, poison: bool, workers: tuple[str, str]
 ) -> None:
     # Poison: one valid event dated 2099 at the head of partition 1, ahead of all its real
     # events (the old watermark jumped to 2099 and every later event was late, also after
@@ -295,7 +298,7 @@ def test_sigkill_mid_replay_and_a_restart_on_other_workers_lose_and_duplicate_no
     future = datetime(2099, 12, 31, tzinfo=UTC)
     template = next(generate(DemoConfig(events=1, users=1, days=1, chunk_rows=1, seed=2))).to_pylist()[0]
     first = [(1, {**template, "transaction_id": "poison", "event_time": future})] if poison else None
-    stack = stack_factory("keyed", events=60_000, first=first)
+    stack = stack_factory(layout, events=60_000, first=first)
     recovery = tmp_path / "recovery"
     job = stack.start_stream(
         "--bounded", "--from-beginning", "-w", workers[0], "--recovery-dir", str(recovery), "--snapshot-interval", "0.2"
