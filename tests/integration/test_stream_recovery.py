@@ -153,4 +153,4 @@ def test_sigkill_and_restart_loses_and_duplicates_nothing(
         expected = expected_online(view, events, partitions)
         assert {u: v[0] for u, v in uninterrupted.items()} == {u: v[0] for u, v in expected.items()}
     finally:
-        kafka_admin.delete_topics([topic])
+        kafka_admin.delete_topics([topic, f"{topic}.late", f"{topic}.dead-letters"])  # what the job created too
