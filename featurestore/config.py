@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from featurestore.errors import ConfigError
+from featurestore.redact import redact_url
 
 CONFIG_FILE = "tenx.yaml"
 
@@ -169,8 +170,8 @@ def check_redis_url(url: str, what: str) -> None:
     """
     if url.lower().startswith(REDIS_SCHEMES):
         return
-    hint = f"; did you mean 'redis://{url}'?" if "://" not in url and not url.isdigit() else ""
-    raise ConfigError(f"{what} must look like redis://host:port (or rediss://, unix://); got {url!r}{hint}")
+    hint = f"; did you mean '{redact_url('redis://' + url)}'?" if "://" not in url and not url.isdigit() else ""
+    raise ConfigError(f"{what} must look like redis://host:port (or rediss://, unix://); got {redact_url(url)!r}{hint}")
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Mapping[str, Any], path: Path, prefix: str) -> None:

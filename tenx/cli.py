@@ -21,6 +21,7 @@ from featurestore.config import ENVIRONMENT, Settings, load_settings
 from featurestore.durations import format_duration
 from featurestore.errors import CompileError, ConfigError, SchemaError, TenxError, TerminalError
 from featurestore.plan import Plan, SourceSpec, compile_repo, diff_plans
+from featurestore.redact import redact_url
 from featurestore.registry import FileRegistry
 from tenx import __version__
 
@@ -682,7 +683,9 @@ def _online_store(settings: Settings, plan: Plan) -> Any:
 
 
 def _store_name(settings: Settings) -> str:
-    return f"Redis at {settings.redis_url}" if settings.redis_url else f"embedded store {settings.online_path}"
+    if settings.redis_url:
+        return f"Redis at {redact_url(settings.redis_url)}"
+    return f"embedded store {settings.online_path}"
 
 
 @main.command()

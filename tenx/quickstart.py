@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from featurestore.config import load_settings
 from featurestore.errors import ConfigError
 from featurestore.plan import compile_repo
+from featurestore.redact import redact_url
 from featurestore.registry import FileRegistry
 from featurestore.stores.offline import DeltaOfflineStore, datetime_to_micros
 from featurestore.stores.online import open_online_store
@@ -239,7 +240,7 @@ def run_quickstart(
 
 
 def _store(redis_url: str | None, path: Path) -> str:
-    return f"Redis {redis_url}" if redis_url else f"embedded {path.name}"
+    return f"Redis {redact_url(redis_url)}" if redis_url else f"embedded {path.name}"
 
 
 def _clip_to(path: Path, clock: datetime) -> None:

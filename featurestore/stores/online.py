@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from featurestore.errors import TransientError
 from featurestore.plan.model import ViewSpec
+from featurestore.redact import redact_text, redact_url
 from featurestore.stores.codec import encode_rows, online_keys
 
 WRITE_CHUNK = 2_000
@@ -108,14 +109,16 @@ class RedisOnlineStore:
             else:
                 self.client = redis.Redis.from_url(url, retry_on_timeout=False, **options)
         except redis.RedisError as error:
-            raise TransientError(f"online store Redis at {url}: {error}") from error
+            raise TransientError(f"online store Redis at {redact_url(url)}: {redact_text(str(error))}") from error
         self._script = self.client.register_script(_ORDERED_SET)
 
     def __repr__(self) -> str:
-        return f"RedisOnlineStore({self.url!r})"
+        return f"RedisOnlineStore({redact_url(self.url)!r})"
 
     def _fail(self, error: Exception) -> TransientError:
-        return TransientError(f"online store Redis at {self.url}: {type(error).__name__}: {error}")
+        return TransientError(
+            f"online store Redis at {redact_url(self.url)}: {type(error).__name__}: {redact_text(str(error))}"
+        )
 
     def write(self, view: ViewSpec, rows: pa.Table) -> WriteResult:
         return self.write_packed(view, *_split(encode_rows(view, rows)))
