@@ -29,6 +29,8 @@ ENVIRONMENT = {
     "TENX_OFFLINE_PATH": "offline_store.path: folder of the Delta tables",
     "TENX_ONLINE_PATH": "online_store.path: file of the embedded online store",
     "TENX_API_TOKEN": "tenx serve: bearer token required by the feature API",
+    "TENX_API_TOKEN_FILE": "tenx serve: a file holding that token (kept out of `ps` and shell history)",
+    "TENX_API_MAX_VALUES": "tenx serve: most values (entities x features) one request may ask for",
 }
 
 # A project name prefixes every online key (tenx:<project>:...); `tenx init` checks the same rule.

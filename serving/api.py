@@ -11,7 +11,9 @@
 Entities are JSON integers (within int64) or strings. A view keyed by int64 also takes
 strings of digits ("42", read as 42; answered as sent); a view keyed by strings also
 takes integers (1 and "1" are the same key). A malformed body is a 400, an unknown view
-or feature a 404 with close matches.
+or feature a 404 with close matches, a request for more than `max_values` values
+(entities x features, repeated names counted once) a 413 that says the limit. Anything
+unexpected is a 500 with a request id (logged with its traceback), counted as a 500.
 
 Settings are read by the caller (`tenx serve`) and passed to `create_app`.
 """
@@ -21,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import re
 import time
+import uuid
 from collections import Counter as Counter_
 from dataclasses import dataclass, replace
 from typing import Any
@@ -43,9 +47,12 @@ from serving.errors import FeatureReferenceError, UnknownFeatureError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_ENTITIES = 10_000
+MAX_VALUES = 250_000  # entities x features in one answer (about 5 MB of JSON)
+OFF_LOOP_VALUES = 20_000  # answers larger than this are encoded on a worker thread
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _INT64_RANGE = f"[{INT64_MIN}, {INT64_MAX}]"
 _DIGITS = re.compile(r"-?[0-9]+")
+log = logging.getLogger("tenx.api")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class ApiSettings:
     token: str | None = None  # bearer token; None: no auth
     max_body_bytes: int = MAX_BODY_BYTES
     max_entities: int = MAX_ENTITIES
+    max_values: int = MAX_VALUES
 
 
 class _Metrics:
@@ -78,6 +86,20 @@ def _json(data: Any, status: int = 200) -> Response:
 
 def _problem(status: int, message: str) -> Response:
     return _json({"error": message}, status)
+
+
+def _internal_error(route: str) -> Response:
+    """A clean 500 for what no one expected: the client gets a request id, the log gets
+    the traceback under it."""
+    request_id = uuid.uuid4().hex[:16]
+    log.exception("internal error on %s (request id %s)", route, request_id)
+    response = _json({"error": f"internal error (request id {request_id}); the server log has the details"}, 500)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def _encode(result: FeatureResult) -> bytes:
+    return orjson.dumps(render(result))
 
 
 def _iso(as_of_us: int | None) -> str | None:
@@ -126,6 +148,8 @@ def _parse(body: bytes, settings: ApiSettings) -> tuple[str, list[str] | None, l
     features = data.get("features")
     if features is not None and (not isinstance(features, list) or not all(isinstance(f, str) for f in features)):
         raise ValueError("`features` must be a list of feature names")
+    if features:
+        features = list(dict.fromkeys(features))  # a name asked twice is answered once
     view = data.get("view")
     if view is None:
         if not features:
@@ -170,7 +194,10 @@ def _not_a_key(body: bytes, index: int, entity: Any) -> str:
             exact = entity
         if isinstance(exact, int):
             return _out_of_range(exact, index)
-    shown = orjson.dumps(entity).decode()
+    try:
+        shown = orjson.dumps(entity).decode()
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels)
+        shown = f"a {type(entity).__name__} nested too deep to show"
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
     return f"`entities` must hold integers or strings; entities[{index}] is {shown}"
 
@@ -204,6 +231,7 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
     metrics = _Metrics()
     client = AsyncFeatureClient(store, plan) if plan is not None else None
     entity_of = {view.name: view.entity for view in plan.views} if plan is not None else {}
+    width_of = {view.name: len(view.features) for view in plan.views} if plan is not None else {}
     expected_auth = f"Bearer {config.token}".encode() if config.token else None
 
     def authorized(request: Request) -> bool:
@@ -235,6 +263,14 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
             try:
                 view, names, entities = _parse(body, config)
                 entity = entity_of.get(view)  # None: an unknown view, which `get` reports with close matches
+                width = len(names) if names is not None else width_of.get(view, 0)
+                if len(entities) * width > config.max_values:
+                    code = 413
+                    return _problem(
+                        413,
+                        f"{len(entities):,} entities x {width:,} features = {len(entities) * width:,} values asked; "
+                        f"at most {config.max_values:,} per request (`tenx serve --max-values`): split the request",
+                    )
                 keys = _entity_keys(view, entity, entities) if entity is not None else entities
                 result = await client.get(view, keys, features=names)
                 if keys is not entities:
@@ -251,7 +287,15 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
                 return _problem(503, str(error))
             for status, count in Counter_(result.statuses).items():
                 metrics.entities.labels(result.view, status.value).inc(count)
+            if len(result.entities) * len(result.names) > OFF_LOOP_VALUES:
+                # A large answer is encoded on a worker thread: other requests (and
+                # /health/live) keep being served meanwhile.
+                encoded = await asyncio.to_thread(_encode, result)
+                return Response(encoded, media_type="application/json")
             return _json(render(result))
+        except Exception:  # noqa: BLE001 (an answer and a count for every request, whatever failed)
+            code = 500
+            return _internal_error("features")
         finally:
             metrics.requests.labels("features", str(code)).inc()
             if code >= 400:
@@ -271,6 +315,8 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
                 await asyncio.to_thread(ping)  # never block the event loop on a slow store
         except TransientError as error:
             problems.append(str(error))
+        except Exception:  # noqa: BLE001
+            return _internal_error("health")
         if problems:
             return _json({"status": "unavailable", "problems": problems}, 503)
         return _json({"status": "ok", "plan": plan.version if plan else None})

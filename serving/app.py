@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 from featurestore.config import load_settings
 from featurestore.registry import FileRegistry
 from featurestore.stores.online import open_online_store
-from serving.api import ApiSettings, create_app
+from serving.api import MAX_VALUES, ApiSettings, create_app
 
 
 def app_from_environment() -> Starlette:
@@ -18,4 +18,8 @@ def app_from_environment() -> Starlette:
     plan = FileRegistry(settings.registry_dir).current()
     project = plan.project if plan is not None else settings.project  # the applied plan's keys
     store = open_online_store(redis_url=settings.redis_url, sqlite_path=settings.online_path, project=project)
-    return create_app(store, plan, ApiSettings(token=os.environ.get("TENX_API_TOKEN") or None))
+    settings_api = ApiSettings(
+        token=os.environ.get("TENX_API_TOKEN") or None,
+        max_values=int(os.environ.get("TENX_API_MAX_VALUES") or MAX_VALUES),
+    )
+    return create_app(store, plan, settings_api)

@@ -767,11 +767,37 @@ def _view_or_error(plan: Plan, name: str) -> Any:
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), help="Port.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="uvicorn worker processes.")
 @click.option(
-    "--token", envvar="TENX_API_TOKEN", default=None, help="Require `Authorization: Bearer TOKEN` ($TENX_API_TOKEN)."
+    "--token",
+    envvar="TENX_API_TOKEN",
+    default=None,
+    help="Require `Authorization: Bearer TOKEN` ($TENX_API_TOKEN; prefer --token-file: a command line shows in `ps`).",
+)
+@click.option(
+    "--token-file",
+    envvar="TENX_API_TOKEN_FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Read the bearer token from this file ($TENX_API_TOKEN_FILE).",
+)
+@click.option(
+    "--max-values",
+    envvar="TENX_API_MAX_VALUES",
+    default=250_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most values (entities x features) one request may ask for; more is a 413 ($TENX_API_MAX_VALUES).",
 )
 @config_option
 @_friendly
-def serve(host: str, port: int, workers: int, token: str | None, config_file: Path | None) -> None:
+def serve(
+    host: str,
+    port: int,
+    workers: int,
+    token: str | None,
+    token_file: Path | None,
+    max_values: int,
+    config_file: Path | None,
+) -> None:
     """Run the HTTP feature API: POST /features, /health (= /health/ready), /health/live, /health/ready, /metrics,
     /openapi.json. It only looks values up in the online store."""
     import os
@@ -782,8 +808,18 @@ def serve(host: str, port: int, workers: int, token: str | None, config_file: Pa
     _applied_plan(settings)  # fail now, with the fix, rather than serve 503s
     if settings.config_file is not None:
         os.environ["TENX_CONFIG"] = str(settings.config_file)
+    if token_file is not None:
+        if token:
+            raise ConfigError("give the token once: --token (or $TENX_API_TOKEN) or --token-file, not both")
+        try:
+            token = token_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"--token-file {token_file}: {error.strerror}") from error
+        if not token:
+            raise ConfigError(f"--token-file {token_file} is empty: write the token into it")
     if token:
-        os.environ["TENX_API_TOKEN"] = token
+        os.environ["TENX_API_TOKEN"] = token  # the worker processes' environment, not their command line
+    os.environ["TENX_API_MAX_VALUES"] = str(max_values)
     _check_port_free(host, port)
     console.print(f"tenx feature API on http://{host}:{port} ({_store_name(settings)})")
     uvicorn.run(

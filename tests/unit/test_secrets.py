@@ -119,8 +119,8 @@ def test_no_command_prints_the_password(repo: Path) -> None:
         deadline = time.monotonic() + 60
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{serve_port}/health/live", timeout=2)
-                break
+                with urllib.request.urlopen(f"http://127.0.0.1:{serve_port}/health/live", timeout=2):
+                    break
             except OSError:
                 assert server.poll() is None, server.stdout.read() if server.stdout else ""
                 assert time.monotonic() < deadline
@@ -131,6 +131,7 @@ def test_no_command_prints_the_password(repo: Path) -> None:
                 urllib.request.urlopen(request, timeout=10)
             assert failed.value.code == 503
             bodies.append(failed.value.read().decode())
+            failed.value.close()
     finally:
         server.send_signal(signal.SIGINT)
         output = server.communicate(timeout=30)[0]

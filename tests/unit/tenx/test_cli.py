@@ -293,6 +293,60 @@ def test_serve_on_a_busy_port_says_so_before_announcing(tmp_path: Path) -> None:
     assert "tenx feature API on" not in result.stdout
 
 
+def test_serve_reads_its_token_from_a_file_and_requires_it(tmp_path: Path) -> None:
+    import signal
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    tenx("init", "demo", cwd=tmp_path)
+    repo = tmp_path / "demo"
+    assert tenx("apply", cwd=repo).returncode == 0
+    missing = tenx("serve", "--token-file", "nope.txt", cwd=repo)
+    assert missing.returncode == 2
+    assert "error: --token-file nope.txt: No such file or directory" in missing.stderr
+    (repo / "empty.txt").write_text("\n")
+    assert "is empty: write the token into it" in tenx("serve", "--token-file", "empty.txt", cwd=repo).stderr
+    (repo / "token.txt").write_text("s3cret-from-a-file\n")
+    both = tenx("serve", "--token", "x", "--token-file", "token.txt", cwd=repo)
+    assert "give the token once" in both.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {k: v for k, v in os.environ.items() if k not in ("TENX_CONFIG", "TENX_REDIS_URL", "TENX_API_TOKEN")}
+    server = subprocess.Popen(
+        [TENX, "serve", "--port", str(port), "--token-file", "token.txt"],
+        cwd=repo,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        body = b'{"view": "user_spend", "entities": [1]}'
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/features", data=body), timeout=5)
+        assert refused.value.code == 401
+        refused.value.close()
+        authorized = urllib.request.Request(
+            f"http://127.0.0.1:{port}/features", data=body, headers={"Authorization": "Bearer s3cret-from-a-file"}
+        )
+        with urllib.request.urlopen(authorized, timeout=5) as answered:
+            assert answered.status == 200
+        assert "s3cret-from-a-file" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+
+
 def test_apply_refuses_a_repo_without_views(tmp_path: Path) -> None:
     tenx("init", "demo", cwd=tmp_path)
     repo = tmp_path / "demo"
