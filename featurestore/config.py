@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ ENVIRONMENT = {
     "TENX_CONFIG": "path of tenx.yaml (default: the nearest one in this folder or above)",
     "TENX_REDIS_URL": "online_store.redis_url: use Redis instead of the embedded store",
     "TENX_KAFKA_BOOTSTRAP": "kafka.bootstrap: Kafka bootstrap servers, host:port[,host:port]",
+    "TENX_KAFKA_OPTIONS": "kafka.options: librdkafka settings, name=value[,name=value] (e.g. security.protocol)",
+    "TENX_KAFKA_PASSWORD": "the Kafka SASL password (sasl.password); never in tenx.yaml",
     "TENX_REGISTRY": "registry: folder of the plan registry",
     "TENX_OFFLINE_PATH": "offline_store.path: folder of the Delta tables",
     "TENX_ONLINE_PATH": "online_store.path: file of the embedded online store",
@@ -63,8 +65,13 @@ _KEYS: dict[str, Any] = {
         "path": _Value(str, "a string (a file path)", path=True),
         "redis_url": _Value(str, "a string like redis://host:6379"),
     },
-    "kafka": {"bootstrap": _Value(str, "a string like host:port[,host:port]")},
+    "kafka": {
+        "bootstrap": _Value(str, "a string like host:port[,host:port]"),
+        "options": _Value(dict, "a mapping of librdkafka settings (security.protocol: SASL_SSL, ...)"),
+    },
 }
+# Settings that are secrets: never accepted from tenx.yaml (it is committed with the repo).
+_SECRET_OPTION = re.compile(r"password|secret|token|credential|\.key$|\.pem$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class Settings:
     redis_url: str | None
     kafka_bootstrap: str | None
     config_file: Path | None
+    kafka_options: Mapping[str, str] = field(default_factory=dict)  # librdkafka settings (SASL, TLS)
 
 
 def load_settings(
@@ -156,7 +164,38 @@ def load_settings(
         redis_url=redis_url,
         kafka_bootstrap=env.get("TENX_KAFKA_BOOTSTRAP") or section("kafka").get("bootstrap"),
         config_file=path,
+        kafka_options=kafka_options(env, section("kafka").get("options") or {}, where=f"{path}: `kafka.options`"),
     )
+
+
+def kafka_options(
+    environ: Mapping[str, str], configured: Mapping[str, Any] | None = None, *, where: str = "kafka.options"
+) -> dict[str, str]:
+    """The librdkafka settings every Kafka client of tenx gets: `kafka.options` from
+    tenx.yaml, then TENX_KAFKA_OPTIONS (name=value,...), then TENX_KAFKA_PASSWORD as
+    `sasl.password`. Secrets are refused from tenx.yaml (it is committed with the repo).
+
+    >>> kafka_options({"TENX_KAFKA_OPTIONS": "security.protocol=SASL_SSL", "TENX_KAFKA_PASSWORD": "pw"})
+    {'security.protocol': 'SASL_SSL', 'sasl.password': 'pw'}
+    """
+    options: dict[str, str] = {}
+    for name, value in (configured or {}).items():
+        if _SECRET_OPTION.search(str(name)):
+            raise ConfigError(
+                f"{where}: `{name}` is a secret and tenx.yaml is committed with the repo; "
+                "set TENX_KAFKA_PASSWORD (for sasl.password) or TENX_KAFKA_OPTIONS instead"
+            )
+        options[str(name)] = str(value).lower() if isinstance(value, bool) else str(value)
+    for number, item in enumerate((environ.get("TENX_KAFKA_OPTIONS") or "").split(","), start=1):
+        if not item.strip():
+            continue
+        name, equals, value = item.partition("=")
+        if not equals or not name.strip():  # the item is not shown: it may hold a secret
+            raise ConfigError(f"TENX_KAFKA_OPTIONS: item {number} is not name=value; expected name=value[,name=value]")
+        options[name.strip()] = value.strip()
+    if environ.get("TENX_KAFKA_PASSWORD"):
+        options["sasl.password"] = environ["TENX_KAFKA_PASSWORD"]
+    return options
 
 
 def check_project_name(name: str) -> None:

@@ -5,6 +5,10 @@ Layout under the registry folder:
     plans/<version>.json     each plan ever applied, immutable
     history.jsonl            one line per apply: version, time, who, previous version
     current                  the version now applied
+
+A plan holds the source of its views' transforms, which every engine executes: whoever
+can write this folder can run code wherever tenx runs (docs/design.md, "Threat model").
+A plan file whose content hash is not its name is refused.
 """
 
 from __future__ import annotations
@@ -60,9 +64,17 @@ class FileRegistry:
             known = ", ".join(self.versions()) or "none"
             raise RegistryError(f"plan version {version} is not in the registry at {self.root}; known: {known}")
         try:
-            return Plan.from_json(path.read_text())
+            plan = Plan.from_json(path.read_text())
         except (ValueError, KeyError) as error:
             raise RegistryError(f"plan file {path} is unreadable: {error}") from error
+        if plan.version != version:
+            # A plan carries code that every engine runs: one under another plan's name is
+            # refused, never run (the registry was edited by hand, or tampered with).
+            raise RegistryError(
+                f"plan file {path} holds plan {plan.version}, not {version} (its content hash does not match its "
+                "name): refusing to run it; restore the file, or `tenx apply` from the feature repo"
+            )
+        return plan
 
     def current_version(self) -> str | None:
         path = self.root / "current"

@@ -296,13 +296,16 @@ def demo_data(
 
     if out.suffix not in (".parquet", ".jsonl", ".json", ".ndjson"):
         raise ConfigError(f"output {out} must end in .parquet or .jsonl")
+    from featurestore.config import kafka_options
+
     bootstrap = os.environ.get("TENX_KAFKA_BOOTSTRAP")
+    options = kafka_options(os.environ)  # no feature repo needed here: the environment's settings
     if to_kafka:  # checked before anything is written
         from pipelines.stream.dataflow import kafka_topics
 
         if not bootstrap:
             raise ConfigError("--to-kafka needs TENX_KAFKA_BOOTSTRAP (host:port of a Kafka broker)")
-        kafka_topics(bootstrap)
+        kafka_topics(bootstrap, options=options)
     if start is None:  # ends at today's midnight (UTC): values are fresh, within any ttl
         today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         start = today - timedelta(days=days)
@@ -330,7 +333,7 @@ def demo_data(
     if to_kafka and bootstrap:
         from tenx.demo_data import produce_to_kafka
 
-        sent = produce_to_kafka(out, bootstrap, to_kafka)
+        sent = produce_to_kafka(out, bootstrap, to_kafka, options=options)
         console.print(f"Produced {sent:,} records to Kafka topic {to_kafka} at {bootstrap}")
 
 
@@ -989,16 +992,17 @@ def stream(
     else:
         bootstrap = str(settings.kafka_bootstrap)
         run = [plan.view(n) for n in views] if views else [v for v in plan.views if v.online]
-        check_topics(bootstrap, sorted({v.source.topic for v in run}))
+        options = dict(settings.kafka_options)
+        check_topics(bootstrap, sorted({v.source.topic for v in run}), options=options)
         reach = max((v.longest_window + v.source.allowed_lateness for v in run), default=0)
         start_us = None if from_beginning else int(time.time() * 1_000_000) - reach
 
         def messages(flow: Any, source: Any) -> Any:
-            return kafka_messages(flow, source, bootstrap, tail=not bounded, start_time_us=start_us)
+            return kafka_messages(flow, source, bootstrap, tail=not bounded, start_time_us=start_us, options=options)
 
         topic = plan.sources[0].topic
-        dead = KafkaJsonSink(bootstrap, f"{topic}.dead-letters")
-        late = KafkaJsonSink(bootstrap, f"{topic}.late")
+        dead = KafkaJsonSink(bootstrap, f"{topic}.dead-letters", **options)
+        late = KafkaJsonSink(bootstrap, f"{topic}.late", **options)
     factory = StoreFactory(settings.redis_url, settings.online_path, project=plan.project)
     flow = build_dataflow(
         plan,

@@ -250,7 +250,9 @@ def _bad_parquet_rows(rows: list[dict[str, Any] | bytes], schema: pa.Schema) -> 
     )
 
 
-def produce_to_kafka(path: Path, bootstrap: str, topic: str, *, timeout_s: float = 60.0) -> int:
+def produce_to_kafka(
+    path: Path, bootstrap: str, topic: str, *, timeout_s: float = 60.0, options: dict[str, str] | None = None
+) -> int:
     """Produce a demo file's records to a Kafka topic as JSON, keyed by user_id (so one
     entity's events keep their order in one partition). Malformed records go as they are.
     A full producer queue waits for deliveries; a broker that takes nothing for
@@ -260,7 +262,7 @@ def produce_to_kafka(path: Path, bootstrap: str, topic: str, *, timeout_s: float
     from featurestore.errors import TransientError
     from pipelines.stream.producer import Delivery
 
-    producer = Delivery(bootstrap, timeout_s=timeout_s, **{"linger.ms": 20})
+    producer = Delivery(bootstrap, timeout_s=timeout_s, **{"linger.ms": 20, **(options or {})})
     sent = 0
 
     def send(value: bytes, key: Any) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,7 @@ class _KafkaSourcePartition(StatefulSourcePartition[Batch, int]):
         batch_size: int,
         idle_timeout_s: float,
         clock: Callable[[], float],
+        options: Mapping[str, str],
     ) -> None:
         from confluent_kafka import Consumer, KafkaError, TopicPartition
 
@@ -135,6 +136,7 @@ class _KafkaSourcePartition(StatefulSourcePartition[Batch, int]):
         self._consumer = Consumer(
             kafka_client_config(
                 bootstrap,
+                **options,
                 **{
                     "group.id": "tenx-stream",  # offsets live in the recovery store, not in Kafka
                     "enable.auto.commit": False,
@@ -253,9 +255,11 @@ class KafkaSource(FixedPartitionedSource[Batch, int]):
         timeout_s: float = 10.0,
         idle_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.time,
+        options: Mapping[str, str] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
+        self.options = dict(options or {})  # librdkafka settings (SASL, TLS)
         self.tail = tail
         self.batch_size = batch_size
         self.start_time_us = start_time_us
@@ -265,7 +269,7 @@ class KafkaSource(FixedPartitionedSource[Batch, int]):
         self._partition_count: int | None = None
 
     def _config(self) -> dict[str, Any]:
-        return kafka_client_config(self.bootstrap)
+        return kafka_client_config(self.bootstrap, **self.options)
 
     def list_parts(self) -> list[str]:
         from confluent_kafka.admin import AdminClient
@@ -297,6 +301,7 @@ class KafkaSource(FixedPartitionedSource[Batch, int]):
             batch_size=self.batch_size,
             idle_timeout_s=self.idle_timeout_s,
             clock=self.clock,
+            options=self.options,
         )
 
     def _start_offset(self, partition: int) -> int:
@@ -318,23 +323,36 @@ class KafkaSource(FixedPartitionedSource[Batch, int]):
             consumer.close()
 
 
-def kafka_topics(bootstrap: str, timeout_s: float = 10.0) -> set[str]:
-    """The broker's topics; a TransientError saying so when it does not answer in time."""
+def kafka_topics(bootstrap: str, timeout_s: float = 10.0, options: Mapping[str, str] | None = None) -> set[str]:
+    """The broker's topics; a TransientError saying so when it does not answer in time,
+    a ConfigError when the client settings (`options`) are not librdkafka's."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient(kafka_client_config(bootstrap))
+    try:
+        admin = AdminClient(kafka_client_config(bootstrap, **(options or {})))
+    except KafkaException as error:
+        raise ConfigError(f"Kafka client settings (kafka.options / TENX_KAFKA_OPTIONS): {_reason(error)}") from error
     try:
         metadata = admin.list_topics(timeout=timeout_s)
     except KafkaException as error:
-        raise TransientError(f"cannot reach Kafka at {bootstrap} within {timeout_s:.0f} s: {error}") from error
+        raise TransientError(f"cannot reach Kafka at {bootstrap} within {timeout_s:.0f} s: {_reason(error)}") from error
     return set(metadata.topics)
 
 
-def check_topics(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> None:
-    """Fail early, with what to do, when the broker is unreachable or a topic is missing
-    (inside the running dataflow either would end in a Bytewax traceback)."""
-    known = kafka_topics(bootstrap, timeout_s)
+def _reason(error: Exception) -> str:
+    """librdkafka's own words, without the KafkaError{code=...} wrapping."""
+    first = error.args[0] if error.args else error
+    return str(first.str() if hasattr(first, "str") else first)
+
+
+def check_topics(
+    bootstrap: str, topics: list[str], timeout_s: float = 10.0, options: Mapping[str, str] | None = None
+) -> None:
+    """Fail early, with what to do, when the broker is unreachable, the client settings
+    are wrong or a topic is missing (inside the running dataflow any of them would end
+    in a Bytewax traceback)."""
+    known = kafka_topics(bootstrap, timeout_s, options)
     missing = [topic for topic in topics if topic not in known]
     if missing:
         raise ConfigError(
@@ -352,9 +370,10 @@ def kafka_messages(
     batch_size: int = 20000,
     start_time_us: int | None = None,
     clock: Callable[[], float] = time.time,
+    options: Mapping[str, str] | None = None,
 ) -> Any:
     """The source's topic as a stream of message batches (`KafkaSource`), with the
-    source's idle timeout."""
+    source's idle timeout and the client settings `options`."""
     kafka = KafkaSource(
         bootstrap,
         source.topic,
@@ -363,5 +382,6 @@ def kafka_messages(
         start_time_us=start_time_us,
         idle_timeout_s=source.idle_timeout / 1e6,
         clock=clock,
+        options=options,
     )
     return op.input(f"kafka_{source.name}", flow, kafka)

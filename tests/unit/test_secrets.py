@@ -138,3 +138,45 @@ def test_no_command_prints_the_password(repo: Path) -> None:
     assert "tenx:***@127.0.0.1" in output
     for text in (output, *bodies):
         assert SECRET not in text, text
+
+
+def test_kafka_settings_come_from_the_environment_and_secrets_never_from_tenx_yaml(tmp_path: Path) -> None:
+    from featurestore.config import kafka_options, load_settings
+
+    (tmp_path / "tenx.yaml").write_text(
+        "project: demo\nkafka:\n  bootstrap: broker:9093\n  options:\n    security.protocol: SASL_SSL\n"
+        "    sasl.mechanism: PLAIN\n    enable.ssl.certificate.verification: true\n"
+    )
+    settings = load_settings(
+        tmp_path, environ={"TENX_KAFKA_OPTIONS": "sasl.username=tenx", "TENX_KAFKA_PASSWORD": SECRET}
+    )
+    assert dict(settings.kafka_options) == {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "PLAIN",
+        "enable.ssl.certificate.verification": "true",
+        "sasl.username": "tenx",
+        "sasl.password": SECRET,
+    }
+    (tmp_path / "tenx.yaml").write_text(f"project: demo\nkafka:\n  options:\n    sasl.password: {SECRET}\n")
+    with pytest.raises(ConfigError, match=r"`sasl.password` is a secret and tenx.yaml is committed") as refused:
+        load_settings(tmp_path, environ={})
+    assert SECRET not in str(refused.value)
+    with pytest.raises(ConfigError, match="TENX_KAFKA_OPTIONS: item 2 is not name=value") as refused:
+        kafka_options({"TENX_KAFKA_OPTIONS": f"sasl.username=tenx,{SECRET}"})
+    assert SECRET not in str(refused.value)
+
+
+def test_kafka_errors_name_the_settings_and_never_the_password() -> None:
+    from featurestore.errors import TransientError
+    from pipelines.stream.dataflow import kafka_topics
+
+    with pytest.raises(ConfigError) as wrong:
+        kafka_topics("127.0.0.1:1", timeout_s=1, options={"no.such.property": "1"})
+    assert str(wrong.value) == (
+        'Kafka client settings (kafka.options / TENX_KAFKA_OPTIONS): No such configuration property: "no.such.property"'
+    )
+    sasl = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN", "sasl.username": "tenx"}
+    with pytest.raises(TransientError) as unreachable:
+        kafka_topics(f"127.0.0.1:{dead_port()}", timeout_s=1, options={**sasl, "sasl.password": SECRET})
+    assert "cannot reach Kafka at 127.0.0.1:" in str(unreachable.value)
+    assert SECRET not in str(unreachable.value)

@@ -170,6 +170,23 @@ def test_registry_keeps_every_applied_version(repo: Path, tmp_path: Path) -> Non
     assert [r.version for r in registry.history()] == [first.version, second.version]
 
 
+def test_a_plan_file_under_another_plans_name_is_refused(repo: Path, tmp_path: Path) -> None:
+    # The registry is code every engine runs: a plan swapped in under the applied
+    # version's name (its own recorded version consistent with its content) is refused.
+    registry = FileRegistry(tmp_path / "registry")
+    first = compile_template(repo)
+    registry.apply(first)
+    _edit(repo, 'ttl="2d"', 'ttl="3d"')
+    other = compile_template(repo)
+    (tmp_path / "registry" / "plans" / f"{first.version}.json").write_text(other.to_json())
+    with pytest.raises(RegistryError) as refused:
+        registry.current()
+    assert str(refused.value).startswith(
+        f"plan file {tmp_path / 'registry' / 'plans' / (first.version + '.json')} holds plan {other.version}, "
+        f"not {first.version} (its content hash does not match its name): refusing to run it"
+    )
+
+
 def test_registry_names_missing_versions(tmp_path: Path) -> None:
     registry = FileRegistry(tmp_path)
     with pytest.raises(RegistryError, match=r"plan version abc is not in the registry at .*; known: none"):
