@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,19 @@ def topic_offsets() -> dict[str, int]:
     return {partition: int(offset) for partition, offset in found}
 
 
+def token() -> str:
+    done = compose("exec", "-T", "feature-api", "cat", "/data/api-token")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def features(user: int) -> dict[str, Any]:
     """The feature API's answer for one user: status, as_of and values by name."""
     request = urllib.request.Request(
-        f"{API}/features", data=json.dumps({"view": "user_spend", "entities": [user]}).encode(), method="POST"
+        f"{API}/features",
+        data=json.dumps({"view": "user_spend", "entities": [user]}).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token()}"},
     )
     with urllib.request.urlopen(request, timeout=5) as response:
         body = json.loads(response.read())
@@ -98,6 +108,14 @@ def services() -> dict[str, tuple[str, str, int]]:
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     return {row["Service"]: (row["State"], row.get("Health", ""), row.get("ExitCode", 0)) for row in rows}
+
+
+def test_the_feature_api_refuses_a_request_without_its_token() -> None:
+    request = urllib.request.Request(f"{API}/features", data=b'{"view": "user_spend", "entities": [1]}', method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 401
+    refused.value.close()
 
 
 def test_every_long_running_service_is_up_and_healthy() -> None:

@@ -119,3 +119,11 @@ def test_setup_runs_once_per_data_volume() -> None:
     assert script.rstrip().endswith("touch /data/setup.done")
     sent = script.index("if [ ! -f /data/kafka.sent ]")
     assert sent < script.index("--to-kafka transactions") < script.index("touch /data/kafka.sent")
+
+
+def test_the_feature_api_requires_a_token_that_setup_generates() -> None:
+    api = SERVICES["feature-api"]["command"]
+    token_file = api[api.index("--token-file") + 1]
+    script = SERVICES["setup"]["command"][2]
+    assert f"if [ ! -s {token_file} ]" in script
+    assert script.index("/dev/urandom") < script.index("if [ -f /data/setup.done ]")  # also on old volumes
