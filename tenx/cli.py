@@ -150,6 +150,24 @@ def _plan_table(plan: Plan) -> Table:
     return table
 
 
+def _sources_table(plan: Plan) -> Table:
+    """Where each source's events come from: its Kafka topic (what `tenx stream` reads
+    and `tenx demo-data --to-kafka` should write to), its Delta table, and its timing."""
+    table = Table(title="sources", title_justify="left")
+    for column in ("source", "kafka topic", "events table", "allowed lateness", "idle timeout", "max future"):
+        table.add_column(column)
+    for source in plan.sources:
+        table.add_row(
+            source.name,
+            source.topic,
+            source.table,
+            format_duration(source.allowed_lateness),
+            format_duration(source.idle_timeout),
+            format_duration(source.max_future),
+        )
+    return table
+
+
 def _print_diff(plan: Plan, applied: Plan | None) -> bool:
     """Print the changes against the applied plan; True when any is breaking."""
     if applied is not None and applied.version == plan.version:
@@ -186,6 +204,7 @@ def plan(config_file: Path | None, as_json: bool, list_features: bool) -> None:
         click.echo(compiled.to_json(), nl=False)
         return
     console.print(_plan_table(compiled))
+    console.print(_sources_table(compiled))
     if not compiled.views:
         errors.print(f"warning: {_no_views(settings)}", highlight=False)
     if list_features:
@@ -936,6 +955,8 @@ def stream(
 ) -> None:
     """Run the Bytewax stream job: events from Kafka (TENX_KAFKA_BOOTSTRAP) or a file,
     validated, aggregated in event time and written to the online store as they change.
+    Events reach the source's topic (`tenx plan` lists each source's) as one JSON object
+    per message, e.g. `tenx demo-data events.parquet --to-kafka transactions`.
     Invalid records go, with the reason, to the dead-letter topic `<topic>.dead-letters`
     (an event more than the source's max_future ahead of the clock too); events older
     than the watermark to `<topic>.late` (with --from-file: JSON-lines files under

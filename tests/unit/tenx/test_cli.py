@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,8 @@ def test_init_plan_apply_plan(tmp_path: Path) -> None:
     assert "user_spend" in planned.stdout
     assert "Nothing applied yet; applying would add:" in planned.stdout
     assert "+ feature view `user_spend`: 20 features" in planned.stdout
+    # Each source's Kafka topic (where `tenx stream` reads) and its timing options.
+    assert re.search(r"│ transactions\s+│ transactions\s+│ transactions\s+│ 5m\s+│ 30s\s+│ 5m\s+│", planned.stdout)
 
     applied = tenx("apply", cwd=repo)
     assert applied.returncode == 0, applied.stderr
