@@ -13,6 +13,7 @@ import collections
 import difflib
 import hashlib
 import itertools
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +47,7 @@ class IngestSummary:
     seconds: float
     skipped: bool = False  # already ingested
     reasons: tuple[tuple[str, int], ...] = ()  # the most frequent reject reasons, with counts
+    duplicates: int = 0  # valid events already in the table, left out (skip_duplicates)
 
 
 class DuplicateEventsError(TerminalError):
@@ -67,6 +69,7 @@ def ingest_file(
     *,
     force: bool = False,
     allow_duplicates: bool = False,
+    skip_duplicates: bool = False,
     progress: Callable[[int], None] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> IngestSummary:
@@ -75,7 +78,10 @@ def ingest_file(
 
     Raises TerminalError, before writing anything, for a file that is empty, unreadable
     or lacks a column of the schema, and DuplicateEventsError for valid events already
-    in the table (unless `allow_duplicates`)."""
+    in the table (unless `allow_duplicates`, which stores them again, or
+    `skip_duplicates`, which stores only the others and counts those left out)."""
+    if allow_duplicates and skip_duplicates:
+        raise TerminalError("allow_duplicates and skip_duplicates contradict each other: choose one")
     began = time.perf_counter()
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
@@ -108,8 +114,20 @@ def ingest_file(
                     progress(batch.num_rows)
         finally:
             writer.close()
+        duplicates = 0
         if valid_rows and not allow_duplicates:
-            _refuse_stored_duplicates(store, source, staged, path, valid_rows, Path(scratch))
+            found = _stored_duplicates(store, source, staged, path, Path(scratch))
+            if len(found) and not skip_duplicates:
+                raise DuplicateEventsError(
+                    f"{path}: {len(found):,} of its {valid_rows:,} valid events are already in the events table of "
+                    f"`{source.name}` (every field equal); ingesting them again would count them twice. Pass "
+                    "--skip-duplicates to store only the new ones, or --allow-duplicates if they really are "
+                    "distinct events."
+                )
+            if len(found):
+                duplicates = len(found)
+                staged = _without_rows(staged, found, Path(scratch) / "new.parquet", source)
+                valid_rows -= duplicates
         rejected = sum(t.num_rows for t in reject_tables)
         metadata = {
             "tenx.file_sha256": digest,
@@ -126,7 +144,8 @@ def ingest_file(
             reader = pq.ParquetFile(staged)
             store.append_events(source, reader.iter_batches(batch_size=BATCH_ROWS), rows=valid_rows, metadata=metadata)
     reasons = _top_reasons(reject_tables)
-    return IngestSummary(path, rows_in, valid_rows, rejected, time.perf_counter() - began, reasons=reasons)
+    seconds = time.perf_counter() - began
+    return IngestSummary(path, rows_in, valid_rows, rejected, seconds, reasons=reasons, duplicates=duplicates)
 
 
 def _check_columns(path: Path, kind: str, source: SourceSpec) -> None:
@@ -151,10 +170,11 @@ def _check_columns(path: Path, kind: str, source: SourceSpec) -> None:
         )
 
 
-def _refuse_stored_duplicates(
-    store: DeltaOfflineStore, source: SourceSpec, staged: Path, path: Path, rows: int, scratch: Path
-) -> None:
-    """Raise if any staged event equals (every field) an event already in the table.
+def _stored_duplicates(
+    store: DeltaOfflineStore, source: SourceSpec, staged: Path, path: Path, scratch: Path
+) -> np.ndarray:
+    """Row numbers (in the staged file) of the staged events equal, in every field, to an
+    event already in the table; sorted.
 
     Only the table's files for the days the staged events fall on are read (date
     partitions), so appending newer events costs little; DuckDB streams the comparison
@@ -165,7 +185,7 @@ def _refuse_stored_duplicates(
     days = [day.isoformat() for day in pc.unique(pc.cast(times, pa.date32())).to_pylist()]  # UTC days
     files = store.event_files_on(source, days)
     if not files:
-        return
+        return np.empty(0, dtype=np.int64)
     names = ", ".join(f'"{name}"' for name in source.schema.names)
     same = " AND ".join(f's."{name}" IS NOT DISTINCT FROM e."{name}"' for name in source.schema.names)
     connection = duckdb.connect()
@@ -176,24 +196,34 @@ def _refuse_stored_duplicates(
         connection.execute(f"SET temp_directory = '{str(scratch).replace(chr(39), chr(39) * 2)}'")
         # DuckDB's own reader (pyarrow datasets registered in DuckDB were 1.5x slower); it
         # takes an existing path literally, glob characters included (tested).
-        for name, paths in (("staged", [str(staged)]), ("stored", files)):
-            connection.read_parquet(paths).create_view(name)
+        connection.read_parquet([str(staged)], file_row_number=True).create_view("staged")
+        connection.read_parquet(files).create_view("stored")
         found = connection.execute(
-            f'SELECT count(*), any_value(s."{source.event_time}") FROM staged s '  # noqa: S608 - schema names
-            f"SEMI JOIN (SELECT {names} FROM stored) e ON {same}"
-        ).fetchone()
+            "SELECT s.file_row_number FROM staged s "  # noqa: S608 - schema names
+            f"SEMI JOIN (SELECT {names} FROM stored) e ON {same} ORDER BY 1"
+        ).fetchnumpy()["file_row_number"]
     except duckdb.Error as error:
         raise TerminalError(f"{path}: could not compare with the stored events: {error}") from error
     finally:
         connection.close()
-    duplicates, example = found if found else (0, None)
-    if duplicates:
-        raise DuplicateEventsError(
-            f"{path}: {duplicates:,} of its {rows:,} valid events are already in the events table of "
-            f"`{source.name}` (every field equal, e.g. one at {example}); ingesting them again would "
-            "count them twice. Ingest only the new events, or pass --allow-duplicates if they really "
-            "are distinct events."
-        )
+    return np.asarray(found, dtype=np.int64)
+
+
+def _without_rows(staged: Path, rows: np.ndarray, out: Path, source: SourceSpec) -> Path:
+    """A copy of the staged file without the given (sorted) row numbers, batch by batch."""
+    writer = pq.ParquetWriter(out, source.schema.arrow_schema())
+    offset = 0
+    try:
+        for batch in pq.ParquetFile(staged).iter_batches(batch_size=BATCH_ROWS):
+            inside = rows[(rows >= offset) & (rows < offset + batch.num_rows)] - offset
+            keep = np.ones(batch.num_rows, dtype=bool)
+            keep[inside] = False
+            if keep.any():
+                writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(keep)))
+            offset += batch.num_rows
+    finally:
+        writer.close()
+    return out
 
 
 def reason_kind(reason: str) -> str:
@@ -230,20 +260,35 @@ def _batches(path: Path, kind: str, source: SourceSpec) -> Iterator[tuple[int, p
         # Everything as text: validation parses it, so one bad cell rejects one row.
         names = pacsv.open_csv(path).schema.names
         options = pacsv.ConvertOptions(column_types={name: pa.string() for name in names}, strings_can_be_null=True)
-        reader = pacsv.open_csv(path, convert_options=options, read_options=pacsv.ReadOptions(block_size=32 << 20))
+        try:
+            reader = pacsv.open_csv(path, convert_options=options, read_options=pacsv.ReadOptions(block_size=32 << 20))
+        except pa.ArrowInvalid as error:
+            raise _unreadable_csv(path, offset, names, error) from error
         while True:
             try:
                 batch = reader.read_next_batch()
             except StopIteration:
                 break
             except pa.ArrowInvalid as error:  # a malformed line (wrong field count, bad quoting)
-                raise TerminalError(
-                    f"{path}: not a readable csv file after row {offset:,} ({error}); nothing was ingested"
-                ) from error
+                raise _unreadable_csv(path, offset, names, error) from error
             yield offset, pa.Table.from_batches([batch])
             offset += batch.num_rows
     else:
         yield from _json_lines(path)
+
+
+def _unreadable_csv(path: Path, offset: int, names: list[str], error: pa.ArrowInvalid) -> TerminalError:
+    """One line for a CSV file pyarrow cannot read past row `offset` (nothing ingested)."""
+    text = str(error)
+    if "invalid UTF8" in text:
+        column = re.search(r"column #(\d+)", text)
+        where = f", column `{names[int(column.group(1))]}`" if column and int(column.group(1)) < len(names) else ""
+        return TerminalError(
+            f"{path}: not UTF-8 text (in the block from row {offset:,}{where}); tenx reads CSV files as UTF-8: "
+            f"convert it first, e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.csv`; "
+            "nothing was ingested"
+        )
+    return TerminalError(f"{path}: not a readable csv file after row {offset:,} ({text}); nothing was ingested")
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, pa.Table]]:

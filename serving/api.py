@@ -129,7 +129,10 @@ def _parse(body: bytes, settings: ApiSettings) -> tuple[str, list[str] | None, l
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        raise ValueError(f"body is not valid JSON: {error}") from error
+        raise ValueError(
+            'the body must be JSON, e.g. {"view": "user_spend", "entities": [1, 2]} with Content-Type '
+            f"application/json; it is not valid JSON ({error})"
+        ) from error
     if not isinstance(data, dict):
         raise ValueError("body must be a JSON object with `entities` and `view` and/or `features`")
     unknown = set(data) - {"view", "features", "entities"}

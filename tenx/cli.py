@@ -428,10 +428,20 @@ def _parse_time(value: str | None, option: str) -> int | None:
     is_flag=True,
     help="Ingest events equal in every field to events already in the table (they count twice).",
 )
+@click.option(
+    "--skip-duplicates",
+    is_flag=True,
+    help="Store only the events not already in the table (e.g. a corrected rejects file); count the others.",
+)
 @config_option
 @_friendly
 def ingest(
-    files: tuple[Path, ...], source_name: str | None, force: bool, allow_duplicates: bool, config_file: Path | None
+    files: tuple[Path, ...],
+    source_name: str | None,
+    force: bool,
+    allow_duplicates: bool,
+    skip_duplicates: bool,
+    config_file: Path | None,
 ) -> None:
     """Validate event FILES (.parquet, .csv, .jsonl) and load them into the source's
     Delta events table.
@@ -439,13 +449,16 @@ def ingest(
     Invalid rows go to the rejects table with the reason (the most frequent reasons are
     printed; `tenx rejects` lists them). A file already ingested is skipped (same
     SHA-256) unless --force; events already in the table (every field equal: a file
-    overlapping an earlier one) are refused unless --allow-duplicates, since every
-    feature would count them twice. A file missing a column of the schema, empty or
-    unreadable is refused before anything is written. Exits 1 when a file had rows and
+    overlapping an earlier one) are refused, since every feature would count them twice:
+    --skip-duplicates stores only the others, --allow-duplicates stores them again. A
+    file missing a column of the schema, empty, unreadable or not UTF-8 is refused before
+    anything is written. Exits 1 when a file had rows and
     none was valid."""
     from featurestore.stores.offline import DeltaOfflineStore
     from pipelines.ingest import ingest_file
 
+    if allow_duplicates and skip_duplicates:
+        raise ConfigError("--allow-duplicates and --skip-duplicates contradict each other: choose one")
     settings = _settings(config_file)
     plan = _applied_plan(settings)
     source = _source(plan, source_name)
@@ -460,7 +473,13 @@ def ingest(
             advance = functools.partial(progress.advance, progress.add_task(f"ingesting {path.name}", total=None))
             try:
                 summary = ingest_file(
-                    store, source, path, force=force, allow_duplicates=allow_duplicates, progress=advance
+                    store,
+                    source,
+                    path,
+                    force=force,
+                    allow_duplicates=allow_duplicates,
+                    skip_duplicates=skip_duplicates,
+                    progress=advance,
                 )
             except TerminalError as error:
                 refused.append(str(error))
@@ -479,6 +498,8 @@ def ingest(
         )
     console.print(table)
     for summary in summaries:
+        if summary.duplicates:
+            console.print(f"{summary.file}: {summary.duplicates:,} events already in the table left out")
         if summary.reasons:
             console.print(f"{summary.file}: {summary.rejected:,} rejected; most frequent reasons:")
             for reason, count in summary.reasons:

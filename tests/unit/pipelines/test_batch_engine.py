@@ -243,6 +243,40 @@ def test_events_already_in_the_table_are_refused_not_counted_twice(tmp_path: Pat
     assert ingest_file(store, source, other).ingested == 1
 
 
+def test_skip_duplicates_stores_only_the_new_events_and_counts_the_rest(tmp_path: Path, plan: Plan) -> None:
+    # A corrected rejects file: most rows were ingested before, a few are new.
+    source = plan.source("transactions")
+    store = DeltaOfflineStore(tmp_path / "offline")
+    first = tmp_path / "first.csv"
+    rows = [f"t{n},1,2,{n}.5,EUR,grocery,FR,2026-01-01T10:{n:02d}:00Z\n" for n in range(40)]
+    first.write_text(HEADER + "".join(rows[:30]))
+    ingest_file(store, source, first)
+    corrected = tmp_path / "corrected.csv"
+    corrected.write_text(HEADER + "".join(rows[25:]) + "bad,oops,2,1,EUR,grocery,FR,2026-01-01T11:00:00Z\n")
+    summary = ingest_file(store, source, corrected, skip_duplicates=True)
+    assert (summary.rows_in, summary.ingested, summary.rejected, summary.duplicates) == (16, 10, 1, 5)
+    assert sorted(store.read_events(source).column("transaction_id").to_pylist(), key=lambda t: int(t[1:])) == [
+        f"t{n}" for n in range(40)
+    ]
+    assert store.read_events(source).column("_seq").to_pylist() == sorted(set(range(40)))
+
+
+def test_a_csv_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path, plan: Plan) -> None:
+    from featurestore.errors import TerminalError
+
+    source = plan.source("transactions")
+    store = DeltaOfflineStore(tmp_path / "offline")
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes((HEADER + "t1,1,2,10.5,EUR,caf\xe9,FR,2026-01-01T10:00:00Z\n").encode("latin-1"))
+    with pytest.raises(TerminalError) as refused:
+        ingest_file(store, source, latin1)
+    assert str(refused.value) == (
+        f"{latin1}: not UTF-8 text (in the block from row 0, column `category`); tenx reads CSV files as UTF-8: "
+        "convert it first, e.g. `iconv -f latin1 -t utf-8 latin1.csv > latin1.utf8.csv`; nothing was ingested"
+    )
+    assert not store.events_path(source).exists()  # nothing written
+
+
 def test_files_that_cannot_be_ingested_are_refused_before_anything_is_written(tmp_path: Path, plan: Plan) -> None:
     from featurestore.errors import TerminalError
 

@@ -164,7 +164,8 @@ def test_api_returns_values_statuses_and_metrics(store: SqliteOnlineStore) -> No
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
-        (b"{not json", 400, "body is not valid JSON"),
+        (b"{not json", 400, 'the body must be JSON, e.g. {"view": "user_spend", "entities": [1, 2]}'),
+        (b"view=spend&entities=1", 400, "the body must be JSON"),
         ([1, 2], 400, "body must be a JSON object"),
         ({"view": "spend"}, 400, "`entities` must be a non-empty list of entity keys"),
         ({"view": "spend", "entities": [True]}, 400, "`entities` must hold integers or strings"),

@@ -160,6 +160,7 @@ def test_offline_loop_demo_data_ingest_backfill(tmp_path: Path) -> None:
     assert again.returncode == 2
     assert "3,000 of its 3,000 valid events are already in the events table" in again.stderr
     assert "--allow-duplicates" in again.stderr
+    assert "--skip-duplicates" in again.stderr
     (repo / "new.csv").write_text(
         "transaction_id,user_id,merchant_id,amount,currency,category,country,event_time\n"
         "n0,1,2,5.0,EUR,grocery,FR,2026-01-02T10:00:00Z\n"
