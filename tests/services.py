@@ -229,3 +229,32 @@ def kafka_topic(kafka_admin: AdminClient) -> Iterator[str]:
             kafka_admin.delete_topics([topic], operation_timeout=10)[topic].result(timeout=15)
         except Exception:  # best effort: a leftover uniquely named topic harms no one
             log.exception("could not delete test topic %s", topic)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_topics_left_behind() -> Iterator[None]:
+    """Tests delete the topics they create, the ones their stream jobs create too
+    (`<topic>.late`, `<topic>.dead-letters`): a topic the run leaves on the broker fails
+    the run. Only where a broker is configured; a broker that went away is not judged."""
+    bootstrap = os.environ.get("TENX_KAFKA_BOOTSTRAP")
+    if not bootstrap:
+        yield
+        return
+
+    def topics() -> set[str] | None:
+        try:
+            admin = AdminClient({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 3000})
+            return {t for t in admin.list_topics(timeout=5).topics if not t.startswith("__")}
+        except KafkaException:
+            return None
+
+    before = topics()
+    yield
+    after = topics()
+    if before is None or after is None:
+        return
+    deadline = time.monotonic() + 15  # deletions are asynchronous on the broker
+    while (left := sorted(after - before)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        after = topics() or after
+    assert not left, f"the tests left these Kafka topics behind: {', '.join(left[:20])}"
