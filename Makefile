@@ -6,9 +6,14 @@ BIN := $(VENV)/bin
 .PHONY: setup test test-unit lint format bench services-up services-down clean
 
 setup:  ## create .venv and install tenx with its dev tools
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@test -x $(BIN)/python || { echo "setup: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "setup: upgrading pip"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "setup: installing tenx and its dev tools into $(VENV) (about a minute the first time; pip shows what it fetches)"
+	@bash -o pipefail -c "$(BIN)/python -m pip install -e '.[dev]' 2>&1 | tee $(VENV)/pip-install.log \
+	  | { grep --line-buffered -E '^(Collecting|Successfully installed)' || true; }" \
+	  || { tail -n 30 $(VENV)/pip-install.log; echo "setup: pip install failed (full log: $(VENV)/pip-install.log)"; exit 1; }
+	@$(BIN)/tenx --version >/dev/null && echo "setup: done; activate it with: . $(VENV)/bin/activate"
 
 test:  ## every test; integration tests need `eval "$$(scripts/services up)"` first
 	$(BIN)/python -m pytest

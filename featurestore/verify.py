@@ -4,6 +4,7 @@ changelog row at or before its online `as_of` (DESIGN.md section 3)."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,9 @@ class VerifyReport:
         return not self.mismatches and not self.missing_offline and not self.nothing_online
 
 
+STEPS = 4  # reported through `progress`: keys read, rows read, online read, compared
+
+
 def verify_view(
     view: ViewSpec,
     offline: DeltaOfflineStore,
@@ -54,19 +58,26 @@ def verify_view(
     *,
     sample: int = 200,
     seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> VerifyReport:
-    """Compare `sample` random entities of the view (those with a changelog)."""
+    """Compare `sample` random entities of the view (those with a changelog).
+    `progress(step)` is called as each of the STEPS is done."""
     report = VerifyReport(view.name)
+    done = progress or (lambda step: None)
     dataset = offline.changelog_dataset(view)
     keys = pc.unique(dataset.to_table(columns=[view.entity_key]).column(view.entity_key)).to_pylist()
     chosen = random.Random(seed).sample(keys, min(sample, len(keys)))
+    done(f"{len(keys):,} entities in the changelog")
     if not chosen:
         return report
     rows = dataset.to_table(filter=ds.field(view.entity_key).isin(chosen))
+    done(f"{rows.num_rows:,} changelog rows of {len(chosen):,} sampled entities")
     by_entity: dict[Any, list[dict[str, Any]]] = {}
     for row in rows.to_pylist():
         by_entity.setdefault(row[view.entity_key], []).append(row)
-    for entity, raw in zip(chosen, online.read(view, chosen), strict=True):
+    stored = online.read(view, chosen)
+    done("online values read")
+    for entity, raw in zip(chosen, stored, strict=True):
         if raw is None:
             report.missing_online += 1
             continue
@@ -83,6 +94,7 @@ def verify_view(
                 report.mismatches.append(
                     Mismatch(entity, moment.isoformat(), feature.name, value, expected[feature.name])
                 )
+    done("compared")
     return report
 
 

@@ -1147,7 +1147,7 @@ def verify(views: tuple[str, ...], sample: int, config_file: Path | None) -> Non
     equal the last changelog row at or before its online as_of. Exits 1 on a mismatch,
     and when no sampled entity is online (nothing could be compared)."""
     from featurestore.stores.offline import DeltaOfflineStore
-    from featurestore.verify import verify_view
+    from featurestore.verify import STEPS, verify_view
 
     settings = _settings(config_file)
     plan = _applied_plan(settings)
@@ -1156,7 +1156,15 @@ def verify(views: tuple[str, ...], sample: int, config_file: Path | None) -> Non
     failed = False
     try:
         for view in chosen:
-            report = verify_view(view, DeltaOfflineStore(settings.offline_dir), online, sample=sample)
+            with _progress() as progress:
+                task = progress.add_task(f"verifying {view.name}: reading the changelog's entities", total=STEPS)
+
+                def step(what: str, task: Any = task, name: str = view.name) -> None:
+                    progress.update(task, advance=1, description=f"verifying {name}: {what}")
+
+                report = verify_view(
+                    view, DeltaOfflineStore(settings.offline_dir), online, sample=sample, progress=step
+                )
             status = "[green]ok[/]" if report.ok else "[red]MISMATCH[/]"
             console.print(
                 f"{view.name}: {status} {report.checked} checked, {len(report.mismatches)} mismatching values, "

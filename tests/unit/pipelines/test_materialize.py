@@ -82,3 +82,30 @@ def test_as_of_snapshot_never_moves_values_back(filled: tuple[Plan, DeltaOffline
         1 for key, row in expected.items() if row[AS_OF] == last_rows(changelog, view.entity_key)[key][AS_OF]
     )
     assert again.skipped == again.entities - again.written
+
+
+def test_verify_reports_each_step_and_finds_a_changed_value(
+    filled: tuple[Plan, DeltaOfflineStore], tmp_path: Path
+) -> None:
+    from featurestore.verify import STEPS, verify_view
+
+    plan, offline = filled
+    view = plan.view("user_spend")
+    online = SqliteOnlineStore(tmp_path / "online.sqlite")
+    materialize(view, offline, online)
+    steps: list[str] = []
+    report = verify_view(view, offline, online, sample=1_000, progress=steps.append)
+    assert report.ok
+    assert report.checked == 60
+    assert len(steps) == STEPS
+    assert steps[0].endswith("entities in the changelog")
+    assert steps[-1] == "compared"
+    # A value that differs from the changelog is found.
+    latest = last_rows(offline.read_changelog(view), view.entity_key)
+    key, row = next(iter(latest.items()))
+    changed = pa.table(
+        {**{name: [row[name]] for name in view.changelog_schema().names}, "count_7d": [row["count_7d"] + 1]},
+        schema=view.changelog_schema(),
+    )
+    online.write(view, changed)
+    assert [m.feature for m in verify_view(view, offline, online, sample=1_000).mismatches] == ["count_7d"]
