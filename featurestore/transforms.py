@@ -12,6 +12,7 @@ from typing import Any
 from featurestore.errors import TransformError
 from featurestore.plan.code import load
 from featurestore.plan.model import ViewSpec
+from schemas.validation import FLOAT_LIMIT
 
 # pandas/cuDF `astype` targets for Plan type names.
 FRAME_DTYPES = {
@@ -52,11 +53,17 @@ def prepare_events(view: ViewSpec, events: Any) -> Any:
     derived = derived.reset_index(drop=True)
     for name, dtype in view.columns:
         try:
-            frame[name] = derived[name].astype(FRAME_DTYPES[dtype])
+            column = derived[name].astype(FRAME_DTYPES[dtype])
         except (TypeError, ValueError) as error:
             raise TransformError(
                 f"feature view `{view.name}`: derived column `{name}` cannot be {dtype}: {error}"
             ) from error
+        if dtype.startswith("float"):
+            # The source fields are bounded by validation; a derived value that is not
+            # finite or beyond the same bound counts as null (aggregations skip it), in
+            # every engine alike, rather than making a window's Sum or Std inf or NaN.
+            column = column.where(column.abs() <= FLOAT_LIMIT)
+        frame[name] = column
     if view.where is not None:
         mask = load(view.where)(frame)
         if not hasattr(mask, "dtype") or str(mask.dtype) not in ("bool", "boolean"):

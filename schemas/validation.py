@@ -21,6 +21,11 @@ from schemas.schema import EventSchema, Field
 from schemas.timestamps import to_micros
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Float values tenx aggregates exactly: a window's Sum of up to ~1e8 such values, or its
+# Std (a sum of squares: 1e140 squared is 1e280), stays finite. Larger values are refused
+# (rejected by ingest, dead-lettered by the stream job), as non-finite ones are: an
+# aggregate that overflowed to inf or NaN would be served as a valid value.
+FLOAT_LIMIT = 1e140
 _INT_BOUNDS = {"int64": (-(2**63), 2**63 - 1), "int32": (-(2**31), 2**31 - 1)}
 
 
@@ -99,9 +104,9 @@ def _check_value(schema: EventSchema, f: Field, value: Any) -> tuple[Any, Proble
     elif name in ("float64", "float32"):
         if isinstance(value, int | float) and not isinstance(value, bool):
             as_float = float(value)
-            if math.isfinite(as_float) and (name == "float64" or abs(as_float) <= _FLOAT32_MAX):
+            if math.isfinite(as_float) and abs(as_float) <= _float_bound(name):
                 return as_float, None
-            return None, Problem(f.name, f"finite {name}", _short(value))
+            return None, Problem(f.name, _FLOAT_EXPECTED[name], _short(value))
     elif name == "bool":
         if isinstance(value, bool):
             return value, None
@@ -210,8 +215,16 @@ def _failing(schema: EventSchema, f: Field, name: str, values: list[Any]) -> lis
     return failing
 
 
+def _float_bound(name: str) -> float:
+    return FLOAT_LIMIT if name == "float64" else min(_FLOAT32_MAX, FLOAT_LIMIT)
+
+
+# float32's own range (3.4e38) is already within the limit.
+_FLOAT_EXPECTED = {"float64": f"finite float64 within ±{FLOAT_LIMIT:g}", "float32": "finite float32"}
+
+
 def _failing_floats(name: str, values: list[Any]) -> list[int]:
-    bound = math.inf if name == "float64" else _FLOAT32_MAX
+    bound = _float_bound(name)
     isfinite = math.isfinite
     failing = []
     for index, v in enumerate(values):
@@ -316,10 +329,11 @@ def validate_batch(schema: EventSchema, table: pa.Table) -> BatchValidation:
             flag(unparsed, lambda i, f=f, c=column, e=expected: Problem(f.name, e, _short(c[i].as_py()), i))
             nulls = nulls & ~unparsed
         if pa.types.is_floating(f.dtype):
-            nan = pc.fill_null(pc.invert(pc.is_finite(cast)), False).to_numpy(zero_copy_only=False)
+            finite = pc.and_(pc.is_finite(cast), pc.less_equal(pc.abs(cast), FLOAT_LIMIT))
+            nan = pc.fill_null(pc.invert(finite), False).to_numpy(zero_copy_only=False)
             flag(
                 nan & ~nulls,
-                lambda i, f=f, c=cast, name=name: Problem(f.name, f"finite {name}", _short(c[i].as_py()), i),
+                lambda i, f=f, c=cast, name=name: Problem(f.name, _FLOAT_EXPECTED[name], _short(c[i].as_py()), i),
             )
         if not f.nullable and nulls.any():
             flag(nulls, lambda i, f=f, name=name: Problem(f.name, f"{name} (not null)", "null", i))

@@ -14,6 +14,7 @@ from typing import Any
 import hypothesis.strategies as st
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import given
 
 from featurestore.plan import ViewSpec
@@ -252,3 +253,40 @@ def test_compensated_segment_sums_are_within_twice_working_precision_of_fsum(seg
         exact = math.fsum(segment)
         bound = 2 * u * abs(exact) + (len(segment) * 2 * u) ** 2 * math.fsum(abs(v) for v in segment)
         assert abs((total + error) - exact) <= bound, (segment, total + error, exact)
+
+
+def test_a_derived_value_beyond_the_float_limit_counts_as_null_in_every_engine() -> None:
+    # Source fields are bounded by validation; a transform can still make inf (or 1e300):
+    # it counts as null in the reference, the batch kernel and both stream states, so
+    # no window's Sum, Mean or Std becomes inf or NaN.
+    from featurestore import Count, Entity, Mean, Std, Sum, Window, feature_view
+    from featurestore.plan import compile_definitions
+    from tests.unit.pipelines.test_reference import SOURCE, events
+
+    @feature_view(
+        entity=Entity("user", key="user_id"),
+        source=SOURCE,
+        columns={"scaled": "float64"},
+        aggregations=[Count("scaled"), Sum("scaled"), Mean("scaled"), Std("scaled")],
+        windows=[Window("10m", every="5m")],
+    )
+    def scaled(tx: pd.DataFrame) -> pd.DataFrame:
+        return tx.assign(scaled=tx["value"] * 1e300)[["scaled"]]
+
+    view = compile_definitions("test", views=[scaled]).views[0]
+    frame = events((1, 0, 1e-299), (1, 1, 1e200), (1, 2, 2e-299), (1, 3, -1e10))  # 1e500: inf; -1e310: -inf
+    reference = reference_changelog(view, frame).to_pylist()
+    batch = changelog_kernel(view, frame).to_pylist()
+    steps = replay(view, frame, [2])
+    python_online, columnar_online, _, _ = steps[-2]
+    last = reference[[r["as_of"] for r in reference].index(max(r["as_of"] for r in reference if r["count_scaled_10m"]))]
+    assert last["count_scaled_10m"] == 2
+    assert last["sum_scaled_10m"] == pytest.approx(30.0)
+    for row in (batch[reference.index(last)],):
+        assert row["count_scaled_10m"] == 2
+        assert math.isfinite(row["std_scaled_10m"])
+    for online in (python_online, columnar_online):
+        values = dict(zip(view.feature_names, online[1][1], strict=True))
+        assert values["count_scaled_10m"] == 2
+        assert values["sum_scaled_10m"] == pytest.approx(30.0)
+        assert math.isfinite(values["std_scaled_10m"])

@@ -109,7 +109,7 @@ def test_every_problem_of_a_record_is_reported_at_once() -> None:
         "field `transaction_id`: expected string, got missing",
         "field `user_id`: expected int64, got str '7'",
         "field `merchant_id`: expected int64, got bool True",
-        "field `amount`: expected finite float64, got inf",
+        "field `amount`: expected finite float64 within ±1e+140, got inf",
         "field `currency`: expected string (not null), got null",
         f"field `event_time`: expected {TIME_EXPECTED}, got timestamp without timezone '2026-01-01T00:00:00'",
     ]
@@ -130,8 +130,11 @@ def test_every_problem_of_a_record_is_reported_at_once() -> None:
         ),
         ({"amount": True}, "field `amount`: expected float64, got bool True"),
         ({"amount": "12,50"}, "field `amount`: expected float64, got str '12,50'"),
-        ({"amount": float("nan")}, "field `amount`: expected finite float64, got nan"),
-        ({"amount": float("-inf")}, "field `amount`: expected finite float64, got -inf"),
+        ({"amount": float("nan")}, "field `amount`: expected finite float64 within ±1e+140, got nan"),
+        ({"amount": float("-inf")}, "field `amount`: expected finite float64 within ±1e+140, got -inf"),
+        # Finite, but a window's Sum or Std of it overflows: served as inf/NaN, never.
+        ({"amount": 1.7e308}, "field `amount`: expected finite float64 within ±1e+140, got 1.7e+308"),
+        ({"amount": -2e140}, "field `amount`: expected finite float64 within ±1e+140, got -2e+140"),
         ({"country": 33}, "field `country`: expected string, got int 33"),
         (
             {"event_time": "2026-01-01 00:00:00"},
@@ -285,17 +288,17 @@ def test_batch_splits_good_and_bad_rows() -> None:
     assert all(rejected.schema.field(name).type == pa.string() for name in table.column_names)
     reasons = rejected.column("reason").to_pylist()
     assert reasons[0] == "field `user_id`: expected int64 (not null), got null"
-    assert reasons[1] == "field `amount`: expected finite float64, got nan"
+    assert reasons[1] == "field `amount`: expected finite float64 within ±1e+140, got nan"
     assert reasons[2].startswith(f"field `event_time`: expected {DEFAULT_BOUNDS}, got ")
     assert reasons[2].endswith("(absurd timestamp)")
     assert "got 1700000000 microseconds since epoch" in reasons[2]
     # both problems of row 5, in schema order
     assert reasons[3] == (
-        "field `user_id`: expected int64 (not null), got null; field `amount`: expected finite float64, got inf"
+        "field `user_id`: expected int64 (not null), got null; field `amount`: expected finite float64 within ±1e+140, got inf"
     )
     assert [str(p) for p in result.problems if p.row in (1, 2)] == [
         "row 1: field `user_id`: expected int64 (not null), got null",
-        "row 2: field `amount`: expected finite float64, got nan",
+        "row 2: field `amount`: expected finite float64 within ±1e+140, got nan",
     ]
 
 
