@@ -647,7 +647,8 @@ def backfill(
     "labels_path",
     required=True,
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Label rows: Parquet or CSV with the entity key column(s) and a UTC timestamp column.",
+    help="Label rows: Parquet or CSV with the entity key column(s) and a timestamp column with a time zone "
+    "(any zone: it is joined in UTC and written back as given).",
 )
 @click.option("--features", required=True, help="Comma-separated view:feature names (view:* for all of a view).")
 @click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Output Parquet file.")
@@ -678,7 +679,11 @@ def export(
 
     A feature's column is its name (count_1d), or <view>__<name> when the features come
     from several views or a label column has that name; <view>__as_of says which
-    changelog row each value came from. The manifest lists the columns written."""
+    changelog row each value came from, and <view>__status what the online store would
+    have answered: found, missing (no row yet: Count 0, Sum 0, others null) or stale
+    (older than the view's ttl, or than --max-age, which also blanks the values and adds
+    <view>__stale). The label columns come back as given, time zone included. The
+    manifest lists the columns written."""
     from featurestore.durations import parse_duration
     from featurestore.stores.offline import DeltaOfflineStore
     from training import export_training_set

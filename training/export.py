@@ -3,8 +3,11 @@ online store would have served at its timestamp.
 
 For every requested view, a label (entity k, time t) takes the latest changelog row of
 k with `as_of <= t` (DuckDB ASOF LEFT JOIN). An entity with no row yet gets the
-empty-window values (Count 0, Sum 0, others null). Every label row comes back exactly
-once, in input order, duplicates and extra columns untouched. Labels are processed in
+empty-window values (Count 0, Sum 0, others null), and `<view>__status` tells the cases
+apart with the words the online client uses: `missing` (no row at or before t), `stale`
+(a row older than the view's ttl, or than `max_age`, at t) or `found`. Every label row
+comes back exactly once, in input order, duplicates and the input's own columns
+untouched (the time column keeps its type and time zone). Labels are processed in
 chunks of input rows, so memory is bounded whatever their number; DuckDB itself runs
 under a memory limit and spills to disk.
 
@@ -171,10 +174,11 @@ def export_training_set(
     requests = parse_features(plan, features)
     table = read_labels(labels)
     _check_labels(table, requests, time_column)
-    table = table.cast(
+    # Joined on UTC microseconds; returned as given (a label in Europe/Paris stays so).
+    joined = table.cast(
         table.schema.set(table.schema.get_field_index(time_column), pa.field(time_column, pa.timestamp("us", tz="UTC")))
     )
-    chunks = _join_chunks(requests, offline, table, time_column, max_age, chunk_rows, memory_limit)
+    chunks = _join_chunks(requests, offline, joined, time_column, max_age, chunk_rows, memory_limit, shown=table)
     times = pc.min_max(table.column(time_column))
     first = times["min"].as_py()
     last = times["max"].as_py()
@@ -238,6 +242,8 @@ def _join_chunks(
     max_age: int | None,
     chunk_rows: int,
     memory_limit: str,
+    *,
+    shown: pa.Table | None = None,
 ) -> Generator[pa.Table, None, None]:
     """Labels with their features, a chunk of input rows at a time, in input order.
 
@@ -292,8 +298,9 @@ def _join_chunks(
             outputs.append((as_of_column, columns))
         connection.unregister("labels")
         del numbered
+        output = shown if shown is not None else labels
         for number in range(chunks):
-            chunk = labels.slice(number * chunk_rows, chunk_rows)
+            chunk = output.slice(number * chunk_rows, chunk_rows)
             result = chunk
             for read, (as_of_column, columns) in zip(fetched, outputs, strict=True):
                 part = read(number)
@@ -341,14 +348,12 @@ def _view_queries(
     key = view.entity_key
     matched = f"matched_{index}"
     as_of_column = f"{view.name}__as_of"
-    stale = (
-        f'(c."{AS_OF}" IS NOT NULL AND epoch_us(l."{time_name}") - epoch_us(c."{AS_OF}") > {max_age})'
-        if max_age is not None
-        else "false"
-    )
+    age = f'epoch_us(l."{time_name}") - epoch_us(c."{AS_OF}")'
+    stale = f'(c."{AS_OF}" IS NOT NULL AND {age} > {max_age})' if max_age is not None else "false"
+    old = f'(c."{AS_OF}" IS NOT NULL AND {age} > {view.ttl})' if view.ttl else "false"  # the online rule
     match = (
         f"CREATE OR REPLACE TEMP TABLE {matched} AS "  # noqa: S608 - plan names are [a-z0-9_]
-        f'SELECT l."{ROW}", l."{key}", c."{AS_OF}", {stale} AS __stale FROM labels l '
+        f'SELECT l."{ROW}", l."{key}", c."{AS_OF}", {stale} AS __stale, {old} AS __old FROM labels l '
         f'ASOF LEFT JOIN (SELECT "{key}", "{AS_OF}" FROM changelog_{index}) c '
         f'ON l."{key}" = c."{key}" AND l."{time_name}" >= c."{AS_OF}"'
     )
@@ -362,6 +367,11 @@ def _view_queries(
         columns.append((column, fallback, parse_dtype(feature.dtype) if fallback is not None else None))
     selects.append(f'm."{AS_OF}" AS "{as_of_column}"')
     columns.append((as_of_column, None, None))
+    selects.append(
+        f"CASE WHEN m.\"{AS_OF}\" IS NULL THEN 'missing' WHEN m.__stale OR m.__old THEN 'stale' "
+        f"ELSE 'found' END AS \"{view.name}__status\""
+    )
+    columns.append((f"{view.name}__status", None, None))
     if max_age is not None:
         selects.append(f'm.__stale AS "{view.name}__stale"')
         columns.append((f"{view.name}__stale", None, None))

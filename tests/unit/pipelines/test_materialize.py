@@ -102,7 +102,7 @@ def test_verify_reports_each_step_and_finds_a_changed_value(
     assert steps[-1] == "compared"
     # A value that differs from the changelog is found.
     latest = last_rows(offline.read_changelog(view), view.entity_key)
-    key, row = next(iter(latest.items()))
+    row = next(iter(latest.values()))
     changed = pa.table(
         {**{name: [row[name]] for name in view.changelog_schema().names}, "count_7d": [row["count_7d"] + 1]},
         schema=view.changelog_schema(),

@@ -294,7 +294,8 @@ def test_batch_splits_good_and_bad_rows() -> None:
     assert "got 1700000000 microseconds since epoch" in reasons[2]
     # both problems of row 5, in schema order
     assert reasons[3] == (
-        "field `user_id`: expected int64 (not null), got null; field `amount`: expected finite float64 within ±1e+140, got inf"
+        "field `user_id`: expected int64 (not null), got null; "
+        "field `amount`: expected finite float64 within ±1e+140, got inf"
     )
     assert [str(p) for p in result.problems if p.row in (1, 2)] == [
         "row 1: field `user_id`: expected int64 (not null), got null",

@@ -246,3 +246,46 @@ def test_scratch_files_go_when_the_export_fails(world: Any, tmp_path: Path, monk
     export_training_set(plan, store, labels, ["user_spend:count_1d"], chunk_rows=5, out=out)
     assert pq.read_table(out).num_rows == 20
     assert sorted(p.name for p in out.parent.iterdir()) == ["train.parquet", "train.parquet.manifest.json"]
+
+
+def test_each_view_says_found_missing_or_stale_as_the_online_client_does(world: Any) -> None:
+    # A training set must tell "no history yet" (empty-window values) from real zeros.
+    plan, store, events, _ = world
+    view = plan.view("user_spend")  # ttl 2d
+    first = min(events.column("event_time").to_pylist())
+    user = events.column("user_id")[0].as_py()
+    last_of_user = max(
+        t
+        for u, t in zip(events.column("user_id").to_pylist(), events.column("event_time").to_pylist(), strict=True)
+        if u == user
+    )
+    moments = [
+        first - timedelta(days=1),  # before any history: missing
+        last_of_user + timedelta(minutes=1),  # just after its last event: found
+        last_of_user + timedelta(days=30),  # the 7d window emptied at +7d, a row then: older than the ttl
+    ]
+    labels = pa.table(
+        {"user_id": pa.array([user] * 3, pa.int64()), "timestamp": pa.array(moments, pa.timestamp("us", tz="UTC"))}
+    )
+    table, _ = export_training_set(plan, store, labels, ["user_spend:count_7d"])
+    assert table.column("user_spend__status").to_pylist() == ["missing", "found", "stale"]
+    assert table.column("count_7d").to_pylist()[0] == 0  # the empty-window value, marked missing
+    assert view.ttl == 2 * 86_400_000_000
+    # With --max-age: before the first row is still `missing` (nothing blanked: __stale False, zeros).
+    aged, _ = export_training_set(plan, store, labels, ["user_spend:count_7d"], max_age=86_400_000_000)
+    assert aged.column("user_spend__status").to_pylist() == ["missing", "found", "stale"]
+    assert aged.column("user_spend__stale").to_pylist() == [False, False, True]
+    assert aged.column("count_7d").to_pylist() == [0, table.column("count_7d")[1].as_py(), None]
+
+
+def test_the_label_time_column_keeps_its_type_and_time_zone(world: Any) -> None:
+    plan, store, events, _ = world
+    moment = events.column("event_time")[50].as_py()
+    paris = pa.array([moment, moment + timedelta(hours=1)], pa.timestamp("ns", tz="Europe/Paris"))
+    labels = pa.table({"user_id": pa.array([1, 2], pa.int64()), "timestamp": paris})
+    table, _ = export_training_set(plan, store, labels, ["user_spend:count_1d"])
+    assert table.schema.field("timestamp").type == pa.timestamp("ns", tz="Europe/Paris")
+    assert table.column("timestamp").equals(labels.column("timestamp"))
+    utc = labels.set_column(1, "timestamp", paris.cast(pa.timestamp("us", tz="UTC")))
+    same, _ = export_training_set(plan, store, utc, ["user_spend:count_1d"])
+    assert same.column("count_1d").equals(table.column("count_1d"))  # joined on the same instants
