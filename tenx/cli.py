@@ -1198,12 +1198,15 @@ def verify(views: tuple[str, ...], sample: int, config_file: Path | None) -> Non
 @click.option("--days", default=14, show_default=True, type=click.IntRange(min=8), help="Days of history.")
 @_friendly
 def quickstart(directory: Path, events: int, users: int, days: int) -> None:
-    """Run the whole loop on embedded defaults (no Kafka, Redis or Docker needed; uses
-    TENX_REDIS_URL / TENX_KAFKA_BOOTSTRAP when set): demo repo, data, ingest, Dask
-    backfill, materialize, Bytewax stream replay, training export, a model, online
-    lookups and a parity check, in DIRECTORY (default ./tenx-quickstart)."""
+    """Run the whole loop on embedded defaults (no Kafka, Redis or Docker needed): demo
+    repo, data, ingest, Dask backfill, materialize, the Bytewax stream job, training
+    export, a model, online lookups and a parity check, in DIRECTORY (default
+    ./tenx-quickstart). With TENX_REDIS_URL the online store is Redis; with
+    TENX_KAFKA_BOOTSTRAP the recent events go through a Kafka topic of the run (deleted
+    afterwards) and the Kafka stream job reads them, else it replays them from a file."""
     import os
 
+    from featurestore.config import kafka_options
     from tenx.quickstart import run_quickstart
 
     began = time.perf_counter()
@@ -1215,6 +1218,7 @@ def quickstart(directory: Path, events: int, users: int, days: int) -> None:
         days=days,
         redis_url=os.environ.get("TENX_REDIS_URL"),
         kafka_bootstrap=os.environ.get("TENX_KAFKA_BOOTSTRAP"),
+        kafka_options=kafka_options(os.environ),
         say=lambda line: console.print(line, highlight=False),
     )
     facts = summary.facts

@@ -16,7 +16,7 @@ TENX = shutil.which("tenx", path=os.path.dirname(sys.executable)) or "tenx"
 
 def test_quickstart_runs_the_whole_loop(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENX_")}
-    env["COLUMNS"] = "200"
+    env["COLUMNS"] = "250"
     result = subprocess.run(
         [TENX, "quickstart", "qs", "--events", "20000", "--users", "300", "--days", "9"],
         cwd=tmp_path,
@@ -44,6 +44,7 @@ def test_quickstart_runs_the_whole_loop(tmp_path: Path) -> None:
         assert step in out, step
     assert "online == offline          │        yes" in out or "online == offline" in out
     assert "0 mismatches" in out
+    assert "replayed from a file (no Kafka configured: set TENX_KAFKA_BOOTSTRAP to go through Kafka)" in out
     repo = tmp_path / "qs"
     training = pq.read_table(repo / "data" / "training.parquet")
     assert training.num_rows == 20_000
