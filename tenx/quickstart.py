@@ -195,7 +195,7 @@ def run_quickstart(
             )
             how = f"published to Kafka topic {topic} at {kafka_bootstrap} (3 partitions) and read by the Kafka job"
         else:
-            outputs = _run_stream(plan, replay, redis_url, settings.online_path, data / "stream")
+            outputs = _run_stream(plan, _file_messages(replay), redis_url, settings.online_path, data / "stream")
             how = "replayed from a file (no Kafka configured: set TENX_KAFKA_BOOTSTRAP to go through Kafka)"
         detail.append(
             f"{replayed:,} events {how}; {outputs['dead_letters']} dead letters, {outputs['late']} late"
@@ -287,23 +287,19 @@ def _replay_file(history: Path, recent: Path, out: Path, *, since: datetime) -> 
     return count
 
 
-def _run_stream(plan: Any, replay: Path, redis_url: str | None, sqlite: Path, outputs: Path) -> dict[str, int]:
-    from bytewax import operators as op
+def _run_stream(
+    plan: Any, messages: Callable[[Any, Any], Any], redis_url: str | None, sqlite: Path, outputs: Path
+) -> dict[str, int]:
+    """The stream job as `tenx stream` builds it, on `messages(flow, source)`, to the end
+    of its input; dead letters and late events into JSON-lines files, counted."""
     from bytewax.testing import run_main
 
-    from pipelines.stream.dataflow import (
-        JsonLinesSink,
-        JsonLinesSource,
-        OnlineSink,
-        Outputs,
-        StoreFactory,
-        build_dataflow,
-    )
+    from pipelines.stream.dataflow import JsonLinesSink, OnlineSink, Outputs, StoreFactory, build_dataflow
     from pipelines.stream.state import Emit
 
     flow = build_dataflow(
         plan,
-        lambda flow, source: op.input(f"file_{source.name}", flow, JsonLinesSource(replay)),
+        messages,
         Outputs(
             OnlineSink(StoreFactory(redis_url, sqlite, project=plan.project), plan.views),
             JsonLinesSink(outputs / "dead_letters.jsonl"),
@@ -318,6 +314,14 @@ def _run_stream(plan: Any, replay: Path, redis_url: str | None, sqlite: Path, ou
     for kind in ("dead_letters", "late"):
         counts[kind] = sum(len(p.read_bytes().splitlines()) for p in outputs.glob(f"{kind}.*.jsonl"))
     return counts
+
+
+def _file_messages(replay: Path) -> Callable[[Any, Any], Any]:
+    from bytewax import operators as op
+
+    from pipelines.stream.dataflow import JsonLinesSource
+
+    return lambda flow, source: op.input(f"file_{source.name}", flow, JsonLinesSource(replay))
 
 
 def _run_kafka_stream(
@@ -337,47 +341,26 @@ def _run_kafka_stream(
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic  # .admin re-exports it implicitly; strict mypy objects
 
-    from pipelines.stream.dataflow import (
-        JsonLinesSink,
-        OnlineSink,
-        Outputs,
-        StoreFactory,
-        build_dataflow,
-        check_topics,
-        kafka_messages,
-    )
+    from pipelines.stream.dataflow import check_topics, kafka_messages
     from pipelines.stream.health import kafka_client_config
-    from pipelines.stream.state import Emit
     from tenx.demo_data import produce_to_kafka
 
-    source = plan.source("transactions")
     topic = f"tenx-quickstart-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient(kafka_client_config(bootstrap, **options))
     check_topics(bootstrap, [], options=options)  # reachable, settings valid: one clear line if not
+    admin = AdminClient(kafka_client_config(bootstrap, **options))
     admin.create_topics([NewTopic(topic, num_partitions=3)])[topic].result(timeout=30)
     try:
         produce_to_kafka(replay, bootstrap, topic, options=options)
-        bound = dataclasses.replace(source, topic=topic)
-        flow = build_dataflow(
+        bound = dataclasses.replace(plan.source("transactions"), topic=topic)
+        counts = _run_stream(
             plan,
             lambda flow, _: kafka_messages(flow, bound, bootstrap, tail=False, options=options),
-            Outputs(
-                OnlineSink(StoreFactory(redis_url, sqlite, project=plan.project), plan.views),
-                JsonLinesSink(outputs / "dead_letters.jsonl"),
-                JsonLinesSink(outputs / "late.jsonl"),
-            ),
-            views=["user_spend"],
-            drain=False,
-            emit=Emit.LATEST,
+            redis_url,
+            sqlite,
+            outputs,
         )
-        from bytewax.testing import run_main
-
-        run_main(flow)
     finally:
         admin.delete_topics([topic])
-    counts = {}
-    for kind in ("dead_letters", "late"):
-        counts[kind] = sum(len(p.read_bytes().splitlines()) for p in outputs.glob(f"{kind}.*.jsonl"))
     return topic, counts
 
 

@@ -205,12 +205,19 @@ def test_no_event_within_its_partitions_lateness_is_late_whatever_the_interleavi
     assert changelog_differences(expected, got, key=view.entity_key, kinds=kinds) == []
 
 
-def test_an_event_later_than_the_lateness_of_the_slowest_partition_is_late(plan: Plan) -> None:
-    view = plan.view("user_spend")
-    events = next(generate(DemoConfig(events=200, users=5, days=1, chunk_rows=200, seed=3))).sort_by("event_time")
+def json_events(count: int, *, seed: int) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """Demo events in time order, and as records ready for JSON (ISO event times)."""
+    events = next(generate(DemoConfig(events=count, users=5, days=1, chunk_rows=count, seed=seed)))
+    events = events.sort_by("event_time")
     rows = events.to_pylist()
     for row in rows:
         row["event_time"] = row["event_time"].isoformat()
+    return events, rows
+
+
+def test_an_event_later_than_the_lateness_of_the_slowest_partition_is_late(plan: Plan) -> None:
+    view = plan.view("user_spend")
+    events, rows = json_events(200, seed=3)
     stale = dict(rows[0])  # the first event again, after both partitions moved past it
     batches: list[list[Any]] = [[Progress(0, partitions=2), Progress(1, partitions=2)]]
     batches.append([(0, i, orjson.dumps(r)) for i, r in enumerate(rows[:100])])
@@ -224,10 +231,7 @@ def test_an_event_later_than_the_lateness_of_the_slowest_partition_is_late(plan:
 
 def test_a_future_event_is_dead_lettered_and_moves_no_watermark(plan: Plan) -> None:
     view = plan.view("user_spend")
-    events = next(generate(DemoConfig(events=50, users=5, days=1, chunk_rows=50, seed=4))).sort_by("event_time")
-    rows = events.to_pylist()
-    for row in rows:
-        row["event_time"] = row["event_time"].isoformat()
+    events, rows = json_events(50, seed=4)
     now = pa.scalar(events.column("event_time")[-1]).cast(pa.int64()).as_py() / 1e6 + 60
     poison = {**rows[0], "transaction_id": "poison", "event_time": "2099-12-31T00:00:00+00:00"}
     messages = [(0, i, orjson.dumps(r)) for i, r in enumerate(rows[:10])]
