@@ -197,9 +197,7 @@ def run_quickstart(
         else:
             outputs = _run_stream(plan, _file_messages(replay), redis_url, settings.online_path, data / "stream")
             how = "replayed from a file (no Kafka configured: set TENX_KAFKA_BOOTSTRAP to go through Kafka)"
-        detail.append(
-            f"{replayed:,} events {how}; {outputs['dead_letters']} dead letters, {outputs['late']} late"
-        )
+        detail.append(f"{replayed:,} events {how}; {outputs['dead_letters']} dead letters, {outputs['late']} late")
         summary.facts["dead_letters"] = outputs["dead_letters"]
         summary.facts["stream_input"] = "kafka" if kafka_bootstrap else "file"
 
