@@ -202,7 +202,10 @@ def _wait_topic_ready(admin: AdminClient, topic: str, timeout_s: float) -> None:
     # inspect metadata straight away would flake without this.
     deadline = time.monotonic() + timeout_s
     while True:
-        meta = admin.list_topics(topic=topic, timeout=5).topics.get(topic)
+        # Every topic, not `list_topics(topic=...)`: that puts the topic in the session
+        # client's cache, whose refresh every 5 minutes re-creates it once it is deleted
+        # (the broker auto-creates topics a producer-capable client asks about).
+        meta = admin.list_topics(timeout=5).topics.get(topic)
         if (
             meta is not None
             and meta.error is None
