@@ -358,7 +358,9 @@ def _run_kafka_stream(
             outputs,
         )
     finally:
-        admin.delete_topics([topic])
+        # Waited for: the process may end right after, and an unsent request deletes nothing.
+        for future in admin.delete_topics([topic], operation_timeout=30).values():
+            future.result(timeout=60)
     return topic, counts
 
 
