@@ -6,74 +6,36 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable
 from datetime import datetime, timedelta
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from featurestore.config import ENVIRONMENT, Settings, load_settings
+from featurestore.config import ENVIRONMENT, Settings
 from featurestore.durations import format_duration
-from featurestore.errors import CompileError, ConfigError, SchemaError, TenxError, TerminalError
-from featurestore.plan import Plan, SourceSpec, compile_repo, diff_plans
-from featurestore.redact import redact_url
+from featurestore.errors import ConfigError, TerminalError
+from featurestore.plan import Plan, SourceSpec, diff_plans
 from featurestore.registry import FileRegistry
 from tenx import __version__
-
-# Off a terminal (a pipe, a CI log) rich assumes 80 columns and cuts names in tables;
-# 120 keeps them whole unless COLUMNS says otherwise.
-_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
-console = Console(width=_WIDTH)
-errors = Console(stderr=True, soft_wrap=True)  # messages stay one line each, greppable
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_FAILURE = 1  # something went wrong while running
-EXIT_USAGE = 2  # the input, definitions or configuration are wrong: fix and rerun
-EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
-
-
-def _print_error(message: str) -> None:
-    """`error: <message>` on stderr; the message printed as it is (no rich markup)."""
-    errors.print("[bold red]error:[/] ", end="")
-    errors.print(message, markup=False, highlight=False)
-
-
-def _friendly(command: F) -> F:
-    """Expected mistakes print a clear message and exit non-zero, never a traceback."""
-
-    @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except CompileError as error:
-            errors.print(f"[bold red]error:[/] the feature repo has {len(error.problems)} problem(s):")
-            for problem in error.problems:
-                errors.print(f"  - {problem}", markup=False, highlight=False)
-            sys.exit(EXIT_USAGE)
-        except (ConfigError, TerminalError, SchemaError) as error:
-            _print_error(str(error))
-            sys.exit(EXIT_USAGE)
-        except TenxError as error:
-            _print_error(str(error))
-            sys.exit(EXIT_FAILURE)
-        except KeyboardInterrupt:
-            # Every write commits whole (a Delta commit, an ordered online write), so an
-            # interrupted command leaves what it finished and nothing half-written.
-            errors.print(
-                f"interrupted: `tenx {command.__name__.replace('_', '-')}` stopped; what it had committed stays, "
-                "and running it again is safe (it replaces or skips what is already there)",
-                highlight=False,
-            )
-            sys.exit(EXIT_INTERRUPTED)
-
-    return wrapper  # type: ignore[return-value]
-
+from tenx.commands.common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    applied_plan,
+    compile_plan,
+    config_option,
+    console,
+    errors,
+    friendly,
+    online_store,
+    print_error,
+    progress_bar,
+    settings_of,
+    store_name,
+    view_or_error,
+)
+from tenx.commands.stream import stream
 
 _ENV_HELP = "\n".join(f"  {name}: {meaning}" for name, meaning in ENVIRONMENT.items())
 
@@ -95,30 +57,12 @@ def main() -> None:
     """
 
 
-config_option = click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Path of tenx.yaml, or of the folder holding it (default: $TENX_CONFIG, else the nearest tenx.yaml in "
-    "this folder or one above it).",
-)
-
-
-def _settings(config_file: Path | None) -> Settings:
-    return load_settings(config_file)
-
-
-def _compile(settings: Settings) -> Plan:
-    return compile_repo(settings.features_path, project=settings.project, modules=settings.modules)
-
-
 # -- init ---------------------------------------------------------------------------------
 
 
 @main.command()
 @click.argument("name", type=click.Path(path_type=Path, file_okay=False))
-@_friendly
+@friendly
 def init(name: Path) -> None:
     """Create a feature repo NAME (a folder) with tenx.yaml and demo features."""
     from tenx.scaffold import init_repo
@@ -191,15 +135,15 @@ def _print_diff(plan: Plan, applied: Plan | None) -> bool:
     is_flag=True,
     help="Also list every feature as view:name (what export --features and the API take), with its definition.",
 )
-@_friendly
+@friendly
 def plan(config_file: Path | None, as_json: bool, list_features: bool) -> None:
     """Compile the feature repo, print the plan and its diff against the applied one.
 
     Exits 2 and lists every problem when the definitions are wrong. Changes marked
     BREAKING alter or remove online features (clients need a backfill + materialize).
     """
-    settings = _settings(config_file)
-    compiled = _compile(settings)
+    settings = settings_of(config_file)
+    compiled = compile_plan(settings)
     if as_json:
         click.echo(compiled.to_json(), nl=False)
         return
@@ -236,11 +180,11 @@ def _features_table(plan: Plan) -> Table:
 
 @main.command()
 @config_option
-@_friendly
+@friendly
 def apply(config_file: Path | None) -> None:
     """Compile the feature repo and record the plan in the registry as the applied one."""
-    settings = _settings(config_file)
-    compiled = _compile(settings)
+    settings = settings_of(config_file)
+    compiled = compile_plan(settings)
     if not compiled.views:
         raise ConfigError(_no_views(settings) + "; nothing applied")
     registry = FileRegistry(settings.registry_dir)
@@ -290,7 +234,7 @@ def apply(config_file: Path | None) -> None:
     metavar="TOPIC",
     help="Also produce the events (JSON, keyed by user_id) to this Kafka topic ($TENX_KAFKA_BOOTSTRAP).",
 )
-@_friendly
+@friendly
 def demo_data(
     out: Path,
     events: int,
@@ -308,7 +252,6 @@ def demo_data(
     Seeded and realistic: Zipf-like user popularity, a daily traffic curve, a share of
     out-of-order events; memory stays bounded however many events are asked for.
     """
-    import os
     from datetime import UTC
 
     from tenx.demo_data import DemoConfig, write_demo_data
@@ -339,7 +282,7 @@ def demo_data(
         malformed=malformed,
     )
     began = time.perf_counter()
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("generating", total=events)
         summary = write_demo_data(out, config, progress=lambda n: progress.advance(task, n))
     seconds = time.perf_counter() - began
@@ -357,26 +300,6 @@ def demo_data(
 
 
 # -- offline: ingest and backfill ----------------------------------------------------------
-
-
-def _applied_plan(settings: Settings) -> Plan:
-    """Engines run the applied plan from the registry, never the repo's modules; an edit
-    not applied yet is pointed out (it does not take effect until `tenx apply`)."""
-    plan = FileRegistry(settings.registry_dir).current()
-    if plan is None:
-        raise ConfigError(f"no plan applied in {settings.registry_dir}; run `tenx apply` first")
-    try:
-        current = _compile(settings).version
-    except (Exception, SystemExit):  # noqa: BLE001 - a note only: whatever the repo does, the plan runs
-        current = None
-    if current != plan.version:
-        state = "does not compile" if current is None else f"differs from it (plan {current})"
-        errors.print(
-            f"note: running the applied plan {plan.version}; the feature repo {state}: `tenx plan` shows why, "
-            "`tenx apply` puts it to use",
-            highlight=False,
-        )
-    return plan
 
 
 def _source(plan: Plan, name: str | None) -> SourceSpec:
@@ -434,7 +357,7 @@ def _parse_time(value: str | None, option: str) -> int | None:
     help="Store only the events not already in the table (e.g. a corrected rejects file); count the others.",
 )
 @config_option
-@_friendly
+@friendly
 def ingest(
     files: tuple[Path, ...],
     source_name: str | None,
@@ -459,8 +382,8 @@ def ingest(
 
     if allow_duplicates and skip_duplicates:
         raise ConfigError("--allow-duplicates and --skip-duplicates contradict each other: choose one")
-    settings = _settings(config_file)
-    plan = _applied_plan(settings)
+    settings = settings_of(config_file)
+    plan = applied_plan(settings)
     source = _source(plan, source_name)
     store = DeltaOfflineStore(settings.offline_dir)
     table = Table(title=f"ingest into {store.events_path(source)}", title_justify="left")
@@ -469,7 +392,7 @@ def ingest(
     summaries = []
     refused: list[str] = []  # one file's mistake does not stop the others
     for path in files:
-        with _progress() as progress:
+        with progress_bar() as progress:
             advance = functools.partial(progress.advance, progress.add_task(f"ingesting {path.name}", total=None))
             try:
                 summary = ingest_file(
@@ -507,12 +430,12 @@ def ingest(
     if any(summary.rejected for summary in summaries):
         console.print(f"All rejects: `tenx rejects` (Delta table {store.rejects_path(source)})")
     for problem in refused:
-        _print_error(problem)
+        print_error(problem)
     if refused:
         sys.exit(EXIT_USAGE)
     nothing = [str(s.file) for s in summaries if not s.skipped and s.rows_in and not s.ingested]
     if nothing:
-        _print_error(f"no valid event in {', '.join(nothing)}")
+        print_error(f"no valid event in {', '.join(nothing)}")
         sys.exit(EXIT_FAILURE)
 
 
@@ -521,15 +444,15 @@ def ingest(
 @click.option("--file", "file_name", default=None, help="Only rows rejected from this input file (as ingested).")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=0), help="Rows to show (0: all).")
 @config_option
-@_friendly
+@friendly
 def rejects(source_name: str | None, file_name: str | None, limit: int, config_file: Path | None) -> None:
     """List rows `tenx ingest` rejected, newest first: file, row, reason and the record
     as read, with a count per reason."""
     from featurestore.stores.offline import DeltaOfflineStore
     from pipelines.ingest import reason_counts
 
-    settings = _settings(config_file)
-    plan = _applied_plan(settings)
+    settings = settings_of(config_file)
+    plan = applied_plan(settings)
     source = _source(plan, source_name)
     store = DeltaOfflineStore(settings.offline_dir)
     rows = store.read_rejects(source).to_pylist()
@@ -579,7 +502,7 @@ def rejects(source_name: str | None, file_name: str | None, limit: int, config_f
     "--partitions", type=click.IntRange(min=1), default=None, help="Entity partitions (default: 1 per 400k events)."
 )
 @config_option
-@_friendly
+@friendly
 def backfill(
     views: tuple[str, ...],
     start: str | None,
@@ -596,13 +519,13 @@ def backfill(
     from pipelines.batch.engine import Backend
     from pipelines.batch.engine import backfill as run_backfill
 
-    settings = _settings(config_file)
-    plan = _applied_plan(settings)
+    settings = settings_of(config_file)
+    plan = applied_plan(settings)
     for name in views:
-        _view_or_error(plan, name)
+        view_or_error(plan, name)
     store = DeltaOfflineStore(settings.offline_dir)
     began = time.perf_counter()
-    with _progress() as progress:
+    with progress_bar() as progress:
         tasks: dict[str, Any] = {}
 
         def advance(view: str, done: int, total: int) -> None:
@@ -662,7 +585,7 @@ def backfill(
     help="Labels joined per chunk (bounds memory).",
 )
 @config_option
-@_friendly
+@friendly
 def export(
     labels_path: Path,
     features: str,
@@ -692,14 +615,14 @@ def export(
         raise ConfigError(f"--out {out}: the training set is written as Parquet; name it *.parquet")
     if out.exists() and labels_path.exists() and out.resolve() == labels_path.resolve():
         raise ConfigError(f"--out {out} is the labels file; writing it would destroy the labels: choose another path")
-    settings = _settings(config_file)
-    plan = _applied_plan(settings)
+    settings = settings_of(config_file)
+    plan = applied_plan(settings)
     try:
         age = parse_duration(max_age) if max_age else None
     except ValueError as error:
         raise ConfigError(f"--max-age: {error}") from error
     references = [f.strip() for f in features.split(",") if f.strip()]
-    with _progress() as progress:
+    with progress_bar() as progress:
         advance = functools.partial(progress.advance, progress.add_task("exporting", total=None))
         _, summary = export_training_set(
             plan,
@@ -722,20 +645,6 @@ def export(
 # -- online: materialize and serve --------------------------------------------------------
 
 
-def _online_store(settings: Settings, plan: Plan) -> Any:
-    """The online store, keyed by the applied plan's project (an edit of tenx.yaml counts
-    once applied, as every engine sees it)."""
-    from featurestore.stores.online import open_online_store
-
-    return open_online_store(redis_url=settings.redis_url, sqlite_path=settings.online_path, project=plan.project)
-
-
-def _store_name(settings: Settings) -> str:
-    if settings.redis_url:
-        return f"Redis at {redact_url(settings.redis_url)}"
-    return f"embedded store {settings.online_path}"
-
-
 @main.command()
 @click.option("--view", "views", multiple=True, help="Feature view to load (repeatable; default: all online views).")
 @click.option(
@@ -746,7 +655,7 @@ def _store_name(settings: Settings) -> str:
     "(default: now).",
 )
 @config_option
-@_friendly
+@friendly
 def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | None) -> None:
     """Load the latest changelog row per entity from the Delta feature tables into the
     online store (Redis when TENX_REDIS_URL is set, else the embedded store). Safe while
@@ -754,22 +663,22 @@ def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | N
     from featurestore.stores.offline import DeltaOfflineStore, micros_to_datetime
     from pipelines.materialize import materialize as run_materialize
 
-    settings = _settings(config_file)
-    plan = _applied_plan(settings)
-    chosen = [_view_or_error(plan, name) for name in views] if views else [v for v in plan.views if v.online]
+    settings = settings_of(config_file)
+    plan = applied_plan(settings)
+    chosen = [view_or_error(plan, name) for name in views] if views else [v for v in plan.views if v.online]
     # Not the last changelog row: a backfill holds expiry rows up to the widest window
     # ahead, and a value from the future would also block the stream's writes until then.
     parsed = _parse_time(as_of, "--as-of")
     moment = parsed if parsed is not None else _now_us()
     empty: list[str] = []
     offline = DeltaOfflineStore(settings.offline_dir)
-    online = _online_store(settings, plan)
-    table = Table(title=f"materialize into {_store_name(settings)}", title_justify="left")
+    online = online_store(settings, plan)
+    table = Table(title=f"materialize into {store_name(settings)}", title_justify="left")
     for column in ("view", "entities", "written", "kept newer", "seconds"):
         table.add_column(column, justify="left" if column == "view" else "right")
     try:
         for view in chosen:
-            with _progress() as progress:
+            with progress_bar() as progress:
                 advance = functools.partial(
                     progress.advance, progress.add_task(f"materializing {view.name}", total=None)
                 )
@@ -803,13 +712,6 @@ def _now_us() -> int:
     return datetime_to_micros(datetime.now(UTC))
 
 
-def _view_or_error(plan: Plan, name: str) -> Any:
-    try:
-        return plan.view(name)
-    except KeyError as error:
-        raise ConfigError(str(error.args[0])) from error
-
-
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), help="Port.")
@@ -836,7 +738,7 @@ def _view_or_error(plan: Plan, name: str) -> Any:
     help="Most values (entities x features) one request may ask for; more is a 413 ($TENX_API_MAX_VALUES).",
 )
 @config_option
-@_friendly
+@friendly
 def serve(
     host: str,
     port: int,
@@ -848,12 +750,11 @@ def serve(
 ) -> None:
     """Run the HTTP feature API: POST /features, /health (= /health/ready), /health/live, /health/ready, /metrics,
     /openapi.json. It only looks values up in the online store."""
-    import os
 
     import uvicorn
 
-    settings = _settings(config_file)
-    _applied_plan(settings)  # fail now, with the fix, rather than serve 503s
+    settings = settings_of(config_file)
+    applied_plan(settings)  # fail now, with the fix, rather than serve 503s
     if settings.config_file is not None:
         os.environ["TENX_CONFIG"] = str(settings.config_file)
     if token_file is not None:
@@ -869,7 +770,7 @@ def serve(
         os.environ["TENX_API_TOKEN"] = token  # the worker processes' environment, not their command line
     os.environ["TENX_API_MAX_VALUES"] = str(max_values)
     _check_port_free(host, port)
-    console.print(f"tenx feature API on http://{host}:{port} ({_store_name(settings)})")
+    console.print(f"tenx feature API on http://{host}:{port} ({store_name(settings)})")
     uvicorn.run(
         "serving.app:app_from_environment",
         factory=True,
@@ -902,243 +803,6 @@ def _check_port_free(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror}){hint}") from error
 
 
-# -- stream ---------------------------------------------------------------------------------
-
-
-@main.command()
-@click.option("--view", "views", multiple=True, help="Feature view to run (repeatable; default: all online views).")
-@click.option("-w", "--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker threads.")
-@click.option(
-    "--from-file",
-    "from_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Replay a JSON-lines file (one event object per line) instead of Kafka; ends at the end of the "
-    "file. Dead letters and late events then go to data/stream/dead_letters.*.jsonl and late.*.jsonl.",
-)
-@click.option("--bounded", is_flag=True, help="Stop at the end of the Kafka topic instead of tailing it.")
-@click.option(
-    "--from-beginning",
-    is_flag=True,
-    help="Without a recovery snapshot, read the topic from its first message instead of from "
-    "now minus the longest window and the allowed lateness (Kafka offsets for times).",
-)
-@click.option(
-    "--shards",
-    default=4,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="State shards per view, spread over workers (at least the worker count; keep it fixed "
-    "for a recovery directory: state is snapshotted per shard).",
-)
-@click.option(
-    "--recovery-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="Bytewax recovery store: a restarted job resumes from its last snapshot.",
-)
-@click.option(
-    "--process-id",
-    "-i",
-    type=int,
-    default=None,
-    help="This process's index in a Bytewax cluster (omit it for one process).",
-)
-@click.option("--addresses", "-a", default=None, help="Cluster processes, host:port;host:port (Bytewax -a).")
-@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="Serve Prometheus metrics here.")
-@click.option("--drain", is_flag=True, help="At the end of a bounded input, emit every pending window expiry.")
-@click.option(
-    "--snapshot-interval",
-    default=5.0,
-    show_default=True,
-    type=click.FloatRange(min=0.1),
-    help="Seconds between recovery snapshots (with --recovery-dir).",
-)
-@click.option(
-    "--status-interval",
-    default=None,
-    type=click.FloatRange(min=0.5),
-    help="Seconds between status lines (events/s, lag, late, dead letters, watermark age) "
-    "[default: 2 on a terminal, rewritten in place; 30 otherwise].",
-)
-@config_option
-@_friendly
-def stream(
-    views: tuple[str, ...],
-    workers: int,
-    from_file: Path | None,
-    bounded: bool,
-    from_beginning: bool,
-    shards: int,
-    recovery_dir: Path | None,
-    process_id: int | None,
-    addresses: str | None,
-    metrics_port: int | None,
-    drain: bool,
-    snapshot_interval: float,
-    status_interval: float | None,
-    config_file: Path | None,
-) -> None:
-    """Run the Bytewax stream job: events from Kafka (TENX_KAFKA_BOOTSTRAP) or a file,
-    validated, aggregated in event time and written to the online store as they change.
-    Events reach the source's topic (`tenx plan` lists each source's) as one JSON object
-    per message, e.g. `tenx demo-data events.parquet --to-kafka transactions`.
-    Invalid records go, with the reason, to the dead-letter topic `<topic>.dead-letters`
-    (an event more than the source's max_future ahead of the clock too); events older
-    than the watermark to `<topic>.late` (with --from-file: JSON-lines files under
-    data/stream/).
-
-    \b
-    The watermark is the slowest partition's newest event time minus the source's
-    allowed_lateness; a partition caught up and quiet for the source's idle_timeout
-    follows the clock instead, so windows expire on a quiet stream.
-
-    A cold start (no recovery snapshot) rebuilds the state from the topic: from the first
-    message at or after now minus the longest window plus the allowed lateness of the
-    views run (by Kafka message time), or from the beginning with --from-beginning.
-    Ctrl-C stops after the current batch (exit 130; with --recovery-dir the next start
-    resumes there)."""
-    from bytewax.run import cli_main
-
-    from pipelines.stream.dataflow import (
-        JsonLinesSink,
-        JsonLinesSource,
-        KafkaJsonSink,
-        OnlineSink,
-        Outputs,
-        StoreFactory,
-        build_dataflow,
-        check_topics,
-        kafka_messages,
-    )
-    from pipelines.stream.state import Emit
-    from tenx.stream_status import Counts, StatusReporter, Stopper, summary
-
-    settings = _settings(config_file)
-    plan = _applied_plan(settings)
-    for name in views:
-        _view_or_error(plan, name)
-    if shards < workers:
-        raise ConfigError(
-            f"--shards {shards} is below -w {workers}: some workers would hold no state; "
-            f"pass --shards {workers} or more"
-        )
-    if from_file is None and not settings.kafka_bootstrap:
-        raise ConfigError("no Kafka configured: set TENX_KAFKA_BOOTSTRAP (or kafka.bootstrap), or pass --from-file")
-    if from_file is not None:
-        _check_json_lines(from_file)
-    outputs_dir = settings.repo_dir / "data" / "stream"
-    if from_file is not None:
-        from bytewax import operators as op
-
-        def messages(flow: Any, source: Any) -> Any:
-            return op.input(f"file_{source.name}", flow, JsonLinesSource(from_file))
-
-        dead: Any = JsonLinesSink(outputs_dir / "dead_letters.jsonl")
-        late: Any = JsonLinesSink(outputs_dir / "late.jsonl")
-    else:
-        bootstrap = str(settings.kafka_bootstrap)
-        run = [plan.view(n) for n in views] if views else [v for v in plan.views if v.online]
-        options = dict(settings.kafka_options)
-        check_topics(bootstrap, sorted({v.source.topic for v in run}), options=options)
-        reach = max((v.longest_window + v.source.allowed_lateness for v in run), default=0)
-        start_us = None if from_beginning else int(time.time() * 1_000_000) - reach
-
-        def messages(flow: Any, source: Any) -> Any:
-            return kafka_messages(flow, source, bootstrap, tail=not bounded, start_time_us=start_us, options=options)
-
-        topic = plan.sources[0].topic
-        dead = KafkaJsonSink(bootstrap, f"{topic}.dead-letters", **options)
-        late = KafkaJsonSink(bootstrap, f"{topic}.late", **options)
-    factory = StoreFactory(settings.redis_url, settings.online_path, project=plan.project)
-    flow = build_dataflow(
-        plan,
-        messages,
-        Outputs(OnlineSink(factory, plan.views), dead, late),
-        views=list(views) or None,
-        shards=shards,
-        drain=drain,
-        emit=Emit.LATEST,
-    )
-    recovery = None
-    if recovery_dir is not None:
-        from bytewax.recovery import RecoveryConfig, init_db_dir
-
-        if not recovery_dir.exists():
-            recovery_dir.mkdir(parents=True)
-            init_db_dir(recovery_dir, workers)
-        recovery = RecoveryConfig(recovery_dir)
-    if metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(metrics_port)
-    console.print(
-        f"tenx stream: {', '.join(views) or 'all online views'} from "
-        f"{from_file or settings.kafka_bootstrap} into {_store_name(settings)}, {workers} worker(s)",
-        highlight=False,
-    )
-    if from_file is None:
-        console.print(f"dead letters -> Kafka topic {topic}.dead-letters, late events -> {topic}.late", highlight=False)
-    before = {kind: _lines(outputs_dir, kind) for kind in ("dead_letters", "late")}
-    live = errors.is_terminal
-    reporter = StatusReporter(errors, interval=status_interval or (2.0 if live else 30.0), live=live)
-    stopper = Stopper(lambda line: reporter.print(line))
-    stopper.install()
-    reporter.start()
-    try:
-        cli_main(
-            flow,
-            workers_per_process=workers,
-            process_id=process_id,
-            addresses=addresses.split(";") if addresses else None,
-            recovery_config=recovery,
-            epoch_interval=timedelta(seconds=snapshot_interval),
-        )
-    finally:
-        reporter.stop()
-        stopper.restore()
-    if stopper.signal_number is not None:
-        resume = (
-            f"the next start with --recovery-dir {recovery_dir} resumes there"
-            if recovery_dir is not None
-            else "without --recovery-dir the next start rebuilds its state from the topic"
-        )
-        errors.print(f"stopped: {summary(reporter.start_counts, Counts.now())[6:]}; {resume}", highlight=False)
-        sys.exit(128 + stopper.signal_number)
-    console.print(summary(reporter.start_counts, Counts.now()), highlight=False)
-    if from_file is not None:  # a file ends: say what did not reach the online store
-        dead, late_count = (_lines(outputs_dir, kind) - before[kind] for kind in ("dead_letters", "late"))
-        console.print(
-            f"written: {dead:,} dead letters ({outputs_dir}/dead_letters.*.jsonl), {late_count:,} late events "
-            f"({outputs_dir}/late.*.jsonl)",
-            highlight=False,
-        )
-
-
-def _check_json_lines(path: Path) -> None:
-    """--from-file replays JSON lines (one event object per line), as Kafka would carry
-    them: a Parquet or CSV file would become one dead letter per line."""
-    if not path.exists():
-        raise ConfigError(f"--from-file {path}: no such file")
-    with path.open("rb") as handle:
-        head = handle.read(4096)
-    first = next((line.strip() for line in head.splitlines() if line.strip()), b"")
-    if head.startswith(b"PAR1") or path.suffix.lower() in (".parquet", ".csv", ".tsv") or not first.startswith(b"{"):
-        raise ConfigError(
-            f"--from-file {path}: expected JSON lines (one event object per line, like the Kafka messages); "
-            "load Parquet or CSV files with `tenx ingest`, or write JSON lines with "
-            "`tenx demo-data events.jsonl`"
-        )
-
-
-def _lines(folder: Path, kind: str) -> int:
-    total = 0
-    for path in folder.glob(f"{kind}.*.jsonl"):
-        with path.open("rb") as handle:
-            total += sum(1 for _ in handle)
-    return total
-
-
 # -- verify and quickstart -------------------------------------------------------------------
 
 
@@ -1146,7 +810,7 @@ def _lines(folder: Path, kind: str) -> int:
 @click.option("--view", "views", multiple=True, help="Feature view to check (repeatable; default: all online views).")
 @click.option("--sample", default=200, show_default=True, type=click.IntRange(min=1), help="Entities per view.")
 @config_option
-@_friendly
+@friendly
 def verify(views: tuple[str, ...], sample: int, config_file: Path | None) -> None:
     """Online/offline parity: for a random sample of entities, the online value must
     equal the last changelog row at or before its online as_of. Exits 1 on a mismatch,
@@ -1154,14 +818,14 @@ def verify(views: tuple[str, ...], sample: int, config_file: Path | None) -> Non
     from featurestore.stores.offline import DeltaOfflineStore
     from featurestore.verify import STEPS, verify_view
 
-    settings = _settings(config_file)
-    plan = _applied_plan(settings)
-    chosen = [_view_or_error(plan, n) for n in views] if views else [v for v in plan.views if v.online]
-    online = _online_store(settings, plan)
+    settings = settings_of(config_file)
+    plan = applied_plan(settings)
+    chosen = [view_or_error(plan, n) for n in views] if views else [v for v in plan.views if v.online]
+    online = online_store(settings, plan)
     failed = False
     try:
         for view in chosen:
-            with _progress() as progress:
+            with progress_bar() as progress:
                 task = progress.add_task(f"verifying {view.name}: reading the changelog's entities", total=STEPS)
 
                 def step(what: str, task: Any = task, name: str = view.name) -> None:
@@ -1196,7 +860,7 @@ def verify(views: tuple[str, ...], sample: int, config_file: Path | None) -> Non
 @click.option("--events", default=200_000, show_default=True, type=click.IntRange(min=1_000), help="Demo events.")
 @click.option("--users", default=2_000, show_default=True, type=click.IntRange(min=10), help="Demo users.")
 @click.option("--days", default=14, show_default=True, type=click.IntRange(min=8), help="Days of history.")
-@_friendly
+@friendly
 def quickstart(directory: Path, events: int, users: int, days: int) -> None:
     """Run the whole loop on embedded defaults (no Kafka, Redis or Docker needed): demo
     repo, data, ingest, Dask backfill, materialize, the Bytewax stream job, training
@@ -1204,7 +868,6 @@ def quickstart(directory: Path, events: int, users: int, days: int) -> None:
     ./tenx-quickstart). With TENX_REDIS_URL the online store is Redis; with
     TENX_KAFKA_BOOTSTRAP the recent events go through a Kafka topic of the run (deleted
     afterwards) and the Kafka stream job reads them, else it replays them from a file."""
-    import os
 
     from featurestore.config import kafka_options
     from tenx.quickstart import run_quickstart
@@ -1247,16 +910,7 @@ def quickstart(directory: Path, events: int, users: int, days: int) -> None:
         sys.exit(EXIT_FAILURE)
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=errors,
-        transient=True,
-        disable=not errors.is_terminal,  # off a terminal a bar only leaves a blank line
-    )
+main.add_command(stream)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -368,7 +368,7 @@ def test_ctrl_c_exits_130_saying_what_stays() -> None:
     import click
     from click.testing import CliRunner
 
-    from tenx.cli import _friendly
+    from tenx.commands.common import friendly as _friendly
 
     @click.command()
     @_friendly
