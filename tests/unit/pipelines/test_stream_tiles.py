@@ -22,8 +22,9 @@ from featurestore.semantics import values_match
 from featurestore.transforms import prepare_events
 from pipelines.batch.kernel import changelog_kernel
 from pipelines.reference import reference_changelog
+from pipelines.stream.compensated import compensated_sums
 from pipelines.stream.state import Emit, ViewState, events_from_frame
-from pipelines.stream.tiles import EventBatch, LatestState, RowBatch, batch_from_frame, compensated_sums
+from pipelines.stream.tiles import EventBatch, LatestState, RowBatch, batch_from_frame
 from pipelines.stream.watermark import Progress
 from tests.unit.pipelines.test_kernel_parity import VIEWS, logs
 from tests.unit.pipelines.test_reference import BASE
