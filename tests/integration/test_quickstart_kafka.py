@@ -4,17 +4,17 @@ is gone afterwards (the session check fails a run that leaves topics behind)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.processes import clean_environment
 
 TENX = str(Path(sys.executable).parent / "tenx")
 
 
 def test_quickstart_streams_through_kafka_when_it_is_configured(tmp_path: Path, kafka_bootstrap: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENX_")}
-    env.update({"TENX_KAFKA_BOOTSTRAP": kafka_bootstrap, "COLUMNS": "250"})
+    env = clean_environment(TENX_KAFKA_BOOTSTRAP=kafka_bootstrap, COLUMNS="250")
     done = subprocess.run(
         [TENX, "quickstart", "qs", "--events", "20000", "--users", "300", "--days", "9"],
         cwd=tmp_path,

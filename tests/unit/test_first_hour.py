@@ -3,11 +3,12 @@ what needs them (never a crash), and installing prints no setuptools deprecation
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+from tests.processes import clean_environment
 
 ROOT = Path(__file__).resolve().parents[1].parent
 
@@ -17,8 +18,7 @@ def test_tests_that_run_their_own_redis_skip_without_redis_server(tmp_path: Path
     # (it raised FileNotFoundError from subprocess, failing `make test`).
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENX_") and k != "CI"}
-    env["PATH"] = str(bin_dir)
+    env = clean_environment("CI", PATH=str(bin_dir))
     done = subprocess.run(
         [
             sys.executable,

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,16 +20,11 @@ from featurestore.plan import compile_repo
 from featurestore.redact import redact_text, redact_url
 from featurestore.stores.online import RedisOnlineStore
 from serving.api import create_app
+from tests.processes import free_port, wait_until_serving
 
 TENX = str(Path(sys.executable).parent / "tenx")
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "PLANTED-s3cret-9f2c"
-
-
-def dead_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def url(port: int) -> str:
@@ -61,7 +54,7 @@ def test_a_malformed_url_is_refused_without_its_password() -> None:
 
 def test_the_feature_api_never_answers_with_the_password() -> None:
     plan = compile_repo(ROOT / "tenx" / "templates" / "repo", project="demo", modules=["features"])
-    store = RedisOnlineStore(url(dead_port()), prefix="tenx:demo", timeout_s=0.5)
+    store = RedisOnlineStore(url(free_port()), prefix="tenx:demo", timeout_s=0.5)
     assert SECRET not in repr(store)
     api = TestClient(create_app(store, plan))
     for response in (
@@ -83,7 +76,7 @@ def repo(tmp_path: Path) -> Path:
 
 
 def test_no_command_prints_the_password(repo: Path) -> None:
-    port = dead_port()
+    port = free_port()
     env = {**os.environ, "TENX_REDIS_URL": url(port), "COLUMNS": "200"}
     env.pop("TENX_CONFIG", None)
     env.pop("TENX_KAFKA_BOOTSTRAP", None)
@@ -105,7 +98,7 @@ def test_no_command_prints_the_password(repo: Path) -> None:
     assert any(f"tenx:***@127.0.0.1:{port}" in output for _, output in outputs)  # the store is still named
 
     # `tenx serve`: its startup line, and the 503 bodies of /health and /features.
-    serve_port = dead_port()
+    serve_port = free_port()
     server = subprocess.Popen(
         [TENX, "serve", "--port", str(serve_port)],
         cwd=repo,
@@ -116,15 +109,7 @@ def test_no_command_prints_the_password(repo: Path) -> None:
     )
     try:
         bodies = []
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{serve_port}/health/live", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, server.stdout.read() if server.stdout else ""
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_until_serving(f"http://127.0.0.1:{serve_port}/health/live", server)
         for path, body in (("/health", None), ("/features", b'{"view": "user_spend", "entities": [1]}')):
             request = urllib.request.Request(f"http://127.0.0.1:{serve_port}{path}", data=body)
             with pytest.raises(urllib.error.HTTPError) as failed:
@@ -177,6 +162,6 @@ def test_kafka_errors_name_the_settings_and_never_the_password() -> None:
     )
     sasl = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN", "sasl.username": "tenx"}
     with pytest.raises(TransientError) as unreachable:
-        kafka_topics(f"127.0.0.1:{dead_port()}", timeout_s=1, options={**sasl, "sasl.password": SECRET})
+        kafka_topics(f"127.0.0.1:{free_port()}", timeout_s=1, options={**sasl, "sasl.password": SECRET})
     assert "cannot reach Kafka at 127.0.0.1:" in str(unreachable.value)
     assert SECRET not in str(unreachable.value)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import clean_environment, free_port, wait_until_serving
 from tests.unit.featurestore.test_compile import BAD_REPO, EXPECTED
 
 TENX = shutil.which("tenx", path=os.path.dirname(sys.executable)) or "tenx"
@@ -299,8 +300,6 @@ def test_serve_on_a_busy_port_says_so_before_announcing(tmp_path: Path) -> None:
 
 def test_serve_reads_its_token_from_a_file_and_requires_it(tmp_path: Path) -> None:
     import signal
-    import socket
-    import time
     import urllib.error
     import urllib.request
 
@@ -315,27 +314,17 @@ def test_serve_reads_its_token_from_a_file_and_requires_it(tmp_path: Path) -> No
     (repo / "token.txt").write_text("s3cret-from-a-file\n")
     both = tenx("serve", "--token", "x", "--token-file", "token.txt", cwd=repo)
     assert "give the token once" in both.stderr
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    environment = {k: v for k, v in os.environ.items() if k not in ("TENX_CONFIG", "TENX_REDIS_URL", "TENX_API_TOKEN")}
+    port = free_port()
     server = subprocess.Popen(
         [TENX, "serve", "--port", str(port), "--token-file", "token.txt"],
         cwd=repo,
-        env=environment,
+        env=clean_environment(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         body = b'{"view": "user_spend", "entities": [1]}'
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_until_serving(f"http://127.0.0.1:{port}/health/live", server)
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/features", data=body), timeout=5)
         assert refused.value.code == 401

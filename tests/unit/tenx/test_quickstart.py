@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from tests.processes import clean_environment
+
 TENX = shutil.which("tenx", path=os.path.dirname(sys.executable)) or "tenx"
 
 
 def test_quickstart_runs_the_whole_loop(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENX_")}
-    env["COLUMNS"] = "250"
+    env = clean_environment(COLUMNS="250")
     result = subprocess.run(
         [TENX, "quickstart", "qs", "--events", "20000", "--users", "300", "--days", "9"],
         cwd=tmp_path,
@@ -60,8 +61,7 @@ def test_quickstart_runs_the_whole_loop(tmp_path: Path) -> None:
 
 
 def test_quickstart_runs_again_in_its_folder_and_refuses_other_repos(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENX_")}
-    env["COLUMNS"] = "200"
+    env = clean_environment(COLUMNS="200")
 
     def quickstart(folder: str) -> subprocess.CompletedProcess[str]:
         command = [TENX, "quickstart", folder, "--events", "5000", "--users", "50", "--days", "8"]
