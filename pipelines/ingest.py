@@ -28,7 +28,6 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from featurestore.durations import format_duration
 from featurestore.errors import TerminalError
 from featurestore.plan.model import SourceSpec
 from featurestore.stores.offline import REJECTS_SCHEMA, DeltaOfflineStore
@@ -324,26 +323,20 @@ def _refuse_future(
     stream job dead-letters them: a producer's wrong clock, not an event."""
     if not valid.num_rows:
         return valid, rejects
-    limit = int(now.timestamp() * 1_000_000) + source.max_future
     times = valid.column(source.event_time).cast(pa.int64()).to_numpy(zero_copy_only=False)
-    future = times > limit
+    future = times > source.future_limit(int(now.timestamp() * 1_000_000))
     if not future.any():
         return valid, rejects
     # Input rows of the valid rows: the rows of the batch that were not rejected, in order.
     refused = set(rejects.column("row").to_pylist())
     rows = [row for row in range(offset, offset + valid.num_rows + len(refused)) if row not in refused]
-    ahead = format_duration(source.max_future)
     found = valid.filter(pa.array(future)).to_pylist()
     extra = pa.table(
         {
             "file": [str(path)] * len(found),
             "row": [rows[i] for i in np.flatnonzero(future).tolist()],
             "record": [orjson.dumps(record, default=str).decode() for record in found],
-            "reason": [
-                f"field `{source.event_time}`: {record[source.event_time].isoformat()} is more than {ahead} ahead "
-                f"of the processing clock (max_future of source `{source.name}`); check the producer's clock"
-                for record in found
-            ],
+            "reason": [source.future_reason(int(moment)) for moment in times[future].tolist()],
             "ingested_at": pa.array([now] * len(found), pa.timestamp("us", tz="UTC")),
         },
         schema=REJECTS_SCHEMA,

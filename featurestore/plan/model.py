@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
@@ -121,6 +122,7 @@ class EntitySpec:
         return {"name": self.name, "key": self.key, "dtype": self.dtype, "description": self.description}
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 DEFAULT_IDLE_TIMEOUT = 30_000_000  # 30 s
 DEFAULT_MAX_FUTURE = 300_000_000  # 5 min
 
@@ -139,6 +141,19 @@ class SourceSpec:
     @property
     def event_time(self) -> str:
         return self.schema.event_time
+
+    def future_limit(self, now_us: int) -> int:
+        """The latest event time accepted when the clock says `now_us` (`max_future`)."""
+        return now_us + self.max_future
+
+    def future_reason(self, event_time_us: int) -> str:
+        """Why an event beyond `future_limit` is refused: the stream's dead letter and
+        ingest's reject say the same."""
+        moment = (_EPOCH + timedelta(microseconds=event_time_us)).isoformat()
+        return (
+            f"field `{self.event_time}`: {moment} is more than {format_duration(self.max_future)} ahead of the "
+            f"processing clock (max_future of source `{self.name}`); check the producer's clock"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

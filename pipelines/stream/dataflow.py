@@ -35,7 +35,6 @@ from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from featurestore.durations import format_duration
 from featurestore.plan.model import AS_OF, Plan, SourceSpec, ViewSpec
 from featurestore.stores.codec import encode_columns, with_nulls
 from featurestore.stores.online import OnlineStore
@@ -181,7 +180,6 @@ def _decoder(source: SourceSpec, clock: Callable[[], float]) -> Callable[[list[A
     a watermark past every real event."""
     schema = source.schema
     event_time = source.event_time
-    ahead = format_duration(source.max_future)
 
     def dead_letter(partition: int, offset: int, value: bytes, reason: str) -> tuple[str, Any]:
         METRICS.dead_letters.labels(source.name).inc()
@@ -240,16 +238,11 @@ def _decoder(source: SourceSpec, clock: Callable[[], float]) -> Callable[[list[A
                 positions = checked.positions
                 seq = np.asarray(sequences if len(positions) == len(sequences) else [sequences[i] for i in positions])
                 times = valid.column(event_time).cast(pa.int64()).to_numpy(zero_copy_only=False)
-                limit = int(clock() * 1_000_000) + source.max_future
-                future = times > limit
+                future = times > source.future_limit(int(clock() * 1_000_000))
                 if future.any():
                     for index in np.flatnonzero(future).tolist():
                         partition, offset, value = messages[kept[positions[index]]]
-                        moment = datetime.fromtimestamp(times[index] / 1e6, UTC).isoformat()
-                        reason = (
-                            f"field `{event_time}`: {moment} is more than {ahead} ahead of the processing clock "
-                            f"(max_future of source `{source.name}`); check the producer's clock"
-                        )
+                        reason = source.future_reason(int(times[index]))
                         dead.append((kept[positions[index]], dead_letter(partition, offset, value, reason)))
                     keep = ~future
                     valid, seq, times = valid.filter(pa.array(keep)), seq[keep], times[keep]

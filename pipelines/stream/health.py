@@ -45,10 +45,9 @@ class BrokerHealth:
         return self._outage
 
     def on_error(self, error: Any) -> None:
-        """librdkafka's `error_cb`: connection failures become an outage."""
-        name = getattr(error, "name", lambda: "")()
-        if name in _CONNECTION_ERRORS or getattr(error, "fatal", lambda: False)():
-            self.unreachable(getattr(error, "str", lambda: str(error))())
+        """librdkafka's `error_cb` (a KafkaError): connection failures become an outage."""
+        if error.name() in _CONNECTION_ERRORS or error.fatal():
+            self.unreachable(error.str())
 
 
 BROKER = BrokerHealth()

@@ -38,7 +38,7 @@ class Delivery:
         if error is not None:
             self.failed += 1
             if not self.first_failure:
-                self.first_failure = f"{message.topic()}: {error.str() if hasattr(error, 'str') else error}"
+                self.first_failure = f"{message.topic()}: {error.str()}"
 
     def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
         """Queue one message; when the local queue is full, wait for deliveries to make
