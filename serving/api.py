@@ -290,12 +290,11 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
                 return _problem(503, str(error))
             for status, count in Counter_(result.statuses).items():
                 metrics.entities.labels(result.view, status.value).inc(count)
-            if len(result.entities) * len(result.names) > OFF_LOOP_VALUES:
-                # A large answer is encoded on a worker thread: other requests (and
-                # /health/live) keep being served meanwhile.
-                encoded = await asyncio.to_thread(_encode, result)
-                return Response(encoded, media_type="application/json")
-            return _json(render(result))
+            # A large answer is encoded on a worker thread: other requests (and
+            # /health/live) keep being served meanwhile.
+            large = len(result.entities) * len(result.names) > OFF_LOOP_VALUES
+            encoded = await asyncio.to_thread(_encode, result) if large else _encode(result)
+            return Response(encoded, media_type="application/json")
         except Exception:  # noqa: BLE001 (an answer and a count for every request, whatever failed)
             code = 500
             return _internal_error("features")

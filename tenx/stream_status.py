@@ -87,11 +87,12 @@ def status_line(before: Counts, after: Counts) -> str:
     )
 
 
-def summary(start: Counts, end: Counts) -> str:
+def summary(start: Counts, end: Counts, *, how: str = "done") -> str:
+    """The final counts line: `how` says how the job ended (done, stopped)."""
     seconds = max(end.at - start.at, 1e-9)
     events = end.events - start.events
     return (
-        f"done: {events:,} events in {seconds:.1f} s ({events / seconds:,.0f}/s), "
+        f"{how}: {events:,} events in {seconds:.1f} s ({events / seconds:,.0f}/s), "
         f"{end.rows - start.rows:,} rows written, {end.late - start.late:,} late, "
         f"{end.dead - start.dead:,} dead letters"
     )

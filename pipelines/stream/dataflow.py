@@ -419,14 +419,14 @@ def build_dataflow(
     runs). `clock` (seconds) bounds event times from the future."""
     flow = Dataflow(name)
     chosen = [plan.view(v) for v in views] if views else [v for v in plan.views if v.online]
+    # Series at 0 from the start: `tenx_stream_late_total 0` says "none late", which a
+    # missing series does not.
+    for view in chosen:
+        METRICS.late.labels(view.name)
+        METRICS.rows_out.labels(view.name)
     for source in {view.source.name: view.source for view in chosen}.values():
-        # Series at 0 from the start: `tenx_stream_late_total 0` says "none late", which
-        # a missing series does not.
         METRICS.events_in.labels(source.name)
         METRICS.dead_letters.labels(source.name)
-        for view in chosen:
-            METRICS.late.labels(view.name)
-            METRICS.rows_out.labels(view.name)
         raw = messages(flow, source)
         decoded = op.flat_map_batch(f"decode_{source.name}", raw, _decoder(source, clock))
         split = op.branch(f"valid_{source.name}", decoded, lambda item: item[0] != "dlq")

@@ -222,7 +222,7 @@ def stream(
             if recovery_dir is not None
             else "without --recovery-dir the next start rebuilds its state from the topic"
         )
-        errors.print(f"stopped: {summary(reporter.start_counts, Counts.now())[6:]}; {resume}", highlight=False)
+        errors.print(f"{summary(reporter.start_counts, Counts.now(), how='stopped')}; {resume}", highlight=False)
         sys.exit(128 + stopper.signal_number)
     console.print(summary(reporter.start_counts, Counts.now()), highlight=False)
     if from_file is not None:  # a file ends: say what did not reach the online store

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from featurestore.stores.online import SqliteOnlineStore
+from serving import api as api_module
 from serving.api import ApiSettings, create_app
 from tests.unit.serving.test_client import PLAN, post, store  # noqa: F401 (the fixture)
 
@@ -76,9 +78,22 @@ def test_an_unexpected_error_is_a_clean_500_with_a_request_id(tmp_path: Path, ca
     assert 'tenx_api_requests_total{code="200",route="features"}' not in metrics
 
 
-def test_a_large_answer_does_not_stall_other_requests(store: SqliteOnlineStore) -> None:  # noqa: F811
+def test_a_large_answer_does_not_stall_other_requests(
+    store: SqliteOnlineStore,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # 10,000 entities x 4 features are encoded on a worker thread: /health/live, sent
-    # after it, is answered before it.
+    # while that answer is being encoded (made slow here, so the order is certain), is
+    # answered before it. Encoded on the event loop, the live request would wait.
+    encode = api_module._encode
+    encoding = threading.Event()
+
+    def slow_encode(result: Any) -> bytes:
+        encoding.set()
+        time.sleep(0.3)  # blocks whichever thread runs it
+        return encode(result)
+
+    monkeypatch.setattr(api_module, "_encode", slow_encode)
     app = create_app(store, PLAN)
     finished: list[str] = []
 
@@ -92,18 +107,13 @@ def test_a_large_answer_does_not_stall_other_requests(store: SqliteOnlineStore) 
                 finished.append("large")
 
             async def live() -> None:
-                await asyncio.sleep(0)
-                while "started" not in finished:
+                while not encoding.is_set():
                     await asyncio.sleep(0.001)
-                began = time.perf_counter()
                 response = await client.get("/health/live")
                 assert response.status_code == 200
-                finished.append(f"live {time.perf_counter() - began:.3f}")
+                finished.append("live")
 
-            task = asyncio.create_task(large())
-            await asyncio.sleep(0.02)  # the large request is under way
-            finished.append("started")
-            await asyncio.gather(task, live())
+            await asyncio.gather(large(), live())
 
     asyncio.run(scenario())
     order = [entry.split()[0] for entry in finished]
