@@ -22,6 +22,8 @@ from schemas.dtypes import dtype_name, is_numeric, parse_dtype
 from schemas.errors import SchemaError
 from schemas.schema import EventSchema
 
+MAX_WINDOW = 36_500 * 86_400_000_000  # 100 years: (entity, time) keys of the batch engine stay in int64
+
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _KEY_DTYPES = ("int64", "string")
 _NUMERIC_ONLY = {"sum", "mean", "min", "max", "std"}
@@ -364,6 +366,14 @@ class _Compiler:
             every = parse_duration(window.every) if window.every is not None else default_granularity(length)
         except ValueError as error:
             self.report(window.location, subject, f"window every=: {error}")
+            return None
+        if length > MAX_WINDOW:
+            self.report(
+                window.location,
+                subject,
+                f"window {format_duration(length)} is longer than {format_duration(MAX_WINDOW)}; "
+                "for the newest value however old, use Latest(column)",
+            )
             return None
         if length % every:
             self.report(

@@ -53,7 +53,10 @@ def changelog_kernel(
     schema = view.changelog_schema()
     if len(frame) == 0:
         return schema.empty_table()
-    sorted_events = _SortedEvents.build(view, frame, xp)
+    try:
+        sorted_events = _SortedEvents.build(view, frame, xp)
+    except _KeyTooWide as wide:
+        return _in_entity_groups(view, frame, wide.entities_per_group, start=start, end=end, xp=xp)
     points = _change_points(view, sorted_events, start, end, xp)
     if points.size == 0:
         return schema.empty_table()
@@ -73,6 +76,39 @@ def changelog_kernel(
         for feature in features:
             columns[feature.name] = _aggregate(feature, window)
     return pa.table([columns[name] for name in schema.names], schema=schema)
+
+
+class _KeyTooWide(Exception):
+    """The (entity, time) search key of a partition would not fit an int64: the kernel
+    runs over groups of `entities_per_group` entities instead."""
+
+    def __init__(self, entities_per_group: int) -> None:
+        super().__init__(entities_per_group)
+        self.entities_per_group = entities_per_group
+
+
+_KEY_LIMIT = 2**62  # composite keys stay below this (headroom for the searches' arithmetic)
+
+
+def _in_entity_groups(
+    view: ViewSpec, frame: Any, entities_per_group: int, *, start: int | None, end: int | None, xp: Any
+) -> pa.Table:
+    """The changelog computed over consecutive groups of entities (in key order, so the
+    concatenation stays sorted by entity then time): each group's key fits an int64.
+    Long windows (years) over many entities need this; every group is still one
+    vectorised pass."""
+    codes, _ = _factorize(frame[view.entity_key])
+    order = np.argsort(codes, kind="stable")
+    entities = int(codes.max()) + 1
+    bounds = np.searchsorted(codes[order], np.arange(0, entities + entities_per_group, entities_per_group))
+    tables = [
+        changelog_kernel(
+            view, frame.take(order[lo:hi]).reset_index(drop=True), start=start, end=end, xp=xp, prepared=True
+        )
+        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+        if hi > lo
+    ]
+    return pa.concat_tables(tables)
 
 
 def xp_to_numpy(array: Any) -> np.ndarray:
@@ -106,11 +142,14 @@ class _SortedEvents:
         coarsest = max(f.window.every for f in view.features)
         base = int(times.min()) - longest - coarsest
         span = int(times.max()) + longest + coarsest - base + 1
-        if (int(codes.max()) + 1) * span >= 2**62:
-            raise OverflowError(
-                f"feature view `{view.name}`: {int(codes.max()) + 1} entities over a time span of "
-                f"{span} us do not fit one int64 search key; use more partitions"
-            )
+        entities = int(codes.max()) + 1
+        if entities * span >= _KEY_LIMIT:
+            if entities == 1 or span >= _KEY_LIMIT // 2:
+                raise OverflowError(
+                    f"feature view `{view.name}`: its events and windows span {span / 3.15576e13:,.0f} years, "
+                    f"more than the batch engine's int64 microsecond keys hold; shorten the longest window"
+                )
+            raise _KeyTooWide(max(1, (_KEY_LIMIT - 1) // span))
         composite = codes * span + (times - base)
         needed = list(view.input_columns)
         ordered = frame[needed].take(xp_to_numpy(order)).reset_index(drop=True)
