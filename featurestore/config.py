@@ -6,6 +6,7 @@ Library code never reads the environment; `load_settings` is called by entry poi
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -30,6 +31,8 @@ ENVIRONMENT = {
     "TENX_REGISTRY": "registry: folder of the plan registry",
     "TENX_OFFLINE_PATH": "offline_store.path: folder of the Delta tables",
     "TENX_ONLINE_PATH": "online_store.path: file of the embedded online store",
+    "TENX_REDIS_POOL_SIZE": "online_store.pool_size: most connections each Redis client holds (per node on a cluster)",
+    "TENX_REDIS_POOL_TIMEOUT": "online_store.pool_timeout: seconds a lookup waits for a free Redis connection",
     "TENX_API_TOKEN": "tenx serve: bearer token required by the feature API",
     "TENX_API_TOKEN_FILE": "tenx serve: a file holding that token (kept out of `ps` and shell history)",
     "TENX_API_MAX_VALUES": "tenx serve: most values (entities x features) one request may ask for",
@@ -42,13 +45,19 @@ PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PROJECT_RULE = "must start with a letter or digit and hold only letters, digits, '_', '-' or '.'"
 # URL schemes redis-py accepts.
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# The Redis connection pool of each client (sync and async, per process): a lookup past
+# `pool_size` at once waits up to `pool_timeout` seconds for a connection, then fails
+# with a TransientError (a 503 from `tenx serve`), so overload is shed by the API, not
+# refused at random by the pool.
+REDIS_POOL_SIZE = 64
+REDIS_POOL_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
 class _Value:
     """A leaf of tenx.yaml: the Python type it must have and how to describe it."""
 
-    kind: type
+    kind: type | tuple[type, ...]
     expected: str
     path: bool = False  # a path: an unquoted number (a folder named 2024) only needs quotes
 
@@ -64,6 +73,8 @@ _KEYS: dict[str, Any] = {
     "online_store": {
         "path": _Value(str, "a string (a file path)", path=True),
         "redis_url": _Value(str, "a string like redis://host:6379"),
+        "pool_size": _Value(int, "a whole number of connections, at least 1"),
+        "pool_timeout": _Value((int, float), "a number of seconds above 0"),
     },
     "kafka": {
         "bootstrap": _Value(str, "a string like host:port[,host:port]"),
@@ -89,6 +100,8 @@ class Settings:
     kafka_bootstrap: str | None
     config_file: Path | None
     kafka_options: Mapping[str, str] = field(default_factory=dict)  # librdkafka settings (SASL, TLS)
+    redis_pool_size: int = REDIS_POOL_SIZE  # connections per Redis client (per node on a cluster)
+    redis_pool_timeout_s: float = REDIS_POOL_TIMEOUT_S  # wait for a free connection, then a TransientError
 
 
 def load_settings(
@@ -153,6 +166,7 @@ def load_settings(
         redis_url = section("online_store").get("redis_url") or None  # "" means the embedded store
         if redis_url is not None:
             check_redis_url(redis_url, f"{path}: `online_store.redis_url`")
+    pool_size, pool_timeout_s = _redis_pool(env, section("online_store"), where=f"{path}: ")
     return Settings(
         project=project,
         repo_dir=repo_dir,
@@ -165,7 +179,51 @@ def load_settings(
         kafka_bootstrap=env.get("TENX_KAFKA_BOOTSTRAP") or section("kafka").get("bootstrap"),
         config_file=path,
         kafka_options=kafka_options(env, section("kafka").get("options") or {}, where=f"{path}: `kafka.options`"),
+        redis_pool_size=pool_size,
+        redis_pool_timeout_s=pool_timeout_s,
     )
+
+
+def _redis_pool(environ: Mapping[str, str], configured: Mapping[str, Any], *, where: str = "") -> tuple[int, float]:
+    """(pool size, pool timeout in seconds): `online_store.pool_size` and
+    `online_store.pool_timeout` from tenx.yaml (`where` names the file in messages),
+    overridden by TENX_REDIS_POOL_SIZE and TENX_REDIS_POOL_TIMEOUT.
+
+    >>> _redis_pool({"TENX_REDIS_POOL_SIZE": "16"}, {"pool_timeout": 0.5})
+    (16, 0.5)
+    """
+    size: Any = configured.get("pool_size")
+    size_from = f"{where}`online_store.pool_size`"
+    if environ.get("TENX_REDIS_POOL_SIZE"):
+        size, size_from = _number(environ["TENX_REDIS_POOL_SIZE"], int), "TENX_REDIS_POOL_SIZE"
+    timeout: Any = configured.get("pool_timeout")
+    timeout_from = f"{where}`online_store.pool_timeout`"
+    if environ.get("TENX_REDIS_POOL_TIMEOUT"):
+        timeout, timeout_from = _number(environ["TENX_REDIS_POOL_TIMEOUT"], float), "TENX_REDIS_POOL_TIMEOUT"
+    if size is None:
+        size = REDIS_POOL_SIZE
+    elif isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(
+            f"{size_from} must be a whole number of connections, at least 1; got {size!r} (default {REDIS_POOL_SIZE})"
+        )
+    if timeout is None:
+        timeout = REDIS_POOL_TIMEOUT_S
+    elif isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+        # 0 would refuse instead of waiting and infinity would wait forever: neither bounds the wait.
+        raise ConfigError(
+            f"{timeout_from} must be a number of seconds above 0 and finite (how long a lookup waits for a free "
+            f"Redis connection); got {timeout!r} (default {REDIS_POOL_TIMEOUT_S:g})"
+        )
+    return size, float(timeout)
+
+
+def _number(text: str, kind: type[int] | type[float]) -> Any:
+    """`text` as an int or a float, or the text itself when it is not one (the caller
+    then names what was expected)."""
+    try:
+        return kind(text.strip())
+    except ValueError:
+        return text
 
 
 def kafka_options(

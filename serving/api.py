@@ -12,8 +12,10 @@ Entities are JSON integers (within int64) or strings. A view keyed by int64 also
 strings of digits ("42", read as 42; answered as sent); a view keyed by strings also
 takes integers (1 and "1" are the same key). A malformed body is a 400, an unknown view
 or feature a 404 with close matches, a request for more than `max_values` values
-(entities x features, repeated names counted once) a 413 that says the limit. Anything
-unexpected is a 500 with a request id (logged with its traceback), counted as a 500.
+(entities x features, repeated names counted once) a 413 that says the limit. An online
+store that is down, too slow, or has no connection free within its pool timeout is a 503
+with Retry-After. Anything unexpected is a 500 with a request id (logged with its
+traceback), counted as a 500.
 
 Settings are read by the caller (`tenx serve`) and passed to `create_app`.
 """
@@ -49,6 +51,7 @@ MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_ENTITIES = 10_000
 MAX_VALUES = 250_000  # entities x features in one answer (about 5 MB of JSON)
 OFF_LOOP_VALUES = 20_000  # answers larger than this are encoded on a worker thread
+RETRY_AFTER_S = 1  # told to clients when the online store fails transiently (a 503)
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _INT64_RANGE = f"[{INT64_MIN}, {INT64_MAX}]"
 _DIGITS = re.compile(r"-?[0-9]+")
@@ -284,10 +287,12 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
             except UnknownFeatureError as error:
                 code = 404
                 return _problem(404, str(error))
-            except TransientError as error:
+            except TransientError as error:  # the store is away, slow, or its pool stayed full
                 code = 503
                 metrics.errors.labels("features", "store").inc()
-                return _problem(503, str(error))
+                unavailable = _problem(503, str(error))
+                unavailable.headers["Retry-After"] = str(RETRY_AFTER_S)
+                return unavailable
             for status, count in Counter_(result.statuses).items():
                 metrics.entities.labels(result.view, status.value).inc(count)
             # A large answer is encoded on a worker thread: other requests (and

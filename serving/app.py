@@ -17,7 +17,13 @@ def app_from_environment() -> Starlette:
     settings = load_settings()
     plan = FileRegistry(settings.registry_dir).current()
     project = plan.project if plan is not None else settings.project  # the applied plan's keys
-    store = open_online_store(redis_url=settings.redis_url, sqlite_path=settings.online_path, project=project)
+    store = open_online_store(
+        redis_url=settings.redis_url,
+        sqlite_path=settings.online_path,
+        project=project,
+        pool_size=settings.redis_pool_size,
+        pool_timeout_s=settings.redis_pool_timeout_s,
+    )
     settings_api = ApiSettings(
         token=os.environ.get("TENX_API_TOKEN") or None,
         max_values=int(os.environ.get("TENX_API_MAX_VALUES") or MAX_VALUES),

@@ -10,15 +10,19 @@ small Protocol, with two implementations run through one contract suite.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
 
+from featurestore.config import REDIS_POOL_SIZE, REDIS_POOL_TIMEOUT_S
 from featurestore.errors import TransientError
 from featurestore.plan.model import ViewSpec
 from featurestore.redact import redact_text, redact_url
@@ -81,7 +85,13 @@ return written
 
 class RedisOnlineStore:
     """Redis (or Redis Cluster) online store. Every call has a socket timeout; a
-    connection failure raises TransientError naming the address."""
+    connection failure raises TransientError naming the address.
+
+    Each client (the sync one, and the async one opened by the first `aread`) holds at
+    most `pool_size` connections (per node on a cluster). A call past that many at once
+    waits up to `pool_timeout_s` for one to come free, then raises TransientError saying
+    so: a burst queues briefly instead of being refused, and what to shed under overload
+    is left to the caller (the feature API), not to the pool."""
 
     def __init__(
         self,
@@ -91,23 +101,43 @@ class RedisOnlineStore:
         timeout_s: float = 2.0,
         key_ttl_s: float | None = None,
         cluster: bool | None = None,
+        pool_size: int = REDIS_POOL_SIZE,
+        pool_timeout_s: float = REDIS_POOL_TIMEOUT_S,
     ) -> None:
         import redis
 
+        if pool_size < 1 or not 0 < pool_timeout_s < math.inf:
+            raise ValueError(
+                "RedisOnlineStore: pool_size must be at least 1 and pool_timeout_s above 0 and finite; "
+                f"got pool_size={pool_size}, pool_timeout_s={pool_timeout_s}"
+            )
         self.url = url
         self.prefix = prefix
         self.key_ttl_ms = int(key_ttl_s * 1000) if key_ttl_s else 0
+        self.pool_size = pool_size
+        self.pool_timeout_s = pool_timeout_s
         options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         self._options = options
         self._async: Any = None
         self.cluster = bool(cluster) if cluster is not None else url.startswith("redis+cluster://")
+        # redis-py's cluster clients have no pool that waits: the async one refuses past
+        # max_connections per node (MaxConnectionsError), the sync one takes a blocking
+        # pool's timeout for a failed node and asks for a topology refresh. So on a cluster
+        # the store bounds its own calls in flight; each uses at most one connection per node.
+        self._sync_turns = threading.BoundedSemaphore(pool_size) if self.cluster else None
+        self._async_turns: asyncio.Semaphore | None = None
         try:
             if self.cluster:
                 from redis.cluster import RedisCluster
 
-                self.client: Any = RedisCluster.from_url(url.replace("redis+cluster://", "redis://"), **options)
+                self.client: Any = RedisCluster.from_url(
+                    url.replace("redis+cluster://", "redis://"), max_connections=pool_size, **options
+                )
             else:
-                self.client = redis.Redis.from_url(url, retry_on_timeout=False, **options)
+                pool = redis.BlockingConnectionPool.from_url(
+                    url, max_connections=pool_size, timeout=pool_timeout_s, retry_on_timeout=False, **options
+                )
+                self.client = redis.Redis.from_pool(pool)
         except redis.RedisError as error:
             raise TransientError(f"online store Redis at {redact_url(url)}: {redact_text(str(error))}") from error
         self._script = self.client.register_script(_ORDERED_SET)
@@ -116,9 +146,47 @@ class RedisOnlineStore:
         return f"RedisOnlineStore({redact_url(self.url)!r})"
 
     def _fail(self, error: Exception) -> TransientError:
+        if _pool_exhausted(error):
+            return self._pool_exhausted()
         return TransientError(
             f"online store Redis at {redact_url(self.url)}: {type(error).__name__}: {redact_text(str(error))}"
         )
+
+    def _pool_exhausted(self) -> TransientError:
+        per_node = " per node" if self.cluster else ""
+        return TransientError(
+            f"online store Redis at {redact_url(self.url)}: no connection free within {self.pool_timeout_s:g} s "
+            f"(pool of {self.pool_size}{per_node}); raise online_store.pool_size (TENX_REDIS_POOL_SIZE) "
+            "or send fewer lookups at once"
+        )
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """On a cluster, wait for one of `pool_size` turns (see __init__); else nothing."""
+        if self._sync_turns is None:
+            yield
+            return
+        if not self._sync_turns.acquire(timeout=self.pool_timeout_s):
+            raise self._pool_exhausted()
+        try:
+            yield
+        finally:
+            self._sync_turns.release()
+
+    @asynccontextmanager
+    async def _async_turn(self) -> AsyncIterator[None]:
+        if self._async_turns is None:
+            yield
+            return
+        try:
+            async with asyncio.timeout(self.pool_timeout_s):
+                await self._async_turns.acquire()
+        except TimeoutError:
+            raise self._pool_exhausted() from None
+        try:
+            yield
+        finally:
+            self._async_turns.release()
 
     def write(self, view: ViewSpec, rows: pa.Table) -> WriteResult:
         return self.write_packed(view, *_split(encode_rows(view, rows)))
@@ -134,7 +202,8 @@ class RedisOnlineStore:
         written = 0
         try:
             if self.cluster:
-                written = self._write_cluster(encoded)
+                with self._turn():
+                    written = self._write_cluster(encoded)
             else:
                 pipe = self.client.pipeline(transaction=False)
                 for start in range(0, len(encoded), WRITE_CHUNK):
@@ -165,7 +234,8 @@ class RedisOnlineStore:
         keys = online_keys(view, entities, prefix=self.prefix)
         try:
             if self.cluster:
-                return list(self.client.mget_nonatomic(keys))
+                with self._turn():
+                    return list(self.client.mget_nonatomic(keys))
             return list(self.client.mget(keys))
         except redis.RedisError as error:
             raise self._fail(error) from error
@@ -174,29 +244,42 @@ class RedisOnlineStore:
         import redis
 
         try:
-            return bool(self.client.ping())
+            with self._turn():
+                return bool(self.client.ping())
         except redis.RedisError as error:
             raise self._fail(error) from error
 
     async def aread(self, view: ViewSpec, entities: Sequence[Any]) -> list[bytes | None]:
         """`read` for asyncio callers, on redis.asyncio (one connection pool per loop)."""
         import redis
-        import redis.asyncio
 
-        if self._async is None:
-            if self.cluster:
-                from redis.asyncio.cluster import RedisCluster as AsyncCluster
-
-                self._async = AsyncCluster.from_url(self.url.replace("redis+cluster://", "redis://"), **self._options)
-            else:
-                self._async = redis.asyncio.Redis.from_url(self.url, **self._options)
+        client = self._async_client()
         keys = online_keys(view, entities, prefix=self.prefix)
         try:
             if self.cluster:
-                return list(await self._async.mget_nonatomic(keys))
-            return list(await self._async.mget(keys))
+                async with self._async_turn():
+                    return list(await client.mget_nonatomic(keys))
+            return list(await client.mget(keys))
         except redis.RedisError as error:
             raise self._fail(error) from error
+
+    def _async_client(self) -> Any:
+        if self._async is None:
+            import redis.asyncio
+
+            if self.cluster:
+                from redis.asyncio.cluster import RedisCluster as AsyncCluster
+
+                self._async_turns = asyncio.Semaphore(self.pool_size)
+                self._async = AsyncCluster.from_url(
+                    self.url.replace("redis+cluster://", "redis://"), max_connections=self.pool_size, **self._options
+                )
+            else:
+                pool = redis.asyncio.BlockingConnectionPool.from_url(
+                    self.url, max_connections=self.pool_size, timeout=self.pool_timeout_s, **self._options
+                )
+                self._async = redis.asyncio.Redis.from_pool(pool)
+        return self._async
 
     async def aclose(self) -> None:
         if self._async is not None:
@@ -287,16 +370,36 @@ class SqliteOnlineStore:
 
 
 def open_online_store(
-    *, redis_url: str | None, sqlite_path: Path, project: str | None = None, prefix: str | None = None
+    *,
+    redis_url: str | None,
+    sqlite_path: Path,
+    project: str | None = None,
+    prefix: str | None = None,
+    pool_size: int = REDIS_POOL_SIZE,
+    pool_timeout_s: float = REDIS_POOL_TIMEOUT_S,
 ) -> OnlineStore:
     """Redis when a URL is configured, else the embedded SQLite store. Keys start with
     `tenx:<project>` so two feature repos sharing a Redis never read each other's values
-    (identical views have identical versions)."""
+    (identical views have identical versions). The pool settings are Redis's
+    (`Settings.redis_pool_size`, `Settings.redis_pool_timeout_s`)."""
     if prefix is None:
         prefix = f"tenx:{project}" if project else "tenx"
     if redis_url:
-        return RedisOnlineStore(redis_url, prefix=prefix)
+        return RedisOnlineStore(redis_url, prefix=prefix, pool_size=pool_size, pool_timeout_s=pool_timeout_s)
     return SqliteOnlineStore(sqlite_path, prefix=prefix)
+
+
+def _pool_exhausted(error: Exception) -> bool:
+    """Whether `error` is a pool running out of connections. redis-py's
+    BlockingConnectionPool (sync and asyncio) raises a plain ConnectionError with this
+    text when its wait times out, the same type as a refused connection; the integration
+    tests pin it (tests/integration/test_redis_pool.py). MaxConnectionsError (redis-py 6
+    and later) is a pool that refuses instead of waiting, such as a cluster node's."""
+    from redis import exceptions
+
+    if isinstance(error, getattr(exceptions, "MaxConnectionsError", ())):
+        return True
+    return isinstance(error, exceptions.ConnectionError) and str(error) == "No connection available."
 
 
 def _split(triples: Iterable[tuple[Any, int, bytes]]) -> tuple[list[Any], list[int], list[bytes]]:

@@ -113,7 +113,13 @@ def online_store(settings: Settings, plan: Plan) -> Any:
     once applied, as every engine sees it)."""
     from featurestore.stores.online import open_online_store
 
-    return open_online_store(redis_url=settings.redis_url, sqlite_path=settings.online_path, project=plan.project)
+    return open_online_store(
+        redis_url=settings.redis_url,
+        sqlite_path=settings.online_path,
+        project=plan.project,
+        pool_size=settings.redis_pool_size,
+        pool_timeout_s=settings.redis_pool_timeout_s,
+    )
 
 
 def store_name(settings: Settings) -> str:

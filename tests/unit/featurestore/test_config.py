@@ -123,3 +123,62 @@ def test_redis_urls_redis_py_opens_are_kept(tmp_path: Path, url: str) -> None:
 def test_an_empty_redis_url_means_the_embedded_store(tmp_path: Path) -> None:
     config = write_config(tmp_path, "project: demo\nonline_store:\n  redis_url: ''\n")
     assert load_settings(config, environ={}).redis_url is None
+
+
+def test_the_redis_pool_has_defaults_tenx_yaml_values_and_environment_overrides(tmp_path: Path) -> None:
+    defaults = load_settings(write_config(tmp_path, "project: demo\n"), environ={})
+    assert (defaults.redis_pool_size, defaults.redis_pool_timeout_s) == (64, 5.0)
+    config = write_config(tmp_path, "project: demo\nonline_store:\n  pool_size: 16\n  pool_timeout: 2\n")
+    configured = load_settings(config, environ={})
+    assert (configured.redis_pool_size, configured.redis_pool_timeout_s) == (16, 2.0)
+    overridden = load_settings(config, environ={"TENX_REDIS_POOL_SIZE": "200", "TENX_REDIS_POOL_TIMEOUT": "0.25"})
+    assert (overridden.redis_pool_size, overridden.redis_pool_timeout_s) == (200, 0.25)
+
+
+_POOL_SIZE = "must be a whole number of connections, at least 1; got {} (default 64)"
+_POOL_TIMEOUT = (
+    "must be a number of seconds above 0 and finite (how long a lookup waits for a free Redis connection); "
+    "got {} (default 5)"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("pool_size: 0", "`online_store.pool_size` " + _POOL_SIZE.format(0)),
+        ("pool_size: -3", "`online_store.pool_size` " + _POOL_SIZE.format(-3)),
+        ("pool_size: true", "`online_store.pool_size` " + _POOL_SIZE.format(True)),
+        (
+            "pool_size: 2.5",
+            "`online_store.pool_size` must be a whole number of connections, at least 1, got 2.5 (float)",
+        ),
+        ("pool_timeout: 0", "`online_store.pool_timeout` " + _POOL_TIMEOUT.format(0)),
+        ("pool_timeout: -1.5", "`online_store.pool_timeout` " + _POOL_TIMEOUT.format(-1.5)),
+        ("pool_timeout: .inf", "`online_store.pool_timeout` " + _POOL_TIMEOUT.format("inf")),
+        ("pool_timeout: '5'", "`online_store.pool_timeout` must be a number of seconds above 0, got '5' (str)"),
+    ],
+)
+def test_a_wrong_redis_pool_setting_in_tenx_yaml_is_named(tmp_path: Path, text: str, message: str) -> None:
+    config = write_config(tmp_path, f"project: demo\nonline_store:\n  {text}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={})
+    assert str(raised.value) == f"{config}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("TENX_REDIS_POOL_SIZE", "many", _POOL_SIZE.format("'many'")),
+        ("TENX_REDIS_POOL_SIZE", "0", _POOL_SIZE.format(0)),
+        ("TENX_REDIS_POOL_SIZE", "8.5", _POOL_SIZE.format("'8.5'")),
+        ("TENX_REDIS_POOL_TIMEOUT", "soon", _POOL_TIMEOUT.format("'soon'")),
+        ("TENX_REDIS_POOL_TIMEOUT", "0", _POOL_TIMEOUT.format(0.0)),
+        ("TENX_REDIS_POOL_TIMEOUT", "nan", _POOL_TIMEOUT.format("nan")),
+    ],
+)
+def test_a_wrong_redis_pool_override_is_named(tmp_path: Path, variable: str, value: str, message: str) -> None:
+    # The environment wins over tenx.yaml, so its mistake is the one reported.
+    config = write_config(tmp_path, "project: demo\nonline_store:\n  pool_size: 8\n  pool_timeout: 1\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={variable: value})
+    assert str(raised.value) == f"{variable} {message}"
