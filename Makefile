@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-unit lint format bench services-up services-down clean
+.PHONY: setup test test-unit lint format bench bench-smoke services-up services-down clean
 
 setup:  ## create .venv and install tenx with its dev tools
 	@test -x $(BIN)/python || { echo "setup: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
@@ -36,6 +36,10 @@ bench:  ## benchmarks: each prints a table and writes JSON under bench/results/
 	  if [ "$$script" = bench/gpu_kernel.py ] && ! $(BIN)/python -c 'import cupy' 2>/dev/null; then \
 	    echo "skipped: needs CuPy and an NVIDIA GPU (scripts/gpu-check)"; continue; fi; \
 	  $(BIN)/python $$script; done
+
+bench-smoke:  ## every benchmark at a tiny size (--smoke): checks they run, times nothing; JSON under TENX_BENCH_SMOKE_DIR (default <tmp>/tenx-bench-smoke), never bench/results/; online and stream need scripts/services up
+	@set -e; for script in bench/[!_]*.py; do [ -e "$$script" ] || continue; echo "== $$script --smoke"; \
+	  $(BIN)/python $$script --smoke; done
 
 services-up:
 	scripts/services up

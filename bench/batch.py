@@ -19,10 +19,11 @@ Measured in one run, on the same data:
   no Min/Last or foreign amounts.
 
 Each part runs in its own process so peak RSS is its own. Prints a table and writes
-bench/results/batch.json.
+bench/results/batch.json (or --out).
 
     python bench/batch.py                       # 10M events, 100k users, 30 days
     python bench/batch.py --events 50000000     # the memory-bound check
+    python bench/batch.py --smoke               # seconds; data and JSON in a temp folder (CI)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+DATA = ROOT / "bench" / "data" / "batch"
 REPO = ROOT / "tenx" / "templates" / "repo"
 WINDOWS = {"1h": 3_600, "1d": 86_400, "7d": 7 * 86_400}
 
@@ -275,11 +277,25 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--days", type=int, default=30)
-    parser.add_argument("--data", type=Path, default=ROOT / "bench" / "data" / "batch")
+    parser.add_argument("--data", type=Path, default=DATA, help="Folder of the events, registry and Delta tables.")
     parser.add_argument("--part", choices=["prepare", *PARTS], help=argparse.SUPPRESS)
     parser.add_argument("--skip-baselines", action="store_true", help="Only the tenx backfill.")
-    parser.add_argument("--out", default="batch.json", help="Results file name under bench/results/.")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--out", type=Path, default=Path("batch.json"), help="Results file: a name under bench/results/, or a path."
+    )
+    sys.path.insert(0, str(ROOT / "bench"))
+    import _smoke
+
+    args = _smoke.parse_arguments(
+        parser,
+        lambda folder: {
+            "events": 20_000,
+            "users": 200,
+            "days": 3,
+            "data": folder / "batch",
+            "out": folder / "batch.json",
+        },
+    )
 
     if args.part:  # a child process: print one JSON line
         if args.part == "prepare":
@@ -352,8 +368,8 @@ def main() -> None:
             f"(max relative difference {checked['max_relative_error']:.1e}, Std included)"
         )
     print("targets: " + ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in targets.items()))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / args.out
+    out = RESULTS / args.out  # an absolute --out stays as it is
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {

@@ -11,6 +11,12 @@ machine. Prints a table and writes JSON (bench/results/gpu_kernel.json, or --out
 
     python bench/gpu_kernel.py                      # 2M events, 20k users, 14 days
     python bench/gpu_kernel.py --events 10000000 --users 100000 --days 30
+    python bench/gpu_kernel.py --smoke              # seconds; JSON in a temp folder (CI)
+
+With --smoke and no CuPy installed, the "GPU" side is the CPU stand-in for CuPy
+(tests/unit/cupy_stand_in: numpy that refuses what CuPy refuses), as `scripts/gpu-check
+--dry-run` uses it: the script and its comparison run end to end, the speed-up is
+meaningless.
 """
 
 from __future__ import annotations
@@ -28,7 +34,11 @@ import numpy as np
 import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
+STAND_IN = ROOT / "tests" / "unit" / "cupy_stand_in"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _smoke  # noqa: E402
 
 from featurestore.plan import compile_repo  # noqa: E402
 from pipelines.batch.kernel import changelog_kernel  # noqa: E402
@@ -66,6 +76,25 @@ def differences(view: Any, expected: pa.Table, got: pa.Table) -> dict[str, float
     return worst
 
 
+def import_cupy(*, stand_in: bool) -> Any:
+    """CuPy; where it is missing and `stand_in`, the CPU stand-in (a smoke run)."""
+    try:
+        import cupy
+    except ImportError:
+        if not stand_in:
+            raise SystemExit(
+                "bench/gpu_kernel.py needs CuPy and an NVIDIA GPU: run `scripts/gpu-check` on a GPU machine "
+                "(`scripts/gpu-check --dry-run` or `--smoke` rehearse it here with a CPU stand-in)"
+            ) from None
+    else:
+        return cupy
+    print(f"CuPy is not installed: smoke run with the CPU stand-in ({STAND_IN.relative_to(ROOT)})", file=sys.stderr)
+    sys.path.insert(0, str(STAND_IN))
+    import cupy
+
+    return cupy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=2_000_000)
@@ -73,15 +102,11 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=14)
     parser.add_argument("--repeat", type=int, default=3, help="CuPy runs per view (median reported).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_kernel.json")
-    args = parser.parse_args()
-
-    try:
-        import cupy
-    except ImportError:
-        raise SystemExit(
-            "bench/gpu_kernel.py needs CuPy and an NVIDIA GPU: run `scripts/gpu-check` on a GPU machine "
-            "(`scripts/gpu-check --dry-run` rehearses it here with a CPU stand-in)"
-        ) from None
+    args = _smoke.parse_arguments(
+        parser,
+        lambda folder: {"events": 20_000, "users": 200, "days": 3, "repeat": 1, "out": folder / "gpu_kernel.json"},
+    )
+    cupy = import_cupy(stand_in=args.smoke)
 
     device = cupy.cuda.runtime.getDeviceProperties(0)["name"]
     device = device.decode() if isinstance(device, bytes) else str(device)

@@ -28,9 +28,13 @@ one Redis (TENX_REDIS_URL, required: `eval "$(scripts/services up --only redis)"
   a small machine it can be the bottleneck (httpx costs far more CPU per request than
   the server does), which the CPU figures show.
 
+The tenx keys (materialize, lookups, HTTP) carry the prefix `tenx serve` reads for the
+plan's project (`open_online_store`: `tenx:<project>`), so the HTTP part answers what
+materialize wrote.
+
 Every figure is printed beside its raw baseline, with the targets as met/MISSED, and
-written to bench/results/online.json. Only localhost traffic; every loop is bounded by
-a count and a wall-clock cap; every key written is deleted at the end.
+written to bench/results/online.json (or --out). Only localhost traffic; every loop is
+bounded by a count and a wall-clock cap; every key written is deleted at the end.
 
 Context (Feast 0.67 on the same data shape, from the issue; not measured here):
 get_online_features p99 1.42 ms for 1 user and 34.7 ms for 100; `feast serve` p50
@@ -39,6 +43,7 @@ get_online_features p99 1.42 ms for 1 user and 34.7 ms for 100; `feast serve` p5
     eval "$(scripts/services up --only redis)"
     python bench/online.py                      # 100k entities, 5000 calls per figure
     python bench/online.py --entities 10000 --calls 1000 --http-seconds 3   # quick
+    python bench/online.py --smoke              # seconds; JSON in a temp folder (CI)
     scripts/services down --only redis
 """
 
@@ -72,14 +77,14 @@ from featurestore.plan import AS_OF, Plan, ViewSpec, compile_definitions
 from schemas import TRANSACTIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _smoke
 from _redis_keys import unlink_matching
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 RAW_PREFIX = "tenxbench:raw"  # raw baseline keys: {RAW_PREFIX}:{entity}
 WRITE_PREFIX = "tenxbench:write"  # RedisOnlineStore.write from memory (a part of materialize)
-SERVE_PREFIX = "tenx"  # what `tenx serve` reads (open_online_store's default prefix)
-WARMUP = 500
+WARMUP = 500  # untimed calls before each latency figure (--warmup)
 ROUNDS = 10  # alternating rounds per measured pair
 
 USER = Entity("user", key="user_id", dtype="int64", description="A card holder.")
@@ -104,6 +109,20 @@ def bench_plan() -> Plan:
     dtypes = {f.dtype for f in view.features}
     check(len(view.features) == 20 and dtypes == {"float64"}, f"expected 20 float64 features, got {dtypes}")
     return plan
+
+
+def serving_prefix(url: str, plan: Plan) -> str:
+    """The key prefix `tenx serve` and `tenx materialize` use for `plan`: whatever
+    `open_online_store` derives from the plan's project (`tenx:<project>`)."""
+    from featurestore.stores.online import RedisOnlineStore, open_online_store
+
+    store = open_online_store(redis_url=url, sqlite_path=Path(os.devnull), project=plan.project)
+    try:
+        if not isinstance(store, RedisOnlineStore):
+            raise SystemExit(f"check failed: expected a Redis online store for {url}, got {store!r}")
+        return store.prefix
+    finally:
+        store.close()
 
 
 def changelog(view: ViewSpec, entities: int, now_us: int, seed: int) -> pa.Table:
@@ -206,9 +225,11 @@ def free_port() -> int:
 # -- parts --------------------------------------------------------------------------------
 
 
-def part_materialize(url: str, view: ViewSpec, table: pa.Table, offline: Any, repeat: int) -> dict[str, Any]:
-    """Materialize into the serving prefix (fresh keys each time) beside raw pipelined
-    SETs of the same bytes under RAW_PREFIX; both stay populated for the lookups."""
+def part_materialize(
+    url: str, view: ViewSpec, table: pa.Table, offline: Any, repeat: int, serve_prefix: str
+) -> dict[str, Any]:
+    """Materialize into `serve_prefix` (fresh keys each time) beside raw pipelined SETs
+    of the same bytes under RAW_PREFIX; both stay populated for the lookups."""
     import redis
 
     from featurestore.stores.codec import encode_rows, online_key
@@ -217,14 +238,14 @@ def part_materialize(url: str, view: ViewSpec, table: pa.Table, offline: Any, re
 
     raw = redis.Redis.from_url(url, socket_timeout=10)
     values = [(f"{RAW_PREFIX}:{key}".encode(), value) for key, _, value in encode_rows(view, table)]
-    tenx_pattern = online_key(view, "*", prefix=SERVE_PREFIX).decode()
+    tenx_pattern = online_key(view, "*", prefix=serve_prefix).decode()
     write_pattern = online_key(view, "*", prefix=WRITE_PREFIX).decode()
     runs: dict[str, list[float]] = {"materialize": [], "raw_set": [], "delta_read": [], "store_write": []}
     written = 0
     for attempt in range(repeat):
         print(f"  materialize {attempt + 1}/{repeat} ...", file=sys.stderr)
         unlink_matching(raw, tenx_pattern)
-        store = RedisOnlineStore(url, prefix=SERVE_PREFIX, timeout_s=30)
+        store = RedisOnlineStore(url, prefix=serve_prefix, timeout_s=30)
         seconds, result = timed(lambda store=store: materialize(view, offline, store))
         store.close()
         check(result.entities == table.num_rows, f"materialized {result.entities} of {table.num_rows} entities")
@@ -252,7 +273,7 @@ def part_materialize(url: str, view: ViewSpec, table: pa.Table, offline: Any, re
 
     # Same bytes: what tenx stored equals what the raw baseline stored.
     sample = list(range(1, table.num_rows + 1, max(1, table.num_rows // 200)))
-    stored = raw.mget([online_key(view, e, prefix=SERVE_PREFIX) for e in sample])
+    stored = raw.mget([online_key(view, e, prefix=serve_prefix) for e in sample])
     copied = raw.mget([f"{RAW_PREFIX}:{e}" for e in sample])
     check(stored == copied and None not in stored, "the raw keys do not hold the bytes tenx stored")
     size = len(stored[0])
@@ -267,7 +288,9 @@ def part_materialize(url: str, view: ViewSpec, table: pa.Table, offline: Any, re
     }
 
 
-def part_lookups(url: str, plan: Plan, entities: int, calls: int, cap_s: float, seed: int) -> dict[str, Any]:
+def part_lookups(
+    url: str, plan: Plan, serve_prefix: str, entities: int, calls: int, warmup: int, cap_s: float, seed: int
+) -> dict[str, Any]:
     import redis
 
     from featurestore.stores.online import RedisOnlineStore
@@ -275,11 +298,11 @@ def part_lookups(url: str, plan: Plan, entities: int, calls: int, cap_s: float, 
 
     view = plan.views[0]
     rng = np.random.default_rng(seed)
-    total = calls + WARMUP
+    total = calls + warmup
     singles = rng.integers(1, entities + 1, total).tolist()
     batches = rng.integers(1, entities + 1, (total, 100)).tolist()
     raw = redis.Redis.from_url(url, socket_timeout=2.0, retry_on_timeout=False)
-    client = FeatureClient(RedisOnlineStore(url, prefix=SERVE_PREFIX), plan)
+    client = FeatureClient(RedisOnlineStore(url, prefix=serve_prefix), plan)
     name = view.name
 
     first = client.get(name, batches[0])
@@ -299,9 +322,9 @@ def part_lookups(url: str, plan: Plan, entities: int, calls: int, cap_s: float, 
         return client.get(name, batches[i])
 
     print(f"  1 entity: {calls:,} calls each ...", file=sys.stderr)
-    one = latencies({"raw_get": raw_get, "client_1": tenx_one}, calls, WARMUP, cap_s)
+    one = latencies({"raw_get": raw_get, "client_1": tenx_one}, calls, warmup, cap_s)
     print(f"  100 entities: {calls:,} calls each ...", file=sys.stderr)
-    hundred = latencies({"raw_mget_100": raw_mget, "client_100": tenx_hundred}, calls, WARMUP, cap_s)
+    hundred = latencies({"raw_mget_100": raw_mget, "client_100": tenx_hundred}, calls, warmup, cap_s)
     client.close()
     raw.close()
     return one | hundred
@@ -320,7 +343,7 @@ def served(url: str, plan: Plan, folder: Path, workers: int) -> Iterator[tuple[s
     repo.mkdir()
     config = repo / "tenx.yaml"
     config.write_text(
-        "project: bench\nfeatures:\n  modules: []\nregistry: .tenx/registry\n"
+        f"project: {plan.project}\nfeatures:\n  modules: []\nregistry: .tenx/registry\n"
         "offline_store:\n  path: data/offline\nonline_store:\n  path: data/online.sqlite\n"
     )
     settings = load_settings(config, environ={})
@@ -460,7 +483,16 @@ def throughput(
 
 
 def part_http(
-    url: str, plan: Plan, entities: int, calls: int, cap_s: float, seconds: float, clients: int, workers: int, seed: int
+    url: str,
+    plan: Plan,
+    entities: int,
+    calls: int,
+    warmup: int,
+    cap_s: float,
+    seconds: float,
+    clients: int,
+    workers: int,
+    seed: int,
 ) -> dict[str, Any]:
     import httpx
     import orjson
@@ -468,7 +500,7 @@ def part_http(
 
     view = plan.views[0]
     rng = np.random.default_rng(seed + 1)
-    total = calls + WARMUP
+    total = calls + warmup
     bodies = [orjson.dumps({"view": view.name, "entities": [e]}) for e in rng.integers(1, entities + 1, total).tolist()]
     raw = redis.Redis.from_url(url, socket_timeout=2.0)
     with (
@@ -492,7 +524,7 @@ def part_http(
                     raise SystemExit("GET /health/live failed")
 
             print(f"  HTTP sequential: {calls:,} requests each ...", file=sys.stderr)
-            sequential = latencies({"http_live": live, "http_features_1": post}, calls, WARMUP, cap_s)
+            sequential = latencies({"http_live": live, "http_features_1": post}, calls, warmup, cap_s)
 
         loads: dict[str, Any] = {}
         for name, path, load_bodies, loadgen in (
@@ -526,20 +558,33 @@ def table(rows: list[tuple[str, ...]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entities", type=int, default=100_000, help="Entities materialized and looked up.")
-    parser.add_argument("--calls", type=int, default=5_000, help="Timed calls per latency figure (after 500 warm-up).")
+    parser.add_argument("--calls", type=int, default=5_000, help="Timed calls per latency figure.")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="Untimed calls before each latency figure.")
     parser.add_argument("--repeat", type=int, default=3, help="Materialize runs (the median is reported).")
     parser.add_argument("--http-seconds", type=float, default=10.0, help="Duration of each concurrent HTTP load.")
     parser.add_argument("--clients", type=int, default=8, help="Concurrent keep-alive HTTP clients.")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of `tenx serve`.")
     parser.add_argument("--cap-s", type=float, default=120.0, help="Wall-clock cap of each latency measurement.")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=RESULTS / "online.json")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS / "online.json", help="Results JSON file.")
+    args = _smoke.parse_arguments(
+        parser,
+        lambda folder: {
+            "entities": 1_000,
+            "calls": 100,
+            "warmup": 50,
+            "repeat": 1,
+            "http_seconds": 1.0,
+            "clients": 2,
+            "cap_s": 30.0,
+            "out": folder / "online.json",
+        },
+    )
     url = os.environ.get("TENX_REDIS_URL")
     if not url:
         raise SystemExit('TENX_REDIS_URL is not set; start Redis with: eval "$(scripts/services up --only redis)"')
-    if args.calls < 100 or args.entities < 100:
-        raise SystemExit("--calls and --entities must be at least 100")
+    if args.calls < 100 or args.entities < 100 or args.warmup < 0:
+        raise SystemExit("--calls and --entities must be at least 100, --warmup at least 0")
 
     import redis
 
@@ -548,6 +593,7 @@ def main() -> None:
 
     plan = bench_plan()
     view = plan.views[0]
+    serve_prefix = serving_prefix(url, plan)
     admin = redis.Redis.from_url(url, socket_timeout=10)
     server_info = admin.info("server")
     now_us = int(datetime.now(UTC).timestamp() * 1_000_000)
@@ -562,15 +608,16 @@ def main() -> None:
             )
         )
         print("materialize ...", file=sys.stderr)
-        materialized = part_materialize(url, view, rows, offline, args.repeat)
+        materialized = part_materialize(url, view, rows, offline, args.repeat, serve_prefix)
         print("lookups ...", file=sys.stderr)
-        lookups = part_lookups(url, plan, args.entities, args.calls, args.cap_s, args.seed)
+        lookups = part_lookups(url, plan, serve_prefix, args.entities, args.calls, args.warmup, args.cap_s, args.seed)
         print("HTTP API ...", file=sys.stderr)
         http = part_http(
             url,
             plan,
             args.entities,
             args.calls,
+            args.warmup,
             args.cap_s,
             args.http_seconds,
             args.clients,
@@ -579,7 +626,7 @@ def main() -> None:
         )
     finally:
         for pattern in (
-            online_key(view, "*", prefix=SERVE_PREFIX).decode(),
+            online_key(view, "*", prefix=serve_prefix).decode(),
             online_key(view, "*", prefix=WRITE_PREFIX).decode(),
             f"{RAW_PREFIX}:*",
         ):
@@ -675,7 +722,8 @@ def main() -> None:
                 "features": 20,
                 "value_bytes": materialized["value_bytes"],
                 "calls": args.calls,
-                "warmup": WARMUP,
+                "warmup": args.warmup,
+                "serve_prefix": serve_prefix,
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "redis": redis_version},
                 "materialize": materialized,
                 "delta_changelog_write_s": delta_s,
