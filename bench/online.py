@@ -1,7 +1,9 @@
 """Online serving benchmark: lookups, the HTTP API and materialize, against raw Redis.
 
 One view of exactly 20 float64 features (Sum/Mean/Max/Min/Std of a float over 1h, 1d,
-7d and 30d; 180-byte packed values), N entities (default 100k) with one changelog row
+7d and 30d; 180-byte packed values) and the same view stored as float32 (100-byte
+values: the 100-entity lookup of each is measured beside raw MGET of its own bytes,
+in the same alternating rounds), N entities (default 100k) with one changelog row
 each, as_of a minute ago (ttl 30d: every value is FOUND). Measured in one run, against
 one Redis (TENX_REDIS_URL, required: `eval "$(scripts/services up --only redis)"`):
 
@@ -83,6 +85,7 @@ from _redis_keys import unlink_matching
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 RAW_PREFIX = "tenxbench:raw"  # raw baseline keys: {RAW_PREFIX}:{entity}
+RAW32_PREFIX = "tenxbench:raw32"  # the float32 view's bytes, for its raw baseline
 WRITE_PREFIX = "tenxbench:write"  # RedisOnlineStore.write from memory (a part of materialize)
 WARMUP = 500  # untimed calls before each latency figure (--warmup)
 ROUNDS = 10  # alternating rounds per measured pair
@@ -103,11 +106,25 @@ def bench_online(tx: pd.DataFrame) -> pd.DataFrame:
     return tx[[]]
 
 
+@feature_view(
+    entity=USER,
+    source=TX,
+    aggregations=[Sum("amount"), Mean("amount"), Max("amount"), Min("amount"), Std("amount")],
+    windows=["1h", "1d", "7d", "30d"],
+    ttl="30d",
+    float_dtype="float32",
+)
+def bench_online32(tx: pd.DataFrame) -> pd.DataFrame:
+    """The same 20 features stored as float32 (4 bytes a value instead of 8)."""
+    return tx[[]]
+
+
 def bench_plan() -> Plan:
-    plan = compile_definitions("bench", views=[bench_online])
-    view = plan.views[0]
-    dtypes = {f.dtype for f in view.features}
-    check(len(view.features) == 20 and dtypes == {"float64"}, f"expected 20 float64 features, got {dtypes}")
+    """Two views, sorted by name: `bench_online` (float64) then `bench_online32`."""
+    plan = compile_definitions("bench", views=[bench_online, bench_online32])
+    for view, dtype in zip(plan.views, ("float64", "float32"), strict=True):
+        dtypes = {f.dtype for f in view.features}
+        check(len(view.features) == 20 and dtypes == {dtype}, f"{view.name}: 20 {dtype} features, got {dtypes}")
     return plan
 
 
@@ -136,7 +153,7 @@ def changelog(view: ViewSpec, entities: int, now_us: int, seed: int) -> pa.Table
     }
     for name in view.feature_names:
         columns[name] = pa.array(rng.normal(50.0, 20.0, entities))
-    return pa.table(columns, schema=schema)
+    return pa.table(columns).cast(schema)  # float32 views: rounded once, as the engines store them
 
 
 # -- measurement helpers ------------------------------------------------------------------
@@ -226,10 +243,10 @@ def free_port() -> int:
 
 
 def part_materialize(
-    url: str, view: ViewSpec, table: pa.Table, offline: Any, repeat: int, serve_prefix: str
+    url: str, view: ViewSpec, table: pa.Table, offline: Any, repeat: int, serve_prefix: str, raw_prefix: str
 ) -> dict[str, Any]:
     """Materialize into `serve_prefix` (fresh keys each time) beside raw pipelined SETs
-    of the same bytes under RAW_PREFIX; both stay populated for the lookups."""
+    of the same bytes under `raw_prefix`; both stay populated for the lookups."""
     import redis
 
     from featurestore.stores.codec import encode_rows, online_key
@@ -237,7 +254,7 @@ def part_materialize(
     from pipelines.materialize import latest_rows, materialize
 
     raw = redis.Redis.from_url(url, socket_timeout=10)
-    values = [(f"{RAW_PREFIX}:{key}".encode(), value) for key, _, value in encode_rows(view, table)]
+    values = [(f"{raw_prefix}:{key}".encode(), value) for key, _, value in encode_rows(view, table)]
     tenx_pattern = online_key(view, "*", prefix=serve_prefix).decode()
     write_pattern = online_key(view, "*", prefix=WRITE_PREFIX).decode()
     runs: dict[str, list[float]] = {"materialize": [], "raw_set": [], "delta_read": [], "store_write": []}
@@ -252,7 +269,7 @@ def part_materialize(
         written = result.written
         runs["materialize"].append(seconds)
 
-        unlink_matching(raw, f"{RAW_PREFIX}:*")
+        unlink_matching(raw, f"{raw_prefix}:*")
 
         def raw_set() -> None:
             pipe = raw.pipeline(transaction=False)
@@ -274,7 +291,7 @@ def part_materialize(
     # Same bytes: what tenx stored equals what the raw baseline stored.
     sample = list(range(1, table.num_rows + 1, max(1, table.num_rows // 200)))
     stored = raw.mget([online_key(view, e, prefix=serve_prefix) for e in sample])
-    copied = raw.mget([f"{RAW_PREFIX}:{e}" for e in sample])
+    copied = raw.mget([f"{raw_prefix}:{e}" for e in sample])
     check(stored == copied and None not in stored, "the raw keys do not hold the bytes tenx stored")
     size = len(stored[0])
     raw.close()
@@ -296,7 +313,7 @@ def part_lookups(
     from featurestore.stores.online import RedisOnlineStore
     from serving.client import FeatureClient, Status
 
-    view = plan.views[0]
+    view, view32 = plan.views
     rng = np.random.default_rng(seed)
     total = calls + warmup
     singles = rng.integers(1, entities + 1, total).tolist()
@@ -305,9 +322,10 @@ def part_lookups(
     client = FeatureClient(RedisOnlineStore(url, prefix=serve_prefix), plan)
     name = view.name
 
-    first = client.get(name, batches[0])
-    check(all(s is Status.FOUND for s in first.statuses), f"statuses {[s.value for s in first.statuses]}")
-    check(len(first.names) == 20, f"{len(first.names)} features")
+    for checked in (view, view32):
+        first = client.get(checked.name, batches[0])
+        check(all(s is Status.FOUND for s in first.statuses), f"statuses {[s.value for s in first.statuses]}")
+        check(len(first.names) == 20, f"{len(first.names)} features")
 
     def raw_get(i: int) -> Any:
         return raw.get(f"{RAW_PREFIX}:{singles[i]}")
@@ -321,10 +339,26 @@ def part_lookups(
     def tenx_hundred(i: int) -> Any:
         return client.get(name, batches[i])
 
+    def raw_mget32(i: int) -> Any:
+        return raw.mget([f"{RAW32_PREFIX}:{e}" for e in batches[i]])
+
+    def tenx_hundred32(i: int) -> Any:
+        return client.get(view32.name, batches[i])
+
     print(f"  1 entity: {calls:,} calls each ...", file=sys.stderr)
     one = latencies({"raw_get": raw_get, "client_1": tenx_one}, calls, warmup, cap_s)
-    print(f"  100 entities: {calls:,} calls each ...", file=sys.stderr)
-    hundred = latencies({"raw_mget_100": raw_mget, "client_100": tenx_hundred}, calls, warmup, cap_s)
+    print(f"  100 entities, float64 and float32: {calls:,} calls each ...", file=sys.stderr)
+    hundred = latencies(
+        {
+            "raw_mget_100": raw_mget,
+            "client_100": tenx_hundred,
+            "raw_mget_100_float32": raw_mget32,
+            "client_100_float32": tenx_hundred32,
+        },
+        calls,
+        warmup,
+        cap_s,
+    )
     client.close()
     raw.close()
     return one | hundred
@@ -592,23 +626,24 @@ def main() -> None:
     from featurestore.stores.offline import DeltaOfflineStore
 
     plan = bench_plan()
-    view = plan.views[0]
+    view, view32 = plan.views
     serve_prefix = serving_prefix(url, plan)
     admin = redis.Redis.from_url(url, socket_timeout=10)
     server_info = admin.info("server")
     now_us = int(datetime.now(UTC).timestamp() * 1_000_000)
     folder = Path(tempfile.mkdtemp(prefix="tenx-bench-online-"))
     try:
-        print(f"preparing {args.entities:,} entities x 20 float64 features ...", file=sys.stderr)
+        print(f"preparing {args.entities:,} entities x 20 float64 (and float32) features ...", file=sys.stderr)
         rows = changelog(view, args.entities, now_us, args.seed)
+        rows32 = changelog(view32, args.entities, now_us, args.seed)
         offline = DeltaOfflineStore(folder / "offline")
-        delta_s, _ = timed(
-            lambda: offline.write_changelog(
-                view, [rows], start=int(rows.column(AS_OF).cast(pa.int64()).to_numpy().min()), end=now_us
-            )
-        )
+        first = int(rows.column(AS_OF).cast(pa.int64()).to_numpy().min())
+        delta_s, _ = timed(lambda: offline.write_changelog(view, [rows], start=first, end=now_us))
+        offline.write_changelog(view32, [rows32], start=first, end=now_us)
         print("materialize ...", file=sys.stderr)
-        materialized = part_materialize(url, view, rows, offline, args.repeat, serve_prefix)
+        materialized = part_materialize(url, view, rows, offline, args.repeat, serve_prefix, RAW_PREFIX)
+        print("materialize, float32 ...", file=sys.stderr)
+        materialized32 = part_materialize(url, view32, rows32, offline, args.repeat, serve_prefix, RAW32_PREFIX)
         print("lookups ...", file=sys.stderr)
         lookups = part_lookups(url, plan, serve_prefix, args.entities, args.calls, args.warmup, args.cap_s, args.seed)
         print("HTTP API ...", file=sys.stderr)
@@ -628,7 +663,10 @@ def main() -> None:
         for pattern in (
             online_key(view, "*", prefix=serve_prefix).decode(),
             online_key(view, "*", prefix=WRITE_PREFIX).decode(),
+            online_key(view32, "*", prefix=serve_prefix).decode(),
+            online_key(view32, "*", prefix=WRITE_PREFIX).decode(),
             f"{RAW_PREFIX}:*",
+            f"{RAW32_PREFIX}:*",
         ):
             unlink_matching(admin, pattern)
         admin.close()
@@ -644,6 +682,8 @@ def main() -> None:
         ("FeatureClient.get, 1 entity", "client_1", lookups, raw_get),
         ("redis-py MGET, 100 keys (raw)", "raw_mget_100", lookups, raw_mget),
         ("FeatureClient.get, 100 entities", "client_100", lookups, raw_mget),
+        ("redis-py MGET, 100 float32 values (raw)", "raw_mget_100_float32", lookups, lookups["raw_mget_100_float32"]),
+        ("FeatureClient.get, 100 entities, float32", "client_100_float32", lookups, lookups["raw_mget_100_float32"]),
         ("HTTP GET /health/live (floor)", "http_live", seq, raw_get),
         ("HTTP POST /features, 1 entity", "http_features_1", seq, raw_get),
     ):
@@ -681,19 +721,40 @@ def main() -> None:
     med = materialized["median_s"]
     n = materialized["entities"]
     mat_lines: list[tuple[str, ...]] = [(f"load {n:,} entities", "median s", "entities/s", "vs raw SET", "runs s")]
-    for label, key in (
-        ("tenx materialize (Delta -> Redis)", "materialize"),
-        ("  part: latest_rows (Delta read)", "delta_read"),
-        ("  part: RedisOnlineStore.write", "store_write"),
-        ("redis-py pipelined SET (raw)", "raw_set"),
+    for label, key, result in (
+        ("tenx materialize (Delta -> Redis)", "materialize", materialized),
+        ("  part: latest_rows (Delta read)", "delta_read", materialized),
+        ("  part: RedisOnlineStore.write", "store_write", materialized),
+        ("redis-py pipelined SET (raw)", "raw_set", materialized),
+        ("tenx materialize, float32 view", "materialize", materialized32),
     ):
+        median = result["median_s"]
         mat_lines.append(
             (
                 label,
-                f"{med[key]:.2f}",
-                f"{n / med[key]:,.0f}",
-                f"{med[key] / med['raw_set']:.1f}x",
-                " ".join(f"{v:.2f}" for v in materialized["runs_s"][key]),
+                f"{median[key]:.2f}",
+                f"{n / median[key]:,.0f}",
+                f"{median[key] / median['raw_set']:.1f}x",
+                " ".join(f"{v:.2f}" for v in result["runs_s"][key]),
+            )
+        )
+    wide, narrow = lookups["client_100"], lookups["client_100_float32"]
+    raw_wide, raw_narrow = raw_mget, lookups["raw_mget_100_float32"]
+    storage_lines: list[tuple[str, ...]] = [
+        ("20 features per entity", "bytes a value", "client 100 p50", "client 100 p99", "raw MGET p99", "vs raw")
+    ]
+    for label, size, client, baseline in (
+        ("float64", materialized["value_bytes"], wide, raw_wide),
+        ("float32", materialized32["value_bytes"], narrow, raw_narrow),
+    ):
+        storage_lines.append(
+            (
+                label,
+                f"{size}",
+                ms(client["p50_ms"]),
+                ms(client["p99_ms"]),
+                ms(baseline["p99_ms"]),
+                f"{client['p99_ms'] / baseline['p99_ms']:.2f}x",
             )
         )
 
@@ -703,12 +764,14 @@ def main() -> None:
         f"Redis {redis_version} at {url}, {os.cpu_count()} CPUs (Delta changelog write {delta_s:.1f} s)\n"
     )
     print(table(lines) + "\n")
+    print(table(storage_lines) + "\n")
     print(table(load_lines) + "\n")
     print(table(mat_lines) + "\n")
 
     targets = {
         "client_p99_1_entity_le_1.5x_raw_get": lookups["client_1"]["p99_ms"] <= 1.5 * raw_get["p99_ms"],
         "client_p99_100_entities_le_1.5x_raw_mget": lookups["client_100"]["p99_ms"] <= 1.5 * raw_mget["p99_ms"],
+        "client_p99_100_float32_le_1.5x_raw_mget": narrow["p99_ms"] <= 1.5 * raw_narrow["p99_ms"],
         "http_p99_1_entity_le_3ms": seq["http_features_1"]["p99_ms"] <= 3.0,
         f"http_ge_1500_rps_{http['clients']}_clients": conc["features_1_socket"]["requests_per_s"] >= 1500,
         f"materialize_{n // 1000}k_le_3s": med["materialize"] <= 3.0,
@@ -726,6 +789,12 @@ def main() -> None:
                 "serve_prefix": serve_prefix,
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "redis": redis_version},
                 "materialize": materialized,
+                "float32": {
+                    "value_bytes": materialized32["value_bytes"],
+                    "materialize": materialized32,
+                    "client_100": narrow,
+                    "raw_mget_100": raw_narrow,
+                },
                 "delta_changelog_write_s": delta_s,
                 "lookups": lookups,
                 "http": http,

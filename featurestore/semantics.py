@@ -14,7 +14,13 @@
       Std:        |a - b| <= 1e-6 + 1e-9 * max(|a|, |b|) + 1e-7 * scale
   (Std loses about half the digits when the spread is tiny next to the values.)
   Without a scale (comparing two engines' outputs alone) scale is taken as 0.
+- float32 storage: engines compute in float64 and round once when storing, so two
+  engines' values within the rules above may round to neighbouring float32s; they
+  match within one float32 step more: + 2**-23 * max(|a|, |b|). Beyond float32's range
+  a value is stored as +-inf.
   Ints, strings, bools and timestamps match exactly. Null matches only null.
+- Latest (no window): the value of the newest event at or before the time asked
+  (same time: the later in the log), null included; null before the entity's first event.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import math
 from typing import Any
 
 FLOAT_REL_TOL = 1e-9
+FLOAT32_STEP = 2.0**-23  # relative distance between neighbouring float32 values
 FLOAT_ABS_TOL = 1e-6
 STD_SCALE_TOL = 1e-7
 SCALE_PREFIX = "_scale_"  # reference-only columns holding each float feature's scale
@@ -37,8 +44,9 @@ def empty_value(kind: str, dtype: str) -> Any:
     return None
 
 
-def values_match(expected: Any, got: Any, *, kind: str = "", scale: float = 0.0) -> bool:
-    """Whether two feature values are the same under the rules above."""
+def values_match(expected: Any, got: Any, *, kind: str = "", scale: float = 0.0, dtype: str = "") -> bool:
+    """Whether two feature values are the same under the rules above (`dtype`: the
+    feature's stored type, for the float32 rule)."""
     expected_null = expected is None or (isinstance(expected, float) and math.isnan(expected))
     got_null = got is None or (isinstance(got, float) and math.isnan(got))
     if expected_null or got_null:
@@ -49,9 +57,10 @@ def values_match(expected: Any, got: Any, *, kind: str = "", scale: float = 0.0)
         a, b = float(expected), float(got)
         if math.isinf(a) or math.isinf(b):
             return a == b
+        step = FLOAT32_STEP * max(abs(a), abs(b)) if dtype == "float32" else 0.0
         if kind == "std":
-            return abs(a - b) <= FLOAT_ABS_TOL + FLOAT_REL_TOL * max(abs(a), abs(b)) + STD_SCALE_TOL * scale
-        return abs(a - b) <= FLOAT_ABS_TOL + FLOAT_REL_TOL * max(abs(a), abs(b), scale)
+            return abs(a - b) <= FLOAT_ABS_TOL + FLOAT_REL_TOL * max(abs(a), abs(b)) + STD_SCALE_TOL * scale + step
+        return abs(a - b) <= FLOAT_ABS_TOL + FLOAT_REL_TOL * max(abs(a), abs(b), scale) + step
     return bool(expected == got)
 
 
@@ -73,15 +82,21 @@ def changelog_differences(
         return [f"row counts differ: expected {expected.num_rows}, got {got.num_rows}"]
     problems: list[str] = []
     names = expected.schema.names
+    narrow = {n for n in names if _is_float32(got.schema.field(n).type) or _is_float32(expected.schema.field(n).type)}
     expected_columns = [expected.column(n).to_pylist() for n in names]
     got_columns = [got.column(n).to_pylist() for n in names]
     for row in range(expected.num_rows):
         for index, name in enumerate(names):
             a, b = expected_columns[index][row], got_columns[index][row]
             scale = scales[name][row] if name in scales else 0.0
-            if not values_match(a, b, kind=(kinds or {}).get(name, ""), scale=scale or 0.0):
+            dtype = "float32" if name in narrow else ""
+            if not values_match(a, b, kind=(kinds or {}).get(name, ""), scale=scale or 0.0, dtype=dtype):
                 where = f"{key}={expected_columns[0][row]!r} as_of={expected_columns[1][row]}"
                 problems.append(f"row {row} ({where}): {name} expected {a!r}, got {b!r}")
                 if len(problems) >= limit:
                     return problems
     return problems
+
+
+def _is_float32(dtype: Any) -> bool:
+    return str(dtype) == "float"  # pyarrow's name of float32 (float64 is "double")

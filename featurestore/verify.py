@@ -90,7 +90,7 @@ def verify_view(
         expected = max(candidates, key=lambda r: r[AS_OF])
         report.checked += 1
         for feature, value in zip(view.features, values, strict=True):
-            if not values_match(expected[feature.name], value, kind=feature.kind):
+            if not values_match(expected[feature.name], value, kind=feature.kind, dtype=feature.dtype):
                 report.mismatches.append(
                     Mismatch(entity, moment.isoformat(), feature.name, value, expected[feature.name])
                 )

@@ -2,8 +2,8 @@
 
 For each entity it lists every change point (each event time, and each expiry time
 s + W of every non-empty tile s) and evaluates every feature there by scanning the
-entity's events. Quadratic and slow on purpose; the batch and stream engines are
-tested against it.
+entity's events (a `Latest` feature: the value of the newest event at or before it).
+Quadratic and slow on purpose; the batch and stream engines are tested against it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def reference_changelog(
     for position, key in enumerate(keys):
         by_entity.setdefault(key, []).append(position)
 
-    scaled = {f.name for f in view.features if f.kind in ("sum", "mean", "std") and f.dtype == "float64"}
+    scaled = {f.name for f in view.features if f.kind in ("sum", "mean", "std") and f.dtype.startswith("float")}
     rows: list[dict[str, Any]] = []
     for key in sorted(by_entity):
         positions = by_entity[key]  # log order: the tie-break for Last
@@ -60,6 +60,11 @@ def reference_changelog(
                 continue
             row: dict[str, Any] = {view.entity_key: key, AS_OF: point}
             for feature in view.features:
+                if feature.window is None:  # Latest: the newest event at or before the point
+                    before = [p for p in positions if times[p] <= point]
+                    newest = max(before, key=lambda p: (times[p], p))  # p grows with log order
+                    row[feature.name] = columns[feature.column or ""][newest]
+                    continue
                 low = window_start(point, feature.window.length, feature.window.every)
                 inside = [p for p in positions if low <= times[p] <= point]
                 row[feature.name] = _aggregate(feature, inside, times, columns)

@@ -86,7 +86,7 @@ def _plan_table(plan: Plan) -> Table:
             f"{view.entity.name} ({view.entity.key})",
             view.source.name,
             str(len(view.features)),
-            ", ".join(w.label for w in sorted(view.windows, key=lambda w: w.length)),
+            ", ".join([w.label for w in sorted(view.windows, key=lambda w: w.length)] + ["latest"] * bool(view.latest)),
             format_duration(view.ttl) if view.ttl else "-",
             "yes" if view.online else "no",
             view.version,
@@ -171,8 +171,8 @@ def _features_table(plan: Plan) -> Table:
             table.add_row(
                 f"{view.name}:{feature.name}",
                 f"{feature.kind}({feature.column or ''})",
-                feature.window.label,
-                format_duration(feature.window.every),
+                feature.window.label if feature.window else "none (latest)",
+                format_duration(feature.window.every) if feature.window else "-",
                 feature.dtype,
             )
     return table

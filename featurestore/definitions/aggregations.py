@@ -40,12 +40,16 @@ def _as_windows(windows: Iterable[WindowLike] | WindowLike) -> tuple[Window, ...
 
 @dataclass(frozen=True, init=False)
 class Aggregation:
-    """Base of every aggregation: an input column (or none), windows and a name prefix."""
+    """Base of every aggregation: an input column (or none), windows, a name prefix and,
+    for float features, the stored width (`dtype="float32"` halves the bytes each lookup
+    reads; values are computed in float64 and rounded once when stored)."""
 
     kind: ClassVar[str] = ""
+    windowed: ClassVar[bool] = True
     column: str | None
     windows: tuple[Window, ...]
     name: str | None
+    dtype: str | None
     location: SourceLocation = field(compare=False, repr=False)
 
     def __init__(
@@ -54,10 +58,12 @@ class Aggregation:
         *,
         windows: Iterable[WindowLike] | WindowLike = (),
         name: str | None = None,
+        dtype: str | None = None,
     ) -> None:
         object.__setattr__(self, "column", column)
         object.__setattr__(self, "windows", _as_windows(windows))
         object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "location", caller_location())
 
 
@@ -112,4 +118,23 @@ class Std(Aggregation):
     kind = "std"
 
 
-AGGREGATIONS: dict[str, type[Aggregation]] = {cls.kind: cls for cls in (Count, Sum, Mean, Min, Max, Last, Std)}
+class Latest(Aggregation):
+    """The column's value in the entity's newest event, with no window: what a table of
+    precomputed features holds, one row per entity and time. As of time t it is the
+    value of the newest event at or before t (same time: the later one in the log),
+    null included: a null in the newest event is the value, unlike `Last`, which skips
+    nulls inside a window. Named as the column (or `name=`); never expires, so give the
+    view a `ttl` to have old values served as `stale`.
+
+    >>> Latest("credit_limit", dtype="float32").kind
+    'latest'
+    """
+
+    kind = "latest"
+    windowed = False
+
+    def __init__(self, column: str, *, name: str | None = None, dtype: str | None = None) -> None:
+        super().__init__(column, name=name, dtype=dtype)
+
+
+AGGREGATIONS: dict[str, type[Aggregation]] = {cls.kind: cls for cls in (Count, Sum, Mean, Min, Max, Last, Std, Latest)}

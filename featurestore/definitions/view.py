@@ -38,6 +38,7 @@ class FeatureView:
     ttl: str | timedelta | None = None
     online: bool = True
     offline: bool = True
+    float_dtype: str | None = None
     description: str = ""
     owner: str = ""
     tags: Mapping[str, str] = field(default_factory=dict)
@@ -59,6 +60,7 @@ def feature_view(
     ttl: str | timedelta | None = None,
     online: bool = True,
     offline: bool = True,
+    float_dtype: str | None = None,
     description: str | None = None,
     owner: str = "",
     tags: Mapping[str, str] | None = None,
@@ -67,9 +69,11 @@ def feature_view(
 
     The decorated function is the row transform: it gets a DataFrame of events and
     returns the derived columns named in `columns` (name -> type). Aggregations may use
-    any source field or derived column; `windows` applies to aggregations given none.
-    `where` keeps only the rows for which it returns True. Nothing is registered: the
-    decorator returns a frozen FeatureView that a repo compile collects.
+    any source field or derived column; `windows` applies to aggregations given none
+    (`Latest` has no window). `where` keeps only the rows for which it returns True.
+    `ttl`: values older than this are served as `stale`. `float_dtype="float32"` stores
+    every float feature in 4 bytes (an aggregation's own `dtype=` wins). Nothing is
+    registered: the decorator returns a frozen FeatureView that a repo compile collects.
 
     >>> from featurestore.definitions import Entity, Source, Sum
     >>> from schemas import TRANSACTIONS
@@ -84,7 +88,7 @@ def feature_view(
     default_windows = _as_windows(windows)
     aggregation_list = tuple(
         agg
-        if agg.windows or not default_windows or not isinstance(agg, Aggregation)
+        if agg.windows or not default_windows or not isinstance(agg, Aggregation) or not agg.windowed
         else _with_windows(agg, default_windows)
         for agg in aggregations
     )
@@ -105,6 +109,7 @@ def feature_view(
             ttl=ttl,
             online=online,
             offline=offline,
+            float_dtype=float_dtype,
             description=description if description is not None else (function.__doc__ or "").strip(),
             owner=owner,
             tags=dict(tags or {}),
@@ -116,7 +121,7 @@ def feature_view(
 
 def _with_windows(aggregation: Aggregation, windows: tuple[Any, ...]) -> Aggregation:
     copy = object.__new__(type(aggregation))
-    for attribute in ("column", "name", "location"):
+    for attribute in ("column", "name", "dtype", "location"):
         object.__setattr__(copy, attribute, getattr(aggregation, attribute))
     object.__setattr__(copy, "windows", windows)
     return copy

@@ -16,7 +16,7 @@ from featurestore.durations import format_duration, parse_duration
 from featurestore.errors import CompileError, CompileProblem
 from featurestore.plan.code import CaptureError, capture
 from featurestore.plan.collect import collect, duplicate_view, modules_under, repo_on_path
-from featurestore.plan.model import CodeSpec, EntitySpec, FeatureSpec, Plan, SourceSpec, ViewSpec, WindowSpec
+from featurestore.plan.model import AS_OF, CodeSpec, EntitySpec, FeatureSpec, Plan, SourceSpec, ViewSpec, WindowSpec
 from featurestore.windows import default_granularity
 from schemas.dtypes import dtype_name, is_numeric, parse_dtype
 from schemas.errors import SchemaError
@@ -27,6 +27,7 @@ MAX_WINDOW = 36_500 * 86_400_000_000  # 100 years: (entity, time) keys of the ba
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _KEY_DTYPES = ("int64", "string")
 _NUMERIC_ONLY = {"sum", "mean", "min", "max", "std"}
+_FLOAT_STORAGE = ("float32", "float64")
 
 
 def compile_repo(repo_dir: Path, *, project: str, modules: Sequence[str] | None = None) -> Plan:
@@ -307,16 +308,31 @@ class _Compiler:
             label = _label(aggregation)
             location = aggregation.location or view.location
             dtype = self._output_dtype(aggregation, types, label, location, subject)
-            if not aggregation.windows:
+            if dtype is not None:
+                dtype = self._stored_dtype(aggregation, view, dtype, label, location, subject)
+            named: list[tuple[str, WindowSpec | None]] = []
+            if not aggregation.windowed:
+                if aggregation.windows:
+                    self.report(
+                        location,
+                        subject,
+                        f"{label} takes no window (it is the newest value however old); "
+                        f"for the newest value inside a window use Last({aggregation.column!r}, windows=[...])",
+                    )
+                named.append((aggregation.name or str(aggregation.column), None))
+            elif not aggregation.windows:
                 self.report(location, subject, f"{label} has no windows; give windows=[...] to it or to @feature_view")
-            for window in aggregation.windows:
+            for window in aggregation.windows if aggregation.windowed else ():
                 spec = self._window(window, subject)
-                if spec is None or dtype is None:
+                if spec is None:
                     continue
                 prefix = aggregation.name or (
                     f"{aggregation.kind}_{aggregation.column}" if aggregation.column else aggregation.kind
                 )
-                name = f"{prefix}_{spec.label}"
+                named.append((f"{prefix}_{spec.label}", spec))
+            for name, spec in named:
+                if dtype is None:
+                    continue
                 if name in origin:
                     self.report(
                         location,
@@ -324,9 +340,34 @@ class _Compiler:
                         f"duplicate feature name `{name}` (from {origin[name]} and {label})",
                     )
                     continue
+                if name in (view.entity.key, AS_OF):
+                    self.report(location, subject, f"feature name `{name}` is taken by the changelog; give name=")
+                    continue
                 origin[name] = label
                 features.append(FeatureSpec(name, aggregation.kind, aggregation.column, spec, dtype))
         return features
+
+    def _stored_dtype(
+        self, aggregation: Aggregation, view: FeatureView, dtype: str, label: str, location: Any, subject: str
+    ) -> str | None:
+        """float32 storage where the aggregation's `dtype=` (or the view's
+        `float_dtype=`) asks for it; only float features can be narrowed."""
+        for asked, where in ((aggregation.dtype, f"{label}: dtype="), (view.float_dtype, "float_dtype=")):
+            if asked is not None and asked not in _FLOAT_STORAGE:
+                self.report(location, subject, f"{where}{asked!r} is not a float width; use 'float32' or 'float64'")
+                return None
+        if aggregation.dtype is not None:
+            if dtype not in _FLOAT_STORAGE:
+                self.report(
+                    location,
+                    subject,
+                    f"{label}: dtype={aggregation.dtype!r} applies to float features; this one is {dtype}",
+                )
+                return None
+            return aggregation.dtype
+        if view.float_dtype is not None and dtype in _FLOAT_STORAGE:
+            return view.float_dtype
+        return dtype
 
     def _output_dtype(
         self, aggregation: Aggregation, types: dict[str, pa.DataType], label: str, location: Any, subject: str

@@ -47,30 +47,39 @@ class WindowSpec:
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """One output value: aggregation `kind` of `column` over `window`, typed `dtype`."""
+    """One output value: aggregation `kind` of `column` over `window`, typed `dtype`.
+    `Latest` features have no window (None): the newest event's value, however old."""
 
     name: str
     kind: str
     column: str | None
-    window: WindowSpec
+    window: WindowSpec | None
     dtype: str
+
+    @property
+    def span(self) -> WindowSpec:
+        """The window of a windowed feature (engines call it where a window is needed)."""
+        if self.window is None:
+            raise ValueError(f"feature `{self.name}` ({self.kind}) has no window")
+        return self.window
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "kind": self.kind,
             "column": self.column,
-            "window": self.window.to_dict(),
+            "window": None if self.window is None else self.window.to_dict(),
             "dtype": self.dtype,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureSpec:
+        window = data["window"]
         return cls(
             name=data["name"],
             kind=data["kind"],
             column=data["column"],
-            window=WindowSpec(**data["window"]),
+            window=None if window is None else WindowSpec(**window),
             dtype=data["dtype"],
         )
 
@@ -216,9 +225,19 @@ class ViewSpec:
         return tuple(f.name for f in self.features)
 
     @property
+    def windowed(self) -> tuple[FeatureSpec, ...]:
+        """The features over a window (all but `Latest`)."""
+        return tuple(f for f in self.features if f.window is not None)
+
+    @property
+    def latest(self) -> tuple[FeatureSpec, ...]:
+        """The `Latest` features: no window, the newest event's value."""
+        return tuple(f for f in self.features if f.window is None)
+
+    @property
     def windows(self) -> tuple[WindowSpec, ...]:
-        """Distinct windows, longest first."""
-        unique = {(f.window.length, f.window.every): f.window for f in self.features}
+        """Distinct windows, longest first (none for a view of `Latest` features only)."""
+        unique = {(f.span.length, f.span.every): f.span for f in self.windowed}
         return tuple(sorted(unique.values(), key=lambda w: (-w.length, w.every)))
 
     @property
@@ -228,12 +247,21 @@ class ViewSpec:
 
     @property
     def longest_window(self) -> int:
-        return max(f.window.length for f in self.features)
+        """The longest window (0 without windowed features)."""
+        return max((f.span.length for f in self.windowed), default=0)
 
     @property
     def coarsest_tile(self) -> int:
-        """The largest granularity among the view's windows."""
-        return max(f.window.every for f in self.features)
+        """The largest granularity among the view's windows (0 without any)."""
+        return max((f.span.every for f in self.windowed), default=0)
+
+    @property
+    def reach(self) -> int | None:
+        """How far before a time its values look: the longest window plus a tile, or
+        None (all history) when the view has `Latest` features."""
+        if self.latest:
+            return None
+        return self.longest_window + self.coarsest_tile
 
     def feature(self, name: str) -> FeatureSpec:
         for candidate in self.features:

@@ -63,6 +63,12 @@ def default_range(view: ViewSpec, store: DeltaOfflineStore) -> tuple[int, int] |
     return first, last + view.longest_window + view.coarsest_tile + 1
 
 
+def everything_from(view: ViewSpec, store: DeltaOfflineStore, start: int) -> int:
+    """The first event time of the view's source (or `start` when there is none)."""
+    bounds = store.event_time_range(view.source)
+    return start if bounds is None else min(start, bounds[0])
+
+
 def backfill_view(
     view: ViewSpec,
     store: DeltaOfflineStore,
@@ -91,7 +97,8 @@ def backfill_view(
         end = everything[1] if end is None else end
     if end <= start:
         raise TerminalError(_empty_range(view, start, end, given))
-    read_from = start - view.longest_window - view.coarsest_tile
+    # Values as of `start` need the window before it; Latest features need all history.
+    read_from = start - view.reach if view.reach is not None else everything_from(view, store, start)
     files = store.event_files(view.source, read_from, end)
     if not files:
         store.write_changelog(view, [], start=start, end=end)
@@ -288,13 +295,14 @@ def _shard_changelog(
     dataset = ds.dataset(path, format="parquet")
     time_column = view.event_time
     slices = [(start, end)]
-    if dataset.count_rows() > SLICE_EVENTS:
+    # Slices of a view with Latest features would each read all history: no gain.
+    if view.reach is not None and dataset.count_rows() > SLICE_EVENTS:
         times = np.sort(pc.cast(dataset.to_table(columns=[time_column]).column(time_column), "int64").to_numpy())
         pieces = -(-len(times) // PARTITION_EVENTS)
         cuts = sorted({int(times[len(times) * i // pieces]) for i in range(1, pieces)} - {start})
         bounds = [start, *(c for c in cuts if start < c < end), end]
         slices = list(itertools.pairwise(bounds))
-    reach = view.longest_window + view.coarsest_tile
+    reach = view.reach or 0
     rows = 0
     actions: list[Any] = []
     moment = _timestamp_of(time_column, dataset)

@@ -15,7 +15,8 @@ searches only, no Python loop over rows:
    compensated (TwoSum) prefix sums, shifted sums of squares for Std (all of a view's
    float prefixes in a per-entity layout with a zero before each entity, so a window
    is two plain gathers with no special case at an entity's start), sparse tables for
-   Min/Max, a running "last non-null index" for Last.
+   Min/Max, a running "last non-null index" for Last; Latest (no window) is the value
+   of event hi - 1, the entity's newest at or before the point.
 
 Arrays go through `xp` (numpy here, cupy for the cuDF backend), frames through the
 pandas API that cuDF also implements.
@@ -68,14 +69,27 @@ def changelog_kernel(
     sums = _EntityPrefixes.build(view, prefixes, xp)
     hi = xp.searchsorted(sorted_events.composite, points.composite, side="right")
     by_window: dict[tuple[int, int], list[FeatureSpec]] = {}
-    for feature in view.features:
-        by_window.setdefault((feature.window.length, feature.window.every), []).append(feature)
+    for feature in view.windowed:
+        by_window.setdefault((feature.span.length, feature.span.every), []).append(feature)
     for features in by_window.values():  # one window's arrays at a time
         lo = _lower_bounds(sorted_events, points, features[0], xp)
         window = _Window(prefixes, lo, hi, sums.read(lo, hi, points.codes), xp)
         for feature in features:
             columns[feature.name] = _aggregate(feature, window)
-    return pa.table([columns[name] for name in schema.names], schema=schema)
+    if view.latest:
+        # Latest: the newest event at or before the point, hi - 1, if the entity has one.
+        first = xp.searchsorted(sorted_events.composite, points.codes * sorted_events.span, side="left")
+        valid = xp_to_numpy(hi > first)
+        picked = pa.array(xp_to_numpy(xp.maximum(hi - 1, 0)), pa.int64())
+        for feature in view.latest:
+            columns[feature.name] = _masked(prefixes.arrow(feature.column or "").take(picked), ~valid, feature.dtype)
+    return pa.table([_stored(columns[name], schema.field(name).type) for name in schema.names], schema=schema)
+
+
+def _stored(column: pa.Array, target: pa.DataType) -> pa.Array:
+    """A feature column as its changelog type: float32 features are computed in float64
+    and rounded once here."""
+    return column if column.type.equals(target) else column.cast(target)
 
 
 class _KeyTooWide(Exception):
@@ -138,10 +152,9 @@ class _SortedEvents:
         codes = xp.asarray(codes)
         order = xp.lexsort(xp.stack([sequence, times, codes]))
         codes, times = codes[order], times[order]
-        longest = max(f.window.length for f in view.features)
-        coarsest = max(f.window.every for f in view.features)
-        base = int(times.min()) - longest - coarsest
-        span = int(times.max()) + longest + coarsest - base + 1
+        reach = view.longest_window + view.coarsest_tile
+        base = int(times.min()) - reach
+        span = int(times.max()) + reach - base + 1
         entities = int(codes.max()) + 1
         if entities * span >= _KEY_LIMIT:
             if entities == 1 or span >= _KEY_LIMIT // 2:
@@ -215,7 +228,7 @@ def _change_points(view: ViewSpec, events: _SortedEvents, start: int | None, end
 
 
 def _lower_bounds(events: _SortedEvents, points: _Points, feature: FeatureSpec, xp: Any) -> Any:
-    every, length = feature.window.every, feature.window.length
+    every, length = feature.span.every, feature.span.length
     window_start = points.times - points.times % every - length + every
     return xp.searchsorted(events.composite, points.codes * events.span + (window_start - events.base), side="left")
 
@@ -377,7 +390,7 @@ class _EntityPrefixes:
     def build(cls, view: ViewSpec, prefixes: _Prefixes, xp: Any) -> _EntityPrefixes:
         codes = prefixes.events.codes
         running: dict[tuple[str, str], Any] = {}
-        for feature in view.features:
+        for feature in view.windowed:
             name = feature.column
             if name is None:
                 continue

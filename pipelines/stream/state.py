@@ -119,6 +119,7 @@ class _Entity:
     # the folded part of a window, kept up to date as events fold into it, so it is
     # built once per head tile (event rows and expiry rows use different heads).
     merged: dict[tuple[int, int, int], _Tile] = field(default_factory=dict)
+    newest: Event | None = None  # the newest folded event (for Latest features)
 
 
 class Emit(Enum):
@@ -143,10 +144,11 @@ class ViewState:
         self.inputs = view.input_columns
         self._column_index = {name: index for index, name in enumerate(self.inputs)}
         self.lateness = view.source.allowed_lateness
-        self.granularities = sorted({f.window.every for f in view.features})
-        self.longest = max(f.window.length for f in view.features)
+        self.granularities = sorted({f.span.every for f in view.windowed})
+        self.longest = view.longest_window
         # Tiles of granularity g are kept only as long as the longest window using g.
-        self.reach = {g: max(f.window.length for f in view.features if f.window.every == g) for g in self.granularities}
+        self.reach = {g: max(f.span.length for f in view.windowed if f.span.every == g) for g in self.granularities}
+        self.keeps_newest = bool(view.latest)  # Latest features: an entity's newest event is kept forever
         self.entities: dict[Any, _Entity] = {}
         self.watermarks = Watermarks(self.lateness)
         self.boundary: int | None = None  # events before it are folded into tiles
@@ -236,9 +238,12 @@ class ViewState:
             return
         previous = self.boundary
         self.boundary = boundary
-        finest = self.granularities[0]
-        if self.emit is Emit.LATEST and previous is not None and previous // finest == boundary // finest:
-            return  # nothing is raw, and no tile can have left every window yet
+        if self.emit is Emit.LATEST and previous is not None:
+            if not self.granularities:
+                return  # nothing is raw and there are no tiles
+            finest = self.granularities[0]
+            if previous // finest == boundary // finest:
+                return  # nothing is raw, and no tile can have left every window yet
         for entity in list(self.entities):
             state = self.entities[entity]
             if state.raw:
@@ -255,11 +260,13 @@ class ViewState:
                 horizon = boundary - self.reach[every] - every
                 for start in [s for s in tiles if s < horizon]:
                     del tiles[start]
-            if not state.raw and not state.expiries and not any(state.tiles.values()):
+            if not state.raw and not state.expiries and not any(state.tiles.values()) and not self.keeps_newest:
                 del self.entities[entity]
 
     def _fold(self, state: _Entity, event: Event) -> None:
         time, sequence, values = event
+        if self.keeps_newest and (state.newest is None or (time, sequence) >= state.newest[:2]):
+            state.newest = event
         for (length, every, head), cached in state.merged.items():
             if head - length + every <= time - time % every <= head:
                 cached.events += 1
@@ -281,12 +288,28 @@ class ViewState:
         state = self.entities.get(entity)
         cache: dict[tuple[int, int], tuple[int, list[_Partial]]] = {}
         values = []
+        newest = self._newest(state, point) if self.keeps_newest else None
         for feature in self.view.features:
+            if feature.window is None:  # Latest
+                values.append(None if newest is None else newest[2][self._column_index[feature.column or ""]])
+                continue
             window = (feature.window.length, feature.window.every)
             if window not in cache:
                 cache[window] = self._window(state, point, *window)
             values.append(_value(feature, *cache[window], self._column_index))
         return tuple(values)
+
+    @staticmethod
+    def _newest(state: _Entity | None, point: int) -> Event | None:
+        """The entity's newest event at or before `point`: the folded one (all before
+        the boundary, so before the point) or a raw one."""
+        if state is None:
+            return None
+        newest = state.newest
+        for event in state.raw:
+            if event[0] <= point and (newest is None or event[:2] >= newest[:2]):
+                newest = event
+        return newest
 
     def _window(self, state: _Entity | None, point: int, length: int, every: int) -> tuple[int, list[_Partial]]:
         if state is None:

@@ -543,6 +543,59 @@ def _aggregate(tiles: _Tiles, slots: np.ndarray, lengths: np.ndarray) -> _Window
     return window
 
 
+# -- Latest features ----------------------------------------------------------------------------
+
+
+class _NewestRows:
+    """Per entity id, the newest event's (time, sequence) and the values of the columns
+    `Latest` features read (numpy, grown with the entity ids; kept while the entity is)."""
+
+    def __init__(self, columns: list[tuple[int, Any]]) -> None:
+        self.time = np.full(_INITIAL, INT_MIN, dtype=np.int64)
+        self.sequence = np.full(_INITIAL, INT_MIN, dtype=np.int64)
+        # per input index: int64, float64 or object values, as the EventBatch holds them
+        self.values = {i: np.full(_INITIAL, None if dtype is object else 0, dtype=dtype) for i, dtype in columns}
+        self.valid = {i: np.zeros(_INITIAL, dtype=bool) for i, _ in columns}
+
+    def ensure(self, count: int) -> None:
+        size = len(self.time)
+        if count <= size:
+            return
+        grown = max(count, size * 2)
+
+        def grow(array: np.ndarray, reset: Any) -> np.ndarray:
+            out = np.full(grown, reset, dtype=array.dtype)
+            out[:size] = array
+            return out
+
+        self.time, self.sequence = grow(self.time, INT_MIN), grow(self.sequence, INT_MIN)
+        self.values = {i: grow(v, None if v.dtype == object else 0) for i, v in self.values.items()}
+        self.valid = {i: grow(v, False) for i, v in self.valid.items()}
+
+    def update(self, eids: np.ndarray, batch: EventBatch) -> None:
+        """Keep, per entity, the newest of its stored event and the batch's events (same
+        time: the later sequence)."""
+        order = np.lexsort((batch.sequences, batch.times, eids))
+        sorted_eids = eids[order]
+        last = np.ones(len(order), dtype=bool)
+        last[:-1] = sorted_eids[1:] != sorted_eids[:-1]
+        position = order[last]
+        eid = eids[position]
+        time, sequence = batch.times[position], batch.sequences[position]
+        newer = (time > self.time[eid]) | ((time == self.time[eid]) & (sequence >= self.sequence[eid]))
+        position, eid = position[newer], eid[newer]
+        self.time[eid], self.sequence[eid] = time[newer], sequence[newer]
+        for index, values in self.values.items():
+            values[eid] = batch.values[index][position]
+            self.valid[index][eid] = batch.valid[index][position]
+
+    def read(self, index: int, eids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        values, valid = self.values[index][eids], self.valid[index][eids]
+        if values.dtype == object:
+            values = np.where(valid, values, None)
+        return values, _or_none(~valid)
+
+
 # -- the state --------------------------------------------------------------------------------
 
 
@@ -553,8 +606,8 @@ class LatestState:
         self.view = view
         self.inputs = view.input_columns
         self.lateness = view.source.allowed_lateness
-        self.granularities = sorted({f.window.every for f in view.features})
-        self.windows = sorted({(f.window.length, f.window.every) for f in view.features})
+        self.granularities = sorted({f.span.every for f in view.windowed})
+        self.windows = sorted({(f.span.length, f.span.every) for f in view.windowed})
         self.reach = {g: max(w for w, e in self.windows if e == g) for g in self.granularities}
         self._column_index = {name: i for i, name in enumerate(self.inputs)}
         self.watermarks = Watermarks(self.lateness)
@@ -568,6 +621,15 @@ class LatestState:
         self.free_ids: list[int] = []
         self.heads = np.full(_INITIAL, INT_MIN, dtype=np.int64)
         self.expired_through: int | None = None  # expiries up to here are emitted
+        self.newest = self._newest_rows()
+
+    def _newest_rows(self) -> _NewestRows | None:
+        """The newest event per entity, for Latest features (None without any)."""
+        read = sorted({self._column_index[f.column or ""] for f in self.view.latest})
+        if not read:
+            return None
+        kinds = {"int": np.int64, "flo": np.float64}
+        return _NewestRows([(i, kinds.get(input_dtype(self.view, self.inputs[i])[:3], object)) for i in read])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "watermarks" not in state:  # a snapshot from before per-partition watermarks
@@ -575,6 +637,8 @@ class LatestState:
             floor = None if max_time is None else max_time - state["lateness"]
             state["watermarks"] = Watermarks.resumed(state["lateness"], floor)
         self.__dict__.update(state)
+        if "newest" not in state:  # a snapshot from before Latest features (the view has none)
+            self.newest = None
 
     @property
     def watermark(self) -> int | None:
@@ -644,6 +708,9 @@ class LatestState:
                 return np.empty(0, np.int64), late_positions
         eids = self._entity_ids(batch.keys)
         np.maximum.at(self.heads, eids, batch.times)
+        if self.newest is not None:
+            self.newest.ensure(len(self.keys))
+            self.newest.update(eids, batch)
         for tiles in self.tables.values():
             tiles.ensure_entities(len(self.keys))
             tiles.fold(eids, batch.times, batch.sequences, batch)
@@ -698,6 +765,8 @@ class LatestState:
 
     def _forget(self, boundary: int) -> None:
         emptied = [tiles.forget_before(boundary - self.reach[every] - every) for every, tiles in self.tables.items()]
+        if self.newest is not None or not emptied:
+            return  # Latest features keep every entity's newest event, however old
         candidates = np.unique(np.concatenate(emptied))
         for tiles in self.tables.values():
             candidates = candidates[tiles.newest[candidates] < 0]
@@ -735,6 +804,12 @@ class LatestState:
         values: list[np.ndarray] = []
         nulls: list[np.ndarray | None] = []
         for feature in self.view.features:
+            if feature.window is None:  # Latest: every point is at or after the entity's newest event
+                assert self.newest is not None
+                value, null = self.newest.read(self._column_index[feature.column or ""], eids)
+                values.append(value)
+                nulls.append(null)
+                continue
             window = windows[(feature.window.length, feature.window.every)]
             value, null = _feature(feature.kind, feature.dtype, window, self._column_index.get(feature.column or ""))
             values.append(value)

@@ -10,7 +10,7 @@ from featurestore.config import load_settings
 from featurestore.plan import compile_repo
 
 ROOT = Path(__file__).resolve().parents[2]
-REPOS = [ROOT / "examples" / "fraud", ROOT / "tenx" / "templates" / "repo"]
+REPOS = [ROOT / "examples" / "fraud", ROOT / "examples" / "precomputed", ROOT / "tenx" / "templates" / "repo"]
 
 
 @pytest.mark.parametrize("repo", REPOS, ids=lambda p: p.name)

@@ -33,6 +33,7 @@ PUBLIC = {
         "Entity",
         "FeatureView",
         "Last",
+        "Latest",
         "Max",
         "Mean",
         "Min",

@@ -109,3 +109,44 @@ def test_batch_decoding_equals_value_by_value(rows: list[list[float | None] | No
     raws = [None if row is None else encode(FLOATS, 5 + i, row) for i, row in enumerate(rows)]
     expected = [None if raw is None else (decode(FLOATS, raw)[0], tuple(decode(FLOATS, raw)[1])) for raw in raws]
     assert decode_many(FLOATS, raws) == expected
+
+
+FLOAT32 = view_of(Sum("amount", dtype="float32"), Mean("amount", dtype="float32"), Max("amount", dtype="float32"))
+NARROW_MIXED = view_of(Count(), Mean("amount", dtype="float32"), Sum("amount"))
+wide_floats = st.one_of(st.none(), st.floats(allow_nan=False))
+
+
+def as_float32(value: float | None) -> float | None:
+    with np.errstate(over="ignore"):
+        return None if value is None else float(np.float32(value))
+
+
+@given(rows=st.lists(st.one_of(st.none(), st.lists(wide_floats, min_size=3, max_size=3)), min_size=0, max_size=40))
+def test_float32_values_take_4_bytes_and_round_once(rows: list[list[float | None] | None]) -> None:
+    raws = [None if row is None else encode(FLOAT32, 5 + i, row) for i, row in enumerate(rows)]
+    for raw, row in zip(raws, rows, strict=True):
+        if raw is not None and row is not None:
+            assert len(raw) == HEADER.size + 1 + 3 * 4
+            assert raw[0] == 2  # codec 2: float32 in 4 bytes
+            assert decode(FLOAT32, raw)[1] == [as_float32(v) for v in row]  # beyond float32's range: inf
+    expected = [None if raw is None else (decode(FLOAT32, raw)[0], tuple(decode(FLOAT32, raw)[1])) for raw in raws]
+    assert decode_many(FLOAT32, raws) == expected  # the numpy path (16+ values) agrees
+
+
+@given(rows=st.lists(st.tuples(st.integers(0, 2**62), ints, wide_floats, st.floats(allow_nan=False)), max_size=20))
+def test_float32_columns_encode_byte_for_byte_as_rows_do(rows: list[tuple[Any, ...]]) -> None:
+    as_of = np.array([r[0] for r in rows], dtype=np.int64)
+    count = np.array([r[1] for r in rows], dtype=np.int64)
+    mean = np.array([0.0 if r[2] is None else r[2] for r in rows], dtype=np.float64)
+    null = np.array([r[2] is None for r in rows], dtype=bool)
+    total = np.array([r[3] for r in rows], dtype=np.float64)
+    got = encode_columns(NARROW_MIXED, as_of, [count, mean, total], [None, null if null.any() else None, None])
+    assert got == [encode(NARROW_MIXED, r[0], list(r[1:])) for r in rows]
+
+
+def test_a_float32_view_is_half_the_bytes_of_float64() -> None:
+    wide = view_of(*(Mean("amount", name=f"m{i}") for i in range(20)))
+    narrow = view_of(*(Mean("amount", name=f"m{i}", dtype="float32") for i in range(20)))
+    values = [0.1 * i for i in range(20)]
+    assert len(encode(wide, 1, values)) - HEADER.size == 3 + 160
+    assert len(encode(narrow, 1, values)) - HEADER.size == 3 + 80

@@ -6,9 +6,10 @@ import textwrap
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from featurestore import Count, Entity, Source, Sum, Window, feature_view
+from featurestore import Count, Entity, Last, Latest, Mean, Source, Sum, Window, feature_view
 from featurestore.errors import CompileError
 from featurestore.plan import compile_definitions, compile_repo
 from schemas import TRANSACTIONS
@@ -425,3 +426,81 @@ def test_a_good_view_compiles_to_normalised_specs() -> None:
         "    return tx.assign(amount_cents=(tx['amount'] * 100).round().astype('int64'))[['amount_cents']]"
     )
     assert view.changelog_schema().names == ["user_id", "as_of", *view.feature_names]
+
+
+def test_latest_features_are_named_as_their_columns_and_have_no_window() -> None:
+    @feature_view(
+        entity=USER,
+        source=TX,
+        aggregations=[Latest("amount"), Latest("country", name="home_country"), Sum("amount")],
+        windows=["1d"],  # applies to Sum only
+        ttl="2d",
+    )
+    def profile(tx: pd.DataFrame) -> pd.DataFrame:
+        return tx[[]]
+
+    plan = compile_definitions("p", views=[profile])
+    view = plan.views[0]
+    assert view.feature_names == ("amount", "home_country", "sum_amount_1d")
+    assert [f.window for f in view.latest] == [None, None]
+    assert [f.dtype for f in view.features] == ["float64", "string", "float64"]
+    assert view.reach is None  # all history: the newest value however old
+    assert view.windows[0].label == "1d"
+    # the plan round-trips through JSON with its window-less features
+    assert type(plan).from_json(plan.to_json()) == plan
+
+
+def test_float32_storage_is_declared_per_feature_or_per_view() -> None:
+    @feature_view(
+        entity=USER,
+        source=TX,
+        aggregations=[Latest("amount"), Mean("amount", dtype="float64"), Sum("amount"), Count(), Last("country")],
+        windows=["1h"],
+        float_dtype="float32",
+    )
+    def narrow(tx: pd.DataFrame) -> pd.DataFrame:
+        return tx[[]]
+
+    @feature_view(entity=USER, source=TX, aggregations=[Sum("amount", dtype="float32")], windows=["1h"])
+    def one(tx: pd.DataFrame) -> pd.DataFrame:
+        return tx[[]]
+
+    narrow_view, one_view = compile_definitions("p", views=[narrow, one]).views
+    assert [f.dtype for f in narrow_view.features] == ["float32", "float64", "float32", "int64", "string"]
+    assert [f.dtype for f in one_view.features] == ["float32"]
+    assert narrow_view.changelog_schema().field("amount").type == pa.float32()
+
+
+def test_latest_and_storage_mistakes_are_reported_together() -> None:
+    @feature_view(
+        entity=USER,
+        source=TX,
+        aggregations=[
+            Latest("amount", name="user_id"),
+            Last("country", dtype="float32"),
+        ],
+        windows=["1h"],
+    )
+    def wrong(tx: pd.DataFrame) -> pd.DataFrame:
+        return tx[[]]
+
+    @feature_view(entity=USER, source=TX, aggregations=[Latest("amount")], float_dtype="float16")
+    def odd(tx: pd.DataFrame) -> pd.DataFrame:
+        return tx[[]]
+
+    latest = Latest("amount")
+    object.__setattr__(latest, "windows", (Window("1d"),))  # as a hand-built definition could
+
+    @feature_view(entity=USER, source=TX, aggregations=[latest])
+    def windowed(tx: pd.DataFrame) -> pd.DataFrame:
+        return tx[[]]
+
+    with pytest.raises(CompileError) as raised:
+        compile_definitions("p", views=[wrong, odd, windowed])
+    assert [p.message for p in raised.value.problems] == [
+        "feature name `user_id` is taken by the changelog; give name=",
+        "Last(country): dtype='float32' applies to float features; this one is string",
+        "float_dtype='float16' is not a float width; use 'float32' or 'float64'",
+        "Latest(amount) takes no window (it is the newest value however old); "
+        "for the newest value inside a window use Last('amount', windows=[...])",
+    ]

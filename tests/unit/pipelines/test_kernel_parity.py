@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from hypothesis import given
 
-from featurestore import Count, Last, Max, Mean, Min, Std, Sum, Window
+from featurestore import Count, Last, Latest, Max, Mean, Min, Std, Sum, Window
 from featurestore.semantics import changelog_differences
 from pipelines.batch.kernel import changelog_kernel
 from pipelines.reference import reference_changelog
@@ -72,10 +72,26 @@ def all_aggregations() -> list[Any]:
         Max("amount"),
         Last("amount"),
         Last("label"),
+        Latest("value"),
+        Latest("amount", name="latest_amount"),
+        Latest("label", name="latest_label"),
+        # float32 storage: computed in float64, rounded once when stored
+        Sum("value", name="sum32", dtype="float32"),
+        Mean("value", name="mean32", dtype="float32"),
+        Std("value", name="std32", dtype="float32"),
+        Latest("value", name="latest32", dtype="float32"),
     ]
 
 
-VIEWS = [make_view(*all_aggregations(), windows=windows) for windows in WINDOW_SETS]
+def latest_only() -> list[Any]:
+    """A view without windows: no expiries, no tiles, the newest event's values."""
+    return [Latest("value"), Latest("amount"), Latest("label")]
+
+
+VIEWS = [make_view(*all_aggregations(), windows=windows) for windows in WINDOW_SETS] + [
+    make_view(*latest_only(), windows=())
+]
+WINDOWED_ONLY = make_view(*(a for a in all_aggregations() if a.windowed), windows=WINDOW_SETS[0])
 
 
 def check_against_reference(frame: pd.DataFrame, view_index: int, data: Any, xp: Any = np) -> None:

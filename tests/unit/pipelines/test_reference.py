@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from featurestore import Count, Entity, Last, Max, Mean, Min, Source, Std, Sum, Window, feature_view
+from featurestore import Count, Entity, Last, Latest, Max, Mean, Min, Source, Std, Sum, Window, feature_view
 from featurestore.errors import TransformError
 from featurestore.plan import AS_OF, ViewSpec, compile_definitions
 from pipelines.reference import reference_changelog
@@ -336,3 +336,33 @@ def test_transform_returning_wrong_columns_is_an_error_naming_the_view() -> None
     assert str(raised.value) == (
         "feature view `sneaky`: the row transform returned columns ['y'], expected exactly ['x']"
     )
+
+
+# -- Latest: no window --------------------------------------------------------------------------
+
+
+def test_latest_is_the_newest_events_value_nulls_included_and_never_expires() -> None:
+    view = make_view(Latest("value"), Count())
+    log = events((1, 2, 1.0), (1, 4, None), (1, 4, 7.0), (1, 20, None), (2, 3, 2.5))
+    # same time: the later event in the log wins; a null in the newest event is the value;
+    # the Count expires at 10 and 30, Latest stays.
+    assert changelog(view, log) == [
+        (1, 2, 1.0, 1),
+        (1, 4, 7.0, 3),
+        (1, 10, 7.0, 0),
+        (1, 20, None, 1),
+        (1, 30, None, 0),
+        (2, 3, 2.5, 1),
+        (2, 10, 2.5, 0),
+    ]
+
+
+def test_a_view_of_latest_values_changes_only_at_events() -> None:
+    view = make_view(Latest("value"), Latest("label"), windows=())
+    log = events((1, 2, 1.0, None, "a"), (1, 9_000, 3.0, None, None))
+    assert changelog(view, log) == [(1, 2, 1.0, "a"), (1, 9_000, 3.0, None)]
+
+
+def test_latest_skips_events_the_where_filter_drops() -> None:
+    view = make_view(Latest("value"), where=lambda e: e["value"] > 0, windows=())
+    assert changelog(view, events((1, 1, 5.0), (1, 2, -1.0))) == [(1, 1, 5.0)]

@@ -26,7 +26,7 @@ from pipelines.stream.compensated import compensated_sums
 from pipelines.stream.state import Emit, ViewState, events_from_frame
 from pipelines.stream.tiles import EventBatch, LatestState, RowBatch, batch_from_frame
 from pipelines.stream.watermark import Progress
-from tests.unit.pipelines.test_kernel_parity import VIEWS, logs
+from tests.unit.pipelines.test_kernel_parity import VIEWS, WINDOWED_ONLY, logs
 from tests.unit.pipelines.test_reference import BASE
 from tests.unit.pipelines.test_stream_state import batch_progress
 
@@ -105,8 +105,11 @@ def test_columnar_state_survives_a_snapshot_between_batches(frame: pd.DataFrame,
         assert_same_online(view, python_online, columnar_online)
 
 
-def test_state_forgets_tiles_and_entities_no_window_reaches() -> None:
-    view = VIEWS[0]  # one 10-minute window in 5-minute tiles, 5 minutes of lateness
+@pytest.mark.parametrize("latest", [False, True])
+def test_state_forgets_tiles_and_entities_no_window_reaches(latest: bool) -> None:
+    # one 10-minute window in 5-minute tiles, 5 minutes of lateness; with Latest features
+    # too, the entities stay: their newest values are served however old.
+    view = VIEWS[0] if latest else WINDOWED_ONLY
     state = LatestState(view)
     assert state.inputs == ("amount", "label", "value")
     minute = 60_000_000
@@ -130,8 +133,11 @@ def test_state_forgets_tiles_and_entities_no_window_reaches() -> None:
     assert expired.as_of.tolist() == [10 * minute, 10 * minute]
     count = view.feature_names.index("count_10m")
     assert expired.values[count].tolist() == [0, 0]
-    assert state.entity_count == 1  # tiles of 1 and 2 forgotten, and the entities
+    assert state.entity_count == (3 if latest else 1)  # tiles of 1 and 2 forgotten, and the entities
     assert sum(t.live for t in state.tables.values()) == 1
+    if latest:
+        assert expired.values[view.feature_names.index("value")].tolist() == [1.0, 1.0]
+        assert expired.values[view.feature_names.index("latest_label")].tolist() == ["a", "a"]
     assert len(rows) == 1
     assert rows.keys == [3]
 
@@ -219,8 +225,9 @@ def test_cancelling_amounts_sum_as_exactly_as_the_batch_engine(
 
     def check(expected: dict[str, Any], values: list[Any] | tuple[Any, ...]) -> None:
         for index in sums:
-            name, kind = view.feature_names[index], view.features[index].kind
-            assert values_match(expected[name], values[index], kind=kind), (name, expected[name], values[index])
+            name, kind, dtype = view.feature_names[index], view.features[index].kind, view.features[index].dtype
+            got = values[index]
+            assert values_match(expected[name], got, kind=kind, dtype=dtype), (name, expected[name], got)
 
     for expected, from_batch in zip(reference, batch, strict=True):
         check(expected, [from_batch[name] for name in view.feature_names])
