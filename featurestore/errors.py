@@ -37,6 +37,11 @@ class TransientError(TenxError):
     """A service was unreachable or too slow; the same call may succeed later."""
 
 
+class WriteConflict(TransientError):
+    """Another writer committed to the same Delta table first, in a way this write
+    depends on (e.g. the next `_seq` numbers); read again and retry."""
+
+
 class ConfigError(TerminalError):
     """The configuration file or an environment override is invalid."""
 

@@ -13,6 +13,7 @@ import collections
 import difflib
 import hashlib
 import itertools
+import random
 import re
 import tempfile
 import time
@@ -28,12 +29,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from featurestore.errors import TerminalError
+from featurestore.errors import TerminalError, WriteConflict
 from featurestore.plan.model import SourceSpec
 from featurestore.stores.offline import REJECTS_SCHEMA, DeltaOfflineStore
 from schemas.validation import validate_batch, validate_record
 
 BATCH_ROWS = 250_000
+COMMIT_ATTEMPTS = 20  # an ingest racing others renumbers and retries this often before giving up
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 
 
@@ -113,38 +115,99 @@ def ingest_file(
                     progress(batch.num_rows)
         finally:
             writer.close()
-        duplicates = 0
-        if valid_rows and not allow_duplicates:
-            found = _stored_duplicates(store, source, staged, path, Path(scratch))
-            if len(found) and not skip_duplicates:
-                raise DuplicateEventsError(
-                    f"{path}: {len(found):,} of its {valid_rows:,} valid events are already in the events table of "
-                    f"`{source.name}` (every field equal); ingesting them again would count them twice. Pass "
-                    "--skip-duplicates to store only the new ones, or --allow-duplicates if they really are "
-                    "distinct events."
-                )
-            if len(found):
-                duplicates = len(found)
-                staged = _without_rows(staged, found, Path(scratch) / "new.parquet", source)
-                valid_rows -= duplicates
         rejected = sum(t.num_rows for t in reject_tables)
-        metadata = {
-            "tenx.file_sha256": digest,
-            "tenx.file": str(path),
-            "tenx.rows": str(valid_rows),
-            "tenx.rejected": str(rejected),
-        }
-        # Rejects first: should the process die between the two commits, a re-run
-        # (the file is not yet recorded as ingested) writes the events, and the
-        # rejects of a file are looked up by its digest, never written twice.
-        if reject_tables and digest not in store.rejected_files(source):
-            store.append_rejects(source, pa.concat_tables(reject_tables), metadata=metadata)
-        if valid_rows:
-            reader = pq.ParquetFile(staged)
-            store.append_events(source, reader.iter_batches(batch_size=BATCH_ROWS), rows=valid_rows, metadata=metadata)
+
+        # Check and append against one version of the events table; when another ingest
+        # appends first, the append fails (WriteConflict) and everything is read again:
+        # `_seq` numbers never overlap and the duplicate check sees the winner's events.
+        def done_by_another() -> bool:
+            return not force and any(r.file_sha256 == digest for r in store.ingests(source))
+
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            version = store.events_version(source, create=True)
+            if attempt > 1 and done_by_another():
+                return IngestSummary(path, 0, 0, 0, time.perf_counter() - began, skipped=True)  # the winner had it
+            try:
+                stored, duplicates = _append(
+                    store,
+                    source,
+                    staged,
+                    path,
+                    valid_rows=valid_rows,
+                    scratch=Path(scratch),
+                    version=version,
+                    digest=digest,
+                    reject_tables=reject_tables,
+                    allow_duplicates=allow_duplicates,
+                    skip_duplicates=skip_duplicates,
+                )
+                break
+            except DuplicateEventsError:
+                if done_by_another():  # the same file, committed by another ingest while this one checked
+                    return IngestSummary(path, 0, 0, 0, time.perf_counter() - began, skipped=True)
+                raise
+            except WriteConflict:
+                if attempt == COMMIT_ATTEMPTS:
+                    raise
+                time.sleep(random.uniform(0.02, 0.2) * attempt)  # jitter: racing writers drift apart
+        valid_rows = stored
     reasons = _top_reasons(reject_tables)
     seconds = time.perf_counter() - began
     return IngestSummary(path, rows_in, valid_rows, rejected, seconds, reasons=reasons, duplicates=duplicates)
+
+
+def _append(
+    store: DeltaOfflineStore,
+    source: SourceSpec,
+    staged: Path,
+    path: Path,
+    *,
+    valid_rows: int,
+    scratch: Path,
+    version: int | None,
+    digest: str,
+    reject_tables: list[pa.Table],
+    allow_duplicates: bool,
+    skip_duplicates: bool,
+) -> tuple[int, int]:
+    """One attempt: the duplicate check and the commits, against events table `version`.
+    Returns (events stored, duplicates left out); raises WriteConflict when another
+    writer appended after `version`."""
+    duplicates = 0
+    if valid_rows and not allow_duplicates:
+        found = _stored_duplicates(store, source, staged, path, scratch)
+        if len(found) and not skip_duplicates:
+            raise DuplicateEventsError(
+                f"{path}: {len(found):,} of its {valid_rows:,} valid events are already in the events table of "
+                f"`{source.name}` (every field equal); ingesting them again would count them twice. Pass "
+                "--skip-duplicates to store only the new ones, or --allow-duplicates if they really are "
+                "distinct events."
+            )
+        if len(found):
+            duplicates = len(found)
+            staged = _without_rows(staged, found, scratch / "new.parquet", source)
+            valid_rows -= duplicates
+    metadata = {
+        "tenx.file_sha256": digest,
+        "tenx.file": str(path),
+        "tenx.rows": str(valid_rows),
+        "tenx.rejected": str(sum(t.num_rows for t in reject_tables)),
+    }
+    # Rejects first: should the process die between the two commits, a re-run
+    # (the file is not yet recorded as ingested) writes the events, and the
+    # rejects of a file are looked up by its digest, never written twice.
+    if reject_tables and digest not in store.rejected_files(source):
+        store.append_rejects(source, pa.concat_tables(reject_tables), metadata=metadata)
+    if valid_rows:
+        reader = pq.ParquetFile(staged)
+        store.append_events(
+            source,
+            reader.iter_batches(batch_size=BATCH_ROWS),
+            rows=valid_rows,
+            metadata=metadata,
+            read_version=version,
+        )
+    return valid_rows, duplicates
 
 
 def _check_columns(path: Path, kind: str, source: SourceSpec) -> None:

@@ -6,13 +6,18 @@ Layout under the store root:
     rejects/<table>/                rows that failed validation, with the reason
     features/<view>__<version>/     changelog of one view version, partitioned by `_date`
 
-Events carry `_seq`, their log order (the tie-break for `Last`), assigned at ingest.
+Events carry `_seq`, their log order (the tie-break for `Last`), assigned at ingest. Each
+events commit records the next free `_seq` as the version of the Delta application
+transaction `tenx.events`; two writers that read the same table version and both append
+conflict there (Delta's conflict check for the same app id), so one of them fails with
+WriteConflict and renumbers, instead of both committing overlapping numbers.
 A changelog write replaces exactly one time range, in one Delta commit, so a re-run of a
 backfill replaces what it wrote before and never duplicates it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -28,15 +33,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction
 
-from featurestore.errors import TerminalError
+from featurestore.errors import TerminalError, WriteConflict
 from featurestore.plan.model import AS_OF, SEQUENCE, SourceSpec, ViewSpec
 from schemas.timestamps import from_micros, to_micros
 
 DATE = "_date"
+EVENTS_APP = "tenx.events"  # Delta app transaction of the events table: its version is the next `_seq`
+CHANGELOG_APP = "tenx.changelog"  # per day of a changelog table: `tenx.changelog:<YYYY-MM-DD>`
 
 REJECTS_SCHEMA = pa.schema(
     [
@@ -124,12 +131,33 @@ class DeltaOfflineStore:
                 )
         return records
 
-    def next_sequence(self, source: SourceSpec) -> int:
-        table = self._table(self.events_path(source))
-        if table is None:
+    def events_version(self, source: SourceSpec, *, create: bool = False) -> int | None:
+        """The events table's version now (None: no table yet): what an ingest reads
+        before it checks for duplicates and appends (`append_events(read_version=)`).
+        `create`: make the (empty) table first when there is none, so that even the
+        first appends have a version to conflict on (two writers creating a table both
+        succeed in delta-rs, the second as version 1; empty commits are harmless)."""
+        path = self.events_path(source)
+        table = self._table(path)
+        if table is None and create:
+            # Another writer may create it at the same moment ("protocol changed"): it exists then.
+            with contextlib.suppress(CommitFailedError):
+                write_deltalake(str(path), self.events_schema(source).empty_table(), partition_by=[DATE], mode="append")
+            table = self._table(path)
+        return None if table is None else table.version()
+
+    def next_sequence(self, source: SourceSpec, *, version: int | None = None) -> int:
+        """The first `_seq` free after the events table's `version` (default: now)."""
+        path = self.events_path(source)
+        try:
+            table = DeltaTable(str(path), version=version) if version is not None else DeltaTable(str(path))
+        except TableNotFoundError:
             return 0
-        for commit in table.history():  # newest first
-            if "tenx.seq_end" in commit:
+        recorded = table.transaction_version(EVENTS_APP)
+        if recorded is not None:
+            return int(recorded)
+        for commit in table.history():  # tables written before the app transaction: newest first
+            if "tenx.seq_end" in commit and commit["version"] <= table.version():
                 return int(commit["tenx.seq_end"])
         return 0
 
@@ -140,12 +168,22 @@ class DeltaOfflineStore:
         *,
         rows: int,
         metadata: dict[str, str],
+        read_version: int | None = None,
     ) -> tuple[int, int]:
         """Append `rows` validated events (exactly the source schema) in one commit,
-        numbered after the events already there. Returns the sequence range [first, end)."""
+        numbered after the events already there as of `read_version` (the table version
+        the caller's checks read; default: now). Returns the sequence range [first, end).
+
+        Raises WriteConflict when another writer appended after `read_version` (or
+        created the table first): nothing is committed, and the caller reads again
+        (its duplicate check included) and retries."""
         schema = self.events_schema(source)
         time_column = source.event_time
-        first = self.next_sequence(source)
+        path = self.events_path(source)
+        if read_version is None:
+            read_version = self.events_version(source, create=True)
+        first = self.next_sequence(source, version=read_version)
+        target = DeltaTable(str(path), version=read_version)
 
         def numbered() -> Iterator[pa.RecordBatch]:
             sequence = first
@@ -159,15 +197,21 @@ class DeltaOfflineStore:
             if sequence != first + rows:
                 raise ValueError(f"expected {rows} events, got {sequence - first}")
 
-        write_deltalake(
-            str(self.events_path(source)),
-            pa.RecordBatchReader.from_batches(schema, numbered()),
-            partition_by=[DATE],
-            mode="append",
-            commit_properties=CommitProperties(
-                custom_metadata=metadata | {"tenx.seq_start": str(first), "tenx.seq_end": str(first + rows)}
-            ),
-        )
+        try:
+            write_deltalake(
+                target,
+                pa.RecordBatchReader.from_batches(schema, numbered()),
+                partition_by=[DATE],
+                mode="append",
+                commit_properties=CommitProperties(
+                    custom_metadata=metadata | {"tenx.seq_start": str(first), "tenx.seq_end": str(first + rows)},
+                    app_transactions=[Transaction(EVENTS_APP, first + rows)],
+                ),
+            )
+        except CommitFailedError as error:
+            raise WriteConflict(
+                f"another ingest of source `{source.name}` committed first ({error}); read again and retry"
+            ) from error
         return first, first + rows
 
     def event_files(self, source: SourceSpec, start: int | None, end: int | None) -> list[str]:
@@ -307,7 +351,10 @@ class DeltaOfflineStore:
         path = self.changelog_path(view)
         table = self._table(path)
         if table is None:
-            write_deltalake(str(path), self.changelog_schema(view).empty_table(), partition_by=[DATE], mode="append")
+            with contextlib.suppress(CommitFailedError):  # another backfill created it at the same moment
+                write_deltalake(
+                    str(path), self.changelog_schema(view).empty_table(), partition_by=[DATE], mode="append"
+                )
             table = DeltaTable(str(path))
         first_day = micros_to_datetime(start).date()
         last_day = micros_to_datetime(end - 1).date()
@@ -319,16 +366,29 @@ class DeltaOfflineStore:
             )
         ]
         days = [str(first_day + timedelta(days=i)) for i in range((last_day - first_day).days + 1)]
-        table.create_write_transaction(
-            [*actions, *carried],
-            mode="overwrite",
-            schema=self.changelog_schema(view),
-            partition_by=[DATE],
-            partition_filters=[(DATE, "in", days)],
-            commit_properties=CommitProperties(
-                custom_metadata={"tenx.view_version": view.version, "tenx.range": f"{start}:{end}"}
-            ),
-        )
+        try:
+            table.create_write_transaction(
+                [*actions, *carried],
+                mode="overwrite",
+                schema=self.changelog_schema(view),
+                partition_by=[DATE],
+                partition_filters=[(DATE, "in", days)],
+                commit_properties=CommitProperties(
+                    custom_metadata={"tenx.view_version": view.version, "tenx.range": f"{start}:{end}"},
+                    # One app transaction per day replaced: a concurrent commit to any of the
+                    # same days conflicts even when neither removed a file (a new table's
+                    # first backfills would otherwise both add their rows); other days do not.
+                    app_transactions=[Transaction(f"{CHANGELOG_APP}:{day}", table.version() + 1) for day in days],
+                ),
+            )
+        except CommitFailedError as error:
+            # Delta's conflict check: another writer removed or added files of these days
+            # after this backfill read them. Its commit stands; this one changed nothing.
+            raise WriteConflict(
+                f"another backfill of `{view.name}` (version {view.version}) committed days overlapping "
+                f"{days[0]}..{days[-1]} while this one ran, so this one committed nothing; the other's values "
+                "stand. Run this backfill again if its range should win"
+            ) from error
 
     def _rows_outside(
         self, view: ViewSpec, table: DeltaTable, first_day: Any, last_day: Any, start: int, end: int
