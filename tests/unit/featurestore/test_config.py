@@ -182,3 +182,32 @@ def test_a_wrong_redis_pool_override_is_named(tmp_path: Path, variable: str, val
     with pytest.raises(ConfigError) as raised:
         load_settings(config, environ={variable: value})
     assert str(raised.value) == f"{variable} {message}"
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "named"),
+    [
+        ("offline_store:\n  path: s3://bucket/tenx\n", {}, "`offline_store.path`"),
+        ("", {"TENX_OFFLINE_PATH": "s3://bucket/tenx"}, "TENX_OFFLINE_PATH"),
+        ("offline_store:\n  path: gs://bucket/tenx\n", {}, "`offline_store.path`"),
+        ("registry: s3://bucket/registry\n", {}, "`registry`"),
+        ("online_store:\n  path: http://host/online.sqlite\n", {}, "`online_store.path`"),
+    ],
+)
+def test_a_location_on_object_storage_is_refused_not_written_locally(
+    tmp_path: Path, text: str, environ: dict[str, str], named: str
+) -> None:
+    # s3://bucket/tenx went through pathlib: ingest "succeeded" into a local folder `s3:`.
+    with pytest.raises(ConfigError, match=rf"{named}: '\w+://[^']+' is a \w+:// location; .* local folders only"):
+        load_settings(write_config(tmp_path, "project: demo\n" + text), environ=environ)
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_file_uris_and_plain_folders_are_local_locations(tmp_path: Path) -> None:
+    where = tmp_path / "my data"
+    settings = load_settings(
+        write_config(tmp_path, f"project: demo\noffline_store:\n  path: file://{str(where).replace(' ', '%20')}\n"),
+        environ={"TENX_ONLINE_PATH": "relative/online.sqlite"},
+    )
+    assert settings.offline_dir == where
+    assert settings.online_path == tmp_path / "relative" / "online.sqlite"
