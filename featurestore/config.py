@@ -10,7 +10,7 @@ import math
 import os
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import yaml
 
 from featurestore.errors import ConfigError
 from featurestore.redact import redact_url
+from featurestore.stores.location import Location
 
 CONFIG_FILE = "tenx.yaml"
 
@@ -30,7 +31,7 @@ ENVIRONMENT = {
     "TENX_KAFKA_OPTIONS": "kafka.options: librdkafka settings, name=value[,name=value] (e.g. security.protocol)",
     "TENX_KAFKA_PASSWORD": "the Kafka SASL password (sasl.password); never in tenx.yaml",
     "TENX_REGISTRY": "registry: folder of the plan registry",
-    "TENX_OFFLINE_PATH": "offline_store.path: folder of the Delta tables",
+    "TENX_OFFLINE_PATH": "offline_store.path: folder (or s3://bucket/prefix) of the Delta tables",
     "TENX_ONLINE_PATH": "online_store.path: file of the embedded online store",
     "TENX_REDIS_POOL_SIZE": "online_store.pool_size: most connections each Redis client holds (per node on a cluster)",
     "TENX_REDIS_POOL_TIMEOUT": "online_store.pool_timeout: seconds a lookup waits for a free Redis connection",
@@ -70,7 +71,10 @@ _KEYS: dict[str, Any] = {
     "project": _Value(str, "a string"),
     "features": {"modules": _Value(list, "a list of module names"), "path": _FOLDER},
     "registry": _FOLDER,
-    "offline_store": {"path": _FOLDER},
+    "offline_store": {
+        "path": _Value(str, "a string (a folder, file:// or s3://bucket/prefix)", path=True),
+        "storage_options": _Value(dict, "a mapping (endpoint_url, region, allow_http; never credentials)"),
+    },
     "online_store": {
         "path": _Value(str, "a string (a file path)", path=True),
         "redis_url": _Value(str, "a string like redis://host:6379"),
@@ -95,7 +99,7 @@ class Settings:
     modules: tuple[str, ...] | None  # explicit module list, or None: every module under features_path
     features_path: Path
     registry_dir: Path
-    offline_dir: Path
+    offline_location: Location  # a local folder or an s3:// prefix
     online_path: Path
     redis_url: str | None
     kafka_bootstrap: str | None
@@ -103,6 +107,11 @@ class Settings:
     kafka_options: Mapping[str, str] = field(default_factory=dict)  # librdkafka settings (SASL, TLS)
     redis_pool_size: int = REDIS_POOL_SIZE  # connections per Redis client (per node on a cluster)
     redis_pool_timeout_s: float = REDIS_POOL_TIMEOUT_S  # wait for a free connection, then a TransientError
+
+    @property
+    def offline_dir(self) -> Path:
+        """The offline store's folder, when it is local (see `offline_location`)."""
+        return self.offline_location.local_path()
 
 
 def load_settings(
@@ -178,10 +187,11 @@ def load_settings(
             ".tenx/registry",
             "TENX_REGISTRY" if env.get("TENX_REGISTRY") else f"{path}: `registry`",
         ),
-        offline_dir=resolve(
+        offline_location=_offline_location(
             env.get("TENX_OFFLINE_PATH") or section("offline_store").get("path"),
-            "data/offline",
-            "TENX_OFFLINE_PATH" if env.get("TENX_OFFLINE_PATH") else f"{path}: `offline_store.path`",
+            section("offline_store").get("storage_options") or {},
+            name="TENX_OFFLINE_PATH" if env.get("TENX_OFFLINE_PATH") else f"{path}: `offline_store.path`",
+            resolve=lambda value: resolve(value, "data/offline"),
         ),
         online_path=resolve(
             env.get("TENX_ONLINE_PATH") or section("online_store").get("path"),
@@ -195,6 +205,15 @@ def load_settings(
         redis_pool_size=pool_size,
         redis_pool_timeout_s=pool_timeout_s,
     )
+
+
+def _offline_location(
+    value: str | None, options: Mapping[str, Any], *, name: str, resolve: Callable[[str | None], Path]
+) -> Location:
+    """The offline store: a folder (relative to the repo), a file:// URI or s3://."""
+    if value and "://" in value and not value.lower().startswith("file://"):
+        return Location.parse(value, options=options, name=name)  # s3://, or a scheme refused in one line
+    return Location.parse(resolve(value), options=options, name=name)
 
 
 def local_location(value: str, name: str) -> str:
@@ -211,8 +230,8 @@ def local_location(value: str, name: str) -> str:
     if scheme.lower() == "file":
         return urllib.parse.unquote(rest)
     raise ConfigError(
-        f"{name}: {value!r} is a {scheme}:// location; this tenx stores its tables in local folders only "
-        "(object storage is issue #23): give a folder, a file:// URI, or a shared file system mounted on every host"
+        f"{name}: {value!r} is a {scheme}:// location; this setting is a local file or folder: give a path or a "
+        "file:// URI (only the offline store, `offline_store.path`, may live on s3://)"
     )
 
 

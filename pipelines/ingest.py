@@ -259,7 +259,7 @@ def _stored_duplicates(
         # DuckDB's own reader (pyarrow datasets registered in DuckDB were 1.5x slower); it
         # takes an existing path literally, glob characters included (tested).
         connection.read_parquet([str(staged)], file_row_number=True).create_view("staged")
-        connection.read_parquet(files).create_view("stored")
+        store.parquet_view(connection, "stored", files)
         found = connection.execute(
             "SELECT s.file_row_number FROM staged s "  # noqa: S608 - schema names
             f"SEMI JOIN (SELECT {names} FROM stored) e ON {same} ORDER BY 1"

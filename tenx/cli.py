@@ -28,6 +28,7 @@ from tenx.commands.common import (
     console,
     errors,
     friendly,
+    offline_store,
     online_store,
     print_error,
     progress_bar,
@@ -377,7 +378,6 @@ def ingest(
     file missing a column of the schema, empty, unreadable or not UTF-8 is refused before
     anything is written. Exits 1 when a file had rows and
     none was valid."""
-    from featurestore.stores.offline import DeltaOfflineStore
     from pipelines.ingest import ingest_file
 
     if allow_duplicates and skip_duplicates:
@@ -385,7 +385,7 @@ def ingest(
     settings = settings_of(config_file)
     plan = applied_plan(settings)
     source = _source(plan, source_name)
-    store = DeltaOfflineStore(settings.offline_dir)
+    store = offline_store(settings)
     table = Table(title=f"ingest into {store.events_path(source)}", title_justify="left")
     for column in ("file", "rows", "ingested", "rejected", "seconds"):
         table.add_column(column, justify="right" if column != "file" else "left")
@@ -448,13 +448,12 @@ def ingest(
 def rejects(source_name: str | None, file_name: str | None, limit: int, config_file: Path | None) -> None:
     """List rows `tenx ingest` rejected, newest first: file, row, reason and the record
     as read, with a count per reason."""
-    from featurestore.stores.offline import DeltaOfflineStore
     from pipelines.ingest import reason_counts
 
     settings = settings_of(config_file)
     plan = applied_plan(settings)
     source = _source(plan, source_name)
-    store = DeltaOfflineStore(settings.offline_dir)
+    store = offline_store(settings)
     rows = store.read_rejects(source).to_pylist()
     if file_name is not None:
         rows = [row for row in rows if row["file"] == file_name or Path(row["file"]).name == file_name]
@@ -515,7 +514,7 @@ def backfill(
 ) -> None:
     """Compute feature changelogs from the Delta events with Dask and write them to
     Delta feature tables. A range is replaced exactly: running it twice changes nothing."""
-    from featurestore.stores.offline import DeltaOfflineStore, micros_to_datetime
+    from featurestore.stores.offline import micros_to_datetime
     from pipelines.batch.engine import Backend
     from pipelines.batch.engine import backfill as run_backfill
 
@@ -523,7 +522,7 @@ def backfill(
     plan = applied_plan(settings)
     for name in views:
         view_or_error(plan, name)
-    store = DeltaOfflineStore(settings.offline_dir)
+    store = offline_store(settings)
     began = time.perf_counter()
     with progress_bar() as progress:
         tasks: dict[str, Any] = {}
@@ -608,7 +607,6 @@ def export(
     <view>__stale). The label columns come back as given, time zone included. The
     manifest lists the columns written."""
     from featurestore.durations import parse_duration
-    from featurestore.stores.offline import DeltaOfflineStore
     from training import export_training_set
 
     if out.suffix.lower() != ".parquet":
@@ -626,7 +624,7 @@ def export(
         advance = functools.partial(progress.advance, progress.add_task("exporting", total=None))
         _, summary = export_training_set(
             plan,
-            DeltaOfflineStore(settings.offline_dir),
+            offline_store(settings),
             labels_path,
             references,
             time_column=time_column,
@@ -660,7 +658,7 @@ def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | N
     """Load the latest changelog row per entity from the Delta feature tables into the
     online store (Redis when TENX_REDIS_URL is set, else the embedded store). Safe while
     the stream job writes: an older value never replaces a newer one."""
-    from featurestore.stores.offline import DeltaOfflineStore, micros_to_datetime
+    from featurestore.stores.offline import micros_to_datetime
     from pipelines.materialize import materialize as run_materialize
 
     settings = settings_of(config_file)
@@ -671,7 +669,7 @@ def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | N
     parsed = _parse_time(as_of, "--as-of")
     moment = parsed if parsed is not None else _now_us()
     empty: list[str] = []
-    offline = DeltaOfflineStore(settings.offline_dir)
+    offline = offline_store(settings)
     online = online_store(settings, plan)
     table = Table(title=f"materialize into {store_name(settings)}", title_justify="left")
     for column in ("view", "entities", "written", "kept newer", "seconds"):
@@ -815,7 +813,6 @@ def verify(views: tuple[str, ...], sample: int, config_file: Path | None) -> Non
     """Online/offline parity: for a random sample of entities, the online value must
     equal the last changelog row at or before its online as_of. Exits 1 on a mismatch,
     and when no sampled entity is online (nothing could be compared)."""
-    from featurestore.stores.offline import DeltaOfflineStore
     from featurestore.verify import STEPS, verify_view
 
     settings = settings_of(config_file)
@@ -831,9 +828,7 @@ def verify(views: tuple[str, ...], sample: int, config_file: Path | None) -> Non
                 def step(what: str, task: Any = task, name: str = view.name) -> None:
                     progress.update(task, advance=1, description=f"verifying {name}: {what}")
 
-                report = verify_view(
-                    view, DeltaOfflineStore(settings.offline_dir), online, sample=sample, progress=step
-                )
+                report = verify_view(view, offline_store(settings), online, sample=sample, progress=step)
             status = "[green]ok[/]" if report.ok else "[red]MISMATCH[/]"
             console.print(
                 f"{view.name}: {status} {report.checked} checked, {len(report.mismatches)} mismatching values, "

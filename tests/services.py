@@ -35,7 +35,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 INTEGRATION = Path(__file__).resolve().parent / "integration"
-SERVICE_FIXTURES = {"redis_url", "kafka_bootstrap"}
+SERVICE_FIXTURES = {"redis_url", "kafka_bootstrap", "s3_endpoint", "s3_location"}
 START_HINT = 'start them with: eval "$(scripts/services up)"  (from the repo root)'
 
 log = logging.getLogger(__name__)
@@ -261,3 +261,51 @@ def no_topics_left_behind() -> Iterator[None]:
         time.sleep(0.5)
         after = topics() or after
     assert not left, f"the tests left these Kafka topics behind: {', '.join(left[:20])}"
+
+
+# --- S3 (SeaweedFS from scripts/services) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """The S3 server's endpoint (TENX_S3_ENDPOINT from `scripts/services up`)."""
+    endpoint = os.environ.get("TENX_S3_ENDPOINT")
+    if not endpoint:
+        _unavailable("the S3 server is not available (TENX_S3_ENDPOINT is unset)")
+    return endpoint
+
+
+@pytest.fixture
+def s3_location(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """`s3://<fresh bucket>/tenx` with the standard AWS_* variables set for it (as a
+    user would), the bucket removed afterwards."""
+    import pyarrow.fs as pafs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", os.environ.get("TENX_S3_ACCESS_KEY", ""))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", os.environ.get("TENX_S3_SECRET_KEY", ""))
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    host = s3_endpoint.removeprefix("http://")
+    filesystem = pafs.S3FileSystem(
+        endpoint_override=host,
+        scheme="http",
+        access_key=os.environ.get("TENX_S3_ACCESS_KEY"),
+        secret_key=os.environ.get("TENX_S3_SECRET_KEY"),
+        region="us-east-1",
+        connect_timeout=5,
+        request_timeout=30,
+        allow_bucket_creation=True,
+        allow_bucket_deletion=True,
+    )
+    bucket = f"tenx-test-{uuid.uuid4().hex[:12]}"
+    try:
+        filesystem.create_dir(bucket)
+    except OSError as error:
+        _unavailable(f"the S3 server at {s3_endpoint} refused a new bucket ({error})")
+    try:
+        yield f"s3://{bucket}/tenx"
+    finally:
+        try:
+            filesystem.delete_dir(bucket)
+        except OSError as error:
+            log.warning("could not remove test bucket %s: %s", bucket, error)

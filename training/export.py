@@ -276,10 +276,7 @@ def _join_chunks(
         if not files:  # backfilled over a range without events: every label gets empty windows
             connection.register(f"changelog_{index}", request.view.changelog_schema().empty_table())
             continue
-        listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        connection.execute(
-            f"CREATE VIEW changelog_{index} AS SELECT * FROM read_parquet([{listing}])"  # noqa: S608 - our file names
-        )
+        offline.parquet_view(connection, f"changelog_{index}", files)
     time_name = _quote(time_column)[1:-1]  # user-given: escaped, then used inside quotes
     needed = list(dict.fromkeys([r.view.entity_key for r in requests] + [time_column]))
     numbered = labels.select(needed).append_column(ROW, pa.array(range(labels.num_rows), pa.int64()))

@@ -110,15 +110,21 @@ def backfill_view(
     upper = pd.Timestamp(end, unit="us", tz="UTC")
     events_read = store.count_events(view.source, read_from, end)
     count = partitions or max(2, -(-events_read // PARTITION_EVENTS))
+    # Locally a partition per row group (about 1M events): stage 1 holds a few. On an
+    # object store dask reads through the pyarrow filesystem (no s3fs needed), which
+    # splits by file only: ingest writes files of a few row groups, so it holds a few too.
+    layout: dict[str, Any] = (
+        {"split_row_groups": True} if store.location.is_local else {"filesystem": store.location.filesystem()}
+    )
     events = dd.read_parquet(
-        files,
+        [store.location.file_path(f) for f in files],
         columns=columns,
         filters=[(time_column, ">=", lower), (time_column, "<", upper)],
-        split_row_groups=True,  # a partition per row group (about 1M events): stage 1 holds a few
+        **layout,
     )  # read by pyarrow on either backend; a cuDF partition is made on its worker (`_write_buckets`)
     # Scratch lives beside the tables by default: a remote Dask cluster needs a path
     # its workers share with the client, and the offline store is one.
-    scratch_root = Path(scratch_dir) if scratch_dir else store.root / "_scratch"
+    scratch_root = Path(scratch_dir) if scratch_dir else store.scratch_dir()
     scratch_root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_scratch(scratch_root)
     # Cleanup errors are ignored: after an interrupt, workers may still be writing into

@@ -122,6 +122,15 @@ def online_store(settings: Settings, plan: Plan) -> Any:
     )
 
 
+def offline_store(settings: Settings) -> Any:
+    """The offline store where tenx.yaml (or TENX_OFFLINE_PATH) puts it; an object store
+    that cannot be reached is one line here, before any work."""
+    from featurestore.stores.offline import DeltaOfflineStore
+
+    settings.offline_location.check()
+    return DeltaOfflineStore(settings.offline_location)
+
+
 def store_name(settings: Settings) -> str:
     if settings.redis_url:
         return f"Redis at {redact_url(settings.redis_url)}"

@@ -36,7 +36,7 @@ RACER = textwrap.dedent(
     from pipelines.ingest import ingest_file
 
     plan = compile_repo(Path({root!r}) / "tenx" / "templates" / "repo", project="demo", modules=["features"])
-    store = DeltaOfflineStore(Path(sys.argv[1]))
+    store = DeltaOfflineStore(sys.argv[1])
     go = Path(sys.argv[2])
     while not go.exists():  # start together
         time.sleep(0.005)
@@ -52,13 +52,15 @@ def plan() -> Plan:
     return compile_repo(ROOT / "tenx" / "templates" / "repo", project="demo", modules=["features"])
 
 
-def race(tmp_path: Path, files_per_process: list[list[Path]]) -> list[str]:
+def race(tmp_path: Path, files_per_process: list[list[Path]], *, store: str | None = None) -> list[str]:
+    """Run one process per list of files, all starting together, each ingesting its
+    files into the store at `store` (default: tmp_path/offline); their output lines."""
     script = tmp_path / "racer.py"
     script.write_text(RACER.format(root=str(ROOT)))
     go = tmp_path / "go"
     racers = [
         subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / "offline"), str(go), *map(str, files)],
+            [sys.executable, str(script), store or str(tmp_path / "offline"), str(go), *map(str, files)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -173,7 +175,7 @@ def test_overlapping_backfills_one_wins_and_the_other_says_why(
     store.write_changelog(view, [changelog], start=start, end=end)  # the winner
     winner = store.read_changelog(view)
     late = store.write_changelog_files(view, changelog, start=start, end=end)
-    monkeypatch.setattr(DeltaOfflineStore, "_table", staticmethod(lambda path: stale))
+    monkeypatch.setattr(DeltaOfflineStore, "_table", lambda self, location, version=None: stale)
     with pytest.raises(WriteConflict, match=r"another backfill of `merchant_sales` .* committed nothing"):
         store.commit_changelog(view, late, start=start, end=end)
     monkeypatch.undo()
@@ -203,7 +205,7 @@ def test_backfills_of_different_days_at_once_both_commit(
     assert early.num_rows > 0
     assert rest.num_rows > 0
     late = store.write_changelog_files(view, rest, start=middle, end=int(times.max()) + 1)
-    monkeypatch.setattr(DeltaOfflineStore, "_table", staticmethod(lambda path: stale))
+    monkeypatch.setattr(DeltaOfflineStore, "_table", lambda self, location, version=None: stale)
     store.commit_changelog(view, late, start=middle, end=int(times.max()) + 1)  # the other days
     monkeypatch.undo()
     assert store.read_changelog(view).num_rows == changelog.num_rows
