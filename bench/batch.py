@@ -18,12 +18,19 @@ Measured in one run, on the same data:
   1h/1d/7d at event times only: plain sliding windows, no expiry rows (2.6x fewer rows),
   no Min/Last or foreign amounts.
 
+With `--offline s3://bucket/prefix` (credentials and endpoint in the AWS_* variables),
+the same events are also ingested into, backfilled on and exported from an offline store
+on S3, beside the local figures and a raw baseline (pyarrow writing the raw events file
+to the bucket and reading it back), all under a fresh `<prefix>/tenx-bench-<id>` that the
+run deletes at its end (it never touches anything else in the bucket).
+
 Each part runs in its own process so peak RSS is its own. Prints a table and writes
 bench/results/batch.json (or --out).
 
     python bench/batch.py                       # 10M events, 100k users, 30 days
     python bench/batch.py --events 50000000     # the memory-bound check
     python bench/batch.py --smoke               # seconds; data and JSON in a temp folder (CI)
+    python bench/batch.py --events 2000000 --users 20000 --skip-baselines --offline s3://bucket/bench
 """
 
 from __future__ import annotations
@@ -261,6 +268,99 @@ def part_duckdb_sliding(data: Path) -> dict[str, float]:
     return {"seconds": time.perf_counter() - began, "rows": rows, "peak_rss_mb": own_peak_mb()}
 
 
+def part_export(data: Path, offline: str) -> dict[str, float]:
+    """A training export of 200k labels x 5 user_spend features from the store at
+    `offline` (labels: random users and times over the data's span)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from featurestore.registry import FileRegistry
+    from featurestore.stores.offline import DeltaOfflineStore
+    from training import export_training_set
+
+    plan = FileRegistry(data / "registry").current()
+    assert plan is not None
+    store = DeltaOfflineStore(offline)
+    first, last = store.event_time_range(plan.source("transactions"))  # type: ignore[misc]
+    rng = np.random.default_rng(5)
+    count = 200_000
+    labels = pa.table(
+        {
+            "user_id": pa.array(rng.integers(1, 1_000, count), pa.int64()),
+            "timestamp": pa.array(rng.integers(first, last, count), pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        }
+    )
+    features = [f"user_spend:{name}" for name in plan.view("user_spend").feature_names[:5]]
+    began = time.perf_counter()
+    table, _ = export_training_set(plan, store, labels, features)
+    if table is None or table.num_rows != count:
+        raise SystemExit(f"check failed: the export returned {0 if table is None else table.num_rows} rows of {count}")
+    return {"seconds": time.perf_counter() - began, "rows": count, "peak_rss_mb": own_peak_mb()}
+
+
+def part_s3_ingest(data: Path, offline: str) -> dict[str, float]:
+    from featurestore.registry import FileRegistry
+    from featurestore.stores.offline import DeltaOfflineStore
+    from pipelines.ingest import ingest_file
+
+    plan = FileRegistry(data / "registry").current()
+    assert plan is not None
+    began = time.perf_counter()
+    summary = ingest_file(DeltaOfflineStore(offline), plan.source("transactions"), data / "transactions.parquet")
+    return {"seconds": time.perf_counter() - began, "rows": summary.ingested, "peak_rss_mb": own_peak_mb()}
+
+
+def part_s3_backfill(data: Path, offline: str) -> dict[str, float]:
+    from featurestore.registry import FileRegistry
+    from featurestore.stores.offline import DeltaOfflineStore
+    from pipelines.batch.engine import backfill
+
+    plan = FileRegistry(data / "registry").current()
+    assert plan is not None
+    began = time.perf_counter()
+    summaries = backfill(plan, DeltaOfflineStore(offline), workers=2)
+    return {
+        "seconds": time.perf_counter() - began,
+        "rows": sum(s.rows_written for s in summaries),
+        "peak_rss_mb": own_peak_mb(),
+    }
+
+
+def part_s3_raw(data: Path, offline: str) -> dict[str, float]:
+    """The raw baseline: pyarrow writes the raw events file to the bucket, then reads it
+    back whole (no validation, no Delta log, no changelog)."""
+    import pyarrow.parquet as pq
+
+    from featurestore.stores.location import Location
+
+    location = Location.parse(offline).join("raw-copy.parquet")
+    filesystem = location.filesystem()
+    table = pq.read_table(data / "transactions.parquet")
+    began = time.perf_counter()
+    pq.write_table(table, location.path, filesystem=filesystem)
+    written = time.perf_counter() - began
+    began = time.perf_counter()
+    rows = pq.read_table(location.path, filesystem=filesystem).num_rows
+    return {"seconds": written, "read_s": time.perf_counter() - began, "rows": rows, "peak_rss_mb": own_peak_mb()}
+
+
+S3_PARTS = {"export": part_export, "s3_ingest": part_s3_ingest, "s3_backfill": part_s3_backfill, "s3_raw": part_s3_raw}
+
+
+def remove_prefix(offline: str) -> None:
+    """Delete the run's own prefix (`.../tenx-bench-<id>`), nothing above it."""
+    from pyarrow.fs import FileType
+
+    from featurestore.stores.location import Location
+
+    location = Location.parse(offline)
+    if not location.path.rsplit("/", 1)[-1].startswith("tenx-bench-"):
+        raise SystemExit(f"refusing to delete {offline}: not a prefix this benchmark made")
+    filesystem = location.filesystem()
+    if filesystem.get_file_info(location.path).type != FileType.NotFound:
+        filesystem.delete_dir(location.path)
+
+
 PARTS = {
     "backfill": part_backfill,
     "kernel": part_kernel,
@@ -278,8 +378,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--data", type=Path, default=DATA, help="Folder of the events, registry and Delta tables.")
-    parser.add_argument("--part", choices=["prepare", *PARTS], help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=["prepare", *PARTS, *S3_PARTS], help=argparse.SUPPRESS)
     parser.add_argument("--skip-baselines", action="store_true", help="Only the tenx backfill.")
+    parser.add_argument("--offline", help="Also run ingest, backfill and export on this s3://bucket/prefix.")
     parser.add_argument(
         "--out", type=Path, default=Path("batch.json"), help="Results file: a name under bench/results/, or a path."
     )
@@ -300,6 +401,8 @@ def main() -> None:
     if args.part:  # a child process: print one JSON line
         if args.part == "prepare":
             result = part_prepare(args.data, args.events, args.users, args.days)
+        elif args.part in S3_PARTS:
+            result = S3_PARTS[args.part](args.data, args.offline)
         else:
             result = PARTS[args.part](args.data)
         print(json.dumps(result))
@@ -329,6 +432,20 @@ def main() -> None:
             continue
         results[name] = child(["--part", name, *common])
 
+    s3: dict[str, dict[str, float]] = {}
+    if args.offline:
+        import uuid
+
+        prefix = f"{args.offline.rstrip('/')}/tenx-bench-{uuid.uuid4().hex[:8]}"
+        try:
+            print("running export (local) ...", file=sys.stderr)
+            s3["export_local"] = child(["--part", "export", "--offline", str(args.data / "offline"), *common])
+            for name in ("s3_raw", "s3_ingest", "s3_backfill", "export"):
+                print(f"running {name} on {prefix} ...", file=sys.stderr)
+                s3[name if name != "export" else "export_s3"] = child(["--part", name, "--offline", prefix, *common])
+        finally:
+            remove_prefix(prefix)
+
     events = args.events
     lines = [("part", "seconds", "events/s", "rows", "peak RSS MB", "kernel / part")]
     for name, result in results.items():
@@ -356,6 +473,21 @@ def main() -> None:
                 for i, (cell, width) in enumerate(zip(row, widths, strict=True))
             )
         )
+    if s3:
+        pairs = [
+            ("ingest (validate + Delta commit)", prepared["ingest_s"], s3["s3_ingest"]["seconds"]),
+            ("backfill (both views)", results["backfill"]["seconds"], s3["s3_backfill"]["seconds"]),
+            ("export 200k labels x 5 features", s3["export_local"]["seconds"], s3["export_s3"]["seconds"]),
+        ]
+        print(f"\noffline store: local folder vs {args.offline} (same events, same run)")
+        rows = [("part", "local s", "S3 s", "S3 / local")]
+        rows += [(name, f"{local:.1f}", f"{remote:.1f}", f"{remote / local:.2f}x") for name, local, remote in pairs]
+        raw = s3["s3_raw"]
+        rows.append(("raw pyarrow write of the events file (baseline)", "-", f"{raw['seconds']:.1f}", "-"))
+        rows.append(("raw pyarrow read of it back (baseline)", "-", f"{raw['read_s']:.1f}", "-"))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for row in rows:
+            print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
     targets = {"backfill_peak_rss_le_4gib": results["backfill"]["peak_rss_mb"] <= 4096}
     if events == 10_000_000:  # the time target is for 10M events; a 50M run checks memory
         targets["backfill_10m_seconds_le_60"] = results["backfill"]["seconds"] <= 60
@@ -380,6 +512,7 @@ def main() -> None:
                 "prepare": prepared,
                 "results": results,
                 "polars_verified": checked,
+                "offline_s3": {"location": args.offline, **s3} if s3 else None,
                 "targets": targets,
             },
             indent=2,

@@ -123,7 +123,13 @@ class Location:
         if self.is_local:
             return pafs.LocalFileSystem()
         endpoint = self._endpoint()
-        arguments: dict[str, Any] = {"region": self._region() or "us-east-1"}
+        # Explicit timeouts: a server that stops answering fails a call, never hangs it
+        # (pyarrow's default gave up on a busy server's multipart upload after 3 s).
+        arguments: dict[str, Any] = {
+            "region": self._region() or "us-east-1",
+            "connect_timeout": 10,
+            "request_timeout": 120,
+        }
         if endpoint:
             parsed = urllib.parse.urlparse(endpoint)
             arguments["endpoint_override"] = parsed.netloc or parsed.path

@@ -86,3 +86,30 @@ def test_bench_script_runs_at_smoke_size(script: Script, smoke_folder: Path, req
     assert script.keys <= set(result), f"missing keys: {sorted(script.keys - set(result))}"
     after = quoted.stat().st_mtime_ns if quoted.exists() else None
     assert after == before, f"a smoke run rewrote {quoted}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(CAP_S + 30)
+def test_the_batch_bench_runs_on_s3_beside_local_and_removes_its_prefix(s3_location: str, tmp_path: Path) -> None:
+    import pyarrow.fs as pafs
+
+    from featurestore.stores.location import Location
+
+    environment = dict(os.environ, TENX_BENCH_SMOKE_DIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "batch.py"), "--smoke", "--skip-baselines", "--offline", s3_location],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=CAP_S,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "offline store: local folder vs s3://" in done.stdout
+    s3 = json.loads((tmp_path / "batch.json").read_text())["offline_s3"]
+    assert {"export_local", "s3_raw", "s3_ingest", "s3_backfill", "export_s3"} <= set(s3)
+    assert s3["s3_ingest"]["rows"] == 20_000
+    location = Location.parse(s3_location)
+    listed = location.filesystem().get_file_info(pafs.FileSelector(location.path, allow_not_found=True, recursive=True))
+    assert [f.path for f in listed if f.type == pafs.FileType.File] == []  # its own prefix's objects are gone
