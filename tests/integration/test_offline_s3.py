@@ -28,7 +28,7 @@ from pipelines.materialize import materialize
 from pipelines.reference import reference_changelog
 from tenx.demo_data import DemoConfig, write_demo_data
 from tests.processes import clean_environment
-from tests.unit.pipelines.test_concurrent_ingest import race
+from tests.unit.pipelines.test_concurrent_ingest import overlapping_backfills, race
 from training import export_training_set
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,6 +122,13 @@ def test_racing_ingests_on_object_storage_never_share_sequence_numbers(
     assert sorted(int(line.split()[1]) for line in lines) == [500] * 8
     stored = DeltaOfflineStore(s3_location).read_events(plan.source("transactions"))
     assert sorted(stored.column(SEQUENCE).to_pylist()) == list(range(4_000))
+
+
+@pytest.mark.parametrize("first_backfill", [True, False])
+def test_overlapping_backfills_on_object_storage_one_wins_and_the_other_says_why(
+    s3_location: str, plan: Plan, tmp_path: Path, first_backfill: bool
+) -> None:
+    overlapping_backfills(DeltaOfflineStore(s3_location), plan, tmp_path, first_backfill)
 
 
 def run_tenx(repo: Path, *args: str, **environment: str) -> subprocess.CompletedProcess[str]:

@@ -151,18 +151,20 @@ def pq_ids(path: Path) -> object:
 
 @pytest.mark.parametrize("first_backfill", [True, False])
 def test_overlapping_backfills_one_wins_and_the_other_says_why(
-    tmp_path: Path, plan: Plan, monkeypatch: pytest.MonkeyPatch, first_backfill: bool
+    tmp_path: Path, plan: Plan, first_backfill: bool
 ) -> None:
-    # Two backfills of one view over overlapping days, interleaved deterministically:
-    # both read the changelog table, one commits, then the other tries to.
-    from deltalake import DeltaTable
+    overlapping_backfills(DeltaOfflineStore(tmp_path / "offline"), plan, tmp_path, first_backfill)
 
+
+def overlapping_backfills(store: DeltaOfflineStore, plan: Plan, tmp_path: Path, first_backfill: bool) -> None:
+    """Two backfills of one view over overlapping days, interleaved deterministically:
+    both read the changelog table, one commits, then the other tries to (also run on
+    S3 by tests/integration/test_offline_s3.py)."""
     from featurestore.errors import WriteConflict
     from pipelines.reference import reference_changelog
 
     source = plan.source("transactions")
     view = plan.view("merchant_sales")
-    store = DeltaOfflineStore(tmp_path / "offline")
     write_demo_data(tmp_path / "a.parquet", DemoConfig(events=300, users=5, merchants=4, days=2, seed=4))
     ingest_file(store, source, tmp_path / "a.parquet")
     changelog = reference_changelog(view, store.read_events(source).to_pandas())
@@ -171,14 +173,14 @@ def test_overlapping_backfills_one_wins_and_the_other_says_why(
         store.write_changelog(view, [], start=start, end=end)
     else:
         store.write_changelog(view, [changelog], start=start, end=end)
-    stale = DeltaTable(str(store.changelog_path(view)))
+    stale = store._table(store.changelog_path(view))
     store.write_changelog(view, [changelog], start=start, end=end)  # the winner
     winner = store.read_changelog(view)
     late = store.write_changelog_files(view, changelog, start=start, end=end)
-    monkeypatch.setattr(DeltaOfflineStore, "_table", lambda self, location, version=None: stale)
-    with pytest.raises(WriteConflict, match=r"another backfill of `merchant_sales` .* committed nothing"):
-        store.commit_changelog(view, late, start=start, end=end)
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patch:  # only this: the caller's patches (AWS_*) stay
+        patch.setattr(DeltaOfflineStore, "_table", lambda self, location, version=None: stale)
+        with pytest.raises(WriteConflict, match=r"another backfill of `merchant_sales` .* committed nothing"):
+            store.commit_changelog(view, late, start=start, end=end)
     assert store.read_changelog(view).equals(winner)  # nothing duplicated, the winner's rows stand
 
 
