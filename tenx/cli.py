@@ -500,6 +500,12 @@ def rejects(source_name: str | None, file_name: str | None, limit: int, config_f
 @click.option(
     "--partitions", type=click.IntRange(min=1), default=None, help="Entity partitions (default: 1 per 400k events)."
 )
+@click.option(
+    "--scratch-dir",
+    default=None,
+    help="Where the shuffle goes: a folder or an s3://bucket/prefix every worker reaches (default: beside a local "
+    "offline store, the temp folder for one on S3; workers on other hosts need a shared one).",
+)
 @config_option
 @friendly
 def backfill(
@@ -510,6 +516,7 @@ def backfill(
     scheduler: str | None,
     workers: int | None,
     partitions: int | None,
+    scratch_dir: str | None,
     config_file: Path | None,
 ) -> None:
     """Compute feature changelogs from the Delta events with Dask and write them to
@@ -543,6 +550,7 @@ def backfill(
             workers=workers,
             partitions=partitions,
             progress=advance,
+            scratch_dir=scratch_dir,
         )
     table = Table(title=f"backfill ({backend}, {time.perf_counter() - began:.1f} s)", title_justify="left")
     for column in ("view", "as-of range (UTC)", "events", "rows", "seconds", "events/s"):

@@ -7,6 +7,7 @@ The whole range is replaced in one Delta commit, so a re-run replaces, never dup
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import pyarrow as pa
 
 from featurestore.errors import TerminalError, TransientError
 from featurestore.plan.model import SEQUENCE, Plan, ViewSpec
+from featurestore.stores.location import Location
 from featurestore.stores.offline import DeltaOfflineStore
 from featurestore.transforms import prepare_events
 from pipelines.batch.backends import Backend, array_module, frame_module, to_frame
@@ -122,31 +125,32 @@ def backfill_view(
         filters=[(time_column, ">=", lower), (time_column, "<", upper)],
         **layout,
     )  # read by pyarrow on either backend; a cuDF partition is made on its worker (`_write_buckets`)
-    # Scratch lives beside the tables by default: a remote Dask cluster needs a path
-    # its workers share with the client, and the offline store is one.
-    scratch_root = Path(scratch_dir) if scratch_dir else store.scratch_dir()
-    scratch_root.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_scratch(scratch_root)
-    # Cleanup errors are ignored: after an interrupt, workers may still be writing into
-    # the folder; a later backfill on this host removes it (see _remove_abandoned_scratch).
-    with tempfile.TemporaryDirectory(
-        prefix=f"shuffle-{view.name}-", dir=scratch_root, ignore_cleanup_errors=True
-    ) as scratch:
-        (Path(scratch) / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-        # Stage 1: shuffle by entity through disk: each input partition, on a worker,
-        # hash-partitions its events and writes one Parquet file per bucket
-        # (`<bucket>/<input part>.parquet`). Memory holds a few input partitions, at any
-        # size. (Dask's p2p shuffle kept its buffers in the worker: 7.6 GB at 50M events.)
-        _shuffle_to_buckets(client, events, view, count, scratch, backend)
-        shards = sorted(str(p) for p in Path(scratch).iterdir() if p.is_dir())
-        # Stage 2: per shard, the kernel and its Parquet files, on the workers, a few
-        # in flight; then one Delta commit of every file.
-        rows = 0
-        actions: list[Any] = []
-        for shard_rows, shard_actions in _kernel_results(client, shards, view, store, start, end, backend, progress):
-            rows += shard_rows
-            actions.extend(shard_actions)
-        store.commit_changelog(view, actions, start=start, end=end)
+    # Scratch lives beside a local store by default (a remote Dask cluster then shares it
+    # with the client); for an object store it is local unless `scratch_dir` names a
+    # shared folder or an s3:// prefix (workers on other hosts share only that).
+    scratch_root = Location.parse(scratch_dir, name="--scratch-dir") if scratch_dir else None
+    if scratch_root is None or scratch_root.is_local:
+        local_root = scratch_root.local_path() if scratch_root is not None else store.scratch_dir()
+        local_root.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_scratch(local_root)
+        # Cleanup errors are ignored: after an interrupt, workers may still be writing
+        # into the folder; a later backfill on this host removes it.
+        with tempfile.TemporaryDirectory(
+            prefix=f"shuffle-{view.name}-", dir=local_root, ignore_cleanup_errors=True
+        ) as folder:
+            (Path(folder) / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+            rows, shards = _shuffle_and_compute(
+                client, events, view, store, Location.parse(folder), count, start, end, backend, progress
+            )
+    else:
+        folder_location = scratch_root.join(f"shuffle-{view.name}-{uuid.uuid4().hex[:12]}")
+        try:
+            rows, shards = _shuffle_and_compute(
+                client, events, view, store, folder_location, count, start, end, backend, progress
+            )
+        finally:
+            with contextlib.suppress(OSError):
+                folder_location.filesystem().delete_dir(folder_location.path)
     return BackfillSummary(
         view.name,
         view.version,
@@ -154,10 +158,44 @@ def backfill_view(
         end,
         events_read,
         rows,
-        len(shards),
+        shards,
         time.perf_counter() - began,
         backend.value,
     )
+
+
+def _shuffle_and_compute(
+    client: Any,
+    events: Any,
+    view: ViewSpec,
+    store: DeltaOfflineStore,
+    folder: Location,
+    count: int,
+    start: int,
+    end: int,
+    backend: Backend,
+    progress: Progress | None,
+) -> tuple[int, int]:
+    """Stage 1: shuffle by entity through `folder`: each input partition, on a worker,
+    hash-partitions its events and writes one Parquet file per bucket
+    (`<bucket>/<input part>.parquet`). Memory holds a few input partitions, at any size.
+    (Dask's p2p shuffle kept its buffers in the worker: 7.6 GB at 50M events.)
+    Stage 2: per shard, the kernel and its Parquet files, on the workers, a few in
+    flight; then one Delta commit of every file. Returns (rows written, shards)."""
+    import pyarrow.fs as pafs
+
+    _shuffle_to_buckets(client, events, view, count, folder, backend)
+    listed = folder.filesystem().get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
+    shards = sorted(info.path for info in listed if info.type == pafs.FileType.Directory)
+    rows = 0
+    actions: list[Any] = []
+    for shard_rows, shard_actions in _kernel_results(
+        client, shards, folder, view, store, start, end, backend, progress
+    ):
+        rows += shard_rows
+        actions.extend(shard_actions)
+    store.commit_changelog(view, actions, start=start, end=end)
+    return rows, len(shards)
 
 
 OWNER = "owner.json"  # in a shuffle folder: the host and process of its backfill
@@ -219,7 +257,7 @@ def bucket_ids(frame: Any, key: str, count: int, backend: Backend) -> Any:
     return (hashed >> xp.uint64(32)) % xp.uint64(count)
 
 
-def _write_buckets(frame: Any, view: ViewSpec, count: int, folder: str, name: str, backend: str) -> int:
+def _write_buckets(frame: Any, view: ViewSpec, count: int, folder: Location, name: str, backend: str) -> int:
     """Runs on a Dask worker: one input partition's events, through the view's row
     transform and `where` (row-wise, so before the shuffle is the same as after it),
     cut to the columns the kernel reads, one file per bucket. Returns events read."""
@@ -245,16 +283,29 @@ def _write_buckets(frame: Any, view: ViewSpec, count: int, folder: str, name: st
     # write for these mostly unique numeric columns. (cuDF's writer keeps its defaults:
     # its option differs between releases.)
     options = {"use_dictionary": False} if chosen is Backend.PANDAS else {}
+    filesystem = None if folder.is_local else folder.filesystem()
     for bucket in range(count):
         low, high = bounds[bucket], bounds[bucket + 1]
-        if high > low:
-            target = Path(folder) / f"{bucket:05d}"
-            target.mkdir(exist_ok=True)
-            ordered.iloc[low:high].to_parquet(str(target / f"{name}.parquet"), index=False, **options)
+        if high <= low:
+            continue
+        target = folder.join(f"{bucket:05d}", f"{name}.parquet")
+        if filesystem is None:
+            Path(target.path).parent.mkdir(exist_ok=True)
+            ordered.iloc[low:high].to_parquet(target.path, index=False, **options)
+        else:  # through pyarrow's S3 client: a device frame goes to the host first
+            import pyarrow.parquet as pq
+
+            piece = ordered.iloc[low:high]
+            table = (
+                piece.to_arrow() if hasattr(piece, "to_arrow") else pa.Table.from_pandas(piece, preserve_index=False)
+            )
+            pq.write_table(table, target.path, filesystem=filesystem, use_dictionary=False)
     return read
 
 
-def _shuffle_to_buckets(client: Any, events: Any, view: ViewSpec, count: int, folder: str, backend: Backend) -> None:
+def _shuffle_to_buckets(
+    client: Any, events: Any, view: ViewSpec, count: int, folder: Location, backend: Backend
+) -> None:
     from dask.delayed import delayed
 
     def submit(part: tuple[int, Any]) -> Any:
@@ -284,7 +335,7 @@ def _bounded(client: Any, items: Iterable[T], start: Callable[[T], Any]) -> Iter
 
 
 def _shard_changelog(
-    path: str, view: ViewSpec, store: DeltaOfflineStore, start: int, end: int, backend: str
+    path: str, folder: Location, view: ViewSpec, store: DeltaOfflineStore, start: int, end: int, backend: str
 ) -> tuple[int, list[Any]]:
     """Runs on a Dask worker: read one shuffled shard, run the kernel, write its rows
     as uncommitted Delta files. Returns (rows, add actions).
@@ -298,7 +349,7 @@ def _shard_changelog(
     import pyarrow.dataset as ds
 
     chosen = Backend(backend)
-    dataset = ds.dataset(path, format="parquet")
+    dataset = ds.dataset(path, format="parquet", filesystem=folder.filesystem())  # `folder`: the shuffle's
     time_column = view.event_time
     slices = [(start, end)]
     # Slices of a view with Latest features would each read all history: no gain.
@@ -339,6 +390,7 @@ def _timestamp_of(column: str, dataset: Any) -> Callable[[int], Any]:
 def _kernel_results(
     client: Any,
     shards: list[str],
+    folder: Location,
     view: ViewSpec,
     store: DeltaOfflineStore,
     start: int,
@@ -349,7 +401,7 @@ def _kernel_results(
     """Shard results (rows, add actions) as they complete, a few shards in flight."""
 
     def submit(path: str) -> Any:
-        return client.submit(_shard_changelog, path, view, store, start, end, backend.value, pure=False)
+        return client.submit(_shard_changelog, path, folder, view, store, start, end, backend.value, pure=False)
 
     for done, result in enumerate(_bounded(client, shards, submit), start=1):
         if progress is not None:
@@ -416,6 +468,7 @@ def backfill(
     partitions: int | None = None,
     progress: Progress | None = None,
     client: Any = None,
+    scratch_dir: str | None = None,
 ) -> list[BackfillSummary]:
     """Backfill every offline view of the plan (or those named) over [start, end)."""
     chosen = [plan.view(name) for name in views] if views else [v for v in plan.views if v.offline]
@@ -431,7 +484,15 @@ def backfill(
     with context as active:
         return [
             backfill_view(
-                view, store, active, start=start, end=end, backend=backend, partitions=partitions, progress=progress
+                view,
+                store,
+                active,
+                start=start,
+                end=end,
+                backend=backend,
+                partitions=partitions,
+                progress=progress,
+                scratch_dir=scratch_dir,
             )
             for view in chosen
         ]

@@ -174,3 +174,42 @@ def test_the_cli_ingests_into_s3_and_says_what_is_wrong_in_one_line(s3_location:
     assert "cannot reach the bucket" in refused.stderr
     assert "wrong" not in refused.stderr  # the secret is never printed
     assert "Traceback" not in refused.stderr
+
+
+def test_a_cluster_of_worker_processes_sharing_only_the_bucket_backfills_the_same_changelog(
+    s3_location: str, events: Path, plan: Plan, tmp_path: Path
+) -> None:
+    # Worker processes with their own folders; the events, the shuffle and the changelog
+    # all go through the bucket (as workers on other hosts would share it), and the
+    # result equals the brute-force reference, as the local backfill's does.
+    import pyarrow.fs as pafs
+    from distributed import Client, LocalCluster
+
+    from featurestore.stores.location import Location
+
+    store = DeltaOfflineStore(s3_location)
+    source = plan.source("transactions")
+    ingest_file(store, source, events)
+    scratch = f"{s3_location}/shuffle"
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            local_directory=str(tmp_path / "workers"),
+        ) as cluster,
+        Client(cluster, timeout=60) as client,
+    ):
+        summaries = backfill(plan, store, partitions=3, client=client, scratch_dir=scratch)
+    stored = store.read_events(source).to_pandas()
+    for summary in summaries:
+        view = plan.view(summary.view)
+        kinds = {f.name: f.kind for f in view.features}
+        expected = reference_changelog(view, stored, with_scale=True)
+        got = store.read_changelog(view)
+        assert changelog_differences(expected, got, key=view.entity_key, kinds=kinds) == []
+    location = Location.parse(scratch)
+    left = location.filesystem().get_file_info(pafs.FileSelector(location.path, allow_not_found=True, recursive=True))
+    assert [f.path for f in left if f.type == pafs.FileType.File] == []  # the shuffle cleaned up after itself
+    assert not (tmp_path / "offline").exists()
