@@ -211,3 +211,71 @@ def test_backfills_of_different_days_at_once_both_commit(
     store.commit_changelog(view, late, start=middle, end=int(times.max()) + 1)  # the other days
     monkeypatch.undo()
     assert store.read_changelog(view).num_rows == changelog.num_rows
+
+
+BACKFILLER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, {root!r})
+    from featurestore.errors import WriteConflict
+    from featurestore.plan import compile_repo
+    from featurestore.stores.offline import DeltaOfflineStore
+    from pipelines.batch.engine import backfill, dask_client
+
+    plan = compile_repo(Path({root!r}) / "tenx" / "templates" / "repo", project="demo", modules=["features"])
+    store = DeltaOfflineStore(sys.argv[1])
+    go = Path(sys.argv[2])
+    with dask_client(None, workers=1) as client:
+        while not go.exists():  # start together
+            time.sleep(0.005)
+        try:
+            backfill(plan, store, views=["merchant_sales"], client=client)
+            print("committed", flush=True)
+        except WriteConflict as error:
+            print("conflict", str(error).splitlines()[0], flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("table", ["new", "existing"])
+def test_backfills_racing_in_processes_leave_one_changelog_never_a_doubled_one(
+    tmp_path: Path, plan: Plan, table: str
+) -> None:
+    # Three `backfill` processes over the same days at once: each either commits (then
+    # its whole range replaced what was there) or fails saying another one won; the
+    # table ends up with exactly one changelog, equal to the reference.
+    from featurestore.semantics import changelog_differences
+    from pipelines.reference import reference_changelog
+
+    source, view = plan.source("transactions"), plan.view("merchant_sales")
+    store = DeltaOfflineStore(tmp_path / "offline")
+    write_demo_data(tmp_path / "a.parquet", DemoConfig(events=3_000, users=20, merchants=8, days=3, seed=6))
+    ingest_file(store, source, tmp_path / "a.parquet")
+    if table == "existing":
+        store.write_changelog(view, [], start=1_700_000_000_000_000, end=1_900_000_000_000_000)
+    script = tmp_path / "backfiller.py"
+    script.write_text(BACKFILLER.format(root=str(ROOT)))
+    go = tmp_path / "go"
+    racers = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "offline"), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    time.sleep(4.0)
+    go.touch()
+    outcomes = []
+    for racer in racers:
+        out, err = racer.communicate(timeout=300)
+        assert racer.returncode == 0, err
+        outcomes.append(out.strip())
+    assert any(o == "committed" for o in outcomes), outcomes
+    for outcome in outcomes:
+        assert outcome == "committed" or outcome.startswith("conflict another backfill of `merchant_sales`"), outcome
+    expected = reference_changelog(view, store.read_events(source).to_pandas(), with_scale=True)
+    kinds = {f.name: f.kind for f in view.features}
+    assert changelog_differences(expected, store.read_changelog(view), key=view.entity_key, kinds=kinds) == []
