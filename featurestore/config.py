@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import yaml
 
 from featurestore.errors import ConfigError
 from featurestore.redact import redact_url
-from featurestore.stores.location import Location
+from featurestore.stores.location import Location, file_uri_path
 
 CONFIG_FILE = "tenx.yaml"
 
@@ -224,11 +223,11 @@ def local_location(value: str, name: str) -> str:
     >>> local_location("file:///srv/tenx%20data", "x")
     '/srv/tenx data'
     """
-    scheme, separator, rest = value.partition("://")
+    scheme, separator, _ = value.partition("://")
     if not separator or "/" in scheme or not scheme.replace("+", "").isalnum():
         return value
     if scheme.lower() == "file":
-        return urllib.parse.unquote(rest)
+        return file_uri_path(value, name)
     raise ConfigError(
         f"{name}: {value!r} is a {scheme}:// location; this setting is a local file or folder: give a path or a "
         "file:// URI (only the offline store, `offline_store.path`, may live on s3://)"

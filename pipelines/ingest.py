@@ -196,7 +196,7 @@ def _append(
     # Rejects first: should the process die between the two commits, a re-run
     # (the file is not yet recorded as ingested) writes the events, and the
     # rejects of a file are looked up by its digest, never written twice.
-    if reject_tables and digest not in store.rejected_files(source):
+    if reject_tables:  # once per file, even when ingests of it race (see append_rejects)
         store.append_rejects(source, pa.concat_tables(reject_tables), metadata=metadata)
     if valid_rows:
         reader = pq.ParquetFile(staged)

@@ -28,6 +28,9 @@ CODEC = 1
 CODEC_FLOAT32 = 2  # float32 features in 4 bytes
 HEADER = struct.Struct(">BQ8s")  # codec, as_of, view version
 _FIXED = {"int64": "q", "int32": "q", "float64": "d", "float32": "f", "bool": "?", "timestamp[us, UTC]": "q"}
+# Codec 1 packed float32 features (Min/Max/Last of a float32 field) in 8 bytes; values
+# written so are read back (the view's version did not change), new writes use codec 2.
+_LEGACY = {"float32": "d"}
 
 
 def online_key(view: ViewSpec, entity: Any, *, prefix: str = "tenx") -> bytes:
@@ -53,6 +56,7 @@ class Layout:
     bitmap_bytes: int
     codec: int
     narrow: tuple[int, ...]  # positions of float32 features
+    legacy: struct.Struct | None  # codec 1 of a float32 layout (float32 in 8 bytes), still readable
 
 
 _LAYOUTS: dict[tuple[str, str], Layout] = {}
@@ -80,6 +84,9 @@ def _build_layout(view: ViewSpec) -> Layout:
         bitmap_bytes=(len(dtypes) + 7) // 8,
         codec=CODEC_FLOAT32 if "float32" in dtypes else CODEC,
         narrow=tuple(i for i, d in enumerate(dtypes) if d == "float32"),
+        legacy=struct.Struct("<" + "".join(_LEGACY.get(d, _FIXED[d]) for d in dtypes))
+        if fixed is not None and "float32" in dtypes
+        else None,
     )
 
 
@@ -89,7 +96,7 @@ _FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 
 def _as_float32(value: Any) -> Any:
-    if value is None or abs(value) < _FLOAT32_OVERFLOW:
+    if value is None or not abs(value) >= _FLOAT32_OVERFLOW:  # NaN passes, as numpy keeps it
         return value
     return math.copysign(math.inf, value)
 
@@ -124,7 +131,8 @@ def decode(view: ViewSpec, data: bytes) -> tuple[int, list[Any]]:
     bytes were written by another view version or codec."""
     codec, as_of, version = HEADER.unpack_from(data, 0)
     shape = layout(view)
-    if codec != shape.codec or version != shape.version:
+    legacy = codec == CODEC and shape.codec == CODEC_FLOAT32 and version == shape.version
+    if (codec != shape.codec and not legacy) or version != shape.version:
         raise ValueError(
             f"value for feature view `{view.name}` has codec {codec} / version {version.hex()}, "
             f"expected {shape.codec} / {view.version}; run `tenx materialize` to rewrite it"
@@ -133,7 +141,7 @@ def decode(view: ViewSpec, data: bytes) -> tuple[int, list[Any]]:
     bitmap = data[offset : offset + shape.bitmap_bytes]
     offset += shape.bitmap_bytes
     if shape.fixed is not None:
-        values = list(shape.fixed.unpack_from(data, offset))
+        values = list((shape.legacy if legacy and shape.legacy else shape.fixed).unpack_from(data, offset))
     else:
         values = []
         for dtype in shape.dtypes:
@@ -143,7 +151,7 @@ def decode(view: ViewSpec, data: bytes) -> tuple[int, list[Any]]:
                 values.append(data[offset : offset + length].decode())
                 offset += length
             else:
-                code = "<" + _FIXED[dtype]
+                code = "<" + (_LEGACY.get(dtype, _FIXED[dtype]) if legacy else _FIXED[dtype])
                 values.append(struct.unpack_from(code, data, offset)[0])
                 offset += struct.calcsize(code)
     if any(bitmap):
@@ -195,7 +203,8 @@ def decode_many(view: ViewSpec, raws: Sequence[bytes | None]) -> list[tuple[int,
         return [None if raw is None else _as_tuple(decode(view, raw)) for raw in raws]
     records = np.frombuffer(b"".join(present), dtype=dtype)
     if bool((records["codec"] != shape.codec).any()) or bool((records["version"] != shape.version).any()):
-        decode(view, next(raw for raw in present if raw[0] != shape.codec or raw[9:17] != shape.version))  # raises
+        # Another version raises here; a legacy codec-1 value is decoded one by one.
+        return [None if raw is None else _as_tuple(decode(view, raw)) for raw in raws]
     times = records["as_of"].tolist()
     width = len(shape.dtypes)
     flat = _unpacker(shape.dtypes[0], len(present) * width).unpack(np.ascontiguousarray(records["values"]).tobytes())

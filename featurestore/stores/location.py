@@ -11,6 +11,7 @@ in tenx.yaml. Nothing here prints a secret.
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ class Location:
             return cls("file", str(Path(text).expanduser().absolute()), pairs)
         scheme = scheme.lower()
         if scheme == "file":
-            return cls("file", urllib.parse.unquote(rest), pairs)
+            return cls("file", file_uri_path(text, name), pairs)
         if scheme != "s3":
             raise ConfigError(
                 f"{name}: {text!r} has scheme {scheme}://; the offline store lives in a local folder, a file:// "
@@ -61,6 +62,10 @@ class Location:
         bucket = rest.split("/", 1)[0]
         if not bucket:
             raise ConfigError(f"{name}: {text!r} names no bucket; expected s3://bucket/prefix")
+        if not _S3_SAFE.fullmatch(rest.rstrip("/")):
+            # delta-rs percent-encodes keys, pyarrow does not: a space or `%` would put
+            # the data files and the table's log under two different names.
+            raise ConfigError(f"{name}: {text!r}: use only letters, digits and . _ - / in an s3:// prefix")
         return cls("s3", rest.rstrip("/"), pairs)
 
     @property
@@ -166,6 +171,22 @@ class Location:
             ) from error
         if info.type == pafs.FileType.NotFound:
             raise ConfigError(f"offline store {self.uri}: bucket `{bucket}` does not exist; create it first")
+
+
+_S3_SAFE = re.compile(r"[A-Za-z0-9._\-/]+")
+
+
+def file_uri_path(uri: str, name: str) -> str:
+    """The local path of a `file://` URI: `file:///srv/x` and `file://localhost/srv/x`
+    are /srv/x (percent-decoded); a relative or remote-host one is refused.
+
+    >>> file_uri_path("file://localhost/srv/tenx%20data", "x")
+    '/srv/tenx data'
+    """
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+        raise ConfigError(f"{name}: {uri!r} is not a local absolute file:// URI; expected file:///absolute/path")
+    return urllib.parse.unquote(parsed.path)
 
 
 def _first_line(error: BaseException) -> str:

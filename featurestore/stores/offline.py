@@ -45,6 +45,7 @@ from schemas.timestamps import from_micros, to_micros
 
 DATE = "_date"
 EVENTS_APP = "tenx.events"  # Delta app transaction of the events table: its version is the next `_seq`
+REJECTS_APP = "tenx.rejects"  # per ingested file: `tenx.rejects:<sha256>`, its rejects recorded once
 CHANGELOG_APP = "tenx.changelog"  # per day of a changelog table: `tenx.changelog:<YYYY-MM-DD>`
 
 REJECTS_SCHEMA = pa.schema(
@@ -286,13 +287,34 @@ class DeltaOfflineStore:
         return int(bounds["min"].as_py()), int(bounds["max"].as_py())
 
     # -- rejects ----------------------------------------------------------------------------
-    def append_rejects(self, source: SourceSpec, rejects: pa.Table, *, metadata: dict[str, str]) -> None:
-        self._write(
-            self.rejects_path(source),
-            rejects.cast(REJECTS_SCHEMA),
-            mode="append",
-            commit_properties=CommitProperties(custom_metadata=metadata),
-        )
+    def append_rejects(self, source: SourceSpec, rejects: pa.Table, *, metadata: dict[str, str]) -> bool:
+        """Record a file's rejects once: checked and committed against one table version
+        with an app transaction per file digest, so two ingests of one file racing here
+        write them once (the loser's commit conflicts and is dropped). Returns whether
+        this call wrote them."""
+        path = self.rejects_path(source)
+        digest = metadata["tenx.file_sha256"]
+        table = self._table(path)
+        if table is None:
+            with contextlib.suppress(CommitFailedError):  # another ingest created it at the same moment
+                self._write(path, REJECTS_SCHEMA.empty_table(), mode="append")
+            table = self._table(path)
+        if table is None or table.transaction_version(f"{REJECTS_APP}:{digest}") is not None:
+            return False
+        if any(c.get("tenx.file_sha256") == digest for c in table.history()):  # recorded before the app transaction
+            return False
+        try:
+            write_deltalake(
+                table,
+                rejects.cast(REJECTS_SCHEMA),
+                mode="append",
+                commit_properties=CommitProperties(
+                    custom_metadata=metadata, app_transactions=[Transaction(f"{REJECTS_APP}:{digest}", 1)]
+                ),
+            )
+        except CommitFailedError:
+            return False  # another ingest of the same file recorded them first
+        return True
 
     def rejected_files(self, source: SourceSpec) -> set[str]:
         table = self._table(self.rejects_path(source))
@@ -375,17 +397,32 @@ class DeltaOfflineStore:
             )
         return actions
 
-    def commit_changelog(self, view: ViewSpec, actions: list[AddAction], *, start: int, end: int) -> None:
-        """Make written files the changelog for [start, end): one commit that replaces
-        the days the range touches. Rows of its first and last day outside the range
-        are rewritten into new files first, so exactly the range is replaced."""
+    def changelog_version(self, view: ViewSpec) -> int:
+        """The changelog table's version now, creating the (empty) table if there is none:
+        a backfill reads it when it starts and commits against it (`read_version`), so
+        any commit to the same days while it computed makes it fail, not overwrite."""
         path = self.changelog_path(view)
         table = self._table(path)
         if table is None:
             with contextlib.suppress(CommitFailedError):  # another backfill created it at the same moment
                 self._write(path, self.changelog_schema(view).empty_table(), partition_by=[DATE], mode="append")
             table = self._table(path)
-            assert table is not None
+        if table is None:
+            raise WriteConflict(f"the changelog table of `{view.name}` at {path} could not be created")
+        return table.version()
+
+    def commit_changelog(
+        self, view: ViewSpec, actions: list[AddAction], *, start: int, end: int, read_version: int | None = None
+    ) -> None:
+        """Make written files the changelog for [start, end): one commit that replaces
+        the days the range touches. Rows of its first and last day outside the range
+        are rewritten into new files first, so exactly the range is replaced.
+        `read_version`: the table version the caller started from (default: now)."""
+        path = self.changelog_path(view)
+        version = self.changelog_version(view) if read_version is None else read_version
+        table = self._table(path, version)
+        if table is None:
+            raise WriteConflict(f"the changelog table of `{view.name}` at {path} went away; run the backfill again")
         first_day = micros_to_datetime(start).date()
         last_day = micros_to_datetime(end - 1).date()
         carried = [

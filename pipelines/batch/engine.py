@@ -100,6 +100,9 @@ def backfill_view(
         end = everything[1] if end is None else end
     if end <= start:
         raise TerminalError(_empty_range(view, start, end, given))
+    # The changelog as it is now: the commit at the end is made against this version, so
+    # another backfill committing the same days meanwhile makes this one fail, saying so.
+    read_version = store.changelog_version(view)
     # Values as of `start` need the window before it; Latest features need all history.
     read_from = start - view.reach if view.reach is not None else everything_from(view, store, start)
     files = store.event_files(view.source, read_from, end)
@@ -113,22 +116,26 @@ def backfill_view(
     upper = pd.Timestamp(end, unit="us", tz="UTC")
     events_read = store.count_events(view.source, read_from, end)
     count = partitions or max(2, -(-events_read // PARTITION_EVENTS))
-    # Locally a partition per row group (about 1M events): stage 1 holds a few. On an
-    # object store dask reads through the pyarrow filesystem (no s3fs needed), which
-    # splits by file only: ingest writes files of a few row groups, so it holds a few too.
-    layout: dict[str, Any] = (
-        {"split_row_groups": True} if store.location.is_local else {"filesystem": store.location.filesystem()}
-    )
-    events = dd.read_parquet(
-        [store.location.file_path(f) for f in files],
-        columns=columns,
-        filters=[(time_column, ">=", lower), (time_column, "<", upper)],
-        **layout,
-    )  # read by pyarrow on either backend; a cuDF partition is made on its worker (`_write_buckets`)
+    filters = [(time_column, ">=", lower), (time_column, "<", upper)]
+    if store.location.is_local:
+        # A partition per row group (about 1M events): stage 1 holds a few.
+        events = dd.read_parquet(files, columns=columns, filters=filters, split_row_groups=True)
+    else:
+        # A partition per file, read on the worker through a client it makes from its
+        # own environment: no credentials in the task graph (a pyarrow S3FileSystem
+        # pickles its keys), and a worker on another host uses its own endpoint.
+        from dask.delayed import delayed
+
+        meta = store.events_schema(view.source).empty_table().select(columns).to_pandas()
+        parts = [delayed(_read_events_file, pure=True)(store.location, f, columns, filters) for f in files]
+        events = dd.from_delayed(parts, meta=meta, verify_meta=False)
+    # read by pyarrow on either backend; a cuDF partition is made on its worker (`_write_buckets`)
     # Scratch lives beside a local store by default (a remote Dask cluster then shares it
     # with the client); for an object store it is local unless `scratch_dir` names a
     # shared folder or an s3:// prefix (workers on other hosts share only that).
-    scratch_root = Location.parse(scratch_dir, name="--scratch-dir") if scratch_dir else None
+    scratch_root = (
+        Location.parse(scratch_dir, options=dict(store.location.options), name="--scratch-dir") if scratch_dir else None
+    )
     if scratch_root is None or scratch_root.is_local:
         local_root = scratch_root.local_path() if scratch_root is not None else store.scratch_dir()
         local_root.mkdir(parents=True, exist_ok=True)
@@ -140,13 +147,13 @@ def backfill_view(
         ) as folder:
             (Path(folder) / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
             rows, shards = _shuffle_and_compute(
-                client, events, view, store, Location.parse(folder), count, start, end, backend, progress
+                client, events, view, store, Location.parse(folder), count, start, end, backend, progress, read_version
             )
     else:
         folder_location = scratch_root.join(f"shuffle-{view.name}-{uuid.uuid4().hex[:12]}")
         try:
             rows, shards = _shuffle_and_compute(
-                client, events, view, store, folder_location, count, start, end, backend, progress
+                client, events, view, store, folder_location, count, start, end, backend, progress, read_version
             )
         finally:
             with contextlib.suppress(OSError):
@@ -164,6 +171,15 @@ def backfill_view(
     )
 
 
+def _read_events_file(location: Location, uri: str, columns: list[str], filters: list[Any]) -> pd.DataFrame:
+    """Runs on a Dask worker: one events file of an object store, filtered by time."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(location.file_path(uri), columns=columns, filters=filters, filesystem=location.filesystem())
+    frame: pd.DataFrame = table.to_pandas()
+    return frame
+
+
 def _shuffle_and_compute(
     client: Any,
     events: Any,
@@ -175,6 +191,7 @@ def _shuffle_and_compute(
     end: int,
     backend: Backend,
     progress: Progress | None,
+    read_version: int,
 ) -> tuple[int, int]:
     """Stage 1: shuffle by entity through `folder`: each input partition, on a worker,
     hash-partitions its events and writes one Parquet file per bucket
@@ -194,7 +211,7 @@ def _shuffle_and_compute(
     ):
         rows += shard_rows
         actions.extend(shard_actions)
-    store.commit_changelog(view, actions, start=start, end=end)
+    store.commit_changelog(view, actions, start=start, end=end, read_version=read_version)
     return rows, len(shards)
 
 

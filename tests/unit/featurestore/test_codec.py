@@ -150,3 +150,30 @@ def test_a_float32_view_is_half_the_bytes_of_float64() -> None:
     values = [0.1 * i for i in range(20)]
     assert len(encode(wide, 1, values)) - HEADER.size == 3 + 160
     assert len(encode(narrow, 1, values)) - HEADER.size == 3 + 80
+
+
+def test_values_written_before_codec_2_for_float32_features_are_still_read() -> None:
+    # Max of a float32 field was already a float32 feature, packed in 8 bytes (codec 1);
+    # its view version is unchanged, so those stored values must still decode.
+    import struct
+
+    from featurestore.stores.codec import layout
+
+    view = FLOAT32
+    shape = layout(view)
+    values = [1.5, None, -2.25]
+    head = HEADER.pack(1, 42, shape.version) + bytes([0b010])
+    legacy = head + struct.pack("<ddd", 1.5, 0.0, -2.25)
+    assert decode(view, legacy) == (42, values)
+    assert decode_many(view, [legacy] * 20 + [encode(view, 43, values)]) == [(42, tuple(values))] * 20 + [
+        (43, tuple(values))
+    ]
+
+
+def test_nan_stays_nan_in_both_float32_encoders() -> None:
+    packed = encode(FLOAT32, 1, [float("nan"), 1.0, 2.0])
+    column = encode_columns(
+        FLOAT32, np.array([1], np.int64), [np.array([np.nan]), np.array([1.0]), np.array([2.0])], [None, None, None]
+    )
+    assert packed == column[0]
+    assert np.isnan(decode(FLOAT32, packed)[1][0])

@@ -229,3 +229,37 @@ def test_file_uris_and_plain_folders_are_local_locations(tmp_path: Path) -> None
     )
     assert settings.offline_dir == where
     assert settings.online_path == tmp_path / "relative" / "online.sqlite"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("file://relative/folder", "is not a local absolute file:// URI"),
+        ("file://otherhost/srv/x", "is not a local absolute file:// URI"),
+        ("s3://bucket/my prefix", r"use only letters, digits and \. _ - / in an s3:// prefix"),
+        ("s3://bucket/a%20b", r"use only letters, digits and \. _ - / in an s3:// prefix"),
+    ],
+)
+def test_locations_tenx_would_misread_are_refused(tmp_path: Path, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(write_config(tmp_path, "project: demo\n"), environ={"TENX_OFFLINE_PATH": value})
+
+
+def test_file_uris_on_localhost_are_local_paths(tmp_path: Path) -> None:
+    settings = load_settings(
+        write_config(tmp_path, "project: demo\n"), environ={"TENX_OFFLINE_PATH": f"file://localhost{tmp_path}/x"}
+    )
+    assert settings.offline_dir == tmp_path / "x"
+
+
+def test_a_store_pickles_without_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stores and locations travel to Dask workers; the secret stays in the environment.
+    import pickle
+
+    from featurestore.stores.offline import DeltaOfflineStore
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDVALUE")
+    store = DeltaOfflineStore("s3://bucket/prefix")
+    assert b"s3cr3t-value" not in pickle.dumps(store)
+    assert b"AKIDVALUE" not in pickle.dumps(store.location.join("features"))

@@ -118,11 +118,16 @@ def test_concurrent_ingests_store_every_event_once_with_unique_sequence_numbers(
 def test_the_same_file_ingested_twice_at_once_is_stored_once(tmp_path: Path, plan: Plan) -> None:
     path = tmp_path / "events.parquet"
     write_demo_data(path, DemoConfig(events=ROWS, users=50, merchants=10, days=2, seed=5))
+    rows = pq.read_table(path)
+    amounts = rows.column("amount").to_pylist()
+    amounts[0] = 1e200  # beyond the float limit: one reject
+    pq.write_table(rows.set_column(rows.schema.get_field_index("amount"), "amount", pa.array(amounts)), path)
     lines = race(tmp_path, [[path], [path], [path]])
     outcomes = sorted((int(line.split()[1]), line.split()[2]) for line in lines)
-    assert outcomes == [(0, "True"), (0, "True"), (ROWS, "False")]  # one stored it, two saw it done
-    events = DeltaOfflineStore(tmp_path / "offline").read_events(plan.source("transactions"))
-    assert events.num_rows == ROWS
+    assert outcomes == [(0, "True"), (0, "True"), (ROWS - 1, "False")]  # one stored it, two saw it done
+    store = DeltaOfflineStore(tmp_path / "offline")
+    assert store.read_events(plan.source("transactions")).num_rows == ROWS - 1
+    assert store.read_rejects(plan.source("transactions")).num_rows == 1  # its reject recorded once too
 
 
 def test_an_ingest_that_read_an_older_version_fails_cleanly_and_commits_nothing(tmp_path: Path, plan: Plan) -> None:
