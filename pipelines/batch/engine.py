@@ -150,7 +150,11 @@ def backfill_view(
                 client, events, view, store, Location.parse(folder), count, start, end, backend, progress, read_version
             )
     else:
+        _remove_abandoned_remote_scratch(scratch_root)
         folder_location = scratch_root.join(f"shuffle-{view.name}-{uuid.uuid4().hex[:12]}")
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "created": time.time()}
+        with folder_location.filesystem().open_output_stream(folder_location.join(OWNER).path) as out:
+            out.write(json.dumps(owner).encode())
         try:
             rows, shards = _shuffle_and_compute(
                 client, events, view, store, folder_location, count, start, end, backend, progress, read_version
@@ -239,6 +243,34 @@ def _remove_abandoned_scratch(root: Path, *, idle_s: float = ABANDONED_AFTER_S) 
             shutil.rmtree(folder, ignore_errors=True)
         except (PermissionError, KeyError, TypeError, ValueError):
             continue  # alive (another user's), or not an owner file of ours
+
+
+REMOTE_ABANDONED_AFTER_S = 48 * 3600
+
+
+def _remove_abandoned_remote_scratch(root: Location, *, idle_s: float = REMOTE_ABANDONED_AFTER_S) -> None:
+    """Shuffle prefixes under an object-store scratch root left by interrupted or killed
+    backfills: whose owner file says they were made more than `idle_s` ago (no process
+    on another host can be asked whether it is alive, so age alone decides; a prefix
+    without a readable owner file is left alone)."""
+    import pyarrow.fs as pafs
+
+    filesystem = root.filesystem()
+    try:
+        listed = filesystem.get_file_info(pafs.FileSelector(root.path, allow_not_found=True))
+    except OSError:
+        return
+    for info in listed:
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("shuffle-"):
+            continue
+        try:
+            with filesystem.open_input_stream(f"{info.path}/{OWNER}") as stream:
+                created = float(json.loads(stream.read())["created"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if time.time() - created > idle_s:
+            with contextlib.suppress(OSError):
+                filesystem.delete_dir(info.path)
 
 
 def _empty_range(view: ViewSpec, start: int, end: int, given: tuple[bool, bool]) -> str:

@@ -213,3 +213,35 @@ def test_a_cluster_of_worker_processes_sharing_only_the_bucket_backfills_the_sam
     left = location.filesystem().get_file_info(pafs.FileSelector(location.path, allow_not_found=True, recursive=True))
     assert [f.path for f in left if f.type == pafs.FileType.File] == []  # the shuffle cleaned up after itself
     assert not (tmp_path / "offline").exists()
+
+
+def test_shuffle_prefixes_left_by_killed_backfills_are_swept_by_age(s3_location: str, events: Path, plan: Plan) -> None:
+    import json
+    import time
+
+    import pyarrow.fs as pafs
+
+    from featurestore.stores.location import Location
+
+    store = DeltaOfflineStore(s3_location)
+    ingest_file(store, plan.source("transactions"), events)
+    scratch = Location.parse(f"{s3_location}/shuffle")
+    filesystem = scratch.filesystem()
+
+    def leave(name: str, created: float | None) -> None:
+        with filesystem.open_output_stream(scratch.join(name, "00001", "part-00000.parquet").path) as out:
+            out.write(b"left behind")
+        if created is not None:
+            with filesystem.open_output_stream(scratch.join(name, "owner.json").path) as out:
+                out.write(json.dumps({"host": "elsewhere", "pid": 1, "created": created}).encode())
+
+    leave("shuffle-user_spend-old", time.time() - 3 * 86_400)  # a killed run, three days ago
+    leave("shuffle-user_spend-young", time.time() - 60)  # maybe still running elsewhere
+    leave("shuffle-user_spend-unknown", None)  # no owner file: not ours to judge
+    with dask_client(None, workers=2) as client:
+        backfill(plan, store, views=["merchant_sales"], client=client, scratch_dir=scratch.uri)
+    listed = filesystem.get_file_info(pafs.FileSelector(scratch.path, recursive=True))
+    left = sorted(
+        {f.path.split("/")[-3] for f in listed if f.type == pafs.FileType.File and f.path.endswith(".parquet")}
+    )
+    assert left == ["shuffle-user_spend-unknown", "shuffle-user_spend-young"]
