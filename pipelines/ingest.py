@@ -93,7 +93,12 @@ def ingest_file(
         raise TerminalError(f"{path}: the file is empty")
     _check_columns(path, kind, source)
     digest = file_digest(path)
-    if not force and any(record.file_sha256 == digest for record in store.ingests(source)):
+
+    def already_ingested() -> bool:
+        """The file's digest is in the events table's history (`--force` ignores it)."""
+        return not force and any(record.file_sha256 == digest for record in store.ingests(source))
+
+    if already_ingested():
         return IngestSummary(path, 0, 0, 0, time.perf_counter() - began, skipped=True)
 
     now = clock()
@@ -120,12 +125,9 @@ def ingest_file(
         # Check and append against one version of the events table; when another ingest
         # appends first, the append fails (WriteConflict) and everything is read again:
         # `_seq` numbers never overlap and the duplicate check sees the winner's events.
-        def done_by_another() -> bool:
-            return not force and any(r.file_sha256 == digest for r in store.ingests(source))
-
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             version = store.events_version(source, create=True)
-            if attempt > 1 and done_by_another():
+            if attempt > 1 and already_ingested():
                 return IngestSummary(path, 0, 0, 0, time.perf_counter() - began, skipped=True)  # the winner had it
             try:
                 stored, duplicates = _append(
@@ -143,7 +145,7 @@ def ingest_file(
                 )
                 break
             except DuplicateEventsError:
-                if done_by_another():  # the same file, committed by another ingest while this one checked
+                if already_ingested():  # the same file, committed by another ingest while this one checked
                     return IngestSummary(path, 0, 0, 0, time.perf_counter() - began, skipped=True)
                 raise
             except WriteConflict:
