@@ -3,15 +3,31 @@
 TenxError (schemas.errors)
 ├── TerminalError
 │   ├── UnknownFeatureError     a requested view or feature is not in the plan
-│   └── FeatureReferenceError   a `view:feature` reference is malformed or names another view (a ValueError)
+│   ├── FeatureReferenceError   a `view:feature` reference is malformed or names another view (a ValueError)
+│   ├── UnknownModelError       the model server serves no model of that name (HTTP 404)
+│   └── SkewError               the model was trained on other view versions than the plan holds (HTTP 409;
+│                               featurestore.models)
 └── TransientError              the online store did not answer in time (retry)
+    ├── ModelUnavailable        the model is loading, or its load failed (HTTP 503)
+    ├── Overloaded              the model's queue for that priority is full (HTTP 503, Retry-After)
+    └── DeadlineExceeded        the request's deadline passed before it was scored (HTTP 504)
 """
 
 from __future__ import annotations
 
 from featurestore.errors import TerminalError, TransientError
+from featurestore.models import SkewError
 
-__all__ = ["FeatureReferenceError", "TransientError", "UnknownFeatureError"]
+__all__ = [
+    "DeadlineExceeded",
+    "FeatureReferenceError",
+    "ModelUnavailable",
+    "Overloaded",
+    "SkewError",
+    "TransientError",
+    "UnknownFeatureError",
+    "UnknownModelError",
+]
 
 
 class UnknownFeatureError(TerminalError, KeyError):
@@ -24,3 +40,19 @@ class UnknownFeatureError(TerminalError, KeyError):
 class FeatureReferenceError(TerminalError, ValueError):
     """A feature reference is not `view:feature`, or one request names several views:
     the request is malformed, whatever the plan holds."""
+
+
+class UnknownModelError(TerminalError):
+    """No model of that name is served; the message names the ones that are."""
+
+
+class ModelUnavailable(TransientError):
+    """The model is not ready to score (loading, or its last load failed)."""
+
+
+class Overloaded(TransientError):
+    """The model's queue has no room for the request's priority class."""
+
+
+class DeadlineExceeded(TransientError):
+    """The request's deadline passed before it was scored; no work was spent on it."""

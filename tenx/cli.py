@@ -36,6 +36,7 @@ from tenx.commands.common import (
     store_name,
     view_or_error,
 )
+from tenx.commands.models import models, serve_models, train
 from tenx.commands.stream import stream
 
 _ENV_HELP = "\n".join(f"  {name}: {meaning}" for name, meaning in ENVIRONMENT.items())
@@ -914,6 +915,9 @@ def quickstart(directory: Path, events: int, users: int, days: int) -> None:
 
 
 main.add_command(stream)
+main.add_command(train)
+main.add_command(models)
+main.add_command(serve_models)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -221,6 +221,44 @@ def decode_many(view: ViewSpec, raws: Sequence[bytes | None]) -> list[tuple[int,
     return [None if raw is None else next(decoded) for raw in raws]
 
 
+def decode_matrix(view: ViewSpec, raws: Sequence[bytes | None], positions: Sequence[int]) -> tuple[Any, Any]:
+    """(as_of int64 per value, -1 where None; float64 matrix of the features at
+    `positions`, NaN where null or None): what a model reads. A fixed-width view is
+    decoded in one numpy pass (no Python object per value); others value by value.
+    Features at `positions` must be numbers or bools."""
+    import numpy as np
+
+    count = len(raws)
+    as_of = np.full(count, -1, dtype=np.int64)
+    matrix = np.full((count, len(positions)), np.nan)
+    rows = [index for index, raw in enumerate(raws) if raw is not None]
+    if not rows:
+        return as_of, matrix
+    shape = layout(view)
+    if shape.fixed is not None:
+        dtype = _packed_dtype(view, shape)
+        present = [raws[index] for index in rows]
+        if all(len(raw) == dtype.itemsize for raw in present):  # type: ignore[arg-type]
+            records: Any = np.frombuffer(b"".join(present), dtype=dtype)  # type: ignore[arg-type]
+            if bool((records["codec"] == shape.codec).all()) and bool((records["version"] == shape.version).all()):
+                where = np.asarray(rows)
+                as_of[where] = records["as_of"].astype(np.int64)
+                block = np.empty((len(rows), len(positions)))
+                for column, position in enumerate(positions):
+                    block[:, column] = records[f"f{position}"]
+                bits = np.unpackbits(records["bitmap"], axis=1, bitorder="little")
+                nulls = bits[:, list(positions)].astype(bool)
+                if nulls.any():
+                    block[nulls] = np.nan
+                matrix[where] = block
+                return as_of, matrix
+    for index in rows:
+        time, values = decode(view, raws[index])  # type: ignore[arg-type]
+        as_of[index] = time
+        matrix[index] = [np.nan if values[p] is None else float(values[p]) for p in positions]
+    return as_of, matrix
+
+
 _UNPACKERS: dict[tuple[str, int], struct.Struct] = {}
 
 

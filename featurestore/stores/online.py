@@ -52,6 +52,33 @@ class OnlineStore(Protocol):
     def close(self) -> None: ...
 
 
+class ReadsMany(Protocol):
+    """An online store that reads several views' values in one round trip (the model
+    server's lookups): one list of packed values per (view, entities) asked, in order."""
+
+    def read_many(self, requests: Sequence[tuple[ViewSpec, Sequence[Any]]]) -> list[list[bytes | None]]: ...
+
+
+def _all_keys(requests: Sequence[tuple[ViewSpec, Sequence[Any]]], prefix: str) -> tuple[list[bytes], list[int]]:
+    keys: list[bytes] = []
+    sizes: list[int] = []
+    for view, entities in requests:
+        keys.extend(online_keys(view, entities, prefix=prefix))
+        sizes.append(len(entities))
+    return keys, sizes
+
+
+def _cut(values: list[bytes | None], sizes: list[int]) -> list[list[bytes | None]]:
+    if len(sizes) == 1:
+        return [values]
+    parts = []
+    start = 0
+    for size in sizes:
+        parts.append(values[start : start + size])
+        start += size
+    return parts
+
+
 # -- Redis --------------------------------------------------------------------------------
 
 # KEYS: keys; ARGV[1]: expiry in ms (0: none); ARGV[2..]: values, one per key.
@@ -240,6 +267,33 @@ class RedisOnlineStore:
         except redis.RedisError as error:
             raise self._fail(error) from error
 
+    def read_many(self, requests: Sequence[tuple[ViewSpec, Sequence[Any]]]) -> list[list[bytes | None]]:
+        """Every view's values in one MGET (per node on a cluster)."""
+        import redis
+
+        keys, sizes = _all_keys(requests, self.prefix)
+        try:
+            if self.cluster:
+                with self._turn():
+                    return _cut(list(self.client.mget_nonatomic(keys)), sizes)
+            return _cut(list(self.client.mget(keys)), sizes)
+        except redis.RedisError as error:
+            raise self._fail(error) from error
+
+    async def aread_many(self, requests: Sequence[tuple[ViewSpec, Sequence[Any]]]) -> list[list[bytes | None]]:
+        """`read_many` for asyncio callers."""
+        import redis
+
+        client = self._async_client()
+        keys, sizes = _all_keys(requests, self.prefix)
+        try:
+            if self.cluster:
+                async with self._async_turn():
+                    return _cut(list(await client.mget_nonatomic(keys)), sizes)
+            return _cut(list(await client.mget(keys)), sizes)
+        except redis.RedisError as error:
+            raise self._fail(error) from error
+
     def ping(self) -> bool:
         import redis
 
@@ -357,6 +411,15 @@ class SqliteOnlineStore:
             for key, value in connection.execute(f"SELECT key, value FROM online WHERE key IN ({marks})", chunk):  # noqa: S608
                 found[bytes(key)] = bytes(value)
         return [found.get(key) for key in keys]
+
+    def read_many(self, requests: Sequence[tuple[ViewSpec, Sequence[Any]]]) -> list[list[bytes | None]]:
+        """Each view's values, read in one SQLite transaction (one consistent snapshot)."""
+        connection = self._connection()
+        connection.execute("BEGIN")
+        try:
+            return [self.read(view, entities) for view, entities in requests]
+        finally:
+            connection.execute("COMMIT")
 
     def ping(self) -> bool:
         self._connection().execute("SELECT 1").fetchone()

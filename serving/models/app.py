@@ -1,0 +1,348 @@
+"""The model server's HTTP API (Starlette on uvicorn; `/predict` is a bare ASGI endpoint:
+per-request work is parsing, enqueueing and writing the answer, nothing else).
+
+    POST /predict       {"model": "buys", "entities": [1, 2], "priority": "critical",
+                         "tenant": "shop-1", "deadline_ms": 250}
+                        -> {"model": "buys", "version": 3, "served_by": "buys@3", "precision": "fp32",
+                            "device": "cpu", "degraded": false, "scores": [0.12, null],
+                            "status": ["found", "missing"], "as_of_ms": [1765000000000, null],
+                            "age_s": [2.5, null]}
+    GET  /models        what is served: version, precision, device, features, queue
+    GET  /health/live   the process answers
+    GET  /health/ready  every served model is loaded and warm, and the online store answers
+    GET  /metrics       Prometheus (merged over worker processes)
+
+`priority`, `tenant` and `deadline_ms` may come as headers instead (X-Priority,
+X-Tenant, X-Deadline-Ms). A score is null when the card's policy refuses the entity's
+features (`missing` or `stale`); `status` says which. Errors are JSON `{"error": ...}`:
+400 a malformed body (saying what to send), 401 a wrong token, 404 an unknown model
+(naming the served ones), 409 a model trained on other feature view versions than the
+applied plan's (saying what to re-run), 413 too large, 503 overloaded or loading (with
+Retry-After), 504 the deadline passed before scoring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from featurestore.errors import TransientError
+from serving.api import INT64_MAX, INT64_MIN, _entity_keys, _not_a_key
+from serving.errors import DeadlineExceeded, Overloaded, SkewError, UnknownModelError
+from serving.models.batcher import Priority
+from serving.models.metrics import ModelMetrics, exposition
+from serving.models.server import Answer, ModelServer, ModelServerSettings, describe
+
+MAX_BODY_BYTES = 1 << 20
+MAX_ENTITIES = 10_000
+MAX_DEADLINE_MS = 600_000
+RETRY_AFTER_S = 1
+_FIELDS = frozenset({"model", "entities", "priority", "tenant", "deadline_ms"})
+_JSON = [(b"content-type", b"application/json")]
+log = logging.getLogger("tenx.models")
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    model: str
+    entities: list[Any]
+    priority: Priority
+    tenant: str
+    deadline_ms: float
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def parse_predict(body: bytes, headers: dict[bytes, bytes], *, default_deadline_ms: float) -> PredictRequest:
+    """The request from a body (and headers); BadRequest says what to send."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise BadRequest(
+            f'the body must be JSON, e.g. {{"model": "buys", "entities": [1, 2]}}; it is not valid JSON ({error})'
+        ) from None
+    if type(data) is not dict:
+        raise BadRequest('the body must be a JSON object, e.g. {"model": "buys", "entities": [1, 2]}')
+    if not data.keys() <= _FIELDS:
+        unknown = ", ".join(sorted(set(data) - _FIELDS))
+        raise BadRequest(f"unknown field(s) {unknown}; expected model, entities, priority, tenant, deadline_ms")
+    model = data.get("model")
+    if type(model) is not str or not model:
+        raise BadRequest('`model` must name a served model, e.g. "model": "buys" (GET /models lists them)')
+    entities = data.get("entities")
+    if type(entities) is not list or not entities:
+        raise BadRequest("`entities` must be a non-empty list of entity keys (integers or strings)")
+    if len(entities) > MAX_ENTITIES:
+        raise BadRequest(f"{len(entities)} entities asked; at most {MAX_ENTITIES} per request")
+    for index, entity in enumerate(entities):
+        kind = type(entity)
+        if kind is int:
+            if not INT64_MIN <= entity <= INT64_MAX:
+                raise BadRequest(f"entity {entity} (entities[{index}]) is out of the int64 range")
+        elif kind is not str and kind is not dict:
+            raise BadRequest(_not_a_key(body, index, entity))
+    priority_text = data.get("priority") or headers.get(b"x-priority", b"default").decode()
+    try:
+        priority = (
+            Priority.parse(priority_text) if isinstance(priority_text, str) else Priority.parse(repr(priority_text))
+        )
+    except ValueError as error:
+        raise BadRequest(f"`priority`: {error}") from None
+    tenant = data.get("tenant") or headers.get(b"x-tenant", b"default").decode()
+    if not isinstance(tenant, str):
+        raise BadRequest("`tenant` must be a string")
+    deadline: Any = data.get("deadline_ms")
+    if deadline is None:
+        header = headers.get(b"x-deadline-ms")
+        try:
+            deadline = float(header) if header is not None else default_deadline_ms
+        except ValueError:
+            raise BadRequest(f"X-Deadline-Ms header {header!r} is not a number of milliseconds") from None
+    if isinstance(deadline, bool) or not isinstance(deadline, int | float) or not 0 < deadline <= MAX_DEADLINE_MS:
+        raise BadRequest(f"`deadline_ms` must be a number of milliseconds in (0, {MAX_DEADLINE_MS}]; got {deadline!r}")
+    return PredictRequest(model, entities, priority, tenant, float(deadline))
+
+
+def entity_keys(server: ModelServer, model: str, entities: list[Any]) -> list[Any]:
+    """The lookup keys: scalars for a model with one entity key (an int64 key also takes
+    strings of digits), mappings key -> value when its views have several."""
+    route = server.route_for(model)
+    loaded = route.loaded
+    if loaded is None:
+        return entities
+    assembler = loaded.assembler
+    keys = assembler.entity_keys
+    if len(keys) == 1:
+        view = assembler.views[0]
+        if any(type(e) is dict for e in entities):
+            entities = [e[keys[0]] if type(e) is dict and keys[0] in e else _missing_key(e, keys) for e in entities]
+        return _entity_keys(view.name, view.entity, entities)
+    checked = []
+    for index, entity in enumerate(entities):
+        if type(entity) is not dict or not all(key in entity for key in keys):
+            raise BadRequest(
+                f"model `{model}` reads views keyed by {', '.join(keys)}: each entity must be an object with "
+                f"those keys, e.g. {{{', '.join(f'{k!r}: ...' for k in keys)}}}; entities[{index}] is {entity!r}"
+            )
+        converted = dict(entity)
+        for view in assembler.views:
+            converted[view.entity_key] = _entity_keys(view.name, view.entity, [entity[view.entity_key]])[0]
+        checked.append(converted)
+    return checked
+
+
+def _missing_key(entity: Any, keys: tuple[str, ...]) -> Any:
+    raise BadRequest(f"entity {entity!r} has no `{keys[0]}`; send the key's value, or an object with `{keys[0]}`")
+
+
+def render(answer: Answer) -> bytes:
+    loaded = answer.loaded
+    read_at = answer.read_at_us
+    as_of = answer.as_of_us
+    return orjson.dumps(
+        {
+            "model": loaded.card.name,
+            "version": loaded.card.version,
+            "served_by": loaded.served_by,
+            "precision": loaded.runtime.precision.value,
+            "device": loaded.runtime.device,
+            "degraded": False,
+            "scores": answer.scores,
+            "status": answer.status,
+            "as_of_ms": [t // 1000 if t >= 0 else None for t in as_of],
+            "age_s": [round((read_at - t) / 1e6, 3) if t >= 0 else None for t in as_of],
+        },
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+
+
+class PredictEndpoint:
+    """POST /predict as a bare ASGI callable (no Request/Response objects per call)."""
+
+    def __init__(self, server: ModelServer, *, token: str | None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.server = server
+        self.metrics = server.metrics
+        self.max_body_bytes = max_body_bytes
+        self.expected_auth = f"Bearer {token}".encode() if token else None
+        self.default_deadline_ms = server.settings.default_deadline_ms
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        began = time.perf_counter()
+        model = "-"
+        status, payload, extra = 500, b"", []
+        try:
+            if scope["method"] != "POST":
+                status, payload = 405, _error("use POST with a JSON body")
+                extra = [(b"allow", b"POST")]
+                return
+            headers = dict(scope["headers"])
+            if self.expected_auth is not None and not hmac.compare_digest(
+                headers.get(b"authorization", b""), self.expected_auth
+            ):
+                status, payload = 401, _error("missing or wrong bearer token (Authorization: Bearer <token>)")
+                return
+            body = b""
+            more = True
+            while more:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.max_body_bytes:
+                    status, payload = 413, _error(f"body exceeds {self.max_body_bytes} bytes")
+                    return
+            status, payload, extra, model = await self._predict(body, headers)
+        except Exception:
+            request_id = uuid.uuid4().hex[:16]
+            log.exception("internal error on /predict (request id %s)", request_id)
+            status = 500
+            payload = _error(f"internal error (request id {request_id}); the server log has the details")
+            extra = [(b"x-request-id", request_id.encode())]
+        finally:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [*_JSON, (b"content-length", str(len(payload)).encode()), *extra],
+                }
+            )
+            await send({"type": "http.response.body", "body": payload})
+            outcome = _OUTCOMES.get(status, "error")
+            self.metrics.requests.labels(model, outcome).inc()
+            if status == 200:
+                self.metrics.request_seconds.labels(model).observe(time.perf_counter() - began)
+
+    async def _predict(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[int, bytes, list[Any], str]:
+        server = self.server
+        try:
+            request = parse_predict(body, headers, default_deadline_ms=self.default_deadline_ms)
+            route = server.route_for(request.model)
+            keys = entity_keys(server, request.model, request.entities)
+            future = server.submit(route, keys, priority=request.priority, deadline_s=request.deadline_ms / 1000)
+        except (BadRequest, ValueError) as error:
+            return 400, _error(str(error)), [], "-"
+        except UnknownModelError as error:
+            return 404, _error(str(error)), [], "-"
+        except SkewError as error:
+            return 409, _error(str(error)), [], request.model
+        except TransientError as error:  # overloaded, or the model is loading
+            return 503, _error(str(error)), [(b"retry-after", str(RETRY_AFTER_S).encode())], request.model
+        try:
+            answer = await future
+        except DeadlineExceeded as error:
+            return 504, _error(str(error)), [], request.model
+        except (Overloaded, TransientError) as error:  # the online store failed or timed out
+            return 503, _error(str(error)), [(b"retry-after", str(RETRY_AFTER_S).encode())], request.model
+        return 200, render(answer), [], request.model
+
+
+_OUTCOMES = {200: "ok", 400: "bad_request", 401: "unauthorized", 404: "unknown_model", 405: "bad_request",
+             409: "skew", 413: "too_large", 503: "unavailable", 504: "deadline"}  # fmt: skip
+
+
+def _error(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def create_model_app(
+    settings: ModelServerSettings,
+    store: Any,
+    *,
+    token: str | None = None,
+    metrics: ModelMetrics | None = None,
+) -> Starlette:
+    """The ASGI app; models load and warm in its lifespan (`/health/ready` is 503 until then)."""
+    server = ModelServer(settings, store, metrics=metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
+            closer = getattr(store, "aclose", None)
+            if closer is not None:
+                await closer()
+            else:
+                store.close()
+
+    async def live(request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        problems = server.problems()
+        ping = getattr(store, "ping", None)
+        if ping is not None:
+            try:
+                await asyncio.to_thread(ping)
+            except TransientError as error:
+                problems.append(str(error))
+        if problems:
+            return _json({"status": "unavailable", "problems": problems}, 503)
+        return _json({"status": "ok", "models": [describe(r) for r in server.routes.values()]})
+
+    async def models(request: Request) -> Response:
+        return _json({"models": [describe(r) for r in server.routes.values()]})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(exposition(server.metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app = Starlette(
+        routes=[
+            Route("/predict", PredictEndpoint(server, token=token)),
+            Route("/models", models),
+            Route("/health/live", live),
+            Route("/health/ready", ready),
+            Route("/health", ready),
+            Route("/metrics", prometheus),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.server = server
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """The app for `tenx serve-models` (uvicorn factory, once per worker process):
+    tenx.yaml from $TENX_CONFIG, server settings from $TENX_MODEL_SERVER (JSON)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from featurestore.config import load_settings
+    from featurestore.registry import FileRegistry
+    from featurestore.stores.online import open_online_store
+
+    settings = load_settings()
+    plan = FileRegistry(settings.registry_dir).current()
+    store = open_online_store(
+        redis_url=settings.redis_url,
+        sqlite_path=settings.online_path,
+        project=plan.project if plan is not None else settings.project,
+        pool_size=settings.redis_pool_size,
+        pool_timeout_s=settings.redis_pool_timeout_s,
+    )
+    options = json.loads(os.environ.get("TENX_MODEL_SERVER") or "{}")
+    options["models"] = tuple(options.get("models") or ())
+    server_settings = ModelServerSettings(registry_dir=Path(settings.registry_dir), **options)
+    return create_model_app(server_settings, store, token=os.environ.get("TENX_API_TOKEN") or None)

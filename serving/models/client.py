@@ -1,0 +1,195 @@
+"""`ModelClient` and `AsyncModelClient`: predictions from a tenx model server.
+
+    with ModelClient("http://localhost:8001") as client:
+        prediction = client.predict("buys", [17, 42], priority="critical", deadline_ms=100)
+        prediction.scores     # [0.12, 0.53]
+        prediction.status     # ["found", "stale"]
+        prediction.served_by  # "buys@3"
+
+One pooled keep-alive connection set per client (httpx); every call has a timeout,
+and a deadline travels as the X-Deadline-Ms header, so the server drops a request
+that can no longer be answered in time instead of working on it. The call's timeout
+is the deadline (plus a little for the network) when one is given. Failures raise
+serving.errors types: Overloaded / ModelUnavailable (503, retry later),
+DeadlineExceeded (504), UnknownModelError (404), SkewError (409), ValueError (400).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from serving.errors import (
+    DeadlineExceeded,
+    ModelUnavailable,
+    Overloaded,
+    SkewError,
+    TransientError,
+    UnknownModelError,
+)
+
+DEFAULT_TIMEOUT_S = 5.0
+NETWORK_ALLOWANCE_S = 0.05  # added to a deadline for the call's own timeout
+
+
+@dataclass(frozen=True)
+class Prediction:
+    model: str
+    version: int
+    served_by: str
+    precision: str
+    device: str
+    degraded: bool
+    scores: list[float | None]
+    status: list[str]
+    as_of_ms: list[int | None]
+    age_s: list[float | None]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Prediction:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+
+def _request(
+    model: str, entities: Sequence[Any], priority: str | None, tenant: str | None, deadline_ms: float | None
+) -> tuple[bytes, dict[str, str], float | None]:
+    body: dict[str, Any] = {"model": model, "entities": list(entities)}
+    if priority is not None:
+        body["priority"] = priority
+    if tenant is not None:
+        body["tenant"] = tenant
+    headers = {"content-type": "application/json"}
+    timeout = None
+    if deadline_ms is not None:
+        headers["x-deadline-ms"] = f"{deadline_ms:g}"
+        timeout = deadline_ms / 1000 + NETWORK_ALLOWANCE_S
+    return orjson.dumps(body), headers, timeout
+
+
+def _answer(response: httpx.Response) -> Prediction:
+    status = response.status_code
+    if status == 200:
+        return Prediction.from_json(orjson.loads(response.content))
+    try:
+        message = str(orjson.loads(response.content).get("error", response.text))
+    except (orjson.JSONDecodeError, AttributeError):
+        message = response.text or f"HTTP {status}"
+    if status == 503:
+        raise (Overloaded if "overloaded" in message else ModelUnavailable)(message)
+    if status == 504:
+        raise DeadlineExceeded(message)
+    if status == 404:
+        raise UnknownModelError(message)
+    if status == 409:
+        raise SkewError(message)
+    if 400 <= status < 500:
+        raise ValueError(f"HTTP {status}: {message}")
+    raise TransientError(f"model server answered HTTP {status}: {message}")
+
+
+def _timeout_error(error: httpx.TimeoutException, url: str) -> TransientError:
+    return DeadlineExceeded(f"model server at {url} did not answer in time ({type(error).__name__})")
+
+
+class ModelClient:
+    """Synchronous predictions over pooled keep-alive connections."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        token: str | None = None,
+        max_connections: int = 32,
+    ) -> None:
+        self.url = url.rstrip("/")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(
+            base_url=self.url,
+            timeout=timeout_s,
+            headers=headers,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    def predict(
+        self,
+        model: str,
+        entities: Sequence[Any],
+        *,
+        priority: str | None = None,
+        tenant: str | None = None,
+        deadline_ms: float | None = None,
+    ) -> Prediction:
+        body, headers, timeout = _request(model, entities, priority, tenant, deadline_ms)
+        try:
+            response = self._client.post(
+                "/predict", content=body, headers=headers, timeout=timeout if timeout else httpx.USE_CLIENT_DEFAULT
+            )
+        except httpx.TimeoutException as error:
+            raise _timeout_error(error, self.url) from error
+        except httpx.TransportError as error:
+            raise ModelUnavailable(f"model server at {self.url}: {type(error).__name__}: {error}") from error
+        return _answer(response)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ModelClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncModelClient:
+    """The same for asyncio code."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        token: str | None = None,
+        max_connections: int = 64,
+    ) -> None:
+        self.url = url.rstrip("/")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.AsyncClient(
+            base_url=self.url,
+            timeout=timeout_s,
+            headers=headers,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    async def predict(
+        self,
+        model: str,
+        entities: Sequence[Any],
+        *,
+        priority: str | None = None,
+        tenant: str | None = None,
+        deadline_ms: float | None = None,
+    ) -> Prediction:
+        body, headers, timeout = _request(model, entities, priority, tenant, deadline_ms)
+        try:
+            response = await self._client.post(
+                "/predict", content=body, headers=headers, timeout=timeout if timeout else httpx.USE_CLIENT_DEFAULT
+            )
+        except httpx.TimeoutException as error:
+            raise _timeout_error(error, self.url) from error
+        except httpx.TransportError as error:
+            raise ModelUnavailable(f"model server at {self.url}: {type(error).__name__}: {error}") from error
+        return _answer(response)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncModelClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,68 @@
+"""The model server's Prometheus metrics, correct with several worker processes.
+
+With `PROMETHEUS_MULTIPROC_DIR` set (`tenx serve-models --workers N` sets it to a fresh
+folder before the workers start), every process writes its values to files there and
+`/metrics` in any worker merges them all (prometheus_client's multiprocess mode); else
+the process's own registry is served.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_FAST = (0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
+
+
+class ModelMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tenx_model_requests_total", "Prediction requests, by model and outcome.", ["model", "outcome"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "tenx_model_request_seconds", "Time from a request's arrival to its answer.", ["model"], registry=r,
+            buckets=_LATENCY,
+        )  # fmt: skip
+        self.predictions = Counter("tenx_model_predictions_total", "Rows scored.", ["model", "version"], registry=r)
+        self.entities = Counter(
+            "tenx_model_entities_total", "Entities looked up, by feature status.", ["model", "status"], registry=r
+        )
+        self.batch_rows = Histogram(
+            "tenx_model_batch_rows", "Rows per inference batch.", ["model"], registry=r, buckets=_ROWS
+        )
+        self.queue_wait = Histogram(
+            "tenx_model_queue_wait_seconds", "Time a request waited for its batch.", ["model"], registry=r,
+            buckets=_LATENCY,
+        )  # fmt: skip
+        self.lookup_seconds = Histogram(
+            "tenx_model_lookup_seconds", "Online store read per batch (every view, one round trip).", ["model"],
+            registry=r, buckets=_LATENCY,
+        )  # fmt: skip
+        self.inference_seconds = Histogram(
+            "tenx_model_inference_seconds", "ONNX Runtime run per batch (device time).", ["model", "device"],
+            registry=r, buckets=_FAST,
+        )  # fmt: skip
+        self.device_seconds = Counter(
+            "tenx_model_device_seconds_total", "Device time spent in inference.", ["model", "version", "device"],
+            registry=r,
+        )  # fmt: skip
+        self.ready = Gauge(
+            "tenx_model_ready", "1 when the model's session is loaded and warm.", ["model"], registry=r,
+            multiprocess_mode="livemin",
+        )  # fmt: skip
+
+
+def exposition(metrics: ModelMetrics) -> bytes:
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return bytes(generate_latest(metrics.registry))
+    from prometheus_client import multiprocess
+
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged, path=folder)  # type: ignore[no-untyped-call]
+    return bytes(generate_latest(merged))
