@@ -36,7 +36,7 @@ from tenx.commands.common import (
     store_name,
     view_or_error,
 )
-from tenx.commands.models import models, serve_models, train
+from tenx.commands.models import models, predict, serve_models, train
 from tenx.commands.stream import stream
 
 _ENV_HELP = "\n".join(f"  {name}: {meaning}" for name, meaning in ENVIRONMENT.items())
@@ -236,6 +236,14 @@ def apply(config_file: Path | None) -> None:
     metavar="TOPIC",
     help="Also produce the events (JSON, keyed by user_id) to this Kafka topic ($TENX_KAFKA_BOOTSTRAP).",
 )
+@click.option(
+    "--labels",
+    "labels_out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write 20,000 training labels to this Parquet file: user_id, timestamp and buys_within_6h (the "
+    "user buys again within 6 hours), for `tenx export --labels`.",
+)
 @friendly
 def demo_data(
     out: Path,
@@ -248,6 +256,7 @@ def demo_data(
     out_of_order: float,
     malformed: int,
     to_kafka: str | None,
+    labels_out: Path | None,
 ) -> None:
     """Generate demo card transactions into OUT (.parquet, or .jsonl for JSON lines).
 
@@ -294,6 +303,22 @@ def demo_data(
         + f" to {summary.path} ({summary.bytes_written / 1e6:.1f} MB, {seconds:.1f} s), "
         f"{summary.first_time:%Y-%m-%d %H:%M} .. {summary.last_time:%Y-%m-%d %H:%M} UTC"
     )
+    if labels_out is not None:
+        import pyarrow.parquet as pq
+
+        from tenx.demo_data import LABEL, demo_labels
+
+        if out.suffix == ".parquet":
+            events_table = pq.read_table(out, columns=["user_id", "event_time"])
+        else:
+            import pyarrow.json as pajson
+
+            events_table = pajson.read_json(out).select(["user_id", "event_time"])
+        labels = demo_labels(events_table)
+        labels_out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(labels, labels_out)
+        positives = labels.column(LABEL).to_numpy(zero_copy_only=False).mean()
+        console.print(f"Wrote {labels.num_rows:,} labels to {labels_out} ({positives:.0%} {LABEL})")
     if to_kafka and bootstrap:
         from tenx.demo_data import produce_to_kafka
 
@@ -868,7 +893,8 @@ def verify(views: tuple[str, ...], sample: int, config_file: Path | None) -> Non
 def quickstart(directory: Path, events: int, users: int, days: int) -> None:
     """Run the whole loop on embedded defaults (no Kafka, Redis or Docker needed): demo
     repo, data, ingest, Dask backfill, materialize, the Bytewax stream job, training
-    export, a model, online lookups and a parity check, in DIRECTORY (default
+    export, online lookups, a parity check, then a model trained (ONNX), deployed and
+    asked for predictions through the model server, in DIRECTORY (default
     ./tenx-quickstart). With TENX_REDIS_URL the online store is Redis; with
     TENX_KAFKA_BOOTSTRAP the recent events go through a Kafka topic of the run (deleted
     afterwards) and the Kafka stream job reads them, else it replays them from a file."""
@@ -906,9 +932,19 @@ def quickstart(directory: Path, events: int, users: int, days: int) -> None:
         table.add_row(what, value)
     console.print()
     console.print(table)
+    prediction = facts["prediction"]
+    console.print(
+        f"\nPrediction from the model server ({prediction.served_by}, {prediction.precision} on {prediction.device}):"
+    )
+    for user, score, status, age in zip(
+        facts["predicted_users"], prediction.scores, prediction.status, prediction.age_s, strict=True
+    ):
+        shown = f"{score:.3f}" if score is not None else "none"
+        fresh = f"{age:.0f} s old" if age is not None else "no value"
+        console.print(f"  user {user}: P(buys within 6 h) = {shown}  (features {status}, {fresh})", highlight=False)
     console.print(
         f"\nExplore: cd {directory} && tenx plan | tenx serve (then POST /features) | "
-        "tenx export --labels ... | tenx verify"
+        "tenx models show buys | tenx serve-models (then POST /predict) | tenx verify"
     )
     if not facts["verify_ok"]:
         sys.exit(EXIT_FAILURE)
@@ -918,6 +954,7 @@ main.add_command(stream)
 main.add_command(train)
 main.add_command(models)
 main.add_command(serve_models)
+main.add_command(predict)
 
 
 if __name__ == "__main__":  # pragma: no cover

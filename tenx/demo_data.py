@@ -292,3 +292,35 @@ def produce_to_kafka(
     except KafkaException as error:
         raise TransientError(f"Kafka at {bootstrap}: {error}") from error
     return sent
+
+
+LABEL = "buys_within_6h"
+_HOUR_US = 3_600_000_000
+
+
+def demo_labels(events: pa.Table, *, count: int = 20_000, seed: int = 3, horizon_hours: int = 6) -> pa.Table:
+    """Labels for the demo events: random (user, time) pairs over the history (after its
+    first day, up to `horizon_hours` before its end), labelled true when that user buys
+    again within `horizon_hours`. Columns: user_id, timestamp, buys_within_6h."""
+    import pyarrow.compute as pc
+
+    users = events.column("user_id").to_numpy()
+    times = pc.cast(events.column("event_time"), pa.int64()).to_numpy()
+    order = np.lexsort((times, users))
+    users, times = users[order], times[order]
+    rng = np.random.default_rng(seed)
+    picked_users = rng.choice(np.unique(users), count)
+    low, high = int(times.min()), int(times.max()) - horizon_hours * _HOUR_US
+    picked_times = rng.integers(low + 24 * _HOUR_US, max(high, low + 24 * _HOUR_US + 1), count)
+    composite = users.astype(np.float64) * 1e17 + times
+    after = np.searchsorted(composite, picked_users.astype(np.float64) * 1e17 + picked_times, side="right")
+    following = np.where(after < len(times), times[np.minimum(after, len(times) - 1)], np.iinfo(np.int64).max)
+    same_user = (after < len(users)) & (users[np.minimum(after, len(users) - 1)] == picked_users)
+    label = same_user & (following - picked_times <= horizon_hours * _HOUR_US)
+    return pa.table(
+        {
+            "user_id": pa.array(picked_users, pa.int64()),
+            "timestamp": pa.array(picked_times, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            LABEL: pa.array(label),
+        }
+    )

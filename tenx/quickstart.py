@@ -3,14 +3,14 @@
 Scaffold a feature repo -> compile and apply the plan -> generate two weeks of demo
 card transactions -> ingest into Delta -> backfill with Dask -> materialize the online
 store -> replay the most recent events through the real Bytewax job -> ingest and
-backfill that slice -> export a point-in-time training set -> train a small model ->
-fetch online features -> verify online/offline parity. Every step is real: the same
-code the CLI commands run.
+backfill that slice -> export a point-in-time training set -> train a model to ONNX
+(`tenx train`) -> fetch online features -> verify online/offline parity -> deploy the
+model and ask the model server for predictions over HTTP. Every step is real: the
+same code the CLI commands run.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import shutil
 import time
@@ -39,7 +39,7 @@ from pipelines.batch.engine import backfill
 from pipelines.ingest import ingest_file
 from pipelines.materialize import materialize
 from serving.client import FeatureClient
-from tenx.demo_data import DemoConfig, write_demo_data
+from tenx.demo_data import DemoConfig, demo_labels, write_demo_data
 from tenx.scaffold import init_repo
 
 FEATURES = [
@@ -207,17 +207,27 @@ def run_quickstart(
         detail.append(f"{newer.ingested:,} events, {newer.rejected} rejected with reasons (Delta rejects table)")
 
     with step("export training set") as detail:
-        labels = _labels(offline, source, clock)
+        labels = _labels(offline, source)
         from training import export_training_set
 
         train_path = data / "training.parquet"
         export_training_set(plan, offline, labels, [f"user_spend:{f}" for f in FEATURES], out=train_path)
         detail.append(f"{labels.num_rows:,} labels x {len(FEATURES)} features -> {train_path.name}")
 
-    with step("train a model") as detail:
-        auc = _train(pq.read_table(train_path))
-        detail.append(f"logistic regression, held-out AUC {auc:.3f} (predicts a purchase in the next 6 h)")
+    with step("train a model (tenx train)") as detail:
+        from featurestore.models import ModelRegistry
+        from training.train import ModelKind, train_model
+
+        trained = train_model(plan, train_path, label="buys_within_6h", kind=ModelKind.LOGISTIC)
+        models = ModelRegistry(settings.registry_dir / "models")
+        card = models.add("buys", trained.onnx, trained.card, holdout=trained.holdout)
+        auc = card.metrics["auc"]
+        detail.append(
+            f"{card.ref}: logistic regression to ONNX, held-out AUC {auc:.3f} on the latest "
+            f"{trained.rows_holdout:,} labels (predicts a purchase in the next 6 h)"
+        )
         summary.facts["auc"] = auc
+        summary.facts["model"] = card.ref
 
     client = FeatureClient(online, plan)
     with step("fetch online features") as detail:
@@ -243,9 +253,56 @@ def run_quickstart(
         )
         summary.facts["verify_ok"] = report.ok
         summary.facts["verify"] = report
+    with step("deploy + predict (model server)") as detail:
+        from training.variants import make_variants
+
+        make_variants(models, card.name, card.version)
+        models.deploy(card.name, card.version, precision=None, by="tenx quickstart")
+        prediction = _predict(settings.registry_dir, redis_url, settings.online_path, plan, sample_users[:3])
+        ages = [a for a in prediction.age_s if a is not None]
+        detail.append(
+            f"POST /predict {card.name} for 3 users -> {prediction.served_by} on {prediction.device} "
+            f"({prediction.precision}); features {min(ages):.0f}-{max(ages):.0f} s old"
+            if ages
+            else "no features"
+        )
+        summary.facts["prediction"] = prediction
+        summary.facts["predicted_users"] = sample_users[:3]
     online.close()
     summary.facts["features"] = sum(len(v.features) for v in plan.views)
     return summary
+
+
+def _predict(registry_dir: Path, redis_url: str | None, sqlite_path: Path, plan: Any, users: list[int]) -> Any:
+    """Start the model server on a free local port (uvicorn, in a thread), ask it for
+    predictions with the HTTP client, stop it."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from featurestore.stores.online import open_online_store
+    from serving.models import ModelClient, ModelServerSettings, create_model_app
+
+    store = open_online_store(redis_url=redis_url, sqlite_path=sqlite_path, project=plan.project)
+    app = create_model_app(ModelServerSettings(registry_dir=registry_dir, models=("buys",)), store)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="tenx-model-server", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the model server did not start")
+            time.sleep(0.05)
+        with ModelClient(f"http://127.0.0.1:{port}") as client:
+            return client.predict("buys", users, priority="critical", deadline_ms=2000)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def _store(redis_url: str | None, path: Path) -> str:
@@ -364,50 +421,6 @@ def _run_kafka_stream(
     return topic, counts
 
 
-def _labels(offline: DeltaOfflineStore, source: Any, clock: datetime) -> pa.Table:
+def _labels(offline: DeltaOfflineStore, source: Any) -> pa.Table:
     """Random (user, time) pairs over the history; label: the user buys again within 6 h."""
-    events = offline.read_events(source)
-    users = events.column("user_id").to_numpy()
-    times = pc.cast(events.column("event_time"), pa.int64()).to_numpy()
-    order = np.lexsort((times, users))
-    users, times = users[order], times[order]
-    rng = np.random.default_rng(3)
-    count = 20_000
-    picked_users = rng.choice(np.unique(users), count)
-    low, high = times.min(), datetime_to_micros(clock - timedelta(hours=6))
-    picked_times = rng.integers(low + 86_400_000_000, max(high, low + 86_400_000_001), count)
-    composite = users.astype(np.float64) * 1e17 + times
-    after = np.searchsorted(composite, picked_users.astype(np.float64) * 1e17 + picked_times, side="right")
-    nxt = np.where(after < len(times), times[np.minimum(after, len(times) - 1)], np.iinfo(np.int64).max)
-    same_user = (after < len(users)) & (users[np.minimum(after, len(users) - 1)] == picked_users)
-    label = same_user & (nxt - picked_times <= 6 * 3_600_000_000)
-    return pa.table(
-        {
-            "user_id": pa.array(picked_users, pa.int64()),
-            "timestamp": pa.array(picked_times, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-            "buys_within_6h": pa.array(label),
-        }
-    )
-
-
-def _train(table: pa.Table) -> float:
-    """Logistic regression by gradient descent (numpy); AUC on a held-out 20%."""
-    x = np.column_stack([np.nan_to_num(table.column(f).to_numpy(zero_copy_only=False).astype(float)) for f in FEATURES])
-    x = np.log1p(np.abs(x)) * np.sign(x)
-    x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-9)
-    y = table.column("buys_within_6h").to_numpy(zero_copy_only=False).astype(float)
-    split = int(len(y) * 0.8)
-    weights, bias = np.zeros(x.shape[1]), 0.0
-    for _ in range(300):
-        scores = 1 / (1 + np.exp(-(x[:split] @ weights + bias)))
-        gradient = scores - y[:split]
-        weights -= 0.5 * (x[:split].T @ gradient) / split
-        bias -= 0.5 * gradient.mean()
-    held = x[split:] @ weights + bias
-    positives, negatives = held[y[split:] == 1], held[y[split:] == 0]
-    if not len(positives) or not len(negatives):
-        return math.nan
-    ranks = np.argsort(np.argsort(np.concatenate([positives, negatives]))) + 1
-    return float(
-        (ranks[: len(positives)].sum() - len(positives) * (len(positives) + 1) / 2) / (len(positives) * len(negatives))
-    )
+    return demo_labels(offline.read_events(source), count=20_000)

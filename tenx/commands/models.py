@@ -497,3 +497,73 @@ def serve_models(
         loop="uvloop",
         http="httptools",
     )
+
+
+@click.command()
+@click.argument("model")
+@click.argument("entities", nargs=-1, required=True)
+@click.option("--url", default="http://127.0.0.1:8081", show_default=True, envvar="TENX_MODEL_SERVER_URL",
+              help="Model server ($TENX_MODEL_SERVER_URL).")  # fmt: skip
+@click.option("--priority", type=click.Choice(["critical", "default", "sheddable"]), default=None, help="Class.")
+@click.option("--tenant", default=None, help="Tenant the request is for.")
+@click.option("--deadline-ms", type=click.FloatRange(1, 600_000), default=None, help="Deadline of the request.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0, 600),
+    default=0,
+    show_default=True,
+    help="Wait up to this many seconds for the server to be ready (e.g. just after `tenx serve-models &`).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@click.option("--token", envvar="TENX_API_TOKEN", default=None, help="Bearer token ($TENX_API_TOKEN).")
+@friendly
+def predict(
+    model: str,
+    entities: tuple[str, ...],
+    url: str,
+    priority: str | None,
+    tenant: str | None,
+    deadline_ms: float | None,
+    wait_s: float,
+    as_json: bool,
+    token: str | None,
+) -> None:
+    """Ask a running model server (`tenx serve-models`) to score ENTITIES with MODEL,
+    e.g. `tenx predict buys 17 42`. Prints each score with its features' status and age."""
+    import time
+    from dataclasses import asdict
+
+    from serving.errors import ModelUnavailable
+    from serving.models import ModelClient
+
+    keys: list[Any] = [int(e) if e.lstrip("-").isdigit() else e for e in entities]
+    give_up = time.monotonic() + wait_s
+    with ModelClient(url, token=token) as client:
+        while True:
+            try:
+                prediction = client.predict(model, keys, priority=priority, tenant=tenant, deadline_ms=deadline_ms)
+                break
+            except ModelUnavailable as error:
+                if time.monotonic() >= give_up:
+                    hint = "" if wait_s else " (start it with `tenx serve-models`, or pass --wait SECONDS)"
+                    raise ModelUnavailable(f"{error}{hint}") from error
+                time.sleep(0.2)
+    if as_json:
+        click.echo(json.dumps(asdict(prediction)))
+        return
+    console.print(
+        f"{prediction.served_by} ({prediction.precision} on {prediction.device})"
+        + (" [degraded]" if prediction.degraded else "")
+    )
+    table = Table("entity", "score", "features", "age")
+    for entity, score, status, age in zip(
+        entities, prediction.scores, prediction.status, prediction.age_s, strict=True
+    ):
+        table.add_row(
+            entity,
+            f"{score:.4f}" if score is not None else "-",
+            status,
+            f"{age:,.0f} s" if age is not None else "-",
+        )
+    console.print(table)

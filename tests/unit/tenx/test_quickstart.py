@@ -41,10 +41,15 @@ def test_quickstart_runs_the_whole_loop(tmp_path: Path) -> None:
         "train a model",
         "fetch online features",
         "verify online == offline",
+        "deploy + predict (model server)",
     ):
         assert step in out, step
     assert "online == offline          │        yes" in out or "online == offline" in out
     assert "0 mismatches" in out
+    # The quickstart ends with a prediction from the model server, with its features' freshness.
+    assert "Prediction from the model server (buys@1, fp32 on cpu):" in out
+    assert out.count("P(buys within 6 h) = 0.") == 3
+    assert "(features found," in out
     assert "replayed from a file (no Kafka configured: set TENX_KAFKA_BOOTSTRAP to go through Kafka)" in out
     repo = tmp_path / "qs"
     training = pq.read_table(repo / "data" / "training.parquet")
