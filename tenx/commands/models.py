@@ -433,7 +433,14 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
     "--token",
     envvar="TENX_API_TOKEN",
     default=None,
-    help="Require `Authorization: Bearer TOKEN` ($TENX_API_TOKEN).",
+    help="Require `Authorization: Bearer TOKEN` ($TENX_API_TOKEN; prefer --token-file: a command line shows in `ps`).",
+)
+@click.option(
+    "--token-file",
+    envvar="TENX_API_TOKEN_FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Read the bearer token from this file ($TENX_API_TOKEN_FILE).",
 )
 @config_option
 @friendly
@@ -448,6 +455,7 @@ def serve_models(
     deadline_ms: float,
     cpu_only: bool,
     token: str | None,
+    token_file: Path | None,
     config_file: Path | None,
 ) -> None:
     """Run the model server: POST /predict {"model", "entities", "priority", "tenant",
@@ -468,8 +476,17 @@ def serve_models(
             raise ConfigError(f"model `{name}` is not deployed: `tenx models deploy {name}` first")
     if settings.config_file is not None:
         os.environ["TENX_CONFIG"] = str(settings.config_file)
+    if token_file is not None:
+        if token:
+            raise ConfigError("give the token once: --token (or $TENX_API_TOKEN) or --token-file, not both")
+        try:
+            token = token_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"--token-file {token_file}: {error.strerror}") from error
+        if not token:
+            raise ConfigError(f"--token-file {token_file} is empty: write the token into it")
     if token:
-        os.environ["TENX_API_TOKEN"] = token
+        os.environ["TENX_API_TOKEN"] = token  # the workers' environment, not their command line
     os.environ["TENX_MODEL_SERVER"] = json.dumps(
         {
             "models": list(names),

@@ -125,11 +125,25 @@ def test_every_long_running_service_is_up_and_healthy() -> None:
         assert time.monotonic() < deadline, state
         time.sleep(2)
         state = services()
-    for service in ("kafka", "redis", "dask-scheduler", "stream", "feature-api"):
+    for service in ("kafka", "redis", "dask-scheduler", "stream", "feature-api", "model-server"):
         assert state[service][:2] == ("running", "healthy"), (service, state[service])
     assert state["dask-worker"][0] == "running"
     assert state["setup"][0] == "exited"
     assert state["setup"][2] == 0
+
+
+def test_the_model_server_predicts_from_redis_with_the_token() -> None:
+    request = urllib.request.Request(
+        "http://127.0.0.1:8081/predict",
+        data=b'{"model": "buys", "entities": [1, 2]}',
+        method="POST",
+        headers={"Authorization": f"Bearer {token()}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["served_by"] == "buys@1"
+    assert len(answer["scores"]) == 2
+    assert answer["status"] == ["found", "found"]
 
 
 def test_the_stream_job_caught_up_without_a_late_event_or_a_restart(caught_up: dict[str, float]) -> None:

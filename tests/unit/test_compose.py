@@ -39,9 +39,10 @@ TENX_COMMANDS = sorted(
 
 
 def test_the_stack_has_the_services_users_expect() -> None:
-    assert {"kafka", "redis", "dask-scheduler", "dask-worker", "setup", "stream", "feature-api"} <= set(SERVICES)
+    expected = {"kafka", "redis", "dask-scheduler", "dask-worker", "setup", "stream", "feature-api", "model-server"}
+    assert expected <= set(SERVICES)
     assert SERVICES["kafka"]["image"].startswith("apache/kafka:")
-    for name in ("kafka", "redis", "dask-scheduler", "stream", "feature-api"):
+    for name in ("kafka", "redis", "dask-scheduler", "stream", "feature-api", "model-server"):
         assert "healthcheck" in SERVICES[name], name
 
 
@@ -95,7 +96,7 @@ def test_one_service_builds_the_image_the_others_reuse() -> None:
     builders = [name for name, service in SERVICES.items() if "build" in service]
     assert builders == ["dask-scheduler"]
     tenx = [name for name, service in SERVICES.items() if service.get("image") == "tenx:local"]
-    assert set(tenx) == {"dask-scheduler", "dask-worker", "setup", "stream", "feature-api"}
+    assert set(tenx) == {"dask-scheduler", "dask-worker", "setup", "stream", "feature-api", "model-server"}
     for name in set(tenx) - set(builders):
         assert SERVICES[name]["pull_policy"] == "never", name
 
@@ -127,3 +128,11 @@ def test_the_feature_api_requires_a_token_that_setup_generates() -> None:
     script = SERVICES["setup"]["command"][2]
     assert f"if [ ! -s {token_file} ]" in script
     assert script.index("/dev/urandom") < script.index("if [ -f /data/setup.done ]")  # also on old volumes
+
+
+def test_the_model_server_uses_the_api_token_and_serves_what_setup_deployed() -> None:
+    command = SERVICES["model-server"]["command"]
+    assert command[command.index("--token-file") + 1] == "/data/api-token"
+    script = SERVICES["setup"]["command"][2]
+    assert script.index("tenx materialize") < script.index("tenx train") < script.index("tenx models deploy buys")
+    assert script.index("tenx models deploy buys") < script.index("touch /data/setup.done")
