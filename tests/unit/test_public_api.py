@@ -64,6 +64,15 @@ PUBLIC = {
         "load_code",
     ],
     "pipelines": ["reference_changelog"],
+    "serving.models": [
+        "AsyncModelClient",
+        "ModelClient",
+        "ModelServer",
+        "ModelServerSettings",
+        "Prediction",
+        "Priority",
+        "create_model_app",
+    ],
 }
 
 
@@ -81,8 +90,9 @@ def test_importing_does_no_work() -> None:
     import sys
 
     code = (
-        "import sys, featurestore, pipelines, schemas, serving, training, tenx.cli\n"
-        "heavy = [m for m in ('cudf', 'torch', 'confluent_kafka', 'redis', 'distributed', 'bytewax')"
+        "import sys, featurestore, pipelines, schemas, serving, serving.models, training, tenx.cli\n"
+        "heavy = [m for m in ('cudf', 'torch', 'confluent_kafka', 'redis', 'distributed', 'bytewax', 'onnxruntime',"
+        " 'sklearn', 'onnx')"
         " if m in sys.modules]\n"
         "print(heavy)"
     )
