@@ -3,7 +3,8 @@
 The path of a request, one module each: `app` (HTTP) -> `server` (routes, queues, batch
 loops, watcher) -> `batcher` (per-class bounded queue) -> `vectors` (packed values ->
 model inputs, missing/stale policy) -> `runtime` (ONNX Runtime session on its own
-thread) ; `metrics` (Prometheus, multi-process), `client` (ModelClient).
+thread); `policies` (where routing and circuit breakers plug in), `metrics` (Prometheus,
+multi-process), `client` (ModelClient).
 """
 
 from serving.models.app import create_model_app

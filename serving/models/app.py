@@ -45,6 +45,7 @@ from serving.api import INT64_MAX, INT64_MIN, _entity_keys, _not_a_key
 from serving.errors import DeadlineExceeded, Overloaded, SkewError, UnknownModelError
 from serving.models.batcher import Priority
 from serving.models.metrics import ModelMetrics, exposition
+from serving.models.policies import Guard, Router
 from serving.models.server import Answer, ModelServer, ModelServerSettings, describe
 
 MAX_BODY_BYTES = 1 << 20
@@ -245,8 +246,11 @@ class PredictEndpoint:
         server = self.server
         try:
             request = parse_predict(body, headers, default_deadline_ms=self.default_deadline_ms)
-            route = server.route_for(request.model)
-            keys = entity_keys(server, request.model, request.entities)
+            name = server.router.route(
+                request.model, entities=len(request.entities), priority=request.priority, tenant=request.tenant
+            )
+            route = server.route_for(name)
+            keys = entity_keys(server, name, request.entities)
             future = server.submit(route, keys, priority=request.priority, deadline_s=request.deadline_ms / 1000)
         except (BadRequest, ValueError) as error:
             return 400, _error(str(error)), [], "-"
@@ -283,9 +287,11 @@ def create_model_app(
     *,
     token: str | None = None,
     metrics: ModelMetrics | None = None,
+    router: Router | None = None,
+    guard: Guard | None = None,
 ) -> PredictFirst:
     """The ASGI app; models load and warm in its lifespan (`/health/ready` is 503 until then)."""
-    server = ModelServer(settings, store, metrics=metrics)
+    server = ModelServer(settings, store, metrics=metrics, router=router, guard=guard)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -33,6 +33,7 @@ from featurestore.registry import FileRegistry
 from serving.errors import DeadlineExceeded, ModelUnavailable, Overloaded, UnknownModelError
 from serving.models.batcher import Batch, BatchQueue, Pending, Priority, QueueFull
 from serving.models.metrics import ModelMetrics
+from serving.models.policies import ONLINE_STORE, AllowAll, ByName, Guard, Router, runtime_dependency
 from serving.models.runtime import Runtime, place
 from serving.models.vectors import STATUS_NAMES, FeatureAssembler, Vectors
 
@@ -102,12 +103,16 @@ class ModelServer:
         store: Any,
         *,
         metrics: ModelMetrics | None = None,
+        router: Router | None = None,
+        guard: Guard | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics or ModelMetrics()
+        self.router: Router = router or ByName()
+        self.guard: Guard = guard or AllowAll()
         self.models = ModelRegistry(settings.registry_dir / "models")
         self.plans = FileRegistry(settings.registry_dir)
         self.routes: dict[str, Route] = {}
@@ -306,10 +311,7 @@ class ModelServer:
         started = self._clock()
         try:
             requests = loaded.assembler.requests(entities)
-            if hasattr(self.store, "aread_many"):
-                raws = await self.store.aread_many(requests)
-            else:
-                raws = await asyncio.to_thread(self.store.read_many, requests)
+            raws = await self._read(requests)
             looked_up = self._clock()
             read_at = int(self._wall() * 1_000_000)
             vectors = loaded.assembler.assemble(raws, read_at)
@@ -348,13 +350,38 @@ class ModelServer:
                 )
             offset = end
 
+    async def _read(self, requests: list[tuple[Any, Sequence[Any]]]) -> Any:
+        """Every view's values for a batch, in one round trip, past the guard."""
+        if not self.guard.allow(ONLINE_STORE):
+            raise ModelUnavailable("the online store's circuit is open; retry shortly")
+        began = self._clock()
+        try:
+            if hasattr(self.store, "aread_many"):
+                raws = await self.store.aread_many(requests)
+            else:
+                raws = await asyncio.to_thread(self.store.read_many, requests)
+        except Exception:
+            self.guard.record(ONLINE_STORE, ok=False, seconds=self._clock() - began)
+            raise
+        self.guard.record(ONLINE_STORE, ok=True, seconds=self._clock() - began)
+        return raws
+
     async def _infer(self, loaded: Loaded, vectors: Vectors) -> np.ndarray:
         scored = vectors.scored
         every = bool(scored.all())
         matrix = vectors.matrix if every else vectors.matrix[scored]
         result = np.full(len(scored), np.nan)
         if len(matrix):
-            scores, spent = await asyncio.wrap_future(loaded.runtime.submit(matrix))
+            dependency = runtime_dependency(loaded.card.name)
+            if not self.guard.allow(dependency):
+                raise ModelUnavailable(f"model `{loaded.card.name}`'s circuit is open; retry shortly")
+            began = self._clock()
+            try:
+                scores, spent = await asyncio.wrap_future(loaded.runtime.submit(matrix))
+            except Exception:
+                self.guard.record(dependency, ok=False, seconds=self._clock() - began)
+                raise
+            self.guard.record(dependency, ok=True, seconds=self._clock() - began)
             device = loaded.runtime.device
             self.metrics.inference_seconds.labels(loaded.card.name, device).observe(spent)
             self.metrics.device_seconds.labels(loaded.card.name, str(loaded.card.version), device).inc(spent)

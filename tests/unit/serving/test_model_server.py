@@ -266,3 +266,39 @@ def test_an_fp16_deployment_serves_fp16_scores_close_to_fp32(repo: DemoRepo) -> 
         assert 0 < difference < 0.01
     finally:
         repo.models.deploy("buys", 1, precision=None, by="test")
+
+
+class Recording:
+    """A guard that refuses one dependency and records every outcome."""
+
+    def __init__(self, refuse: str) -> None:
+        self.refuse = refuse
+        self.calls: list[tuple[str, bool]] = []
+
+    def allow(self, dependency: str) -> bool:
+        return dependency != self.refuse
+
+    def record(self, dependency: str, *, ok: bool, seconds: float) -> None:
+        self.calls.append((dependency, ok))
+
+
+class Everything:
+    def __init__(self, to: str) -> None:
+        self.to = to
+
+    def route(self, model: str, *, entities: int, priority: Any, tenant: str) -> str:
+        return self.to
+
+
+def test_the_router_and_guard_hooks_are_asked_on_every_request_and_batch(repo: DemoRepo) -> None:
+    settings = ModelServerSettings(registry_dir=repo.settings.registry_dir, models=("buys", "buys_logistic"))
+    guard = Recording(refuse="model:buys")
+    app = create_model_app(settings, repo.store(), router=Everything("buys_logistic"), guard=guard)
+    with TestClient(app) as client:
+        assert predict(client, {"model": "buys", "entities": [1]})["served_by"] == "buys_logistic@1"
+    assert guard.calls == [("online_store", True), ("model:buys_logistic", True)]
+    refusing = create_model_app(settings, repo.store(), guard=Recording(refuse="model:buys"))
+    with TestClient(refusing) as client:
+        response = client.post("/predict", json={"model": "buys", "entities": [1]})
+    assert response.status_code == 503
+    assert response.json()["error"] == "model `buys`'s circuit is open; retry shortly"
