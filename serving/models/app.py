@@ -154,8 +154,6 @@ def _missing_key(entity: Any, keys: tuple[str, ...]) -> Any:
 
 def render(answer: Answer) -> bytes:
     loaded = answer.loaded
-    read_at = answer.read_at_us
-    as_of = answer.as_of_us
     return orjson.dumps(
         {
             "model": loaded.card.name,
@@ -166,8 +164,8 @@ def render(answer: Answer) -> bytes:
             "degraded": False,
             "scores": answer.scores,
             "status": answer.status,
-            "as_of_ms": [t // 1000 if t >= 0 else None for t in as_of],
-            "age_s": [round((read_at - t) / 1e6, 3) if t >= 0 else None for t in as_of],
+            "as_of_ms": answer.as_of_ms,
+            "age_s": answer.age_s,
         },
         option=orjson.OPT_SERIALIZE_NUMPY,
     )

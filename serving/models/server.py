@@ -74,8 +74,8 @@ class Answer:
     loaded: Loaded
     scores: list[float | None]
     status: list[str]
-    as_of_us: list[int]
-    read_at_us: int
+    as_of_ms: list[int | None]
+    age_s: list[float | None]
     queued_s: float
 
 
@@ -331,7 +331,7 @@ class ModelServer:
         status_list = [STATUS_NAMES[s] for s in vectors.status.tolist()]
         for code, count in zip(*np.unique(vectors.status, return_counts=True), strict=True):
             metrics.entities.labels(name, STATUS_NAMES[int(code)]).inc(int(count))
-        as_of_list = vectors.as_of_us.tolist()
+        as_of_list, age_list = _freshness(vectors.as_of_us, read_at)
         offset = 0
         for item in items:
             end = offset + item.rows
@@ -344,7 +344,7 @@ class ModelServer:
                         score_list[offset:end],
                         status_list[offset:end],
                         as_of_list[offset:end],
-                        read_at,
+                        age_list[offset:end],
                         started - item.enqueued,
                     )
                 )
@@ -402,6 +402,19 @@ class ModelServer:
             if route.loaded is None:
                 found.append(route.problem or f"model `{route.name}` is loading")
         return found
+
+
+def _freshness(as_of_us: np.ndarray, read_at_us: int) -> tuple[list[int | None], list[float | None]]:
+    """(as_of in ms, age in s to the ms) per row, None where a view had no value: once
+    per batch in numpy, not per entity in Python."""
+    missing = as_of_us < 0
+    as_of_ms: list[int | None] = (as_of_us // 1000).tolist()
+    ages: list[float | None] = np.round((read_at_us - as_of_us) / 1e6, 3).tolist()
+    if missing.any():
+        for row in np.flatnonzero(missing).tolist():
+            as_of_ms[row] = None
+            ages[row] = None
+    return as_of_ms, ages
 
 
 def _fail(future: asyncio.Future[Any], error: Exception) -> None:
