@@ -78,8 +78,12 @@ from featurestore import Entity, Max, Mean, Min, Source, Std, Sum, feature_view
 from featurestore.plan import AS_OF, Plan, ViewSpec, compile_definitions
 from schemas import TRANSACTIONS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# `python bench/online.py` puts bench/ first on sys.path, where bench/serving.py would
+# shadow the `serving` package: the repo root goes first, bench/ last.
+BENCH = Path(__file__).resolve().parent
+sys.path[:] = [str(BENCH.parent), *(e for e in sys.path if Path(e or ".").resolve() != BENCH), str(BENCH)]
 import _smoke
+from _harness import proc_cpu_s, redis_cpu_s
 from _redis_keys import unlink_matching
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,28 +213,6 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     began = time.perf_counter()
     result = fn()
     return time.perf_counter() - began, result
-
-
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its live children (Linux /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # After the command: state, ppid, ..., utime (index 11), stime (index 12).
-        if int(entry.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
-
-
-def redis_cpu_s(client: Any) -> float:
-    info = client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def free_port() -> int:

@@ -42,6 +42,7 @@ SCRIPTS = [
         ("redis_url",),
         frozenset({"entities", "calls", "serve_prefix", "materialize", "lookups", "http", "targets"}),
     ),
+    Script("serving", ("redis_url",), frozenset({"entities", "ceiling", "loads", "ratios", "targets"})),
     Script(
         "stream",
         ("redis_url", "kafka_bootstrap"),

@@ -1,0 +1,570 @@
+"""Open-loop HTTP/1.1 load: send times fixed in advance, latency from the intended send time.
+
+A closed loop (N clients, each waiting for its answer before sending again) slows down
+with the server and so hides its queueing (coordinated omission). Here every send time
+is drawn before the run from a seed (Poisson or evenly spaced arrivals at `rate` for
+`duration_s`), and each request's latency is measured from that intended time: a late
+generator, a full connection pool or a queue in the server all show up as latency.
+
+The generator runs in a process of its own (`LoadGenerator`, multiprocessing spawn), not
+on the event loop it measures: a scheduler thread sleeps until each send time and hands
+the due requests to an asyncio loop (uvloop when installed) that writes pre-encoded
+request bytes on raw keep-alive connections and reads back only the status line and
+Content-Length. The pool grows, up to `max_connections`, whenever every connection is
+waiting for an answer (HTTP/1.1 without pipelining: one request in flight each).
+
+It also judges itself: how far actual send times fell behind intended ones, and whether
+it sent at least `min_send_share` of the offered rate. A step whose `lag.fell_behind` is
+set did not offer the load it claims; callers must not report it as that rate.
+
+    plan = LoadPlan(host="127.0.0.1", port=8081, rate=500, duration_s=10, warmup_s=1,
+                    requests=(post_request("/predict", b'{"model": "buys", "entities": [1]}'),))
+    with LoadGenerator() as generator:
+        result = generator.run(plan)
+    if not result.lag.fell_behind:
+        print(result.ok_rate, result.latency.p99_ms)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import concurrent.futures
+import contextlib
+import math
+import multiprocessing
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+from typing import Any, cast
+
+import numpy as np
+
+MAX_ERROR_SAMPLES = 5  # distinct error messages kept per run
+_SCHEDULER_SWITCH_S = 0.0002  # the GIL hand-off interval in the generator's process (default 5 ms)
+
+
+class Arrivals(Enum):
+    POISSON = "poisson"  # exponential gaps: the bursts independent users make
+    UNIFORM = "uniform"  # evenly spaced
+
+
+def schedule(rate: float, duration_s: float, *, arrivals: Arrivals = Arrivals.POISSON, seed: int = 0) -> np.ndarray:
+    """Send times in seconds from the start, sorted, all in [0, duration_s): the same for
+    the same arguments.
+
+    >>> schedule(4, 1.0, arrivals=Arrivals.UNIFORM).tolist()
+    [0.0, 0.25, 0.5, 0.75]
+    """
+    if not (rate > 0 and math.isfinite(rate)) or not (duration_s > 0 and math.isfinite(duration_s)):
+        raise ValueError(f"schedule: rate and duration_s must be positive and finite; got {rate}, {duration_s}")
+    if arrivals is Arrivals.UNIFORM:
+        count = math.ceil(rate * duration_s)
+        times = np.arange(count, dtype=np.float64) / rate
+        return times[times < duration_s]
+    rng = np.random.default_rng(seed)
+    expected = rate * duration_s
+    chunk = int(expected + 6 * math.sqrt(expected) + 16)  # almost always one draw
+    parts: list[np.ndarray] = []
+    last = 0.0
+    while last < duration_s:
+        gaps = rng.exponential(1.0 / rate, chunk)
+        times = last + np.cumsum(gaps)
+        parts.append(times)
+        last = float(times[-1])
+    times = np.concatenate(parts)
+    return times[times < duration_s]
+
+
+def post_request(path: str, body: bytes, *, host: str = "127.0.0.1", headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """A keep-alive `POST path` with a JSON body, encoded once before the run."""
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def get_request(path: str, *, host: str = "127.0.0.1") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+
+# -- the pure parts: summaries and the verdict ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Percentiles (numpy, linear interpolation over every sample) in milliseconds."""
+
+    count: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    mean_ms: float
+
+
+def summarize(seconds: np.ndarray) -> LatencySummary:
+    """The summary of latencies given in seconds (NaN figures when there are none).
+
+    >>> summarize(np.array([0.001, 0.002, 0.003])).p50_ms
+    2.0
+    """
+    values = np.asarray(seconds, dtype=np.float64) * 1000.0
+    if not len(values):
+        nan = math.nan
+        return LatencySummary(0, nan, nan, nan, nan, nan, nan)
+    p50, p90, p99, p999 = (float(v) for v in np.percentile(values, [50, 90, 99, 99.9]))
+    return LatencySummary(len(values), p50, p90, p99, p999, float(values.max()), float(values.mean()))
+
+
+@dataclass(frozen=True)
+class LagVerdict:
+    """How far actual send times fell behind intended ones, and whether that voids the run."""
+
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    scheduled_rate: float  # requests in the window / its length (Poisson: near the offered rate)
+    send_rate: float  # requests sent / the time it took to send them
+    fell_behind: bool
+    reason: str  # why it fell behind; "" when it did not
+
+
+def judge_lag(
+    intended_s: np.ndarray,
+    sent_s: np.ndarray,
+    *,
+    window_s: float,
+    max_p99_lag_s: float = 0.001,
+    min_send_share: float = 0.95,
+) -> LagVerdict:
+    """The verdict on one run's sends: `intended_s` and `sent_s` are seconds from the
+    window's start (NaN: never sent). It fell behind when the p99 lag exceeds
+    `max_p99_lag_s`, or when it sent less than `min_send_share` of the scheduled rate
+    (sending took longer than the window, or requests were never sent).
+
+    >>> judge_lag(np.array([0.0, 0.5]), np.array([0.0001, 0.5001]), window_s=1.0).fell_behind
+    False
+    """
+    intended = np.asarray(intended_s, dtype=np.float64)
+    sent = np.asarray(sent_s, dtype=np.float64)
+    if intended.shape != sent.shape:
+        raise ValueError(f"judge_lag: {len(intended)} intended times but {len(sent)} send times")
+    if not window_s > 0:
+        raise ValueError(f"judge_lag: window_s must be positive; got {window_s}")
+    scheduled_rate = len(intended) / window_s
+    went = ~np.isnan(sent)
+    lags = np.maximum(sent[went] - intended[went], 0.0)
+    if not len(lags):
+        nan = math.nan
+        return LagVerdict(nan, nan, nan, scheduled_rate, 0.0, len(intended) > 0, "nothing was sent")
+    p50, p99 = (float(v) for v in np.percentile(lags, [50, 99]))
+    span = max(window_s, float(sent[went].max()))
+    send_rate = int(went.sum()) / span
+    reasons = []
+    if p99 > max_p99_lag_s:
+        reasons.append(f"p99 send lag {p99 * 1000:.2f} ms > {max_p99_lag_s * 1000:g} ms")
+    if send_rate < min_send_share * scheduled_rate:
+        reasons.append(
+            f"sent {send_rate:,.0f} req/s < {min_send_share:.0%} of the scheduled {scheduled_rate:,.0f} req/s"
+        )
+    return LagVerdict(
+        p50 * 1000, p99 * 1000, float(lags.max()) * 1000, scheduled_rate, send_rate, bool(reasons), "; ".join(reasons)
+    )
+
+
+# -- a run ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """One open-loop run: `requests` (whole HTTP/1.1 requests, see `post_request`) are
+    sent in turn at the schedule's times; the first `warmup_s` seconds are sent but not
+    counted. After the last send, answers are awaited for up to `drain_s`."""
+
+    host: str
+    port: int
+    requests: tuple[bytes, ...]
+    rate: float
+    duration_s: float
+    warmup_s: float = 0.0
+    arrivals: Arrivals = Arrivals.POISSON
+    seed: int = 0
+    max_connections: int = 256
+    initial_connections: int = 4
+    drain_s: float = 5.0
+    max_p99_lag_s: float = 0.001
+    min_send_share: float = 0.95
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.requests:
+            problems.append("requests is empty (give at least one encoded request)")
+        if not (self.rate > 0 and math.isfinite(self.rate)):
+            problems.append(f"rate must be positive and finite, got {self.rate}")
+        if not (self.duration_s > 0 and math.isfinite(self.duration_s)):
+            problems.append(f"duration_s must be positive and finite, got {self.duration_s}")
+        if not (self.warmup_s >= 0 and math.isfinite(self.warmup_s)):
+            problems.append(f"warmup_s must be 0 or more, got {self.warmup_s}")
+        if not 1 <= self.initial_connections <= self.max_connections:
+            problems.append(
+                f"need 1 <= initial_connections <= max_connections, got {self.initial_connections} "
+                f"and {self.max_connections}"
+            )
+        if not self.drain_s >= 0:
+            problems.append(f"drain_s must be 0 or more, got {self.drain_s}")
+        if problems:
+            raise ValueError("LoadPlan: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What one run measured over its window (warm-up excluded)."""
+
+    offered_rate: float
+    duration_s: float
+    scheduled: int  # requests whose intended time fell in the window
+    sent: int
+    completed: int  # answered, any status
+    ok: int  # answered 2xx
+    statuses: dict[int, int]  # HTTP status -> count
+    errors: int  # connection refused, reset or closed before the answer, malformed answer
+    unfinished: int  # no answer within drain_s of the last send
+    error_samples: tuple[str, ...]
+    latency: LatencySummary  # of 2xx answers, from the intended send time
+    lag: LagVerdict  # from intended to actual send (a wait for a free connection included)
+    schedule_lag_p99_ms: float  # from intended to the scheduler's hand-off (the generator's own lateness)
+    waited_for_connection: int  # requests that found all max_connections busy
+    connections: int  # the most connections open at once
+    generator_cpu_s: float  # CPU time of the generator process during the run (both threads)
+    wall_s: float
+
+    @property
+    def completed_rate(self) -> float:
+        return self.completed / self.duration_s
+
+    @property
+    def ok_rate(self) -> float:
+        return self.ok / self.duration_s
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["statuses"] = {str(status): count for status, count in sorted(self.statuses.items())}
+        data["error_samples"] = list(self.error_samples)
+        data["completed_rate"] = self.completed_rate
+        data["ok_rate"] = self.ok_rate
+        return data
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection with at most one request in flight."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.current = -1  # index of the request in flight
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+
+    def send(self, index: int, payload: bytes) -> None:
+        assert self.transport is not None
+        self.current = index
+        self.transport.write(payload)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(buffer[:end]).lower()
+        at = head.find(b"\r\ncontent-length:")
+        if at < 0 or not head.startswith(b"http/1."):
+            self._broken(f"malformed or unsupported response (no Content-Length): {bytes(buffer[:80])!r}")
+            return
+        stop = head.find(b"\r\n", at + 2)
+        try:
+            length = int(head[at + 17 : stop if stop > 0 else len(head)])
+            status = int(head[9:12])
+        except ValueError:
+            self._broken(f"malformed response head: {bytes(buffer[:80])!r}")
+            return
+        if len(buffer) < end + 4 + length:
+            return
+        del buffer[: end + 4 + length]
+        index, self.current = self.current, -1
+        if index < 0:
+            self._broken(f"an answer ({status}) to no request")
+            return
+        self.run.answered(self, index, status)
+
+    def _broken(self, message: str) -> None:
+        self.run.note_error(message)
+        if self.transport is not None:
+            self.transport.abort()  # connection_lost fails the request in flight
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.run.lost(self, exc)
+
+
+class _Run:
+    """The state of one run on the generator's event loop."""
+
+    def __init__(self, plan: LoadPlan, times: np.ndarray, loop: asyncio.AbstractEventLoop) -> None:
+        self.plan = plan
+        self.loop = loop
+        self.count = len(times)
+        self.payloads = list(plan.requests)
+        nan = math.nan
+        self.handed = [nan] * self.count  # the scheduler handed it to the loop
+        self.sent = [nan] * self.count  # its bytes were written
+        self.finished = [nan] * self.count
+        self.status = [0] * self.count  # 0: no answer; -1: failed
+        self.idle: list[_Connection] = []
+        self.open: set[_Connection] = set()
+        self.opening = 0
+        self.most_open = 0
+        self.waiting: collections.deque[int] = collections.deque()
+        self.waited = 0
+        self.outstanding = 0
+        self.handed_all = False
+        self.closing = False  # past the drain: requests still in flight are unfinished, not failed
+        self.settled = asyncio.Event()
+        self.error_messages: collections.Counter[str] = collections.Counter()
+        self.start = 0.0  # perf_counter of offset 0
+        self.tasks: set[asyncio.Task[None]] = set()  # connections being opened (the loop keeps only weak references)
+
+    def payload(self, index: int) -> bytes:
+        return self.payloads[index % len(self.payloads)]
+
+    async def connect(self) -> _Connection:
+        _, connection = await self.loop.create_connection(lambda: _Connection(self), self.plan.host, self.plan.port)
+        self.open.add(connection)
+        self.most_open = max(self.most_open, len(self.open))
+        return connection
+
+    def hand(self, low: int, high: int) -> None:
+        """Requests [low, high) are due: send each on an idle connection, on a new one,
+        or queue it for the next free one (latency still counts from its intended time)."""
+        clock = time.perf_counter
+        handed, sent, idle, plan = self.handed, self.sent, self.idle, self.plan
+        for index in range(low, high):
+            now = clock()
+            handed[index] = now
+            self.outstanding += 1
+            if idle:
+                sent[index] = now
+                idle.pop().send(index, self.payload(index))
+            elif len(self.open) + self.opening < plan.max_connections:
+                self.open_for(index)
+            else:
+                self.waiting.append(index)
+                self.waited += 1
+
+    def open_for(self, index: int) -> None:
+        self.opening += 1
+        task = self.loop.create_task(self._open_and_send(index))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _open_and_send(self, index: int) -> None:
+        try:
+            connection = await self.connect()
+        except OSError as error:
+            self.opening -= 1
+            self.fail(index, f"connect: {type(error).__name__}: {error}")
+            return
+        self.opening -= 1
+        self.sent[index] = time.perf_counter()
+        connection.send(index, self.payload(index))
+
+    def answered(self, connection: _Connection, index: int, status: int) -> None:
+        now = time.perf_counter()
+        self.finished[index] = now
+        self.status[index] = status
+        self.outstanding -= 1
+        if self.waiting:
+            following = self.waiting.popleft()
+            self.sent[following] = now
+            connection.send(following, self.payload(following))
+        else:
+            self.idle.append(connection)
+        self._check_settled()
+
+    def fail(self, index: int, message: str) -> None:
+        self.status[index] = -1
+        self.outstanding -= 1
+        self.note_error(message)
+        self._check_settled()
+
+    def note_error(self, message: str) -> None:
+        if len(self.error_messages) < MAX_ERROR_SAMPLES or message in self.error_messages:
+            self.error_messages[message] += 1
+
+    def lost(self, connection: _Connection, exc: Exception | None) -> None:
+        self.open.discard(connection)
+        if connection in self.idle:
+            self.idle.remove(connection)
+        if self.closing:
+            return
+        if connection.current >= 0:
+            reason = f"{type(exc).__name__}: {exc}" if exc is not None else "closed by the server"
+            self.fail(connection.current, f"connection lost before the answer ({reason})")
+            connection.current = -1
+        if self.waiting and len(self.open) + self.opening < self.plan.max_connections:
+            self.open_for(self.waiting.popleft())
+
+    def _check_settled(self) -> None:
+        if self.handed_all and self.outstanding == 0:
+            self.settled.set()
+
+
+def _scheduler(times: Sequence[float], start: float, hand: Callable[[int, int], None], *, loop: Any) -> None:
+    """Sleep until each send time and hand the due requests to the loop (one wake-up
+    for all requests due at once). time.sleep is precise to ~0.1 ms; asyncio's timers
+    are not (millisecond ticks)."""
+    _tighten_timer_slack()
+    clock = time.perf_counter
+    index = 0
+    count = len(times)
+    while index < count:
+        now = clock() - start
+        due = times[index]
+        if due > now:
+            time.sleep(due - now)
+            continue
+        upto = bisect.bisect_right(times, now, lo=index)
+        loop.call_soon_threadsafe(hand, index, upto)
+        index = upto
+
+
+def _tighten_timer_slack() -> None:
+    """Linux lets a sleep overrun by 50 µs by default (timer slack); 1 µs for this thread."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    # Without it only the precision of the send times suffers, and the lag figures show that.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK, nanoseconds
+
+
+async def _run(plan: LoadPlan) -> LoadResult:
+    loop = asyncio.get_running_loop()
+    times = schedule(plan.rate, plan.warmup_s + plan.duration_s, arrivals=plan.arrivals, seed=plan.seed)
+    run = _Run(plan, times, loop)
+    for _ in range(plan.initial_connections):
+        run.idle.append(await run.connect())
+    cpu_began = time.process_time()
+    run.start = time.perf_counter() + 0.01
+    offsets = times.tolist()
+    scheduler = loop.run_in_executor(None, lambda: _scheduler(offsets, run.start, run.hand, loop=loop))
+    # Its future resolves after the last hand-off was queued, so this runs after it.
+    await scheduler
+    run.handed_all = True
+    run._check_settled()
+    last = run.start + (offsets[-1] if offsets else 0.0)
+    remaining = max(0.0, last + plan.drain_s - time.perf_counter())
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(run.settled.wait(), timeout=remaining)
+    wall = time.perf_counter() - run.start
+    cpu = time.process_time() - cpu_began
+    run.closing = True
+    for connection in list(run.open):
+        if connection.transport is not None:
+            connection.transport.abort()
+    await asyncio.sleep(0)  # let connection_lost run before the counts are read
+    return _result(plan, run, np.asarray(offsets), cpu, wall)
+
+
+def _result(plan: LoadPlan, run: _Run, times: np.ndarray, cpu_s: float, wall_s: float) -> LoadResult:
+    first = int(np.searchsorted(times, plan.warmup_s, side="left"))
+    window = slice(first, len(times))
+    origin = run.start + plan.warmup_s
+    intended = times[window] - plan.warmup_s
+    sent = np.asarray(run.sent[window]) - origin
+    handed = np.asarray(run.handed[window]) - origin
+    finished = np.asarray(run.finished[window]) - origin
+    status = np.asarray(run.status[window], dtype=np.int64)
+    answered = status > 0
+    ok = (status >= 200) & (status < 300)
+    codes, counts = np.unique(status[answered], return_counts=True)
+    lag = judge_lag(
+        intended, sent, window_s=plan.duration_s, max_p99_lag_s=plan.max_p99_lag_s, min_send_share=plan.min_send_share
+    )
+    if run.waited and lag.fell_behind:
+        busy = f"all {plan.max_connections} connections were busy {run.waited:,} times: the server did not keep up"
+        lag = replace(lag, reason=f"{lag.reason} ({busy})")
+    handed_lag = handed[~np.isnan(handed)] - intended[~np.isnan(handed)]
+    return LoadResult(
+        offered_rate=plan.rate,
+        duration_s=plan.duration_s,
+        scheduled=len(intended),
+        sent=int((~np.isnan(sent)).sum()),
+        completed=int(answered.sum()),
+        ok=int(ok.sum()),
+        statuses={int(c): int(n) for c, n in zip(codes, counts, strict=True)},
+        errors=int((status < 0).sum()),
+        unfinished=int((status == 0).sum()),
+        error_samples=tuple(f"{message} (x{count})" for message, count in run.error_messages.most_common()),
+        latency=summarize(finished[ok] - intended[ok]),
+        lag=lag,
+        schedule_lag_p99_ms=float(np.percentile(handed_lag, 99)) * 1000 if len(handed_lag) else math.nan,
+        waited_for_connection=run.waited,
+        connections=run.most_open,
+        generator_cpu_s=cpu_s,
+        wall_s=wall_s,
+    )
+
+
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def _run_in_this_process(plan: LoadPlan) -> LoadResult:
+    """One run on a fresh event loop of this process (the generator process's entry)."""
+    sys.setswitchinterval(_SCHEDULER_SWITCH_S)  # the scheduler thread wakes on time when the loop is busy
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        return runner.run(_run(plan))
+
+
+class LoadGenerator:
+    """A generator process of its own (spawned on first use, reused by each `run`)."""
+
+    def __init__(self) -> None:
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def run(self, plan: LoadPlan) -> LoadResult:
+        if self._executor is None:
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn")
+            )
+        limit = plan.warmup_s + plan.duration_s + plan.drain_s + 60.0
+        return self._executor.submit(_run_in_this_process, plan).result(timeout=limit)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self) -> LoadGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_load(plan: LoadPlan) -> LoadResult:
+    """One run in a fresh generator process (`LoadGenerator` reuses one over many runs)."""
+    with LoadGenerator() as generator:
+        return generator.run(plan)
