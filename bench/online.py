@@ -82,9 +82,9 @@ from schemas import TRANSACTIONS
 # shadow the `serving` package: the repo root goes first, bench/ last.
 BENCH = Path(__file__).resolve().parent
 sys.path[:] = [str(BENCH.parent), *(e for e in sys.path if Path(e or ".").resolve() != BENCH), str(BENCH)]
-import _smoke
-from _harness import proc_cpu_s, redis_cpu_s
-from _redis_keys import unlink_matching
+import _smoke  # noqa: E402
+from _harness import proc_cpu_s, redis_cpu_s  # noqa: E402
+from _redis_keys import unlink_matching  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
