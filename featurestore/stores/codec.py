@@ -236,20 +236,27 @@ def decode_matrix(view: ViewSpec, raws: Sequence[bytes | None], positions: Seque
         return as_of, matrix
     shape = layout(view)
     if shape.fixed is not None:
-        dtype = _packed_dtype(view, shape)
-        present = [raws[index] for index in rows]
-        if all(len(raw) == dtype.itemsize for raw in present):  # type: ignore[arg-type]
+        complete = len(rows) == count
+        present = raws if complete else [raws[index] for index in rows]
+        uniform = len(set(shape.dtypes)) == 1 and shape.dtypes[0] in _FLOAT_CODES
+        dtype = _record_dtype(view, shape) if uniform else _packed_dtype(view, shape)
+        if set(map(len, present)) == {dtype.itemsize}:  # type: ignore[arg-type]
             records: Any = np.frombuffer(b"".join(present), dtype=dtype)  # type: ignore[arg-type]
             if bool((records["codec"] == shape.codec).all()) and bool((records["version"] == shape.version).all()):
+                if uniform:  # every feature one float type: one gather, no loop over fields
+                    block = records["values"][:, list(positions)].astype(np.float64)
+                else:
+                    block = np.empty((len(rows), len(positions)))
+                    for column, position in enumerate(positions):
+                        block[:, column] = records[f"f{position}"]
+                bitmap = records["bitmap"]
+                if bitmap.any():
+                    nulls = np.unpackbits(bitmap, axis=1, bitorder="little")[:, list(positions)].astype(bool)
+                    block[nulls] = np.nan
+                if complete:
+                    return records["as_of"].astype(np.int64), block
                 where = np.asarray(rows)
                 as_of[where] = records["as_of"].astype(np.int64)
-                block = np.empty((len(rows), len(positions)))
-                for column, position in enumerate(positions):
-                    block[:, column] = records[f"f{position}"]
-                bits = np.unpackbits(records["bitmap"], axis=1, bitorder="little")
-                nulls = bits[:, list(positions)].astype(bool)
-                if nulls.any():
-                    block[nulls] = np.nan
                 matrix[where] = block
                 return as_of, matrix
     for index in rows:

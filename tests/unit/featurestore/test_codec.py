@@ -11,7 +11,16 @@ from hypothesis import given
 
 from featurestore import Count, Entity, Last, Max, Mean, Source, Sum, feature_view
 from featurestore.plan import ViewSpec, compile_definitions
-from featurestore.stores.codec import HEADER, decode, decode_many, encode, encode_columns, online_key, online_keys
+from featurestore.stores.codec import (
+    HEADER,
+    decode,
+    decode_many,
+    decode_matrix,
+    encode,
+    encode_columns,
+    online_key,
+    online_keys,
+)
 from schemas import TRANSACTIONS
 
 USER = Entity("user", key="user_id")
@@ -177,3 +186,36 @@ def test_nan_stays_nan_in_both_float32_encoders() -> None:
     )
     assert packed == column[0]
     assert np.isnan(decode(FLOAT32, packed)[1][0])
+
+
+@pytest.mark.parametrize(
+    "view", [FLOATS, FLOAT32, FIXED, NARROW_MIXED, MIXED], ids=lambda v: v.name + str(len(v.features))
+)
+@given(data=st.data())
+def test_decode_matrix_equals_value_by_value(view: ViewSpec, data: st.DataObject) -> None:
+    """What the model server reads (a float matrix, NaN for null or absent, -1 as_of for
+    absent) is what `decode` gives, for every layout: uniform floats (one gather),
+    mixed fixed-width (a field loop), variable width (value by value)."""
+    numeric = [i for i, f in enumerate(view.features) if f.dtype != "string"]
+    positions = data.draw(st.lists(st.sampled_from(numeric), min_size=1, max_size=len(numeric)))
+
+    def value(dtype: str) -> Any:
+        if dtype == "string":
+            return st.one_of(st.none(), st.text(max_size=5))
+        if dtype.startswith("int"):
+            return st.one_of(st.none(), st.integers(-(2**53), 2**53))
+        return st.one_of(st.none(), st.floats(-1e30, 1e30))
+
+    row = st.tuples(*(value(f.dtype) for f in view.features)).map(list)
+    rows = data.draw(st.lists(st.one_of(st.none(), row), max_size=30))
+    raws = [None if r is None else encode(view, 10 + i, r) for i, r in enumerate(rows)]
+    as_of, matrix = decode_matrix(view, raws, positions)
+    for index, raw in enumerate(raws):
+        if raw is None:
+            assert as_of[index] == -1
+            assert np.isnan(matrix[index]).all()
+            continue
+        time, values = decode(view, raw)
+        assert as_of[index] == time
+        expected = [np.nan if values[p] is None else float(values[p]) for p in positions]
+        np.testing.assert_array_equal(matrix[index], expected)
