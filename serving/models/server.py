@@ -91,6 +91,15 @@ class Route:
 
 
 @dataclass(frozen=True)
+class _Counted:
+    lookup: Any
+    batch_rows: Any
+    predictions: Any
+    queue_wait: Any
+    entities: tuple[Any, ...]  # by status code
+
+
+@dataclass(frozen=True)
 class _Work:
     entities: Sequence[Any]
     future: asyncio.Future[Answer]
@@ -120,6 +129,7 @@ class ModelServer:
         self._clock = clock
         self._wall = wall
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._children: dict[tuple[str, int], _Counted] = {}
         self._providers: list[str] = []
         self.started = False
 
@@ -322,20 +332,24 @@ class ModelServer:
             if not isinstance(error, TransientError):
                 log.exception("batch of %s failed", route.name)
             return
-        metrics = self.metrics
-        name = route.name
-        metrics.lookup_seconds.labels(name).observe(looked_up - started)
-        metrics.batch_rows.labels(name).observe(len(entities))
-        metrics.predictions.labels(name, str(loaded.card.version)).inc(int(vectors.scored.sum()))
+        counted = self._counted(route.name, loaded.card.version)
+        counted.lookup.observe(looked_up - started)
+        counted.batch_rows.observe(len(entities))
+        counted.predictions.inc(int(vectors.scored.sum()))
         score_list = scores.tolist()
-        status_list = [STATUS_NAMES[s] for s in vectors.status.tolist()]
-        for code, count in zip(*np.unique(vectors.status, return_counts=True), strict=True):
-            metrics.entities.labels(name, STATUS_NAMES[int(code)]).inc(int(count))
+        by_status = np.bincount(vectors.status, minlength=len(STATUS_NAMES)).tolist()
+        for code, count in enumerate(by_status):
+            if count:
+                counted.entities[code].inc(count)
+        if by_status[0] == len(entities):  # all found, the common case: no lookup per row
+            status_list = [STATUS_NAMES[0]] * len(entities)
+        else:
+            status_list = [STATUS_NAMES[s] for s in vectors.status.tolist()]
         as_of_list, age_list = _freshness(vectors.as_of_us, read_at)
         offset = 0
         for item in items:
             end = offset + item.rows
-            metrics.queue_wait.labels(name).observe(started - item.enqueued)
+            counted.queue_wait.observe(started - item.enqueued)
             future = item.payload.future
             if not future.done():
                 future.set_result(
@@ -349,6 +363,21 @@ class ModelServer:
                     )
                 )
             offset = end
+
+    def _counted(self, name: str, version: int) -> _Counted:
+        """The metric children of one model version (`labels()` costs as much as an update)."""
+        key = (name, version)
+        counted = self._children.get(key)
+        if counted is None:
+            metrics = self.metrics
+            counted = self._children[key] = _Counted(
+                lookup=metrics.lookup_seconds.labels(name),
+                batch_rows=metrics.batch_rows.labels(name),
+                predictions=metrics.predictions.labels(name, str(version)),
+                queue_wait=metrics.queue_wait.labels(name),
+                entities=tuple(metrics.entities.labels(name, status) for status in STATUS_NAMES),
+            )
+        return counted
 
     async def _read(self, requests: list[tuple[Any, Sequence[Any]]]) -> Any:
         """Every view's values for a batch, in one round trip, past the guard."""
