@@ -127,3 +127,25 @@ def test_unreachable_redis_is_a_fast_clear_error() -> None:
     with pytest.raises(TransientError, match=r"online store Redis at redis://127.0.0.1:1/0: ConnectionError"):
         store.read(VIEW, [1])
     assert time.perf_counter() - began < 5
+
+
+def test_several_views_read_in_one_call_equal_one_read_each(store: OnlineStore) -> None:
+    import asyncio
+
+    other = _view(extra=True)
+    store.write(VIEW, rows(VIEW, [(1, T0, [1, 1.0, 1.0, 1.0, "EUR"]), (2, T0, [2, 2.0, 2.0, 2.0, "USD"])]))
+    store.write(other, rows(other, [(2, T0, [5, 5.0, 5.0, 5.0, "GBP", 3])]))
+    requests = [(VIEW, [2, 7, 1]), (other, [1, 2])]
+    expected = [store.read(view, keys) for view, keys in requests]
+    assert expected[1][0] is None
+    assert store.read_many(requests) == expected  # type: ignore[attr-defined]
+    if hasattr(store, "aread_many"):
+
+        async def twice() -> list[Any]:
+            # The second call reuses the connection the first one leased.
+            first = await store.aread_many(requests)
+            second = await store.aread_many(requests)
+            await store.aclose()
+            return [first, second]
+
+        assert asyncio.run(twice()) == [expected, expected]
