@@ -6,7 +6,7 @@ per-request work is parsing, enqueueing and writing the answer, nothing else).
                         -> {"model": "buys", "version": 3, "served_by": "buys@3", "precision": "fp32",
                             "device": "cpu", "degraded": false, "scores": [0.12, null],
                             "status": ["found", "missing"], "as_of_ms": [1765000000000, null],
-                            "age_s": [2.5, null]}
+                            "read_at_ms": 1765000002500}
     GET  /models        what is served: version, precision, device, features, queue
     GET  /health/live   the process answers
     GET  /health/ready  every served model is loaded and warm, and the online store answers
@@ -166,9 +166,8 @@ def render(answer: Answer) -> bytes:
             "scores": answer.scores,
             "status": answer.status,
             "as_of_ms": answer.as_of_ms,
-            "age_s": answer.age_s,
+            "read_at_ms": answer.read_at_ms,
         },
-        option=orjson.OPT_SERIALIZE_NUMPY,
     )
 
 

@@ -4,6 +4,7 @@
         prediction = client.predict("buys", [17, 42], priority="critical", deadline_ms=100)
         prediction.scores     # [0.12, 0.53]
         prediction.status     # ["found", "stale"]
+        prediction.age_s      # [2.5, 90061.0]: seconds since each entity's as_of
         prediction.served_by  # "buys@3"
 
 One pooled keep-alive connection set per client (httpx); every call has a timeout,
@@ -47,7 +48,12 @@ class Prediction:
     scores: list[float | None]
     status: list[str]
     as_of_ms: list[int | None]
-    age_s: list[float | None]
+    read_at_ms: int  # when the server read the features
+
+    @property
+    def age_s(self) -> list[float | None]:
+        """Each entity's feature age in seconds when read (None: no features)."""
+        return [None if t is None else (self.read_at_ms - t) / 1000 for t in self.as_of_ms]
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Prediction:

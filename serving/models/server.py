@@ -75,7 +75,7 @@ class Answer:
     scores: list[float | None]
     status: list[str]
     as_of_ms: list[int | None]
-    age_s: list[float | None]
+    read_at_ms: int  # when the batch read the online store: age = read_at_ms - as_of_ms
     queued_s: float
 
 
@@ -345,7 +345,8 @@ class ModelServer:
             status_list = [STATUS_NAMES[0]] * len(entities)
         else:
             status_list = [STATUS_NAMES[s] for s in vectors.status.tolist()]
-        as_of_list, age_list = _freshness(vectors.as_of_us, read_at)
+        as_of_list = _as_of_ms(vectors.as_of_us)
+        read_at_ms = read_at // 1000
         offset = 0
         for item in items:
             end = offset + item.rows
@@ -358,7 +359,7 @@ class ModelServer:
                         score_list[offset:end],
                         status_list[offset:end],
                         as_of_list[offset:end],
-                        age_list[offset:end],
+                        read_at_ms,
                         started - item.enqueued,
                     )
                 )
@@ -433,17 +434,14 @@ class ModelServer:
         return found
 
 
-def _freshness(as_of_us: np.ndarray, read_at_us: int) -> tuple[list[int | None], list[float | None]]:
-    """(as_of in ms, age in s to the ms) per row, None where a view had no value: once
-    per batch in numpy, not per entity in Python."""
-    missing = as_of_us < 0
+def _as_of_ms(as_of_us: np.ndarray) -> list[int | None]:
+    """as_of in ms per row, None where a view had no value: once per batch in numpy."""
     as_of_ms: list[int | None] = (as_of_us // 1000).tolist()
-    ages: list[float | None] = np.round((read_at_us - as_of_us) / 1e6, 3).tolist()
+    missing = as_of_us < 0
     if missing.any():
         for row in np.flatnonzero(missing).tolist():
             as_of_ms[row] = None
-            ages[row] = None
-    return as_of_ms, ages
+    return as_of_ms
 
 
 def _fail(future: asyncio.Future[Any], error: Exception) -> None:

@@ -513,6 +513,11 @@ def serve_models(
         access_log=False,
         loop="uvloop",
         http="httptools",
+        # Per-request work uvicorn would do for every prediction: X-Forwarded-* rewriting
+        # (a proxy in front sets its own), and the Server and Date headers.
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
     )
 
 
