@@ -44,7 +44,7 @@ log = logging.getLogger("tenx.models")
 class ModelServerSettings:
     registry_dir: Path
     models: tuple[str, ...] = ()  # empty: every deployed model (and ones deployed later)
-    max_batch_rows: int = 256
+    max_batch_rows: int = 1024  # a batch only grows this big under load; at low load it is one request
     max_wait_ms: float = 0.0  # 0: a batch goes as soon as the runtime is free (it fills under load)
     queue_rows: int = 8192  # per priority class
     default_deadline_ms: float = 1000.0

@@ -412,7 +412,13 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
 @click.option(
     "--model", "names", multiple=True, help="Serve only this model (repeatable; default: every deployed one)."
 )
-@click.option("--max-batch-rows", default=256, show_default=True, type=click.IntRange(1), help="Rows per batch.")
+@click.option(
+    "--max-batch-rows",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Most rows per inference batch (a batch grows toward it only under load).",
+)
 @click.option(
     "--max-wait-ms",
     default=0.0,
