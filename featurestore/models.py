@@ -33,6 +33,7 @@ from typing import Any
 
 from featurestore.errors import RegistryError, TerminalError
 from featurestore.plan.model import Plan
+from featurestore.registry import atomic_write
 
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 MAX_AUC_DROP = 0.005  # a precision variant losing more holdout AUC than this is refused
@@ -318,7 +319,7 @@ class ModelRegistry:
         merged = self.variants(name, version)
         merged.update({v.precision: v for v in variants})
         text = json.dumps({p.value: v.to_dict() for p, v in merged.items()}, indent=2) + "\n"
-        _atomic_write(self.folder(name, version) / "variants.json", text)
+        atomic_write(self.folder(name, version) / "variants.json", text)
 
     def deployment(self, name: str) -> Deployment | None:
         path = self.root / name / "deployed.json"
@@ -351,7 +352,7 @@ class ModelRegistry:
         )
         with (self.root / name / "history.jsonl").open("a") as handle:
             handle.write(json.dumps(deployment.to_dict()) + "\n")
-        _atomic_write(self.root / name / "deployed.json", json.dumps(deployment.to_dict(), indent=2) + "\n")
+        atomic_write(self.root / name / "deployed.json", json.dumps(deployment.to_dict(), indent=2) + "\n")
         return deployment
 
     def history(self, name: str) -> list[Deployment]:
@@ -369,15 +370,3 @@ def _remove(folder: Path) -> None:
     for path in folder.iterdir():
         path.unlink(missing_ok=True)
     folder.rmdir()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

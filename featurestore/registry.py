@@ -103,7 +103,7 @@ class FileRegistry:
         version = plan.version
         plan_path = self._plan_path(version)
         if not plan_path.exists():
-            _atomic_write(plan_path, plan.to_json())
+            atomic_write(plan_path, plan.to_json())
         record = ApplyRecord(
             version=version,
             applied_at=self._clock.now(UTC).isoformat(timespec="seconds"),
@@ -114,7 +114,7 @@ class FileRegistry:
         history.parent.mkdir(parents=True, exist_ok=True)
         with history.open("a") as handle:
             handle.write(json.dumps(asdict(record)) + "\n")
-        _atomic_write(self.root / "current", version + "\n")
+        atomic_write(self.root / "current", version + "\n")
         return record
 
 
@@ -139,7 +139,7 @@ def _user() -> str:
         return "unknown"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

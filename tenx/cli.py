@@ -23,6 +23,7 @@ from tenx.commands.common import (
     EXIT_FAILURE,
     EXIT_USAGE,
     applied_plan,
+    check_port_free,
     compile_plan,
     config_option,
     console,
@@ -32,8 +33,10 @@ from tenx.commands.common import (
     online_store,
     print_error,
     progress_bar,
+    read_token,
     settings_of,
     store_name,
+    token_options,
     view_or_error,
 )
 from tenx.commands.models import models, predict, serve_models, train
@@ -748,19 +751,7 @@ def _now_us() -> int:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), help="Port.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="uvicorn worker processes.")
-@click.option(
-    "--token",
-    envvar="TENX_API_TOKEN",
-    default=None,
-    help="Require `Authorization: Bearer TOKEN` ($TENX_API_TOKEN; prefer --token-file: a command line shows in `ps`).",
-)
-@click.option(
-    "--token-file",
-    envvar="TENX_API_TOKEN_FILE",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Read the bearer token from this file ($TENX_API_TOKEN_FILE).",
-)
+@token_options
 @click.option(
     "--max-values",
     envvar="TENX_API_MAX_VALUES",
@@ -789,19 +780,11 @@ def serve(
     applied_plan(settings)  # fail now, with the fix, rather than serve 503s
     if settings.config_file is not None:
         os.environ["TENX_CONFIG"] = str(settings.config_file)
-    if token_file is not None:
-        if token:
-            raise ConfigError("give the token once: --token (or $TENX_API_TOKEN) or --token-file, not both")
-        try:
-            token = token_file.read_text().strip()
-        except OSError as error:
-            raise ConfigError(f"--token-file {token_file}: {error.strerror}") from error
-        if not token:
-            raise ConfigError(f"--token-file {token_file} is empty: write the token into it")
+    token = read_token(token, token_file)
     if token:
         os.environ["TENX_API_TOKEN"] = token  # the worker processes' environment, not their command line
     os.environ["TENX_API_MAX_VALUES"] = str(max_values)
-    _check_port_free(host, port)
+    check_port_free(host, port)
     console.print(f"tenx feature API on http://{host}:{port} ({store_name(settings)})")
     uvicorn.run(
         "serving.app:app_from_environment",
@@ -814,25 +797,6 @@ def serve(
         loop="uvloop",
         http="httptools",
     )
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Say so before announcing the API, rather than after, in uvicorn's words."""
-    import errno
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as error:
-        raise ConfigError(f"--host {host}: {error}") from error
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as error:
-            hint = "; pass another --port" if error.errno == errno.EADDRINUSE else ""
-            raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror}){hint}") from error
 
 
 # -- verify and quickstart -------------------------------------------------------------------

@@ -47,7 +47,7 @@ from serving.errors import DeadlineExceeded, Overloaded, SkewError, UnknownModel
 from serving.models.batcher import Priority
 from serving.models.metrics import ModelMetrics, exposition
 from serving.models.policies import Guard, Router
-from serving.models.server import Answer, ModelServer, ModelServerSettings, describe
+from serving.models.server import Answer, ModelServer, ModelServerSettings, Route, describe
 
 MAX_BODY_BYTES = 1 << 20
 MAX_ENTITIES = 10_000
@@ -121,10 +121,10 @@ def parse_predict(body: bytes, headers: dict[bytes, bytes], *, default_deadline_
     return PredictRequest(model, entities, priority, tenant, float(deadline))
 
 
-def entity_keys(server: ModelServer, model: str, entities: list[Any]) -> list[Any]:
+def entity_keys(route: Route, entities: list[Any]) -> list[Any]:
     """The lookup keys: scalars for a model with one entity key (an int64 key also takes
     strings of digits), mappings key -> value when its views have several."""
-    route = server.route_for(model)
+    model = route.name
     loaded = route.loaded
     if loaded is None:
         return entities
@@ -248,7 +248,7 @@ class PredictEndpoint:
                 request.model, entities=len(request.entities), priority=request.priority, tenant=request.tenant
             )
             route = server.route_for(name)
-            keys = entity_keys(server, name, request.entities)
+            keys = entity_keys(route, request.entities)
             future = server.submit(route, keys, priority=request.priority, deadline_s=request.deadline_ms / 1000)
         except (BadRequest, ValueError) as error:
             return 400, _error(str(error)), [], "-"

@@ -97,8 +97,11 @@ def _answer(response: httpx.Response) -> Prediction:
     raise TransientError(f"model server answered HTTP {status}: {message}")
 
 
-def _timeout_error(error: httpx.TimeoutException, url: str) -> TransientError:
-    return DeadlineExceeded(f"model server at {url} did not answer in time ({type(error).__name__})")
+def _transport_error(error: httpx.TransportError, url: str) -> TransientError:
+    """A timeout is a missed deadline; any other transport failure, an unavailable server."""
+    if isinstance(error, httpx.TimeoutException):
+        return DeadlineExceeded(f"model server at {url} did not answer in time ({type(error).__name__})")
+    return ModelUnavailable(f"model server at {url}: {type(error).__name__}: {error}")
 
 
 class ModelClient:
@@ -135,10 +138,8 @@ class ModelClient:
             response = self._client.post(
                 "/predict", content=body, headers=headers, timeout=timeout if timeout else httpx.USE_CLIENT_DEFAULT
             )
-        except httpx.TimeoutException as error:
-            raise _timeout_error(error, self.url) from error
         except httpx.TransportError as error:
-            raise ModelUnavailable(f"model server at {self.url}: {type(error).__name__}: {error}") from error
+            raise _transport_error(error, self.url) from error
         return _answer(response)
 
     def close(self) -> None:
@@ -185,10 +186,8 @@ class AsyncModelClient:
             response = await self._client.post(
                 "/predict", content=body, headers=headers, timeout=timeout if timeout else httpx.USE_CLIENT_DEFAULT
             )
-        except httpx.TimeoutException as error:
-            raise _timeout_error(error, self.url) from error
         except httpx.TransportError as error:
-            raise ModelUnavailable(f"model server at {self.url}: {type(error).__name__}: {error}") from error
+            raise _transport_error(error, self.url) from error
         return _answer(response)
 
     async def aclose(self) -> None:

@@ -154,3 +154,55 @@ def progress_bar() -> Progress:
         transient=True,
         disable=not errors.is_terminal,  # off a terminal a bar only leaves a blank line
     )
+
+
+def token_options(command: Any) -> Any:
+    """`--token` / `--token-file`, shared by the servers (`serve`, `serve-models`)."""
+    command = click.option(
+        "--token-file",
+        envvar="TENX_API_TOKEN_FILE",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        help="Read the bearer token from this file ($TENX_API_TOKEN_FILE).",
+    )(command)
+    return click.option(
+        "--token",
+        envvar="TENX_API_TOKEN",
+        default=None,
+        help="Require `Authorization: Bearer TOKEN` ($TENX_API_TOKEN; prefer --token-file: a command line shows in "
+        "`ps`).",
+    )(command)
+
+
+def read_token(token: str | None, token_file: Path | None) -> str | None:
+    """The bearer token from --token or --token-file (one of them, a non-empty file)."""
+    if token_file is None:
+        return token
+    if token:
+        raise ConfigError("give the token once: --token (or $TENX_API_TOKEN) or --token-file, not both")
+    try:
+        text = token_file.read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"--token-file {token_file}: {error.strerror}") from error
+    if not text:
+        raise ConfigError(f"--token-file {token_file} is empty: write the token into it")
+    return text
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Say so before announcing a server, rather than after, in uvicorn's words."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as error:
+        raise ConfigError(f"--host {host}: {error}") from error
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            hint = "; pass another --port" if error.errno == errno.EADDRINUSE else ""
+            raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror}){hint}") from error

@@ -26,7 +26,17 @@ from featurestore.models import (
     parse_model_ref,
 )
 from featurestore.registry import FileRegistry
-from tenx.commands.common import applied_plan, config_option, console, friendly, settings_of, store_name
+from tenx.commands.common import (
+    applied_plan,
+    check_port_free,
+    config_option,
+    console,
+    friendly,
+    read_token,
+    settings_of,
+    store_name,
+    token_options,
+)
 
 KINDS = ("logistic", "gbdt", "mlp")
 
@@ -435,19 +445,7 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
     help="Deadline of a request that gives none.",
 )
 @click.option("--cpu", "cpu_only", is_flag=True, help="Run on the CPU even where a GPU provider is available.")
-@click.option(
-    "--token",
-    envvar="TENX_API_TOKEN",
-    default=None,
-    help="Require `Authorization: Bearer TOKEN` ($TENX_API_TOKEN; prefer --token-file: a command line shows in `ps`).",
-)
-@click.option(
-    "--token-file",
-    envvar="TENX_API_TOKEN_FILE",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Read the bearer token from this file ($TENX_API_TOKEN_FILE).",
-)
+@token_options
 @config_option
 @friendly
 def serve_models(
@@ -470,8 +468,6 @@ def serve_models(
     ONNX Runtime (CUDA/TensorRT when present, else the CPU)."""
     import uvicorn
 
-    from tenx.cli import _check_port_free
-
     settings = settings_of(config_file)
     applied_plan(settings)
     registry = model_registry(settings)
@@ -482,15 +478,7 @@ def serve_models(
             raise ConfigError(f"model `{name}` is not deployed: `tenx models deploy {name}` first")
     if settings.config_file is not None:
         os.environ["TENX_CONFIG"] = str(settings.config_file)
-    if token_file is not None:
-        if token:
-            raise ConfigError("give the token once: --token (or $TENX_API_TOKEN) or --token-file, not both")
-        try:
-            token = token_file.read_text().strip()
-        except OSError as error:
-            raise ConfigError(f"--token-file {token_file}: {error.strerror}") from error
-        if not token:
-            raise ConfigError(f"--token-file {token_file} is empty: write the token into it")
+    token = read_token(token, token_file)
     if token:
         os.environ["TENX_API_TOKEN"] = token  # the workers' environment, not their command line
     os.environ["TENX_MODEL_SERVER"] = json.dumps(
@@ -506,7 +494,7 @@ def serve_models(
     if workers > 1:
         # Each worker writes its metric values here; /metrics in any of them merges all.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tenx-metrics-")
-    _check_port_free(host, port)
+    check_port_free(host, port)
     served = ", ".join(names or tuple(sorted(deployed))) or "none deployed yet"
     console.print(f"tenx model server on http://{host}:{port} ({served}; features from {store_name(settings)})")
     uvicorn.run(
