@@ -47,7 +47,8 @@ from serving.errors import DeadlineExceeded, Overloaded, SkewError, UnknownModel
 from serving.models.batcher import Priority
 from serving.models.metrics import ModelMetrics, exposition
 from serving.models.policies import Guard, Router
-from serving.models.server import Answer, ModelServer, ModelServerSettings, Route, describe
+from serving.models.server import Answer, ModelServer, ModelServerSettings, describe
+from serving.models.server import Route as ModelRoute
 
 MAX_BODY_BYTES = 1 << 20
 MAX_ENTITIES = 10_000
@@ -121,7 +122,7 @@ def parse_predict(body: bytes, headers: dict[bytes, bytes], *, default_deadline_
     return PredictRequest(model, entities, priority, tenant, float(deadline))
 
 
-def entity_keys(route: Route, entities: list[Any]) -> list[Any]:
+def entity_keys(route: ModelRoute, entities: list[Any]) -> list[Any]:
     """The lookup keys: scalars for a model with one entity key (an int64 key also takes
     strings of digits), mappings key -> value when its views have several."""
     model = route.name
