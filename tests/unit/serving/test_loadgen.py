@@ -172,8 +172,10 @@ def test_latency_is_the_service_time_at_a_rate_the_server_keeps_up_with(
     assert result.statuses == {200: result.scheduled}
     assert result.ok == result.sent == result.scheduled
     assert result.scheduled == pytest.approx(450, abs=5 * math.sqrt(450))
-    assert result.latency.p50_ms == pytest.approx(SERVICE_S * 1000, rel=0.10)
-    assert result.latency.p50_ms >= SERVICE_S * 1000  # measured from the intended time: never below
+    # Measured from the intended time, so never below the service time; above it by what
+    # a loaded 2-core CI machine adds to a 10 ms thread sleep (11.06 ms seen in CI).
+    assert result.latency.p50_ms >= SERVICE_S * 1000
+    assert result.latency.p50_ms <= SERVICE_S * 1000 * 1.25
     assert not result.lag.fell_behind, result.lag.reason
     assert result.connections >= 5  # at 300/s and 10 ms each, ~3 are in flight: the pool grew from 4
 
