@@ -18,10 +18,12 @@ from featurestore.definitions import (
     Window,
     feature_view,
 )
+from featurestore.definitions.route import CACHE, Route, route
 from featurestore.errors import CompileError, CompileProblem, ConfigError, TenxError
 from featurestore.plan import Plan, compile_definitions, compile_repo
 
 __all__ = [
+    "CACHE",
     "CompileError",
     "CompileProblem",
     "ConfigError",
@@ -34,6 +36,7 @@ __all__ = [
     "Mean",
     "Min",
     "Plan",
+    "Route",
     "Source",
     "Std",
     "Sum",
@@ -42,4 +45,5 @@ __all__ = [
     "compile_definitions",
     "compile_repo",
     "feature_view",
+    "route",
 ]

@@ -80,6 +80,10 @@ _KEYS: dict[str, Any] = {
         "pool_size": _Value(int, "a whole number of connections, at least 1"),
         "pool_timeout": _Value((int, float), "a number of seconds above 0"),
     },
+    "model_server": {
+        "tenants": _Value(dict, "a mapping tenant -> {rate, burst, weight, priority, tier} ('*': every other)"),
+        "breaker": _Value(dict, "a mapping of circuit breaker settings (window, minimum_calls, failure_rate, ...)"),
+    },
     "kafka": {
         "bootstrap": _Value(str, "a string like host:port[,host:port]"),
         "options": _Value(dict, "a mapping of librdkafka settings (security.protocol: SASL_SSL, ...)"),
@@ -106,6 +110,7 @@ class Settings:
     kafka_options: Mapping[str, str] = field(default_factory=dict)  # librdkafka settings (SASL, TLS)
     redis_pool_size: int = REDIS_POOL_SIZE  # connections per Redis client (per node on a cluster)
     redis_pool_timeout_s: float = REDIS_POOL_TIMEOUT_S  # wait for a free connection, then a TransientError
+    model_server: Mapping[str, Any] = field(default_factory=dict)  # tenants and breaker (serving.models.config)
 
     @property
     def offline_dir(self) -> Path:
@@ -203,6 +208,7 @@ def load_settings(
         kafka_options=kafka_options(env, section("kafka").get("options") or {}, where=f"{path}: `kafka.options`"),
         redis_pool_size=pool_size,
         redis_pool_timeout_s=pool_timeout_s,
+        model_server=section("model_server"),
     )
 
 

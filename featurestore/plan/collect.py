@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 from featurestore.definitions import Entity, FeatureView, Source, feature_view
+from featurestore.definitions.route import Route
 from featurestore.errors import CompileProblem
 
 _SKIP_DIRS = {"__pycache__", "tests", "test", "data", "node_modules", "venv", "build", "dist"}
@@ -30,6 +31,7 @@ class Collected:
     entities: list[Entity] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)
     views: list[FeatureView] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
     problems: list[CompileProblem] = field(default_factory=list)
 
 
@@ -89,6 +91,8 @@ def collect(repo_dir: Path, module_names: Sequence[str]) -> Collected:
                 found.sources.append(value)
             elif isinstance(value, FeatureView):
                 found.views.append(value)
+            elif isinstance(value, Route):
+                found.routes.append(value)
             else:
                 continue
             seen.add(id(value))
@@ -213,3 +217,25 @@ def _view_name(statement: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
 def _line_of(statement: ast.FunctionDef | ast.AsyncFunctionDef, filename: str) -> str:
     """`features.py:17`: the first decorator's line, as FeatureView.location prints it."""
     return f"{os.path.basename(filename)}:{statement.decorator_list[0].lineno}"
+
+
+def collect_routes(repo_dir: Path, modules: Sequence[str] | None = None) -> dict[str, Route]:
+    """The model routes a feature repo declares (`featurestore.route`), by name. Raises
+    CompileError when a module does not import or two routes share a name."""
+    from featurestore.errors import CompileError
+
+    repo_dir = repo_dir.resolve()
+    names = list(modules) if modules is not None else modules_under(repo_dir)
+    with repo_on_path(repo_dir):
+        found = collect(repo_dir, names)
+    problems = list(found.problems)
+    routes: dict[str, Route] = {}
+    for declared in found.routes:
+        if declared.name in routes and routes[declared.name] != declared:
+            problems.append(
+                CompileProblem("", f"route `{declared.name}`", "declared twice; give each route its own name")
+            )
+        routes[declared.name] = declared
+    if problems:
+        raise CompileError(problems)
+    return routes

@@ -28,9 +28,10 @@ import contextlib
 import gc
 import hmac
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,12 +42,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from featurestore.definitions.route import Route as RouteSpec
 from featurestore.errors import TransientError
 from serving.api import INT64_MAX, INT64_MIN, _entity_keys, _not_a_key
 from serving.errors import DeadlineExceeded, Overloaded, SkewError, UnknownModelError
+from serving.models.admission import Rejected, TenantPolicy, Tenants
 from serving.models.batcher import Priority
+from serving.models.breaker import Breakers, BreakerSettings, BreakerState
 from serving.models.metrics import ModelMetrics, exposition
-from serving.models.policies import Guard, Router
+from serving.models.policies import Guard
 from serving.models.server import Answer, ModelServer, ModelServerSettings, describe
 from serving.models.server import Route as ModelRoute
 
@@ -54,7 +58,7 @@ MAX_BODY_BYTES = 1 << 20
 MAX_ENTITIES = 10_000
 MAX_DEADLINE_MS = 600_000
 RETRY_AFTER_S = 1
-_FIELDS = frozenset({"model", "entities", "priority", "tenant", "deadline_ms"})
+_FIELDS = frozenset({"model", "entities", "priority", "tenant", "deadline_ms", "context"})
 _JSON = [(b"content-type", b"application/json")]
 log = logging.getLogger("tenx.models")
 
@@ -63,9 +67,10 @@ log = logging.getLogger("tenx.models")
 class PredictRequest:
     model: str
     entities: list[Any]
-    priority: Priority
+    priority: Priority | None  # None: the tenant's default class (tenx.yaml), else default
     tenant: str
     deadline_ms: float
+    context: dict[str, Any]
 
 
 class BadRequest(ValueError):
@@ -84,7 +89,9 @@ def parse_predict(body: bytes, headers: dict[bytes, bytes], *, default_deadline_
         raise BadRequest('the body must be a JSON object, e.g. {"model": "buys", "entities": [1, 2]}')
     if not data.keys() <= _FIELDS:
         unknown = ", ".join(sorted(set(data) - _FIELDS))
-        raise BadRequest(f"unknown field(s) {unknown}; expected model, entities, priority, tenant, deadline_ms")
+        raise BadRequest(
+            f"unknown field(s) {unknown}; expected model, entities, priority, tenant, deadline_ms, context"
+        )
     model = data.get("model")
     if type(model) is not str or not model:
         raise BadRequest('`model` must name a served model, e.g. "model": "buys" (GET /models lists them)')
@@ -100,13 +107,13 @@ def parse_predict(body: bytes, headers: dict[bytes, bytes], *, default_deadline_
                 raise BadRequest(f"entity {entity} (entities[{index}]) is out of the int64 range")
         elif kind is not str and kind is not dict:
             raise BadRequest(_not_a_key(body, index, entity))
-    priority_text = data.get("priority") or headers.get(b"x-priority", b"default").decode()
-    try:
-        priority = (
-            Priority.parse(priority_text) if isinstance(priority_text, str) else Priority.parse(repr(priority_text))
-        )
-    except ValueError as error:
-        raise BadRequest(f"`priority`: {error}") from None
+    priority_text = data.get("priority") or (headers[b"x-priority"].decode() if b"x-priority" in headers else None)
+    priority = None
+    if priority_text is not None:
+        try:
+            priority = Priority.parse(priority_text if isinstance(priority_text, str) else repr(priority_text))
+        except ValueError as error:
+            raise BadRequest(f"`priority`: {error}") from None
     tenant = data.get("tenant") or headers.get(b"x-tenant", b"default").decode()
     if not isinstance(tenant, str):
         raise BadRequest("`tenant` must be a string")
@@ -119,7 +126,10 @@ def parse_predict(body: bytes, headers: dict[bytes, bytes], *, default_deadline_
             raise BadRequest(f"X-Deadline-Ms header {header!r} is not a number of milliseconds") from None
     if isinstance(deadline, bool) or not isinstance(deadline, int | float) or not 0 < deadline <= MAX_DEADLINE_MS:
         raise BadRequest(f"`deadline_ms` must be a number of milliseconds in (0, {MAX_DEADLINE_MS}]; got {deadline!r}")
-    return PredictRequest(model, entities, priority, tenant, float(deadline))
+    context = data.get("context") or {}
+    if type(context) is not dict:
+        raise BadRequest('`context` must be an object of fields for routing rules, e.g. "context": {"amount": 12.5}')
+    return PredictRequest(model, entities, priority, tenant, float(deadline), context)
 
 
 def entity_keys(route: ModelRoute, entities: list[Any]) -> list[Any]:
@@ -154,22 +164,22 @@ def _missing_key(entity: Any, keys: tuple[str, ...]) -> Any:
     raise BadRequest(f"entity {entity!r} has no `{keys[0]}`; send the key's value, or an object with `{keys[0]}`")
 
 
-def render(answer: Answer) -> bytes:
+def render(route: str, answer: Answer) -> bytes:
     loaded = answer.loaded
-    return orjson.dumps(
-        {
-            "model": loaded.card.name,
-            "version": loaded.card.version,
-            "served_by": loaded.served_by,
-            "precision": loaded.runtime.precision.value,
-            "device": loaded.runtime.device,
-            "degraded": False,
-            "scores": answer.scores,
-            "status": answer.status,
-            "as_of_ms": answer.as_of_ms,
-            "read_at_ms": answer.read_at_ms,
-        },
-    )
+    body: dict[str, Any] = {"route": route, "served_by": answer.served_by, "degraded": answer.degraded}
+    if answer.degraded:
+        body["reason"] = answer.reason
+    if loaded is not None:
+        body.update(
+            model=loaded.card.name,
+            version=loaded.card.version,
+            precision=loaded.runtime.precision.value,
+            device=loaded.runtime.device,
+        )
+    else:
+        body.update(model=None, version=None, precision=None, device=None)
+    body.update(scores=answer.scores, status=answer.status, as_of_ms=answer.as_of_ms, read_at_ms=answer.read_at_ms)
+    return orjson.dumps(body)
 
 
 class PredictEndpoint:
@@ -243,37 +253,43 @@ class PredictEndpoint:
 
     async def _predict(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[int, bytes, list[Any], str]:
         server = self.server
+        model = "-"
         try:
             request = parse_predict(body, headers, default_deadline_ms=self.default_deadline_ms)
-            name = server.router.route(
-                request.model, entities=len(request.entities), priority=request.priority, tenant=request.tenant
+            spec = server.spec_for(request.model)
+            model = spec.name
+            priority = request.priority or server.tenants.policy(request.tenant).priority or Priority.DEFAULT
+            answer = await server.predict(
+                request.model,
+                request.entities,
+                priority=priority,
+                tenant=request.tenant,
+                deadline_s=request.deadline_ms / 1000,
+                context=request.context,
+                keys=entity_keys,
             )
-            route = server.route_for(name)
-            keys = entity_keys(route, request.entities)
-            future = server.submit(route, keys, priority=request.priority, deadline_s=request.deadline_ms / 1000)
         except (BadRequest, ValueError) as error:
-            return 400, _error(str(error)), [], "-"
+            return 400, _error(str(error)), [], model
         except UnknownModelError as error:
             return 404, _error(str(error)), [], "-"
         except SkewError as error:
-            return 409, _error(str(error)), [], request.model
-        except TransientError as error:  # overloaded, or the model is loading
-            return 503, _error(str(error)), [(b"retry-after", str(RETRY_AFTER_S).encode())], request.model
-        try:
-            answer = await future
+            return 409, _error(str(error)), [], model
+        except Rejected as refused:  # shed (503) or over quota (429), before any work
+            retry = str(max(1, math.ceil(refused.retry_after_s))).encode()
+            return refused.status, _error(str(refused), refused.reason), [(b"retry-after", retry)], model
         except DeadlineExceeded as error:
-            return 504, _error(str(error)), [], request.model
-        except (Overloaded, TransientError) as error:  # the online store failed or timed out
-            return 503, _error(str(error)), [(b"retry-after", str(RETRY_AFTER_S).encode())], request.model
-        return 200, render(answer), [], request.model
+            return 504, _error(str(error), "deadline"), [], model
+        except (Overloaded, TransientError) as error:  # loading, the online store failed, every step failed
+            return 503, _error(str(error), "unavailable"), [(b"retry-after", str(RETRY_AFTER_S).encode())], model
+        return 200, render(model, answer), [], model
 
 
 _OUTCOMES = {200: "ok", 400: "bad_request", 401: "unauthorized", 404: "unknown_model", 405: "bad_request",
-             409: "skew", 413: "too_large", 503: "unavailable", 504: "deadline"}  # fmt: skip
+             409: "skew", 413: "too_large", 429: "quota", 503: "unavailable", 504: "deadline"}  # fmt: skip
 
 
-def _error(message: str) -> bytes:
-    return orjson.dumps({"error": message})
+def _error(message: str, reason: str | None = None) -> bytes:
+    return orjson.dumps({"error": message, "reason": reason} if reason else {"error": message})
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -286,11 +302,19 @@ def create_model_app(
     *,
     token: str | None = None,
     metrics: ModelMetrics | None = None,
-    router: Router | None = None,
     guard: Guard | None = None,
+    routes: Mapping[str, RouteSpec] | None = None,
+    tenants: Mapping[str, TenantPolicy] | None = None,
+    breakers: BreakerSettings | None = None,
 ) -> PredictFirst:
-    """The ASGI app; models load and warm in its lifespan (`/health/ready` is 503 until then)."""
-    server = ModelServer(settings, store, metrics=metrics, router=router, guard=guard)
+    """The ASGI app; models load and warm in its lifespan (`/health/ready` is 503 until then).
+    `guard` defaults to a circuit breaker per dependency (`breakers`' settings)."""
+    metrics = metrics or ModelMetrics()
+    if guard is None:
+        guard = Breakers(breakers or BreakerSettings(), on_transition=_breaker_metrics(metrics))
+    server = ModelServer(
+        settings, store, metrics=metrics, guard=guard, routes=routes, tenants=Tenants(tenants, clock=time.monotonic)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -347,6 +371,18 @@ def create_model_app(
     return PredictFirst(app, predict_endpoint)
 
 
+def _breaker_metrics(metrics: ModelMetrics) -> Any:
+    def transition(dependency: str, before: BreakerState, after: BreakerState, reason: str) -> None:
+        metrics.breaker_state.labels(dependency).set(after.code)
+        metrics.breaker_transitions.labels(dependency, before.value, after.value).inc()
+        if after is BreakerState.OPEN:
+            log.warning("circuit of %s opened: %s", dependency, reason)
+        else:
+            log.info("circuit of %s is %s", dependency, after.value)
+
+    return transition
+
+
 class PredictFirst:
     """`/predict` straight to its endpoint; everything else (and the lifespan) through
     Starlette. Starlette's middleware and router cost about a tenth of a single-entity
@@ -372,8 +408,10 @@ def app_from_environment() -> PredictFirst:
     from pathlib import Path
 
     from featurestore.config import load_settings
+    from featurestore.plan.collect import collect_routes
     from featurestore.registry import FileRegistry
     from featurestore.stores.online import open_online_store
+    from serving.models.config import breaker_settings, tenant_policies
 
     settings = load_settings()
     plan = FileRegistry(settings.registry_dir).current()
@@ -387,4 +425,12 @@ def app_from_environment() -> PredictFirst:
     options = json.loads(os.environ.get("TENX_MODEL_SERVER") or "{}")
     options["models"] = tuple(options.get("models") or ())
     server_settings = ModelServerSettings(registry_dir=Path(settings.registry_dir), **options)
-    return create_model_app(server_settings, store, token=os.environ.get("TENX_API_TOKEN") or None)
+    routes = collect_routes(settings.features_path, settings.modules) if settings.features_path.is_dir() else {}
+    return create_model_app(
+        server_settings,
+        store,
+        token=os.environ.get("TENX_API_TOKEN") or None,
+        routes=routes,
+        tenants=tenant_policies(settings.model_server),
+        breakers=breaker_settings(settings.model_server),
+    )

@@ -44,6 +44,7 @@ class Pending:
     rows: int = field(compare=False, default=1)
     priority: Priority = field(compare=False, default=Priority.DEFAULT)
     enqueued: float = field(compare=False, default=0.0)
+    tenant: str = field(compare=False, default="default")
     payload: Any = field(compare=False, default=None)
 
 
@@ -73,6 +74,7 @@ class BatchQueue:
         self._clock = clock
         self._heaps: dict[Priority, list[Pending]] = {priority: [] for priority in Priority}
         self._rows = dict.fromkeys(Priority, 0)
+        self._tenant_rows: dict[str, int] = {}
         self._counter = itertools.count()
 
     def __len__(self) -> int:
@@ -82,6 +84,13 @@ class BatchQueue:
         if priority is not None:
             return self._rows[priority]
         return sum(self._rows.values())
+
+    def tenant_rows(self, tenant: str) -> int:
+        return self._tenant_rows.get(tenant, 0)
+
+    def tenants(self) -> list[str]:
+        """Tenants with rows queued now."""
+        return list(self._tenant_rows)
 
     def offer(self, item: Pending) -> None:
         """Queue `item`, or raise QueueFull. A request bigger than the whole bound is
@@ -93,6 +102,42 @@ class BatchQueue:
         item.sequence = next(self._counter)
         heapq.heappush(self._heaps[item.priority], item)
         self._rows[item.priority] = queued + item.rows
+        self._tenant_rows[item.tenant] = self._tenant_rows.get(item.tenant, 0) + item.rows
+
+    def _removed(self, item: Pending) -> None:
+        self._rows[item.priority] -= item.rows
+        left = self._tenant_rows[item.tenant] - item.rows
+        if left:
+            self._tenant_rows[item.tenant] = left
+        else:
+            del self._tenant_rows[item.tenant]
+
+    def evict(self, rows: int, *, below: Priority, tenant: str | None = None) -> list[Pending]:
+        """Remove queued requests of classes lower than `below` (of `tenant` only, when
+        given) until at least `rows` rows are freed or none are left: the lowest class
+        first, latest deadline first within it (the work most able to wait elsewhere).
+        Returns what was removed; its callers are answered as shed."""
+        evicted: list[Pending] = []
+        freed = 0
+        for priority in sorted(Priority, reverse=True):
+            if priority <= below or freed >= rows:
+                break
+            heap = self._heaps[priority]
+            candidates = [item for item in heap if tenant is None or item.tenant == tenant]
+            if not candidates:
+                continue
+            candidates.sort(key=lambda item: (item.deadline, item.sequence), reverse=True)
+            chosen: set[int] = set()
+            for item in candidates:
+                if freed >= rows:
+                    break
+                chosen.add(id(item))
+                evicted.append(item)
+                freed += item.rows
+                self._removed(item)
+            heap[:] = [item for item in heap if id(item) not in chosen]
+            heapq.heapify(heap)
+        return evicted
 
     def oldest_enqueued(self) -> float | None:
         times = [item.enqueued for heap in self._heaps.values() for item in heap[:1]]
@@ -111,13 +156,13 @@ class BatchQueue:
                 head = heap[0]
                 if head.deadline <= now:
                     heapq.heappop(heap)
-                    self._rows[priority] -= head.rows
+                    self._removed(head)
                     expired.append(head)
                     continue
                 if items and rows + head.rows > max_rows:
                     break
                 heapq.heappop(heap)
-                self._rows[priority] -= head.rows
+                self._removed(head)
                 items.append(head)
                 rows += head.rows
                 if rows >= max_rows:

@@ -51,6 +51,45 @@ class ModelMetrics:
             "tenx_model_device_seconds_total", "Device time spent in inference.", ["model", "version", "device"],
             registry=r,
         )  # fmt: skip
+        self.shed = Counter(
+            "tenx_model_shed_total",
+            "Requests refused or dropped before any work, by reason (overload, evicted, fair_share, quota, "
+            "deadline), class and tenant.",
+            ["model", "reason", "priority", "tenant"], registry=r,
+        )  # fmt: skip
+        self.served = Counter(
+            "tenx_model_served_total",
+            "Answers by route and what served them (a model, cache:<model>, rule:<name>): the traffic share per model.",
+            ["route", "served_by", "priority", "tenant"], registry=r,
+        )  # fmt: skip
+        self.fallbacks = Counter(
+            "tenx_model_fallbacks_total", "Answers served by a fallback step because the step before it failed.",
+            ["route", "served_by", "priority", "tenant"], registry=r,
+        )  # fmt: skip
+        self.unanswered = Counter(
+            "tenx_model_unanswered_total", "Requests every step of their route failed to answer.",
+            ["route", "priority", "tenant"], registry=r,
+        )  # fmt: skip
+        self.breaker_state = Gauge(
+            "tenx_model_breaker_state", "Circuit state per dependency: 0 closed, 1 half-open, 2 open.",
+            ["dependency"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
+        self.breaker_transitions = Counter(
+            "tenx_model_breaker_transitions_total", "Circuit breaker transitions per dependency.",
+            ["dependency", "from_state", "to_state"], registry=r,
+        )  # fmt: skip
+        self.batch_limit = Gauge(
+            "tenx_model_batch_limit_rows", "The adaptive batch limit (rows per batch).", ["model"], registry=r,
+            multiprocess_mode="max",
+        )  # fmt: skip
+        self.queue_bound = Gauge(
+            "tenx_model_queue_bound_rows", "The adaptive queue bound (rows).", ["model"], registry=r,
+            multiprocess_mode="max",
+        )  # fmt: skip
+        self.queued = Gauge(
+            "tenx_model_queued_rows", "Rows queued now, by class.", ["model", "priority"], registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.ready = Gauge(
             "tenx_model_ready", "1 when the model's session is loaded and warm.", ["model"], registry=r,
             multiprocess_mode="livemin",

@@ -1,35 +1,20 @@
 """Where the overload and resilience policies plug into the model server.
 
-Two small Protocols the server calls on every request and every batch; the defaults
-here route by model name and let every call through. Circuit breakers, routing rules,
-fallbacks and quotas (issue #17) implement them as plain classes with an injected
-clock, and the server does not change.
+The server asks a Guard before each call to a dependency and tells it how the call went;
+`serving.models.breaker.Breakers` (a circuit breaker per dependency) is the one the app
+uses, `AllowAll` lets everything through. Routing is declared in the feature repo
+(`featurestore.route`), admission lives in `serving.models.admission`.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from serving.models.batcher import Priority
-
 ONLINE_STORE = "online_store"
 
 
 def runtime_dependency(model: str) -> str:
     return f"model:{model}"
-
-
-class Router(Protocol):
-    """Which served model answers a request."""
-
-    def route(self, model: str, *, entities: int, priority: Priority, tenant: str) -> str: ...
-
-
-class ByName:
-    """The model the request names."""
-
-    def route(self, model: str, *, entities: int, priority: Priority, tenant: str) -> str:
-        return model
 
 
 class Guard(Protocol):

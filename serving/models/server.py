@@ -19,21 +19,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from featurestore.definitions.route import CACHE, rule_name
+from featurestore.definitions.route import Route as RouteSpec
 from featurestore.errors import TenxError, TransientError
 from featurestore.models import Deployment, ModelCard, ModelRegistry, SkewError, check_views
 from featurestore.plan.model import Plan
 from featurestore.registry import FileRegistry
-from serving.errors import DeadlineExceeded, ModelUnavailable, Overloaded, UnknownModelError
-from serving.models.batcher import Batch, BatchQueue, Pending, Priority, QueueFull
+from serving.errors import DeadlineExceeded, ModelUnavailable, UnknownModelError
+from serving.models.admission import DEADLINE, EVICTED, AdmissionSettings, Lane, Rejected, Tenants
+from serving.models.batcher import Batch, Pending, Priority
+from serving.models.cache import PredictionCache
 from serving.models.metrics import ModelMetrics
-from serving.models.policies import ONLINE_STORE, AllowAll, ByName, Guard, Router, runtime_dependency
+from serving.models.policies import ONLINE_STORE, AllowAll, Guard, runtime_dependency
 from serving.models.runtime import Runtime, place
 from serving.models.vectors import STATUS_NAMES, FeatureAssembler, Vectors
 
@@ -44,14 +48,28 @@ log = logging.getLogger("tenx.models")
 class ModelServerSettings:
     registry_dir: Path
     models: tuple[str, ...] = ()  # empty: every deployed model (and ones deployed later)
-    max_batch_rows: int = 1024  # a batch only grows this big under load; at low load it is one request
+    max_batch_rows: int = 1024  # the adaptive batch limit's ceiling; at low load a batch is one request
     max_wait_ms: float = 0.0  # 0: a batch goes as soon as the runtime is free (it fills under load)
-    queue_rows: int = 8192  # per priority class
+    queue_rows: int = 8192  # hard bound on queued rows per model; the adaptive bound stays below it
+    min_batch_rows: int = 8  # the adaptive batch limit's floor
+    latency_tolerance: float = 1.5  # a batch may take this many times a one-row batch's time
+    queue_delay_ms: float = 50.0  # the queue admits the rows the model serves in this long
+    shedding: bool = True  # False: one FIFO queue, fixed bound and batch size (the overload baseline)
     default_deadline_ms: float = 1000.0
     reload_interval_s: float = 1.0
     prefer_gpu: bool = True
     intra_op_threads: int = 1
     batches_in_flight: int = 2
+
+    def admission(self) -> AdmissionSettings:
+        return AdmissionSettings(
+            queue_rows=self.queue_rows,
+            max_batch_rows=self.max_batch_rows,
+            min_batch_rows=min(self.min_batch_rows, self.max_batch_rows),
+            latency_tolerance=self.latency_tolerance,
+            queue_delay_ms=self.queue_delay_ms,
+            shedding=self.shedding,
+        )
 
 
 @dataclass(frozen=True)
@@ -71,23 +89,44 @@ class Loaded:
 
 @dataclass(frozen=True)
 class Answer:
-    loaded: Loaded
+    served_by: str  # "buys@3", "cache:buys@3" or "rule:<function>"
     scores: list[float | None]
     status: list[str]
     as_of_ms: list[int | None]
-    read_at_ms: int  # when the batch read the online store: age = read_at_ms - as_of_ms
+    read_at_ms: int | None  # when the batch read the online store: age = read_at_ms - as_of_ms
     queued_s: float
+    loaded: Loaded | None = None  # the model that scored (or whose cache answered); None for a rule
+    degraded: bool = False  # a fallback answered because the step before it could not
+    reason: str | None = None  # why, when degraded: "buys: circuit open", ...
+
+
+class ScoringFailed(TransientError):
+    """A batch's lookup or inference failed for one request; carries what the fallback
+    steps can use (the vectors, when the lookup had succeeded)."""
+
+    def __init__(self, message: str, *, loaded: Loaded, vectors: np.ndarray | None, rows: Vectors | None) -> None:
+        super().__init__(message)
+        self.loaded = loaded
+        self.matrix = vectors
+        self.vectors = rows
 
 
 @dataclass
 class Route:
+    """One served model: its lane (queue, admission, batch limit) and what is loaded."""
+
     name: str
-    queue: BatchQueue
+    lane: Lane
     loaded: Loaded | None = None
     problem: str | None = None  # why it cannot serve (skew, a failed load); None when fine
     failed: tuple[Deployment, str] | None = None  # the (deployment, plan) whose load failed last
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     slots: asyncio.Semaphore | None = None
+    cache_ttl_s: float | None = None  # set when a route caches this model's answers
+
+    @property
+    def queue(self) -> Any:
+        return self.lane.queue
 
 
 @dataclass(frozen=True)
@@ -105,6 +144,30 @@ class _Work:
     future: asyncio.Future[Answer]
 
 
+@dataclass(frozen=True)
+class PredictRequest:
+    """A request as routing functions and rules see it (featurestore.RouteRequest)."""
+
+    route: str
+    entities: Sequence[Any]
+    priority_class: Priority
+    tenant: str
+    tier: str
+    context: Mapping[str, Any]
+    server: ModelServer
+
+    @property
+    def priority(self) -> str:
+        return self.priority_class.name.lower()
+
+    def queued_rows(self, model: str) -> int:
+        served = self.server.routes.get(model)
+        return served.lane.queue.rows() if served is not None else 0
+
+    def circuit_open(self, model: str) -> bool:
+        return not self.server.guard_open(runtime_dependency(model))
+
+
 class ModelServer:
     def __init__(
         self,
@@ -112,16 +175,19 @@ class ModelServer:
         store: Any,
         *,
         metrics: ModelMetrics | None = None,
-        router: Router | None = None,
         guard: Guard | None = None,
+        routes: Mapping[str, RouteSpec] | None = None,
+        tenants: Tenants | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics or ModelMetrics()
-        self.router: Router = router or ByName()
         self.guard: Guard = guard or AllowAll()
+        self.specs: dict[str, RouteSpec] = dict(routes or {})
+        self.tenants = tenants or Tenants(clock=clock)
+        self.cache = PredictionCache(clock=clock)
         self.models = ModelRegistry(settings.registry_dir / "models")
         self.plans = FileRegistry(settings.registry_dir)
         self.routes: dict[str, Route] = {}
@@ -161,10 +227,9 @@ class ModelServer:
     def _route(self, name: str) -> Route:
         route = self.routes.get(name)
         if route is None:
-            bounds = dict.fromkeys(Priority, self.settings.queue_rows)
             route = self.routes[name] = Route(
                 name,
-                BatchQueue(bounds=bounds, clock=self._clock),
+                Lane(self.settings.admission(), clock=self._clock, tenants=self.tenants),
                 slots=asyncio.Semaphore(self.settings.batches_in_flight),
             )
             self._spawn(self._batch_loop(route))
@@ -217,6 +282,8 @@ class ModelServer:
 
     def _set_loaded(self, route: Route, loaded: Loaded | None) -> None:
         route.loaded = loaded
+        if loaded is not None:
+            route.cache_ttl_s = self._cache_ttl(route.name, loaded)
         self.metrics.ready.labels(route.name).set(1 if loaded is not None else 0)
 
     def _load(self, name: str, deployment: Deployment, plan: Plan | None) -> Loaded:
@@ -232,6 +299,16 @@ class ModelServer:
         runtime.warm(self.settings.max_batch_rows)
         return Loaded(card, deployment, runtime, FeatureAssembler(card, plan), plan.version)
 
+    def _cache_ttl(self, model: str, loaded: Loaded) -> float | None:
+        """How long this model's answers are cached: the shortest `cache_ttl_s` of the
+        routes with a cache step for it, capped by the shortest ttl of its views; None
+        when no route caches it."""
+        ttls = [spec.cache_ttl_s for spec in self.specs.values() if spec.primary == model and CACHE in spec.fallbacks]
+        if not ttls:
+            return None
+        view_ttls = [view.ttl / 1e6 for view in loaded.assembler.views if view.ttl is not None]
+        return min(ttls + view_ttls)
+
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.settings.reload_interval_s)
@@ -243,7 +320,7 @@ class ModelServer:
     # -- requests ----------------------------------------------------------------------------
 
     def known(self) -> list[str]:
-        return sorted(self.routes)
+        return sorted(set(self.routes) | set(self.specs))
 
     def route_for(self, model: str) -> Route:
         route = self.routes.get(model)
@@ -252,28 +329,211 @@ class ModelServer:
             raise UnknownModelError(f"unknown model `{model}` (served: {known})")
         return route
 
+    def spec_for(self, name: str) -> RouteSpec:
+        """The route a request names: a declared one, or a model served under its own name."""
+        spec = self.specs.get(name)
+        if spec is not None:
+            return spec
+        if not self.started:
+            raise ModelUnavailable("the server is loading its models; retry shortly")
+        self.route_for(name)  # UnknownModelError names what is served
+        return RouteSpec(name, primary=name)
+
+    def guard_open(self, dependency: str) -> bool:
+        """Whether calls to `dependency` may go (without using up a half-open probe)."""
+        state = getattr(self.guard, "state", None)
+        if state is None:
+            return True
+        return str(getattr(state(dependency), "value", "closed")) != "open"
+
+    async def predict(
+        self,
+        name: str,
+        entities: Sequence[Any],
+        *,
+        priority: Priority,
+        tenant: str,
+        deadline_s: float,
+        context: Mapping[str, Any] | None = None,
+        keys: Callable[[Route, list[Any]], list[Any]] | None = None,
+    ) -> Answer:
+        """Answer one request along its route: the model its routing function picks (or
+        the primary), then each fallback in turn while the step before cannot answer.
+        Raises Rejected (quota, overload), DeadlineExceeded, or the last step's error."""
+        spec = self.spec_for(name)
+        began = self._clock()
+        deadline = began + deadline_s
+        rows = len(entities)
+        label = self.tenants.label(tenant)
+        try:
+            self.tenants.charge(tenant, rows)
+        except Rejected as refused:
+            self._shed(spec.name, refused.reason, priority, label)
+            raise
+        request = PredictRequest(spec.name, entities, priority, tenant, self.tenants.policy(tenant).tier,
+                                 context or {}, self)  # fmt: skip
+        chosen = spec.choose(request) if spec.choose is not None else None
+        first = chosen or spec.primary
+        steps: list[Any] = [first, *(step for step in spec.fallbacks if step != first)]
+        if first != spec.primary and spec.primary not in steps:
+            steps.append(spec.primary)
+        failures: list[str] = []
+        scored: ScoringFailed | None = None  # the last failure that had the features in hand
+        last_error: Exception | None = None
+        for step in steps:
+            degraded = bool(failures)
+            reason = "; ".join(failures) if failures else None
+            if callable(step):
+                answer = self._by_rule(step, scored, request, began, reason)
+                self._answered(spec.name, answer, priority, label)
+                return answer
+            if step == CACHE:
+                answer_or_none = self._from_cache(scored, began, reason)
+                if answer_or_none is not None:
+                    self._answered(spec.name, answer_or_none, priority, label)
+                    return answer_or_none
+                failures.append("cache: miss" if scored is not None else "cache: no features to key it")
+                continue
+            route = self.routes.get(step)
+            if route is None or route.loaded is None:
+                problem = route.problem if route is not None else None
+                failures.append(f"{step}: {problem or 'not loaded'}")
+                if route is not None and problem and "trained on" in problem and len(steps) == 1:
+                    raise SkewError(problem)
+                last_error = ModelUnavailable(problem or f"model `{step}` is not loaded; retry shortly")
+                continue
+            if not self.guard_open(runtime_dependency(step)):
+                failures.append(f"{step}: circuit open")
+                last_error = ModelUnavailable(f"model `{step}`'s circuit is open; retry shortly")
+                continue
+            if not self.guard_open(ONLINE_STORE):
+                failures.append("online store: circuit open")
+                last_error = ModelUnavailable("the online store's circuit is open; retry shortly")
+                continue
+            lookup = keys(route, list(entities)) if keys is not None else entities
+            try:
+                future = self.submit(route, lookup, priority=priority, deadline=deadline, tenant=tenant)
+            except Rejected as refused:
+                failures.append(f"{step}: {refused.reason}")
+                if any(isinstance(s, str) and s != CACHE and s in self.routes for s in steps[steps.index(step) + 1 :]):
+                    last_error = refused
+                    continue  # another model may have room
+                self.tenants.refund(tenant, rows)
+                self._shed(spec.name, refused.reason, priority, label)
+                raise
+            try:
+                answer = await asyncio.wait_for(future, max(0.0, deadline - self._clock()))
+            except TimeoutError:
+                self._shed(spec.name, DEADLINE, priority, label)
+                raise DeadlineExceeded("the deadline passed before the request was scored") from None
+            except DeadlineExceeded:
+                self._shed(spec.name, DEADLINE, priority, label)
+                raise
+            except ScoringFailed as failed:
+                failures.append(f"{step}: {failed}")
+                scored = failed if failed.matrix is not None else scored
+                last_error = failed
+                continue
+            except Rejected as refused:  # evicted by critical work
+                self.tenants.refund(tenant, rows)
+                self._shed(spec.name, refused.reason, priority, label)
+                raise
+            if degraded:
+                answer = replace(answer, degraded=True, reason=reason)
+            self._answered(spec.name, answer, priority, label)
+            return answer
+        assert last_error is not None or failures
+        message = f"route `{spec.name}` could not answer: " + "; ".join(failures)
+        self.metrics.unanswered.labels(spec.name, request.priority, label).inc()
+        if isinstance(last_error, Rejected):
+            raise Rejected(message, reason=last_error.reason, status=last_error.status)
+        raise ModelUnavailable(message)
+
+    def _answered(self, route: str, answer: Answer, priority: Priority, tenant: str) -> None:
+        self.metrics.served.labels(route, _source(answer.served_by), priority.name.lower(), tenant).inc()
+        if answer.degraded:
+            self.metrics.fallbacks.labels(route, _source(answer.served_by), priority.name.lower(), tenant).inc()
+
+    def _shed(self, model: str, reason: str, priority: Priority, tenant: str) -> None:
+        self.metrics.shed.labels(model, reason, priority.name.lower(), tenant).inc()
+
+    def _from_cache(self, failed: ScoringFailed | None, began: float, reason: str | None) -> Answer | None:
+        if failed is None or failed.matrix is None or failed.vectors is None:
+            return None
+        loaded = failed.loaded
+        scores = self.cache.get(loaded.card.name, loaded.card.version, failed.matrix)
+        if scores is None:
+            return None
+        vectors = failed.vectors
+        return Answer(
+            f"cache:{loaded.served_by}",
+            list(scores),
+            [STATUS_NAMES[s] for s in vectors.status.tolist()],
+            _as_of_ms(vectors.as_of_us),
+            None,
+            self._clock() - began,
+            loaded,
+            degraded=True,
+            reason=reason,
+        )
+
+    def _by_rule(
+        self, rule: Any, failed: ScoringFailed | None, request: PredictRequest, began: float, reason: str | None
+    ) -> Answer:
+        """A route's rule: a plain function of the features (one dict per entity, None
+        when they could not be read) and the request."""
+        features = None
+        if failed is not None and failed.matrix is not None:
+            names = failed.loaded.card.feature_references
+            values = failed.matrix.tolist()
+            features = [{n: (None if v != v else v) for n, v in zip(names, row, strict=True)} for row in values]
+        name = rule_name(rule)
+        try:
+            result = rule(features, request)
+        except Exception as error:
+            log.exception("rule %s failed", name)
+            raise ModelUnavailable(f"every step failed ({reason}); the rule `{name}` raised {error!r}") from error
+        rows = len(request.entities)
+        scores = [float(result)] * rows if isinstance(result, int | float) else [float(v) for v in result]
+        if len(scores) != rows:
+            raise ModelUnavailable(f"the rule `{name}` returned {len(scores)} scores for {rows} entities")
+        return Answer(
+            f"rule:{name}", list(scores), ["rule"] * rows, [None] * rows, None, self._clock() - began,
+            None, degraded=True, reason=reason or "routed to the rule",
+        )  # fmt: skip
+
     def submit(
-        self, route: Route, entities: Sequence[Any], *, priority: Priority, deadline_s: float
+        self,
+        route: Route,
+        entities: Sequence[Any],
+        *,
+        priority: Priority,
+        deadline: float,
+        tenant: str = "default",
     ) -> asyncio.Future[Answer]:
-        """Queue one request; the future resolves when its batch is scored."""
+        """Queue one request on a model's lane (admission may refuse it: Rejected); the
+        future resolves when its batch is scored. `deadline` is a clock time."""
         if route.loaded is None:
             if route.problem and "trained on" in route.problem:
                 raise SkewError(route.problem)
             raise ModelUnavailable(route.problem or f"model `{route.name}` is loading; retry shortly")
         now = self._clock()
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        try:
-            route.queue.offer(
-                Pending(
-                    deadline=now + deadline_s,
-                    rows=len(entities),
-                    priority=priority,
-                    enqueued=now,
-                    payload=_Work(entities, future),
-                )
+        evicted = route.lane.admit(
+            Pending(
+                deadline=deadline,
+                rows=len(entities),
+                priority=priority,
+                enqueued=now,
+                tenant=tenant,
+                payload=_Work(entities, future),
             )
-        except QueueFull as full:
-            raise Overloaded(f"model `{route.name}` is overloaded: {full}; retry later") from None
+        )
+        for item in evicted:
+            _fail(
+                item.payload.future,
+                Rejected(f"shed to make room for critical work on `{route.name}`; retry later", reason=EVICTED),
+            )
         route.wake.set()
         return future
 
@@ -282,26 +542,27 @@ class ModelServer:
         assert route.slots is not None
         while True:
             await route.wake.wait()
-            if settings.max_wait_ms > 0 and route.queue.rows() < settings.max_batch_rows:
+            if settings.max_wait_ms > 0 and route.queue.rows() < route.lane.limit.rows:
                 oldest = route.queue.oldest_enqueued()
                 if oldest is not None:
                     delay = oldest + settings.max_wait_ms / 1000 - self._clock()
                     if delay > 0:
                         await asyncio.sleep(delay)
             await route.slots.acquire()
-            batch = route.queue.take(settings.max_batch_rows)
+            batch = route.lane.take()
             if not len(route.queue):
                 route.wake.clear()
             for item in batch.expired:
-                self.metrics.requests.labels(route.name, "deadline").inc()
                 _fail(item.payload.future, DeadlineExceeded("deadline passed while queued; the request was dropped"))
             if not batch.items:
+                route.lane.finished(0, 0.0)
                 route.slots.release()
                 continue
             self._spawn(self._process(route, batch))
 
     async def _process(self, route: Route, batch: Batch) -> None:
         assert route.slots is not None
+        began = self._clock()
         try:
             loaded = route.loaded
             if loaded is None:
@@ -311,6 +572,7 @@ class ModelServer:
                 return
             await self._score(route, loaded, batch)
         finally:
+            route.lane.finished(batch.rows, self._clock() - began)
             route.slots.release()
 
     async def _score(self, route: Route, loaded: Loaded, batch: Batch) -> None:
@@ -319,19 +581,34 @@ class ModelServer:
         for item in items:
             entities.extend(item.payload.entities)
         started = self._clock()
+        vectors: Vectors | None = None
         try:
             requests = loaded.assembler.requests(entities)
             raws = await self._read(requests)
             looked_up = self._clock()
             read_at = int(self._wall() * 1_000_000)
             vectors = loaded.assembler.assemble(raws, read_at)
-            scores = await self._infer(loaded, vectors)
+            latest = max(item.deadline for item in items)
+            scores = await self._infer(loaded, vectors, timeout_s=max(0.0, latest - self._clock()))
         except Exception as error:
-            for item in items:
-                _fail(item.payload.future, error)
             if not isinstance(error, TransientError):
                 log.exception("batch of %s failed", route.name)
+            offset = 0
+            for item in items:
+                end = offset + item.rows
+                _fail(
+                    item.payload.future,
+                    ScoringFailed(
+                        str(error),
+                        loaded=loaded,
+                        vectors=vectors.matrix[offset:end] if vectors is not None else None,
+                        rows=_slice(vectors, offset, end) if vectors is not None else None,
+                    ),
+                )
+                offset = end
             return
+        if route.cache_ttl_s is not None:
+            self.cache.put(loaded.card.name, loaded.card.version, vectors.matrix, scores, route.cache_ttl_s)
         counted = self._counted(route.name, loaded.card.version)
         counted.lookup.observe(looked_up - started)
         counted.batch_rows.observe(len(entities))
@@ -347,6 +624,7 @@ class ModelServer:
             status_list = [STATUS_NAMES[s] for s in vectors.status.tolist()]
         as_of_list = _as_of_ms(vectors.as_of_us)
         read_at_ms = read_at // 1000
+        served_by = loaded.served_by
         offset = 0
         for item in items:
             end = offset + item.rows
@@ -355,12 +633,13 @@ class ModelServer:
             if not future.done():
                 future.set_result(
                     Answer(
-                        loaded,
+                        served_by,
                         score_list[offset:end],
                         status_list[offset:end],
                         as_of_list[offset:end],
                         read_at_ms,
                         started - item.enqueued,
+                        loaded,
                     )
                 )
             offset = end
@@ -390,13 +669,16 @@ class ModelServer:
                 raws = await self.store.aread_many(requests)
             else:
                 raws = await asyncio.to_thread(self.store.read_many, requests)
-        except Exception:
+        except BaseException:  # a cancelled call too: a half-open probe must be recorded
             self.guard.record(ONLINE_STORE, ok=False, seconds=self._clock() - began)
             raise
         self.guard.record(ONLINE_STORE, ok=True, seconds=self._clock() - began)
         return raws
 
-    async def _infer(self, loaded: Loaded, vectors: Vectors) -> np.ndarray:
+    async def _infer(self, loaded: Loaded, vectors: Vectors, *, timeout_s: float) -> np.ndarray:
+        """The rows the policy lets through, on the model's runtime thread; a run that
+        outlasts the batch's last deadline counts as a failure (a stalled model opens
+        its circuit instead of holding requests)."""
         scored = vectors.scored
         every = bool(scored.all())
         matrix = vectors.matrix if every else vectors.matrix[scored]
@@ -407,8 +689,15 @@ class ModelServer:
                 raise ModelUnavailable(f"model `{loaded.card.name}`'s circuit is open; retry shortly")
             began = self._clock()
             try:
-                scores, spent = await asyncio.wrap_future(loaded.runtime.submit(matrix))
-            except Exception:
+                scores, spent = await asyncio.wait_for(
+                    asyncio.shield(asyncio.wrap_future(loaded.runtime.submit(matrix))), timeout_s
+                )
+            except TimeoutError:
+                self.guard.record(dependency, ok=False, seconds=self._clock() - began)
+                raise ModelUnavailable(
+                    f"model `{loaded.card.name}` did not answer within {timeout_s * 1000:.0f} ms"
+                ) from None
+            except BaseException:
                 self.guard.record(dependency, ok=False, seconds=self._clock() - began)
                 raise
             self.guard.record(dependency, ok=True, seconds=self._clock() - began)
@@ -442,6 +731,16 @@ def _as_of_ms(as_of_us: np.ndarray) -> list[int | None]:
         for row in np.flatnonzero(missing).tolist():
             as_of_ms[row] = None
     return as_of_ms
+
+
+def _slice(vectors: Vectors, start: int, end: int) -> Vectors:
+    return Vectors(vectors.matrix[start:end], vectors.status[start:end], vectors.as_of_us[start:end],
+                   vectors.scored[start:end])  # fmt: skip
+
+
+def _source(served_by: str) -> str:
+    """A metrics label for what answered: the model, `cache:<model>` or `rule:<name>` (no version)."""
+    return served_by.rsplit("@", 1)[0]
 
 
 def _fail(future: asyncio.Future[Any], error: Exception) -> None:

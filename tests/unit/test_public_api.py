@@ -26,6 +26,7 @@ PUBLIC = {
         "validate_records",
     ],
     "featurestore": [
+        "CACHE",
         "CompileError",
         "CompileProblem",
         "ConfigError",
@@ -38,6 +39,7 @@ PUBLIC = {
         "Mean",
         "Min",
         "Plan",
+        "Route",
         "Source",
         "Std",
         "Sum",
@@ -46,6 +48,7 @@ PUBLIC = {
         "compile_definitions",
         "compile_repo",
         "feature_view",
+        "route",
     ],
     "featurestore.plan": [
         "AS_OF",

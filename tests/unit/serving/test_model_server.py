@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
+from featurestore import route
 from featurestore.models import MissingPolicy, ModelCard, Precision, SkewError, check_views
 from featurestore.plan import compile_repo
 from featurestore.registry import FileRegistry
@@ -144,8 +145,11 @@ def test_an_unknown_model_is_404_naming_the_served_ones(client: TestClient) -> N
 def test_a_request_whose_deadline_passed_in_the_queue_is_504_and_counted(client: TestClient) -> None:
     response = client.post("/predict", json={"model": "buys", "entities": [1], "deadline_ms": 0.0001})
     assert response.status_code == 504
-    assert response.json()["error"] == "deadline passed while queued; the request was dropped"
-    assert 'tenx_model_requests_total{model="buys",outcome="deadline"}' in client.get("/metrics").text
+    assert response.json()["reason"] == "deadline"
+    assert "deadline passed" in response.json()["error"]
+    metrics = client.get("/metrics").text
+    assert 'tenx_model_requests_total{model="buys",outcome="deadline"}' in metrics
+    assert 'tenx_model_shed_total{model="buys",priority="default",reason="deadline",tenant="default"}' in metrics
     header = client.post("/predict", json={"model": "buys", "entities": [1]}, headers={"x-deadline-ms": "0.0001"})
     assert header.status_code == 504
 
@@ -282,23 +286,26 @@ class Recording:
         self.calls.append((dependency, ok))
 
 
-class Everything:
-    def __init__(self, to: str) -> None:
-        self.to = to
-
-    def route(self, model: str, *, entities: int, priority: Any, tenant: str) -> str:
-        return self.to
-
-
-def test_the_router_and_guard_hooks_are_asked_on_every_request_and_batch(repo: DemoRepo) -> None:
+def test_a_routing_function_picks_the_model_and_the_guard_is_asked_around_every_call(repo: DemoRepo) -> None:
     settings = ModelServerSettings(registry_dir=repo.settings.registry_dir, models=("buys", "buys_logistic"))
     guard = Recording(refuse="model:buys")
-    app = create_model_app(settings, repo.store(), router=Everything("buys_logistic"), guard=guard)
+
+    @route("buys", primary="buys")
+    def cheap_for_sheddable(request: Any) -> str | None:
+        return "buys_logistic" if request.priority == "sheddable" else None
+
+    app = create_model_app(settings, repo.store(), guard=guard, routes={"buys": cheap_for_sheddable})
     with TestClient(app) as client:
-        assert predict(client, {"model": "buys", "entities": [1]})["served_by"] == "buys_logistic@1"
+        routed = predict(client, {"model": "buys", "entities": [1], "priority": "sheddable"})
+        assert (routed["served_by"], routed["degraded"], routed["route"]) == ("buys_logistic@1", False, "buys")
+        metrics = client.get("/metrics").text
     assert guard.calls == [("online_store", True), ("model:buys_logistic", True)]
+    served = 'tenx_model_served_total{priority="sheddable",route="buys",served_by="buys_logistic",tenant="default"}'
+    assert f"{served} 1.0" in metrics
     refusing = create_model_app(settings, repo.store(), guard=Recording(refuse="model:buys"))
     with TestClient(refusing) as client:
         response = client.post("/predict", json={"model": "buys", "entities": [1]})
     assert response.status_code == 503
-    assert response.json()["error"] == "model `buys`'s circuit is open; retry shortly"
+    assert response.json()["error"] == (
+        "route `buys` could not answer: buys: model `buys`'s circuit is open; retry shortly"
+    )

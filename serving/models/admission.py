@@ -1,0 +1,384 @@
+"""Admission control for one model's queue: who gets in, how big a batch may grow, and
+what is shed when there is no room. Plain classes with an injected clock and no I/O:
+the server wires them to asyncio and the overload tests drive them in virtual time.
+
+Three decisions, all made before any work is spent on a request:
+
+- **Quota** (`Tenants`): each tenant's token bucket (rows per second, burst). Over it:
+  429, with the seconds until the bucket holds enough.
+- **Headroom** (`Lane.admit`): the queue's bound is adaptive (the rows the model serves
+  in `queue_delay_ms`, see below). Sheddable work is admitted only while the queue is
+  below `headroom[SHEDDABLE]` of it (50%), default work below 80%, critical work up to
+  the whole bound; when critical work finds no room it evicts queued lower-class work
+  (lowest class, latest deadline first) instead of being refused, so a critical request
+  is never turned away while a sheddable one waits. Under pressure (the queue past half
+  the sheddable mark) a tenant may hold at most its weighted fair share of the rows
+  its request's class may fill, so one tenant's flood cannot take the room other
+  tenants' work needs.
+- **Batch limit** (`GradientLimit`): the rows one batch may hold, found from observed
+  batch times like Netflix's gradient concurrency limit: a batch may take up to
+  `tolerance` times as long as a one-row batch (the no-load time, `baseline`). Past
+  that, batching no longer comes nearly free, and every critical request waiting behind
+  the batch pays for its size. The limit shrinks by the ratio when batches run slow and
+  grows by about its square root when full batches run within it.
+
+`Lane(shedding=False)` is the baseline the overload bench compares with: one FIFO
+queue (priorities ignored), a fixed bound and a fixed batch size, no quotas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving.models.batcher import Batch, BatchQueue, Pending, Priority
+
+DEFAULT_HEADROOM: Mapping[Priority, float] = {Priority.CRITICAL: 1.0, Priority.DEFAULT: 0.8, Priority.SHEDDABLE: 0.5}
+
+# Why a request was refused; the same words label the metrics.
+OVERLOAD = "overload"  # no room in the queue for the request's class (503)
+EVICTED = "evicted"  # queued, then pushed out by critical work (503)
+FAIR_SHARE = "fair_share"  # the tenant holds its share of a queue under pressure (503)
+QUOTA = "quota"  # the tenant's token bucket is empty (429)
+DEADLINE = "deadline"  # the deadline passed while queued (504)
+
+
+class Rejected(Exception):
+    """Refused before any work. `status` is the HTTP status, `retry_after_s` a hint."""
+
+    def __init__(self, message: str, *, reason: str, status: int = 503, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class AdmissionSettings:
+    """How one model's queue admits and batches work (see the module docstring)."""
+
+    queue_rows: int = 8192  # hard bound on queued rows; the adaptive bound stays below it
+    max_batch_rows: int = 1024  # the batch limit's ceiling
+    min_batch_rows: int = 8  # and its floor
+    latency_tolerance: float = 1.5  # a batch may take this many times a one-row batch's time
+    queue_delay_ms: float = 50.0  # the bound: rows the model serves in this long
+    headroom: Mapping[Priority, float] = field(default_factory=lambda: dict(DEFAULT_HEADROOM))
+    shedding: bool = True  # False: FIFO, fixed bound (queue_rows) and batch size (max_batch_rows)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.queue_rows < 1:
+            problems.append(f"queue_rows must be at least 1, got {self.queue_rows}")
+        if not 1 <= self.min_batch_rows <= self.max_batch_rows:
+            problems.append(
+                f"need 1 <= min_batch_rows <= max_batch_rows, got {self.min_batch_rows} and {self.max_batch_rows}"
+            )
+        if not self.latency_tolerance > 1:
+            problems.append(f"latency_tolerance must be above 1, got {self.latency_tolerance}")
+        if not self.queue_delay_ms > 0:
+            problems.append(f"queue_delay_ms must be above 0, got {self.queue_delay_ms}")
+        for priority in Priority:
+            share = self.headroom.get(priority)
+            if share is None or not 0 < share <= 1:
+                problems.append(f"headroom[{priority.name.lower()}] must be in (0, 1], got {share}")
+        if problems:
+            raise ValueError("admission settings: " + "; ".join(problems))
+
+
+class GradientLimit:
+    """Rows per batch, adapted to observed batch times (see the module docstring).
+
+    `baseline` is the no-load time: a moving average over small batches (one or two
+    rows; the warm-up's one-row batch seeds it). Sustained overload makes no small
+    batches, and then the last baseline is kept, so a long overload cannot drift it (and
+    the limit) upwards. `recent` is a moving average over batches of at least half the
+    limit. When recent > tolerance x baseline the limit shrinks by that ratio (at most
+    by half); when full batches run within it the limit grows by its square root.
+    Every change is smoothed, so one slow batch (a GC pause) moves it little.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial: int,
+        minimum: int,
+        maximum: int,
+        tolerance: float,
+        smoothing: float = 0.2,
+    ) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self.tolerance = tolerance
+        self.limit = float(min(max(initial, minimum), maximum))
+        self.baseline: float | None = None
+        self.recent: float | None = None
+        self._smoothing = smoothing
+
+    @property
+    def rows(self) -> int:
+        return int(self.limit)
+
+    def seed(self, seconds: float) -> None:
+        """A one-row batch's time measured outside traffic (the warm-up)."""
+        self.baseline = seconds
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if rows <= 0 or not seconds > 0:
+            return
+        if rows <= 2:
+            self.baseline = seconds if self.baseline is None else 0.9 * self.baseline + 0.1 * seconds
+        baseline = self.baseline
+        if baseline is None or rows < self.limit / 2:
+            return
+        self.recent = seconds if self.recent is None else 0.8 * self.recent + 0.2 * seconds
+        gradient = self.tolerance * baseline / self.recent
+        if gradient < 1.0:
+            target = self.limit * max(0.5, gradient)
+        elif rows >= 0.9 * self.limit:  # the limit was what bound this batch: try more
+            target = self.limit + math.sqrt(self.limit)
+        else:
+            return
+        limit = (1 - self._smoothing) * self.limit + self._smoothing * target
+        self.limit = min(max(limit, float(self.minimum)), float(self.maximum))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"batch_rows": self.rows, "baseline_s": self.baseline, "recent_s": self.recent,
+                "tolerance": self.tolerance}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """What tenx.yaml says about one tenant (`model_server.tenants`)."""
+
+    rate: float | None = None  # rows (predictions) per second; None: no quota
+    burst: float | None = None  # bucket size; default: one second of `rate`
+    weight: float = 1.0  # share of a queue under pressure, relative to the other tenants'
+    priority: Priority | None = None  # the class of its requests that name none
+    tier: str = "standard"  # free text for routing rules
+
+    def __post_init__(self) -> None:
+        if self.rate is not None and not self.rate > 0:
+            raise ValueError(f"tenant rate must be above 0 predictions per second, got {self.rate}")
+        if self.burst is not None and not self.burst >= 1:
+            raise ValueError(f"tenant burst must be at least 1, got {self.burst}")
+        if not self.weight > 0:
+            raise ValueError(f"tenant weight must be above 0, got {self.weight}")
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self._clock = clock
+        self._at = clock()
+
+    def _fill(self) -> None:
+        now = self._clock()
+        self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def take(self, amount: float) -> bool:
+        self._fill()
+        if self.tokens >= amount or (self.tokens >= self.burst and amount > self.burst):
+            self.tokens -= amount  # a request bigger than the burst goes when the bucket is full
+            return True
+        return False
+
+    def give_back(self, amount: float) -> None:
+        self.tokens = min(self.burst, self.tokens + amount)
+
+    def wait_s(self, amount: float) -> float:
+        """Seconds until `amount` tokens (at most a full bucket) are there."""
+        self._fill()
+        return max(0.0, (min(amount, self.burst) - self.tokens) / self.rate)
+
+
+OTHER_TENANTS = "*"  # the policy of tenants tenx.yaml does not name
+MAX_TENANT_LABELS = 100  # tenants named in metrics; the rest count as "other"
+
+
+class Tenants:
+    """Per-tenant quotas and policies; tenants the config does not name get its `*` entry."""
+
+    def __init__(self, policies: Mapping[str, TenantPolicy] | None = None, *, clock: Callable[[], float]) -> None:
+        self.policies = dict(policies or {})
+        self._default = self.policies.get(OTHER_TENANTS, TenantPolicy())
+        self._clock = clock
+        self._buckets: dict[str, TokenBucket | None] = {}
+        self._labels: set[str] = set(self.policies) - {OTHER_TENANTS}
+
+    def policy(self, tenant: str) -> TenantPolicy:
+        return self.policies.get(tenant, self._default)
+
+    def weight(self, tenant: str) -> float:
+        return self.policy(tenant).weight
+
+    def label(self, tenant: str) -> str:
+        """The tenant's name in metrics: bounded, so a client cannot grow them without end."""
+        if tenant in self._labels:
+            return tenant
+        if len(self._labels) < MAX_TENANT_LABELS + len(self.policies):
+            self._labels.add(tenant)
+            return tenant
+        return "other"
+
+    def charge(self, tenant: str, rows: int) -> None:
+        """Take `rows` from the tenant's bucket, or raise Rejected (429)."""
+        bucket = self._bucket(tenant)
+        if bucket is None or bucket.take(rows):
+            return
+        wait = bucket.wait_s(rows)
+        raise Rejected(
+            f"tenant `{tenant}` is over its quota of {bucket.rate:g} predictions/s (burst {bucket.burst:g}); "
+            f"retry in {wait:.2f} s or ask for a higher quota (model_server.tenants in tenx.yaml)",
+            reason=QUOTA,
+            status=429,
+            retry_after_s=max(wait, 0.001),
+        )
+
+    def refund(self, tenant: str, rows: int) -> None:
+        bucket = self._bucket(tenant)
+        if bucket is not None:
+            bucket.give_back(rows)
+
+    def _bucket(self, tenant: str) -> TokenBucket | None:
+        if tenant in self._buckets:
+            return self._buckets[tenant]
+        policy = self.policy(tenant)
+        bucket = None
+        if policy.rate is not None:
+            bucket = TokenBucket(policy.rate, policy.burst or max(1.0, policy.rate), self._clock)
+        if len(self._buckets) > 100_000:  # unnamed tenants come and go: forget idle buckets
+            self._buckets.clear()
+        self._buckets[tenant] = bucket
+        return bucket
+
+
+class Lane:
+    """One model's queue with its admission control and batch limit.
+
+    lane = Lane(AdmissionSettings(), clock=time.monotonic)
+    shed = lane.admit(pending)      # raises Rejected; returns requests evicted for it
+    batch = lane.take()             # by class then deadline; expired ones in batch.expired
+    lane.finished(batch.rows, seconds)
+    """
+
+    def __init__(
+        self, settings: AdmissionSettings, *, clock: Callable[[], float], tenants: Tenants | None = None
+    ) -> None:
+        self.settings = settings
+        self.tenants = tenants or Tenants(clock=clock)
+        self.queue = BatchQueue(bounds=dict.fromkeys(Priority, settings.queue_rows), clock=clock)
+        self.limit = GradientLimit(
+            initial=settings.max_batch_rows if not settings.shedding else max(settings.min_batch_rows, 32),
+            minimum=settings.min_batch_rows,
+            maximum=settings.max_batch_rows,
+            tolerance=settings.latency_tolerance,
+        )
+        self.in_flight_rows = 0
+
+    def bound(self) -> int:
+        """Rows the queue admits in all: the rows the model serves in `queue_delay_ms`
+        (its batch limit over a batch's time at that limit, about tolerance x baseline),
+        at least two batches' worth, at most `queue_rows`."""
+        settings = self.settings
+        if not settings.shedding:
+            return settings.queue_rows
+        rows = self.limit.rows
+        baseline = self.limit.baseline
+        if baseline is None:
+            return min(settings.queue_rows, 2 * rows)
+        per_second = rows / (self.limit.tolerance * baseline)
+        return int(min(settings.queue_rows, max(2 * rows, per_second * settings.queue_delay_ms / 1000)))
+
+    def threshold(self, priority: Priority) -> int:
+        return int(self.bound() * self.settings.headroom[priority])
+
+    def admit(self, item: Pending) -> list[Pending]:
+        """Queue `item` or raise Rejected. Returns the requests evicted to make room for
+        it (answer them as shed)."""
+        settings = self.settings
+        if not settings.shedding:
+            item.priority = Priority.DEFAULT  # one FIFO class: deadlines are equal per class, so arrival order
+            if self.queue.rows() + item.rows > settings.queue_rows and len(self.queue):
+                raise Rejected(
+                    f"the queue holds {self.queue.rows()} of {settings.queue_rows} rows; retry later", reason=OVERLOAD
+                )
+            self.queue.offer(item)
+            return []
+        bound = self.bound()
+        queued = self.queue.rows()
+        evicted: list[Pending] = []
+        threshold = int(bound * settings.headroom[item.priority])
+        if queued >= bound * settings.headroom[Priority.SHEDDABLE] / 2:  # under pressure: fair shares apply
+            evicted = self._fair_share(item, threshold)
+            queued = self.queue.rows()
+        if queued + item.rows > threshold and queued > 0:
+            if item.priority is Priority.CRITICAL:
+                evicted += self.queue.evict(queued + item.rows - threshold, below=item.priority)
+                queued = self.queue.rows()
+            if queued + item.rows > threshold and queued > 0:
+                self._restore(evicted)
+                name = item.priority.name.lower()
+                raise Rejected(
+                    f"overloaded: {queued} rows queued, {name} requests are admitted below {threshold} of {bound}; "
+                    "retry later",
+                    reason=OVERLOAD,
+                )
+        self.queue.offer(item)
+        return evicted
+
+    def _fair_share(self, item: Pending, threshold: int) -> list[Pending]:
+        """A tenant's share of the rows its request's class may fill, weighted over the
+        tenants with work queued."""
+        tenant = item.tenant
+        others = [t for t in self.queue.tenants() if t != tenant]
+        if not others:
+            return []
+        weights = sum(self.tenants.weight(t) for t in others) + self.tenants.weight(tenant)
+        share = int(threshold * self.tenants.weight(tenant) / weights)
+        held = self.queue.tenant_rows(tenant)
+        if held + item.rows <= share:
+            return []
+        evicted = []
+        if item.priority is not Priority.SHEDDABLE:  # its own lower-class work makes room first
+            evicted = self.queue.evict(held + item.rows - share, below=item.priority, tenant=tenant)
+            held = self.queue.tenant_rows(tenant)
+        if held + item.rows > share and held > 0:
+            self._restore(evicted)
+            raise Rejected(
+                f"tenant `{tenant}` holds {held} queued rows, its fair share ({share} of {threshold}) while the "
+                "queue is under pressure; retry later",
+                reason=FAIR_SHARE,
+            )
+        return evicted
+
+    def _restore(self, evicted: list[Pending]) -> None:
+        """Undo evictions made for a request that is refused after all."""
+        for item in evicted:
+            self.queue.offer(item)
+        evicted.clear()
+
+    def take(self) -> Batch:
+        settings = self.settings
+        batch = self.queue.take(self.limit.rows if settings.shedding else settings.max_batch_rows)
+        self.in_flight_rows += batch.rows
+        return batch
+
+    def finished(self, rows: int, seconds: float) -> None:
+        """A batch of `rows` (from `take`) is done; it took `seconds` from take to answer."""
+        self.in_flight_rows -= rows
+        if self.settings.shedding:
+            self.limit.observe(rows, seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "queued_rows": self.queue.rows(),
+            "queued_rows_by_class": {p.name.lower(): self.queue.rows(p) for p in Priority},
+            "bound_rows": self.bound(),
+            "in_flight_rows": self.in_flight_rows,
+            **self.limit.snapshot(),
+        }

@@ -1,0 +1,61 @@
+"""The model server's part of tenx.yaml, checked:
+
+    model_server:
+      tenants:
+        shop-1: {rate: 500, burst: 1000, priority: critical, tier: gold, weight: 2}
+        "*": {rate: 100}          # every tenant not named
+      breaker: {window: 20, minimum_calls: 5, failure_rate: 0.5, slow_call_s: 0.5, open_wait_s: 5}
+
+`rate` is predictions (entities) per second, `burst` the bucket's size (default one
+second of rate); `weight` the tenant's share of a queue under pressure; `priority` the
+class of its requests that name none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from featurestore.errors import ConfigError
+from serving.models.admission import TenantPolicy
+from serving.models.batcher import Priority
+from serving.models.breaker import BreakerSettings
+
+_TENANT_KEYS = ("rate", "burst", "weight", "priority", "tier")
+
+
+def tenant_policies(section: Mapping[str, Any]) -> dict[str, TenantPolicy]:
+    tenants = section.get("tenants") or {}
+    policies = {}
+    for name, raw in tenants.items():
+        where = f"model_server.tenants.{name}"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where} must be a mapping of {', '.join(_TENANT_KEYS)}; got {raw!r}")
+        unknown = set(raw) - set(_TENANT_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(_TENANT_KEYS)}"
+            )
+        values = dict(raw)
+        try:
+            if values.get("priority") is not None:
+                values["priority"] = Priority.parse(str(values["priority"]))
+            policies[str(name)] = TenantPolicy(**values)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{where}: {error}") from None
+    return policies
+
+
+def breaker_settings(section: Mapping[str, Any]) -> BreakerSettings:
+    raw = section.get("breaker") or {}
+    known = {f.name for f in fields(BreakerSettings)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(
+            f"model_server.breaker: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(known))}"
+        )
+    try:
+        return BreakerSettings(**raw)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model_server.breaker: {error}") from None

@@ -1,0 +1,246 @@
+"""Overload in virtual time: the real admission, queue, batcher and quota objects under
+seeded load at 1x, 3x, 5x and 10x (see virtual.py for the model of the server).
+
+1x is 40% of the capacity the lane reaches under a standing backlog: with 20% critical
+traffic, critical work alone at 10x is then 80% of capacity, so it can all be served;
+3x is past capacity, so shedding has to start there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from serving.models.admission import (
+    FAIR_SHARE,
+    OVERLOAD,
+    QUOTA,
+    AdmissionSettings,
+    GradientLimit,
+    Lane,
+    Rejected,
+    TenantPolicy,
+    Tenants,
+    TokenBucket,
+)
+from serving.models.batcher import Pending, Priority
+from tests.unit.serving.virtual import Run, Service, Stream, simulate
+
+SERVICE = Service()  # 1 ms per batch + 10 us per row, +-10% jitter, one executor
+SETTINGS = AdmissionSettings()
+BASE_SHARE = 0.4
+STEPS = (1, 3, 5, 10)
+CRITICAL, SHEDDABLE = Priority.CRITICAL, Priority.SHEDDABLE
+
+
+@functools.cache
+def capacity(shedding: bool = True) -> float:
+    settings = AdmissionSettings(shedding=shedding)
+    backlog = simulate(
+        [Stream(rate=1 / SERVICE.per_row_s, deadline_s=60.0)],
+        settings=settings,
+        service=SERVICE,
+        duration_s=1.5,
+        warmup_s=0.5,
+    )
+    return backlog.goodput_rows()
+
+
+def mixed(load: float, settings: AdmissionSettings = SETTINGS, *, seed: int = 1) -> Run:
+    rate = load * BASE_SHARE * capacity()
+    streams = [Stream(0.2 * rate, CRITICAL, deadline_s=0.5), Stream(0.8 * rate, SHEDDABLE, deadline_s=0.5)]
+    return simulate(streams, settings=settings, service=SERVICE, duration_s=2.5, warmup_s=0.5, seed=seed)
+
+
+@functools.cache
+def steps() -> dict[int, Run]:
+    return {load: mixed(load, seed=load) for load in STEPS}
+
+
+def test_every_step_keeps_the_instant_invariants() -> None:
+    """No request started after its deadline, the queue within its bound, and no
+    critical request refused for overload while lower-class work waits: at every step."""
+    for load, run in steps().items():
+        assert run.violations == [], (load, run.violations[:3])
+
+
+def test_critical_success_stays_at_three_nines_up_to_10x() -> None:
+    for load, run in steps().items():
+        assert run.success(CRITICAL) >= 0.999, (load, run.success(CRITICAL))
+
+
+def test_critical_p99_grows_at_most_1_5x_at_3x_and_3x_at_10x() -> None:
+    runs = steps()
+    base = runs[1].p99(CRITICAL)
+    assert runs[3].p99(CRITICAL) <= 1.5 * base, (runs[3].p99(CRITICAL), base)
+    assert runs[5].p99(CRITICAL) <= 3 * base, (runs[5].p99(CRITICAL), base)
+    assert runs[10].p99(CRITICAL) <= 3 * base, (runs[10].p99(CRITICAL), base)
+
+
+def test_goodput_at_10x_is_at_least_90_percent_of_capacity() -> None:
+    run = steps()[10]
+    assert run.goodput_rows() >= 0.9 * capacity(), (run.goodput_rows(), capacity())
+    assert run.refused(OVERLOAD, SHEDDABLE) > 0  # it got there by shedding, not by luck
+    assert run.refused(OVERLOAD, CRITICAL) == 0
+
+
+def test_at_1x_nothing_is_shed() -> None:
+    run = steps()[1]
+    assert run.success() == 1.0
+
+
+def test_without_shedding_critical_work_collapses_at_10x() -> None:
+    """The same load against the baseline (one FIFO queue, fixed bound and batch size):
+    what the invariants above protect against really happens without them."""
+    baseline = AdmissionSettings(shedding=False, max_batch_rows=SETTINGS.max_batch_rows)
+    protected, unprotected = steps()[1].p99(CRITICAL), mixed(10, baseline, seed=10)
+    collapsed = unprotected.success(CRITICAL) < 0.999 or unprotected.p99(CRITICAL) > 3 * protected
+    assert collapsed, (unprotected.success(CRITICAL), unprotected.p99(CRITICAL), protected)
+
+
+def test_deadlines_are_dropped_before_work_and_counted() -> None:
+    """Deadlines shorter than the queue's wait at 10x: requests are dropped at dequeue,
+    none is started late."""
+    rate = 10 * BASE_SHARE * capacity()
+    streams = [Stream(0.2 * rate, CRITICAL, deadline_s=0.004), Stream(0.8 * rate, SHEDDABLE, deadline_s=0.004)]
+    run = simulate(streams, settings=SETTINGS, service=SERVICE, duration_s=1.5, warmup_s=0.5, seed=3)
+    assert run.violations == []
+    assert run.refused("deadline") > 0
+    late = [o for o in run.counted() if o.started is not None and o.started >= o.deadline]
+    assert late == []
+
+
+def test_a_tenant_at_20x_its_quota_leaves_another_tenants_critical_p99_alone() -> None:
+    cap = capacity()
+    quota = 0.1 * cap
+    tenants = {"flood": TenantPolicy(rate=quota, burst=quota / 10), "calm": TenantPolicy(rate=cap)}
+
+    def run(flood_rate: float) -> Run:
+        streams = [
+            Stream(0.2 * flood_rate, CRITICAL, tenant="flood", deadline_s=0.5),
+            Stream(0.8 * flood_rate, SHEDDABLE, tenant="flood", deadline_s=0.5),
+            Stream(0.06 * cap, CRITICAL, tenant="calm", deadline_s=0.5),
+            Stream(0.24 * cap, SHEDDABLE, tenant="calm", deadline_s=0.5),
+        ]
+        return simulate(streams, settings=SETTINGS, service=SERVICE, duration_s=2.0, warmup_s=0.5, tenants=tenants)
+
+    at_quota, flooded = run(quota), run(20 * quota)
+    assert flooded.violations == []
+    assert flooded.refused(QUOTA) > 0
+    assert flooded.success(CRITICAL, "calm") >= 0.999
+    assert flooded.p99(CRITICAL, "calm") <= 1.5 * at_quota.p99(CRITICAL, "calm")
+
+
+def test_without_quotas_a_flood_gets_only_its_fair_share_of_the_queue() -> None:
+    cap = capacity()
+    calm = [Stream(0.05 * cap, CRITICAL, tenant="calm"), Stream(0.15 * cap, SHEDDABLE, tenant="calm")]
+    alone = simulate(calm, settings=SETTINGS, service=SERVICE, duration_s=2.0, warmup_s=0.5, seed=5)
+    flood = [Stream(2.0 * cap, SHEDDABLE, tenant="flood")]
+    shared = simulate(calm + flood, settings=SETTINGS, service=SERVICE, duration_s=2.0, warmup_s=0.5, seed=5)
+    assert shared.violations == []
+    assert shared.refused(FAIR_SHARE) > 0
+    assert shared.success(CRITICAL, "calm") >= 0.999
+    assert shared.success(SHEDDABLE, "calm") >= 0.99
+    assert shared.p99(CRITICAL, "calm") <= 3 * alone.p99(CRITICAL, "calm")
+
+
+# -- the pieces -------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pending(rows: int = 1, priority: Priority = Priority.DEFAULT, tenant: str = "t", deadline: float = 10.0) -> Pending:
+    return Pending(deadline=deadline, rows=rows, priority=priority, tenant=tenant, payload=None)
+
+
+def test_critical_evicts_the_latest_deadline_sheddable_work_when_the_queue_is_full() -> None:
+    clock = Clock()
+    lane = Lane(AdmissionSettings(queue_rows=10), clock=clock)
+    for _ in range(lane.threshold(SHEDDABLE)):  # sheddable up to its headroom
+        lane.admit(pending(priority=SHEDDABLE, deadline=1.0 + lane.queue.rows()))
+    with pytest.raises(Rejected, match="sheddable requests are admitted below") as refused:
+        lane.admit(pending(priority=SHEDDABLE))
+    assert (refused.value.reason, refused.value.status) == (OVERLOAD, 503)
+    bound = lane.bound()
+    sheddable = lane.queue.rows(SHEDDABLE)
+    assert sheddable == int(bound * 0.5)
+    for _ in range(bound - sheddable):
+        assert lane.admit(pending(priority=CRITICAL)) == []
+    evicted = lane.admit(pending(priority=CRITICAL))
+    assert [item.deadline for item in evicted] == [float(sheddable)]  # the latest deadline went
+    assert lane.queue.rows() == bound
+
+
+def test_a_refused_critical_request_puts_back_what_it_evicted() -> None:
+    lane = Lane(AdmissionSettings(queue_rows=10), clock=Clock())
+    bound = lane.bound()
+    for _ in range(bound):
+        lane.admit(pending(priority=CRITICAL))
+    with pytest.raises(Rejected, match="critical requests are admitted below"):
+        lane.admit(pending(priority=CRITICAL))
+    assert lane.queue.rows(CRITICAL) == bound
+
+
+def test_token_bucket_refills_at_its_rate_and_says_how_long_to_wait() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=10, burst=5, clock=clock)
+    assert all(bucket.take(1) for _ in range(5))
+    assert not bucket.take(1)
+    assert bucket.wait_s(2) == pytest.approx(0.2)
+    clock.now = 0.1
+    assert (bucket.take(1), bucket.take(1)) == (True, False)
+    clock.now = 100.0
+    assert (bucket.take(5), bucket.take(1)) == (True, False)  # never more than the burst
+
+
+def test_quota_rejection_is_429_with_the_wait() -> None:
+    clock = Clock()
+    tenants = Tenants({"shop": TenantPolicy(rate=100, burst=10)}, clock=clock)
+    tenants.charge("shop", 10)
+    with pytest.raises(Rejected) as refused:
+        tenants.charge("shop", 5)
+    assert (refused.value.status, refused.value.reason) == (429, QUOTA)
+    assert refused.value.retry_after_s == pytest.approx(0.05)
+    assert "over its quota of 100 predictions/s" in str(refused.value)
+    tenants.charge("someone-else", 10_000)  # no `*` entry: no quota
+
+
+def test_gradient_limit_shrinks_on_slow_batches_and_grows_on_fast_full_ones() -> None:
+    limit = GradientLimit(initial=64, minimum=8, maximum=1024, tolerance=1.5)
+    limit.seed(0.001)
+    limit.observe(64, 0.004)  # 4x the one-row time, past 1.5x: shrink by half at most
+    assert limit.rows < 64
+    shrunk = limit.rows
+    for _ in range(50):
+        limit.observe(limit.rows, 0.0012)  # full batches within tolerance: grow
+    assert limit.rows > shrunk
+    for _ in range(200):
+        limit.observe(limit.rows, 0.010)
+    assert limit.rows == 8  # never below the floor
+
+
+def test_gradient_baseline_does_not_drift_up_during_a_long_overload() -> None:
+    limit = GradientLimit(initial=64, minimum=8, maximum=1024, tolerance=1.5)
+    limit.seed(0.001)
+    for _ in range(10_000):  # only full batches, at the limit
+        limit.observe(limit.rows, 0.0015 * limit.rows / 64)
+    assert limit.baseline == 0.001
+    assert 32 <= limit.rows <= 80
+
+
+def test_baseline_mode_is_one_fifo_queue() -> None:
+    lane = Lane(AdmissionSettings(shedding=False, queue_rows=4, max_batch_rows=2, min_batch_rows=1), clock=Clock())
+    lane.admit(pending(priority=SHEDDABLE, deadline=1.0))
+    lane.admit(pending(priority=CRITICAL, deadline=2.0))
+    assert [item.deadline for item in lane.take().items] == [1.0, 2.0]  # arrival order, not class
+    for _ in range(4):
+        lane.admit(pending(priority=SHEDDABLE))
+    with pytest.raises(Rejected):
+        lane.admit(pending(priority=CRITICAL))  # no eviction, no headroom
