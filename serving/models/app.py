@@ -258,7 +258,11 @@ class PredictEndpoint:
             request = parse_predict(body, headers, default_deadline_ms=self.default_deadline_ms)
             spec = server.spec_for(request.model)
             model = spec.name
-            priority = request.priority or server.tenants.policy(request.tenant).priority or Priority.DEFAULT
+            priority = request.priority
+            if priority is None:  # not `or`: CRITICAL is 0
+                priority = server.tenants.policy(request.tenant).priority
+            if priority is None:
+                priority = Priority.DEFAULT
             answer = await server.predict(
                 request.model,
                 request.entities,
@@ -345,14 +349,17 @@ def create_model_app(
                 await asyncio.to_thread(ping)
             except TransientError as error:
                 problems.append(str(error))
+        circuits = server.circuits()
+        problems += [f"the circuit of {name} is open" for name, state in circuits.items() if state == "open"]
         if problems:
-            return _json({"status": "unavailable", "problems": problems}, 503)
-        return _json({"status": "ok", "models": [describe(r) for r in server.routes.values()]})
+            return _json({"status": "unavailable", "problems": problems, "circuits": circuits}, 503)
+        return _json({"status": "ok", "models": [describe(r) for r in server.routes.values()], "circuits": circuits})
 
     async def models(request: Request) -> Response:
         return _json({"models": [describe(r) for r in server.routes.values()]})
 
     async def prometheus(request: Request) -> Response:
+        server.export_gauges()
         return Response(exposition(server.metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     predict_endpoint = PredictEndpoint(server, token=token)

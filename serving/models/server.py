@@ -56,6 +56,7 @@ class ModelServerSettings:
     queue_delay_ms: float = 50.0  # the queue admits the rows the model serves in this long
     shedding: bool = True  # False: one FIFO queue, fixed bound and batch size (the overload baseline)
     default_deadline_ms: float = 1000.0
+    inference_timeout_ms: float = 250.0  # a model run longer than this fails (its circuit counts it)
     reload_interval_s: float = 1.0
     prefer_gpu: bool = True
     intra_op_threads: int = 1
@@ -588,8 +589,9 @@ class ModelServer:
             looked_up = self._clock()
             read_at = int(self._wall() * 1_000_000)
             vectors = loaded.assembler.assemble(raws, read_at)
-            latest = max(item.deadline for item in items)
-            scores = await self._infer(loaded, vectors, timeout_s=max(0.0, latest - self._clock()))
+            latest = max(item.deadline for item in items) - self._clock()
+            timeout = max(0.0, min(latest, self.settings.inference_timeout_ms / 1000))
+            scores = await self._infer(loaded, vectors, timeout_s=timeout)
         except Exception as error:
             if not isinstance(error, TransientError):
                 log.exception("batch of %s failed", route.name)
@@ -676,9 +678,10 @@ class ModelServer:
         return raws
 
     async def _infer(self, loaded: Loaded, vectors: Vectors, *, timeout_s: float) -> np.ndarray:
-        """The rows the policy lets through, on the model's runtime thread; a run that
-        outlasts the batch's last deadline counts as a failure (a stalled model opens
-        its circuit instead of holding requests)."""
+        """The rows the policy lets through, on the model's runtime thread. A run that
+        outlasts `timeout_s` (the inference timeout, or the batch's last deadline when
+        sooner) fails the batch and counts against the model's circuit: a stalled model
+        sends its requests down their fallbacks with time left, and soon opens."""
         scored = vectors.scored
         every = bool(scored.all())
         matrix = vectors.matrix if every else vectors.matrix[scored]
@@ -710,6 +713,27 @@ class ModelServer:
         return result
 
     # -- health ------------------------------------------------------------------------------
+
+    def circuits(self) -> dict[str, str]:
+        """Each dependency's circuit state, when the guard keeps them (Breakers)."""
+        states = getattr(self.guard, "states", None)
+        if states is None:
+            return {}
+        return {name: str(getattr(state, "value", state)) for name, state in sorted(states().items())}
+
+    def export_gauges(self) -> None:
+        """Gauges read at scrape time: each lane's limit, bound and queue, each circuit."""
+        metrics = self.metrics
+        for name, route in self.routes.items():
+            lane = route.lane
+            metrics.batch_limit.labels(name).set(lane.limit.rows)
+            metrics.queue_bound.labels(name).set(lane.bound())
+            for priority in Priority:
+                metrics.queued.labels(name, priority.name.lower()).set(lane.queue.rows(priority))
+        states = getattr(self.guard, "states", None)
+        if states is not None:
+            for dependency, state in states().items():
+                metrics.breaker_state.labels(dependency).set(getattr(state, "code", 0))
 
     def problems(self) -> list[str]:
         found = []
@@ -758,6 +782,7 @@ def describe(route: Route) -> dict[str, Any]:
             device=loaded.runtime.device,
             features=loaded.card.feature_references,
             queued_rows=route.queue.rows(),
+            admission=route.lane.snapshot(),
         )
     return data
 

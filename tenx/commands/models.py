@@ -436,13 +436,39 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
     type=click.FloatRange(0, 1000),
     help="Wait up to this long for a batch to fill (0: a batch leaves when the runtime is free; it fills under load).",
 )
-@click.option("--queue-rows", default=8192, show_default=True, type=click.IntRange(1), help="Queue bound per class.")
+@click.option(
+    "--queue-rows",
+    default=8192,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Hard bound on queued rows per model (the adaptive bound stays below it).",
+)
 @click.option(
     "--deadline-ms",
     default=1000.0,
     show_default=True,
     type=click.FloatRange(1, 600_000),
     help="Deadline of a request that gives none.",
+)
+@click.option(
+    "--latency-tolerance",
+    default=1.5,
+    show_default=True,
+    type=click.FloatRange(1, min_open=True),
+    help="Adaptive batch limit: a batch may take this many times a one-row batch's time.",
+)
+@click.option(
+    "--queue-delay-ms",
+    default=50.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Adaptive queue bound: admit the rows the model serves in this long (sheddable up to 50%, default 80%).",
+)
+@click.option(
+    "--no-shedding",
+    is_flag=True,
+    help="Turn priorities, shedding and the adaptive limits off: one FIFO queue of --queue-rows, batches of "
+    "--max-batch-rows, no quotas (the baseline bench/overload.py compares with).",
 )
 @click.option("--cpu", "cpu_only", is_flag=True, help="Run on the CPU even where a GPU provider is available.")
 @token_options
@@ -457,16 +483,28 @@ def serve_models(
     max_wait_ms: float,
     queue_rows: int,
     deadline_ms: float,
+    latency_tolerance: float,
+    queue_delay_ms: float,
+    no_shedding: bool,
     cpu_only: bool,
     token: str | None,
     token_file: Path | None,
     config_file: Path | None,
 ) -> None:
     """Run the model server: POST /predict {"model", "entities", "priority", "tenant",
-    "deadline_ms"}, GET /models, /health/live, /health/ready, /metrics. It looks the
-    model's features up in the online store, batches rows across requests and runs
-    ONNX Runtime (CUDA/TensorRT when present, else the CPU)."""
+    "deadline_ms", "context"}, GET /models, /health/live, /health/ready, /metrics. It
+    looks the model's features up in the online store, batches rows across requests and
+    runs ONNX Runtime (CUDA/TensorRT when present, else the CPU).
+
+    Under load it admits critical work first (sheddable only while the queue is below
+    half its adaptive bound, default below 80%), refuses a tenant over its quota
+    (model_server.tenants in tenx.yaml) with 429, opens a circuit per dependency that
+    keeps failing, and answers along the routes the feature repo declares
+    (`featurestore.route`: a cheaper model, the prediction cache, a rule)."""
     import uvicorn
+
+    from featurestore.plan.collect import collect_routes
+    from serving.models.config import breaker_settings, tenant_policies
 
     settings = settings_of(config_file)
     applied_plan(settings)
@@ -488,15 +526,33 @@ def serve_models(
             "max_wait_ms": max_wait_ms,
             "queue_rows": queue_rows,
             "default_deadline_ms": deadline_ms,
+            "latency_tolerance": latency_tolerance,
+            "queue_delay_ms": queue_delay_ms,
+            "shedding": not no_shedding,
             "prefer_gpu": not cpu_only,
         }
     )
+    routes = collect_routes(settings.features_path, settings.modules) if settings.features_path.is_dir() else {}
+    for spec in routes.values():
+        if spec.primary not in deployed:
+            raise ConfigError(
+                f"route `{spec.name}`'s primary model `{spec.primary}` is not deployed: "
+                f"`tenx models deploy {spec.primary}` first"
+            )
+        for model in spec.models[1:]:
+            if model not in deployed:
+                console.print(f"[yellow]route `{spec.name}`: fallback model `{model}` is not deployed; it is skipped")
+    tenant_policies(settings.model_server)  # a mistake in tenx.yaml stops here, not in every worker
+    breaker_settings(settings.model_server)
     if workers > 1:
         # Each worker writes its metric values here; /metrics in any of them merges all.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tenx-metrics-")
     check_port_free(host, port)
     served = ", ".join(names or tuple(sorted(deployed))) or "none deployed yet"
-    console.print(f"tenx model server on http://{host}:{port} ({served}; features from {store_name(settings)})")
+    if routes:
+        served += "; routes " + ", ".join(sorted(routes))
+    mode = "" if not no_shedding else "; shedding OFF"
+    console.print(f"tenx model server on http://{host}:{port} ({served}; features from {store_name(settings)}{mode})")
     uvicorn.run(
         "serving.models.app:app_from_environment",
         factory=True,

@@ -1,20 +1,26 @@
 """The model server on real Redis: models trained in the test from demo data, served
 end to end, scores equal to ONNX Runtime in-process on the same vectors; a Redis that
-goes away is a prompt 503 (never a hang), and serving resumes when it is back."""
+goes away is a prompt 503 (never a hang), and serving resumes when it is back; with a
+route, the outage is answered by its rule (degraded) and a failing model by the cheaper one."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
+from featurestore import CACHE, route
 from serving.models import ModelServerSettings, create_model_app
+from serving.models.breaker import BreakerSettings
 from tests.model_repo import USERS, DemoRepo, build_demo_repo, feature_matrix, onnx_scores
 from tests.processes import free_port
 from tests.services import _unavailable
@@ -68,7 +74,7 @@ def test_a_redis_that_goes_away_is_a_prompt_503_and_serving_resumes(repo: DemoRe
             assert time.perf_counter() - began < 5
             assert response.status_code == 503
             assert response.headers["retry-after"] == "1"
-            assert response.json()["error"].startswith(f"online store Redis at redis://127.0.0.1:{port}/0")
+            assert f"online store Redis at redis://127.0.0.1:{port}/0" in response.json()["error"]
             assert client.get("/health/ready").status_code == 503
             server = subprocess.Popen(command, stdout=subprocess.DEVNULL)  # back, empty: the entity is missing
             give_up = time.monotonic() + 20
@@ -83,3 +89,89 @@ def test_a_redis_that_goes_away_is_a_prompt_503_and_serving_resumes(repo: DemoRe
         if server.poll() is None:
             server.kill()
         server.wait(timeout=10)
+
+
+def risk_rule(features: list[dict[str, float | None]] | None, request: Any) -> list[float]:
+    return [0.25 if features is None else 0.75 for _ in request.entities]
+
+
+def test_redis_stopped_mid_load_gets_degraded_rule_answers_in_time_and_recovers(repo: DemoRepo, tmp_path: Path) -> None:
+    """Four threads send requests with a 500 ms deadline while Redis is killed and
+    restarted: every request is answered before its deadline (plus HTTP slack), the
+    outage's answers come from the rule marked degraded, and model answers return
+    without a restart once Redis is back."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        _unavailable("redis-server is not installed")
+    port = free_port()
+    command = [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        local = build_demo_repo(tmp_path / "repo", redis_url=f"redis://127.0.0.1:{port}/0")
+        card = local.train("buys", ModelKind.LOGISTIC)
+        local.models.deploy("buys", card.version, precision=None, by="test")
+        settings = ModelServerSettings(registry_dir=local.settings.registry_dir)
+        spec = route("buys", primary="buys", fallbacks=[CACHE, risk_rule])
+        breakers = BreakerSettings(window=10, minimum_calls=5, open_wait_s=0.5, half_open_calls=1)
+        app = create_model_app(settings, local.store(), routes={"buys": spec}, breakers=breakers)
+        answers: list[tuple[float, int, dict[str, Any]]] = []
+        stop = threading.Event()
+        with TestClient(app) as client:
+
+            def send() -> None:
+                while not stop.is_set():
+                    began = time.perf_counter()
+                    response = client.post("/predict", json={"model": "buys", "entities": [1], "deadline_ms": 500})
+                    answers.append((time.perf_counter() - began, response.status_code, response.json()))
+
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                for _ in range(4):
+                    pool.submit(send)
+                time.sleep(0.5)
+                server.kill()
+                server.wait(timeout=10)
+                killed_at = len(answers)
+                time.sleep(1.5)
+                during = answers[killed_at:]
+                server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+                give_up = time.monotonic() + 20
+                while time.monotonic() < give_up:
+                    if answers and answers[-1][2].get("served_by") == "buys@1":
+                        break
+                    time.sleep(0.1)
+                time.sleep(0.3)
+                stop.set()
+        assert answers
+        assert max(seconds for seconds, _, _ in answers) < 0.5 + 0.5  # nothing hung past its deadline
+        assert {status for _, status, _ in during} == {200}
+        degraded = [body for _, _, body in during if body["degraded"]]
+        assert degraded, "no request reached the fallback during the outage"
+        assert {body["served_by"] for body in degraded} == {"rule:risk_rule"}
+        assert all(body["scores"] == [0.25] for body in degraded)  # the rule had no features
+        assert answers[-1][2]["served_by"] == "buys@1"  # recovered without a restart
+        assert answers[-1][2]["degraded"] is False
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=10)
+
+
+def test_a_model_that_raises_on_real_redis_opens_its_circuit_and_the_cheaper_model_answers(repo: DemoRepo) -> None:
+    settings = ModelServerSettings(registry_dir=repo.settings.registry_dir)
+    spec = route("buys", primary="buys", fallbacks=["buys_logistic"])
+    breakers = BreakerSettings(window=4, minimum_calls=3, open_wait_s=60)
+    with TestClient(create_model_app(settings, repo.store(), routes={"buys": spec}, breakers=breakers)) as client:
+        runtime = client.app.state.server.routes["buys"].loaded.runtime  # type: ignore[attr-defined]
+
+        def raising(matrix: Any) -> concurrent.futures.Future[Any]:
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            future.set_exception(RuntimeError("model crashed"))
+            return future
+
+        runtime.submit = raising
+        bodies = [client.post("/predict", json={"model": "buys", "entities": [1, 2, 3]}).json() for _ in range(5)]
+        state = client.app.state.server.guard.state("model:buys")  # type: ignore[attr-defined]
+    assert {b["served_by"] for b in bodies} == {"buys_logistic@1"}
+    assert all(b["degraded"] for b in bodies)
+    assert all(len(b["scores"]) == 3 and None not in b["scores"] for b in bodies)
+    assert state.value == "open"

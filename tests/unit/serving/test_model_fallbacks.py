@@ -1,0 +1,236 @@
+"""Routes, fallbacks, circuits and quotas on the model server (embedded store, real
+ONNX models trained in the test): a model that raises or stalls, an online store that
+fails, the prediction cache, rules, per-tenant quotas."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from featurestore import CACHE, route
+from featurestore.errors import CompileError, ConfigError, TransientError
+from featurestore.plan.collect import collect_routes
+from serving.models import ModelServerSettings, create_model_app
+from serving.models.admission import TenantPolicy
+from serving.models.batcher import Priority
+from serving.models.breaker import BreakerSettings
+from serving.models.config import breaker_settings, tenant_policies
+from tests.model_repo import DemoRepo, build_demo_repo, feature_matrix
+from training.train import ModelKind
+
+QUICK = BreakerSettings(window=4, minimum_calls=3, failure_rate=0.5, open_wait_s=60.0, half_open_calls=1)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> DemoRepo:
+    repo = build_demo_repo(tmp_path_factory.mktemp("fallbacks") / "repo")
+    for name, kind in (("buys", ModelKind.MLP), ("buys_logistic", ModelKind.LOGISTIC)):
+        card = repo.train(name, kind)
+        repo.models.deploy(name, card.version, precision=None, by="test")
+    return repo
+
+
+def serve(repo: DemoRepo, *, store: Any = None, **options: Any) -> TestClient:
+    settings = ModelServerSettings(
+        registry_dir=repo.settings.registry_dir, inference_timeout_ms=options.pop("inference_timeout_ms", 250.0)
+    )
+    options.setdefault("breakers", QUICK)
+    return TestClient(create_model_app(settings, store or repo.store(), **options))
+
+
+def server_of(client: TestClient) -> Any:
+    return client.app.state.server  # type: ignore[attr-defined]
+
+
+def break_model(client: TestClient, model: str, how: str = "raise") -> None:
+    runtime = server_of(client).routes[model].loaded.runtime
+
+    def submit(matrix: np.ndarray) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        if how == "raise":
+            future.set_exception(RuntimeError("CUDA error: an illegal memory access was encountered"))
+        return future  # "stall": never completes
+
+    runtime.submit = submit
+
+
+class FailingStore:
+    """The embedded store, with reads that fail like a Redis that went away."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.failing = False
+
+    def read_many(self, requests: Any) -> Any:
+        if self.failing:
+            raise TransientError("online store Redis at redis://127.0.0.1:1/0 did not answer: connection refused")
+        return self.store.read_many(requests)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def by_amount(features: list[dict[str, float | None]] | None, request: Any) -> list[float]:
+    """A rule: high risk for large amounts; it sees features only when they were read."""
+    base = 0.9 if request.context.get("amount", 0) > 100 else 0.1
+    return [base if features is None else base + 0.01 for _ in request.entities]
+
+
+def test_a_model_that_raises_opens_its_circuit_and_the_cheaper_model_answers(repo: DemoRepo) -> None:
+    spec = route("buys", primary="buys", fallbacks=["buys_logistic"])
+    with serve(repo, routes={"buys": spec}) as client:
+        break_model(client, "buys")
+        answers = [client.post("/predict", json={"model": "buys", "entities": [1, 2]}) for _ in range(6)]
+        assert [a.status_code for a in answers] == [200] * 6
+        bodies = [a.json() for a in answers]
+        assert {b["served_by"] for b in bodies} == {"buys_logistic@1"}
+        assert all(b["degraded"] for b in bodies)
+        assert "CUDA error" in bodies[0]["reason"]
+        assert bodies[-1]["reason"] == "buys: circuit open"  # after 3 failures the model is not even tried
+        assert server_of(client).guard.state("model:buys").value == "open"
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["circuits"]["model:buys"] == "open"
+        metrics = client.get("/metrics").text
+    assert 'tenx_model_breaker_state{dependency="model:buys"} 2.0' in metrics
+    assert 'tenx_model_breaker_transitions_total{dependency="model:buys",from_state="closed",to_state="open"} 1.0' in (
+        metrics
+    )
+    fallbacks = 'tenx_model_fallbacks_total{priority="default",route="buys",served_by="buys_logistic",tenant="default"}'
+    assert f"{fallbacks} 6.0" in metrics
+
+
+def test_a_stalled_model_falls_back_well_within_the_deadline(repo: DemoRepo) -> None:
+    spec = route("buys", primary="buys", fallbacks=["buys_logistic"])
+    with serve(repo, routes={"buys": spec}, inference_timeout_ms=50) as client:
+        break_model(client, "buys", how="stall")
+        began = time.perf_counter()
+        response = client.post("/predict", json={"model": "buys", "entities": [1], "deadline_ms": 2000})
+        elapsed = time.perf_counter() - began
+    assert response.status_code == 200, response.text
+    assert response.json()["served_by"] == "buys_logistic@1"
+    assert "did not answer within 50 ms" in response.json()["reason"]
+    assert elapsed < 1.0
+
+
+def test_a_stalled_model_without_fallback_answers_at_the_deadline_never_later(repo: DemoRepo) -> None:
+    with serve(repo, inference_timeout_ms=10_000) as client:
+        break_model(client, "buys", how="stall")
+        began = time.perf_counter()
+        response = client.post("/predict", json={"model": "buys", "entities": [1], "deadline_ms": 300})
+        elapsed = time.perf_counter() - began
+    assert response.status_code == 504
+    assert 0.25 < elapsed < 1.0
+
+
+def test_with_the_online_store_down_the_rule_answers_from_the_request(repo: DemoRepo) -> None:
+    store = FailingStore(repo.store())
+    spec = route("buys", primary="buys", fallbacks=["buys_logistic", CACHE, by_amount])
+    breakers = BreakerSettings(window=4, minimum_calls=3, open_wait_s=0.3, half_open_calls=1)
+    with serve(repo, store=store, routes={"buys": spec}, breakers=breakers) as client:
+        store.failing = True
+        body = {"model": "buys", "entities": [1, 2, 3], "context": {"amount": 500}}
+        answers = [client.post("/predict", json=body).json() for _ in range(5)]
+        assert {a["served_by"] for a in answers} == {"rule:by_amount"}
+        assert answers[0]["scores"] == [0.9, 0.9, 0.9]  # no features: the rule saw None
+        assert answers[0]["status"] == ["rule", "rule", "rule"]
+        assert all(a["degraded"] for a in answers)
+        assert "connection refused" in answers[0]["reason"]
+        assert "online store: circuit open" in answers[-1]["reason"]
+        store.failing = False  # the circuit stays open until its wait passed; then a probe closes it
+        time.sleep(0.4)
+        recovered = client.post("/predict", json=body).json()
+        assert (recovered["served_by"], recovered["degraded"]) == ("buys@1", False)
+
+
+def test_the_rule_sees_the_features_when_only_the_model_failed(repo: DemoRepo) -> None:
+    seen: list[Any] = []
+
+    def record(features: Any, request: Any) -> float:
+        seen.append(features)
+        return 0.5
+
+    spec = route("buys", primary="buys", fallbacks=[record])
+    with serve(repo, routes={"buys": spec}) as client:
+        break_model(client, "buys")
+        answer = client.post("/predict", json={"model": "buys", "entities": [1, 2]}).json()
+    assert (answer["served_by"], answer["scores"]) == ("rule:record", [0.5, 0.5])
+    card = repo.models.card("buys")
+    expected = feature_matrix(repo, card, [1, 2])
+    features = seen[0]
+    assert [list(row) for row in features] == [card.feature_references] * 2
+    got = np.array([[row[name] for name in card.feature_references] for row in features], dtype=np.float32)
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
+
+
+def test_the_cache_answers_the_models_own_score_for_the_same_features(repo: DemoRepo) -> None:
+    spec = route("buys", primary="buys", fallbacks=[CACHE])
+    with serve(repo, routes={"buys": spec}) as client:
+        fresh = client.post("/predict", json={"model": "buys", "entities": [1, 2]}).json()
+        break_model(client, "buys")
+        cached = client.post("/predict", json={"model": "buys", "entities": [2, 1]}).json()
+        assert cached["served_by"] == "cache:buys@1"
+        assert cached["degraded"] is True
+        assert cached["scores"] == fresh["scores"][::-1]
+        miss = client.post("/predict", json={"model": "buys", "entities": [3]})
+    assert miss.status_code == 503
+    assert "cache: miss" in miss.json()["error"]
+
+
+def test_a_tenant_over_its_quota_gets_429_with_retry_after(repo: DemoRepo) -> None:
+    tenants = {"shop": TenantPolicy(rate=1, burst=4), "vip": TenantPolicy(priority=Priority.CRITICAL)}
+    with serve(repo, tenants=tenants) as client:
+        assert (
+            client.post("/predict", json={"model": "buys", "entities": [1, 2, 3], "tenant": "shop"}).status_code == 200
+        )
+        over = client.post("/predict", json={"model": "buys", "entities": [1, 2], "tenant": "shop"})
+        assert client.post("/predict", json={"model": "buys", "entities": [1], "tenant": "vip"}).status_code == 200
+        asked = {"model": "buys", "entities": [1, 2], "tenant": "other", "priority": "critical"}
+        assert client.post("/predict", json=asked).status_code == 200
+        metrics = client.get("/metrics").text
+    assert over.status_code == 429
+    assert over.headers["retry-after"] == "1"
+    assert over.json()["reason"] == "quota"
+    assert "tenant `shop` is over its quota of 1 predictions/s (burst 4)" in over.json()["error"]
+    assert 'tenx_model_shed_total{model="buys",priority="default",reason="quota",tenant="shop"} 1.0' in metrics
+    assert 'tenx_model_served_total{priority="critical",route="buys",served_by="buys",tenant="vip"} 1.0' in metrics
+    assert 'tenx_model_served_total{priority="critical",route="buys",served_by="buys",tenant="other"} 1.0' in metrics
+
+
+def test_routes_are_collected_from_the_feature_repo(tmp_path: Path) -> None:
+    (tmp_path / "routes.py").write_text(
+        "from featurestore import route\n"
+        "def fallback(features, request):\n"
+        "    return 0.5\n"
+        "@route('fraud', primary='fraud_mlp', fallbacks=['fraud_logistic', 'cache', fallback])\n"
+        "def pick(request):\n"
+        "    return 'fraud_logistic' if request.priority == 'sheddable' else None\n"
+    )
+    routes = collect_routes(tmp_path)
+    spec = routes["fraud"]
+    assert spec.models == ["fraud_mlp", "fraud_logistic"]
+    assert spec.choose is not None
+    (tmp_path / "more.py").write_text("from featurestore import route\nagain = route('fraud', primary='other')\n")
+    with pytest.raises(CompileError, match="route `fraud`: declared twice"):
+        collect_routes(tmp_path)
+
+
+def test_model_server_config_is_checked_with_messages_that_say_what_to_fix() -> None:
+    policies = tenant_policies({"tenants": {"shop": {"rate": 10, "priority": "critical"}, "*": {"rate": 1}}})
+    assert policies["shop"].priority is Priority.CRITICAL
+    assert policies["*"].rate == 1
+    with pytest.raises(ConfigError, match=r"model_server.tenants.shop: unknown key\(s\) rpm; expected rate"):
+        tenant_policies({"tenants": {"shop": {"rpm": 10}}})
+    with pytest.raises(ConfigError, match=r"model_server\.tenants\.shop: tenant rate must be above 0"):
+        tenant_policies({"tenants": {"shop": {"rate": 0}}})
+    with pytest.raises(ConfigError, match="priority 'urgent': expected critical, default or sheddable"):
+        tenant_policies({"tenants": {"shop": {"priority": "urgent"}}})
+    assert breaker_settings({"breaker": {"minimum_calls": 2}}).minimum_calls == 2
+    with pytest.raises(ConfigError, match=r"model_server.breaker: unknown key\(s\) threshold"):
+        breaker_settings({"breaker": {"threshold": 2}})
