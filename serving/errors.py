@@ -9,7 +9,9 @@ TenxError (schemas.errors)
 │                               featurestore.models)
 └── TransientError              the online store did not answer in time (retry)
     ├── ModelUnavailable        the model is loading, or its load failed (HTTP 503)
-    ├── Overloaded              the model's queue for that priority is full (HTTP 503, Retry-After)
+    ├── Overloaded              shed: no room for the request's class, or pushed out by critical work
+    │                           (HTTP 503, Retry-After)
+    ├── QuotaExceeded           the tenant is over its quota (HTTP 429, Retry-After)
     └── DeadlineExceeded        the request's deadline passed before it was scored (HTTP 504)
 """
 
@@ -23,6 +25,7 @@ __all__ = [
     "FeatureReferenceError",
     "ModelUnavailable",
     "Overloaded",
+    "QuotaExceeded",
     "SkewError",
     "TransientError",
     "UnknownFeatureError",
@@ -51,7 +54,16 @@ class ModelUnavailable(TransientError):
 
 
 class Overloaded(TransientError):
-    """The model's queue has no room for the request's priority class."""
+    """Shed before any work: the model's queue has no room for the request's priority
+    class (or the tenant's fair share of it), or critical work pushed it out."""
+
+
+class QuotaExceeded(TransientError):
+    """The tenant is over its quota; `retry_after_s` says when its bucket holds enough."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(TransientError):

@@ -17,6 +17,13 @@ It also judges itself: how far actual send times fell behind intended ones, and 
 it sent at least `min_send_share` of the offered rate. A step whose `lag.fell_behind` is
 set did not offer the load it claims; callers must not report it as that rate.
 
+A plan may label its requests (`labels`, parallel to `requests`: a priority class, a
+tenant) and give each a deadline (`deadlines_ms`): the result then has the same figures
+per label in `by_label`, with how many 2xx answers came within their deadline (goodput).
+`marker`, when given, counts the 2xx answers whose body holds those bytes (a
+`"degraded":true` flag). The run itself only records each request's status (and marker
+hit); the split by label is computed afterwards, from the request's index.
+
     plan = LoadPlan(host="127.0.0.1", port=8081, rate=500, duration_s=10, warmup_s=1,
                     requests=(post_request("/predict", b'{"model": "buys", "entities": [1]}'),))
     with LoadGenerator() as generator:
@@ -37,7 +44,7 @@ import multiprocessing
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, cast
 
@@ -177,6 +184,70 @@ def judge_lag(
     )
 
 
+@dataclass(frozen=True)
+class LabelResult:
+    """One label's share of a run's window (warm-up excluded), as in `LoadResult`."""
+
+    scheduled: int
+    sent: int
+    ok: int  # answered 2xx
+    statuses: dict[int, int]  # HTTP status -> count
+    errors: int
+    unfinished: int
+    latency: LatencySummary  # of 2xx answers, from the intended send time
+    within_deadline: int | None  # 2xx answers within the request's deadline; None: the plan gave none
+    marked: int | None  # 2xx answers whose body held the plan's marker; None: no marker
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["statuses"] = {str(status): count for status, count in sorted(self.statuses.items())}
+        return data
+
+
+def split_by_label(
+    labels: Sequence[str],
+    kinds: np.ndarray,
+    *,
+    status: np.ndarray,
+    sent: np.ndarray,
+    latency_s: np.ndarray,
+    deadlines_s: np.ndarray | None,
+    marked: np.ndarray | None,
+) -> dict[str, LabelResult]:
+    """Each label's figures: request `i` is of kind `kinds[i]` (an index into `labels`,
+    which may repeat a label) with `status[i]` (HTTP status; 0 unanswered, -1 failed),
+    `sent[i]` (NaN: never sent) and `latency_s[i]`; `deadlines_s[kind]` and `marked[i]`
+    are optional. Labels in order of first appearance in `labels`.
+
+    >>> split = split_by_label(("a", "b", "a"), np.array([0, 1, 2, 0]), status=np.array([200, 503, 200, 0]),
+    ...                        sent=np.zeros(4), latency_s=np.array([0.001, 0.0, 0.5, 0.0]),
+    ...                        deadlines_s=np.array([0.1, 0.1, 0.1]), marked=None)
+    >>> split["a"].ok, split["a"].within_deadline, split["a"].unfinished, split["b"].statuses
+    (2, 1, 1, {503: 1})
+    """
+    names = list(dict.fromkeys(labels))
+    of_kind = np.array([names.index(label) for label in labels], dtype=np.int64)
+    label_of = of_kind[kinds]
+    ok = (status >= 200) & (status < 300)
+    in_time = ok & (latency_s <= deadlines_s[kinds]) if deadlines_s is not None else None
+    split = {}
+    for number, name in enumerate(names):
+        mine = label_of == number
+        codes, counts = np.unique(status[mine & (status > 0)], return_counts=True)
+        split[name] = LabelResult(
+            scheduled=int(mine.sum()),
+            sent=int((mine & ~np.isnan(sent)).sum()),
+            ok=int((mine & ok).sum()),
+            statuses={int(c): int(n) for c, n in zip(codes, counts, strict=True)},
+            errors=int((mine & (status < 0)).sum()),
+            unfinished=int((mine & (status == 0)).sum()),
+            latency=summarize(latency_s[mine & ok]),
+            within_deadline=int((mine & in_time).sum()) if in_time is not None else None,
+            marked=int((mine & ok & marked).sum()) if marked is not None else None,
+        )
+    return split
+
+
 # -- a run ---------------------------------------------------------------------------------
 
 
@@ -199,11 +270,24 @@ class LoadPlan:
     drain_s: float = 5.0
     max_p99_lag_s: float = 0.001
     min_send_share: float = 0.95
+    labels: tuple[str, ...] = ()  # parallel to requests (e.g. each one's priority class); () : no split
+    deadlines_ms: tuple[float, ...] | None = None  # parallel to requests: counts 2xx answers in time
+    marker: bytes = b""  # counted in 2xx answer bodies (e.g. b'"degraded":true'); b"": not looked for
 
     def __post_init__(self) -> None:
         problems = []
         if not self.requests:
             problems.append("requests is empty (give at least one encoded request)")
+        if self.labels and len(self.labels) != len(self.requests):
+            problems.append(f"labels has {len(self.labels)} entries for {len(self.requests)} requests (give one each)")
+        if self.deadlines_ms is not None:
+            if len(self.deadlines_ms) != len(self.requests):
+                problems.append(
+                    f"deadlines_ms has {len(self.deadlines_ms)} entries for {len(self.requests)} requests "
+                    "(give one each)"
+                )
+            elif not all(d > 0 and math.isfinite(d) for d in self.deadlines_ms):
+                problems.append("deadlines_ms must all be positive and finite")
         if not (self.rate > 0 and math.isfinite(self.rate)):
             problems.append(f"rate must be positive and finite, got {self.rate}")
         if not (self.duration_s > 0 and math.isfinite(self.duration_s)):
@@ -243,6 +327,9 @@ class LoadResult:
     generator_cpu_s: float  # CPU time of the generator process during the run (both threads)
     wall_s: float
 
+    by_label: dict[str, LabelResult] = field(default_factory=dict)  # empty when the plan has no labels
+    marked: int | None = None  # 2xx answers whose body held the plan's marker; None: no marker
+
     @property
     def completed_rate(self) -> float:
         return self.completed / self.duration_s
@@ -257,6 +344,7 @@ class LoadResult:
         data["error_samples"] = list(self.error_samples)
         data["completed_rate"] = self.completed_rate
         data["ok_rate"] = self.ok_rate
+        data["by_label"] = {label: part.to_dict() for label, part in self.by_label.items()}
         return data
 
 
@@ -297,11 +385,14 @@ class _Connection(asyncio.Protocol):
             return
         if len(buffer) < end + 4 + length:
             return
-        del buffer[: end + 4 + length]
         index, self.current = self.current, -1
         if index < 0:
             self._broken(f"an answer ({status}) to no request")
             return
+        marker = self.run.plan.marker
+        if marker and 200 <= status < 300 and buffer.find(marker, end + 4, end + 4 + length) >= 0:
+            self.run.marked[index] = True
+        del buffer[: end + 4 + length]
         self.run.answered(self, index, status)
 
     def _broken(self, message: str) -> None:
@@ -326,6 +417,7 @@ class _Run:
         self.sent = [nan] * self.count  # its bytes were written
         self.finished = [nan] * self.count
         self.status = [0] * self.count  # 0: no answer; -1: failed
+        self.marked = [False] * self.count  # a 2xx whose body held plan.marker
         self.idle: list[_Connection] = []
         self.open: set[_Connection] = set()
         self.opening = 0
@@ -502,6 +594,15 @@ def _result(plan: LoadPlan, run: _Run, times: np.ndarray, cpu_s: float, wall_s: 
         busy = f"all {plan.max_connections} connections were busy {run.waited:,} times: the server did not keep up"
         lag = replace(lag, reason=f"{lag.reason} ({busy})")
     handed_lag = handed[~np.isnan(handed)] - intended[~np.isnan(handed)]
+    latency = finished - intended
+    marked = np.asarray(run.marked[window], dtype=bool) if plan.marker else None
+    by_label = {}
+    if plan.labels:
+        kinds = np.arange(first, len(times)) % len(plan.requests)  # requests are sent in turn
+        deadlines = np.asarray(plan.deadlines_ms, dtype=np.float64) / 1000 if plan.deadlines_ms else None
+        by_label = split_by_label(
+            plan.labels, kinds, status=status, sent=sent, latency_s=latency, deadlines_s=deadlines, marked=marked
+        )
     return LoadResult(
         offered_rate=plan.rate,
         duration_s=plan.duration_s,
@@ -513,13 +614,15 @@ def _result(plan: LoadPlan, run: _Run, times: np.ndarray, cpu_s: float, wall_s: 
         errors=int((status < 0).sum()),
         unfinished=int((status == 0).sum()),
         error_samples=tuple(f"{message} (x{count})" for message, count in run.error_messages.most_common()),
-        latency=summarize(finished[ok] - intended[ok]),
+        latency=summarize(latency[ok]),
         lag=lag,
         schedule_lag_p99_ms=float(np.percentile(handed_lag, 99)) * 1000 if len(handed_lag) else math.nan,
         waited_for_connection=run.waited,
         connections=run.most_open,
         generator_cpu_s=cpu_s,
         wall_s=wall_s,
+        by_label=by_label,
+        marked=int((ok & marked).sum()) if marked is not None else None,
     )
 
 

@@ -5,14 +5,15 @@
         prediction.scores     # [0.12, 0.53]
         prediction.status     # ["found", "stale"]
         prediction.age_s      # [2.5, 90061.0]: seconds since each entity's as_of
-        prediction.served_by  # "buys@3"
+        prediction.served_by  # "buys@3" ("buys_small@1", "cache:buys@3", "rule:by_amount" when degraded)
 
 One pooled keep-alive connection set per client (httpx); every call has a timeout,
 and a deadline travels as the X-Deadline-Ms header, so the server drops a request
 that can no longer be answered in time instead of working on it. The call's timeout
 is the deadline (plus a little for the network) when one is given. Failures raise
-serving.errors types: Overloaded / ModelUnavailable (503, retry later),
-DeadlineExceeded (504), UnknownModelError (404), SkewError (409), ValueError (400).
+serving.errors types: Overloaded (503, shed: retry later or elsewhere), ModelUnavailable
+(503), QuotaExceeded (429, with retry_after_s), DeadlineExceeded (504),
+UnknownModelError (404), SkewError (409), ValueError (400).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from serving.errors import (
     DeadlineExceeded,
     ModelUnavailable,
     Overloaded,
+    QuotaExceeded,
     SkewError,
     TransientError,
     UnknownModelError,
@@ -39,31 +41,42 @@ NETWORK_ALLOWANCE_S = 0.05  # added to a deadline for the call's own timeout
 
 @dataclass(frozen=True)
 class Prediction:
-    model: str
-    version: int
+    route: str
+    model: str | None  # None when a rule answered
+    version: int | None
     served_by: str
-    precision: str
-    device: str
-    degraded: bool
+    precision: str | None
+    device: str | None
+    degraded: bool  # a fallback answered because the step before it failed; `reason` says why
     scores: list[float | None]
     status: list[str]
     as_of_ms: list[int | None]
-    read_at_ms: int  # when the server read the features
+    read_at_ms: int | None  # when the server read the features (None: a rule answered without them)
+    reason: str | None = None
 
     @property
     def age_s(self) -> list[float | None]:
         """Each entity's feature age in seconds when read (None: no features)."""
-        return [None if t is None else (self.read_at_ms - t) / 1000 for t in self.as_of_ms]
+        read_at = self.read_at_ms
+        return [None if t is None or read_at is None else (read_at - t) / 1000 for t in self.as_of_ms]
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Prediction:
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        values: dict[str, Any] = {name: data.get(name) for name in cls.__dataclass_fields__}
+        return cls(**values)
 
 
 def _request(
-    model: str, entities: Sequence[Any], priority: str | None, tenant: str | None, deadline_ms: float | None
+    model: str,
+    entities: Sequence[Any],
+    priority: str | None,
+    tenant: str | None,
+    deadline_ms: float | None,
+    context: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str], float | None]:
     body: dict[str, Any] = {"model": model, "entities": list(entities)}
+    if context:
+        body["context"] = context
     if priority is not None:
         body["priority"] = priority
     if tenant is not None:
@@ -80,12 +93,17 @@ def _answer(response: httpx.Response) -> Prediction:
     status = response.status_code
     if status == 200:
         return Prediction.from_json(orjson.loads(response.content))
+    reason = None
     try:
-        message = str(orjson.loads(response.content).get("error", response.text))
+        data = orjson.loads(response.content)
+        message = str(data.get("error", response.text))
+        reason = data.get("reason")
     except (orjson.JSONDecodeError, AttributeError):
         message = response.text or f"HTTP {status}"
+    if status == 429:
+        raise QuotaExceeded(message, float(response.headers.get("retry-after", "1")))
     if status == 503:
-        raise (Overloaded if "overloaded" in message else ModelUnavailable)(message)
+        raise (Overloaded if reason in ("overload", "evicted", "fair_share") else ModelUnavailable)(message)
     if status == 504:
         raise DeadlineExceeded(message)
     if status == 404:
@@ -132,8 +150,11 @@ class ModelClient:
         priority: str | None = None,
         tenant: str | None = None,
         deadline_ms: float | None = None,
+        context: dict[str, Any] | None = None,
     ) -> Prediction:
-        body, headers, timeout = _request(model, entities, priority, tenant, deadline_ms)
+        """`model` names a route or a served model; `context` carries fields for the
+        route's routing function and rules (an amount, a country)."""
+        body, headers, timeout = _request(model, entities, priority, tenant, deadline_ms, context)
         try:
             response = self._client.post(
                 "/predict", content=body, headers=headers, timeout=timeout if timeout else httpx.USE_CLIENT_DEFAULT
@@ -180,8 +201,11 @@ class AsyncModelClient:
         priority: str | None = None,
         tenant: str | None = None,
         deadline_ms: float | None = None,
+        context: dict[str, Any] | None = None,
     ) -> Prediction:
-        body, headers, timeout = _request(model, entities, priority, tenant, deadline_ms)
+        """`model` names a route or a served model; `context` carries fields for the
+        route's routing function and rules (an amount, a country)."""
+        body, headers, timeout = _request(model, entities, priority, tenant, deadline_ms, context)
         try:
             response = await self._client.post(
                 "/predict", content=body, headers=headers, timeout=timeout if timeout else httpx.USE_CLIENT_DEFAULT

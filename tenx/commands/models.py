@@ -580,6 +580,13 @@ def serve_models(
 @click.option("--tenant", default=None, help="Tenant the request is for.")
 @click.option("--deadline-ms", type=click.FloatRange(1, 600_000), default=None, help="Deadline of the request.")
 @click.option(
+    "--context",
+    "context_pairs",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A field for the route's routing function and rules, e.g. --context amount=120 (repeatable).",
+)
+@click.option(
     "--wait",
     "wait_s",
     type=click.FloatRange(0, 600),
@@ -597,12 +604,14 @@ def predict(
     priority: str | None,
     tenant: str | None,
     deadline_ms: float | None,
+    context_pairs: tuple[str, ...],
     wait_s: float,
     as_json: bool,
     token: str | None,
 ) -> None:
-    """Ask a running model server (`tenx serve-models`) to score ENTITIES with MODEL,
-    e.g. `tenx predict buys 17 42`. Prints each score with its features' status and age."""
+    """Ask a running model server (`tenx serve-models`) to score ENTITIES with MODEL (a
+    model or a route), e.g. `tenx predict buys 17 42`. Prints each score with its
+    features' status and age, and what answered (with the reason when degraded)."""
     import time
     from dataclasses import asdict
 
@@ -610,11 +619,14 @@ def predict(
     from serving.models import ModelClient
 
     keys: list[Any] = [int(e) if e.lstrip("-").isdigit() else e for e in entities]
+    context = dict(_context_pair(pair) for pair in context_pairs)
     give_up = time.monotonic() + wait_s
     with ModelClient(url, token=token) as client:
         while True:
             try:
-                prediction = client.predict(model, keys, priority=priority, tenant=tenant, deadline_ms=deadline_ms)
+                prediction = client.predict(
+                    model, keys, priority=priority, tenant=tenant, deadline_ms=deadline_ms, context=context
+                )
                 break
             except ModelUnavailable as error:
                 if time.monotonic() >= give_up:
@@ -624,10 +636,9 @@ def predict(
     if as_json:
         click.echo(json.dumps(asdict(prediction)))
         return
-    console.print(
-        f"{prediction.served_by} ({prediction.precision} on {prediction.device})"
-        + (" [degraded]" if prediction.degraded else "")
-    )
+    where = f" ({prediction.precision} on {prediction.device})" if prediction.model is not None else ""
+    degraded = f" [degraded: {prediction.reason}]" if prediction.degraded else ""
+    console.print(f"{prediction.served_by}{where}{degraded}", highlight=False)
     table = Table("entity", "score", "features", "age")
     for entity, score, status, age in zip(
         entities, prediction.scores, prediction.status, prediction.age_s, strict=True
@@ -639,3 +650,13 @@ def predict(
             f"{age:,.0f} s" if age is not None else "-",
         )
     console.print(table)
+
+
+def _context_pair(pair: str) -> tuple[str, Any]:
+    name, sep, value = pair.partition("=")
+    if not sep or not name:
+        raise click.BadParameter(f"{pair!r}: expected NAME=VALUE, e.g. amount=120", param_hint="--context")
+    try:
+        return name, json.loads(value)  # numbers and true/false as such
+    except json.JSONDecodeError:
+        return name, value

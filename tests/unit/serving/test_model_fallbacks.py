@@ -234,3 +234,26 @@ def test_model_server_config_is_checked_with_messages_that_say_what_to_fix() -> 
     assert breaker_settings({"breaker": {"minimum_calls": 2}}).minimum_calls == 2
     with pytest.raises(ConfigError, match=r"model_server.breaker: unknown key\(s\) threshold"):
         breaker_settings({"breaker": {"threshold": 2}})
+
+
+def test_the_client_types_shed_quota_and_degraded_answers() -> None:
+    import httpx
+
+    from serving.errors import ModelUnavailable, Overloaded, QuotaExceeded
+    from serving.models.client import _answer
+
+    def response(status: int, body: dict[str, Any], **headers: str) -> httpx.Response:
+        return httpx.Response(status, json=body, headers=headers)
+
+    with pytest.raises(QuotaExceeded, match="over its quota") as quota:
+        _answer(response(429, {"error": "tenant `a` is over its quota", "reason": "quota"}, **{"retry-after": "3"}))
+    assert quota.value.retry_after_s == 3.0
+    with pytest.raises(Overloaded):
+        _answer(response(503, {"error": "overloaded: ...", "reason": "evicted"}))
+    with pytest.raises(ModelUnavailable):
+        _answer(response(503, {"error": "route `buys` could not answer", "reason": "unavailable"}))
+    body = {"route": "buys", "served_by": "rule:by_amount", "degraded": True, "reason": "online store: circuit open",
+            "model": None, "version": None, "precision": None, "device": None, "scores": [0.9],
+            "status": ["rule"], "as_of_ms": [None], "read_at_ms": None}  # fmt: skip
+    prediction = _answer(response(200, body))
+    assert (prediction.served_by, prediction.degraded, prediction.age_s) == ("rule:by_amount", True, [None])

@@ -9,8 +9,11 @@ traffic, critical work alone at 10x is then 80% of capacity, so it can all be se
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from serving.models.admission import (
     FAIR_SHARE,
@@ -181,11 +184,11 @@ def test_critical_evicts_the_latest_deadline_sheddable_work_when_the_queue_is_fu
 def test_a_refused_critical_request_puts_back_what_it_evicted() -> None:
     lane = Lane(AdmissionSettings(queue_rows=10), clock=Clock())
     bound = lane.bound()
-    for _ in range(bound):
-        lane.admit(pending(priority=CRITICAL))
+    lane.admit(pending(rows=2, priority=SHEDDABLE))
+    lane.admit(pending(rows=bound - 4, priority=CRITICAL))
     with pytest.raises(Rejected, match="critical requests are admitted below"):
-        lane.admit(pending(priority=CRITICAL))
-    assert lane.queue.rows(CRITICAL) == bound
+        lane.admit(pending(rows=7, priority=CRITICAL))  # evicting the 2 sheddable rows is not enough
+    assert (lane.queue.rows(CRITICAL), lane.queue.rows(SHEDDABLE)) == (bound - 4, 2)
 
 
 def test_token_bucket_refills_at_its_rate_and_says_how_long_to_wait() -> None:
@@ -244,3 +247,62 @@ def test_baseline_mode_is_one_fifo_queue() -> None:
         lane.admit(pending(priority=SHEDDABLE))
     with pytest.raises(Rejected):
         lane.admit(pending(priority=CRITICAL))  # no eviction, no headroom
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("admit"),
+            st.sampled_from(list(Priority)),
+            st.sampled_from(["a", "b", "c"]),
+            st.integers(1, 40),
+            st.floats(0.0, 2.0),
+        ),
+        st.tuples(st.just("take")),
+        st.tuples(st.just("finish"), st.floats(0.0005, 0.02)),
+        st.tuples(st.just("tick"), st.floats(0.0, 0.5)),
+    ),
+    max_size=120,
+)
+
+
+@given(ops=_OPS, queue_rows=st.integers(8, 400))
+def test_admission_invariants_hold_for_any_sequence(ops: list[tuple[Any, ...]], queue_rows: int) -> None:
+    """Random admits (classes, tenants, sizes, deadlines), takes, finishes and clock
+    ticks: rows are accounted exactly, an admitted request leaves the queue within its
+    bound, evictions only push out lower classes, and critical work is never refused
+    for overload while lower-class work waits."""
+    clock = Clock()
+    lane = Lane(AdmissionSettings(queue_rows=queue_rows, max_batch_rows=64, min_batch_rows=4), clock=clock)
+    queued: dict[int, Pending] = {}
+    in_flight: list[int] = []
+    for op in ops:
+        if op[0] == "admit":
+            _, priority, tenant, rows, deadline = op
+            item = pending(rows=rows, priority=priority, tenant=tenant, deadline=clock.now + deadline)
+            try:
+                evicted = lane.admit(item)
+            except Rejected as refused:
+                if refused.reason == OVERLOAD and priority is CRITICAL:
+                    assert lane.queue.rows(SHEDDABLE) + lane.queue.rows(Priority.DEFAULT) == 0
+                continue
+            assert all(e.priority > priority for e in evicted)
+            for gone in evicted:
+                del queued[id(gone)]
+            queued[id(item)] = item
+            assert lane.queue.rows() <= max(lane.bound(), rows)
+        elif op[0] == "take":
+            batch = lane.take()
+            for taken in [*batch.items, *batch.expired]:
+                del queued[id(taken)]
+            assert all(taken.deadline > clock.now for taken in batch.items)
+            in_flight.append(batch.rows)
+        elif op[0] == "finish" and in_flight:
+            lane.finished(in_flight.pop(0), op[1])
+        elif op[0] == "tick":
+            clock.now += op[1]
+        assert lane.queue.rows() == sum(item.rows for item in queued.values())
+        for tenant in ("a", "b", "c"):
+            assert lane.queue.tenant_rows(tenant) == sum(i.rows for i in queued.values() if i.tenant == tenant)
+        assert lane.in_flight_rows == sum(in_flight)
+        assert lane.limit.minimum <= lane.limit.rows <= lane.limit.maximum
