@@ -258,7 +258,10 @@ def run_quickstart(
 
         make_variants(models, card.name, card.version)
         models.deploy(card.name, card.version, precision=None, by="tenx quickstart")
-        prediction = _predict(settings.registry_dir, redis_url, settings.online_path, plan, sample_users[:3])
+        from featurestore.plan.collect import collect_routes
+
+        routes = collect_routes(settings.features_path, settings.modules)
+        prediction = _predict(settings.registry_dir, redis_url, settings.online_path, plan, sample_users[:3], routes)
         ages = [a for a in prediction.age_s if a is not None]
         detail.append(
             f"POST /predict {card.name} for 3 users -> {prediction.served_by} on {prediction.device} "
@@ -273,7 +276,9 @@ def run_quickstart(
     return summary
 
 
-def _predict(registry_dir: Path, redis_url: str | None, sqlite_path: Path, plan: Any, users: list[int]) -> Any:
+def _predict(
+    registry_dir: Path, redis_url: str | None, sqlite_path: Path, plan: Any, users: list[int], routes: Any
+) -> Any:
     """Start the model server on a free local port (uvicorn, in a thread), ask it for
     predictions with the HTTP client, stop it."""
     import socket
@@ -285,7 +290,7 @@ def _predict(registry_dir: Path, redis_url: str | None, sqlite_path: Path, plan:
     from serving.models import ModelClient, ModelServerSettings, create_model_app
 
     store = open_online_store(redis_url=redis_url, sqlite_path=sqlite_path, project=plan.project)
-    app = create_model_app(ModelServerSettings(registry_dir=registry_dir, models=("buys",)), store)
+    app = create_model_app(ModelServerSettings(registry_dir=registry_dir, models=("buys",)), store, routes=routes)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -376,8 +376,6 @@ class ModelServer:
         chosen = spec.choose(request) if spec.choose is not None else None
         first = chosen or spec.primary
         steps: list[Any] = [first, *(step for step in spec.fallbacks if step != first)]
-        if first != spec.primary and spec.primary not in steps:
-            steps.append(spec.primary)
         failures: list[str] = []
         scored: ScoringFailed | None = None  # the last failure that had the features in hand
         last_error: Exception | None = None
@@ -446,7 +444,9 @@ class ModelServer:
         assert last_error is not None or failures
         message = f"route `{spec.name}` could not answer: " + "; ".join(failures)
         self.metrics.unanswered.labels(spec.name, request.priority, label).inc()
-        if isinstance(last_error, Rejected):
+        if isinstance(last_error, Rejected):  # every model refused it for overload
+            self.tenants.refund(tenant, rows)
+            self._shed(spec.name, last_error.reason, priority, label)
             raise Rejected(message, reason=last_error.reason, status=last_error.status)
         raise ModelUnavailable(message)
 

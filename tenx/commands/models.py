@@ -534,14 +534,13 @@ def serve_models(
     )
     routes = collect_routes(settings.features_path, settings.modules) if settings.features_path.is_dir() else {}
     for spec in routes.values():
-        if spec.primary not in deployed:
-            raise ConfigError(
-                f"route `{spec.name}`'s primary model `{spec.primary}` is not deployed: "
-                f"`tenx models deploy {spec.primary}` first"
-            )
-        for model in spec.models[1:]:
+        for model in spec.models:
             if model not in deployed:
-                console.print(f"[yellow]route `{spec.name}`: fallback model `{model}` is not deployed; it is skipped")
+                role = "primary" if model == spec.primary else "fallback"
+                console.print(
+                    f"[yellow]route `{spec.name}`: {role} model `{model}` is not deployed; it is skipped "
+                    f"(`tenx models deploy {model}`)"
+                )
     tenant_policies(settings.model_server)  # a mistake in tenx.yaml stops here, not in every worker
     breaker_settings(settings.model_server)
     if workers > 1:

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from featurestore import Count, Entity, Last, Max, Mean, Min, Source, Std, Sum, feature_view
+from featurestore import Count, Entity, Last, Max, Mean, Min, Source, Std, Sum, feature_view, route
 from schemas import TRANSACTIONS
 
 user = Entity("user", key="user_id", dtype="int64", description="A card holder.")
@@ -51,3 +51,17 @@ def user_spend(tx: pd.DataFrame) -> pd.DataFrame:
 def merchant_sales(tx: pd.DataFrame) -> pd.DataFrame:
     """Sales per merchant: charges only, refunds filtered out."""
     return tx[[]]
+
+
+def buys_by_recent_spend(features, request):
+    """The `buys` route's last resort: a plain rule, used only when the model and the
+    cache cannot answer. `features` holds one dict per entity (None when the online
+    store is down: then every entity gets the base rate)."""
+    if features is None:
+        return [0.05 for _ in request.entities]
+    return [0.3 if (f.get("user_spend:count_1h") or 0) > 0 else 0.05 for f in features]
+
+
+# Clients ask for `buys`; when the model fails, its cached score for the same features
+# answers, then the rule (each answer says which, and `degraded`).
+buys = route("buys", primary="buys", fallbacks=["cache", buys_by_recent_spend])
