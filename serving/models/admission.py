@@ -90,8 +90,9 @@ class AdmissionSettings:
 class GradientLimit:
     """Rows per batch, adapted to observed batch times (see the module docstring).
 
-    `baseline` is the no-load time: a moving average over small batches (one or two
-    rows; the warm-up's one-row batch seeds it). Sustained overload makes no small
+    `baseline` is the no-load time: a moving average over the smallest batches the
+    traffic makes (up to twice the fewest rows seen in one batch, and at least 2: one
+    request of 10 entities is as small as a batch gets when every request has 10). Sustained overload makes no small
     batches, and then the last baseline is kept, so a long overload cannot drift it (and
     the limit) upwards. `recent` is a moving average over batches of at least half the
     limit. When recent > tolerance x baseline the limit shrinks by that ratio (at most
@@ -115,19 +116,22 @@ class GradientLimit:
         self.baseline: float | None = None
         self.recent: float | None = None
         self._smoothing = smoothing
+        self._fewest = math.inf  # the fewest rows seen in one batch
 
     @property
     def rows(self) -> int:
         return int(self.limit)
 
     def seed(self, seconds: float) -> None:
-        """A one-row batch's time measured outside traffic (the warm-up)."""
+        """A one-row batch's time, measured outside traffic."""
         self.baseline = seconds
+        self._fewest = 1
 
     def observe(self, rows: int, seconds: float) -> None:
         if rows <= 0 or not seconds > 0:
             return
-        if rows <= 2:
+        self._fewest = min(self._fewest, rows)
+        if rows <= max(2, 2 * self._fewest):
             self.baseline = seconds if self.baseline is None else 0.9 * self.baseline + 0.1 * seconds
         baseline = self.baseline
         if baseline is None or rows < self.limit / 2:

@@ -208,6 +208,13 @@ class PredictEndpoint:
             ):
                 status, payload = 401, _error("missing or wrong bearer token (Authorization: Bearer <token>)")
                 return
+            early = headers.get(b"x-priority")
+            if early is not None and early != b"critical":
+                refused = self.server.shed_early(early, headers.get(b"x-tenant", b"default"))
+                if refused is not None:  # shed before the body is read or parsed: a third of the cost
+                    status, payload = 503, _error(str(refused), refused.reason)
+                    extra = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+                    return
             body = b""
             more = True
             while more:

@@ -77,11 +77,12 @@ def _request(
     body: dict[str, Any] = {"model": model, "entities": list(entities)}
     if context:
         body["context"] = context
+    headers = {"content-type": "application/json"}
     if priority is not None:
-        body["priority"] = priority
+        headers["x-priority"] = priority  # a header, so an overloaded server can refuse before reading the body
     if tenant is not None:
         body["tenant"] = tenant
-    headers = {"content-type": "application/json"}
+        headers["x-tenant"] = tenant
     timeout = None
     if deadline_ms is not None:
         headers["x-deadline-ms"] = f"{deadline_ms:g}"

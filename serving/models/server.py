@@ -33,7 +33,7 @@ from featurestore.models import Deployment, ModelCard, ModelRegistry, SkewError,
 from featurestore.plan.model import Plan
 from featurestore.registry import FileRegistry
 from serving.errors import DeadlineExceeded, ModelUnavailable, UnknownModelError
-from serving.models.admission import DEADLINE, EVICTED, AdmissionSettings, Lane, Rejected, Tenants
+from serving.models.admission import DEADLINE, EVICTED, OVERLOAD, AdmissionSettings, Lane, Rejected, Tenants
 from serving.models.batcher import Batch, Pending, Priority
 from serving.models.cache import PredictionCache
 from serving.models.metrics import ModelMetrics
@@ -449,6 +449,27 @@ class ModelServer:
             self._shed(spec.name, last_error.reason, priority, label)
             raise Rejected(message, reason=last_error.reason, status=last_error.status)
         raise ModelUnavailable(message)
+
+    def shed_early(self, priority_header: bytes, tenant_header: bytes) -> Rejected | None:
+        """A refusal decided from the X-Priority header alone, before the body is read:
+        when every served model's queue is past that class's headroom, the request
+        would be refused whatever model it names. Under 10x load most requests are
+        refused; parsing their bodies first would spend the CPU critical work needs."""
+        if not self.settings.shedding or not self.routes:
+            return None
+        try:
+            priority = Priority.parse(priority_header.decode())
+        except (ValueError, UnicodeDecodeError):
+            return None  # the body path says what is wrong
+        if priority is Priority.CRITICAL:
+            return None
+        for route in self.routes.values():
+            lane = route.lane
+            if route.loaded is not None and lane.queue.rows() < lane.threshold(priority):
+                return None
+        name = priority.name.lower()
+        self._shed("*", OVERLOAD, priority, self.tenants.label(tenant_header.decode(errors="replace")))
+        return Rejected(f"overloaded: every model's queue is past the {name} mark; retry later", reason=OVERLOAD)
 
     def _answered(self, route: str, answer: Answer, priority: Priority, tenant: str) -> None:
         self.metrics.served.labels(route, _source(answer.served_by), priority.name.lower(), tenant).inc()

@@ -43,6 +43,7 @@ SCRIPTS = [
         frozenset({"entities", "calls", "serve_prefix", "materialize", "lookups", "http", "targets"}),
     ),
     Script("serving", ("redis_url",), frozenset({"entities", "ceiling", "loads", "ratios", "targets"})),
+    Script("overload", ("redis_url",), frozenset({"capacity", "base_rate", "runs", "figures", "targets"})),
     Script(
         "stream",
         ("redis_url", "kafka_bootstrap"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import math
 import threading
 import time
@@ -20,6 +21,7 @@ from serving.loadgen import (
     judge_lag,
     post_request,
     schedule,
+    split_by_label,
     summarize,
 )
 
@@ -96,6 +98,50 @@ def test_a_plan_says_everything_wrong_at_once() -> None:
         "LoadPlan: requests is empty (give at least one encoded request); rate must be positive and finite, "
         "got -1; need 1 <= initial_connections <= max_connections, got 0 and 256"
     )
+
+
+def test_labels_and_deadlines_must_match_the_requests_one_for_one() -> None:
+    with pytest.raises(ValueError, match=r"^LoadPlan: labels has 1 entries") as caught:
+        LoadPlan(
+            host="127.0.0.1", port=1, requests=(b"a", b"b"), rate=1, duration_s=1.0, labels=("x",), deadlines_ms=(1.0,)
+        )
+    assert str(caught.value) == (
+        "LoadPlan: labels has 1 entries for 2 requests (give one each); "
+        "deadlines_ms has 1 entries for 2 requests (give one each)"
+    )
+    with pytest.raises(ValueError, match=r"^LoadPlan: deadlines_ms must all be positive and finite$"):
+        LoadPlan(host="127.0.0.1", port=1, requests=(b"a",), rate=1, duration_s=1.0, deadlines_ms=(0.0,))
+
+
+def test_the_split_by_label_counts_each_outcome_and_the_answers_in_time() -> None:
+    # Kinds 0 and 2 share the label "a"; request 3 failed, request 4 was never answered.
+    split = split_by_label(
+        ("a", "b", "a"),
+        np.array([0, 1, 2, 0, 2, 1]),
+        status=np.array([200, 503, 200, -1, 0, 200]),
+        sent=np.array([0.0, 0.0, 0.0, 0.0, 0.0, math.nan]),
+        latency_s=np.array([0.010, 0.001, 0.300, math.nan, math.nan, 0.020]),
+        deadlines_s=np.array([0.1, 0.05, 0.2]),
+        marked=np.array([True, False, False, False, False, True]),
+    )
+    assert list(split) == ["a", "b"]
+    a, b = split["a"], split["b"]
+    assert (a.scheduled, a.sent, a.ok, a.errors, a.unfinished) == (4, 4, 2, 1, 1)
+    assert a.statuses == {200: 2}
+    assert a.within_deadline == 1  # 300 ms against kind 2's 200 ms deadline is late
+    assert a.marked == 1
+    assert a.latency.count == 2
+    assert a.latency.max_ms == pytest.approx(300.0)
+    assert (b.scheduled, b.sent, b.ok, b.errors, b.unfinished) == (2, 1, 1, 0, 0)
+    assert b.statuses == {200: 1, 503: 1}
+    assert b.within_deadline == 1
+    assert b.marked == 1
+    no_deadlines = split_by_label(
+        ("a",), np.array([0]), status=np.array([200]), sent=np.zeros(1), latency_s=np.array([0.1]),
+        deadlines_s=None, marked=None,
+    )  # fmt: skip
+    assert no_deadlines["a"].within_deadline is None
+    assert no_deadlines["a"].marked is None
 
 
 # -- a real run ---------------------------------------------------------------------------
@@ -197,3 +243,123 @@ def test_an_impossible_rate_is_reported_as_falling_behind(slow_server: int, gene
     assert result.completed < result.scheduled
     assert result.completed + result.unfinished + result.errors == result.scheduled
     assert result.connections <= 64
+
+
+# -- a labelled run -----------------------------------------------------------------------
+
+KIND_SLOW_S = 0.100  # twice the deadline the labelled run gives every request
+
+
+@pytest.fixture(scope="module")
+def kinds_server() -> Iterator[int]:
+    """An HTTP/1.1 keep-alive server whose answer depends on the path: POST /fast is 200
+    at once with a `"degraded":true` body, /slow is 200 after KIND_SLOW_S, /shed is 503
+    at once."""
+    loop = asyncio.new_event_loop()
+    sleepers = concurrent.futures.ThreadPoolExecutor(max_workers=32)
+
+    def answer(status: str, body: bytes) -> bytes:
+        return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+    fast = answer("200 OK", b'{"degraded":true,"scores":[0.5]}')
+    slow = answer("200 OK", b'{"degraded":false,"scores":[0.5]}')
+    shed = answer("503 Service Unavailable", b'{"error":"overloaded","degraded":true}')
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                path = head.split(b" ", 2)[1]
+                if path == b"/slow":
+                    await loop.run_in_executor(sleepers, time.sleep, KIND_SLOW_S)
+                writer.write({b"/fast": fast, b"/slow": slow}.get(path, shed))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    started = asyncio.run_coroutine_threadsafe(asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024), loop)
+    server = started.result(10)
+    yield server.sockets[0].getsockname()[1]
+
+    async def stop() -> None:
+        server.close()
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+    sleepers.shutdown(wait=True)
+
+
+def test_a_labelled_run_splits_its_window_by_label_with_goodput_and_marked_answers(
+    kinds_server: int, generator: LoadGenerator
+) -> None:
+    plan = LoadPlan(
+        host="127.0.0.1",
+        port=kinds_server,
+        requests=(post_request("/fast", b"{}"), post_request("/slow", b"{}"), post_request("/shed", b"{}")),
+        labels=("critical", "critical", "sheddable"),
+        deadlines_ms=(50.0, 50.0, 50.0),
+        marker=b'"degraded":true',
+        rate=100,
+        duration_s=1.0,
+        warmup_s=0.5,
+        arrivals=Arrivals.UNIFORM,
+        max_p99_lag_s=0.005,
+    )
+    result = generator.run(plan)
+
+    # Uniform at 100/s: requests 0-49 are the warm-up, 50-149 the window; request i is
+    # of kind i % 3, so the window holds 33 /fast (51, 54, ...), 33 /slow and 34 /shed.
+    assert result.errors == 0, result.error_samples
+    assert result.scheduled == 100
+    assert list(result.by_label) == ["critical", "sheddable"]
+    critical, sheddable = result.by_label["critical"], result.by_label["sheddable"]
+    assert (critical.scheduled, critical.sent, critical.ok, critical.errors, critical.unfinished) == (66, 66, 66, 0, 0)
+    assert critical.statuses == {200: 66}
+    assert critical.within_deadline == 33  # /fast in time; /slow (100 ms) never within 50 ms
+    assert critical.marked == 33
+    assert critical.latency.count == 66
+    assert critical.latency.max_ms >= KIND_SLOW_S * 1000
+    assert (sheddable.scheduled, sheddable.ok, sheddable.unfinished) == (34, 0, 0)
+    assert sheddable.statuses == {503: 34}
+    assert sheddable.within_deadline == 0
+    assert sheddable.marked == 0  # a 503's body is not looked at
+    assert sheddable.latency.count == 0
+    assert result.marked == 33
+    assert result.statuses == {200: 66, 503: 34}  # the totals are as they were
+
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["by_label"]["sheddable"]["statuses"] == {"503": 34}
+    assert data["by_label"]["critical"]["within_deadline"] == 33
+    assert data["marked"] == 33
+
+
+def test_a_run_without_labels_has_no_split(kinds_server: int, generator: LoadGenerator) -> None:
+    plan = LoadPlan(
+        host="127.0.0.1",
+        port=kinds_server,
+        requests=(post_request("/fast", b"{}"),),
+        rate=100,
+        duration_s=0.3,
+        arrivals=Arrivals.UNIFORM,
+        max_p99_lag_s=0.005,
+    )
+    result = generator.run(plan)
+    assert result.ok == result.scheduled == 30
+    assert result.by_label == {}
+    assert result.marked is None
+    assert result.to_dict()["by_label"] == {}

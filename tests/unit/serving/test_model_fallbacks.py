@@ -257,3 +257,28 @@ def test_the_client_types_shed_quota_and_degraded_answers() -> None:
             "status": ["rule"], "as_of_ms": [None], "read_at_ms": None}  # fmt: skip
     prediction = _answer(response(200, body))
     assert (prediction.served_by, prediction.degraded, prediction.age_s) == ("rule:by_amount", True, [None])
+
+
+def test_past_the_mark_a_sheddable_request_is_refused_from_its_header_before_the_body(repo: DemoRepo) -> None:
+    from serving.models.batcher import Pending
+
+    with serve(repo) as client:
+        server = server_of(client)
+        lanes = [route.lane for route in server.routes.values()]
+        for lane in lanes:  # queued work the batch loops are not woken for
+            for _ in range(lane.threshold(Priority.SHEDDABLE)):
+                lane.queue.offer(Pending(deadline=1e12, rows=1, priority=Priority.DEFAULT, payload=None))
+        try:
+            assert server.shed_early(b"default", b"t") is None  # default still has room (below 80%)
+            assert server.shed_early(b"critical", b"t") is None
+            assert server.shed_early(b"urgent", b"t") is None  # the body path says what is wrong
+            refused = client.post("/predict", content=b"not even JSON", headers={"x-priority": "sheddable"})
+            assert refused.status_code == 503
+            assert refused.json()["reason"] == "overload"
+            assert "every model's queue is past the sheddable mark" in refused.json()["error"]
+            metrics = client.get("/metrics").text
+        finally:
+            for lane in lanes:
+                while len(lane.queue):
+                    lane.queue.take(1 << 20)
+    assert 'tenx_model_shed_total{model="*",priority="sheddable",reason="overload",tenant="default"} 1.0' in metrics
