@@ -15,12 +15,10 @@ Three decisions, all made before any work is spent on a request:
   the sheddable mark) a tenant may hold at most its weighted fair share of the rows
   its request's class may fill, so one tenant's flood cannot take the room other
   tenants' work needs.
-- **Batch limit** (`GradientLimit`): the rows one batch may hold, found from observed
-  batch times like Netflix's gradient concurrency limit: a batch may take up to
-  `tolerance` times as long as a one-row batch (the no-load time, `baseline`). Past
-  that, batching no longer comes nearly free, and every critical request waiting behind
-  the batch pays for its size. The limit shrinks by the ratio when batches run slow and
-  grows by about its square root when full batches run within it.
+- **Batch limit** (`BatchLimit`): the rows one batch may hold, found from observed
+  batch times (as Netflix's concurrency limits find concurrency from latency): a batch
+  may take up to `tolerance` times its fixed cost. Past that, batching no longer comes
+  nearly free, and every critical request waiting behind the batch pays for its size.
 
 `Lane(shedding=False)` is the baseline the overload bench compares with: one FIFO
 queue (priorities ignored), a fixed bound and a fixed batch size, no quotas.
@@ -28,7 +26,6 @@ queue (priorities ignored), a fixed bound and a fixed batch size, no quotas.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +58,7 @@ class AdmissionSettings:
 
     queue_rows: int = 8192  # hard bound on queued rows; the adaptive bound stays below it
     max_batch_rows: int = 1024  # the batch limit's ceiling
-    min_batch_rows: int = 8  # and its floor
+    min_batch_rows: int = 64  # and its floor: batches this small cost about what one row does
     latency_tolerance: float = 1.5  # a batch may take this many times a one-row batch's time
     queue_delay_ms: float = 50.0  # the bound: rows the model serves in this long
     headroom: Mapping[Priority, float] = field(default_factory=lambda: dict(DEFAULT_HEADROOM))
@@ -87,17 +84,20 @@ class AdmissionSettings:
             raise ValueError("admission settings: " + "; ".join(problems))
 
 
-class GradientLimit:
-    """Rows per batch, adapted to observed batch times (see the module docstring).
+class BatchLimit:
+    """Rows per batch, from a cost model fitted to observed batch times.
 
-    `baseline` is the no-load time: a moving average over the smallest batches the
-    traffic makes (up to twice the fewest rows seen in one batch, and at least 2: one
-    request of 10 entities is as small as a batch gets when every request has 10). Sustained overload makes no small
-    batches, and then the last baseline is kept, so a long overload cannot drift it (and
-    the limit) upwards. `recent` is a moving average over batches of at least half the
-    limit. When recent > tolerance x baseline the limit shrinks by that ratio (at most
-    by half); when full batches run within it the limit grows by its square root.
-    Every change is smoothed, so one slow batch (a GC pause) moves it little.
+    A batch of n rows takes about `fixed + per_row * n` seconds. Both are estimated by
+    exponentially weighted least squares over recent batches (old ones fade with
+    `decay` per batch), and the limit is the size at which a batch takes `tolerance`
+    times its fixed part: n = (tolerance - 1) * fixed / per_row. Past it batching stops
+    being nearly free, and every critical request waiting behind a batch pays for its
+    size. The fixed part is measured under the current load: when the event loop is
+    busy, every batch waits longer regardless of its size, `fixed` grows and so does
+    the limit (bigger batches amortise the wait), where a ratio to an idle-time
+    baseline would shrink batches exactly when they should grow. The fit is only
+    updated while batch sizes vary (a standing overload makes every batch the limit:
+    then the last fit stands), and every move is smoothed.
     """
 
     def __init__(
@@ -107,48 +107,52 @@ class GradientLimit:
         minimum: int,
         maximum: int,
         tolerance: float,
+        decay: float = 0.98,
         smoothing: float = 0.2,
     ) -> None:
         self.minimum = minimum
         self.maximum = maximum
         self.tolerance = tolerance
         self.limit = float(min(max(initial, minimum), maximum))
-        self.baseline: float | None = None
-        self.recent: float | None = None
+        self.fixed_s: float | None = None
+        self.per_row_s: float | None = None
+        self._decay = decay
         self._smoothing = smoothing
-        self._fewest = math.inf  # the fewest rows seen in one batch
+        self._sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # weight, n, n^2, t, n*t
 
     @property
     def rows(self) -> int:
         return int(self.limit)
 
-    def seed(self, seconds: float) -> None:
-        """A one-row batch's time, measured outside traffic."""
-        self.baseline = seconds
-        self._fewest = 1
+    def seconds(self, rows: int) -> float | None:
+        """The fitted time of a batch of `rows`; None before a fit."""
+        if self.fixed_s is None or self.per_row_s is None:
+            return None
+        return self.fixed_s + self.per_row_s * rows
 
     def observe(self, rows: int, seconds: float) -> None:
         if rows <= 0 or not seconds > 0:
             return
-        self._fewest = min(self._fewest, rows)
-        if rows <= max(2, 2 * self._fewest):
-            self.baseline = seconds if self.baseline is None else 0.9 * self.baseline + 0.1 * seconds
-        baseline = self.baseline
-        if baseline is None or rows < self.limit / 2:
+        d = self._decay
+        sums = self._sums
+        for index, value in enumerate((1.0, rows, rows * rows, seconds, rows * seconds)):
+            sums[index] = d * sums[index] + value
+        weight, total_n, total_nn, total_t, total_nt = sums
+        mean_n, mean_t = total_n / weight, total_t / weight
+        variance = total_nn / weight - mean_n * mean_n
+        if variance <= (0.05 * mean_n) ** 2 or weight < 5:  # sizes hardly vary: no information on per_row
             return
-        self.recent = seconds if self.recent is None else 0.8 * self.recent + 0.2 * seconds
-        gradient = self.tolerance * baseline / self.recent
-        if gradient < 1.0:
-            target = self.limit * max(0.5, gradient)
-        elif rows >= 0.9 * self.limit:  # the limit was what bound this batch: try more
-            target = self.limit + math.sqrt(self.limit)
-        else:
+        per_row = (total_nt / weight - mean_n * mean_t) / variance
+        fixed = mean_t - per_row * mean_n
+        if per_row <= 0 or fixed <= 0:
             return
+        self.fixed_s, self.per_row_s = fixed, per_row
+        target = (self.tolerance - 1) * fixed / per_row
         limit = (1 - self._smoothing) * self.limit + self._smoothing * target
         self.limit = min(max(limit, float(self.minimum)), float(self.maximum))
 
     def snapshot(self) -> dict[str, Any]:
-        return {"batch_rows": self.rows, "baseline_s": self.baseline, "recent_s": self.recent,
+        return {"batch_rows": self.rows, "fixed_s": self.fixed_s, "per_row_s": self.per_row_s,
                 "tolerance": self.tolerance}  # fmt: skip
 
 
@@ -261,6 +265,38 @@ class Tenants:
         return bucket
 
 
+class LoopPressure:
+    """How much of their headroom lower classes get, from the event loop's lag.
+
+    A single-threaded server spends CPU on every request it reads, admitted or not;
+    when the loop falls behind, requests wait in socket buffers before any queue can
+    order them, critical ones included. The lag (how late a timer fires) is the one
+    signal that sees that wait. AIMD on it: each sample above `target_s` (after
+    smoothing) multiplies the share by `decrease`; each sample within it adds
+    `increase`, back up to 1. The share scales the sheddable and default headroom of
+    every lane, so lower-class work is refused (from its header, unread) until the loop
+    keeps up again; critical headroom is never scaled.
+    """
+
+    def __init__(
+        self, *, target_s: float = 0.003, decrease: float = 0.7, increase: float = 0.02, floor: float = 0.02
+    ) -> None:
+        self.target_s = target_s
+        self.decrease = decrease
+        self.increase = increase
+        self.floor = floor
+        self.share = 1.0
+        self.lag_s = 0.0
+
+    def observe(self, lag_s: float) -> float:
+        self.lag_s = 0.7 * self.lag_s + 0.3 * max(0.0, lag_s)
+        if self.lag_s > self.target_s:
+            self.share = max(self.floor, self.share * self.decrease)
+        else:
+            self.share = min(1.0, self.share + self.increase)
+        return self.share
+
+
 class Lane:
     """One model's queue with its admission control and batch limit.
 
@@ -276,30 +312,33 @@ class Lane:
         self.settings = settings
         self.tenants = tenants or Tenants(clock=clock)
         self.queue = BatchQueue(bounds=dict.fromkeys(Priority, settings.queue_rows), clock=clock)
-        self.limit = GradientLimit(
+        self.limit = BatchLimit(
             initial=settings.max_batch_rows if not settings.shedding else max(settings.min_batch_rows, 32),
             minimum=settings.min_batch_rows,
             maximum=settings.max_batch_rows,
             tolerance=settings.latency_tolerance,
         )
         self.in_flight_rows = 0
+        self.admit_share = 1.0  # scales the lower classes' headroom (LoopPressure sets it)
 
     def bound(self) -> int:
         """Rows the queue admits in all: the rows the model serves in `queue_delay_ms`
-        (its batch limit over a batch's time at that limit, about tolerance x baseline),
-        at least two batches' worth, at most `queue_rows`."""
+        (its batch limit over the fitted time of such a batch), at least two batches'
+        worth, at most `queue_rows`."""
         settings = self.settings
         if not settings.shedding:
             return settings.queue_rows
         rows = self.limit.rows
-        baseline = self.limit.baseline
-        if baseline is None:
+        seconds = self.limit.seconds(rows)
+        if seconds is None:
             return min(settings.queue_rows, 2 * rows)
-        per_second = rows / (self.limit.tolerance * baseline)
-        return int(min(settings.queue_rows, max(2 * rows, per_second * settings.queue_delay_ms / 1000)))
+        return int(min(settings.queue_rows, max(2 * rows, rows / seconds * settings.queue_delay_ms / 1000)))
 
     def threshold(self, priority: Priority) -> int:
-        return int(self.bound() * self.settings.headroom[priority])
+        share = self.settings.headroom[priority]
+        if priority is not Priority.CRITICAL:
+            share *= self.admit_share
+        return int(self.bound() * share)
 
     def admit(self, item: Pending) -> list[Pending]:
         """Queue `item` or raise Rejected. Returns the requests evicted to make room for
@@ -316,7 +355,7 @@ class Lane:
         bound = self.bound()
         queued = self.queue.rows()
         evicted: list[Pending] = []
-        threshold = int(bound * settings.headroom[item.priority])
+        threshold = self.threshold(item.priority)
         if queued >= bound * settings.headroom[Priority.SHEDDABLE] / 2:  # under pressure: fair shares apply
             evicted = self._fair_share(item, threshold)
             queued = self.queue.rows()

@@ -90,6 +90,14 @@ class ModelMetrics:
             "tenx_model_queued_rows", "Rows queued now, by class.", ["model", "priority"], registry=r,
             multiprocess_mode="livesum",
         )  # fmt: skip
+        self.loop_lag = Gauge(
+            "tenx_model_loop_lag_seconds", "Event-loop lag (smoothed): how late a 10 ms timer fires.", registry=r,
+            multiprocess_mode="max",
+        )  # fmt: skip
+        self.admit_share = Gauge(
+            "tenx_model_admit_share", "Share of their headroom sheddable and default work gets (1: all).",
+            registry=r, multiprocess_mode="min",
+        )  # fmt: skip
         self.ready = Gauge(
             "tenx_model_ready", "1 when the model's session is loaded and warm.", ["model"], registry=r,
             multiprocess_mode="livemin",

@@ -33,7 +33,16 @@ from featurestore.models import Deployment, ModelCard, ModelRegistry, SkewError,
 from featurestore.plan.model import Plan
 from featurestore.registry import FileRegistry
 from serving.errors import DeadlineExceeded, ModelUnavailable, UnknownModelError
-from serving.models.admission import DEADLINE, EVICTED, OVERLOAD, AdmissionSettings, Lane, Rejected, Tenants
+from serving.models.admission import (
+    DEADLINE,
+    EVICTED,
+    OVERLOAD,
+    AdmissionSettings,
+    Lane,
+    LoopPressure,
+    Rejected,
+    Tenants,
+)
 from serving.models.batcher import Batch, Pending, Priority
 from serving.models.cache import PredictionCache
 from serving.models.metrics import ModelMetrics
@@ -51,12 +60,13 @@ class ModelServerSettings:
     max_batch_rows: int = 1024  # the adaptive batch limit's ceiling; at low load a batch is one request
     max_wait_ms: float = 0.0  # 0: a batch goes as soon as the runtime is free (it fills under load)
     queue_rows: int = 8192  # hard bound on queued rows per model; the adaptive bound stays below it
-    min_batch_rows: int = 8  # the adaptive batch limit's floor
+    min_batch_rows: int = 64  # the adaptive batch limit's floor
     latency_tolerance: float = 1.5  # a batch may take this many times a one-row batch's time
     queue_delay_ms: float = 50.0  # the queue admits the rows the model serves in this long
     shedding: bool = True  # False: one FIFO queue, fixed bound and batch size (the overload baseline)
     default_deadline_ms: float = 1000.0
     inference_timeout_ms: float = 250.0  # a model run longer than this fails (its circuit counts it)
+    loop_lag_target_ms: float = 10.0  # past this event-loop lag, lower classes lose headroom (LoopPressure)
     reload_interval_s: float = 1.0
     prefer_gpu: bool = True
     intra_op_threads: int = 1
@@ -189,6 +199,7 @@ class ModelServer:
         self.specs: dict[str, RouteSpec] = dict(routes or {})
         self.tenants = tenants or Tenants(clock=clock)
         self.cache = PredictionCache(clock=clock)
+        self.pressure = LoopPressure(target_s=settings.loop_lag_target_ms / 1000)
         self.models = ModelRegistry(settings.registry_dir / "models")
         self.plans = FileRegistry(settings.registry_dir)
         self.routes: dict[str, Route] = {}
@@ -209,6 +220,8 @@ class ModelServer:
         self._providers = list(ort.get_available_providers())
         await self.refresh()
         self._spawn(self._watch())
+        if self.settings.shedding:
+            self._spawn(self._watch_loop())
         self.started = True
 
     async def stop(self) -> None:
@@ -309,6 +322,17 @@ class ModelServer:
             return None
         view_ttls = [view.ttl / 1e6 for view in loaded.assembler.views if view.ttl is not None]
         return min(ttls + view_ttls)
+
+    async def _watch_loop(self, interval_s: float = 0.01) -> None:
+        """Every `interval_s`, how late the loop woke this task: the lag LoopPressure
+        turns into the lower classes' share of their headroom."""
+        pressure = self.pressure
+        while True:
+            began = self._clock()
+            await asyncio.sleep(interval_s)
+            share = pressure.observe(self._clock() - began - interval_s)
+            for route in self.routes.values():
+                route.lane.admit_share = share
 
     async def _watch(self) -> None:
         while True:
@@ -751,6 +775,8 @@ class ModelServer:
             metrics.queue_bound.labels(name).set(lane.bound())
             for priority in Priority:
                 metrics.queued.labels(name, priority.name.lower()).set(lane.queue.rows(priority))
+        metrics.loop_lag.set(self.pressure.lag_s)
+        metrics.admit_share.set(self.pressure.share)
         states = getattr(self.guard, "states", None)
         if states is not None:
             for dependency, state in states().items():

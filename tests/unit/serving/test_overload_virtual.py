@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,8 +21,9 @@ from serving.models.admission import (
     OVERLOAD,
     QUOTA,
     AdmissionSettings,
-    GradientLimit,
+    BatchLimit,
     Lane,
+    LoopPressure,
     Rejected,
     TenantPolicy,
     Tenants,
@@ -215,27 +217,44 @@ def test_quota_rejection_is_429_with_the_wait() -> None:
     tenants.charge("someone-else", 10_000)  # no `*` entry: no quota
 
 
-def test_gradient_limit_shrinks_on_slow_batches_and_grows_on_fast_full_ones() -> None:
-    limit = GradientLimit(initial=64, minimum=8, maximum=1024, tolerance=1.5)
-    limit.seed(0.001)
-    limit.observe(64, 0.004)  # 4x the one-row time, past 1.5x: shrink by half at most
-    assert limit.rows < 64
-    shrunk = limit.rows
-    for _ in range(50):
-        limit.observe(limit.rows, 0.0012)  # full batches within tolerance: grow
-    assert limit.rows > shrunk
-    for _ in range(200):
-        limit.observe(limit.rows, 0.010)
-    assert limit.rows == 8  # never below the floor
+def test_batch_limit_finds_the_size_where_a_batch_costs_tolerance_times_its_fixed_part() -> None:
+    limit = BatchLimit(initial=32, minimum=8, maximum=1024, tolerance=1.5)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        rows = int(rng.integers(1, 200))
+        limit.observe(rows, (0.001 + 0.00001 * rows) * rng.uniform(0.95, 1.05))
+    assert limit.fixed_s == pytest.approx(0.001, rel=0.1)
+    assert limit.per_row_s == pytest.approx(0.00001, rel=0.1)
+    assert 40 <= limit.rows <= 60  # (1.5 - 1) * 1 ms / 10 us = 50
 
 
-def test_gradient_baseline_does_not_drift_up_during_a_long_overload() -> None:
-    limit = GradientLimit(initial=64, minimum=8, maximum=1024, tolerance=1.5)
-    limit.seed(0.001)
-    for _ in range(10_000):  # only full batches, at the limit
-        limit.observe(limit.rows, 0.0015 * limit.rows / 64)
-    assert limit.baseline == 0.001
-    assert 32 <= limit.rows <= 80
+def test_a_busier_event_loop_grows_the_batches_instead_of_shrinking_them() -> None:
+    """Contention adds the same wait to every batch: the fixed part grows, and with it
+    the size worth batching (a ratio to an idle baseline would shrink batches here)."""
+    limit = BatchLimit(initial=32, minimum=8, maximum=1024, tolerance=1.5)
+    rng = np.random.default_rng(1)
+    for fixed in (0.001, 0.004):
+        for _ in range(400):
+            rows = int(rng.integers(1, 400))
+            limit.observe(rows, fixed + 0.00001 * rows)
+        if fixed == 0.001:
+            idle = limit.rows
+    assert limit.rows > 3 * idle
+
+
+def test_batch_limit_holds_when_every_batch_is_the_same_size() -> None:
+    """A standing overload makes every batch the limit: no information, no drift."""
+    limit = BatchLimit(initial=32, minimum=8, maximum=1024, tolerance=1.5)
+    for rows in (5, 50, 10, 80, 20, 60) * 5:
+        limit.observe(rows, 0.001 + 0.00001 * rows)
+    settled = limit.rows
+    for _ in range(5000):
+        limit.observe(limit.rows, 0.02)  # slow, but all alike
+    frozen = limit.rows
+    for _ in range(1000):
+        limit.observe(limit.rows, 0.05)
+    assert limit.rows == frozen  # once the varied batches have faded, nothing moves it
+    assert 0.75 * settled <= frozen <= 1.25 * settled
 
 
 def test_baseline_mode_is_one_fifo_queue() -> None:
@@ -309,12 +328,18 @@ def test_admission_invariants_hold_for_any_sequence(ops: list[tuple[Any, ...]], 
         assert lane.limit.minimum <= lane.limit.rows <= lane.limit.maximum
 
 
-def test_gradient_baseline_comes_from_the_smallest_batches_the_traffic_makes() -> None:
-    """Every request has 10 entities: no batch is ever 1 or 2 rows, and the limit must
-    still adapt (a baseline that waits for a one-row batch never comes)."""
-    limit = GradientLimit(initial=32, minimum=8, maximum=1024, tolerance=1.5)
-    limit.observe(10, 0.001)
-    assert limit.baseline == 0.001
-    for _ in range(100):
-        limit.observe(limit.rows, 0.001 + 0.00001 * limit.rows)  # 10 us a row: the knee is at 50 rows
-    assert 40 <= limit.rows <= 80
+def test_loop_pressure_cuts_lower_class_headroom_while_the_loop_lags_and_restores_it() -> None:
+    pressure = LoopPressure(target_s=0.003)
+    for _ in range(20):
+        pressure.observe(0.0005)
+    assert pressure.share == 1.0
+    for _ in range(10):
+        pressure.observe(0.02)  # the loop is 20 ms late
+    assert pressure.share < 0.1
+    lane = Lane(AdmissionSettings(queue_rows=1000), clock=Clock())
+    lane.admit_share = pressure.share
+    assert lane.threshold(SHEDDABLE) < 0.1 * lane.bound() * 0.5
+    assert lane.threshold(CRITICAL) == lane.bound()  # critical headroom is never cut
+    for _ in range(200):
+        pressure.observe(0.0005)
+    assert pressure.share == 1.0
