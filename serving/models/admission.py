@@ -279,7 +279,7 @@ class LoopPressure:
     """
 
     def __init__(
-        self, *, target_s: float = 0.003, decrease: float = 0.7, increase: float = 0.02, floor: float = 0.02
+        self, *, target_s: float = 0.003, decrease: float = 0.7, increase: float = 0.005, floor: float = 0.02
     ) -> None:
         self.target_s = target_s
         self.decrease = decrease

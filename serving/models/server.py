@@ -66,7 +66,7 @@ class ModelServerSettings:
     shedding: bool = True  # False: one FIFO queue, fixed bound and batch size (the overload baseline)
     default_deadline_ms: float = 1000.0
     inference_timeout_ms: float = 250.0  # a model run longer than this fails (its circuit counts it)
-    loop_lag_target_ms: float = 10.0  # past this event-loop lag, lower classes lose headroom (LoopPressure)
+    loop_lag_target_ms: float = 3.0  # past this event-loop lag, lower classes lose headroom (LoopPressure)
     reload_interval_s: float = 1.0
     prefer_gpu: bool = True
     intra_op_threads: int = 1

@@ -451,6 +451,13 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
     help="Deadline of a request that gives none.",
 )
 @click.option(
+    "--min-batch-rows",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Floor of the adaptive batch limit (set it to --max-batch-rows to fix the batch size).",
+)
+@click.option(
     "--latency-tolerance",
     default=1.5,
     show_default=True,
@@ -463,6 +470,13 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
     show_default=True,
     type=click.FloatRange(0, min_open=True),
     help="Adaptive queue bound: admit the rows the model serves in this long (sheddable up to 50%, default 80%).",
+)
+@click.option(
+    "--loop-lag-target-ms",
+    default=3.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Past this event-loop lag, sheddable and default work lose headroom until the loop keeps up.",
 )
 @click.option(
     "--no-shedding",
@@ -483,8 +497,10 @@ def serve_models(
     max_wait_ms: float,
     queue_rows: int,
     deadline_ms: float,
+    min_batch_rows: int,
     latency_tolerance: float,
     queue_delay_ms: float,
+    loop_lag_target_ms: float,
     no_shedding: bool,
     cpu_only: bool,
     token: str | None,
@@ -526,8 +542,10 @@ def serve_models(
             "max_wait_ms": max_wait_ms,
             "queue_rows": queue_rows,
             "default_deadline_ms": deadline_ms,
+            "min_batch_rows": min(min_batch_rows, max_batch_rows),
             "latency_tolerance": latency_tolerance,
             "queue_delay_ms": queue_delay_ms,
+            "loop_lag_target_ms": loop_lag_target_ms,
             "shedding": not no_shedding,
             "prefer_gpu": not cpu_only,
         }
