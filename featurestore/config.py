@@ -83,6 +83,7 @@ _KEYS: dict[str, Any] = {
     "model_server": {
         "tenants": _Value(dict, "a mapping tenant -> {rate, burst, weight, priority, tier} ('*': every other)"),
         "breaker": _Value(dict, "a mapping of circuit breaker settings (window, minimum_calls, failure_rate, ...)"),
+        "costs": _Value(dict, "a mapping of prices in USD: cpu_hour, gpu_hour, lookups_per_million"),
     },
     "kafka": {
         "bootstrap": _Value(str, "a string like host:port[,host:port]"),

@@ -39,6 +39,7 @@ from tenx.commands.common import (
     token_options,
     view_or_error,
 )
+from tenx.commands.cost import cost
 from tenx.commands.models import models, predict, serve_models, train
 from tenx.commands.stream import stream
 
@@ -919,6 +920,7 @@ main.add_command(train)
 main.add_command(models)
 main.add_command(serve_models)
 main.add_command(predict)
+main.add_command(cost)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -51,7 +51,7 @@ from serving.models.batcher import Priority
 from serving.models.breaker import Breakers, BreakerSettings, BreakerState
 from serving.models.metrics import ModelMetrics, exposition
 from serving.models.policies import Guard
-from serving.models.server import Answer, ModelServer, ModelServerSettings, describe
+from serving.models.server import Answer, CostRates, ModelServer, ModelServerSettings, describe
 from serving.models.server import Route as ModelRoute
 
 MAX_BODY_BYTES = 1 << 20
@@ -317,6 +317,7 @@ def create_model_app(
     routes: Mapping[str, RouteSpec] | None = None,
     tenants: Mapping[str, TenantPolicy] | None = None,
     breakers: BreakerSettings | None = None,
+    costs: CostRates | None = None,
 ) -> PredictFirst:
     """The ASGI app; models load and warm in its lifespan (`/health/ready` is 503 until then).
     `guard` defaults to a circuit breaker per dependency (`breakers`' settings)."""
@@ -324,8 +325,9 @@ def create_model_app(
     if guard is None:
         guard = Breakers(breakers or BreakerSettings(), on_transition=_breaker_metrics(metrics))
     server = ModelServer(
-        settings, store, metrics=metrics, guard=guard, routes=routes, tenants=Tenants(tenants, clock=time.monotonic)
-    )
+        settings, store, metrics=metrics, guard=guard, routes=routes, tenants=Tenants(tenants, clock=time.monotonic),
+        costs=costs,
+    )  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -425,7 +427,7 @@ def app_from_environment() -> PredictFirst:
     from featurestore.plan.collect import collect_routes
     from featurestore.registry import FileRegistry
     from featurestore.stores.online import open_online_store
-    from serving.models.config import breaker_settings, tenant_policies
+    from serving.models.config import breaker_settings, cost_rates, tenant_policies
 
     settings = load_settings()
     plan = FileRegistry(settings.registry_dir).current()
@@ -447,4 +449,5 @@ def app_from_environment() -> PredictFirst:
         routes=routes,
         tenants=tenant_policies(settings.model_server),
         breakers=breaker_settings(settings.model_server),
+        costs=cost_rates(settings.model_server),
     )

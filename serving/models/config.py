@@ -5,6 +5,7 @@
         shop-1: {rate: 500, burst: 1000, priority: critical, tier: gold, weight: 2}
         "*": {rate: 100}          # every tenant not named
       breaker: {window: 20, minimum_calls: 5, failure_rate: 0.5, slow_call_s: 0.5, open_wait_s: 5}
+      costs: {cpu_hour: 0.04, gpu_hour: 2.50, lookups_per_million: 0.02}   # USD, for cost attribution
 
 `rate` is predictions (entities) per second, `burst` the bucket's size (default one
 second of rate); `weight` the tenant's share of a queue under pressure; `priority` the
@@ -21,6 +22,7 @@ from featurestore.errors import ConfigError
 from serving.models.admission import TenantPolicy
 from serving.models.batcher import Priority
 from serving.models.breaker import BreakerSettings
+from serving.models.server import CostRates
 
 _TENANT_KEYS = ("rate", "burst", "weight", "priority", "tier")
 
@@ -59,3 +61,17 @@ def breaker_settings(section: Mapping[str, Any]) -> BreakerSettings:
         return BreakerSettings(**raw)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model_server.breaker: {error}") from None
+
+
+def cost_rates(section: Mapping[str, Any]) -> CostRates:
+    raw = section.get("costs") or {}
+    known = {f.name for f in fields(CostRates)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(
+            f"model_server.costs: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(known))}"
+        )
+    for name, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"model_server.costs.{name} must be a price in USD, 0 or more; got {value!r}")
+    return CostRates(**{name: float(value) for name, value in raw.items()})

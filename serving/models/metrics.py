@@ -62,6 +62,20 @@ class ModelMetrics:
             "Answers by route and what served them (a model, cache:<model>, rule:<name>): the traffic share per model.",
             ["route", "served_by", "priority", "tenant"], registry=r,
         )  # fmt: skip
+        self.served_predictions = Counter(
+            "tenx_model_served_predictions_total", "Predictions (entities) answered, by route, source, class, tenant.",
+            ["route", "served_by", "priority", "tenant"], registry=r,
+        )  # fmt: skip
+        self.cost_device_seconds = Counter(
+            "tenx_model_cost_device_seconds_total",
+            "Device time attributed to requests: each batch's inference time split over its requests by rows.",
+            ["model", "version", "device", "route", "tenant", "priority"], registry=r,
+        )  # fmt: skip
+        self.cost_dollars = Counter(
+            "tenx_model_cost_dollars_total",
+            "Cost attributed to requests (device time and lookups at model_server.costs' rates), in USD.",
+            ["model", "version", "route", "tenant", "priority"], registry=r,
+        )  # fmt: skip
         self.fallbacks = Counter(
             "tenx_model_fallbacks_total", "Answers served by a fallback step because the step before it failed.",
             ["route", "served_by", "priority", "tenant"], registry=r,

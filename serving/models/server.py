@@ -153,6 +153,30 @@ class _Counted:
 class _Work:
     entities: Sequence[Any]
     future: asyncio.Future[Answer]
+    route: str = ""  # the route the client asked for (cost attribution); the model's name when empty
+    tenant: str = "default"  # as metrics name it (Tenants.label)
+
+
+@dataclass(frozen=True)
+class CostRates:
+    """What device time and lookups cost, from tenx.yaml (`model_server.costs`)."""
+
+    cpu_hour: float = 0.04  # USD per CPU-hour (one core)
+    gpu_hour: float = 2.50  # USD per GPU-hour
+    lookups_per_million: float = 0.02  # USD per million online-store reads (one per entity)
+
+    def device_hour(self, device: str) -> float:
+        return self.cpu_hour if device == "cpu" else self.gpu_hour
+
+
+def split_by_rows(total: float, rows: Sequence[int]) -> list[float]:
+    """`total` shared out in proportion to `rows` (a batch's device time over its requests).
+
+    >>> split_by_rows(1.0, [1, 3])
+    [0.25, 0.75]
+    """
+    count = sum(rows)
+    return [total * r / count for r in rows] if count else [0.0 for _ in rows]
 
 
 @dataclass(frozen=True)
@@ -189,6 +213,7 @@ class ModelServer:
         guard: Guard | None = None,
         routes: Mapping[str, RouteSpec] | None = None,
         tenants: Tenants | None = None,
+        costs: CostRates | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -199,6 +224,8 @@ class ModelServer:
         self.specs: dict[str, RouteSpec] = dict(routes or {})
         self.tenants = tenants or Tenants(clock=clock)
         self.cache = PredictionCache(clock=clock)
+        self.costs = costs or CostRates()
+        self._cost_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self.pressure = LoopPressure(target_s=settings.loop_lag_target_ms / 1000)
         self.models = ModelRegistry(settings.registry_dir / "models")
         self.plans = FileRegistry(settings.registry_dir)
@@ -435,7 +462,9 @@ class ModelServer:
                 continue
             lookup = keys(route, list(entities)) if keys is not None else entities
             try:
-                future = self.submit(route, lookup, priority=priority, deadline=deadline, tenant=tenant)
+                future = self.submit(
+                    route, lookup, priority=priority, deadline=deadline, tenant=tenant, route_name=spec.name
+                )
             except Rejected as refused:
                 failures.append(f"{step}: {refused.reason}")
                 if any(isinstance(s, str) and s != CACHE and s in self.routes for s in steps[steps.index(step) + 1 :]):
@@ -496,7 +525,9 @@ class ModelServer:
         return Rejected(f"overloaded: every model's queue is past the {name} mark; retry later", reason=OVERLOAD)
 
     def _answered(self, route: str, answer: Answer, priority: Priority, tenant: str) -> None:
-        self.metrics.served.labels(route, _source(answer.served_by), priority.name.lower(), tenant).inc()
+        labels = (route, _source(answer.served_by), priority.name.lower(), tenant)
+        self.metrics.served.labels(*labels).inc()
+        self.metrics.served_predictions.labels(*labels).inc(len(answer.scores))
         if answer.degraded:
             self.metrics.fallbacks.labels(route, _source(answer.served_by), priority.name.lower(), tenant).inc()
 
@@ -556,6 +587,7 @@ class ModelServer:
         priority: Priority,
         deadline: float,
         tenant: str = "default",
+        route_name: str = "",
     ) -> asyncio.Future[Answer]:
         """Queue one request on a model's lane (admission may refuse it: Rejected); the
         future resolves when its batch is scored. `deadline` is a clock time."""
@@ -572,7 +604,7 @@ class ModelServer:
                 priority=priority,
                 enqueued=now,
                 tenant=tenant,
-                payload=_Work(entities, future),
+                payload=_Work(entities, future, route_name or route.name, self.tenants.label(tenant)),
             )
         )
         for item in evicted:
@@ -631,12 +663,13 @@ class ModelServer:
         try:
             requests = loaded.assembler.requests(entities)
             raws = await self._read(requests)
+            self._charge_lookups(loaded, items, len(requests))
             looked_up = self._clock()
             read_at = int(self._wall() * 1_000_000)
             vectors = loaded.assembler.assemble(raws, read_at)
             latest = max(item.deadline for item in items) - self._clock()
             timeout = max(0.0, min(latest, self.settings.inference_timeout_ms / 1000))
-            scores = await self._infer(loaded, vectors, timeout_s=timeout)
+            scores, spent = await self._infer(loaded, vectors, timeout_s=timeout)
         except Exception as error:
             if not isinstance(error, TransientError):
                 log.exception("batch of %s failed", route.name)
@@ -654,6 +687,7 @@ class ModelServer:
                 )
                 offset = end
             return
+        self._charge_device(loaded, items, spent)
         if route.cache_ttl_s is not None:
             self.cache.put(loaded.card.name, loaded.card.version, vectors.matrix, scores, route.cache_ttl_s)
         counted = self._counted(route.name, loaded.card.version)
@@ -722,7 +756,35 @@ class ModelServer:
         self.guard.record(ONLINE_STORE, ok=True, seconds=self._clock() - began)
         return raws
 
-    async def _infer(self, loaded: Loaded, vectors: Vectors, *, timeout_s: float) -> np.ndarray:
+    def _cost_counters(self, loaded: Loaded, work: _Work, priority: Priority) -> tuple[Any, Any]:
+        key = (loaded.card.name, str(loaded.card.version), loaded.runtime.device, work.route, work.tenant,
+               priority.name.lower())  # fmt: skip
+        children = self._cost_children.get(key)
+        if children is None:
+            if len(self._cost_children) > 50_000:
+                self._cost_children.clear()
+            children = self._cost_children[key] = (
+                self.metrics.cost_device_seconds.labels(*key),
+                self.metrics.cost_dollars.labels(key[0], key[1], key[3], key[4], key[5]),
+            )
+        return children
+
+    def _charge_lookups(self, loaded: Loaded, items: list[Pending], views: int) -> None:
+        """Each request's online-store reads (one per entity and view), at the lookup rate."""
+        rate = self.costs.lookups_per_million / 1e6 * views
+        if rate:
+            for item in items:
+                self._cost_counters(loaded, item.payload, item.priority)[1].inc(item.rows * rate)
+
+    def _charge_device(self, loaded: Loaded, items: list[Pending], spent: float) -> None:
+        """A batch's device time, split over its requests by rows, and its price."""
+        per_second = self.costs.device_hour(loaded.runtime.device) / 3600
+        for item, share in zip(items, split_by_rows(spent, [item.rows for item in items]), strict=True):
+            device, dollars = self._cost_counters(loaded, item.payload, item.priority)
+            device.inc(share)
+            dollars.inc(share * per_second)
+
+    async def _infer(self, loaded: Loaded, vectors: Vectors, *, timeout_s: float) -> tuple[np.ndarray, float]:
         """The rows the policy lets through, on the model's runtime thread. A run that
         outlasts `timeout_s` (the inference timeout, or the batch's last deadline when
         sooner) fails the batch and counts against the model's circuit: a stalled model
@@ -731,6 +793,7 @@ class ModelServer:
         every = bool(scored.all())
         matrix = vectors.matrix if every else vectors.matrix[scored]
         result = np.full(len(scored), np.nan)
+        spent = 0.0
         if len(matrix):
             dependency = runtime_dependency(loaded.card.name)
             if not self.guard.allow(dependency):
@@ -753,9 +816,9 @@ class ModelServer:
             self.metrics.inference_seconds.labels(loaded.card.name, device).observe(spent)
             self.metrics.device_seconds.labels(loaded.card.name, str(loaded.card.version), device).inc(spent)
             if every:
-                return np.asarray(scores, dtype=np.float64)
+                return np.asarray(scores, dtype=np.float64), spent
             result[scored] = scores
-        return result
+        return result, spent
 
     # -- health ------------------------------------------------------------------------------
 

@@ -520,7 +520,7 @@ def serve_models(
     import uvicorn
 
     from featurestore.plan.collect import collect_routes
-    from serving.models.config import breaker_settings, tenant_policies
+    from serving.models.config import breaker_settings, cost_rates, tenant_policies
 
     settings = settings_of(config_file)
     applied_plan(settings)
@@ -561,6 +561,7 @@ def serve_models(
                 )
     tenant_policies(settings.model_server)  # a mistake in tenx.yaml stops here, not in every worker
     breaker_settings(settings.model_server)
+    cost_rates(settings.model_server)
     if workers > 1:
         # Each worker writes its metric values here; /metrics in any of them merges all.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tenx-metrics-")

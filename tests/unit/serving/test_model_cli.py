@@ -5,6 +5,7 @@ Prometheus metrics merged over the worker processes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -150,3 +151,21 @@ def test_metrics_add_up_over_worker_processes(server: str) -> None:
     assert ok_count() - before == 60
     text = httpx.get(f"{server}/metrics", timeout=5).text
     assert 'tenx_model_batch_rows_bucket{le="1.0",model="buys"}' in text
+
+
+def test_tenx_cost_reads_what_two_tenants_spent_from_the_workers_metrics(repo: DemoRepo, server: str) -> None:
+    with ModelClient(server) as client:
+        for _ in range(4):
+            client.predict("buys", [1, 2, 3], tenant="shop-a")
+            client.predict("mine", [4, 5], tenant="shop-b")
+    report = json.loads(tenx(repo, "cost", "--url", server, "--json"))
+    tenants = report["tenant"]
+    assert tenants["shop-a"]["predictions"] == 12
+    assert tenants["shop-b"]["predictions"] == 8
+    assert tenants["shop-a"]["device_s"] > 0
+    assert tenants["shop-a"]["dollars"] > 0
+    assert report["model"]["buys"]["usd_per_1k"] > 0
+    table = tenx(repo, "cost", "--url", server)
+    assert "USD / 1k predictions" in table
+    assert "shop-a" in table
+    assert "since the server(s) started" in table
