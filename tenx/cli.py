@@ -42,6 +42,7 @@ from tenx.commands.common import (
 from tenx.commands.cost import cost
 from tenx.commands.models import models, predict, serve_models, train
 from tenx.commands.stream import stream
+from tenx.commands.top import top
 
 _ENV_HELP = "\n".join(f"  {name}: {meaning}" for name, meaning in ENVIRONMENT.items())
 
@@ -921,6 +922,7 @@ main.add_command(models)
 main.add_command(serve_models)
 main.add_command(predict)
 main.add_command(cost)
+main.add_command(top)
 
 
 if __name__ == "__main__":  # pragma: no cover

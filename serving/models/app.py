@@ -191,11 +191,11 @@ class PredictEndpoint:
         self.max_body_bytes = max_body_bytes
         self.expected_auth = f"Bearer {token}".encode() if token else None
         self.default_deadline_ms = server.settings.default_deadline_ms
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, int, str], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         began = time.perf_counter()
-        model = "-"
+        model, priority = "-", "-"
         status, payload, extra = 500, b"", []
         try:
             if scope["method"] != "POST":
@@ -212,6 +212,7 @@ class PredictEndpoint:
             if early is not None and early != b"critical":
                 refused = self.server.shed_early(early, headers.get(b"x-tenant", b"default"))
                 if refused is not None:  # shed before the body is read or parsed: a third of the cost
+                    priority = early.decode(errors="replace").lower()
                     status, payload = 503, _error(str(refused), refused.reason)
                     extra = [(b"retry-after", str(RETRY_AFTER_S).encode())]
                     return
@@ -224,7 +225,7 @@ class PredictEndpoint:
                 if len(body) > self.max_body_bytes:
                     status, payload = 413, _error(f"body exceeds {self.max_body_bytes} bytes")
                     return
-            status, payload, extra, model = await self._predict(body, headers)
+            status, payload, extra, model, priority = await self._predict(body, headers)
         except Exception:
             request_id = uuid.uuid4().hex[:16]
             log.exception("internal error on /predict (request id %s)", request_id)
@@ -240,27 +241,28 @@ class PredictEndpoint:
                 }
             )
             await send({"type": "http.response.body", "body": payload})
-            self._count(model, status, time.perf_counter() - began)
+            self._count(model, status, priority, time.perf_counter() - began)
 
-    def _count(self, model: str, status: int, seconds: float) -> None:
+    def _count(self, model: str, status: int, priority: str, seconds: float) -> None:
         # Metric children cached per label set: `labels()` costs as much as the increment.
-        key = (model, status)
+        key = (model, status, priority)
         children = self._children.get(key)
         if children is None:
             if len(self._children) > 10_000:  # names of unknown models are not kept (404s count under "-")
                 self._children.clear()
             outcome = _OUTCOMES.get(status, "error")
             children = self._children[key] = (
-                self.metrics.requests.labels(model, outcome),
-                self.metrics.request_seconds.labels(model),
+                self.metrics.requests.labels(model, outcome, priority),
+                self.metrics.request_seconds.labels(model, priority),
             )
         children[0].inc()
         if status == 200:
             children[1].observe(seconds)
 
-    async def _predict(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[int, bytes, list[Any], str]:
+    async def _predict(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[int, bytes, list[Any], str, str]:
+        """(status, body, extra headers, the route's name, the class's name) for metrics."""
         server = self.server
-        model = "-"
+        model, name = "-", "-"
         try:
             request = parse_predict(body, headers, default_deadline_ms=self.default_deadline_ms)
             spec = server.spec_for(request.model)
@@ -270,6 +272,7 @@ class PredictEndpoint:
                 priority = server.tenants.policy(request.tenant).priority
             if priority is None:
                 priority = Priority.DEFAULT
+            name = priority.name.lower()
             answer = await server.predict(
                 request.model,
                 request.entities,
@@ -280,19 +283,20 @@ class PredictEndpoint:
                 keys=entity_keys,
             )
         except (BadRequest, ValueError) as error:
-            return 400, _error(str(error)), [], model
+            return 400, _error(str(error)), [], model, name
         except UnknownModelError as error:
-            return 404, _error(str(error)), [], "-"
+            return 404, _error(str(error)), [], "-", name
         except SkewError as error:
-            return 409, _error(str(error)), [], model
+            return 409, _error(str(error)), [], model, name
         except Rejected as refused:  # shed (503) or over quota (429), before any work
             retry = str(max(1, math.ceil(refused.retry_after_s))).encode()
-            return refused.status, _error(str(refused), refused.reason), [(b"retry-after", retry)], model
+            return refused.status, _error(str(refused), refused.reason), [(b"retry-after", retry)], model, name
         except DeadlineExceeded as error:
-            return 504, _error(str(error), "deadline"), [], model
+            return 504, _error(str(error), "deadline"), [], model, name
         except (Overloaded, TransientError) as error:  # loading, the online store failed, every step failed
-            return 503, _error(str(error), "unavailable"), [(b"retry-after", str(RETRY_AFTER_S).encode())], model
-        return 200, render(model, answer), [], model
+            again = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+            return 503, _error(str(error), "unavailable"), again, model, name
+        return 200, render(model, answer), [], model, name
 
 
 _OUTCOMES = {200: "ok", 400: "bad_request", 401: "unauthorized", 404: "unknown_model", 405: "bad_request",

@@ -22,10 +22,14 @@ class ModelMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "tenx_model_requests_total", "Prediction requests, by model and outcome.", ["model", "outcome"], registry=r
+            "tenx_model_requests_total",
+            "Prediction requests, by route, outcome and class.",
+            ["model", "outcome", "priority"],
+            registry=r,
         )
         self.request_seconds = Histogram(
-            "tenx_model_request_seconds", "Time from a request's arrival to its answer.", ["model"], registry=r,
+            "tenx_model_request_seconds", "Time from a request's arrival to its answer, by route and class.",
+            ["model", "priority"], registry=r,
             buckets=_LATENCY,
         )  # fmt: skip
         self.predictions = Counter("tenx_model_predictions_total", "Rows scored.", ["model", "version"], registry=r)

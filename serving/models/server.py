@@ -17,6 +17,7 @@ running finish on the session they started with.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -354,12 +355,17 @@ class ModelServer:
         """Every `interval_s`, how late the loop woke this task: the lag LoopPressure
         turns into the lower classes' share of their headroom."""
         pressure = self.pressure
-        while True:
+        metrics = self.metrics
+        metrics.admit_share.set(1.0)
+        for tick in itertools.count():
             began = self._clock()
             await asyncio.sleep(interval_s)
             share = pressure.observe(self._clock() - began - interval_s)
             for route in self.routes.values():
                 route.lane.admit_share = share
+            if tick % 10 == 0:  # every worker's own value, so /metrics in any of them merges them all
+                metrics.admit_share.set(share)
+                metrics.loop_lag.set(pressure.lag_s)
 
     async def _watch(self) -> None:
         while True:
@@ -838,8 +844,6 @@ class ModelServer:
             metrics.queue_bound.labels(name).set(lane.bound())
             for priority in Priority:
                 metrics.queued.labels(name, priority.name.lower()).set(lane.queue.rows(priority))
-        metrics.loop_lag.set(self.pressure.lag_s)
-        metrics.admit_share.set(self.pressure.share)
         states = getattr(self.guard, "states", None)
         if states is not None:
             for dependency, state in states().items():

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,7 +141,8 @@ def test_model_client_sync_and_async_against_two_workers(server: str) -> None:
 def test_metrics_add_up_over_worker_processes(server: str) -> None:
     def ok_count() -> float:
         text = httpx.get(f"{server}/metrics", timeout=5).text
-        match = re.search(r'tenx_model_requests_total\{model="buys",outcome="ok"\} ([0-9.e+]+)', text)
+        pattern = r'tenx_model_requests_total\{model="buys",outcome="ok",priority="default"\} ([0-9.e+]+)'
+        match = re.search(pattern, text)
         return float(match.group(1)) if match else 0.0
 
     before = ok_count()
@@ -150,14 +152,16 @@ def test_metrics_add_up_over_worker_processes(server: str) -> None:
         assert response.status_code == 200
     assert ok_count() - before == 60
     text = httpx.get(f"{server}/metrics", timeout=5).text
-    assert 'tenx_model_batch_rows_bucket{le="1.0",model="buys"}' in text
+    assert 'tenx_model_batch_rows_bucket{le="1.0",model="buys"}' in text, [
+        line for line in text.splitlines() if "batch_rows" in line
+    ][:5]
 
 
 def test_tenx_cost_reads_what_two_tenants_spent_from_the_workers_metrics(repo: DemoRepo, server: str) -> None:
     with ModelClient(server) as client:
         for _ in range(4):
             client.predict("buys", [1, 2, 3], tenant="shop-a")
-            client.predict("mine", [4, 5], tenant="shop-b")
+            client.predict("buys", [4, 5], tenant="shop-b")
     report = json.loads(tenx(repo, "cost", "--url", server, "--json"))
     tenants = report["tenant"]
     assert tenants["shop-a"]["predictions"] == 12
@@ -165,7 +169,33 @@ def test_tenx_cost_reads_what_two_tenants_spent_from_the_workers_metrics(repo: D
     assert tenants["shop-a"]["device_s"] > 0
     assert tenants["shop-a"]["dollars"] > 0
     assert report["model"]["buys"]["usd_per_1k"] > 0
+    assert report["route"]["buys"]["predictions"] >= 20
     table = tenx(repo, "cost", "--url", server)
     assert "USD / 1k predictions" in table
     assert "shop-a" in table
     assert "since the server(s) started" in table
+
+
+def test_tenx_top_shows_a_running_servers_rates_p99_by_class_and_circuits(repo: DemoRepo, server: str) -> None:
+    stop = threading.Event()
+
+    def load() -> None:
+        with ModelClient(server) as client:
+            while not stop.is_set():
+                client.predict("buys", [1, 2], priority="critical")
+                client.predict("buys", [3], priority="sheddable")
+
+    sender = threading.Thread(target=load)
+    sender.start()
+    try:
+        shown = tenx(repo, "top", "--url", server, "--once", "--interval", "1.5")
+    finally:
+        stop.set()
+        sender.join()
+    row = next(line for line in shown.splitlines() if line.lstrip("│ ").startswith("buys "))
+    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    assert float(cells[1].replace(",", "")) > 1  # req/s
+    assert cells[3].endswith("ms")  # p99 critical
+    assert cells[5].endswith("ms")  # p99 sheddable
+    assert "predictions/s" in shown
+    assert "event loop lag" in shown

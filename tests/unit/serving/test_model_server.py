@@ -80,7 +80,7 @@ def test_single_entity_requests_batch_together_and_each_gets_its_own_score(repo:
     assert np.max(np.abs(np.array([answers[u] for u in users]) - expected)) <= 1e-6
     metrics = client.get("/metrics").text
     assert 'tenx_model_batch_rows_count{model="buys"}' in metrics
-    assert 'tenx_model_requests_total{model="buys",outcome="ok"}' in metrics
+    assert 'tenx_model_requests_total{model="buys",outcome="ok",priority="default"}' in metrics
 
 
 def test_a_missing_entity_is_scored_on_empty_window_values_and_says_missing(repo: DemoRepo, client: TestClient) -> None:
@@ -148,7 +148,7 @@ def test_a_request_whose_deadline_passed_in_the_queue_is_504_and_counted(client:
     assert response.json()["reason"] == "deadline"
     assert "deadline passed" in response.json()["error"]
     metrics = client.get("/metrics").text
-    assert 'tenx_model_requests_total{model="buys",outcome="deadline"}' in metrics
+    assert 'tenx_model_requests_total{model="buys",outcome="deadline",priority="default"}' in metrics
     assert 'tenx_model_shed_total{model="buys",priority="default",reason="deadline",tenant="default"}' in metrics
     header = client.post("/predict", json={"model": "buys", "entities": [1]}, headers={"x-deadline-ms": "0.0001"})
     assert header.status_code == 504
