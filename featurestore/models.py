@@ -169,6 +169,44 @@ class Deployment:
         return cls(**{**data, "precision": Precision(precision) if precision else None})
 
 
+@dataclass(frozen=True)
+class CanaryLimits:
+    """When a canary is rolled back automatically (checked once it has `min_requests`)."""
+
+    min_requests: int = 200  # canary requests before any verdict
+    max_error_rate_delta: float = 0.02  # canary error rate minus the baseline's, same window
+    max_p99_ratio: float = 2.0  # canary scoring p99 over the baseline's
+    max_psi: float = 0.25  # population stability index of canary scores against the baseline's
+
+    def __post_init__(self) -> None:
+        if self.min_requests < 1:
+            raise ValueError(f"min_requests must be at least 1, got {self.min_requests}")
+        for name in ("max_error_rate_delta", "max_p99_ratio", "max_psi"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be above 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A new version taking `percent` of a model's traffic (sticky by entity), or scoring
+    a copy of it without answering (`shadow`), until promoted or rolled back."""
+
+    name: str
+    version: int
+    percent: float
+    shadow: bool
+    started_at: str
+    started_by: str
+    limits: CanaryLimits = CanaryLimits()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Canary:
+        return cls(**{**data, "limits": CanaryLimits(**data.get("limits", {}))})
+
+
 def parse_model_ref(text: str) -> tuple[str, int | None]:
     """`fraud` -> ("fraud", None); `fraud@3` -> ("fraud", 3)."""
     name, sep, version = text.partition("@")
@@ -354,6 +392,78 @@ class ModelRegistry:
             handle.write(json.dumps(deployment.to_dict()) + "\n")
         atomic_write(self.root / name / "deployed.json", json.dumps(deployment.to_dict(), indent=2) + "\n")
         return deployment
+
+    def canary(self, name: str) -> Canary | None:
+        path = self.root / name / "canary.json"
+        try:
+            return Canary.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as error:
+            raise RegistryError(f"{path} is unreadable: {error}") from error
+
+    def canaries(self) -> dict[str, Canary]:
+        return {name: c for name in self.names() if (c := self.canary(name)) is not None}
+
+    def start_canary(
+        self, name: str, version: int, *, percent: float, shadow: bool, by: str, limits: CanaryLimits | None = None
+    ) -> Canary:
+        """Send `percent` of `name`'s traffic to `version` (or a copy of it, `shadow`)."""
+        self.resolve(name, version)
+        current = self.deployment(name)
+        if current is None:
+            raise RegistryError(f"`{name}` is not deployed: a canary needs a baseline (`tenx models deploy {name}`)")
+        if current.version == version:
+            raise RegistryError(f"{name}@{version} is already the deployed version; canary another one")
+        if not 0 < percent <= 100:
+            raise RegistryError(f"--percent must be in (0, 100], got {percent}")
+        running = self.canary(name)
+        if running is not None:
+            raise RegistryError(
+                f"{name}@{running.version} is already a canary: `tenx models promote {name}` or "
+                f"`tenx models rollback {name}` first"
+            )
+        canary = Canary(
+            name, version, float(percent), shadow, self._clock.now(UTC).isoformat(timespec="seconds"), by,
+            limits or CanaryLimits(),
+        )  # fmt: skip
+        self._canary_event(name, {"event": "started", **canary.to_dict()})
+        atomic_write(self.root / name / "canary.json", json.dumps(canary.to_dict(), indent=2) + "\n")
+        return canary
+
+    def promote(self, name: str, *, by: str) -> Deployment:
+        """Make the canary the deployed version; running servers switch to it warm."""
+        canary = self._running(name)
+        deployment = self.deploy(name, canary.version, precision=None, by=by)
+        self._end_canary(name, canary, "promoted", f"promoted by {by}", by)
+        return deployment
+
+    def rollback(self, name: str, *, by: str, reason: str) -> Canary:
+        """End the canary; the deployed version takes all the traffic again."""
+        canary = self._running(name)
+        self._end_canary(name, canary, "rolled_back", reason, by)
+        return canary
+
+    def canary_history(self, name: str) -> list[dict[str, Any]]:
+        path = self.root / name / "canary_history.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def _running(self, name: str) -> Canary:
+        canary = self.canary(name)
+        if canary is None:
+            raise RegistryError(f"`{name}` has no canary running (`tenx models canary {name}@N --percent 5`)")
+        return canary
+
+    def _end_canary(self, name: str, canary: Canary, outcome: str, reason: str, by: str) -> None:
+        when = self._clock.now(UTC).isoformat(timespec="seconds")
+        self._canary_event(name, {"event": outcome, "version": canary.version, "reason": reason, "by": by, "at": when})
+        (self.root / name / "canary.json").unlink(missing_ok=True)
+
+    def _canary_event(self, name: str, event: Mapping[str, Any]) -> None:
+        with (self.root / name / "canary_history.jsonl").open("a") as handle:
+            handle.write(json.dumps(event) + "\n")
 
     def history(self, name: str) -> list[Deployment]:
         path = self.root / name / "history.jsonl"

@@ -19,6 +19,7 @@ from featurestore.errors import ConfigError, TerminalError
 from featurestore.plan import Plan, SourceSpec, diff_plans
 from featurestore.registry import FileRegistry
 from tenx import __version__
+from tenx.commands import canary as _canary  # noqa: F401 - registers models canary/promote/rollback/status
 from tenx.commands.common import (
     EXIT_FAILURE,
     EXIT_USAGE,

@@ -116,6 +116,19 @@ class ModelMetrics:
             "tenx_model_admit_share", "Share of their headroom sheddable and default work gets (1: all).",
             registry=r, multiprocess_mode="min",
         )  # fmt: skip
+        self.canary_requests = Counter(
+            "tenx_model_canary_requests_total",
+            "Requests scored during a canary, by side (baseline, canary) and outcome.",
+            ["model", "side", "outcome"], registry=r,
+        )  # fmt: skip
+        self.canary_decisions = Counter(
+            "tenx_model_canary_decisions_total", "Automatic canary decisions (rolled_back), by model.",
+            ["model", "decision"], registry=r,
+        )  # fmt: skip
+        self.shadow_diff = Histogram(
+            "tenx_model_shadow_score_diff", "|served score - shadow canary score| per entity.", ["model"], registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+        )  # fmt: skip
         self.ready = Gauge(
             "tenx_model_ready", "1 when the model's session is loaded and warm.", ["model"], registry=r,
             multiprocess_mode="livemin",

@@ -17,6 +17,7 @@ running finish on the session they started with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -30,7 +31,7 @@ import numpy as np
 from featurestore.definitions.route import CACHE, rule_name
 from featurestore.definitions.route import Route as RouteSpec
 from featurestore.errors import TenxError, TransientError
-from featurestore.models import Deployment, ModelCard, ModelRegistry, SkewError, check_views
+from featurestore.models import Canary, Deployment, ModelCard, ModelRegistry, SkewError, check_views
 from featurestore.plan.model import Plan
 from featurestore.registry import FileRegistry
 from serving.errors import DeadlineExceeded, ModelUnavailable, UnknownModelError
@@ -46,6 +47,7 @@ from serving.models.admission import (
 )
 from serving.models.batcher import Batch, Pending, Priority
 from serving.models.cache import PredictionCache
+from serving.models.canary import CanaryJudge, takes
 from serving.models.metrics import ModelMetrics
 from serving.models.policies import ONLINE_STORE, AllowAll, Guard, runtime_dependency
 from serving.models.runtime import Runtime, place
@@ -135,10 +137,17 @@ class Route:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     slots: asyncio.Semaphore | None = None
     cache_ttl_s: float | None = None  # set when a route caches this model's answers
+    canary: Loaded | None = None  # a canary version, warm, beside `loaded`
+    canary_spec: Canary | None = None
+    judge: CanaryJudge | None = None
 
     @property
     def queue(self) -> Any:
         return self.lane.queue
+
+    def splits(self) -> bool:
+        """Whether some requests go to the canary now (not in shadow mode)."""
+        return self.canary is not None and self.canary_spec is not None and not self.canary_spec.shadow
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,7 @@ class _Work:
     future: asyncio.Future[Answer]
     route: str = ""  # the route the client asked for (cost attribution); the model's name when empty
     tenant: str = "default"  # as metrics name it (Tenants.label)
+    canary: bool = False  # sticky by its first entity: the canary version scores it
 
 
 @dataclass(frozen=True)
@@ -321,6 +331,47 @@ class ModelServer:
             route.failed = None
             self._set_loaded(route, loaded)
             log.info("serving %s (%s on %s)", loaded.served_by, loaded.runtime.precision.value, loaded.runtime.device)
+        canaries = await asyncio.to_thread(self.models.canaries)
+        for name in names:
+            if name in self.routes:
+                await self._refresh_canary(self.routes[name], canaries.get(name))
+
+    async def _refresh_canary(self, route: Route, spec: Canary | None) -> None:
+        """Load a new canary warm beside the deployed version, or drop an ended one."""
+        if spec == route.canary_spec:
+            return
+        if spec is None:
+            if route.canary_spec is not None:
+                log.info("canary %s@%d ended", route.name, route.canary_spec.version)
+            route.canary, route.canary_spec, route.judge = None, None, None
+            return
+        if route.loaded is None or self.plan is None:
+            return
+        deployment = Deployment(route.name, spec.version, None, spec.started_at, spec.started_by)
+        try:
+            canary = await asyncio.to_thread(self._load, route.name, deployment, self.plan)
+        except (TenxError, OSError, ValueError, RuntimeError) as error:
+            log.error("canary %s@%d not loaded (the deployed version keeps all traffic): %s", route.name,
+                      spec.version, error)  # fmt: skip
+            return
+        route.canary, route.canary_spec, route.judge = canary, spec, CanaryJudge(spec)
+        mode = "shadow copy of" if spec.shadow else "sticky"
+        log.info("canary %s: %s %g%% of traffic", canary.served_by, mode, spec.percent)
+
+    def judge_canaries(self) -> None:
+        """Roll back every canary its judge condemns (a registry write: every worker follows)."""
+        for route in self.routes.values():
+            judge, spec = route.judge, route.canary_spec
+            if judge is None or spec is None:
+                continue
+            reason = judge.verdict()
+            if reason is None:
+                continue
+            route.judge = None  # judged once
+            with contextlib.suppress(TenxError):  # another worker rolled it back first
+                self.models.rollback(route.name, by="tenx model server (automatic)", reason=reason)
+            self.metrics.canary_decisions.labels(route.name, "rolled_back").inc()
+            log.warning("canary %s@%d rolled back: %s %s", route.name, spec.version, reason, judge.comparison())
 
     def _set_loaded(self, route: Route, loaded: Loaded | None) -> None:
         route.loaded = loaded
@@ -329,6 +380,17 @@ class ModelServer:
         self.metrics.ready.labels(route.name).set(1 if loaded is not None else 0)
 
     def _load(self, name: str, deployment: Deployment, plan: Plan | None) -> Loaded:
+        """A deployed version, loaded and warm; the canary's own session is reused when
+        the canary is what was just deployed (a promotion: no reload, no cold start)."""
+        route = self.routes.get(name)
+        canary = route.canary if route is not None else None
+        if (
+            canary is not None
+            and plan is not None
+            and canary.card.version == deployment.version
+            and canary.plan_version == plan.version
+        ):
+            return replace(canary, deployment=deployment)
         card = self.models.card(name, deployment.version)
         check_views(card, plan)
         assert plan is not None  # check_views raised otherwise
@@ -371,6 +433,7 @@ class ModelServer:
         while True:
             await asyncio.sleep(self.settings.reload_interval_s)
             try:
+                self.judge_canaries()
                 await self.refresh()
             except Exception:
                 log.exception("reading the model registry failed; serving what is loaded")
@@ -610,7 +673,13 @@ class ModelServer:
                 priority=priority,
                 enqueued=now,
                 tenant=tenant,
-                payload=_Work(entities, future, route_name or route.name, self.tenants.label(tenant)),
+                payload=_Work(
+                    entities,
+                    future,
+                    route_name or route.name,
+                    self.tenants.label(tenant),
+                    route.splits() and takes(entities[0], route.canary_spec.percent),  # type: ignore[union-attr]
+                ),
             )
         )
         for item in evicted:
@@ -654,13 +723,62 @@ class ModelServer:
                 for item in batch.items:
                     _fail(item.payload.future, error)
                 return
-            await self._score(route, loaded, batch)
+            canary = route.canary
+            if canary is None:
+                await self._score(route, loaded, batch.items)
+                return
+            baseline_items = [item for item in batch.items if not item.payload.canary]
+            canary_items = [item for item in batch.items if item.payload.canary]
+            if baseline_items:
+                await self._score(route, loaded, baseline_items)
+            if canary_items and not await self._score(route, canary, canary_items, fail=False):
+                await self._score(route, loaded, canary_items)  # the canary failed them: the baseline answers
+            spec = route.canary_spec
+            if spec is not None and spec.shadow and baseline_items:
+                copied = [item for item in baseline_items if takes(item.payload.entities[0], spec.percent)]
+                if copied:
+                    self._spawn(self._shadow(route, canary, copied))
         finally:
             route.lane.finished(batch.rows, self._clock() - began)
             route.slots.release()
 
-    async def _score(self, route: Route, loaded: Loaded, batch: Batch) -> None:
-        items = batch.items
+    async def _shadow(self, route: Route, canary: Loaded, items: list[Pending]) -> None:
+        """Score a copy of answered requests with the shadow canary: its errors, latency
+        and scores go to the judge, the score differences to a histogram; nobody waits."""
+        judge = route.judge
+        entities = [entity for item in items for entity in item.payload.entities]
+        began = self._clock()
+        try:
+            raws = await self._read(canary.assembler.requests(entities))
+            vectors = canary.assembler.assemble(raws, int(self._wall() * 1_000_000))
+            timeout = self.settings.inference_timeout_ms / 1000
+            scores, _ = await self._infer(canary, vectors, timeout_s=timeout, canary=True)
+        except Exception:  # noqa: BLE001 - a shadow failure is the judge's business, never the client's
+            if judge is not None:
+                for _ in items:
+                    judge.record(True, ok=False, seconds=self._clock() - began)
+            return
+        seconds = self._clock() - began
+        shadow = scores.tolist()
+        diffs = self.metrics.shadow_diff.labels(route.name)
+        offset = 0
+        for item in items:
+            end = offset + item.rows
+            mine = shadow[offset:end]
+            if judge is not None:
+                judge.record(True, ok=True, seconds=seconds, scores=mine)
+            future = item.payload.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                for served, copy in zip(future.result().scores, mine, strict=True):
+                    if served is not None and copy == copy:
+                        diffs.observe(abs(served - copy))
+            offset = end
+
+    async def _score(self, route: Route, loaded: Loaded, items: list[Pending], *, fail: bool = True) -> bool:
+        """Score `items` with `loaded` and answer them; False when it failed (their
+        futures are then failed, or left for the caller when `fail` is False)."""
+        judge = route.judge
+        side = loaded is route.canary
         entities: list[Any] = []
         for item in items:
             entities.extend(item.payload.entities)
@@ -675,10 +793,16 @@ class ModelServer:
             vectors = loaded.assembler.assemble(raws, read_at)
             latest = max(item.deadline for item in items) - self._clock()
             timeout = max(0.0, min(latest, self.settings.inference_timeout_ms / 1000))
-            scores, spent = await self._infer(loaded, vectors, timeout_s=timeout)
+            scores, spent = await self._infer(loaded, vectors, timeout_s=timeout, canary=side)
         except Exception as error:
             if not isinstance(error, TransientError):
-                log.exception("batch of %s failed", route.name)
+                log.exception("batch of %s failed", loaded.served_by)
+            if judge is not None:
+                for _ in items:
+                    judge.record(side, ok=False, seconds=self._clock() - started)
+                self.metrics.canary_requests.labels(route.name, _side(side), "error").inc(len(items))
+            if not fail:
+                return False
             offset = 0
             for item in items:
                 end = offset + item.rows
@@ -692,7 +816,7 @@ class ModelServer:
                     ),
                 )
                 offset = end
-            return
+            return False
         self._charge_device(loaded, items, spent)
         if route.cache_ttl_s is not None:
             self.cache.put(loaded.card.name, loaded.card.version, vectors.matrix, scores, route.cache_ttl_s)
@@ -730,6 +854,14 @@ class ModelServer:
                     )
                 )
             offset = end
+        if judge is not None:
+            seconds = self._clock() - started
+            offset = 0
+            for item in items:
+                judge.record(side, ok=True, seconds=seconds, scores=score_list[offset : offset + item.rows])
+                offset += item.rows
+            self.metrics.canary_requests.labels(route.name, _side(side), "ok").inc(len(items))
+        return True
 
     def _counted(self, name: str, version: int) -> _Counted:
         """The metric children of one model version (`labels()` costs as much as an update)."""
@@ -790,7 +922,9 @@ class ModelServer:
             device.inc(share)
             dollars.inc(share * per_second)
 
-    async def _infer(self, loaded: Loaded, vectors: Vectors, *, timeout_s: float) -> tuple[np.ndarray, float]:
+    async def _infer(
+        self, loaded: Loaded, vectors: Vectors, *, timeout_s: float, canary: bool = False
+    ) -> tuple[np.ndarray, float]:
         """The rows the policy lets through, on the model's runtime thread. A run that
         outlasts `timeout_s` (the inference timeout, or the batch's last deadline when
         sooner) fails the batch and counts against the model's circuit: a stalled model
@@ -801,7 +935,8 @@ class ModelServer:
         result = np.full(len(scored), np.nan)
         spent = 0.0
         if len(matrix):
-            dependency = runtime_dependency(loaded.card.name)
+            # A canary has a circuit of its own: its failures must not open the baseline's.
+            dependency = runtime_dependency(loaded.served_by if canary else loaded.card.name)
             if not self.guard.allow(dependency):
                 raise ModelUnavailable(f"model `{loaded.card.name}`'s circuit is open; retry shortly")
             began = self._clock()
@@ -876,6 +1011,10 @@ def _slice(vectors: Vectors, start: int, end: int) -> Vectors:
                    vectors.scored[start:end])  # fmt: skip
 
 
+def _side(canary: bool) -> str:
+    return "canary" if canary else "baseline"
+
+
 def _source(served_by: str) -> str:
     """A metrics label for what answered: the model, `cache:<model>` or `rule:<name>` (no version)."""
     return served_by.rsplit("@", 1)[0]
@@ -898,6 +1037,15 @@ def describe(route: Route) -> dict[str, Any]:
             queued_rows=route.queue.rows(),
             admission=route.lane.snapshot(),
         )
+    spec = route.canary_spec
+    if spec is not None:
+        data["canary"] = {
+            "version": spec.version,
+            "percent": spec.percent,
+            "shadow": spec.shadow,
+            "limits": spec.limits.__dict__,
+            "comparison": route.judge.comparison() if route.judge is not None else "judged",
+        }
     return data
 
 
