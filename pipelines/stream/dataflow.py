@@ -39,7 +39,7 @@ from featurestore.plan.model import AS_OF, Plan, SourceSpec, ViewSpec
 from featurestore.stores.codec import encode_columns, with_nulls
 from featurestore.stores.online import OnlineStore
 from featurestore.transforms import prepare_events
-from pipelines.stream.metrics import METRICS
+from pipelines.stream.metrics import METRICS, DeadLetterReason
 from pipelines.stream.producer import Delivery
 from pipelines.stream.sources import (
     PARTITION_BITS,
@@ -97,9 +97,12 @@ class _OnlinePartition(StatelessSinkPartition[tuple[str, RowBatch]]):
             if not len(rows):
                 continue
             values = encode_columns(view, rows.as_of, rows.values, rows.nulls)
+            began = time.perf_counter()
             self.store.write_packed(view, rows.keys, rows.as_of.tolist(), values)
+            METRICS.online_write_seconds.labels(name).observe(time.perf_counter() - began)
             METRICS.freshness.observe_many(np.maximum(time.time() - rows.as_of / 1e6, 0.0))
             METRICS.rows_out.labels(name).inc(len(rows))
+            METRICS.written_event_time.advance((name,), int(rows.as_of.max()))
 
     def close(self) -> None:
         self.store.close()
@@ -181,8 +184,9 @@ def _decoder(source: SourceSpec, clock: Callable[[], float]) -> Callable[[list[A
     schema = source.schema
     event_time = source.event_time
 
-    def dead_letter(partition: int, offset: int, value: bytes, reason: str) -> tuple[str, Any]:
-        METRICS.dead_letters.labels(source.name).inc()
+    def dead_letter(message: Message, why: DeadLetterReason, reason: str) -> tuple[str, Any]:
+        partition, offset, value = message
+        METRICS.dead_letters.labels(source.name, why.value).inc()
         return (
             "dlq",
             {
@@ -191,7 +195,7 @@ def _decoder(source: SourceSpec, clock: Callable[[], float]) -> Callable[[list[A
                 "partition": partition,
                 "offset": offset,
                 "reason": reason,
-                "value": value.decode("utf-8", errors="replace"),
+                "value": (value or b"").decode("utf-8", errors="replace"),
                 "at": datetime.now(UTC).isoformat(),
             },
         )
@@ -212,15 +216,16 @@ def _decoder(source: SourceSpec, clock: Callable[[], float]) -> Callable[[list[A
         sequences: list[int] = []
         kept: list[int] = []
         loads = orjson.loads
-        for position, (partition, offset, value) in enumerate(messages):
+        for position, message in enumerate(messages):
+            partition, offset, value = message
             try:
                 record = loads(value)
             except (orjson.JSONDecodeError, TypeError) as error:  # TypeError: a tombstone (no value)
-                dead.append((position, dead_letter(partition, offset, value or b"", f"invalid JSON: {error}")))
+                dead.append((position, dead_letter(message, DeadLetterReason.INVALID_JSON, f"invalid JSON: {error}")))
                 continue
             if partition < 0:
                 reason = f"Kafka error: {record.get('kafka_error')}"
-                dead.append((position, dead_letter(partition, offset, value, reason)))
+                dead.append((position, dead_letter(message, DeadLetterReason.KAFKA_ERROR, reason)))
                 continue
             records.append(record)
             sequences.append((offset << PARTITION_BITS) | partition)
@@ -231,8 +236,8 @@ def _decoder(source: SourceSpec, clock: Callable[[], float]) -> Callable[[list[A
         if records:
             checked = validate_records(schema, records)
             for index, problems in checked.rejected:
-                partition, offset, value = messages[kept[index]]
-                dead.append((kept[index], dead_letter(partition, offset, value, "; ".join(str(p) for p in problems))))
+                reason = "; ".join(str(p) for p in problems)
+                dead.append((kept[index], dead_letter(messages[kept[index]], DeadLetterReason.INVALID_RECORD, reason)))
             valid = checked.valid
             if valid.num_rows:
                 positions = checked.positions
@@ -241,14 +246,16 @@ def _decoder(source: SourceSpec, clock: Callable[[], float]) -> Callable[[list[A
                 future = times > source.future_limit(int(clock() * 1_000_000))
                 if future.any():
                     for index in np.flatnonzero(future).tolist():
-                        partition, offset, value = messages[kept[positions[index]]]
+                        position = kept[positions[index]]
                         reason = source.future_reason(int(times[index]))
-                        dead.append((kept[positions[index]], dead_letter(partition, offset, value, reason)))
+                        dead.append((position, dead_letter(messages[position], DeadLetterReason.FUTURE_EVENT, reason)))
                     keep = ~future
                     valid, seq, times = valid.filter(pa.array(keep)), seq[keep], times[keep]
             if valid.num_rows:
                 out.append(("ok", valid.append_column("_seq", pa.array(seq, pa.int64()))))
                 newest = _newest_per_partition(seq, times)
+                for report in newest:  # each with the partition's newest event time of the batch
+                    METRICS.read_event_time.advance((source.name, str(report.partition)), report.event_time or 0)
         dead.sort(key=lambda item: item[0])
         progress = [r for r in reports if r.status is not PartitionStatus.ENDED] + newest
         progress += [r for r in reports if r.status is PartitionStatus.ENDED]
@@ -426,7 +433,8 @@ def build_dataflow(
         METRICS.rows_out.labels(view.name)
     for source in {view.source.name: view.source for view in chosen}.values():
         METRICS.events_in.labels(source.name)
-        METRICS.dead_letters.labels(source.name)
+        for why in DeadLetterReason:
+            METRICS.dead_letters.labels(source.name, why.value)
         raw = messages(flow, source)
         decoded = op.flat_map_batch(f"decode_{source.name}", raw, _decoder(source, clock))
         split = op.branch(f"valid_{source.name}", decoded, lambda item: item[0] != "dlq")

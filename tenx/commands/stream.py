@@ -188,9 +188,9 @@ def stream(
             init_db_dir(recovery_dir, workers)
         recovery = RecoveryConfig(recovery_dir)
     if metrics_port is not None:
-        from prometheus_client import start_http_server
+        from pipelines.stream.metrics import start_metrics_server
 
-        start_http_server(metrics_port)
+        start_metrics_server(metrics_port)  # a taken port is a ConfigError that says so
     console.print(
         f"tenx stream: {', '.join(views) or 'all online views'} from "
         f"{from_file or settings.kafka_bootstrap} into {store_name(settings)}, {workers} worker(s)",
