@@ -175,3 +175,57 @@ def test_a_model_that_raises_on_real_redis_opens_its_circuit_and_the_cheaper_mod
     assert all(b["degraded"] for b in bodies)
     assert all(len(b["scores"]) == 3 and None not in b["scores"] for b in bodies)
     assert state.value == "open"
+
+
+def test_a_canary_that_raises_on_real_redis_is_rolled_back_under_load_with_no_failed_request(
+    repo: DemoRepo,
+) -> None:
+    from featurestore.models import CanaryLimits
+
+    settings = ModelServerSettings(registry_dir=repo.settings.registry_dir, reload_interval_s=0.05)
+    canary_card = repo.train("buys", ModelKind.LOGISTIC)
+    with TestClient(create_model_app(settings, repo.store())) as client:
+        repo.models.start_canary(
+            "buys", canary_card.version, percent=50, shadow=False, by="test", limits=CanaryLimits(min_requests=30)
+        )
+        server = client.app.state.server  # type: ignore[attr-defined]
+        give_up = time.monotonic() + 20
+        while server.routes["buys"].canary is None:
+            assert time.monotonic() < give_up
+            time.sleep(0.05)
+
+        def raising(matrix: Any) -> concurrent.futures.Future[Any]:
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            future.set_exception(RuntimeError("canary crashed"))
+            return future
+
+        server.routes["buys"].canary.runtime.submit = raising
+        statuses: list[int] = []
+        served: set[str] = set()
+        stop = threading.Event()
+
+        def send(offset: int) -> None:
+            user = offset
+            while not stop.is_set():
+                user = user % USERS + 1
+                response = client.post("/predict", json={"model": "buys", "entities": [user]})
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    served.add(response.json()["served_by"])
+
+        threads = [threading.Thread(target=send, args=(offset,)) for offset in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            give_up = time.monotonic() + 30
+            while repo.models.canary("buys") is not None:
+                assert time.monotonic() < give_up, "the canary was not rolled back"
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+    assert statuses
+    assert set(statuses) == {200}
+    assert served == {"buys@1"}
+    assert repo.models.canary_history("buys")[-1]["event"] == "rolled_back"
