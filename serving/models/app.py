@@ -30,7 +30,6 @@ import hmac
 import logging
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +45,7 @@ from featurestore.definitions.route import Route as RouteSpec
 from featurestore.errors import TransientError
 from serving.api import INT64_MAX, INT64_MIN, _entity_keys, _not_a_key
 from serving.errors import DeadlineExceeded, Overloaded, SkewError, UnknownModelError
+from serving.logs import REQUEST_ID, configure_logging, new_request_id
 from serving.models.admission import Rejected, TenantPolicy, Tenants
 from serving.models.batcher import Priority
 from serving.models.breaker import Breakers, BreakerSettings, BreakerState
@@ -197,12 +197,14 @@ class PredictEndpoint:
         began = time.perf_counter()
         model, priority = "-", "-"
         status, payload, extra = 500, b"", []
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        request_id = new_request_id(headers.get(b"x-request-id"))
+        REQUEST_ID.set(request_id)  # this task's logs carry it; so does the answer
         try:
             if scope["method"] != "POST":
                 status, payload = 405, _error("use POST with a JSON body")
                 extra = [(b"allow", b"POST")]
                 return
-            headers = dict(scope["headers"])
             if self.expected_auth is not None and not hmac.compare_digest(
                 headers.get(b"authorization", b""), self.expected_auth
             ):
@@ -227,17 +229,20 @@ class PredictEndpoint:
                     return
             status, payload, extra, model, priority = await self._predict(body, headers)
         except Exception:
-            request_id = uuid.uuid4().hex[:16]
             log.exception("internal error on /predict (request id %s)", request_id)
             status = 500
             payload = _error(f"internal error (request id {request_id}); the server log has the details")
-            extra = [(b"x-request-id", request_id.encode())]
         finally:
             await send(
                 {
                     "type": "http.response.start",
                     "status": status,
-                    "headers": [*_JSON, (b"content-length", str(len(payload)).encode()), *extra],
+                    "headers": [
+                        *_JSON,
+                        (b"content-length", str(len(payload)).encode()),
+                        (b"x-request-id", request_id.encode()),
+                        *extra,
+                    ],
                 }
             )
             await send({"type": "http.response.body", "body": payload})
@@ -433,6 +438,7 @@ def app_from_environment() -> PredictFirst:
     from featurestore.stores.online import open_online_store
     from serving.models.config import breaker_settings, cost_rates, tenant_policies
 
+    configure_logging(os.environ.get("TENX_LOG_FORMAT") or "text")
     settings = load_settings()
     plan = FileRegistry(settings.registry_dir).current()
     store = open_online_store(

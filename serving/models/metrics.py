@@ -129,6 +129,20 @@ class ModelMetrics:
             "tenx_model_shadow_score_diff", "|served score - shadow canary score| per entity.", ["model"], registry=r,
             buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
         )  # fmt: skip
+        self.gpu_utilization = Gauge(
+            "tenx_model_gpu_utilization_ratio", "Share of time the GPU was busy (NVML), 0-1.", ["gpu"], registry=r,
+            multiprocess_mode="max",
+        )  # fmt: skip
+        self.gpu_memory_used = Gauge(
+            "tenx_model_gpu_memory_used_bytes",
+            "GPU memory in use (NVML).",
+            ["gpu"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.gpu_memory_total = Gauge(
+            "tenx_model_gpu_memory_total_bytes", "GPU memory (NVML).", ["gpu"], registry=r, multiprocess_mode="max"
+        )
         self.ready = Gauge(
             "tenx_model_ready", "1 when the model's session is loaded and warm.", ["model"], registry=r,
             multiprocess_mode="livemin",

@@ -35,6 +35,7 @@ from featurestore.models import Canary, Deployment, ModelCard, ModelRegistry, Sk
 from featurestore.plan.model import Plan
 from featurestore.registry import FileRegistry
 from serving.errors import DeadlineExceeded, ModelUnavailable, UnknownModelError
+from serving.logs import REQUEST_ID
 from serving.models.admission import (
     DEADLINE,
     EVICTED,
@@ -48,6 +49,7 @@ from serving.models.admission import (
 from serving.models.batcher import Batch, Pending, Priority
 from serving.models.cache import PredictionCache
 from serving.models.canary import CanaryJudge, takes
+from serving.models.gpu import GpuMonitor
 from serving.models.metrics import ModelMetrics
 from serving.models.policies import ONLINE_STORE, AllowAll, Guard, runtime_dependency
 from serving.models.runtime import Runtime, place
@@ -166,6 +168,7 @@ class _Work:
     route: str = ""  # the route the client asked for (cost attribution); the model's name when empty
     tenant: str = "default"  # as metrics name it (Tenants.label)
     canary: bool = False  # sticky by its first entity: the canary version scores it
+    request_id: str | None = None  # for the logs of the batch that scores it
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,7 @@ class ModelServer:
         self.costs = costs or CostRates()
         self._cost_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self.pressure = LoopPressure(target_s=settings.loop_lag_target_ms / 1000)
+        self.gpus = GpuMonitor() if settings.prefer_gpu else GpuMonitor(nvml=_NoNvml())
         self.models = ModelRegistry(settings.registry_dir / "models")
         self.plans = FileRegistry(settings.registry_dir)
         self.routes: dict[str, Route] = {}
@@ -679,6 +683,7 @@ class ModelServer:
                     route_name or route.name,
                     self.tenants.label(tenant),
                     route.splits() and takes(entities[0], route.canary_spec.percent),  # type: ignore[union-attr]
+                    REQUEST_ID.get(),
                 ),
             )
         )
@@ -796,7 +801,8 @@ class ModelServer:
             scores, spent = await self._infer(loaded, vectors, timeout_s=timeout, canary=side)
         except Exception as error:
             if not isinstance(error, TransientError):
-                log.exception("batch of %s failed", loaded.served_by)
+                ids = ", ".join(item.payload.request_id or "-" for item in items[:20])
+                log.exception("batch of %s failed (requests %s)", loaded.served_by, ids)
             if judge is not None:
                 for _ in items:
                     judge.record(side, ok=False, seconds=self._clock() - started)
@@ -979,6 +985,7 @@ class ModelServer:
             metrics.queue_bound.labels(name).set(lane.bound())
             for priority in Priority:
                 metrics.queued.labels(name, priority.name.lower()).set(lane.queue.rows(priority))
+        self.gpus.export(metrics)
         states = getattr(self.guard, "states", None)
         if states is not None:
             for dependency, state in states().items():
@@ -1009,6 +1016,13 @@ def _as_of_ms(as_of_us: np.ndarray) -> list[int | None]:
 def _slice(vectors: Vectors, start: int, end: int) -> Vectors:
     return Vectors(vectors.matrix[start:end], vectors.status[start:end], vectors.as_of_us[start:end],
                    vectors.scored[start:end])  # fmt: skip
+
+
+class _NoNvml:
+    """No GPU metrics (`--cpu`)."""
+
+    def nvmlInit(self) -> None:  # noqa: N802 - NVML's name
+        raise RuntimeError("the server runs on the CPU (--cpu)")
 
 
 def _side(canary: bool) -> str:

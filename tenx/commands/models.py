@@ -479,6 +479,14 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
     help="Past this event-loop lag, sheddable and default work lose headroom until the loop keeps up.",
 )
 @click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="TENX_LOG_FORMAT",
+    help="Server logs on stderr: text, or one JSON object per line; each names its request id ($TENX_LOG_FORMAT).",
+)
+@click.option(
     "--no-shedding",
     is_flag=True,
     help="Turn priorities, shedding and the adaptive limits off: one FIFO queue of --queue-rows, batches of "
@@ -501,6 +509,7 @@ def serve_models(
     latency_tolerance: float,
     queue_delay_ms: float,
     loop_lag_target_ms: float,
+    log_format: str,
     no_shedding: bool,
     cpu_only: bool,
     token: str | None,
@@ -532,6 +541,7 @@ def serve_models(
             raise ConfigError(f"model `{name}` is not deployed: `tenx models deploy {name}` first")
     if settings.config_file is not None:
         os.environ["TENX_CONFIG"] = str(settings.config_file)
+    os.environ["TENX_LOG_FORMAT"] = log_format  # read by each worker
     token = read_token(token, token_file)
     if token:
         os.environ["TENX_API_TOKEN"] = token  # the workers' environment, not their command line

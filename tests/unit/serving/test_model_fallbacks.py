@@ -282,3 +282,65 @@ def test_past_the_mark_a_sheddable_request_is_refused_from_its_header_before_the
                 while len(lane.queue):
                     lane.queue.take(1 << 20)
     assert 'tenx_model_shed_total{model="*",priority="sheddable",reason="overload",tenant="default"} 1.0' in metrics
+
+
+def test_every_answer_carries_a_request_id_and_json_logs_name_it(
+    repo: DemoRepo, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from serving.logs import configure_logging
+
+    def broken(features: Any, request: Any) -> float:
+        raise ZeroDivisionError("the rule divided by zero")
+
+    spec = route("buys", primary="buys", fallbacks=[broken])
+    configure_logging("json")
+    try:
+        with serve(repo, routes={"buys": spec}) as client:
+            break_model(client, "buys")
+            given = client.post(
+                "/predict", json={"model": "buys", "entities": [1]}, headers={"x-request-id": "trace-42"}
+            )
+            fresh = client.post("/predict", json={"model": "buys", "entities": [1]})
+    finally:
+        import logging
+
+        logging.getLogger("tenx").handlers.clear()
+        logging.getLogger("tenx").propagate = True
+    assert given.status_code == 503
+    assert given.headers["x-request-id"] == "trace-42"
+    assert len(fresh.headers["x-request-id"]) == 16
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    failed = [line for line in lines if line["message"] == "rule broken failed"]
+    assert {line["request_id"] for line in failed} == {"trace-42", fresh.headers["x-request-id"]}
+    assert "ZeroDivisionError: the rule divided by zero" in failed[0]["exception"]
+
+
+def test_gpu_metrics_come_from_nvml_when_there_is_a_gpu() -> None:
+    from types import SimpleNamespace
+
+    from serving.models.gpu import GpuMonitor
+    from serving.models.metrics import ModelMetrics
+
+    class FakeNvml:
+        def nvmlInit(self) -> None:
+            return None
+
+        def nvmlDeviceGetCount(self) -> int:
+            return 2
+
+        def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+            return index
+
+        def nvmlDeviceGetUtilizationRates(self, handle: int) -> Any:
+            return SimpleNamespace(gpu=37 + handle)
+
+        def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+            return SimpleNamespace(used=2**30 * (handle + 1), total=80 * 2**30)
+
+    metrics = ModelMetrics()
+    GpuMonitor(FakeNvml()).export(metrics)
+    assert metrics.gpu_utilization.labels("1")._value.get() == pytest.approx(0.38)
+    assert metrics.gpu_memory_used.labels("0")._value.get() == 2**30
+    assert GpuMonitor(SimpleNamespace(nvmlInit=lambda: (_ for _ in ()).throw(RuntimeError("no driver")))).handles == []
