@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import Any
+from typing import Any, TypeVar
 
 from featurestore.errors import ConfigError
 from serving.models.admission import TenantPolicy
@@ -24,6 +24,7 @@ from serving.models.batcher import Priority
 from serving.models.breaker import BreakerSettings
 from serving.models.server import CostRates
 
+T = TypeVar("T")
 _TENANT_KEYS = ("rate", "burst", "weight", "priority", "tier")
 
 
@@ -50,28 +51,26 @@ def tenant_policies(section: Mapping[str, Any]) -> dict[str, TenantPolicy]:
 
 
 def breaker_settings(section: Mapping[str, Any]) -> BreakerSettings:
-    raw = section.get("breaker") or {}
-    known = {f.name for f in fields(BreakerSettings)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(
-            f"model_server.breaker: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(known))}"
-        )
-    try:
-        return BreakerSettings(**raw)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"model_server.breaker: {error}") from None
+    return _settings(section, "breaker", BreakerSettings)
 
 
 def cost_rates(section: Mapping[str, Any]) -> CostRates:
-    raw = section.get("costs") or {}
-    known = {f.name for f in fields(CostRates)}
+    for name, value in (section.get("costs") or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"model_server.costs.{name} must be a price in USD, 0 or more; got {value!r}")
+    return _settings(section, "costs", CostRates)
+
+
+def _settings(section: Mapping[str, Any], key: str, kind: type[T]) -> T:
+    """`model_server.<key>` as a `kind` dataclass; unknown keys and bad values say so."""
+    raw = section.get(key) or {}
+    known = {f.name for f in fields(kind)}  # type: ignore[arg-type]
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(
-            f"model_server.costs: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(known))}"
+            f"model_server.{key}: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(known))}"
         )
-    for name, value in raw.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ConfigError(f"model_server.costs.{name} must be a price in USD, 0 or more; got {value!r}")
-    return CostRates(**{name: float(value) for name, value in raw.items()})
+    try:
+        return kind(**raw)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model_server.{key}: {error}") from None

@@ -14,8 +14,8 @@ from typing import Any
 import click
 from rich.table import Table
 
-from featurestore.errors import TransientError
 from tenx.commands.common import console, friendly
+from tenx.commands.top import scrape as scrape_all
 
 _WANTED = {
     "tenx_model_served_predictions": ("route", "served_by", "tenant"),
@@ -45,27 +45,13 @@ class Costs:
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(url: str, *, timeout_s: float = 5.0) -> Samples:
-    """The cost counters of one server, by name and labels."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        response = httpx.get(f"{url.rstrip('/')}/metrics", timeout=timeout_s)
-    except httpx.TransportError as error:
-        raise TransientError(
-            f"model server at {url} did not answer: {error}; is `tenx serve-models` running?"
-        ) from None
-    if response.status_code != 200:
-        raise TransientError(f"model server at {url} answered HTTP {response.status_code} on /metrics")
-    samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
-        if family.name not in _WANTED:
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                samples[(family.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
+def scrape(url: str) -> Samples:
+    """The cost counters of one server, by name (without `_total`) and labels."""
+    return {
+        (name.removesuffix("_total"), labels): value
+        for (name, labels), value in scrape_all(url).items()
+        if name.removesuffix("_total") in _WANTED and name.endswith("_total")
+    }
 
 
 def tally(samples: Iterable[Samples], before: Iterable[Samples] = ()) -> Costs:

@@ -37,6 +37,48 @@ def repo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> DemoRepo:
     return repo
 
 
+class PrivateRedis:
+    """A redis-server of the test's own, to kill and start again (the shared one stays up)."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            _unavailable("redis-server is not installed")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.command = [
+            str(binary),
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--bind",
+            "127.0.0.1",
+        ]
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)  # back, and empty
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def private_demo_repo(redis: PrivateRedis, root: Path) -> DemoRepo:
+    local = build_demo_repo(root, redis_url=redis.url)
+    card = local.train("buys", ModelKind.LOGISTIC)
+    local.models.deploy("buys", card.version, precision=None, by="test")
+    return local
+
+
 def test_scores_from_redis_equal_onnx_runtime_in_process(repo: DemoRepo) -> None:
     users = [*range(1, USERS + 1), 10**9]
     settings = ModelServerSettings(registry_dir=repo.settings.registry_dir)
@@ -54,29 +96,21 @@ def test_scores_from_redis_equal_onnx_runtime_in_process(repo: DemoRepo) -> None
 
 
 def test_a_redis_that_goes_away_is_a_prompt_503_and_serving_resumes(repo: DemoRepo, tmp_path: Path) -> None:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        _unavailable("redis-server is not installed")
-    port = free_port()
-    command = [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    redis = PrivateRedis()
     try:
-        local = build_demo_repo(tmp_path / "repo", redis_url=f"redis://127.0.0.1:{port}/0")
-        card = local.train("buys", ModelKind.LOGISTIC)
-        local.models.deploy("buys", card.version, precision=None, by="test")
+        local = private_demo_repo(redis, tmp_path / "repo")
         settings = ModelServerSettings(registry_dir=local.settings.registry_dir)
         with TestClient(create_model_app(settings, local.store())) as client:
             assert client.post("/predict", json={"model": "buys", "entities": [1]}).status_code == 200
-            server.kill()
-            server.wait(timeout=10)
+            redis.kill()
             began = time.perf_counter()
             response = client.post("/predict", json={"model": "buys", "entities": [1]})
             assert time.perf_counter() - began < 5
             assert response.status_code == 503
             assert response.headers["retry-after"] == "1"
-            assert f"online store Redis at redis://127.0.0.1:{port}/0" in response.json()["error"]
+            assert f"online store Redis at {redis.url}" in response.json()["error"]
             assert client.get("/health/ready").status_code == 503
-            server = subprocess.Popen(command, stdout=subprocess.DEVNULL)  # back, empty: the entity is missing
+            redis.start()  # back, empty: the entity is missing
             give_up = time.monotonic() + 20
             while True:
                 response = client.post("/predict", json={"model": "buys", "entities": [1]})
@@ -86,9 +120,7 @@ def test_a_redis_that_goes_away_is_a_prompt_503_and_serving_resumes(repo: DemoRe
             assert response.status_code == 200
             assert response.json()["status"] == ["missing"]
     finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait(timeout=10)
+        redis.close()
 
 
 def risk_rule(features: list[dict[str, float | None]] | None, request: Any) -> list[float]:
@@ -100,16 +132,9 @@ def test_redis_stopped_mid_load_gets_degraded_rule_answers_in_time_and_recovers(
     restarted: every request is answered before its deadline (plus HTTP slack), the
     outage's answers come from the rule marked degraded, and model answers return
     without a restart once Redis is back."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        _unavailable("redis-server is not installed")
-    port = free_port()
-    command = [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    redis = PrivateRedis()
     try:
-        local = build_demo_repo(tmp_path / "repo", redis_url=f"redis://127.0.0.1:{port}/0")
-        card = local.train("buys", ModelKind.LOGISTIC)
-        local.models.deploy("buys", card.version, precision=None, by="test")
+        local = private_demo_repo(redis, tmp_path / "repo")
         settings = ModelServerSettings(registry_dir=local.settings.registry_dir)
         spec = route("buys", primary="buys", fallbacks=[CACHE, risk_rule])
         breakers = BreakerSettings(window=10, minimum_calls=5, open_wait_s=0.5, half_open_calls=1)
@@ -128,12 +153,11 @@ def test_redis_stopped_mid_load_gets_degraded_rule_answers_in_time_and_recovers(
                 for _ in range(4):
                     pool.submit(send)
                 time.sleep(0.5)
-                server.kill()
-                server.wait(timeout=10)
+                redis.kill()
                 killed_at = len(answers)
                 time.sleep(1.5)
                 during = answers[killed_at:]
-                server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+                redis.start()
                 give_up = time.monotonic() + 20
                 while time.monotonic() < give_up:
                     if answers and answers[-1][2].get("served_by") == "buys@1":
@@ -151,9 +175,7 @@ def test_redis_stopped_mid_load_gets_degraded_rule_answers_in_time_and_recovers(
         assert answers[-1][2]["served_by"] == "buys@1"  # recovered without a restart
         assert answers[-1][2]["degraded"] is False
     finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait(timeout=10)
+        redis.close()
 
 
 def test_a_model_that_raises_on_real_redis_opens_its_circuit_and_the_cheaper_model_answers(repo: DemoRepo) -> None:
