@@ -335,10 +335,13 @@ class Lane:
         return int(min(settings.queue_rows, max(2 * rows, rows / seconds * settings.queue_delay_ms / 1000)))
 
     def threshold(self, priority: Priority) -> int:
-        share = self.settings.headroom[priority]
-        if priority is not Priority.CRITICAL:
-            share *= self.admit_share
-        return int(self.bound() * share)
+        """Queued rows below which `priority` is admitted. The loop-lag share cuts the
+        lower classes' headroom, never below one batch: a lag with a short queue (a GC
+        pause, a model warming on a thread) is not relieved by refusing work."""
+        full = int(self.bound() * self.settings.headroom[priority])
+        if priority is Priority.CRITICAL or self.admit_share >= 1.0:
+            return full
+        return max(min(full, self.limit.rows), int(full * self.admit_share))
 
     def admit(self, item: Pending) -> list[Pending]:
         """Queue `item` or raise Rejected. Returns the requests evicted to make room for
