@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,3 +200,32 @@ def test_tenx_top_shows_a_running_servers_rates_p99_by_class_and_circuits(repo: 
     assert cells[5].endswith("ms")  # p99 sheddable
     assert "predictions/s" in shown
     assert "event loop lag" in shown
+
+
+def test_canary_commands_start_judge_and_end_a_canary_against_a_running_server(repo: DemoRepo, server: str) -> None:
+    out = tenx(repo, "models", "canary", "buys", code=2)
+    assert "say which version: `tenx models canary buys@N`" in out
+    out = tenx(repo, "models", "canary", "buys@1", code=2)
+    assert "buys@1 is already the deployed version; canary another one" in out
+    tenx(repo, "train", "--training-set", "data/train.parquet", "--label", "buys_within_6h", "--model", "buys",
+         "--kind", "logistic")  # fmt: skip
+    version = max(repo.models.versions("buys"))
+    out = tenx(repo, "models", "canary", f"buys@{version}", "--percent", "50", "--min-requests", "100000")
+    assert f"canary buys@{version} serves 50% of `buys`'s entities beside buys@1" in out
+    with ModelClient(server) as client:
+        give_up = time.monotonic() + 20
+        served: set[str] = set()
+        while served != {"buys@1", f"buys@{version}"}:
+            assert time.monotonic() < give_up, served
+            served |= {client.predict("buys", [user]).served_by for user in range(1, 40)}
+    status = tenx(repo, "models", "status", "buys", "--url", server)
+    assert f"canary @{version}: sticky 50% of entities" in status
+    assert "baseline" in status
+    assert "canary" in status
+    out = tenx(repo, "models", "rollback", "buys", "--reason", "not today")
+    assert f"rolled back the canary buys@{version}; the deployed version serves everything" in out
+    out = tenx(repo, "models", "promote", "buys", code=2)
+    assert "`buys` has no canary running (`tenx models canary buys@N --percent 5`)" in out
+    history = tenx(repo, "models", "status", "buys")
+    assert "no canary running" in history
+    assert f"@{version} rolled_back: not today" in history
