@@ -11,14 +11,20 @@ One pooled keep-alive connection set per client (httpx); every call has a timeou
 and a deadline travels as the X-Deadline-Ms header, so the server drops a request
 that can no longer be answered in time instead of working on it. The call's timeout
 is the deadline (plus a little for the network) when one is given. Failures raise
-serving.errors types: Overloaded (503, shed: retry later or elsewhere), ModelUnavailable
+serving.errors types: Overloaded (503, shed: retry later or elsewhere; also raised
+without sending by the client's own throttle, `AdaptiveThrottle`, while the server sheds
+most of its non-critical requests), ModelUnavailable
 (503), QuotaExceeded (429, with retry_after_s), DeadlineExceeded (504),
 UnknownModelError (404), SkewError (409), ValueError (400).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +72,58 @@ class Prediction:
         return cls(**values)
 
 
+class AdaptiveThrottle:
+    """Client-side throttling (Google SRE book, "Handling Overload"): a client that sees
+    its requests shed stops sending most of them, so an overloaded server spends its CPU
+    on the work it can do instead of on refusing. Over the last `window_s` seconds, with
+    `requests` attempted and `accepts` not shed, a new request is refused locally with
+    probability max(0, (requests - k * accepts) / (requests + 1)). Critical requests are
+    never throttled here; the server's admission decides for them.
+    """
+
+    def __init__(
+        self,
+        *,
+        k: float = 2.0,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        draw: Callable[[], float] = random.random,
+    ) -> None:
+        self.k = k
+        self.window_s = window_s
+        self._clock = clock
+        self._draw = draw
+        self._seconds: collections.deque[list[float]] = collections.deque()  # [second, requests, accepts]
+        self.requests = 0.0
+        self.accepts = 0.0
+
+    def _bucket(self) -> list[float]:
+        now = math.floor(self._clock())
+        while self._seconds and self._seconds[0][0] <= now - self.window_s:
+            _, requests, accepts = self._seconds.popleft()
+            self.requests -= requests
+            self.accepts -= accepts
+        if not self._seconds or self._seconds[-1][0] != now:
+            self._seconds.append([now, 0.0, 0.0])
+        return self._seconds[-1]
+
+    def probability(self) -> float:
+        self._bucket()
+        return max(0.0, (self.requests - self.k * self.accepts) / (self.requests + 1))
+
+    def refuse(self) -> bool:
+        """Whether to refuse the next request here (it counts as a request either way)."""
+        refused = self._draw() < self.probability()
+        bucket = self._bucket()
+        bucket[1] += 1
+        self.requests += 1
+        return refused
+
+    def accepted(self) -> None:
+        self._bucket()[2] += 1
+        self.accepts += 1
+
+
 def _request(
     model: str,
     entities: Sequence[Any],
@@ -90,9 +148,24 @@ def _request(
     return orjson.dumps(body), headers, timeout
 
 
-def _answer(response: httpx.Response) -> Prediction:
+_SHED = ("overload", "evicted", "fair_share")
+
+
+def _throttled(throttle: AdaptiveThrottle | None, priority: str | None) -> None:
+    if throttle is None or priority == "critical":
+        return
+    if throttle.refuse():
+        raise Overloaded(
+            f"refused by this client's throttle: the server shed most recent requests (sending "
+            f"{1 - throttle.probability():.0%} of them until it accepts more); retry later"
+        )
+
+
+def _answer(response: httpx.Response, throttle: AdaptiveThrottle | None = None) -> Prediction:
     status = response.status_code
     if status == 200:
+        if throttle is not None:
+            throttle.accepted()
         return Prediction.from_json(orjson.loads(response.content))
     reason = None
     try:
@@ -101,10 +174,12 @@ def _answer(response: httpx.Response) -> Prediction:
         reason = data.get("reason")
     except (orjson.JSONDecodeError, AttributeError):
         message = response.text or f"HTTP {status}"
+    if throttle is not None and status not in (429, 503):
+        throttle.accepted()  # answered, if not with a prediction: not shed
     if status == 429:
         raise QuotaExceeded(message, float(response.headers.get("retry-after", "1")))
     if status == 503:
-        raise (Overloaded if reason in ("overload", "evicted", "fair_share") else ModelUnavailable)(message)
+        raise (Overloaded if reason in _SHED else ModelUnavailable)(message)
     if status == 504:
         raise DeadlineExceeded(message)
     if status == 404:
@@ -133,8 +208,11 @@ class ModelClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         token: str | None = None,
         max_connections: int = 32,
+        throttle: AdaptiveThrottle | None = None,
     ) -> None:
+        """`throttle`: client-side throttling of non-critical requests (default: on, k=2)."""
         self.url = url.rstrip("/")
+        self.throttle = throttle or AdaptiveThrottle()
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(
             base_url=self.url,
@@ -155,6 +233,7 @@ class ModelClient:
     ) -> Prediction:
         """`model` names a route or a served model; `context` carries fields for the
         route's routing function and rules (an amount, a country)."""
+        _throttled(self.throttle, priority)
         body, headers, timeout = _request(model, entities, priority, tenant, deadline_ms, context)
         try:
             response = self._client.post(
@@ -162,7 +241,7 @@ class ModelClient:
             )
         except httpx.TransportError as error:
             raise _transport_error(error, self.url) from error
-        return _answer(response)
+        return _answer(response, self.throttle)
 
     def close(self) -> None:
         self._client.close()
@@ -184,8 +263,10 @@ class AsyncModelClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         token: str | None = None,
         max_connections: int = 64,
+        throttle: AdaptiveThrottle | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.throttle = throttle or AdaptiveThrottle()
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.AsyncClient(
             base_url=self.url,
@@ -206,6 +287,7 @@ class AsyncModelClient:
     ) -> Prediction:
         """`model` names a route or a served model; `context` carries fields for the
         route's routing function and rules (an amount, a country)."""
+        _throttled(self.throttle, priority)
         body, headers, timeout = _request(model, entities, priority, tenant, deadline_ms, context)
         try:
             response = await self._client.post(
@@ -213,7 +295,7 @@ class AsyncModelClient:
             )
         except httpx.TransportError as error:
             raise _transport_error(error, self.url) from error
-        return _answer(response)
+        return _answer(response, self.throttle)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -68,6 +68,7 @@ PUBLIC = {
     ],
     "pipelines": ["reference_changelog"],
     "serving.models": [
+        "AdaptiveThrottle",
         "AsyncModelClient",
         "ModelClient",
         "ModelServer",

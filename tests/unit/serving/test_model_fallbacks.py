@@ -344,3 +344,38 @@ def test_gpu_metrics_come_from_nvml_when_there_is_a_gpu() -> None:
     assert metrics.gpu_utilization.labels("1")._value.get() == pytest.approx(0.38)
     assert metrics.gpu_memory_used.labels("0")._value.get() == 2**30
     assert GpuMonitor(SimpleNamespace(nvmlInit=lambda: (_ for _ in ()).throw(RuntimeError("no driver")))).handles == []
+
+
+def test_the_client_throttles_non_critical_requests_while_the_server_sheds_them() -> None:
+    import httpx
+
+    from serving.errors import Overloaded
+    from serving.models import AdaptiveThrottle, ModelClient
+
+    now = [0.0]
+    draws = iter([0.5] * 10_000)
+    throttle = AdaptiveThrottle(k=2.0, window_s=60, clock=lambda: now[0], draw=lambda: next(draws))
+    shed = {"error": "overloaded", "reason": "overload"}
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("x-priority", "-"))
+        return httpx.Response(503, json=shed)
+
+    client = ModelClient("http://server", throttle=throttle)
+    client._client = httpx.Client(base_url="http://server", transport=httpx.MockTransport(handler))
+    refused_locally = 0
+    for _ in range(100):
+        try:
+            client.predict("buys", [1], priority="sheddable")
+        except Overloaded as error:
+            refused_locally += "client's throttle" in str(error)
+    assert throttle.probability() > 0.9  # nothing accepted: almost everything stays home
+    assert 60 < refused_locally < 100
+    assert len(sent) == 100 - refused_locally
+    for _ in range(5):
+        with pytest.raises(Overloaded, match="overloaded"):  # critical always goes to the server
+            client.predict("buys", [1], priority="critical")
+    assert sent[-5:] == ["critical"] * 5
+    now[0] = 120.0  # a quiet minute later the window is empty: requests go again
+    assert throttle.probability() == 0.0
