@@ -37,7 +37,7 @@ ENVIRONMENT = {
     "TENX_API_TOKEN": "tenx serve: bearer token required by the feature API",
     "TENX_API_TOKEN_FILE": "tenx serve: a file holding that token (kept out of `ps` and shell history)",
     "TENX_API_MAX_VALUES": "tenx serve: most values (entities x features) one request may ask for",
-    "TENX_LOG_FORMAT": "tenx serve-models: server logs as text or json (one object per line, with request ids)",
+    "TENX_LOG_FORMAT": "tenx serve, tenx serve-models: server logs as text or json (one object a line, request ids)",
 }
 
 # A project name prefixes every online key (tenx:<project>:...); `tenx init` checks the same rule.

@@ -28,7 +28,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections import Counter as Counter_
 from dataclasses import dataclass, replace
 from typing import Any
@@ -46,6 +45,7 @@ from featurestore.stores.online import OnlineStore
 from schemas.timestamps import from_micros
 from serving.client import AsyncFeatureClient, FeatureResult, split_references
 from serving.errors import FeatureReferenceError, UnknownFeatureError
+from serving.logs import REQUEST_ID, new_request_id
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_ENTITIES = 10_000
@@ -94,7 +94,7 @@ def _problem(status: int, message: str) -> Response:
 def _internal_error(route: str) -> Response:
     """A clean 500 for what no one expected: the client gets a request id, the log gets
     the traceback under it."""
-    request_id = uuid.uuid4().hex[:16]
+    request_id = REQUEST_ID.get() or new_request_id()
     log.exception("internal error on %s (request id %s)", route, request_id)
     response = _json({"error": f"internal error (request id {request_id}); the server log has the details"}, 500)
     response.headers["X-Request-Id"] = request_id
@@ -247,6 +247,15 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
         return hmac.compare_digest(given, expected_auth)
 
     async def features(request: Request) -> Response:
+        """POST /features, answered with its request id (the client's X-Request-Id, or a
+        new one), which this request's log lines carry too."""
+        request_id = new_request_id(request.headers.get("x-request-id", "").encode() or None)
+        REQUEST_ID.set(request_id)
+        response = await lookup(request)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    async def lookup(request: Request) -> Response:
         began = time.perf_counter()
         code = 200
         try:

@@ -10,10 +10,13 @@ from featurestore.config import load_settings
 from featurestore.registry import FileRegistry
 from featurestore.stores.online import open_online_store
 from serving.api import MAX_VALUES, ApiSettings, create_app
+from serving.logs import configure_logging
 
 
 def app_from_environment() -> Starlette:
-    """The app for `tenx serve` (uvicorn factory): tenx.yaml from $TENX_CONFIG."""
+    """The app for `tenx serve` (uvicorn factory): tenx.yaml from $TENX_CONFIG; logs as
+    $TENX_LOG_FORMAT says (text or json, with request ids)."""
+    configure_logging(os.environ.get("TENX_LOG_FORMAT") or "text")
     settings = load_settings()
     plan = FileRegistry(settings.registry_dir).current()
     project = plan.project if plan is not None else settings.project  # the applied plan's keys

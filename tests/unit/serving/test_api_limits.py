@@ -30,6 +30,17 @@ def test_a_name_asked_many_times_is_answered_once(store: SqliteOnlineStore) -> N
     assert [len(row["values"]) for row in response.json()["results"]] == [2, 2]
 
 
+def test_every_answer_carries_a_request_id_the_clients_when_it_sends_one(store: SqliteOnlineStore) -> None:  # noqa: F811
+    api = TestClient(create_app(store, PLAN))
+    fresh = post(api, {"view": "spend", "entities": [1]})
+    assert len(fresh.headers["x-request-id"]) == 16
+    given = api.post("/features", json={"view": "spend", "entities": [1]}, headers={"x-request-id": "trace-7"})
+    assert given.headers["x-request-id"] == "trace-7"
+    refused = api.post("/features", content=b"{", headers={"x-request-id": "not a token"})
+    assert refused.status_code == 400
+    assert refused.headers["x-request-id"] != "not a token"  # not a sane token: a new one
+
+
 def test_too_many_values_is_a_413_that_says_the_limit(store: SqliteOnlineStore) -> None:  # noqa: F811
     api = TestClient(create_app(store, PLAN, ApiSettings(max_values=1_000)))
     response = post(api, {"view": "spend", "entities": list(range(300))})  # 300 x 4 features
