@@ -591,6 +591,8 @@ def _aggregate(feature: FeatureSpec, window: _Window) -> pa.Array:
 # Above this ratio of mean squared deviation (from the entity's mean) to variance, the
 # fast Std may have lost digits to cancellation; those points are recomputed exactly.
 _STD_CONDITION_LIMIT = 1e4
+# Above this ratio of the entity's running sum of squares to the window's own, too.
+_PREFIX_LIMIT = 1e12
 
 
 def _std(window: _Window, name: str, n: Any) -> Any:
@@ -603,7 +605,14 @@ def _std(window: _Window, name: str, n: Any) -> Any:
     mean_square = window.sums.compensated(name, "square") / count
     mean = window.sums.compensated(name, "linear") / count
     variance = xp.where(n > 1, xp.maximum(mean_square - mean * mean, 0.0), 0.0)
-    suspect = (n > 1) & (mean_square > _STD_CONDITION_LIMIT * variance)
+    # The window's sums are differences of the entity's running sums: when those are far
+    # larger than the window's own (a huge value earlier in the entity's history), the
+    # difference keeps too few digits even compensated (found by hypothesis: {1e12,
+    # -1e12, ...} then {0.001, 0}, Std 0.000492 for 0.0005).
+    before = window.sums.columns[(name, "square")].take(window.sums.upper)
+    suspect = (n > 1) & (
+        (mean_square > _STD_CONDITION_LIMIT * variance) | (before > _PREFIX_LIMIT * mean_square * count)
+    )
     if bool(suspect.any()):
         chosen = xp.nonzero(suspect)[0]
         variance[chosen] = _exact_variance(window.prefixes, name, lo[chosen], hi[chosen], xp)
