@@ -86,11 +86,13 @@ class AdaptiveThrottle:
         *,
         k: float = 2.0,
         window_s: float = 60.0,
+        min_requests: int = 20,
         clock: Callable[[], float] = time.monotonic,
         draw: Callable[[], float] = random.random,
     ) -> None:
         self.k = k
         self.window_s = window_s
+        self.min_requests = min_requests
         self._clock = clock
         self._draw = draw
         self._seconds: collections.deque[list[float]] = collections.deque()  # [second, requests, accepts]
@@ -108,20 +110,30 @@ class AdaptiveThrottle:
         return self._seconds[-1]
 
     def probability(self) -> float:
+        """0 until `min_requests` were seen in the window: a few refusals (a server
+        starting up, one busy second) are no reason to stop sending."""
         self._bucket()
+        if self.requests < self.min_requests:
+            return 0.0
         return max(0.0, (self.requests - self.k * self.accepts) / (self.requests + 1))
 
     def refuse(self) -> bool:
-        """Whether to refuse the next request here (it counts as a request either way)."""
+        """Whether to refuse the next request here; a refused one counts as a request
+        not accepted. (Requests sent count when their answer comes back, so a burst of
+        requests still in flight is not mistaken for refusals.)"""
         refused = self._draw() < self.probability()
+        if refused:
+            self._bucket()[1] += 1
+            self.requests += 1
+        return refused
+
+    def answered(self, accepted: bool) -> None:
         bucket = self._bucket()
         bucket[1] += 1
         self.requests += 1
-        return refused
-
-    def accepted(self) -> None:
-        self._bucket()[2] += 1
-        self.accepts += 1
+        if accepted:
+            bucket[2] += 1
+            self.accepts += 1
 
 
 def _request(
@@ -165,7 +177,7 @@ def _answer(response: httpx.Response, throttle: AdaptiveThrottle | None = None) 
     status = response.status_code
     if status == 200:
         if throttle is not None:
-            throttle.accepted()
+            throttle.answered(True)
         return Prediction.from_json(orjson.loads(response.content))
     reason = None
     try:
@@ -174,8 +186,9 @@ def _answer(response: httpx.Response, throttle: AdaptiveThrottle | None = None) 
         reason = data.get("reason")
     except (orjson.JSONDecodeError, AttributeError):
         message = response.text or f"HTTP {status}"
-    if throttle is not None and status not in (429, 503):
-        throttle.accepted()  # answered, if not with a prediction: not shed
+    shed = status == 429 or (status == 503 and reason in _SHED)
+    if throttle is not None:
+        throttle.answered(not shed)  # loading, a failed store, a 4xx: answered, not shed
     if status == 429:
         raise QuotaExceeded(message, float(response.headers.get("retry-after", "1")))
     if status == 503:

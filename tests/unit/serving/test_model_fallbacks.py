@@ -349,7 +349,7 @@ def test_gpu_metrics_come_from_nvml_when_there_is_a_gpu() -> None:
 def test_the_client_throttles_non_critical_requests_while_the_server_sheds_them() -> None:
     import httpx
 
-    from serving.errors import Overloaded
+    from serving.errors import ModelUnavailable, Overloaded
     from serving.models import AdaptiveThrottle, ModelClient
 
     now = [0.0]
@@ -379,3 +379,14 @@ def test_the_client_throttles_non_critical_requests_while_the_server_sheds_them(
     assert sent[-5:] == ["critical"] * 5
     now[0] = 120.0  # a quiet minute later the window is empty: requests go again
     assert throttle.probability() == 0.0
+    loading = ModelClient("http://server")  # a server that is loading (or lost its store) is not shedding
+    loading._client = httpx.Client(
+        base_url="http://server",
+        transport=httpx.MockTransport(
+            lambda r: httpx.Response(503, json={"error": "loading", "reason": "unavailable"})
+        ),
+    )
+    for _ in range(50):
+        with pytest.raises(ModelUnavailable):
+            loading.predict("buys", [1], priority="sheddable")
+    assert loading.throttle.probability() == 0.0
