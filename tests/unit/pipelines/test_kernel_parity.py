@@ -111,3 +111,24 @@ def check_against_reference(frame: pd.DataFrame, view_index: int, data: Any, xp:
 @given(frame=logs(), view_index=st.integers(min_value=0, max_value=len(VIEWS) - 1), data=st.data())
 def test_kernel_equals_reference(frame: pd.DataFrame, view_index: int, data: Any) -> None:
     check_against_reference(frame, view_index, data)
+
+
+def test_std_of_small_values_after_huge_ones_in_the_entitys_history() -> None:
+    """Found by hypothesis in CI: the entity's running sums of squares hold 1e24 terms
+    from earlier values, the window's own is 2.5e-7; their difference kept too few digits
+    (Std 0.000492 for 0.0005). Such windows are recomputed exactly."""
+    rows = [(1e12, 0), (1e-3, 0), (-1e12, 30), (1e-3, 300), (0.0, 300)]
+    frame = pd.DataFrame(
+        {
+            "user_id": pd.Series([1] * len(rows), dtype="int64"),
+            "value": pd.Series([value for value, _ in rows], dtype="float64"),
+            "amount": pd.Series([None] * len(rows), dtype="Int64"),
+            "label": pd.Series([None] * len(rows), dtype="object"),
+            "event_time": pd.to_datetime([BASE + timedelta(seconds=s) for _, s in rows], utc=True).as_unit("us"),
+        }
+    )
+    view = VIEWS[0]
+    expected = reference_changelog(view, frame, with_scale=True)
+    got = changelog_kernel(view, frame)
+    kinds = {f.name: f.kind for f in view.features}
+    assert changelog_differences(expected, got, key="user_id", kinds=kinds) == []
