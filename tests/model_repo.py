@@ -93,3 +93,13 @@ def onnx_scores(repo: DemoRepo, card: ModelCard, matrix: np.ndarray) -> np.ndarr
     )
     (output,) = session.run([card.output_name], {card.input_name: matrix})
     return np.asarray(output)[:, card.output_index]
+
+
+def with_two_models(repo: DemoRepo) -> DemoRepo:
+    """`repo` with an MLP deployed as `buys` and a logistic model as `buys_logistic`."""
+    from training.train import ModelKind
+
+    for name, kind in (("buys", ModelKind.MLP), ("buys_logistic", ModelKind.LOGISTIC)):
+        card = repo.train(name, kind)
+        repo.models.deploy(name, card.version, precision=None, by="test")
+    return repo

@@ -15,19 +15,14 @@ from serving.models import ModelServerSettings, create_model_app
 from serving.models.batcher import Pending, Priority
 from serving.models.config import cost_rates
 from serving.models.server import CostRates, _Work, split_by_rows
-from tests.model_repo import DemoRepo, build_demo_repo
-from training.train import ModelKind
+from tests.model_repo import DemoRepo, build_demo_repo, with_two_models
 
 RATES = CostRates(cpu_hour=3.6, gpu_hour=36.0, lookups_per_million=1.0)  # 0.001 USD per CPU-second
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> DemoRepo:
-    repo = build_demo_repo(tmp_path_factory.mktemp("cost") / "repo")
-    for name, kind in (("buys", ModelKind.MLP), ("buys_logistic", ModelKind.LOGISTIC)):
-        card = repo.train(name, kind)
-        repo.models.deploy(name, card.version, precision=None, by="test")
-    return repo
+    return with_two_models(build_demo_repo(tmp_path_factory.mktemp("cost") / "repo"))
 
 
 def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:

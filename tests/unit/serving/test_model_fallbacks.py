@@ -21,19 +21,14 @@ from serving.models.admission import TenantPolicy
 from serving.models.batcher import Priority
 from serving.models.breaker import BreakerSettings
 from serving.models.config import breaker_settings, tenant_policies
-from tests.model_repo import DemoRepo, build_demo_repo, feature_matrix
-from training.train import ModelKind
+from tests.model_repo import DemoRepo, build_demo_repo, feature_matrix, with_two_models
 
 QUICK = BreakerSettings(window=4, minimum_calls=3, failure_rate=0.5, open_wait_s=60.0, half_open_calls=1)
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> DemoRepo:
-    repo = build_demo_repo(tmp_path_factory.mktemp("fallbacks") / "repo")
-    for name, kind in (("buys", ModelKind.MLP), ("buys_logistic", ModelKind.LOGISTIC)):
-        card = repo.train(name, kind)
-        repo.models.deploy(name, card.version, precision=None, by="test")
-    return repo
+    return with_two_models(build_demo_repo(tmp_path_factory.mktemp("fallbacks") / "repo"))
 
 
 def serve(repo: DemoRepo, *, store: Any = None, **options: Any) -> TestClient:
