@@ -24,6 +24,12 @@ per label in `by_label`, with how many 2xx answers came within their deadline (g
 `"degraded":true` flag). The run itself only records each request's status (and marker
 hit); the split by label is computed afterwards, from the request's index.
 
+`throttled` names labels whose requests go through a client-side adaptive throttle, one
+per label, as `ModelClient` does (Google SRE book, "Handling Overload"): a request it
+refuses is never sent and counts as `throttled`, not as a send the generator missed.
+`timeline_s` adds per-label counts and p99 in buckets of that width over the window
+(`LoadResult.timeline`), to see what happened around a fault.
+
     plan = LoadPlan(host="127.0.0.1", port=8081, rate=500, duration_s=10, warmup_s=1,
                     requests=(post_request("/predict", b'{"model": "buys", "entities": [1]}'),))
     with LoadGenerator() as generator:
@@ -41,6 +47,7 @@ import concurrent.futures
 import contextlib
 import math
 import multiprocessing
+import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -50,7 +57,11 @@ from typing import Any, cast
 
 import numpy as np
 
+from serving.models.client import AdaptiveThrottle
+
 MAX_ERROR_SAMPLES = 5  # distinct error messages kept per run
+FAILED = -1  # status of a request whose connection failed; 0: no answer
+THROTTLED = -2  # status of a request the client-side throttle refused (never sent)
 _SCHEDULER_SWITCH_S = 0.0002  # the GIL hand-off interval in the generator's process (default 5 ms)
 
 
@@ -184,6 +195,55 @@ def judge_lag(
     )
 
 
+def timeline(
+    labels: Sequence[str],
+    kinds: np.ndarray,
+    *,
+    intended_s: np.ndarray,
+    status: np.ndarray,
+    latency_s: np.ndarray,
+    marked: np.ndarray | None,
+    bucket_s: float,
+    window_s: float,
+) -> dict[str, Any]:
+    """Per label, in buckets of `bucket_s` by intended send time (seconds from the
+    window's start): requests scheduled (`sent`), answered 2xx (`ok`), 2xx marked
+    (`degraded`), 503 (`shed`), refused by the client's throttle (`throttled`), anything
+    else (`errors`: other statuses, failed or unanswered), and the p99 of the 2xx
+    answers' latency in ms (None: no 2xx answer in the bucket).
+
+    >>> line = timeline(("a",), np.zeros(3, dtype=np.int64), intended_s=np.array([0.1, 0.2, 1.5]),
+    ...                 status=np.array([200, 503, 200]), latency_s=np.array([0.01, 0.0, 0.02]),
+    ...                 marked=None, bucket_s=1.0, window_s=2.0)
+    >>> line["t_s"], line["classes"]["a"]["ok"], line["classes"]["a"]["shed"]
+    ([0.0, 1.0], [1, 1], [1, 0])
+    """
+    buckets = max(1, math.ceil(window_s / bucket_s - 1e-9))
+    at = np.minimum((intended_s // bucket_s).astype(np.int64), buckets - 1)
+    names = list(dict.fromkeys(labels))
+    label_of = np.array([names.index(label) for label in labels], dtype=np.int64)[kinds]
+    ok = (status >= 200) & (status < 300)
+    marked = marked if marked is not None else np.zeros(len(status), dtype=bool)
+    kinds_of = {
+        "sent": np.ones(len(status), dtype=bool),
+        "ok": ok,
+        "degraded": ok & marked,
+        "shed": status == 503,
+        "throttled": status == THROTTLED,
+        "errors": ~ok & (status != 503) & (status != THROTTLED),
+    }
+    classes: dict[str, dict[str, list[Any]]] = {}
+    for number, name in enumerate(names):
+        mine = label_of == number
+        line = {key: np.bincount(at[mine & hit], minlength=buckets).tolist() for key, hit in kinds_of.items()}
+        p99: list[float | None] = []
+        for bucket in range(buckets):
+            samples = latency_s[mine & ok & (at == bucket)]
+            p99.append(float(np.percentile(samples, 99)) * 1000 if len(samples) else None)
+        classes[name] = {**line, "p99_ms": p99}
+    return {"bucket_s": bucket_s, "t_s": [round(b * bucket_s, 6) for b in range(buckets)], "classes": classes}
+
+
 @dataclass(frozen=True)
 class LabelResult:
     """One label's share of a run's window (warm-up excluded), as in `LoadResult`."""
@@ -197,6 +257,7 @@ class LabelResult:
     latency: LatencySummary  # of 2xx answers, from the intended send time
     within_deadline: int | None  # 2xx answers within the request's deadline; None: the plan gave none
     marked: int | None  # 2xx answers whose body held the plan's marker; None: no marker
+    throttled: int = 0  # refused by the client-side throttle, never sent
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -215,7 +276,7 @@ def split_by_label(
     marked: np.ndarray | None,
 ) -> dict[str, LabelResult]:
     """Each label's figures: request `i` is of kind `kinds[i]` (an index into `labels`,
-    which may repeat a label) with `status[i]` (HTTP status; 0 unanswered, -1 failed),
+    which may repeat a label) with `status[i]` (HTTP status; 0 unanswered, -1 failed, -2 throttled),
     `sent[i]` (NaN: never sent) and `latency_s[i]`; `deadlines_s[kind]` and `marked[i]`
     are optional. Labels in order of first appearance in `labels`.
 
@@ -239,11 +300,12 @@ def split_by_label(
             sent=int((mine & ~np.isnan(sent)).sum()),
             ok=int((mine & ok).sum()),
             statuses={int(c): int(n) for c, n in zip(codes, counts, strict=True)},
-            errors=int((mine & (status < 0)).sum()),
+            errors=int((mine & (status == FAILED)).sum()),
             unfinished=int((mine & (status == 0)).sum()),
             latency=summarize(latency_s[mine & ok]),
             within_deadline=int((mine & in_time).sum()) if in_time is not None else None,
             marked=int((mine & ok & marked).sum()) if marked is not None else None,
+            throttled=int((mine & (status == THROTTLED)).sum()),
         )
     return split
 
@@ -273,6 +335,10 @@ class LoadPlan:
     labels: tuple[str, ...] = ()  # parallel to requests (e.g. each one's priority class); () : no split
     deadlines_ms: tuple[float, ...] | None = None  # parallel to requests: counts 2xx answers in time
     marker: bytes = b""  # counted in 2xx answer bodies (e.g. b'"degraded":true'); b"": not looked for
+    throttled: tuple[str, ...] = ()  # labels sent through a client-side adaptive throttle each
+    throttle_k: float = 2.0  # the throttle sends up to k times the requests the server accepted
+    throttle_window_s: float = 10.0
+    timeline_s: float = 0.0  # bucket width of LoadResult.timeline; 0: no timeline
 
     def __post_init__(self) -> None:
         problems = []
@@ -301,6 +367,10 @@ class LoadPlan:
             )
         if not self.drain_s >= 0:
             problems.append(f"drain_s must be 0 or more, got {self.drain_s}")
+        if self.throttled and not set(self.throttled) <= set(self.labels):
+            problems.append(f"throttled names labels {sorted(set(self.throttled) - set(self.labels))} not in labels")
+        if not (self.timeline_s >= 0 and math.isfinite(self.timeline_s)):
+            problems.append(f"timeline_s must be 0 or more, got {self.timeline_s}")
         if problems:
             raise ValueError("LoadPlan: " + "; ".join(problems))
 
@@ -329,6 +399,9 @@ class LoadResult:
 
     by_label: dict[str, LabelResult] = field(default_factory=dict)  # empty when the plan has no labels
     marked: int | None = None  # 2xx answers whose body held the plan's marker; None: no marker
+    throttled: int = 0  # refused by the client-side throttle, never sent
+    timeline: dict[str, Any] | None = None  # see `timeline`; None: the plan asked for none
+    started_epoch_s: float = 0.0  # time.time() at the window's start (warm-up excluded)
 
     @property
     def completed_rate(self) -> float:
@@ -412,6 +485,7 @@ class _Run:
         self.loop = loop
         self.count = len(times)
         self.payloads = list(plan.requests)
+        self.throttles = _throttles(plan)  # per request kind; None: not throttled
         nan = math.nan
         self.handed = [nan] * self.count  # the scheduler handed it to the loop
         self.sent = [nan] * self.count  # its bytes were written
@@ -446,9 +520,14 @@ class _Run:
         or queue it for the next free one (latency still counts from its intended time)."""
         clock = time.perf_counter
         handed, sent, idle, plan = self.handed, self.sent, self.idle, self.plan
+        throttles, kinds = self.throttles, len(self.payloads)
         for index in range(low, high):
             now = clock()
             handed[index] = now
+            throttle = throttles[index % kinds]
+            if throttle is not None and throttle.refuse():
+                self.status[index] = THROTTLED
+                continue
             self.outstanding += 1
             if idle:
                 sent[index] = now
@@ -481,6 +560,9 @@ class _Run:
         self.finished[index] = now
         self.status[index] = status
         self.outstanding -= 1
+        throttle = self.throttles[index % len(self.payloads)]
+        if throttle is not None:
+            throttle.answered(status not in (429, 503))  # refused for load or quota: not accepted
         if self.waiting:
             following = self.waiting.popleft()
             self.sent[following] = now
@@ -490,8 +572,11 @@ class _Run:
         self._check_settled()
 
     def fail(self, index: int, message: str) -> None:
-        self.status[index] = -1
+        self.status[index] = FAILED
         self.outstanding -= 1
+        throttle = self.throttles[index % len(self.payloads)]
+        if throttle is not None:
+            throttle.answered(False)
         self.note_error(message)
         self._check_settled()
 
@@ -515,6 +600,18 @@ class _Run:
     def _check_settled(self) -> None:
         if self.handed_all and self.outstanding == 0:
             self.settled.set()
+
+
+def _throttles(plan: LoadPlan) -> list[AdaptiveThrottle | None]:
+    """One client-side throttle per throttled label, shared by that label's requests
+    (its draws seeded from the plan: the same run refuses the same requests)."""
+    draw = random.Random(plan.seed).random
+    throttles = {
+        label: AdaptiveThrottle(k=plan.throttle_k, window_s=plan.throttle_window_s, draw=draw)
+        for label in plan.throttled
+    }
+    labels = plan.labels or ("",) * len(plan.requests)
+    return [throttles.get(label) for label in labels]
 
 
 def _scheduler(times: Sequence[float], start: float, hand: Callable[[int, int], None], *, loop: Any) -> None:
@@ -555,6 +652,7 @@ async def _run(plan: LoadPlan) -> LoadResult:
         run.idle.append(await run.connect())
     cpu_began = time.process_time()
     run.start = time.perf_counter() + 0.01
+    started_epoch = time.time() + (run.start - time.perf_counter()) + plan.warmup_s
     offsets = times.tolist()
     scheduler = loop.run_in_executor(None, lambda: _scheduler(offsets, run.start, run.hand, loop=loop))
     # Its future resolves after the last hand-off was queued, so this runs after it.
@@ -572,7 +670,7 @@ async def _run(plan: LoadPlan) -> LoadResult:
         if connection.transport is not None:
             connection.transport.abort()
     await asyncio.sleep(0)  # let connection_lost run before the counts are read
-    return _result(plan, run, np.asarray(offsets), cpu, wall)
+    return replace(_result(plan, run, np.asarray(offsets), cpu, wall), started_epoch_s=started_epoch)
 
 
 def _result(plan: LoadPlan, run: _Run, times: np.ndarray, cpu_s: float, wall_s: float) -> LoadResult:
@@ -587,8 +685,13 @@ def _result(plan: LoadPlan, run: _Run, times: np.ndarray, cpu_s: float, wall_s: 
     answered = status > 0
     ok = (status >= 200) & (status < 300)
     codes, counts = np.unique(status[answered], return_counts=True)
+    went = status != THROTTLED  # a throttled request was meant not to be sent: no lag of the generator's
     lag = judge_lag(
-        intended, sent, window_s=plan.duration_s, max_p99_lag_s=plan.max_p99_lag_s, min_send_share=plan.min_send_share
+        intended[went],
+        sent[went],
+        window_s=plan.duration_s,
+        max_p99_lag_s=plan.max_p99_lag_s,
+        min_send_share=plan.min_send_share,
     )
     if run.waited and lag.fell_behind:
         busy = f"all {plan.max_connections} connections were busy {run.waited:,} times: the server did not keep up"
@@ -597,8 +700,8 @@ def _result(plan: LoadPlan, run: _Run, times: np.ndarray, cpu_s: float, wall_s: 
     latency = finished - intended
     marked = np.asarray(run.marked[window], dtype=bool) if plan.marker else None
     by_label = {}
+    kinds = np.arange(first, len(times)) % len(plan.requests)  # requests are sent in turn
     if plan.labels:
-        kinds = np.arange(first, len(times)) % len(plan.requests)  # requests are sent in turn
         deadlines = np.asarray(plan.deadlines_ms, dtype=np.float64) / 1000 if plan.deadlines_ms else None
         by_label = split_by_label(
             plan.labels, kinds, status=status, sent=sent, latency_s=latency, deadlines_s=deadlines, marked=marked
@@ -611,7 +714,7 @@ def _result(plan: LoadPlan, run: _Run, times: np.ndarray, cpu_s: float, wall_s: 
         completed=int(answered.sum()),
         ok=int(ok.sum()),
         statuses={int(c): int(n) for c, n in zip(codes, counts, strict=True)},
-        errors=int((status < 0).sum()),
+        errors=int((status == FAILED).sum()),
         unfinished=int((status == 0).sum()),
         error_samples=tuple(f"{message} (x{count})" for message, count in run.error_messages.most_common()),
         latency=summarize(latency[ok]),
@@ -623,6 +726,19 @@ def _result(plan: LoadPlan, run: _Run, times: np.ndarray, cpu_s: float, wall_s: 
         wall_s=wall_s,
         by_label=by_label,
         marked=int((ok & marked).sum()) if marked is not None else None,
+        throttled=int((status == THROTTLED).sum()),
+        timeline=timeline(
+            plan.labels or ("all",) * len(plan.requests),
+            kinds,
+            intended_s=intended,
+            status=status,
+            latency_s=latency,
+            marked=marked,
+            bucket_s=plan.timeline_s,
+            window_s=plan.duration_s,
+        )
+        if plan.timeline_s
+        else None,
     )
 
 

@@ -41,6 +41,7 @@ from tenx.commands.common import (
     view_or_error,
 )
 from tenx.commands.cost import cost
+from tenx.commands.loadtest import loadtest
 from tenx.commands.models import models, predict, serve_models, train
 from tenx.commands.stream import stream
 from tenx.commands.top import top
@@ -924,6 +925,7 @@ main.add_command(serve_models)
 main.add_command(predict)
 main.add_command(cost)
 main.add_command(top)
+main.add_command(loadtest)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,9 @@ Three decisions, all made before any work is spent on a request:
 - **Headroom** (`Lane.admit`): the queue's bound is adaptive (the rows the model serves
   in `queue_delay_ms`, see below). Sheddable work is admitted only while the queue is
   below `headroom[SHEDDABLE]` of it (50%), default work below 80%, critical work up to
-  the whole bound; when critical work finds no room it evicts queued lower-class work
+  the whole bound, or further while the model serves the critical rows ahead of it in
+  half its remaining deadline (`Lane.room`: a critical request is refused only when it
+  would miss its deadline anyway); when critical work finds no room it evicts queued lower-class work
   (lowest class, latest deadline first) instead of being refused, so a critical request
   is never turned away while a sheddable one waits. Under pressure (the queue past half
   the sheddable mark) a tenant may hold at most its weighted fair share of the rows
@@ -279,7 +281,7 @@ class LoopPressure:
     """
 
     def __init__(
-        self, *, target_s: float = 0.003, decrease: float = 0.7, increase: float = 0.005, floor: float = 0.02
+        self, *, target_s: float = 0.001, decrease: float = 0.7, increase: float = 0.005, floor: float = 0.02
     ) -> None:
         self.target_s = target_s
         self.decrease = decrease
@@ -320,6 +322,7 @@ class Lane:
         )
         self.in_flight_rows = 0
         self.admit_share = 1.0  # scales the lower classes' headroom (LoopPressure sets it)
+        self._clock = clock
 
     def bound(self) -> int:
         """Rows the queue admits in all: the rows the model serves in `queue_delay_ms`
@@ -336,12 +339,32 @@ class Lane:
 
     def threshold(self, priority: Priority) -> int:
         """Queued rows below which `priority` is admitted. The loop-lag share cuts the
-        lower classes' headroom, never below one batch: a lag with a short queue (a GC
-        pause, a model warming on a thread) is not relieved by refusing work."""
+        lower classes' headroom: default work's never below one batch (a lag with a
+        short queue, a GC pause or a model warming on a thread, is not relieved by
+        refusing work a client waits for), sheddable work's to nothing: while the loop
+        lags, every batch that carries sheddable rows delays the critical ones, and
+        each admitted sheddable request tells a throttling client to send more."""
         full = int(self.bound() * self.settings.headroom[priority])
         if priority is Priority.CRITICAL or self.admit_share >= 1.0:
             return full
-        return max(min(full, self.limit.rows), int(full * self.admit_share))
+        cut = int(full * self.admit_share)
+        return cut if priority is Priority.SHEDDABLE else max(min(full, self.limit.rows), cut)
+
+    def room(self, item: Pending) -> int:
+        """Queued rows below which `item` is admitted: its class's threshold, and for
+        critical work at least the rows the model serves in half the time left to its
+        deadline (critical rows go first, so that is its wait), up to `queue_rows`. A
+        burst of critical work then waits within its deadline instead of being refused
+        at a bound sized for the lower classes' latency."""
+        threshold = self.threshold(item.priority)
+        if item.priority is not Priority.CRITICAL:
+            return threshold
+        rows = self.limit.rows
+        seconds = self.limit.seconds(rows)
+        if not seconds:
+            return threshold
+        servable = rows / seconds * max(0.0, item.deadline - self._clock()) / 2
+        return int(min(self.settings.queue_rows, max(threshold, servable)))
 
     def admit(self, item: Pending) -> list[Pending]:
         """Queue `item` or raise Rejected. Returns the requests evicted to make room for
@@ -358,7 +381,7 @@ class Lane:
         bound = self.bound()
         queued = self.queue.rows()
         evicted: list[Pending] = []
-        threshold = self.threshold(item.priority)
+        threshold = self.room(item)
         if queued >= bound * settings.headroom[Priority.SHEDDABLE] / 2:  # under pressure: fair shares apply
             evicted = self._fair_share(item, threshold)
             queued = self.queue.rows()

@@ -450,7 +450,10 @@ def app_from_environment() -> PredictFirst:
     )
     options = json.loads(os.environ.get("TENX_MODEL_SERVER") or "{}")
     options["models"] = tuple(options.get("models") or ())
-    server_settings = ModelServerSettings(registry_dir=Path(settings.registry_dir), **options)
+    fault_file = options.pop("fault_file", None)
+    server_settings = ModelServerSettings(
+        registry_dir=Path(settings.registry_dir), fault_file=Path(fault_file) if fault_file else None, **options
+    )
     routes = collect_routes(settings.features_path, settings.modules) if settings.features_path.is_dir() else {}
     return create_model_app(
         server_settings,

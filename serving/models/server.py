@@ -71,11 +71,12 @@ class ModelServerSettings:
     shedding: bool = True  # False: one FIFO queue, fixed bound and batch size (the overload baseline)
     default_deadline_ms: float = 1000.0
     inference_timeout_ms: float = 250.0  # a model run longer than this fails (its circuit counts it)
-    loop_lag_target_ms: float = 3.0  # past this event-loop lag, lower classes lose headroom (LoopPressure)
+    loop_lag_target_ms: float = 1.0  # past this event-loop lag, lower classes lose headroom (LoopPressure)
     reload_interval_s: float = 1.0
     prefer_gpu: bool = True
     intra_op_threads: int = 1
     batches_in_flight: int = 2
+    fault_file: Path | None = None  # models named in it (one per line) fail every batch: `tenx loadtest --fault model`
 
     def admission(self) -> AdmissionSettings:
         return AdmissionSettings(
@@ -252,6 +253,7 @@ class ModelServer:
         self._children: dict[tuple[str, int], _Counted] = {}
         self._providers: list[str] = []
         self.started = False
+        self.faulted: frozenset[str] = frozenset()  # models failing by the fault file's order
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -437,10 +439,26 @@ class ModelServer:
         while True:
             await asyncio.sleep(self.settings.reload_interval_s)
             try:
+                self.read_faults()
                 self.judge_canaries()
                 await self.refresh()
             except Exception:
                 log.exception("reading the model registry failed; serving what is loaded")
+
+    def read_faults(self) -> None:
+        """The models the fault file names fail every batch (as a crashed model would:
+        their circuits count it, their routes fall back) until it is gone. It is read
+        with the registry; only a server started with a fault file has one."""
+        path = self.settings.fault_file
+        if path is None:
+            return
+        try:
+            names = frozenset(line.strip() for line in path.read_text().splitlines() if line.strip())
+        except FileNotFoundError:
+            names = frozenset()
+        if names != self.faulted:
+            log.warning("fault file %s: failing %s", path, ", ".join(sorted(names)) or "nothing")
+            self.faulted = names
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -947,6 +965,8 @@ class ModelServer:
                 raise ModelUnavailable(f"model `{loaded.card.name}`'s circuit is open; retry shortly")
             began = self._clock()
             try:
+                if loaded.card.name in self.faulted:
+                    raise ModelUnavailable(f"model `{loaded.card.name}` failed: a fault injected by the fault file")
                 scores, spent = await asyncio.wait_for(
                     asyncio.shield(asyncio.wrap_future(loaded.runtime.submit(matrix))), timeout_s
                 )

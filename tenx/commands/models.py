@@ -473,10 +473,11 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
 )
 @click.option(
     "--loop-lag-target-ms",
-    default=3.0,
+    default=1.0,
     show_default=True,
     type=click.FloatRange(0, min_open=True),
-    help="Past this event-loop lag, sheddable and default work lose headroom until the loop keeps up.",
+    help="Past this event-loop lag, sheddable and default work lose headroom until the loop keeps up (sheddable "
+    "work all of it, default work down to one batch).",
 )
 @click.option(
     "--log-format",
@@ -493,6 +494,13 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
     "--max-batch-rows, no quotas (the baseline bench/overload.py compares with).",
 )
 @click.option("--cpu", "cpu_only", is_flag=True, help="Run on the CPU even where a GPU provider is available.")
+@click.option(
+    "--fault-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Fault injection for tests: while this file names a model (one per line), its batches fail as a crashed "
+    "model's would (`tenx loadtest --fault model@15s --fault-file PATH`). Leave it out in production.",
+)
 @token_options
 @config_option
 @friendly
@@ -512,6 +520,7 @@ def serve_models(
     log_format: str,
     no_shedding: bool,
     cpu_only: bool,
+    fault_file: Path | None,
     token: str | None,
     token_file: Path | None,
     config_file: Path | None,
@@ -558,6 +567,7 @@ def serve_models(
             "loop_lag_target_ms": loop_lag_target_ms,
             "shedding": not no_shedding,
             "prefer_gpu": not cpu_only,
+            "fault_file": str(fault_file.resolve()) if fault_file else None,
         }
     )
     routes = collect_routes(settings.features_path, settings.modules) if settings.features_path.is_dir() else {}

@@ -191,8 +191,8 @@ def simulate(
             item.payload.refused = "evicted"
         queued = lane.queue.rows()
         run.max_queued_rows = max(run.max_queued_rows, queued)
-        if queued > max(lane.bound(), stream.rows) and settings.shedding:
-            run.violations.append(f"{queued} rows queued, above the bound {lane.bound()}")
+        if queued > max(lane.room(pending), stream.rows) and settings.shedding:
+            run.violations.append(f"{queued} rows queued, above the room {lane.room(pending)} of its request")
         if queued > settings.queue_rows:
             run.violations.append(f"{queued} rows queued, above queue_rows {settings.queue_rows}")
         dispatch()
