@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -33,7 +35,8 @@ def multiples(text: str) -> tuple[float, ...]:
         values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         values = ()
-    if not values or any(v <= 0 for v in values) or list(values) != sorted(values):
+    increasing = all(low < high for low, high in itertools.pairwise(values))
+    if not values or any(not 0 < v < math.inf for v in values) or not increasing:
         raise ConfigError(f"--steps {text!r}: give increasing positive multiples of the base rate, e.g. 1,3,5,10")
     return values
 
@@ -71,7 +74,7 @@ def slo_overrides(values: tuple[str, ...]) -> dict[str, Slo]:
             if key == "p99":
                 fields["p99_ms"] = parsed
             elif key == "success":
-                fields["success"] = parsed / 100
+                fields["success"] = round(parsed / 100, 12)  # 99.9 -> 0.999, not 0.9990000000000001
             else:
                 raise ConfigError(f"--slo {value!r}: unknown key {key!r} (keys: p99 in ms, success in percent)")
         slos[label] = Slo(**fields)
@@ -115,6 +118,8 @@ def served_model(url: str, token: str | None) -> str:
               "is 80% of the capacity, so the server can still serve all of it.")  # fmt: skip
 @click.option("--capacity-p99-ms", type=click.FloatRange(0, min_open=True), default=100.0, show_default=True,
               help="A capacity-search rate counts as served only with its p99 below this.")  # fmt: skip
+@click.option("--capacity-step", "capacity_step_text", default="3s", show_default=True,
+              help="Length of each capacity-search rate (after up to 1 s of warm-up).")  # fmt: skip
 @click.option("--steps", "steps_text", default="1,3,5,10", show_default=True,
               help="Load steps, as multiples of the base rate.")  # fmt: skip
 @click.option("--duration", "duration_text", default="30s", show_default=True, help="Length of each step.")
@@ -171,11 +176,12 @@ def served_model(url: str, token: str | None) -> str:
 @friendly
 def loadtest(
     url: str | None, api: str, model: str | None, view: str | None, base_rate: float | None, find_capacity: bool,
-    base_share: float, capacity_p99_ms: float, steps_text: str, duration_text: str, warmup_text: str, mix_text: str,
-    tenants_text: str | None, entities_text: str, per_request: int, deadline_ms: float, slo_texts: tuple[str, ...],
-    no_client_throttle: bool, fault_spec: str | None, fault_for_text: str, fault_step: float, fault_stop: str | None,
-    fault_start: str | None, fault_file: Path | None, pipelines: bool, pipelines_only: bool, pipeline_events: int,
-    pipeline_scale: int, max_lag_ms: float, token_file: Path | None, out: Path, seed: int, as_json: bool,
+    base_share: float, capacity_p99_ms: float, capacity_step_text: str, steps_text: str, duration_text: str,
+    warmup_text: str, mix_text: str, tenants_text: str | None, entities_text: str, per_request: int,
+    deadline_ms: float, slo_texts: tuple[str, ...], no_client_throttle: bool, fault_spec: str | None,
+    fault_for_text: str, fault_step: float, fault_stop: str | None, fault_start: str | None, fault_file: Path | None,
+    pipelines: bool, pipelines_only: bool, pipeline_events: int, pipeline_scale: int, max_lag_ms: float,
+    token_file: Path | None, out: Path, seed: int, as_json: bool,
 ) -> None:  # fmt: skip
     """The 10x litmus test: open-loop load at 1x, 3x, 5x and 10x of a base rate against a
     running model server (or feature API), per priority class: p50/p99/p99.9, success,
@@ -236,6 +242,7 @@ def loadtest(
             throttle=not no_client_throttle,
             max_lag_ms=max_lag_ms,
             capacity_p99_ms=capacity_p99_ms,
+            capacity_step_s=seconds(capacity_step_text, what="--capacity-step"),
             fault=fault,
             pipelines_events=pipeline_events if pipelines else None,
             pipelines_scale=pipeline_scale,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import math
 import os
 import platform
 import sys
@@ -32,8 +33,6 @@ from tenx.loadtest.steps import (
     run_step,
     verdicts,
 )
-
-CAPACITY_STEP_S = 3.0  # each capacity-search step: short, the search runs many
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,7 @@ class Options:
     max_lag_ms: float = 10.0
     capacity_p99_ms: float = 100.0
     start_rate: float = 500.0
+    capacity_step_s: float = 3.0  # each capacity-search step: short, the search runs many
     fault: FaultOptions | None = None
     pipelines_events: int | None = None  # None: no pipeline part
     pipelines_scale: int = 10
@@ -110,6 +110,7 @@ def run_loadtest(options: Options, *, say: Callable[[str], None] = print) -> dic
         deadlines_ms=options.deadlines_ms,
         seed=options.seed,
     )
+    fault = _fault(options, options.fault) if options.fault is not None else None  # a mistake stops here, not later
     check_target(options.target, mix.requests[0])
     seeds = itertools.count(options.seed * 1_000 + 1).__next__
     settings = StepSettings(
@@ -149,8 +150,8 @@ def run_loadtest(options: Options, *, say: Callable[[str], None] = print) -> dic
                 name=f"{multiple:g}x", multiple=multiple, seeds=seeds, say=say,
             )  # fmt: skip
             steps.append(step.as_dict())
-        if options.fault is not None:
-            report["fault"] = _fault_step(generator, options, options.fault, mix, settings, base, seeds, say)
+        if options.fault is not None and fault is not None:
+            report["fault"] = _fault_step(generator, options, options.fault, fault, mix, settings, base, seeds, say)
     report["steps"] = steps
     report["verdict"] = verdicts(steps, options.slos)
     report["overload_bar"] = overload_bar(steps)
@@ -185,7 +186,9 @@ def _base_rate(
         return {"per_s": None, "base_rate": options.base_rate, "how": "given", "search": []}
     say("finding the capacity (critical-only requests, so a shedding server serves up to its limit)")
     probe = critical_only(mix)
-    search_settings = replace(settings, duration_s=CAPACITY_STEP_S, warmup_s=1.0, throttle=False)
+    search_settings = replace(
+        settings, duration_s=options.capacity_step_s, warmup_s=min(1.0, options.capacity_step_s), throttle=False
+    )
 
     def attempt(rate: float) -> Any:
         return run_step(
@@ -204,16 +207,8 @@ def _base_rate(
     return {**found, "base_rate": base, "base_share": options.base_share, "how": "found"}
 
 
-def _fault_step(
-    generator: LoadGenerator,
-    options: Options,
-    fault_options: FaultOptions,
-    mix: Mix,
-    settings: StepSettings,
-    base: float,
-    seeds: Callable[[], int],
-    say: Callable[[str], None],
-) -> dict[str, Any]:
+def _fault(options: Options, fault_options: FaultOptions) -> faults.Fault:
+    """The fault to inject, its commands resolved (a ConfigError before any load)."""
     component, at_s = faults.parse_fault(fault_options.spec)
     stop, start = fault_options.stop, fault_options.start
     if stop is None or start is None:
@@ -222,7 +217,21 @@ def _fault_step(
             model=options.target.what,
         )  # fmt: skip
         stop, start = stop or default_stop, start or default_start
-    fault = faults.Fault(component, at_s, fault_options.down_s, stop, start)
+    return faults.Fault(component, at_s, fault_options.down_s, stop, start)
+
+
+def _fault_step(
+    generator: LoadGenerator,
+    options: Options,
+    fault_options: FaultOptions,
+    fault: faults.Fault,
+    mix: Mix,
+    settings: StepSettings,
+    base: float,
+    seeds: Callable[[], int],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    component, at_s, stop = fault.component, fault.at_s, fault.stop
     duration = max(settings.duration_s, at_s + fault_options.down_s + 15.0)  # 15 s to see the recovery
     fault_settings = replace(settings, duration_s=duration, timeline_s=0.5, retries=0)
     name = f"fault {fault_options.multiple:g}x"
@@ -274,12 +283,12 @@ def parse_shares(text: str, *, what: str, allowed: Sequence[str] | None = None) 
     """`critical=0.2,sheddable=0.8` -> {"critical": 0.2, "sheddable": 0.8} (shares sum to 1)."""
     shares: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
+        name, sep, value = (piece.strip() for piece in part.partition("="))
         try:
             number = float(value)
         except ValueError:
             number = -1.0
-        if not sep or not name or number < 0:
+        if not sep or not name or not 0 <= number < math.inf:
             raise ConfigError(
                 f"{what} {text!r}: write NAME=SHARE pairs separated by commas, e.g. critical=0.2,sheddable=0.8"
             )

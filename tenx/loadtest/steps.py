@@ -372,8 +372,12 @@ def step_costs(before: Samples, after: Samples, result: LoadResult) -> dict[str,
 
 def served(step: Step, *, max_p99_ms: float) -> tuple[bool | None, str]:
     """Whether a capacity-search step was served (True), refused (False) or not judged
-    (None: the generator did not keep to its schedule), and why not."""
+    (None: the generator did not keep to its schedule, or the window held no request),
+    and why not. Too few 2xx answers refuse it even from a late generator: late, it
+    offered less, not more."""
     result = step.result
+    if result.scheduled == 0:
+        return None, "no request fell in the window: the rate is too low for the step's length"
     if result.ok < 0.99 * result.scheduled:
         answers = ", ".join(f"{status}: {count}" for status, count in sorted(result.statuses.items()))
         return False, (
@@ -384,7 +388,7 @@ def served(step: Step, *, max_p99_ms: float) -> tuple[bool | None, str]:
         return None, step.note or ""
     if result.waited_for_connection:
         return False, f"all connections busy {result.waited_for_connection:,} times: the server stopped reading"
-    if result.latency.p99_ms > max_p99_ms:
+    if not result.latency.p99_ms <= max_p99_ms:  # NaN: no 2xx latency to judge
         return False, f"p99 {result.latency.p99_ms:.1f} ms > {max_p99_ms:g} ms"
     return True, ""
 
@@ -513,12 +517,7 @@ def cost_summary(steps: Sequence[dict[str, Any]], per_request: int) -> dict[str,
     sub-linearly (falls) or worse, with what explains it."""
     per_1k = {step["name"]: step["cost"].get("per_1k_predictions") for step in steps}
     priced = [step for step in steps if step["cost"].get("per_1k_predictions") is not None]
-    summary: dict[str, Any] = {"per_1k": per_1k, "growth": None, "reason": None}
-    if len(priced) < 2:
-        summary["reason"] = "no cost counters on the target (a model server exports them)" if not priced else None
-        return summary
-    low, high = priced[0], priced[-1]
-    summary["monthly"] = {  # serving all of the step's offered load at its cost per prediction
+    monthly = {  # serving all of the step's offered load at its cost per prediction
         step["name"]: step["cost"]["per_1k_predictions"]
         * step["offered_per_s"]
         * per_request
@@ -526,8 +525,17 @@ def cost_summary(steps: Sequence[dict[str, Any]], per_request: int) -> dict[str,
         / 1000
         for step in priced
     }
-    summary["monthly_at_1x"] = summary["monthly"].get("1x")
-    summary["monthly_at_10x"] = summary["monthly"].get("10x")
+    summary: dict[str, Any] = {
+        "per_1k": per_1k,
+        "monthly": monthly,
+        "monthly_at_1x": monthly.get("1x"),
+        "monthly_at_10x": monthly.get("10x"),
+        "growth": None,
+        "reason": None if priced else "no cost counters on the target (a model server exports them)",
+    }
+    if len(priced) < 2:
+        return summary
+    low, high = priced[0], priced[-1]
     summary["low_step"], summary["high_step"] = low["name"], high["name"]
     ratio = high["cost"]["per_1k_predictions"] / low["cost"]["per_1k_predictions"]
     summary["per_prediction_ratio"] = ratio

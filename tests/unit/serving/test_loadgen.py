@@ -363,3 +363,67 @@ def test_a_run_without_labels_has_no_split(kinds_server: int, generator: LoadGen
     assert result.by_label == {}
     assert result.marked is None
     assert result.to_dict()["by_label"] == {}
+
+
+def test_a_throttled_label_stops_sending_what_the_server_refuses_and_the_others_never_do(
+    kinds_server: int, generator: LoadGenerator
+) -> None:
+    """Sheddable requests all answered 503: the client-side throttle (ModelClient's)
+    refuses most of them before they are sent, and says so; critical requests are not
+    throttled; a throttled request is not a send the generator missed."""
+    plan = LoadPlan(
+        host="127.0.0.1",
+        port=kinds_server,
+        requests=(post_request("/fast", b"{}"), post_request("/shed", b"{}")),
+        labels=("critical", "sheddable"),
+        throttled=("sheddable",),
+        rate=400,
+        duration_s=1.5,
+        warmup_s=0.5,
+        arrivals=Arrivals.UNIFORM,
+        max_p99_lag_s=0.005,
+        timeline_s=0.25,
+    )
+    result = generator.run(plan)
+    critical, sheddable = result.by_label["critical"], result.by_label["sheddable"]
+    assert critical.throttled == 0
+    assert critical.ok == critical.scheduled == 300
+    assert sheddable.scheduled == 300
+    assert sheddable.throttled > 0.8 * sheddable.scheduled  # nothing accepted: almost all refused locally
+    assert sheddable.sent + sheddable.throttled == sheddable.scheduled
+    assert sheddable.statuses == {503: sheddable.sent}
+    assert result.throttled == sheddable.throttled
+    assert not result.lag.fell_behind, result.lag.reason  # throttled requests are not late sends
+
+    line = result.timeline
+    assert line is not None
+    assert line["t_s"] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
+    shed_line, critical_line = line["classes"]["sheddable"], line["classes"]["critical"]
+    assert sum(shed_line["sent"]) == 300
+    assert sum(critical_line["ok"]) == 300
+    assert sum(shed_line["throttled"]) == sheddable.throttled
+    assert sum(shed_line["shed"]) == sheddable.sent
+    assert all(p99 is not None and p99 > 0 for p99 in critical_line["p99_ms"])
+    assert shed_line["p99_ms"] == [None] * 6  # no 2xx answer to take a p99 of
+
+
+def test_a_throttled_label_the_server_accepts_is_sent_in_full(kinds_server: int, generator: LoadGenerator) -> None:
+    plan = LoadPlan(
+        host="127.0.0.1",
+        port=kinds_server,
+        requests=(post_request("/fast", b"{}"),),
+        labels=("sheddable",),
+        throttled=("sheddable",),
+        rate=200,
+        duration_s=1.0,
+        arrivals=Arrivals.UNIFORM,
+        max_p99_lag_s=0.005,
+    )
+    result = generator.run(plan)
+    assert result.throttled == 0
+    assert result.ok == result.scheduled == 200
+
+
+def test_throttling_a_label_the_plan_does_not_have_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"throttled names labels \['bulk'\] not in labels"):
+        LoadPlan(host="h", port=1, requests=(b"x",), labels=("critical",), throttled=("bulk",), rate=1, duration_s=1)

@@ -349,3 +349,44 @@ def test_loop_pressure_cuts_lower_class_headroom_while_the_loop_lags_and_restore
     for _ in range(200):
         pressure.observe(0.0005)
     assert pressure.share == 1.0
+
+
+def test_critical_work_queues_past_the_bound_while_its_deadline_leaves_time_and_no_further() -> None:
+    """The bound is sized for the lower classes' latency; a critical request is refused
+    only when the critical rows ahead of it would take more than half its deadline."""
+    clock = Clock()
+    lane = Lane(AdmissionSettings(queue_rows=100_000, min_batch_rows=16, max_batch_rows=16), clock=clock)
+    lane.limit.fixed_s, lane.limit.per_row_s = 0.001, 0.00001  # as fitted: 16 rows in 1.16 ms
+    rows_per_s = 16 / 0.00116
+
+    def fill(deadline_s: float) -> int:
+        admitted = 0
+        while lane.queue.rows() + 10 <= lane.room(pending(rows=10, priority=CRITICAL, deadline=clock.now + deadline_s)):
+            lane.admit(pending(rows=10, priority=CRITICAL, deadline=clock.now + deadline_s))
+            admitted += 10
+        with pytest.raises(Rejected) as refused:
+            lane.admit(pending(rows=10, priority=CRITICAL, deadline=clock.now + deadline_s))
+        assert refused.value.reason == OVERLOAD
+        return admitted
+
+    patient = fill(1.0)
+    assert patient > 5 * lane.bound()  # far past the lower classes' bound
+    assert patient == pytest.approx(rows_per_s * 0.5, abs=10)  # what the model serves in half the deadline
+    lane.take()
+    while lane.queue.rows():
+        lane.take()
+    hurried = fill(0.02)  # half of 20 ms is less than the bound's worth: the bound holds
+    assert hurried == pytest.approx(lane.bound(), abs=10)
+
+
+def test_sheddable_headroom_goes_to_nothing_under_loop_pressure_while_queued_work_waits() -> None:
+    lane = Lane(AdmissionSettings(queue_rows=100_000, min_batch_rows=16, max_batch_rows=16), clock=Clock())
+    lane.limit.fixed_s, lane.limit.per_row_s = 0.001, 0.00001
+    lane.admit_share = 0.02
+    lane.admit(pending(rows=8, priority=Priority.DEFAULT))
+    with pytest.raises(Rejected):
+        lane.admit(pending(rows=1, priority=SHEDDABLE))
+    lane.admit(pending(rows=8, priority=Priority.DEFAULT))  # default work keeps one batch of room
+    fresh = Lane(AdmissionSettings(queue_rows=100_000, min_batch_rows=16, max_batch_rows=16), clock=Clock())
+    fresh.admit_share = 0.02
+    fresh.admit(pending(rows=1, priority=SHEDDABLE))  # an empty queue admits anything: a lag alone sheds nothing
