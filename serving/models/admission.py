@@ -28,6 +28,7 @@ queue (priorities ignored), a fixed bound and a fixed batch size, no quotas.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -323,6 +324,8 @@ class Lane:
         self.in_flight_rows = 0
         self.admit_share = 1.0  # scales the lower classes' headroom (LoopPressure sets it)
         self._clock = clock
+        self._served: collections.deque[tuple[float, int]] = collections.deque()  # (finished at, rows)
+        self._served_rows = 0
 
     def bound(self) -> int:
         """Rows the queue admits in all: the rows the model serves in `queue_delay_ms`
@@ -361,10 +364,17 @@ class Lane:
             return threshold
         rows = self.limit.rows
         seconds = self.limit.seconds(rows)
-        if not seconds:
-            return threshold
-        servable = rows / seconds * max(0.0, item.deadline - self._clock()) / 2
+        rate = max(rows / seconds if seconds else 0.0, self.served_per_s())
+        servable = rate * max(0.0, item.deadline - self._clock()) / 2
         return int(min(self.settings.queue_rows, max(threshold, servable)))
+
+    def served_per_s(self, window_s: float = 1.0) -> float:
+        """Rows finished per second over the last `window_s`: under overload, what the
+        model really serves (the fitted batch cost is confounded by a busy loop then)."""
+        now = self._clock()
+        while self._served and self._served[0][0] < now - window_s:
+            self._served_rows -= self._served.popleft()[1]
+        return self._served_rows / window_s
 
     def admit(self, item: Pending) -> list[Pending]:
         """Queue `item` or raise Rejected. Returns the requests evicted to make room for
@@ -442,6 +452,9 @@ class Lane:
         self.in_flight_rows -= rows
         if self.settings.shedding:
             self.limit.observe(rows, seconds)
+            self._served.append((self._clock(), rows))
+            self._served_rows += rows
+            self.served_per_s()  # drop what fell out of the window
 
     def snapshot(self) -> dict[str, Any]:
         return {

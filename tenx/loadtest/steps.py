@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,6 +164,7 @@ class StepSettings:
     retries: int = 1  # a step the generator fell behind on is run again this many times
     throttle: bool = True  # sheddable and default work goes through ModelClient's adaptive throttle
     timeline_s: float = 0.0
+    pause_s: float = 2.0  # after each run: the server's queues drain and its limits settle before the next
 
 
 @dataclass
@@ -294,6 +296,7 @@ def run_step(
         else:
             result = generator.run(plan)
         after = server_samples(target)
+        time.sleep(settings.pause_s)
         lag = result.schedule_lag_p99_ms
         reported = lag <= settings.max_lag_ms
         note = None if reported else f"p99 send lag {lag:.1f} ms > {settings.max_lag_ms:g} ms"
