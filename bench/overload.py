@@ -169,6 +169,7 @@ class StepSettings:
     max_p99_ms: float
     pause_s: float
     retries: int
+    client_throttle: bool = False  # sheddable requests through ModelClient's adaptive throttle
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ def class_figures(part: LabelResult, duration_s: float, capacity_per_s: float | 
         "p99_ms": part.latency.p99_ms if part.latency.count else None,
         "success": share(part.ok),
         "shed": share(part.statuses.get(503, 0)),
+        "throttled": share(part.throttled),  # refused by the client's throttle, never sent
         "over_quota": share(part.statuses.get(429, 0)),
         "deadline": share(part.statuses.get(504, 0)),
         "other": share(
@@ -304,6 +306,7 @@ def run_step(
         initial_connections=16,
         drain_s=3.0,
         max_p99_lag_s=settings.max_offer_lag_ms / 1000,
+        throttled=("sheddable",) if settings.client_throttle else (),
     )
     counted = scrape(server.port, SERVER_COUNTERS)
     server_cpu, redis_cpu, began = proc_cpu_s(server.pid), redis_cpu_s(admin), time.perf_counter()
@@ -536,8 +539,8 @@ def step_mark(done: dict[str, Any]) -> str:
 
 def run_table(title: str, steps: dict[str, dict[str, Any]]) -> str:
     rows: list[tuple[str, ...]] = [
-        (title, "class", "offered/s", "p50 ms", "p99 ms", "2xx %", "in time %", "503 %", "429 %", "504 %",
-         "other %", "degraded %", "goodput/s", "/capacity", "CPU srv/redis/gen"),
+        (title, "class", "offered/s", "p50 ms", "p99 ms", "2xx %", "in time %", "503 %", "throttled %", "429 %",
+         "504 %", "other %", "degraded %", "goodput/s", "/capacity", "CPU srv/redis/gen"),
     ]  # fmt: skip
     for key, done in steps.items():
         mark = step_mark(done)
@@ -553,6 +556,7 @@ def run_table(title: str, steps: dict[str, dict[str, Any]]) -> str:
                     percent(figures["success"], 2),
                     percent(figures["in_time"], 2),
                     percent(figures["shed"]),
+                    percent(figures["throttled"]),
                     percent(figures["over_quota"]),
                     percent(figures["deadline"]),
                     percent(figures["other"]),
@@ -568,7 +572,7 @@ def run_table(title: str, steps: dict[str, dict[str, Any]]) -> str:
                 f"{key}{mark}",
                 "all",
                 number(total["offered_per_s"], "{:,.0f}"),
-                "", "", percent(total["success"], 2), "", "", "", "", "", "",
+                "", "", percent(total["success"], 2), "", "", "", "", "", "", "",
                 number(total["goodput_per_s"], "{:,.0f}"),
                 number(total["goodput_vs_capacity"], "{:.2f}"),
                 cpu,
@@ -649,6 +653,12 @@ def main() -> None:
         help=f"Measure the shedding server only (no `tenx serve-models {NO_SHEDDING}` run): for a server without "
         "that flag. Without the baseline no figure has its comparison.",
     )
+    parser.add_argument(
+        "--client-throttle",
+        action="store_true",
+        help="Send sheddable requests through ModelClient's adaptive throttle (Google SRE client-side throttling), "
+        "as tenx's clients and `tenx loadtest` do; by default every request is sent, as a raw client would.",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS / "overload.json", help="Results JSON file.")
     args = _smoke.parse_arguments(
@@ -706,9 +716,9 @@ def main() -> None:
 
     settings = StepSettings(
         args.step_s, args.warmup_s, args.connections, args.max_lag_ms, args.max_offer_lag_ms, args.max_p99_ms,
-        args.pause_s, args.retries,
+        args.pause_s, args.retries, args.client_throttle,
     )  # fmt: skip
-    search_settings = replace(settings, step_s=args.search_s)
+    search_settings = replace(settings, step_s=args.search_s, client_throttle=False)
     deadlines = {"critical": args.critical_deadline_ms, "sheddable": args.sheddable_deadline_ms}
     admin = redis.Redis.from_url(url, socket_timeout=10)
     redis_version = admin.info("server").get("redis_version", "?")

@@ -358,8 +358,10 @@ def step_costs(before: Samples, after: Samples, result: LoadResult) -> dict[str,
     dollars = _delta(before, after, "tenx_model_cost_dollars_total", "model")
     predictions = _delta(before, after, "tenx_model_served_predictions_total", "served_by")
     spent, served = sum(dollars.values()), sum(predictions.values())
+    device_s = sum(_delta(before, after, "tenx_model_cost_device_seconds_total").values())
     return {
         "per_1k_predictions": 1000 * spent / served if served else None,
+        "device_ms_per_1k": 1e6 * device_s / served if served else None,  # model time per 1k predictions
         "dollars": spent,
         "predictions": served,
         "dollars_per_s": spent / result.wall_s if result.wall_s else None,
@@ -552,6 +554,12 @@ def _cost_reason(low: Mapping[str, Any], high: Mapping[str, Any]) -> str:
     rows = low["server"].get("rows_per_batch"), high["server"].get("rows_per_batch")
     if None not in rows:
         parts.append(f"rows per batch {rows[0]:.1f} at {low['name']} -> {rows[1]:.1f} at {high['name']}")
+    device = low["cost"].get("device_ms_per_1k"), high["cost"].get("device_ms_per_1k")
+    if None not in device:
+        parts.append(
+            f"model time per 1k predictions {device[0]:.1f} -> {device[1]:.1f} ms (lookups, priced per entity, "
+            "cost the same at any load)"
+        )
 
     def share(step: Mapping[str, Any], prefix: str) -> float:
         return float(sum(v for k, v in step["cost"].get("share_by_source", {}).items() if k.startswith(prefix)))

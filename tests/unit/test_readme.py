@@ -89,7 +89,7 @@ def test_readme_tenx_commands_run(tmp_path: Path) -> None:
             process.communicate(timeout=30)  # also closes its pipe
     assert ran == [
         "quickstart", "init", "plan", "apply", "demo-data", "ingest", "backfill", "materialize", "verify",
-        "export", "train", "models", "serve-models", "predict",
+        "export", "train", "models", "serve-models", "predict", "loadtest",
     ]  # fmt: skip
     assert "buys@1 (fp32 on cpu)" in outputs["predict"]
     assert outputs["predict"].count("found") == 2  # users 17 and 42 have features, scored
