@@ -143,3 +143,31 @@ def test_mistakes_get_a_clear_message_and_no_traceback(server: tuple[str, Path],
                       cwd=repo.root, code=1)  # fmt: skip
     assert "nothing answers at" in output
     assert "is `tenx serve-models` running there?" in output
+
+
+def test_the_feature_api_takes_the_same_load(repo: DemoRepo, redis_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [TENX, "serve", "--port", str(port)],
+        cwd=repo.root,
+        env=clean_environment(TENX_REDIS_URL=redis_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(f"{url}/health", process)
+        out = tmp_path / "report"
+        output = loadtest("--api", "features", "--target", url, "--view", "user_spend", "--base-rate", "200",
+                          "--steps", "1,3", "--duration", "2s", "--warmup", "0.5s", "--entities", "1-300",
+                          "--out", str(out), cwd=repo.root)  # fmt: skip
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == {"kind": "feature-api", "url": url, "what": "user_spend"}
+    for step in report["steps"]:
+        assert step["all"]["success"] == 1.0  # 200 and 600 lookups/s: every one answered
+        assert step["cost"] == {}  # the feature API exports no cost counters
+    assert "no cost counters on the target" in output
