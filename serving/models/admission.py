@@ -269,31 +269,46 @@ class Tenants:
 
 
 class LoopPressure:
-    """How much of their headroom lower classes get, from the event loop's lag.
+    """How much of their headroom lower classes get, from the event loop's lag and how
+    busy its thread is.
 
     A single-threaded server spends CPU on every request it reads, admitted or not;
     when the loop falls behind, requests wait in socket buffers before any queue can
-    order them, critical ones included. The lag (how late a timer fires) is the one
-    signal that sees that wait. AIMD on it: each sample above `target_s` (after
-    smoothing) multiplies the share by `decrease`; each sample within it adds
-    `increase`, back up to 1. The share scales the sheddable and default headroom of
-    every lane, so lower-class work is refused (from its header, unread) until the loop
-    keeps up again; critical headroom is never scaled.
+    order them, critical ones included. Two signals see that wait: the lag (how late a
+    timer fires), and the loop thread's busy share (its CPU time over wall time): a loop
+    busy all the time has a queue of ready work in front of every new request even
+    before its timers run late (Google's servers shed by CPU use for the same reason).
+    AIMD on them: each sample where either is above its target (after smoothing)
+    multiplies the share by `decrease`; each sample within both adds `increase`, back
+    up to 1. The share scales the sheddable and default headroom of every lane, so
+    lower-class work is refused (from its header, unread) until the loop keeps up
+    again; critical headroom is never scaled.
     """
 
     def __init__(
-        self, *, target_s: float = 0.001, decrease: float = 0.7, increase: float = 0.005, floor: float = 0.02
+        self,
+        *,
+        target_s: float = 0.001,
+        busy_target: float = 0.8,
+        decrease: float = 0.7,
+        increase: float = 0.005,
+        floor: float = 0.02,
     ) -> None:
         self.target_s = target_s
+        self.busy_target = busy_target
         self.decrease = decrease
         self.increase = increase
         self.floor = floor
         self.share = 1.0
         self.lag_s = 0.0
+        self.busy = 0.0
 
-    def observe(self, lag_s: float) -> float:
+    def observe(self, lag_s: float, busy: float | None = None) -> float:
+        """One sample: the lag, and the loop thread's busy share since the last one."""
         self.lag_s = 0.7 * self.lag_s + 0.3 * max(0.0, lag_s)
-        if self.lag_s > self.target_s:
+        if busy is not None:
+            self.busy = 0.9 * self.busy + 0.1 * min(1.0, max(0.0, busy))  # about 100 ms at 10 ms samples
+        if self.lag_s > self.target_s or self.busy > self.busy_target:
             self.share = max(self.floor, self.share * self.decrease)
         else:
             self.share = min(1.0, self.share + self.increase)

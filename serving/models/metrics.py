@@ -112,6 +112,10 @@ class ModelMetrics:
             "tenx_model_loop_lag_seconds", "Event-loop lag (smoothed): how late a 10 ms timer fires.", registry=r,
             multiprocess_mode="max",
         )  # fmt: skip
+        self.loop_busy = Gauge(
+            "tenx_model_loop_busy_ratio", "Share of the event loop thread's time spent working (smoothed, 0-1).",
+            registry=r, multiprocess_mode="max",
+        )  # fmt: skip
         self.admit_share = Gauge(
             "tenx_model_admit_share", "Share of their headroom sheddable and default work gets (1: all).",
             registry=r, multiprocess_mode="min",

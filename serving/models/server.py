@@ -72,6 +72,7 @@ class ModelServerSettings:
     default_deadline_ms: float = 1000.0
     inference_timeout_ms: float = 250.0  # a model run longer than this fails (its circuit counts it)
     loop_lag_target_ms: float = 1.0  # past this event-loop lag, lower classes lose headroom (LoopPressure)
+    loop_busy_target: float = 0.8  # ... and past this share of the loop thread's time spent working
     reload_interval_s: float = 1.0
     prefer_gpu: bool = True
     intra_op_threads: int = 1
@@ -241,7 +242,7 @@ class ModelServer:
         self.cache = PredictionCache(clock=clock)
         self.costs = costs or CostRates()
         self._cost_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
-        self.pressure = LoopPressure(target_s=settings.loop_lag_target_ms / 1000)
+        self.pressure = LoopPressure(target_s=settings.loop_lag_target_ms / 1000, busy_target=settings.loop_busy_target)
         self.gpus = GpuMonitor() if settings.prefer_gpu else GpuMonitor(nvml=_NoNvml())
         self.models = ModelRegistry(settings.registry_dir / "models")
         self.plans = FileRegistry(settings.registry_dir)
@@ -420,20 +421,25 @@ class ModelServer:
         return min(ttls + view_ttls)
 
     async def _watch_loop(self, interval_s: float = 0.01) -> None:
-        """Every `interval_s`, how late the loop woke this task: the lag LoopPressure
-        turns into the lower classes' share of their headroom."""
+        """Every `interval_s`, how late the loop woke this task and how much of the time
+        since its thread spent working (its CPU time: this task runs on the loop's
+        thread): what LoopPressure turns into the lower classes' share of their
+        headroom."""
         pressure = self.pressure
         metrics = self.metrics
         metrics.admit_share.set(1.0)
         for tick in itertools.count():
-            began = self._clock()
+            began, worked = self._clock(), time.thread_time()
             await asyncio.sleep(interval_s)
-            share = pressure.observe(self._clock() - began - interval_s)
+            spent = self._clock() - began
+            share = pressure.observe(spent - interval_s, (time.thread_time() - worked) / spent if spent > 0 else None)
             for route in self.routes.values():
                 route.lane.admit_share = share
             if tick % 10 == 0:  # every worker's own value, so /metrics in any of them merges them all
+                self.read_faults()  # a fault (tenx loadtest) takes effect within 100 ms, not the registry's second
                 metrics.admit_share.set(share)
                 metrics.loop_lag.set(pressure.lag_s)
+                metrics.loop_busy.set(pressure.busy)
 
     async def _watch(self) -> None:
         while True:

@@ -480,6 +480,14 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
     "work all of it, default work down to one batch).",
 )
 @click.option(
+    "--loop-busy-target",
+    default=0.8,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Past this share of the event loop thread's time spent working, the same: a loop busy all the time keeps "
+    "every new request waiting, critical ones too.",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -517,6 +525,7 @@ def serve_models(
     latency_tolerance: float,
     queue_delay_ms: float,
     loop_lag_target_ms: float,
+    loop_busy_target: float,
     log_format: str,
     no_shedding: bool,
     cpu_only: bool,
@@ -565,6 +574,7 @@ def serve_models(
             "latency_tolerance": latency_tolerance,
             "queue_delay_ms": queue_delay_ms,
             "loop_lag_target_ms": loop_lag_target_ms,
+            "loop_busy_target": loop_busy_target,
             "shedding": not no_shedding,
             "prefer_gpu": not cpu_only,
             "fault_file": str(fault_file.resolve()) if fault_file else None,

@@ -81,7 +81,7 @@ def test_find_capacity_steps_a_model_fault_and_a_report_that_renders(
     output = loadtest(
         "--target", url, "--find-capacity", "--capacity-step", "1s", "--steps", "1,3,5,10", "--duration", "2s",
         "--warmup", "0.5s",
-        "--entities", "1-300", "--fault", "model@2s", "--fault-for", "1.5s", "--fault-file", str(fault_file),
+        "--entities", "1-300", "--fault", "model@2s", "--fault-for", "3s", "--fault-file", str(fault_file),
         "--out", str(out), cwd=repo.root,
     )  # fmt: skip
     report = json.loads((out / "report.json").read_text())
@@ -109,11 +109,12 @@ def test_find_capacity_steps_a_model_fault_and_a_report_that_renders(
     fault = report["fault"]
     assert fault["component"] == "model"
     assert fault["stopped_at_s"] is not None
-    assert fault["restarted_at_s"] - fault["stopped_at_s"] == pytest.approx(1.5, abs=0.5)
+    assert fault["restarted_at_s"] - fault["stopped_at_s"] == pytest.approx(3, abs=0.5)
     assert not fault_file.exists()  # restarted: the model serves again
     for label, phases in fault["summary"].items():
         assert phases["during"]["degraded"] > 0.5, label  # the route's fallbacks answered while the model was down
-        assert phases["during"]["success"] == pytest.approx(1.0, abs=0.01), label  # and nothing failed for it
+        assert phases["during"]["errors"] == 0.0, label  # and nothing failed for it: no less answered than before
+        assert phases["during"]["success"] >= phases["before"]["success"] - 0.01, label
         assert phases["before"]["degraded"] == 0.0, label
     assert "Fault: model stopped" in output
     assert f"report: {out / 'report.html'}" in output

@@ -427,3 +427,27 @@ def test_a_throttled_label_the_server_accepts_is_sent_in_full(kinds_server: int,
 def test_throttling_a_label_the_plan_does_not_have_is_refused() -> None:
     with pytest.raises(ValueError, match=r"throttled names labels \['bulk'\] not in labels"):
         LoadPlan(host="h", port=1, requests=(b"x",), labels=("critical",), throttled=("bulk",), rate=1, duration_s=1)
+
+
+def test_against_a_known_service_time_latency_and_throughput_are_within_ten_percent(
+    kinds_server: int, generator: LoadGenerator
+) -> None:
+    """The generator's own check (`tenx loadtest` relies on it): a server that answers
+    every request after exactly 100 ms, at 80 requests/s (8 in flight), is reported
+    with a p50 within 10% of 100 ms and a completed rate within 10% of 80/s."""
+    plan = LoadPlan(
+        host="127.0.0.1",
+        port=kinds_server,
+        requests=(post_request("/slow", b"{}"),),
+        rate=80,
+        duration_s=2.5,
+        warmup_s=0.5,
+        arrivals=Arrivals.UNIFORM,  # 200 requests in the window exactly: the rate is the check, not Poisson's spread
+        max_p99_lag_s=0.01,
+    )
+    result = generator.run(plan)
+    assert result.errors == 0, result.error_samples
+    assert result.ok == result.scheduled
+    assert KIND_SLOW_S * 1000 <= result.latency.p50_ms <= KIND_SLOW_S * 1000 * 1.1
+    assert result.ok_rate == pytest.approx(80, rel=0.1)
+    assert not result.lag.fell_behind, result.lag.reason

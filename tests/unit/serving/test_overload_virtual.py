@@ -390,3 +390,18 @@ def test_sheddable_headroom_goes_to_nothing_under_loop_pressure_while_queued_wor
     fresh = Lane(AdmissionSettings(queue_rows=100_000, min_batch_rows=16, max_batch_rows=16), clock=Clock())
     fresh.admit_share = 0.02
     fresh.admit(pending(rows=1, priority=SHEDDABLE))  # an empty queue admits anything: a lag alone sheds nothing
+
+
+def test_a_loop_busy_past_its_target_cuts_the_share_before_its_timers_run_late() -> None:
+    pressure = LoopPressure(target_s=0.001, busy_target=0.8)
+    for _ in range(50):
+        pressure.observe(0.0002, busy=0.6)  # on time, 60% busy: all headroom
+    assert pressure.share == 1.0
+    for _ in range(30):
+        pressure.observe(0.0002, busy=0.97)  # still on time, but working all the time
+    assert pressure.busy > 0.8
+    assert pressure.share < 0.1
+    for _ in range(400):
+        pressure.observe(0.0002, busy=0.5)
+    assert pressure.share == 1.0
+    assert pressure.busy < 0.8
