@@ -207,9 +207,10 @@ def loadtest(
     if base_rate is not None and find_capacity:
         raise ConfigError("give --base-rate or --find-capacity, not both")
     token = token_file.read_text().strip() if token_file else None
+    command = "tenx loadtest " + " ".join(shlex.quote(arg) for arg in sys.argv[2:])
     duration, warmup = seconds(duration_text, what="--duration"), seconds(warmup_text, what="--warmup")
     if pipelines_only:
-        report = _pipelines_report(pipeline_events, pipeline_scale, seed, os.environ.get("TENX_REDIS_URL"))
+        report = _pipelines_report(command, pipeline_events, pipeline_scale, seed, os.environ.get("TENX_REDIS_URL"))
     else:
         if api == "model":
             url = url or os.environ.get("TENX_MODEL_SERVER_URL") or "http://127.0.0.1:8081"
@@ -248,7 +249,7 @@ def loadtest(
             pipelines_scale=pipeline_scale,
             pipelines_redis_url=os.environ.get("TENX_REDIS_URL"),
             seed=seed,
-            command="tenx loadtest " + " ".join(shlex.quote(arg) for arg in sys.argv[2:]),
+            command=command,
         )
         report = run_loadtest(options, say=stderr_say)
     paths = write_outputs(report, out)
@@ -259,24 +260,18 @@ def loadtest(
     console.print(f"report: {paths['html']} (JSON: {paths['json']})", highlight=False)
 
 
-def _pipelines_report(events: int, scale: int, seed: int, redis_url: str | None) -> dict[str, Any]:
-    import datetime as dt
-    import platform
+def _pipelines_report(command: str, events: int, scale: int, seed: int, redis_url: str | None) -> dict[str, Any]:
     import tempfile
 
     from tenx.loadtest.pipelines import run_pipelines
-    from tenx.loadtest.report import REPORT_VERSION
-    from tenx.loadtest.run import stderr_say
+    from tenx.loadtest.run import report_header, stderr_say
 
     with tempfile.TemporaryDirectory(prefix="tenx-loadtest-") as work:
         pipelines = run_pipelines(
             Path(work), events=events, scale=scale, redis_url=redis_url, progress=stderr_say, seed=seed
         )
     return {
-        "tenx_loadtest": REPORT_VERSION,
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "tenx loadtest " + " ".join(shlex.quote(arg) for arg in sys.argv[2:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        **report_header(command),
         "target": None,
         "settings": {"pipeline_events": events, "pipeline_scale": scale, "seed": seed},
         "capacity": None,

@@ -25,6 +25,7 @@ from tenx.loadtest.steps import (
     Slo,
     StepSettings,
     Target,
+    _pct,
     cost_summary,
     critical_only,
     find_capacity,
@@ -99,6 +100,16 @@ def check_target(target: Target, probe: bytes) -> None:
         )
 
 
+def report_header(command: str) -> dict[str, Any]:
+    """The fields every report starts with: format version, start time, command, machine."""
+    return {
+        "tenx_loadtest": REPORT_VERSION,
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
+
+
 def run_loadtest(options: Options, *, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run it all and return the report (see docs/loadtest.md for its fields)."""
     mix = request_mix(
@@ -120,10 +131,7 @@ def run_loadtest(options: Options, *, say: Callable[[str], None] = print) -> dic
         throttle=options.throttle,
     )
     report: dict[str, Any] = {
-        "tenx_loadtest": REPORT_VERSION,
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": options.command,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        **report_header(options.command),
         "target": {"kind": options.target.kind, "url": options.target.url, "what": options.target.what},
         "settings": {
             "steps": list(options.steps),
@@ -256,10 +264,6 @@ def _fault_step(
             + (f", recovered {recovery:.1f} s after the restart" if recovery is not None else ", did not recover")
         )  # fmt: skip
     return block
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def write_outputs(report: Mapping[str, Any], out: Path) -> dict[str, Path]:

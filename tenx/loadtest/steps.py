@@ -591,5 +591,5 @@ def describe(step: Step) -> str:
     return f"  {step.name} {step.result.offered_rate:,.0f}/s: " + "; ".join(parts) + mark
 
 
-def _pct(value: float | None) -> str:
+def _pct(value: float | None) -> str:  # also run.py's
     return "-" if value is None else f"{100 * value:.1f}%"

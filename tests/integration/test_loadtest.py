@@ -17,12 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.integration.test_loadtest_browser import browser  # noqa: F401  (the headless Chromium fixture)
 from tests.model_repo import DemoRepo, build_demo_repo, with_two_models
-from tests.processes import clean_environment, free_port, wait_until_serving
+from tests.processes import clean_environment, free_port, serving
 
 pytestmark = pytest.mark.integration
 
@@ -38,27 +37,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> DemoRepo:
 
 @pytest.fixture(scope="module")
 def server(repo: DemoRepo, redis_url: str) -> Iterator[tuple[str, Path]]:
-    port = free_port()
     fault_file = repo.root / "fault"
-    process = subprocess.Popen(
-        [TENX, "serve-models", "--port", str(port), "--model", "buys", "--cpu", "--fault-file", str(fault_file)],
-        cwd=repo.root,
-        env=clean_environment(TENX_REDIS_URL=redis_url),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(f"{url}/health/live", process)
-        for _ in range(300):
-            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                break
-            subprocess.run(["sleep", "0.1"], check=True)
+    command = [TENX, "serve-models", "--model", "buys", "--cpu", "--fault-file", str(fault_file)]
+    with serving(
+        command, cwd=repo.root, env=clean_environment(TENX_REDIS_URL=redis_url), ready_path="/health/ready"
+    ) as url:
         yield url, fault_file
-    finally:
-        process.terminate()
-        process.communicate(timeout=30)
 
 
 def loadtest(*args: str, cwd: Path, code: int = 0) -> str:
@@ -147,25 +131,11 @@ def test_mistakes_get_a_clear_message_and_no_traceback(server: tuple[str, Path],
 
 
 def test_the_feature_api_takes_the_same_load(repo: DemoRepo, redis_url: str, tmp_path: Path) -> None:
-    port = free_port()
-    process = subprocess.Popen(
-        [TENX, "serve", "--port", str(port)],
-        cwd=repo.root,
-        env=clean_environment(TENX_REDIS_URL=redis_url),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(f"{url}/health", process)
+    with serving([TENX, "serve"], cwd=repo.root, env=clean_environment(TENX_REDIS_URL=redis_url)) as url:
         out = tmp_path / "report"
         output = loadtest("--api", "features", "--target", url, "--view", "user_spend", "--base-rate", "200",
                           "--steps", "1,3", "--duration", "2s", "--warmup", "0.5s", "--entities", "1-300",
                           "--out", str(out), cwd=repo.root)  # fmt: skip
-    finally:
-        process.terminate()
-        process.communicate(timeout=30)
     report = json.loads((out / "report.json").read_text())
     assert report["target"] == {"kind": "feature-api", "url": url, "what": "user_spend"}
     for step in report["steps"]:
