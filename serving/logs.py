@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from random import getrandbits as _bits
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("tenx_request_id", default=None)
 FORMATS = ("text", "json")
@@ -26,7 +26,7 @@ def new_request_id(given: bytes | None = None) -> str:
     """The client's id when it is a sane token (up to 64 printable ASCII characters), else a new one."""
     if given and len(given) <= 64 and given.isascii() and given.decode().isprintable() and b" " not in given:
         return given.decode()
-    return uuid.uuid4().hex[:16]
+    return f"{_bits(64):016x}"  # unique enough to trace by; a third of uuid4's cost, on every request
 
 
 class RequestIdFilter(logging.Filter):

@@ -29,6 +29,7 @@ queue (priorities ignored), a fixed bound and a fixed batch size, no quotas.
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -269,7 +270,7 @@ class Tenants:
 
 
 class LoopPressure:
-    """How much of their headroom lower classes get, from the event loop's lag and how
+    """How much lower-class work the server takes in, from the event loop's lag and how
     busy its thread is.
 
     A single-threaded server spends CPU on every request it reads, admitted or not;
@@ -278,41 +279,74 @@ class LoopPressure:
     timer fires), and the loop thread's busy share (its CPU time over wall time): a loop
     busy all the time has a queue of ready work in front of every new request even
     before its timers run late (Google's servers shed by CPU use for the same reason).
-    AIMD on them: each sample where either is above its target (after smoothing)
-    multiplies the share by `decrease`; each sample within both adds `increase`, back
-    up to 1. The share scales the sheddable and default headroom of every lane, so
-    lower-class work is refused (from its header, unread) until the loop keeps up
-    again; critical headroom is never scaled.
+    They drive two controls:
+
+    - `share` scales the sheddable and default headroom of every lane (AIMD: each
+      sample where either signal is past its target, after smoothing, multiplies it by
+      `decrease`; each sample within both adds `increase`, back up to 1). A lag alone
+      (a GC pause, a model warming on a thread) only shortens the queue the lower
+      classes may fill; critical headroom is never scaled.
+    - `passing` is the fraction of sheddable requests `let_through` at all, whatever
+      the queue holds, driven by the busy share alone: proportional in log space
+      (each sample multiplies it by exp(-gain * (busy - busy_target))), so it settles
+      where the loop is `busy_target` busy instead of swinging between all and
+      nothing. A queue threshold cannot do this: batches leave the queue as fast as
+      they form, and an empty queue admits the next request whatever its share
+      (measured at 3x load: the share pinned at its floor still let 23% of sheddable
+      requests in, and the loop stayed 85% busy).
     """
 
     def __init__(
         self,
         *,
         target_s: float = 0.001,
-        busy_target: float = 0.8,
+        busy_target: float = 0.75,
         decrease: float = 0.7,
         increase: float = 0.005,
         floor: float = 0.02,
+        busy_smoothing: float = 0.1,
+        gain: float = 0.25,
     ) -> None:
         self.target_s = target_s
         self.busy_target = busy_target
         self.decrease = decrease
         self.increase = increase
         self.floor = floor
+        self.busy_smoothing = busy_smoothing  # per sample: about 100 ms at 10 ms samples
+        self.gain = gain
         self.share = 1.0
+        self.passing = 1.0
         self.lag_s = 0.0
         self.busy = 0.0
+        self._credit = 0.0
 
     def observe(self, lag_s: float, busy: float | None = None) -> float:
-        """One sample: the lag, and the loop thread's busy share since the last one."""
+        """One sample: the lag, and the loop thread's busy share since the last one.
+        Returns the headroom share."""
         self.lag_s = 0.7 * self.lag_s + 0.3 * max(0.0, lag_s)
         if busy is not None:
-            self.busy = 0.9 * self.busy + 0.1 * min(1.0, max(0.0, busy))  # about 100 ms at 10 ms samples
+            smoothing = self.busy_smoothing
+            self.busy = (1 - smoothing) * self.busy + smoothing * min(1.0, max(0.0, busy))
+            step = math.exp(-self.gain * (self.busy - self.busy_target))
+            self.passing = min(1.0, max(self.floor, self.passing * step))
         if self.lag_s > self.target_s or self.busy > self.busy_target:
             self.share = max(self.floor, self.share * self.decrease)
         else:
             self.share = min(1.0, self.share + self.increase)
         return self.share
+
+    def let_through(self) -> bool:
+        """Whether the next sheddable request may go on to its lane: every one while
+        `passing` is whole, else a `passing` fraction of them, evenly spaced (each call
+        adds `passing` of credit; one passes per whole credit). Ask once per request."""
+        if self.passing >= 1.0:
+            self._credit = 0.0
+            return True
+        self._credit += self.passing  # below 1 after every call: no burst is saved up
+        if self._credit >= 1.0:
+            self._credit -= 1.0
+            return True
+        return False
 
 
 class Lane:

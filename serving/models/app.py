@@ -51,6 +51,7 @@ from serving.models.batcher import Priority
 from serving.models.breaker import Breakers, BreakerSettings, BreakerState
 from serving.models.metrics import ModelMetrics, exposition
 from serving.models.policies import Guard
+from serving.models.protocol import SCREENED
 from serving.models.server import Answer, CostRates, ModelServer, ModelServerSettings, describe
 from serving.models.server import Route as ModelRoute
 
@@ -58,6 +59,7 @@ MAX_BODY_BYTES = 1 << 20
 MAX_ENTITIES = 10_000
 MAX_DEADLINE_MS = 600_000
 RETRY_AFTER_S = 1
+_RETRY_AFTER = str(RETRY_AFTER_S).encode()
 _FIELDS = frozenset({"model", "entities", "priority", "tenant", "deadline_ms", "context"})
 _JSON = [(b"content-type", b"application/json")]
 log = logging.getLogger("tenx.models")
@@ -205,19 +207,18 @@ class PredictEndpoint:
                 status, payload = 405, _error("use POST with a JSON body")
                 extra = [(b"allow", b"POST")]
                 return
-            if self.expected_auth is not None and not hmac.compare_digest(
-                headers.get(b"authorization", b""), self.expected_auth
-            ):
+            if not self._authorized(headers):
                 status, payload = 401, _error("missing or wrong bearer token (Authorization: Bearer <token>)")
                 return
-            early = headers.get(b"x-priority")
-            if early is not None and early != b"critical":
-                refused = self.server.shed_early(early, headers.get(b"x-tenant", b"default"))
-                if refused is not None:  # shed before the body is read or parsed: a third of the cost
-                    priority = early.decode(errors="replace").lower()
-                    status, payload = 503, _error(str(refused), refused.reason)
-                    extra = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+            screened = scope.get(SCREENED)  # the protocol asked the gate already
+            if screened is None:
+                outcome = self.screen(headers)
+                if isinstance(outcome, Rejected):  # shed before the body is read or parsed
+                    priority = headers[b"x-priority"].decode(errors="replace").lower()
+                    status, payload = 503, _error(str(outcome), outcome.reason)
+                    extra = [(b"retry-after", _RETRY_AFTER)]
                     return
+                screened = outcome
             body = b""
             more = True
             while more:
@@ -227,7 +228,7 @@ class PredictEndpoint:
                 if len(body) > self.max_body_bytes:
                     status, payload = 413, _error(f"body exceeds {self.max_body_bytes} bytes")
                     return
-            status, payload, extra, model, priority = await self._predict(body, headers)
+            status, payload, extra, model, priority = await self._predict(body, headers, screened=screened)
         except Exception:
             log.exception("internal error on /predict (request id %s)", request_id)
             status = 500
@@ -248,6 +249,37 @@ class PredictEndpoint:
             await send({"type": "http.response.body", "body": payload})
             self._count(model, status, priority, time.perf_counter() - began)
 
+    def _authorized(self, headers: Mapping[bytes, bytes]) -> bool:
+        expected = self.expected_auth
+        return expected is None or hmac.compare_digest(headers.get(b"authorization", b""), expected)
+
+    def screen(self, headers: Mapping[bytes, bytes]) -> Rejected | bool:
+        """The request judged from its headers alone, before its body is read: Rejected
+        when the server sheds its X-Priority class now; else whether it passed the
+        sheddable gate (the body path must not ask again: each ask spends the gate's
+        credit). A request with no X-Priority, a critical one, or one failing auth is
+        not judged here (False)."""
+        early = headers.get(b"x-priority")
+        if early is None or early == b"critical" or not self._authorized(headers):
+            return False
+        refused = self.server.shed_early(early, headers.get(b"x-tenant", b"default"))
+        if refused is not None:
+            return refused
+        return early.upper() == b"SHEDDABLE"
+
+    def refusal(self, headers: Mapping[bytes, bytes], refused: Rejected) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """The headers and body of the 503 for a request `screen` refused (counted as
+        the ASGI path counts it)."""
+        payload = _error(str(refused), refused.reason)
+        request_id = new_request_id(headers.get(b"x-request-id"))
+        self._count("-", 503, headers[b"x-priority"].decode(errors="replace").lower(), 0.0)
+        return [
+            *_JSON,
+            (b"x-request-id", request_id.encode()),
+            (b"content-length", str(len(payload)).encode()),
+            (b"retry-after", _RETRY_AFTER),
+        ], payload
+
     def _count(self, model: str, status: int, priority: str, seconds: float) -> None:
         # Metric children cached per label set: `labels()` costs as much as the increment.
         key = (model, status, priority)
@@ -264,8 +296,11 @@ class PredictEndpoint:
         if status == 200:
             children[1].observe(seconds)
 
-    async def _predict(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[int, bytes, list[Any], str, str]:
-        """(status, body, extra headers, the route's name, the class's name) for metrics."""
+    async def _predict(
+        self, body: bytes, headers: dict[bytes, bytes], *, screened: bool = False
+    ) -> tuple[int, bytes, list[Any], str, str]:
+        """(status, body, extra headers, the route's name, the class's name) for metrics.
+        `screened`: an X-Priority: sheddable request already passed `shed_early`'s gate."""
         server = self.server
         model, name = "-", "-"
         try:
@@ -286,6 +321,7 @@ class PredictEndpoint:
                 deadline_s=request.deadline_ms / 1000,
                 context=request.context,
                 keys=entity_keys,
+                screened=screened and priority is Priority.SHEDDABLE,
             )
         except (BadRequest, ValueError) as error:
             return 400, _error(str(error)), [], model, name

@@ -481,11 +481,12 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
 )
 @click.option(
     "--loop-busy-target",
-    default=0.8,
+    default=0.75,
     show_default=True,
     type=click.FloatRange(0, 1, min_open=True),
-    help="Past this share of the event loop thread's time spent working, the same: a loop busy all the time keeps "
-    "every new request waiting, critical ones too.",
+    help="Past this share of the event loop thread's time spent working, the same, and only a fraction of "
+    "sheddable requests is let in at all (the fraction that keeps the loop this busy): a loop busy all the time "
+    "keeps every new request waiting, critical ones too.",
 )
 @click.option(
     "--log-format",
@@ -548,6 +549,7 @@ def serve_models(
 
     from featurestore.plan.collect import collect_routes
     from serving.models.config import breaker_settings, cost_rates, tenant_policies
+    from serving.models.protocol import PredictProtocol
 
     settings = settings_of(config_file)
     applied_plan(settings)
@@ -610,7 +612,7 @@ def serve_models(
         log_level="warning",
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http=PredictProtocol,  # httptools, refusing shed requests from their headers (serving/models/protocol.py)
         # Per-request work uvicorn would do for every prediction: X-Forwarded-* rewriting
         # (a proxy in front sets its own), and the Server and Date headers.
         proxy_headers=False,

@@ -405,3 +405,47 @@ def test_a_loop_busy_past_its_target_cuts_the_share_before_its_timers_run_late()
         pressure.observe(0.0002, busy=0.5)
     assert pressure.share == 1.0
     assert pressure.busy < 0.8
+
+
+def test_past_its_busy_target_only_a_fraction_of_sheddable_requests_pass_evenly_spaced() -> None:
+    pressure = LoopPressure(target_s=0.001, busy_target=0.75)
+    assert all(pressure.let_through() for _ in range(100))  # no pressure: every one
+    for _ in range(40):
+        pressure.observe(0.0002, busy=0.95)
+    assert pressure.floor < pressure.passing < 0.5
+    passing = pressure.passing
+    passed = [pressure.let_through() for _ in range(1000)]
+    assert abs(sum(passed) - passing * 1000) <= 1  # its fraction exactly, not a coin's
+    gaps = np.diff(np.flatnonzero(passed))
+    assert gaps.max() - gaps.min() <= 1  # evenly spaced: no burst after a run of refusals
+    for _ in range(300):
+        pressure.observe(0.0002, busy=0.4)
+    assert pressure.passing == 1.0
+    assert all(pressure.let_through() for _ in range(100))
+
+
+def test_a_lagging_loop_that_is_not_busy_shortens_queues_but_lets_every_sheddable_request_in() -> None:
+    """A lag alone is a GC pause or a model warming on a thread, not too much work."""
+    pressure = LoopPressure(target_s=0.001, busy_target=0.75)
+    for _ in range(30):
+        pressure.observe(0.02, busy=0.3)
+    assert pressure.share < 0.1
+    assert pressure.passing == 1.0
+    assert all(pressure.let_through() for _ in range(100))
+
+
+def test_the_passing_fraction_settles_where_the_loop_is_as_busy_as_its_target() -> None:
+    """A loop whose busy share grows with the sheddable work it takes in (offered 3x: all
+    of it would need 1.6 loops): the fraction settles, the loop at its target, instead
+    of swinging between everything and nothing as AIMD on a lagged signal does."""
+    rng = np.random.default_rng(3)
+    pressure = LoopPressure(target_s=0.001, busy_target=0.75)
+    seen = []
+    for _ in range(3000):  # 30 s of 10 ms samples
+        busy = 0.35 + 1.25 * pressure.passing + rng.normal(0, 0.05)
+        pressure.observe(0.0002, busy=busy)
+        seen.append((pressure.busy, pressure.passing))
+    late = np.array(seen[1000:])
+    assert abs(late[:, 0].mean() - 0.75) < 0.02
+    assert 0.25 < late[:, 1].mean() < 0.4  # (0.75 - 0.35) / 1.25 = 0.32
+    assert late[:, 1].max() < 2 * late[:, 1].min()

@@ -1,0 +1,180 @@
+"""The model server under real uvicorn with its own HTTP protocol (serving/models/protocol.py):
+a shed sheddable request is answered from its headers without changing what any
+request gets back, keep-alive and pipelining keep working, auth still comes first, and
+the sheddable gate lets through exactly its fraction, asked once per request."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from serving.models import ModelServerSettings, create_model_app
+from serving.models.protocol import PredictProtocol
+from tests.model_repo import DemoRepo, build_demo_repo, with_two_models
+from tests.processes import free_port
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> DemoRepo:
+    return with_two_models(build_demo_repo(tmp_path_factory.mktemp("protocol") / "repo"))
+
+
+class Served:
+    def __init__(self, app: Any, port: int) -> None:
+        self.app = app
+        self.port = port
+
+    @property
+    def server(self) -> Any:
+        return self.app.state.server
+
+    def hold_gate(self, passing: float) -> None:
+        """Let `passing` of sheddable requests in, whatever the loop measures."""
+        pressure = self.server.pressure
+        pressure.observe = lambda lag_s, busy=None: pressure.share  # the watch loop no longer moves it
+        pressure.passing = passing
+        pressure._credit = 0.0
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+
+def _serve(repo: DemoRepo, token: str | None = None) -> Iterator[Served]:
+    import uvicorn
+
+    settings = ModelServerSettings(registry_dir=repo.settings.registry_dir)
+    app = create_model_app(settings, repo.store(), token=token)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=PredictProtocol, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive(), "uvicorn stopped before it served"
+        assert time.monotonic() < deadline, "uvicorn did not start within 60 s"
+        time.sleep(0.05)
+    try:
+        yield Served(app, port)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def served(repo: DemoRepo) -> Iterator[Served]:
+    yield from _serve(repo)
+
+
+def request(priority: str | None, *, body: dict[str, Any] | bytes | None = None, close: bool = False,
+            headers: dict[str, str] | None = None) -> bytes:  # fmt: skip
+    payload = body if isinstance(body, bytes) else json.dumps(body or {"model": "buys", "entities": [1, 2]}).encode()
+    lines = ["POST /predict HTTP/1.1", "Host: test", "Content-Type: application/json"]
+    lines.append(f"Content-Length: {len(payload)}")
+    if priority is not None:
+        lines.append(f"X-Priority: {priority}")
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
+
+
+def read_answers(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], dict[str, Any]]]:
+    """`count` whole HTTP/1.1 answers (Content-Length framed) from `sock`."""
+    buffer = b""
+    answers = []
+    while len(answers) < count:
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(answers)} answers"
+            buffer += chunk
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        status_line, *header_lines = head.decode().split("\r\n")
+        headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in header_lines)}
+        length = int(headers["content-length"])
+        while len(buffer) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed mid-answer"
+            buffer += chunk
+        body, buffer = buffer[:length], buffer[length:]
+        answers.append((int(status_line.split()[1]), headers, json.loads(body)))
+    return answers
+
+
+def test_a_shed_request_is_answered_from_its_headers_and_the_connection_serves_the_next(served: Served) -> None:
+    served.hold_gate(0.02)
+    with served.connect() as sock:
+        sock.sendall(request("sheddable"))
+        ((status, headers, body),) = read_answers(sock, 1)
+        assert status == 503
+        assert headers["retry-after"] == "1"
+        assert headers["content-type"] == "application/json"
+        assert len(headers["x-request-id"]) == 16
+        assert body["reason"] == "overload"
+        assert "lets 2% of sheddable requests in" in body["error"]
+        sock.sendall(request("critical"))  # same connection: the refused body was consumed, not parsed as a request
+        ((status, _, body),) = read_answers(sock, 1)
+        assert status == 200
+        assert body["served_by"].startswith("buys@")
+        assert len(body["scores"]) == 2
+    text = _metrics(served)
+    assert 'tenx_model_requests_total{model="-",outcome="unavailable",priority="sheddable"} 1.0' in text
+    assert 'tenx_model_shed_total{model="*",priority="sheddable",reason="overload",tenant="default"} 1.0' in text
+
+
+def test_pipelined_requests_are_answered_in_order_whichever_is_shed(served: Served) -> None:
+    served.hold_gate(0.02)
+    with served.connect() as sock:
+        sock.sendall(request("critical") + request("sheddable") + request("sheddable") + request("critical"))
+        statuses = [status for status, _, _ in read_answers(sock, 4)]
+    assert statuses == [200, 503, 503, 200]
+    with served.connect() as sock:
+        sock.sendall(request("sheddable") + request("critical", body={"model": "buys", "entities": [3]}))
+        answers = read_answers(sock, 2)
+    assert [status for status, _, _ in answers] == [503, 200]
+    assert len(answers[1][2]["scores"]) == 1
+
+
+def test_the_gate_lets_its_fraction_through_asked_once_per_request(served: Served) -> None:
+    served.hold_gate(0.25)
+    with served.connect() as sock:
+        sock.sendall(b"".join(request("sheddable") for _ in range(20)))  # header and body both say sheddable
+        by_header = [status for status, _, _ in read_answers(sock, 20)]
+    assert by_header.count(200) == 5  # each request asked once: asked twice, 0.25 * 0.25 would pass
+    assert by_header.count(503) == 15
+    served.hold_gate(0.5)
+    body = {"model": "buys", "entities": [1], "priority": "sheddable"}
+    with served.connect() as sock:
+        sock.sendall(b"".join(request(None, body=body) for _ in range(10)))  # the class in the body only
+        by_body = [status for status, _, _ in read_answers(sock, 10)]
+    assert by_body.count(200) == 5
+
+
+def test_connection_close_and_wrong_tokens_take_the_full_path(repo: DemoRepo) -> None:
+    for served in _serve(repo, token="s3cret"):
+        served.hold_gate(0.02)
+        with served.connect() as sock:
+            sock.sendall(request("sheddable"))  # no token: 401 before any shedding, as through ASGI
+            ((status, _, body),) = read_answers(sock, 1)
+            assert status == 401
+            assert "bearer token" in body["error"]
+            sock.sendall(request("sheddable", headers={"Authorization": "Bearer s3cret"}, close=True))
+            ((status, _, body),) = read_answers(sock, 1)
+            assert status == 503
+            assert body["reason"] == "overload"
+            assert sock.recv(1) == b""  # it asked to close; the server did after answering
+
+
+def _metrics(served: Served) -> str:
+    with served.connect() as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1].decode()
