@@ -300,7 +300,7 @@ class LoopPressure:
         self,
         *,
         target_s: float = 0.001,
-        busy_target: float = 0.75,
+        busy_target: float = 0.8,
         decrease: float = 0.7,
         increase: float = 0.005,
         floor: float = 0.02,

@@ -481,7 +481,7 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
 )
 @click.option(
     "--loop-busy-target",
-    default=0.75,
+    default=0.8,
     show_default=True,
     type=click.FloatRange(0, 1, min_open=True),
     help="Past this share of the event loop thread's time spent working, the same, and only a fraction of "
