@@ -178,3 +178,35 @@ def _metrics(served: Served) -> str:
         while chunk := sock.recv(65536):
             data += chunk
     return data.split(b"\r\n\r\n", 1)[1].decode()
+
+
+def test_an_answer_goes_out_in_one_write_and_nothing_is_held_back() -> None:
+    from serving.models.protocol import _OneWrite
+
+    class Transport:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        def close(self) -> None:
+            self.closed = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+    real = Transport()
+    one = _OneWrite(real)
+    one.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    assert real.writes == []  # the head waits for its body
+    one.write(b"{}")
+    assert real.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    one.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 5\r\n\r\nError")  # whole: straight out
+    assert real.writes[-1].endswith(b"Error")
+    one.write(b"HTTP/1.1 204 No Content\r\n\r\n")  # a head with no body to come: closing sends it
+    one.close()
+    assert real.writes[-1] == b"HTTP/1.1 204 No Content\r\n\r\n"
+    assert real.closed
+    assert one.is_closing()  # everything else is the transport's
