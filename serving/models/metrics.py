@@ -120,6 +120,10 @@ class ModelMetrics:
             "tenx_model_admit_share", "Share of their headroom sheddable and default work gets (1: all).",
             registry=r, multiprocess_mode="min",
         )  # fmt: skip
+        self.sheddable_passing = Gauge(
+            "tenx_model_sheddable_passing", "Fraction of sheddable requests let in while the loop is past its busy "
+            "target (1: all).", registry=r, multiprocess_mode="min",
+        )  # fmt: skip
         self.canary_requests = Counter(
             "tenx_model_canary_requests_total",
             "Requests scored during a canary, by side (baseline, canary) and outcome.",

@@ -430,6 +430,7 @@ class ModelServer:
         pressure = self.pressure
         metrics = self.metrics
         metrics.admit_share.set(1.0)
+        metrics.sheddable_passing.set(1.0)
         for tick in itertools.count():
             began, worked = self._clock(), time.thread_time()
             await asyncio.sleep(interval_s)
@@ -440,6 +441,7 @@ class ModelServer:
             if tick % 10 == 0:  # every worker's own value, so /metrics in any of them merges them all
                 self.read_faults()  # a fault (tenx loadtest) takes effect within 100 ms, not the registry's second
                 metrics.admit_share.set(share)
+                metrics.sheddable_passing.set(pressure.passing)
                 metrics.loop_lag.set(pressure.lag_s)
                 metrics.loop_busy.set(pressure.busy)
 
