@@ -282,8 +282,7 @@ class LoopPressure:
     They drive two controls:
 
     - `share` scales the sheddable and default headroom of every lane (AIMD: each
-      sample where the lag is past its target or the busy share past `busy_engage`,
-      after smoothing, multiplies it by
+      sample where either signal is past its target, after smoothing, multiplies it by
       `decrease`; each sample within both adds `increase`, back up to 1). A lag alone
       (a GC pause, a model warming on a thread) only shortens the queue the lower
       classes may fill; critical headroom is never scaled.
@@ -291,13 +290,7 @@ class LoopPressure:
       the queue holds, driven by the busy share alone: proportional in log space
       (each sample multiplies it by exp(-gain * (busy - busy_target))), so it settles
       where the loop is `busy_target` busy instead of swinging between all and
-      nothing. With hysteresis: it starts only once the loop passes `busy_target`
-      by `engage_margin`, and stops once everything passes again, or after
-      `release_samples` (30 s) without the loop past that mark, when it climbs back
-      by `increase` a sample. An expected load that keeps the loop 70-85% busy (1x on
-      two shared cores) then sheds nothing, while an overload is held at the target,
-      where critical work waits about as long as at 1x. A queue threshold cannot do
-      this: batches leave the queue as fast as
+      nothing. A queue threshold cannot do this: batches leave the queue as fast as
       they form, and an empty queue admits the next request whatever its share
       (measured at 3x load: the share pinned at its floor still let 23% of sheddable
       requests in, and the loop stayed 85% busy).
@@ -307,9 +300,7 @@ class LoopPressure:
         self,
         *,
         target_s: float = 0.001,
-        busy_target: float = 0.75,
-        engage_margin: float = 0.1,
-        release_samples: int = 3000,
+        busy_target: float = 0.8,
         decrease: float = 0.7,
         increase: float = 0.005,
         floor: float = 0.02,
@@ -318,8 +309,6 @@ class LoopPressure:
     ) -> None:
         self.target_s = target_s
         self.busy_target = busy_target
-        self.busy_engage = min(busy_target + engage_margin, 0.98)  # past it, the gate and the share start
-        self.release_samples = release_samples
         self.decrease = decrease
         self.increase = increase
         self.floor = floor
@@ -330,7 +319,6 @@ class LoopPressure:
         self.lag_s = 0.0
         self.busy = 0.0
         self._credit = 0.0
-        self._calm = 0  # samples since the busy share was last past busy_engage
 
     def observe(self, lag_s: float, busy: float | None = None) -> float:
         """One sample: the lag, and the loop thread's busy share since the last one.
@@ -339,16 +327,9 @@ class LoopPressure:
         if busy is not None:
             smoothing = self.busy_smoothing
             self.busy = (1 - smoothing) * self.busy + smoothing * min(1.0, max(0.0, busy))
-            if self.busy > self.busy_engage:
-                self._calm = 0
-            else:
-                self._calm += 1
-            if self._calm >= self.release_samples:  # long under the engage mark: back to letting all in
-                self.passing = min(1.0, self.passing + self.increase)
-            elif self.passing < 1.0 or self.busy > self.busy_engage:
-                step = math.exp(-self.gain * (self.busy - self.busy_target))
-                self.passing = min(1.0, max(self.floor, self.passing * step))
-        if self.lag_s > self.target_s or self.busy > self.busy_engage:
+            step = math.exp(-self.gain * (self.busy - self.busy_target))
+            self.passing = min(1.0, max(self.floor, self.passing * step))
+        if self.lag_s > self.target_s or self.busy > self.busy_target:
             self.share = max(self.floor, self.share * self.decrease)
         else:
             self.share = min(1.0, self.share + self.increase)

@@ -73,7 +73,7 @@ class ModelServerSettings:
     default_deadline_ms: float = 1000.0
     inference_timeout_ms: float = 250.0  # a model run longer than this fails (its circuit counts it)
     loop_lag_target_ms: float = 1.0  # past this event-loop lag, lower classes lose headroom (LoopPressure)
-    loop_busy_target: float = 0.75  # the loop's busy share the sheddable gate holds under overload (LoopPressure)
+    loop_busy_target: float = 0.8  # ... and past this share of the loop thread's time spent working
     reload_interval_s: float = 1.0
     prefer_gpu: bool = True
     intra_op_threads: int = 1

@@ -481,12 +481,12 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
 )
 @click.option(
     "--loop-busy-target",
-    default=0.75,
+    default=0.8,
     show_default=True,
     type=click.FloatRange(0, 1, min_open=True),
-    help="Once the event loop thread is busy more than 0.1 past this share of its time, the same, and only the "
-    "fraction of sheddable requests that holds it at this share is let in at all, until all of them fit again: a "
-    "loop busy all the time keeps every new request waiting, critical ones too.",
+    help="Past this share of the event loop thread's time spent working, the same, and only a fraction of "
+    "sheddable requests is let in at all (the fraction that keeps the loop this busy): a loop busy all the time "
+    "keeps every new request waiting, critical ones too.",
 )
 @click.option(
     "--log-format",
