@@ -32,11 +32,18 @@ from serving.models.admission import Rejected
 SCREENED = "tenx.screened"  # scope key: the protocol asked the gate already (bool: it let a sheddable one in)
 
 
+class _NoEvent:
+    def set(self) -> None:
+        pass
+
+
 class _Answered:
     """Stands in for uvicorn's request cycle once a request is answered here: its body,
-    when it arrives, is dropped (uvicorn skips the body of a complete response)."""
+    when it arrives, is dropped (uvicorn skips the body of a complete response), and a
+    connection lost after it wakes nobody (uvicorn sets the cycle's event)."""
 
     response_complete = True
+    message_event = _NoEvent()
 
 
 _ANSWERED = _Answered()

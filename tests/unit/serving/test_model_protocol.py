@@ -6,6 +6,7 @@ the sheddable gate lets through exactly its fraction, asked once per request."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -126,6 +127,24 @@ def test_a_shed_request_is_answered_from_its_headers_and_the_connection_serves_t
     text = _metrics(served)
     assert 'tenx_model_requests_total{model="-",outcome="unavailable",priority="sheddable"} 1.0' in text
     assert 'tenx_model_shed_total{model="*",priority="sheddable",reason="overload",tenant="default"} 1.0' in text
+
+
+def test_a_client_that_hangs_up_after_a_refusal_leaves_no_error_and_the_server_serving(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    served.hold_gate(0.02)
+    for _ in range(3):
+        with served.connect() as sock:
+            sock.sendall(request("sheddable"))
+            ((status, _, _),) = read_answers(sock, 1)
+            assert status == 503
+    time.sleep(0.3)  # the server sees the connections close
+    with served.connect() as sock:
+        sock.sendall(request("critical"))
+        ((status, _, _),) = read_answers(sock, 1)
+    assert status == 200
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert not errors, [record.getMessage() for record in errors]
 
 
 def test_pipelined_requests_are_answered_in_order_whichever_is_shed(served: Served) -> None:
