@@ -123,6 +123,8 @@ class LatencySummary:
     p999_ms: float
     max_ms: float
     mean_ms: float
+    # Every sample, in ms: what `merge_summaries` pools (not in to_dict; None when dropped).
+    samples_ms: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def summarize(seconds: np.ndarray) -> LatencySummary:
@@ -134,9 +136,36 @@ def summarize(seconds: np.ndarray) -> LatencySummary:
     values = np.asarray(seconds, dtype=np.float64) * 1000.0
     if not len(values):
         nan = math.nan
-        return LatencySummary(0, nan, nan, nan, nan, nan, nan)
+        return LatencySummary(0, nan, nan, nan, nan, nan, nan, samples_ms=values)
     p50, p90, p99, p999 = (float(v) for v in np.percentile(values, [50, 90, 99, 99.9]))
-    return LatencySummary(len(values), p50, p90, p99, p999, float(values.max()), float(values.mean()))
+    return LatencySummary(
+        len(values), p50, p90, p99, p999, float(values.max()), float(values.mean()), samples_ms=values
+    )
+
+
+def merge_summaries(parts: Sequence[LatencySummary]) -> LatencySummary:
+    """One summary of several runs' latencies: percentiles over all their samples
+    together (not an average of percentiles, which has no meaning).
+
+    >>> merge_summaries([summarize(np.array([0.001, 0.002])), summarize(np.array([0.003]))]).p50_ms
+    2.0
+    """
+    arrays = []
+    for part in parts:
+        if part.samples_ms is None:
+            if part.count:
+                raise ValueError("merge_summaries: a summary kept no samples (made by summarize in this process?)")
+            continue
+        arrays.append(part.samples_ms)
+    return summarize(np.concatenate(arrays) / 1000.0 if arrays else np.empty(0))
+
+
+def _without_samples(data: dict[str, Any]) -> dict[str, Any]:
+    """An asdict() of a result, its latency samples left out (figures only)."""
+    latency = data.get("latency")
+    if isinstance(latency, dict):
+        latency.pop("samples_ms", None)
+    return data
 
 
 @dataclass(frozen=True)
@@ -260,9 +289,32 @@ class LabelResult:
     throttled: int = 0  # refused by the client-side throttle, never sent
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = _without_samples(asdict(self))
         data["statuses"] = {str(status): count for status, count in sorted(self.statuses.items())}
         return data
+
+
+def merge_label_results(parts: Sequence[LabelResult]) -> LabelResult:
+    """One label's figures over several runs (see `merge_results`)."""
+
+    def optional(values: Sequence[int | None]) -> int | None:
+        return None if any(value is None for value in values) else sum(cast(int, value) for value in values)
+
+    statuses: collections.Counter[int] = collections.Counter()
+    for part in parts:
+        statuses.update(part.statuses)
+    return LabelResult(
+        scheduled=sum(part.scheduled for part in parts),
+        sent=sum(part.sent for part in parts),
+        ok=sum(part.ok for part in parts),
+        statuses=dict(sorted(statuses.items())),
+        errors=sum(part.errors for part in parts),
+        unfinished=sum(part.unfinished for part in parts),
+        latency=merge_summaries([part.latency for part in parts]),
+        within_deadline=optional([part.within_deadline for part in parts]),
+        marked=optional([part.marked for part in parts]),
+        throttled=sum(part.throttled for part in parts),
+    )
 
 
 def split_by_label(
@@ -412,13 +464,77 @@ class LoadResult:
         return self.ok / self.duration_s
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = _without_samples(asdict(self))
         data["statuses"] = {str(status): count for status, count in sorted(self.statuses.items())}
         data["error_samples"] = list(self.error_samples)
         data["completed_rate"] = self.completed_rate
         data["ok_rate"] = self.ok_rate
         data["by_label"] = {label: part.to_dict() for label, part in self.by_label.items()}
         return data
+
+
+def merge_results(results: Sequence[LoadResult]) -> LoadResult:
+    """Several runs of the same load (the rounds of one step) as one run: counts and
+    times summed over their windows, percentiles over every answer of them all, the
+    generator's lag the worst of theirs (a round it fell behind in taints the whole).
+    The timeline is kept only for a single run.
+
+    >>> one = LoadResult(offered_rate=10, duration_s=1, scheduled=10, sent=10, completed=10, ok=10,
+    ...                  statuses={200: 10}, errors=0, unfinished=0, error_samples=(),
+    ...                  latency=summarize(np.full(10, 0.002)), lag=judge_lag(np.zeros(1), np.zeros(1), window_s=1),
+    ...                  schedule_lag_p99_ms=0.1, waited_for_connection=0, connections=2, generator_cpu_s=0.1,
+    ...                  wall_s=1.0)
+    >>> both = merge_results([one, one])
+    >>> both.ok, both.duration_s, both.ok_rate, both.latency.count
+    (20, 2, 10.0, 20)
+    """
+    if not results:
+        raise ValueError("merge_results: no results to merge")
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    duration = sum(result.duration_s for result in results)
+    statuses: collections.Counter[int] = collections.Counter()
+    for result in results:
+        statuses.update(result.statuses)
+    lags = [result.lag for result in results]
+    lag = LagVerdict(
+        p50_ms=max(verdict.p50_ms for verdict in lags),
+        p99_ms=max(verdict.p99_ms for verdict in lags),
+        max_ms=max(verdict.max_ms for verdict in lags),
+        scheduled_rate=sum(v.scheduled_rate * r.duration_s for v, r in zip(lags, results, strict=True)) / duration,
+        send_rate=sum(v.send_rate * r.duration_s for v, r in zip(lags, results, strict=True)) / duration,
+        fell_behind=any(verdict.fell_behind for verdict in lags),
+        reason="; ".join(dict.fromkeys(verdict.reason for verdict in lags if verdict.reason)),
+    )
+    labels = list(dict.fromkeys(label for result in results for label in result.by_label))
+    marked = [result.marked for result in results]
+    return LoadResult(
+        offered_rate=first.offered_rate,
+        duration_s=duration,
+        scheduled=sum(result.scheduled for result in results),
+        sent=sum(result.sent for result in results),
+        completed=sum(result.completed for result in results),
+        ok=sum(result.ok for result in results),
+        statuses=dict(sorted(statuses.items())),
+        errors=sum(result.errors for result in results),
+        unfinished=sum(result.unfinished for result in results),
+        error_samples=tuple(dict.fromkeys(s for r in results for s in r.error_samples))[:MAX_ERROR_SAMPLES],
+        latency=merge_summaries([result.latency for result in results]),
+        lag=lag,
+        schedule_lag_p99_ms=max(result.schedule_lag_p99_ms for result in results),
+        waited_for_connection=sum(result.waited_for_connection for result in results),
+        connections=max(result.connections for result in results),
+        generator_cpu_s=sum(result.generator_cpu_s for result in results),
+        wall_s=sum(result.wall_s for result in results),
+        by_label={
+            label: merge_label_results([r.by_label[label] for r in results if label in r.by_label]) for label in labels
+        },
+        marked=None if any(m is None for m in marked) else sum(cast(int, m) for m in marked),
+        throttled=sum(result.throttled for result in results),
+        timeline=None,
+        started_epoch_s=first.started_epoch_s,
+    )
 
 
 class _Connection(asyncio.Protocol):

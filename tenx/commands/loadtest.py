@@ -122,7 +122,13 @@ def served_model(url: str, token: str | None) -> str:
               help="Length of each capacity-search rate (after up to 1 s of warm-up).")  # fmt: skip
 @click.option("--steps", "steps_text", default="1,3,5,10", show_default=True,
               help="Load steps, as multiples of the base rate.")  # fmt: skip
-@click.option("--duration", "duration_text", default="30s", show_default=True, help="Length of each step.")
+@click.option("--duration", "duration_text", default="30s", show_default=True,
+              help="Length of each step (all its rounds together).")  # fmt: skip
+@click.option("--rounds", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Run the steps this many times, interleaved (1x 3x 5x 10x, 1x 3x 5x 10x, ...), each for "
+              "--duration / ROUNDS, and take each step's figures over all its rounds: a machine whose speed drifts "
+              "over minutes then slows every step alike instead of whichever ran last. The report keeps each "
+              "round's p99s.")  # fmt: skip
 @click.option("--warmup", "warmup_text", default="2s", show_default=True,
               help="Sent before each step's window, not counted.")  # fmt: skip
 @click.option("--mix", "mix_text", default="critical=0.2,sheddable=0.8", show_default=True,
@@ -177,7 +183,7 @@ def served_model(url: str, token: str | None) -> str:
 def loadtest(
     url: str | None, api: str, model: str | None, view: str | None, base_rate: float | None, find_capacity: bool,
     base_share: float, capacity_p99_ms: float, capacity_step_text: str, steps_text: str, duration_text: str,
-    warmup_text: str, mix_text: str, tenants_text: str | None, entities_text: str, per_request: int,
+    rounds: int, warmup_text: str, mix_text: str, tenants_text: str | None, entities_text: str, per_request: int,
     deadline_ms: float, slo_texts: tuple[str, ...], no_client_throttle: bool, fault_spec: str | None,
     fault_for_text: str, fault_step: float, fault_stop: str | None, fault_start: str | None, fault_file: Path | None,
     pipelines: bool, pipelines_only: bool, pipeline_events: int, pipeline_scale: int, max_lag_ms: float,
@@ -194,6 +200,8 @@ def loadtest(
 
     The generator runs in a process of its own; latency counts from each request's
     intended send time, and a step where the generator fell behind is not reported.
+    The steps run in interleaved rounds (--rounds), so drift in the machine's speed
+    does not pass for the effect of load.
 
     \b
     tenx serve-models &                       # Redis from `eval "$(scripts/services up --only redis)"`
@@ -233,6 +241,7 @@ def loadtest(
             base_rate=base_rate,
             base_share=base_share,
             duration_s=duration,
+            rounds=rounds,
             warmup_s=warmup,
             classes=parse_shares(mix_text, what="--mix", allowed=CLASSES),
             tenants=parse_shares(tenants_text, what="--tenants") if tenants_text else {},

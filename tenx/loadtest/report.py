@@ -245,6 +245,8 @@ def _verdict_section(report: Report) -> _Section:
             f"({_met(bar.get('p99_met'))}), critical success at 10x {_success(bar.get('critical_success_10x'))}% "
             f"({_met(bar.get('success_met'))})"
         )
+        if rounds := [_ratio(ratio) for ratio in bar.get("per_round_p99_3x_over_1x") or ()]:
+            notes.append(f"  3x / 1x round by round (each pair ran side by side): {', '.join(rounds)}")
     return _Section("verdict", "Verdict", rows, tuple(notes))
 
 
@@ -363,9 +365,15 @@ def _about(report: Report) -> list[tuple[str, str]]:
     if "steps" in settings:
         throttle = settings.get("client_throttle")
         duration, warmup = _plain(settings.get("duration_s")), _plain(settings.get("warmup_s"))
+        rounds = settings.get("rounds")
+        spread = (
+            f" in {rounds} interleaved rounds, each after {warmup} s of warm-up"
+            if isinstance(rounds, int) and rounds > 1
+            else f", after {warmup} s of warm-up"
+        )
         lines += [
             ("steps", _joined([_multiple(step) for step in settings.get("steps") or ()])),
-            ("duration", f"{duration} s a step, after {warmup} s of warm-up"),
+            ("duration", f"{duration} s a step{spread}"),
             ("mix", _shares(settings.get("mix"))),
             ("tenants", _shares(settings.get("tenants"))),
             ("entities per request", _text(settings.get("entities_per_request"))),

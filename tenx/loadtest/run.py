@@ -23,11 +23,14 @@ from tenx.loadtest.steps import (
     DEFAULT_SLOS,
     Mix,
     Slo,
+    Step,
     StepSettings,
     Target,
     _pct,
+    combine_rounds,
     cost_summary,
     critical_only,
+    describe,
     find_capacity,
     overload_bar,
     request_mix,
@@ -53,7 +56,8 @@ class Options:
     steps: tuple[float, ...] = (1.0, 3.0, 5.0, 10.0)
     base_rate: float | None = None  # None: find the capacity and take base_share of it
     base_share: float = 0.4
-    duration_s: float = 30.0
+    duration_s: float = 30.0  # each step's, split over its rounds
+    rounds: int = 3  # the steps run this many times, interleaved; each step's rounds pooled
     warmup_s: float = 2.0
     classes: Mapping[str, float] = field(default_factory=lambda: {"critical": 0.2, "sheddable": 0.8})
     tenants: Mapping[str, float] = field(default_factory=dict)
@@ -136,6 +140,7 @@ def run_loadtest(options: Options, *, say: Callable[[str], None] = print) -> dic
         "settings": {
             "steps": list(options.steps),
             "duration_s": options.duration_s,
+            "rounds": options.rounds,
             "warmup_s": options.warmup_s,
             "mix": dict(options.classes),
             "tenants": dict(options.tenants),
@@ -151,13 +156,7 @@ def run_loadtest(options: Options, *, say: Callable[[str], None] = print) -> dic
     with LoadGenerator() as generator:
         report["capacity"] = _base_rate(generator, options, mix, settings, seeds, say)
         base = report["capacity"]["base_rate"]
-        steps = []
-        for multiple in options.steps:
-            step = run_step(
-                generator, options.target, mix, multiple * base, settings,
-                name=f"{multiple:g}x", multiple=multiple, seeds=seeds, say=say,
-            )  # fmt: skip
-            steps.append(step.as_dict())
+        steps = [step.as_dict() for step in _run_steps(generator, options, mix, settings, base, seeds, say)]
         if options.fault is not None and fault is not None:
             report["fault"] = _fault_step(generator, options, options.fault, fault, mix, settings, base, seeds, say)
     report["steps"] = steps
@@ -180,6 +179,36 @@ def run_loadtest(options: Options, *, say: Callable[[str], None] = print) -> dic
             )
     report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return report
+
+
+def _run_steps(
+    generator: LoadGenerator,
+    options: Options,
+    mix: Mix,
+    settings: StepSettings,
+    base: float,
+    seeds: Callable[[], int],
+    say: Callable[[str], None],
+) -> list[Step]:
+    """Every step, in `options.rounds` interleaved rounds (1x 3x 5x 10x, 1x 3x 5x 10x, ...)
+    of `duration_s / rounds` each, each step's rounds pooled (`combine_rounds`)."""
+    rounds = options.rounds
+    each = replace(settings, duration_s=settings.duration_s / rounds)
+    ran: dict[float, list[Step]] = {multiple: [] for multiple in options.steps}
+    for number in range(1, rounds + 1):
+        suffix = "" if rounds == 1 else f" (round {number}/{rounds})"
+        for multiple in options.steps:
+            step = run_step(
+                generator, options.target, mix, multiple * base, each,
+                name=f"{multiple:g}x", multiple=multiple, seeds=seeds, say=lambda line: say(line + suffix),  # noqa: B023
+            )  # fmt: skip
+            ran[multiple].append(step)
+    steps = [combine_rounds(ran[multiple]) for multiple in options.steps]
+    if rounds > 1:
+        say(f"each step over its {rounds} rounds:")
+        for step in steps:
+            say(describe(step))
+    return steps
 
 
 def _base_rate(

@@ -5,6 +5,13 @@ Every step is one `serving.loadgen` run (its own process; send times fixed in ad
 from a seed; latency from the intended send time) of a fixed set of pre-encoded
 requests, each labelled with its priority class and carrying its class's deadline. The
 figures of a step are judged only when the generator kept to its schedule (`reported`).
+
+A step may be run in rounds (`combine_rounds`): the same rate run several times through
+the test, interleaved with the other steps, and its figures taken over all the rounds'
+requests together. On a machine whose speed drifts over minutes (a shared VM: the same
+1x load measured 6.7 ms and then 13.1 ms p99 two minutes apart), one long window per step
+compares the machine's minutes, not the load; rounds spread every step over the
+same stretch of time. Each round's own figures stay in the report.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from serving.loadgen import LabelResult, LoadGenerator, LoadPlan, LoadResult, post_request
+from serving.loadgen import LabelResult, LoadGenerator, LoadPlan, LoadResult, merge_results, post_request
 from serving.models.batcher import Priority
 
 BODIES = 2_000  # distinct pre-encoded requests, sent in turn
@@ -179,6 +186,8 @@ class Step:
     cost: dict[str, Any] = field(default_factory=dict)
     server: dict[str, Any] = field(default_factory=dict)
     deadlines_ms: Mapping[str, float] = field(default_factory=dict)
+    counters: Samples = field(default_factory=dict)  # the server's counters' increase over the step
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # each round's own figures (`combine_rounds`)
 
     def classes(self) -> dict[str, dict[str, Any]]:
         return {label: class_figures(part, self.result.duration_s) for label, part in self.result.by_label.items()}
@@ -203,7 +212,40 @@ class Step:
             "all": all_figures(result),
             "cost": self.cost,
             "server": self.server,
+            "rounds": self.rounds or [round_figures(self)],
         }
+
+
+def round_figures(step: Step) -> dict[str, Any]:
+    """What the report keeps of one round: per class p50, p99 and success."""
+    keep = ("p50_ms", "p99_ms", "success")
+    return {
+        "reported": step.reported,
+        "classes": {label: {key: figures[key] for key in keep} for label, figures in step.classes().items()},
+    }
+
+
+def combine_rounds(rounds: Sequence[Step]) -> Step:
+    """One step from its rounds: figures over all their requests together (percentiles
+    of the pooled latencies), the server's counters summed, reported only when every
+    round was, and each round's own figures in `rounds`."""
+    if not rounds:
+        raise ValueError("combine_rounds: no rounds")
+    if len(rounds) == 1:
+        return rounds[0]
+    first = rounds[0]
+    counters: Samples = {}
+    for one in rounds:
+        for key, value in one.counters.items():
+            counters[key] = counters.get(key, 0.0) + value
+    notes = [f"round {number}: {one.note}" for number, one in enumerate(rounds, 1) if one.note]
+    result = merge_results([one.result for one in rounds])
+    step = Step(
+        first.name, first.multiple, result, all(one.reported for one in rounds), "; ".join(notes) or None,
+        deadlines_ms=first.deadlines_ms, counters=counters, rounds=[round_figures(one) for one in rounds],
+    )  # fmt: skip
+    step.cost, step.server = step_costs({}, counters, result), server_counts({}, counters)
+    return step
 
 
 def class_figures(part: LabelResult, duration_s: float) -> dict[str, Any]:
@@ -304,6 +346,7 @@ def run_step(
             name, multiple, result, reported, note, deadlines_ms=dict(zip(mix.labels, mix.deadlines_ms, strict=True))
         )
         step.cost, step.server = step_costs(before, after, result), server_counts(before, after)
+        step.counters = {key: value - before.get(key, 0.0) for key, value in after.items()}
         say(describe(step) + (" (again)" if attempt else ""))
         if reported or around is not None:  # a fault step is not repeated: the fault already happened
             return step
@@ -512,7 +555,22 @@ def overload_bar(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "p99_met": None if ratio is None else ratio <= 1.5,
         "critical_success_10x": success_10x,
         "success_met": None if success_10x is None else success_10x >= 0.999,
+        "per_round_p99_3x_over_1x": _round_ratios(by_name.get("1x"), by_name.get("3x")) if ratio is not None else [],
     }
+
+
+def _round_ratios(low: Mapping[str, Any] | None, high: Mapping[str, Any] | None) -> list[float | None]:
+    """Critical p99 of round i at the high step over round i at the low step (the rounds
+    ran side by side: the machine's drift between them is small), when there were rounds."""
+    lows, highs = (low or {}).get("rounds") or [], (high or {}).get("rounds") or []
+    if len(lows) < 2 or len(lows) != len(highs):
+        return []
+    ratios: list[float | None] = []
+    for a, b in zip(lows, highs, strict=True):
+        p99_low = a.get("classes", {}).get("critical", {}).get("p99_ms")
+        p99_high = b.get("classes", {}).get("critical", {}).get("p99_ms")
+        ratios.append(p99_high / p99_low if p99_low and p99_high is not None else None)
+    return ratios
 
 
 def cost_summary(steps: Sequence[dict[str, Any]], per_request: int) -> dict[str, Any]:

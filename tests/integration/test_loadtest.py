@@ -64,7 +64,7 @@ def test_find_capacity_steps_a_model_fault_and_a_report_that_renders(
     out = tmp_path / "report"
     output = loadtest(
         "--target", url, "--find-capacity", "--capacity-step", "1s", "--steps", "1,3,5,10", "--duration", "2s",
-        "--warmup", "0.5s",
+        "--rounds", "2", "--warmup", "0.5s",
         "--entities", "1-300", "--fault", "model@2s", "--fault-for", "3s", "--fault-file", str(fault_file),
         "--out", str(out), cwd=repo.root,
     )  # fmt: skip
@@ -82,6 +82,8 @@ def test_find_capacity_steps_a_model_fault_and_a_report_that_renders(
         assert step["cost"]["per_1k_predictions"] > 0  # priced from the server's cost counters
         critical = step["classes"]["critical"]
         assert critical["client_throttled"] == 0  # critical work is never throttled by the client
+        assert len(step["rounds"]) == 2  # two 1 s rounds, interleaved with the other steps, pooled
+        assert set(step["rounds"][0]["classes"]) == {"critical", "sheddable"}
     first = report["steps"][0]
     if first["reported"]:
         assert first["classes"]["critical"]["success"] == 1.0  # 40% of the capacity: everything answered
@@ -134,7 +136,8 @@ def test_the_feature_api_takes_the_same_load(repo: DemoRepo, redis_url: str, tmp
     with serving([TENX, "serve"], cwd=repo.root, env=clean_environment(TENX_REDIS_URL=redis_url)) as url:
         out = tmp_path / "report"
         output = loadtest("--api", "features", "--target", url, "--view", "user_spend", "--base-rate", "200",
-                          "--steps", "1,3", "--duration", "2s", "--warmup", "0.5s", "--entities", "1-300",
+                          "--steps", "1,3", "--duration", "2s", "--rounds", "1", "--warmup", "0.5s",
+                          "--entities", "1-300",
                           "--out", str(out), cwd=repo.root)  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["target"] == {"kind": "feature-api", "url": url, "what": "user_spend"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import math
 import threading
@@ -13,12 +14,17 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serving.loadgen import (
     Arrivals,
     LoadGenerator,
     LoadPlan,
     judge_lag,
+    merge_label_results,
+    merge_results,
+    merge_summaries,
     post_request,
     schedule,
     split_by_label,
@@ -142,6 +148,55 @@ def test_the_split_by_label_counts_each_outcome_and_the_answers_in_time() -> Non
     )  # fmt: skip
     assert no_deadlines["a"].within_deadline is None
     assert no_deadlines["a"].marked is None
+
+
+def _outcomes(seed: int, size: int) -> dict[str, np.ndarray]:
+    """Random requests of three kinds: statuses (200, 503, failed, unanswered), latencies
+    with a long tail, a marker on some answers."""
+    rng = np.random.default_rng(seed)
+    status = rng.choice(np.array([200, 200, 200, 503, -1, 0]), size)
+    latency = np.where(status == 200, rng.lognormal(-5, 1.2, size), math.nan)
+    return {
+        "kinds": rng.integers(0, 3, size),
+        "status": status,
+        "sent": np.where(status == 0, math.nan, 0.0),
+        "latency_s": latency,
+        "marked": rng.random(size) < 0.3,
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 400)), min_size=1, max_size=5))
+def test_merged_rounds_are_the_split_of_all_their_requests_together(rounds: list[tuple[int, int]]) -> None:
+    # Brute force: merging each round's split must give what splitting every request of
+    # every round at once gives (percentiles over the pooled samples, not averaged).
+    labels, deadlines = ("a", "b", "a"), np.array([0.005, 0.02, 0.01])
+    parts = [_outcomes(seed, size) for seed, size in rounds]
+    merged = {
+        label: merge_label_results([split_by_label(labels, deadlines_s=deadlines, **part)[label] for part in parts])
+        for label in ("a", "b")
+    }
+    everything = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    whole = split_by_label(labels, deadlines_s=deadlines, **everything)
+    for label in ("a", "b"):
+        one, other = merged[label], whole[label]
+        assert (one.scheduled, one.sent, one.ok, one.errors, one.unfinished, one.statuses) == (
+            other.scheduled, other.sent, other.ok, other.errors, other.unfinished, other.statuses,
+        )  # fmt: skip
+        assert (one.within_deadline, one.marked, one.throttled) == (other.within_deadline, other.marked, 0)
+        assert one.latency.count == other.latency.count
+        for figure in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "mean_ms"):
+            got, want = getattr(one.latency, figure), getattr(other.latency, figure)
+            assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want), figure
+
+
+def test_a_summary_without_its_samples_cannot_be_merged() -> None:
+    full = summarize(np.array([0.001, 0.002]))
+    stripped = dataclasses.replace(full, samples_ms=None)
+    with pytest.raises(ValueError, match="kept no samples"):
+        merge_summaries([full, stripped])
+    assert merge_summaries([full, dataclasses.replace(summarize(np.empty(0)), samples_ms=None)]).count == 2
+    assert math.isnan(merge_summaries([]).p99_ms)
 
 
 # -- a real run ---------------------------------------------------------------------------
@@ -346,6 +401,33 @@ def test_a_labelled_run_splits_its_window_by_label_with_goodput_and_marked_answe
     assert data["by_label"]["sheddable"]["statuses"] == {"503": 34}
     assert data["by_label"]["critical"]["within_deadline"] == 33
     assert data["marked"] == 33
+
+
+def test_two_rounds_of_a_plan_merge_into_one_run_of_twice_the_window(
+    kinds_server: int, generator: LoadGenerator
+) -> None:
+    plan = LoadPlan(
+        host="127.0.0.1", port=kinds_server, requests=(post_request("/fast", b"{}"), post_request("/shed", b"{}")),
+        labels=("critical", "sheddable"), deadlines_ms=(50.0, 50.0), rate=100, duration_s=1.0, warmup_s=0.3,
+        arrivals=Arrivals.UNIFORM, max_p99_lag_s=0.005,
+    )  # fmt: skip
+    first, second = generator.run(plan), generator.run(dataclasses.replace(plan, seed=1))
+    both = merge_results([first, second])
+
+    assert both.duration_s == 2.0
+    assert both.scheduled == first.scheduled + second.scheduled == 200
+    assert both.ok_rate == pytest.approx((first.ok + second.ok) / 2.0)
+    assert both.statuses == {200: first.ok + second.ok, 503: 100}
+    critical = both.by_label["critical"]
+    assert critical.latency.count == first.by_label["critical"].ok + second.by_label["critical"].ok == 100
+    assert critical.latency.max_ms == max(first.latency.max_ms, second.latency.max_ms)
+    assert both.lag.fell_behind == (first.lag.fell_behind or second.lag.fell_behind)
+    assert both.generator_cpu_s == pytest.approx(first.generator_cpu_s + second.generator_cpu_s)
+    assert merge_results([first]) is first
+    data = json.loads(json.dumps(both.to_dict()))  # the samples stay out of the JSON
+    assert "samples_ms" not in data["latency"]
+    assert "samples_ms" not in data["by_label"]["critical"]["latency"]
+    assert data["by_label"]["critical"]["latency"]["count"] == 100
 
 
 def test_a_run_without_labels_has_no_split(kinds_server: int, generator: LoadGenerator) -> None:

@@ -89,6 +89,7 @@ def sample_report() -> dict[str, Any]:
         "settings": {
             "steps": [1, 3, 5, 10],
             "duration_s": 30,
+            "rounds": 3,
             "warmup_s": 2,
             "mix": {"critical": 0.2, "sheddable": 0.8},
             "tenants": {"acme": 1.0},
@@ -122,6 +123,7 @@ def sample_report() -> dict[str, Any]:
             "p99_met": False,
             "critical_success_10x": 0.999,
             "success_met": True,
+            "per_round_p99_3x_over_1x": [2.61, 3.2, None],
         },
         "cost": {
             "per_1k": {name: cost for name, *_, cost in STEPS},
@@ -235,6 +237,8 @@ def test_the_verdict_names_the_first_broken_step_and_why() -> None:
     assert "critical (SLO p99 50 ms, success 99.9%): first broke at 10x: p99 61 ms > SLO 50 ms" in lines
     assert "sheddable (SLO p99 200 ms, success 50.0%): held its SLO at every judged step" in lines
     assert "overload bar: critical p99 at 3x / 1x 2.85 (not met), critical success at 10x 99.90% (met)" in lines
+    assert "  3x / 1x round by round (each pair ran side by side): 2.61, 3.20, -" in lines
+    assert "duration:              30 s a step in 3 interleaved rounds, each after 2 s of warm-up" in lines
 
 
 def test_a_class_without_an_slo_is_not_called_held() -> None:

@@ -3,6 +3,7 @@ cost figures, the fault timeline and the command line's parsers (no server, no n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -12,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from featurestore.errors import ConfigError
-from serving.loadgen import LagVerdict, LatencySummary, LoadResult
+from serving.loadgen import LagVerdict, LatencySummary, LoadResult, split_by_label
+from serving.loadgen import summarize as latency_summary
 from tenx.commands.loadtest import entity_keys, multiples, seconds, slo_overrides
 from tenx.loadtest.faults import Fault, default_commands, injected, parse_fault, summarize
 from tenx.loadtest.run import parse_shares
@@ -28,7 +31,9 @@ from tenx.loadtest.steps import (
     Samples,
     Slo,
     Step,
+    StepSettings,
     Target,
+    combine_rounds,
     cost_summary,
     critical_only,
     find_capacity,
@@ -413,6 +418,7 @@ def test_overload_bar_met_at_its_edges() -> None:
         "p99_met": True,
         "critical_success_10x": 0.999,
         "success_met": True,
+        "per_round_p99_3x_over_1x": [],  # steps run in one round each: no pairs
     }
 
 
@@ -427,6 +433,7 @@ def test_overload_bar_missed() -> None:
         "p99_met": False,
         "critical_success_10x": 0.998,
         "success_met": False,
+        "per_round_p99_3x_over_1x": [],
     }
 
 
@@ -441,6 +448,7 @@ def test_overload_bar_is_none_for_a_step_missing_or_not_reported() -> None:
         "p99_met": None,
         "critical_success_10x": None,
         "success_met": None,
+        "per_round_p99_3x_over_1x": [],
     }
 
 
@@ -883,3 +891,88 @@ def test_parse_shares_unknown_class_and_nothing_positive() -> None:
 def test_parse_shares_refuses_nan_and_inf(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_shares(text, what="--mix", allowed=CLASSES)
+
+
+# -- rounds --------------------------------------------------------------------------------
+
+
+def _round(latencies_ms: list[float], *, name: str = "1x", reported: bool = True, shed: int = 0) -> Step:
+    """A step of one round: `latencies_ms` critical answers (2xx), `shed` sheddable 503s,
+    and the server's counters of AFTER - BEFORE."""
+    ok = len(latencies_ms)
+    kinds = np.array([0] * ok + [1] * shed)
+    status = np.array([200] * ok + [503] * shed)
+    latency = np.array(latencies_ms + [math.nan] * shed) / 1000
+    by_label = split_by_label(("critical", "sheddable"), kinds, status=status, sent=np.zeros(ok + shed),
+                              latency_s=latency, deadlines_s=None, marked=None)  # fmt: skip
+    result = dataclasses.replace(
+        _result(scheduled=ok + shed, ok=ok, statuses={200: ok, 503: shed} if shed else {200: ok}, duration_s=10.0),
+        latency=latency_summary(latency[:ok]), by_label=by_label,
+    )  # fmt: skip
+    step = Step(name, 1.0, result, reported, None if reported else FELL_BEHIND)
+    step.counters = {key: value - BEFORE.get(key, 0.0) for key, value in AFTER.items()}
+    return step
+
+
+def test_rounds_combine_into_one_step_over_all_their_requests() -> None:
+    fast, slow = [2.0 + i / 100 for i in range(300)], [4.0 + i / 50 for i in range(300)]
+    step = combine_rounds([_round(fast, shed=50), _round(slow, shed=100)])
+    figures = step.as_dict()
+    critical = figures["classes"]["critical"]
+    assert critical["p99_ms"] == pytest.approx(np.percentile(fast + slow, 99))  # pooled, not averaged
+    assert critical["p50_ms"] == pytest.approx(np.percentile(fast + slow, 50))
+    assert figures["offered_per_s"] == pytest.approx((600 + 150) / 20.0)
+    assert figures["classes"]["sheddable"]["shed"] == 1.0
+    assert [r["classes"]["critical"]["p99_ms"] for r in figures["rounds"]] == [
+        pytest.approx(np.percentile(fast, 99)), pytest.approx(np.percentile(slow, 99)),
+    ]  # fmt: skip
+    # The counters add up: twice the dollars and predictions of one round, the same price.
+    assert figures["cost"]["dollars"] == pytest.approx(0.08)
+    assert figures["cost"]["per_1k_predictions"] == pytest.approx(0.002)
+    assert figures["server"]["shed_by_reason"] == {"overload": 80.0, "deadline": 14.0}
+    assert figures["server"]["rows_per_batch"] == pytest.approx(16.0)
+    assert figures["reported"] is True
+
+
+def test_a_round_the_generator_fell_behind_in_leaves_the_step_unreported() -> None:
+    step = combine_rounds([_round([1.0] * 10), _round([1.0] * 10, reported=False)])
+    assert not step.reported
+    assert step.note == f"round 2: {FELL_BEHIND}"
+    assert combine_rounds([one := _round([1.0])]) is one
+    assert one.as_dict()["rounds"] == [{"reported": True, "classes": {
+        "critical": {"p50_ms": 1.0, "p99_ms": 1.0, "success": 1.0},
+        "sheddable": {"p50_ms": None, "p99_ms": None, "success": None},
+    }}]  # fmt: skip
+
+
+def test_overload_bar_pairs_the_rounds_that_ran_side_by_side() -> None:
+    def with_rounds(name: str, p99s: list[float | None]) -> dict[str, Any]:
+        step = _judged(name, True, critical=(10.0, 1.0))
+        step["rounds"] = [{"classes": {"critical": {"p99_ms": p99}}} for p99 in p99s]
+        return step
+
+    steps = [with_rounds("1x", [10.0, 8.0, 12.0]), with_rounds("3x", [12.0, 16.0, None])]
+    assert overload_bar(steps)["per_round_p99_3x_over_1x"] == [pytest.approx(1.2), pytest.approx(2.0), None]
+    uneven = [with_rounds("1x", [10.0, 8.0]), with_rounds("3x", [12.0])]
+    assert overload_bar(uneven)["per_round_p99_3x_over_1x"] == []
+
+
+def test_the_steps_run_in_interleaved_rounds_and_are_pooled(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tenx.loadtest import run
+
+    ran: list[tuple[str, float, float]] = []
+
+    def fake_run_step(generator: Any, target: Any, mix: Any, rate: float, settings: Any, **kw: Any) -> Step:
+        ran.append((kw["name"], rate, settings.duration_s))
+        return _round([float(len(ran))] * 100, name=kw["name"])
+
+    monkeypatch.setattr(run, "run_step", fake_run_step)
+    options = run.Options(target=MODEL, steps=(1.0, 3.0), duration_s=30.0, rounds=3)
+    said: list[str] = []
+    steps = run._run_steps(None, options, None, StepSettings(duration_s=30.0, warmup_s=1.0), 200.0,  # type: ignore[arg-type]
+                           lambda: 0, said.append)  # fmt: skip
+    assert ran == [("1x", 200.0, 10.0), ("3x", 600.0, 10.0)] * 3  # 1x 3x, 1x 3x, 1x 3x: 10 s each
+    assert [step.name for step in steps] == ["1x", "3x"]
+    assert [r["classes"]["critical"]["p99_ms"] for r in steps[1].as_dict()["rounds"]] == [2.0, 4.0, 6.0]
+    assert steps[1].result.duration_s == 30.0
+    assert said[-3] == "each step over its 3 rounds:"
