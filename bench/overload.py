@@ -31,7 +31,12 @@ them (an overloaded server refuses a sheddable request from its header, unread).
    overload the server. Then `--step-s` at 1x, 3x, 5x and 10x (`--multiples`) against
    (a) the server as it ships (priorities, admission by class, shedding) and (b) the same
    server restarted with `--no-shedding` (one FIFO queue with only its row bound, every
-   class alike): the baseline, measured in the same run.
+   class alike): the baseline, measured in the same run. Each server's steps run in
+   `--rounds` interleaved rounds (1x 3x 5x 10x, again, ...) of `--step-s / rounds` each,
+   and each step's figures are taken over all its rounds' requests: this machine's speed
+   drifts over minutes (the same 1x load: 6.7 ms p99, then 13.1 ms), and rounds spread
+   every step over the same stretch of time instead of comparing one minute with the
+   next. Each round's critical p99 and the 3x/1x ratio of each pair stay in the JSON.
 3. Per step and class: offered rate, p50/p99 of 2xx answers, the shares of the requests
    answered 2xx (success), 503 (shed), 429 (over quota), 504 (deadline passed before
    scoring), anything else (no answer within the drain, a broken connection); the share
@@ -60,7 +65,7 @@ bench/results/overload.json (or --out). Only localhost traffic; every loop is bo
 count or a clock; every key written is deleted.
 
     eval "$(scripts/services up --only redis)"
-    python bench/overload.py                    # 2-3 minutes on 2 cores
+    python bench/overload.py                    # about 5 minutes on 2 cores
     python bench/overload.py --skip-baseline    # the shedding server alone (no --no-shedding run)
     python bench/overload.py --smoke            # under a minute; JSON in a temp folder (CI)
 """
@@ -108,7 +113,14 @@ from bench.serving import (  # noqa: E402
     process,
     table,
 )
-from serving.loadgen import LabelResult, LoadGenerator, LoadPlan, LoadResult, post_request  # noqa: E402
+from serving.loadgen import (  # noqa: E402
+    LabelResult,
+    LoadGenerator,
+    LoadPlan,
+    LoadResult,
+    merge_results,
+    post_request,
+)
 
 RESULTS = ROOT / "bench" / "results"
 CLASSES = ("critical", "sheddable")
@@ -290,8 +302,10 @@ def run_step(
     *,
     seed: int,
     capacity_per_s: float | None,
+    keep_result: bool = False,
 ) -> dict[str, Any]:
-    """One open-loop run of the mix at `rate`, split by class."""
+    """One open-loop run of the mix at `rate`, split by class (with `keep_result`, the
+    LoadResult itself under "_result", for `merge_rounds`; it is not JSON)."""
     plan = LoadPlan(
         host="127.0.0.1",
         port=server.port,
@@ -320,7 +334,8 @@ def run_step(
     }
     server_counts = counter_deltas(counted, scrape(server.port, SERVER_COUNTERS))
     gauges = scrape(server.port, SERVER_GAUGES)
-    time.sleep(settings.pause_s)  # the server's queue drains before the next step
+    time.sleep(settings.pause_s)
+    drained_s = wait_idle(server.port)  # the next step (after 10x, the next round's 1x) starts on empty queues
     classes = {label: class_figures(part, result.duration_s, capacity_per_s) for label, part in result.by_label.items()}
     return {
         "rate": rate,
@@ -334,7 +349,70 @@ def run_step(
         "waited_for_connection": result.waited_for_connection,
         "connections": result.connections,
         "cpu": cpu,
+        "drained_s": drained_s,
         "result": result.to_dict(),
+        **({"_result": result} if keep_result else {}),
+    }
+
+
+def wait_idle(port: int, *, timeout_s: float = 30.0) -> float:
+    """Seconds until every model's queue is empty (GET /health/ready's `queued_rows`),
+    at most `timeout_s`. With steps in rounds, 1x follows 10x: the FIFO baseline still
+    held seconds of 10x work a second after it, and its next 1x round inherited it
+    (16% of critical requests refused at 1x in the first run with rounds)."""
+    began = time.perf_counter()
+    while (waited := time.perf_counter() - began) < timeout_s:
+        _, body = http_get(port, "/health/ready")
+        try:
+            models = json.loads(body).get("models")
+        except ValueError:
+            models = None
+        if isinstance(models, list) and not any(model.get("queued_rows") for model in models):
+            return waited
+        time.sleep(0.2)
+    return waited
+
+
+def merge_rounds(dones: list[dict[str, Any]], settings: StepSettings, capacity_per_s: float) -> dict[str, Any]:
+    """One step from its rounds (`run_step(..., keep_result=True)` each): figures over all
+    their requests together (percentiles of the pooled latencies), the server's counters
+    summed, the generator's worst lag, and each round's own critical figures."""
+    result = merge_results([done.pop("_result") for done in dones])
+    for done in dones:
+        for void in done["void_runs"]:
+            void.pop("_result", None)
+    shed: dict[str, float] = {}
+    for done in dones:
+        for reason, count in (done["server_shed_by_reason"] or {}).items():
+            shed[reason] = shed.get(reason, 0.0) + count
+    fallbacks = [done["fallbacks"] for done in dones]
+    return {
+        "rate": dones[0]["rate"],
+        **generator_verdicts(result, settings),
+        "classes": {
+            label: class_figures(part, result.duration_s, capacity_per_s) for label, part in result.by_label.items()
+        },
+        "all": total_figures(result, capacity_per_s),
+        "fallbacks": None if any(f is None for f in fallbacks) else sum(fallbacks),
+        "server_shed_by_reason": shed if any(done["server_shed_by_reason"] is not None for done in dones) else None,
+        "server_limits_after": dones[-1]["server_limits_after"],
+        "drained_s": max(done["drained_s"] for done in dones),
+        "send_rate": result.lag.send_rate,
+        "waited_for_connection": result.waited_for_connection,
+        "connections": result.connections,
+        "cpu": {key: float(np.mean([done["cpu"][key] for done in dones])) for key in dones[0]["cpu"]},
+        "result": result.to_dict(),
+        "rounds": [
+            {
+                "latency_judged": done["latency_judged"],
+                "classes": {
+                    label: {key: figures[key] for key in ("p50_ms", "p99_ms", "success")}
+                    for label, figures in done["classes"].items()
+                },
+            }
+            for done in dones
+        ],
+        "void_runs": [void for done in dones for void in done["void_runs"]],
     }
 
 
@@ -350,6 +428,7 @@ def judged_step(
     seeds: Callable[[], int],
     capacity_per_s: float | None,
     accept: Callable[[dict[str, Any]], bool],
+    keep_result: bool = False,
 ) -> dict[str, Any]:
     """`run_step`, run again (up to `settings.retries` times) until `accept` takes it: a
     generator verdict a target needs failed, or a capacity-search step was refused (one
@@ -357,7 +436,10 @@ def judged_step(
     kept in the JSON."""
     void: list[dict[str, Any]] = []
     for attempt in range(settings.retries + 1):
-        done = run_step(generator, server, mix, rate, settings, admin, seed=seeds(), capacity_per_s=capacity_per_s)
+        done = run_step(
+            generator, server, mix, rate, settings, admin, seed=seeds(), capacity_per_s=capacity_per_s,
+            keep_result=keep_result,
+        )  # fmt: skip
         print(describe_step(name + (" (again)" if attempt else ""), done), file=sys.stderr)
         if accept(done):
             break
@@ -511,16 +593,36 @@ def run_multiples(
     name: str,
     seeds: Callable[[], int],
     capacity_per_s: float,
+    rounds: int,
 ) -> dict[str, dict[str, Any]]:
-    steps = {}
-    for multiple in multiples:
-        verdict = "latency_judged" if multiple in LATENCY_JUDGED else "load_offered"  # what its target reads
-        done = judged_step(
-            generator, server, mix, multiple * base_rate, settings, admin, name=f"{name} {multiple:g}x", seeds=seeds,
-            capacity_per_s=capacity_per_s, accept=operator.itemgetter(verdict),
-        )  # fmt: skip
-        steps[f"{multiple:g}x"] = {**done, "multiple": multiple}
-    return steps
+    """Every multiple, in `rounds` interleaved rounds of `settings.step_s / rounds`, each
+    multiple's rounds merged (`merge_rounds`)."""
+    each = replace(settings, step_s=settings.step_s / rounds)
+    ran: dict[float, list[dict[str, Any]]] = {multiple: [] for multiple in multiples}
+    for number in range(1, rounds + 1):
+        for multiple in multiples:
+            verdict = "latency_judged" if multiple in LATENCY_JUDGED else "load_offered"  # what its target reads
+            label = f"{name} {multiple:g}x" + (f" (round {number}/{rounds})" if rounds > 1 else "")
+            done = judged_step(
+                generator, server, mix, multiple * base_rate, each, admin, name=label, seeds=seeds,
+                capacity_per_s=capacity_per_s, accept=operator.itemgetter(verdict), keep_result=True,
+            )  # fmt: skip
+            ran[multiple].append(done)
+    return {
+        f"{multiple:g}x": {**merge_rounds(ran[multiple], each, capacity_per_s), "multiple": multiple}
+        for multiple in multiples
+    }
+
+
+def round_ratios(steps: dict[str, dict[str, Any]], low: str, high: str) -> list[float | None]:
+    """Critical p99 of each round at `high` over the same round at `low` (they ran side by side)."""
+    lows, highs = (steps.get(low) or {}).get("rounds") or [], (steps.get(high) or {}).get("rounds") or []
+    ratios: list[float | None] = []
+    for a, b in zip(lows, highs, strict=False):
+        p99_low = a["classes"].get("critical", {}).get("p99_ms")
+        p99_high = b["classes"].get("critical", {}).get("p99_ms")
+        ratios.append(p99_high / p99_low if p99_low and p99_high is not None else None)
+    return ratios if len(lows) > 1 else []
 
 
 # -- report -------------------------------------------------------------------------------
@@ -608,7 +710,12 @@ def main() -> None:
         "--sheddable-deadline-ms", type=float, default=1000.0, help="deadline_ms of sheddable requests."
     )
     parser.add_argument("--tenant", default="bench", help="The tenant every request names.")
-    parser.add_argument("--step-s", type=float, default=5.0, help="Seconds of each step at a multiple of 1x.")
+    parser.add_argument(
+        "--step-s", type=float, default=15.0, help="Seconds of each step at a multiple of 1x (all its rounds)."
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="Interleaved rounds each step is split into and pooled over."
+    )
     parser.add_argument("--search-s", type=float, default=2.0, help="Seconds of each step of the capacity search.")
     parser.add_argument("--warmup-s", type=float, default=1.0, help="Seconds sent but not counted before each step.")
     parser.add_argument("--pause-s", type=float, default=1.0, help="Idle seconds after each step (queues drain).")
@@ -667,6 +774,7 @@ def main() -> None:
         lambda folder: {
             "entities": 2_000,
             "step_s": 1.0,
+            "rounds": 2,
             "search_s": 0.8,
             "warmup_s": 0.2,
             "pause_s": 0.3,
@@ -692,6 +800,8 @@ def main() -> None:
         problems.append("0 < --critical-share < 1 and 0 < --base-share <= 1")
     if not multiples or min(multiples) <= 0:
         problems.append("--multiples must be positive")
+    if args.rounds < 1:
+        problems.append("--rounds >= 1")
     if min(args.step_s, args.search_s, args.critical_deadline_ms, args.sheddable_deadline_ms) <= 0:
         problems.append("--step-s, --search-s and the deadlines must be positive")
     if args.factor <= 1 or args.start_rate <= 0:
@@ -795,6 +905,7 @@ def main() -> None:
                         "steps": run_multiples(
                             generator, server, mix, base_rate, multiples, settings, admin, name=mode,
                             seeds=lambda: next(seed_counter), capacity_per_s=capacity["offered_per_s"],
+                            rounds=args.rounds,
                         ),
                     }  # fmt: skip
     finally:
@@ -833,6 +944,7 @@ def main() -> None:
             f"critical_p99_ms_at_{low_key}": p99_low,
             f"critical_p99_ms_at_{middle_key}": p99_middle,
             f"critical_p99_{middle_key}_vs_{low_key}": p99_middle / p99_low if p99_middle and p99_low else None,
+            f"critical_p99_{middle_key}_vs_{low_key}_per_round": round_ratios(shedding, low_key, middle_key),
             f"critical_success_at_{top_key}": success_top,
             f"critical_in_time_at_{top_key}": critical(shedding, top_key, "in_time", needs="load_offered"),
             f"critical_p99_ms_at_{top_key}": critical(shedding, top_key, "p99_ms", needs="load_offered"),
@@ -860,7 +972,12 @@ def main() -> None:
     target_lines = [
         f"  critical p99 at {middle_key}: {number(p99_middle, '{:.2f}')} ms vs 1.5 x {number(p99_low, '{:.2f}')} ms "
         f"at {low_key} (target <= 1.5x): "
-        + mark(targets[f"critical_p99_at_{middle_key}_le_1.5x_{low_key}"], not_measured),
+        + mark(targets[f"critical_p99_at_{middle_key}_le_1.5x_{low_key}"], not_measured)
+        + (
+            f"; round by round {', '.join(number(r, '{:.2f}') for r in per_round)}"
+            if (per_round := figures["shedding"][f"critical_p99_{middle_key}_vs_{low_key}_per_round"])
+            else ""
+        ),
         f"  critical success (2xx) at {top_key}: {percent(success_top, 2)}% (target >= 99.9%): "
         + mark(targets[f"critical_success_at_{top_key}_ge_99.9pct"], not_measured)
         + f"; within the deadline: {percent(figures['shedding'][f'critical_in_time_at_{top_key}'], 2)}%",

@@ -339,6 +339,7 @@ def run_step(
             result = generator.run(plan)
         after = server_samples(target)
         time.sleep(settings.pause_s)
+        wait_idle(target)
         lag = result.schedule_lag_p99_ms
         reported = lag <= settings.max_lag_ms
         note = None if reported else f"p99 send lag {lag:.1f} ms > {settings.max_lag_ms:g} ms"
@@ -356,6 +357,28 @@ def run_step(
 # -- the server's counters -----------------------------------------------------------------
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def wait_idle(target: Target, *, timeout_s: float = 30.0) -> float:
+    """Seconds until the model server's queues are empty (every model's `queued_rows` in
+    GET /health/ready), at most `timeout_s`; 0 for a feature API. The next step (in
+    rounds, a 1x right after a 10x) must not inherit the last one's backlog: a FIFO
+    server still held seconds of 10x work after the pause."""
+    if target.kind != "model-server":
+        return 0.0
+    import httpx
+
+    headers = {"authorization": f"Bearer {target.token}"} if target.token else {}
+    began = time.monotonic()
+    while (waited := time.monotonic() - began) < timeout_s:
+        try:
+            models = httpx.get(f"{target.url.rstrip('/')}/health/ready", headers=headers, timeout=5).json()["models"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return waited  # no readiness figures to wait on: the pause is all there is
+        if not any(model.get("queued_rows") for model in models):
+            return waited
+        time.sleep(0.2)
+    return waited
 
 
 def server_samples(target: Target) -> Samples:

@@ -976,3 +976,30 @@ def test_the_steps_run_in_interleaved_rounds_and_are_pooled(monkeypatch: pytest.
     assert [r["classes"]["critical"]["p99_ms"] for r in steps[1].as_dict()["rounds"]] == [2.0, 4.0, 6.0]
     assert steps[1].result.duration_s == 30.0
     assert said[-3] == "each step over its 3 rounds:"
+
+
+def test_the_next_step_waits_for_the_servers_queues_to_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from tenx.loadtest.steps import wait_idle
+
+    backlog = [900, 300, 0]
+    asked: list[str] = []
+
+    def ready(url: str, **_: Any) -> httpx.Response:
+        asked.append(url)
+        rows = backlog.pop(0) if backlog else 0
+        return httpx.Response(503 if rows else 200, json={"models": [{"model": "churn", "queued_rows": rows}]})
+
+    monkeypatch.setattr(httpx, "get", ready)
+    monkeypatch.setattr(time, "sleep", lambda _: None)
+    wait_idle(MODEL)
+    assert asked == ["http://10.1.2.3:8081/health/ready"] * 3  # until the third answer's empty queue
+    assert wait_idle(FEATURES) == 0.0  # a feature API has no queue figures: not asked
+    assert len(asked) == 3
+
+    def down(url: str, **_: Any) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    monkeypatch.setattr(httpx, "get", down)
+    wait_idle(MODEL)  # nothing to wait on: returns at once instead of failing the step
