@@ -50,7 +50,7 @@ import multiprocessing
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, cast
@@ -294,25 +294,31 @@ class LabelResult:
         return data
 
 
+def _summed_statuses(counts: Iterable[dict[int, int]]) -> dict[int, int]:
+    total: collections.Counter[int] = collections.Counter()
+    for one in counts:
+        total.update(one)
+    return dict(sorted(total.items()))
+
+
+def _sum_or_none(values: Sequence[int | None]) -> int | None:
+    """The sum, or None when any run did not count it."""
+    return None if any(value is None for value in values) else sum(cast(int, value) for value in values)
+
+
 def merge_label_results(parts: Sequence[LabelResult]) -> LabelResult:
     """One label's figures over several runs (see `merge_results`)."""
 
-    def optional(values: Sequence[int | None]) -> int | None:
-        return None if any(value is None for value in values) else sum(cast(int, value) for value in values)
-
-    statuses: collections.Counter[int] = collections.Counter()
-    for part in parts:
-        statuses.update(part.statuses)
     return LabelResult(
         scheduled=sum(part.scheduled for part in parts),
         sent=sum(part.sent for part in parts),
         ok=sum(part.ok for part in parts),
-        statuses=dict(sorted(statuses.items())),
+        statuses=_summed_statuses(part.statuses for part in parts),
         errors=sum(part.errors for part in parts),
         unfinished=sum(part.unfinished for part in parts),
         latency=merge_summaries([part.latency for part in parts]),
-        within_deadline=optional([part.within_deadline for part in parts]),
-        marked=optional([part.marked for part in parts]),
+        within_deadline=_sum_or_none([part.within_deadline for part in parts]),
+        marked=_sum_or_none([part.marked for part in parts]),
         throttled=sum(part.throttled for part in parts),
     )
 
@@ -494,9 +500,6 @@ def merge_results(results: Sequence[LoadResult]) -> LoadResult:
         return results[0]
     first = results[0]
     duration = sum(result.duration_s for result in results)
-    statuses: collections.Counter[int] = collections.Counter()
-    for result in results:
-        statuses.update(result.statuses)
     lags = [result.lag for result in results]
     lag = LagVerdict(
         p50_ms=max(verdict.p50_ms for verdict in lags),
@@ -508,7 +511,6 @@ def merge_results(results: Sequence[LoadResult]) -> LoadResult:
         reason="; ".join(dict.fromkeys(verdict.reason for verdict in lags if verdict.reason)),
     )
     labels = list(dict.fromkeys(label for result in results for label in result.by_label))
-    marked = [result.marked for result in results]
     return LoadResult(
         offered_rate=first.offered_rate,
         duration_s=duration,
@@ -516,7 +518,7 @@ def merge_results(results: Sequence[LoadResult]) -> LoadResult:
         sent=sum(result.sent for result in results),
         completed=sum(result.completed for result in results),
         ok=sum(result.ok for result in results),
-        statuses=dict(sorted(statuses.items())),
+        statuses=_summed_statuses(result.statuses for result in results),
         errors=sum(result.errors for result in results),
         unfinished=sum(result.unfinished for result in results),
         error_samples=tuple(dict.fromkeys(s for r in results for s in r.error_samples))[:MAX_ERROR_SAMPLES],
@@ -530,7 +532,7 @@ def merge_results(results: Sequence[LoadResult]) -> LoadResult:
         by_label={
             label: merge_label_results([r.by_label[label] for r in results if label in r.by_label]) for label in labels
         },
-        marked=None if any(m is None for m in marked) else sum(cast(int, m) for m in marked),
+        marked=_sum_or_none([result.marked for result in results]),
         throttled=sum(result.throttled for result in results),
         timeline=None,
         started_epoch_s=first.started_epoch_s,
