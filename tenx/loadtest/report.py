@@ -485,12 +485,32 @@ def _draw_latency(figure: Figure, report: Report) -> None:
             drawn |= _line(
                 axes, positions, values, positive=True, color=color, linestyle=linestyle, marker="o", label=label
             )
+        _round_points(axes, positions, steps, name, color)
         if (slo := _finite(_dig(_slo(report, name), "p99_ms"))) is not None:
             axes.axhline(slo, color=color, linestyle=":", linewidth=1, label=f"{name} SLO p99")
     _log_or_empty(axes, drawn)
     _mark_not_judged(axes, positions, steps)
     axes.set(ylabel="ms", title="Latency per class")
     _legend(axes)
+
+
+def _round_points(
+    axes: Axes, positions: Sequence[int], steps: Sequence[Mapping[str, Any]], name: str, color: str
+) -> None:
+    """Each round's p99 of the class as a hollow point beside the step's pooled p99, when
+    the steps ran in rounds: how far the machine moved shows as their spread."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for x, step in zip(positions, steps, strict=True):
+        rounds = step.get("rounds") or []
+        if len(rounds) < 2:
+            continue
+        for number, one in enumerate(rounds):
+            if (y := _finite(_dig(one, "classes", name, "p99_ms"))) is not None and y > 0:
+                xs.append(x + 0.06 * (number - (len(rounds) - 1) / 2))
+                ys.append(y)
+    if xs:
+        axes.scatter(xs, ys, s=14, facecolors="none", edgecolors=color, linewidths=0.8, label=f"{name} p99 per round")
 
 
 def _draw_throughput(figure: Figure, report: Report) -> None:
@@ -608,7 +628,8 @@ _PLOTS: dict[str, _Plot] = {
     "latency": _Plot(
         _draw_latency,
         (8, 4.5),
-        "p50 (dashed) and p99 (solid) per class at each load step, log scale; dotted: the class's p99 SLO",
+        "p50 (dashed) and p99 (solid) per class at each load step, log scale; hollow points: each round's p99; "
+        "dotted: the class's p99 SLO",
     ),
     "throughput": _Plot(
         _draw_throughput,

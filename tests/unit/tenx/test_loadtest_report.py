@@ -59,6 +59,10 @@ def _step(
         "all": _figures(offered, critical[0] * 2, sheddable_p99, sheddable_p99 * 1.5, shed * 0.8),
         "cost": {"per_1k_predictions": cost, "dollars": cost * offered * 30 / 1000, "predictions": int(offered * 300)},
         "server": {"shed_by_reason": {"overload": 10, "evicted": 0}, "fallbacks": 0},
+        "rounds": [
+            {"reported": True, "classes": {"critical": {"p99_ms": critical[1] * scale}, "sheddable": {"p99_ms": None}}}
+            for scale in (0.8, 1.0, 1.3)
+        ],
     }
 
 
@@ -328,6 +332,16 @@ def test_html_is_one_self_contained_page_with_a_plot_per_block(tmp_path: Path) -
     assert "<title>tenx loadtest: model mlp (2026-12-07T00:10:00Z)</title>" in page
     assert "<td>critical</td>" in page
     assert "first broke at 10x: p99 61 ms &gt; SLO 50 ms" in page
+    assert "critical p99 per round" in page  # the steps ran in rounds: each round's p99 is drawn too
+
+
+def test_the_latency_plot_draws_each_rounds_p99_only_when_there_were_rounds() -> None:
+    report = sample_report()
+    for step in report["steps"]:
+        step.pop("rounds", None)
+    assert "p99 per round" not in html_report(report)
+    report["steps"][1]["rounds"] = [{"classes": {"critical": {"p99_ms": 20.0}}}] * 1
+    assert "p99 per round" not in html_report(report)  # one round: nothing beside the pooled figure
 
 
 def test_html_escapes_the_strings_in_its_tables() -> None:
