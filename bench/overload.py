@@ -121,6 +121,7 @@ from serving.loadgen import (  # noqa: E402
     merge_results,
     post_request,
 )
+from tenx.loadtest.steps import Target, round_ratios, wait_idle  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 CLASSES = ("critical", "sheddable")
@@ -335,7 +336,9 @@ def run_step(
     server_counts = counter_deltas(counted, scrape(server.port, SERVER_COUNTERS))
     gauges = scrape(server.port, SERVER_GAUGES)
     time.sleep(settings.pause_s)
-    drained_s = wait_idle(server.port)  # the next step (after 10x, the next round's 1x) starts on empty queues
+    # The next step (after 10x, the next round's 1x) starts on empty queues: the FIFO
+    # baseline still held seconds of 10x work after the pause.
+    drained_s = wait_idle(Target("model-server", f"http://127.0.0.1:{server.port}", "-"))
     classes = {label: class_figures(part, result.duration_s, capacity_per_s) for label, part in result.by_label.items()}
     return {
         "rate": rate,
@@ -353,24 +356,6 @@ def run_step(
         "result": result.to_dict(),
         **({"_result": result} if keep_result else {}),
     }
-
-
-def wait_idle(port: int, *, timeout_s: float = 30.0) -> float:
-    """Seconds until every model's queue is empty (GET /health/ready's `queued_rows`),
-    at most `timeout_s`. With steps in rounds, 1x follows 10x: the FIFO baseline still
-    held seconds of 10x work a second after it, and its next 1x round inherited it
-    (16% of critical requests refused at 1x in the first run with rounds)."""
-    began = time.perf_counter()
-    while (waited := time.perf_counter() - began) < timeout_s:
-        _, body = http_get(port, "/health/ready")
-        try:
-            models = json.loads(body).get("models")
-        except ValueError:
-            models = None
-        if isinstance(models, list) and not any(model.get("queued_rows") for model in models):
-            return waited
-        time.sleep(0.2)
-    return waited
 
 
 def merge_rounds(dones: list[dict[str, Any]], settings: StepSettings, capacity_per_s: float) -> dict[str, Any]:
@@ -612,17 +597,6 @@ def run_multiples(
         f"{multiple:g}x": {**merge_rounds(ran[multiple], each, capacity_per_s), "multiple": multiple}
         for multiple in multiples
     }
-
-
-def round_ratios(steps: dict[str, dict[str, Any]], low: str, high: str) -> list[float | None]:
-    """Critical p99 of each round at `high` over the same round at `low` (they ran side by side)."""
-    lows, highs = (steps.get(low) or {}).get("rounds") or [], (steps.get(high) or {}).get("rounds") or []
-    ratios: list[float | None] = []
-    for a, b in zip(lows, highs, strict=False):
-        p99_low = a["classes"].get("critical", {}).get("p99_ms")
-        p99_high = b["classes"].get("critical", {}).get("p99_ms")
-        ratios.append(p99_high / p99_low if p99_low and p99_high is not None else None)
-    return ratios if len(lows) > 1 else []
 
 
 # -- report -------------------------------------------------------------------------------
@@ -944,7 +918,9 @@ def main() -> None:
             f"critical_p99_ms_at_{low_key}": p99_low,
             f"critical_p99_ms_at_{middle_key}": p99_middle,
             f"critical_p99_{middle_key}_vs_{low_key}": p99_middle / p99_low if p99_middle and p99_low else None,
-            f"critical_p99_{middle_key}_vs_{low_key}_per_round": round_ratios(shedding, low_key, middle_key),
+            f"critical_p99_{middle_key}_vs_{low_key}_per_round": round_ratios(
+                shedding.get(low_key), shedding.get(middle_key)
+            ),
             f"critical_success_at_{top_key}": success_top,
             f"critical_in_time_at_{top_key}": critical(shedding, top_key, "in_time", needs="load_offered"),
             f"critical_p99_ms_at_{top_key}": critical(shedding, top_key, "p99_ms", needs="load_offered"),

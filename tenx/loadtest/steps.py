@@ -578,11 +578,11 @@ def overload_bar(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "p99_met": None if ratio is None else ratio <= 1.5,
         "critical_success_10x": success_10x,
         "success_met": None if success_10x is None else success_10x >= 0.999,
-        "per_round_p99_3x_over_1x": _round_ratios(by_name.get("1x"), by_name.get("3x")) if ratio is not None else [],
+        "per_round_p99_3x_over_1x": round_ratios(by_name.get("1x"), by_name.get("3x")) if ratio is not None else [],
     }
 
 
-def _round_ratios(low: Mapping[str, Any] | None, high: Mapping[str, Any] | None) -> list[float | None]:
+def round_ratios(low: Mapping[str, Any] | None, high: Mapping[str, Any] | None) -> list[float | None]:
     """Critical p99 of round i at the high step over round i at the low step (the rounds
     ran side by side: the machine's drift between them is small), when there were rounds."""
     lows, highs = (low or {}).get("rounds") or [], (high or {}).get("rounds") or []
