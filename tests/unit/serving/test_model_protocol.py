@@ -46,13 +46,16 @@ class Served:
         return socket.create_connection(("127.0.0.1", self.port), timeout=10)
 
 
-def _serve(repo: DemoRepo, token: str | None = None) -> Iterator[Served]:
+def _serve(repo: DemoRepo, token: str | None = None, keep_alive_s: float = 5.0) -> Iterator[Served]:
     import uvicorn
 
     settings = ModelServerSettings(registry_dir=repo.settings.registry_dir)
     app = create_model_app(settings, repo.store(), token=token)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=PredictProtocol, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, http=PredictProtocol, log_level="warning", lifespan="on",
+        timeout_keep_alive=keep_alive_s,
+    )  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -188,6 +191,36 @@ def test_connection_close_and_wrong_tokens_take_the_full_path(repo: DemoRepo) ->
             assert status == 503
             assert body["reason"] == "overload"
             assert sock.recv(1) == b""  # it asked to close; the server did after answering
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout_and_not_before(repo: DemoRepo) -> None:
+    for served in _serve(repo, keep_alive_s=0.5):
+        served.hold_gate(0.02)
+        for priority in ("critical", "sheddable"):  # an answer through ASGI, then one from the headers
+            with served.connect() as sock:
+                sock.sendall(request(priority))
+                read_answers(sock, 1)
+                answered = time.monotonic()
+                assert sock.recv(1) == b""  # blocks (up to the socket's 10 s) until the server closes it
+                idle = time.monotonic() - answered
+                # (the server counts from its loop time at the answer, a little before the client has it)
+                assert 0.4 <= idle < 5.0, f"closed after {idle:.2f} s idle, timeout 0.5 s"
+
+
+def test_a_connection_in_use_outlives_many_keep_alive_timeouts(repo: DemoRepo) -> None:
+    """The timer armed when the connection first fell idle fires while it is busy again:
+    it must wait out a whole idle timeout from the last answer, not close it."""
+    for served in _serve(repo, keep_alive_s=1.0):
+        served.hold_gate(0.5)
+        with served.connect() as sock:
+            ends = time.monotonic() + 3.5
+            answers = 0
+            while time.monotonic() < ends:
+                sock.sendall(request("critical" if answers % 2 else "sheddable"))
+                read_answers(sock, 1)  # asserts the connection is open
+                answers += 1
+                time.sleep(0.15)
+            assert answers >= 10
 
 
 def _metrics(served: Served) -> str:
