@@ -694,6 +694,14 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=1.0, help="Seconds sent but not counted before each step.")
     parser.add_argument("--pause-s", type=float, default=1.0, help="Idle seconds after each step (queues drain).")
     parser.add_argument("--start-rate", type=float, default=250.0, help="First rate of the capacity search, req/s.")
+    parser.add_argument(
+        "--capacity",
+        type=float,
+        default=None,
+        metavar="REQ_PER_S",
+        help="Skip the capacity search and take this rate as the capacity (1x = --base-share of it): the same "
+        "offered rates for runs that compare two builds or settings; the search is noisier than their difference.",
+    )
     parser.add_argument("--factor", type=float, default=2.0, help="Rate multiplier between capacity-search steps.")
     parser.add_argument("--refine", type=int, default=3, help="Bisections between the last served rate and the next.")
     parser.add_argument("--max-steps", type=int, default=10, help="Most ramp steps of the capacity search.")
@@ -780,6 +788,8 @@ def main() -> None:
         problems.append("--step-s, --search-s and the deadlines must be positive")
     if args.factor <= 1 or args.start_rate <= 0:
         problems.append("--factor > 1 and --start-rate > 0")
+    if args.capacity is not None and args.capacity <= 0:
+        problems.append("--capacity > 0")
     if args.retries < 0 or not 0 < args.max_lag_ms <= args.max_offer_lag_ms:
         problems.append("--retries >= 0 and 0 < --max-lag-ms <= --max-offer-lag-ms")
     if problems:
@@ -857,6 +867,17 @@ def main() -> None:
                 ) as pid:
                     server = Server(port, pid)
                     check_answer(server, mix, args.entities_per_request)
+                    if base_rate is None and args.capacity is not None:
+                        capacity = {
+                            "server": mode,
+                            "offered_per_s": args.capacity,
+                            "requests_per_s": None,
+                            "refused_at": None,
+                            "stopped_by": "given (--capacity), not searched",
+                            "generator_bound": False,
+                            "steps": {},
+                        }
+                        base_rate = args.base_share * args.capacity
                     if base_rate is None:
                         print(f"capacity search ({mode} server) ...", file=sys.stderr)
                         capacity = find_capacity(
@@ -1025,7 +1046,9 @@ def main() -> None:
         f"{load_before:.2f}); {elapsed:.0f} s\n"
     )
     print(
-        f"capacity ({capacity['server']} server, 2xx >= 99%, p99 <= {args.max_p99_ms:g} ms): "
+        f"capacity ({capacity['server']} server, 2xx >= 99%, p99 <= {args.max_p99_ms:g} ms"
+        + (", given" if args.capacity is not None else "")
+        + "): "
         f"{capacity['offered_per_s']:,.0f} "
         f"req/s ({capacity['offered_per_s'] * args.entities_per_request:,.0f} predictions/s); refused at "
         f"{number(capacity['refused_at'], '{:,.0f}')}/s: {capacity['stopped_by']}"

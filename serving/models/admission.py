@@ -375,19 +375,24 @@ class Lane:
         self._clock = clock
         self._served: collections.deque[tuple[float, int]] = collections.deque()  # (finished at, rows)
         self._served_rows = 0
+        self.batch_rows = 0.0  # rows per batch taken, smoothed: what two batches hold when requests are big
 
     def bound(self) -> int:
         """Rows the queue admits in all: the rows the model serves in `queue_delay_ms`
-        (its batch limit over the fitted time of such a batch), at least two batches'
-        worth, at most `queue_rows`."""
+        (its batch limit over the fitted time of such a batch; before a fit, the rows it
+        served over the last second), at least two batches' worth, at most `queue_rows`.
+        A batch holds at least one request: with requests bigger than the batch limit,
+        every batch is one request, the batch sizes never vary, the cost model is never
+        fitted, and two batches are two requests, not twice the limit (a bound of 128
+        rows once left room for one 100-entity request and nothing else)."""
         settings = self.settings
         if not settings.shedding:
             return settings.queue_rows
         rows = self.limit.rows
         seconds = self.limit.seconds(rows)
-        if seconds is None:
-            return min(settings.queue_rows, 2 * rows)
-        return int(min(settings.queue_rows, max(2 * rows, rows / seconds * settings.queue_delay_ms / 1000)))
+        rate = rows / seconds if seconds else self.served_per_s()
+        floor = 2 * max(rows, math.ceil(self.batch_rows))
+        return int(min(settings.queue_rows, max(floor, rate * settings.queue_delay_ms / 1000)))
 
     def threshold(self, priority: Priority) -> int:
         """Queued rows below which `priority` is admitted. The loop-lag share cuts the
@@ -501,6 +506,7 @@ class Lane:
         self.in_flight_rows -= rows
         if self.settings.shedding:
             self.limit.observe(rows, seconds)
+            self.batch_rows = 0.9 * self.batch_rows + 0.1 * rows if self.batch_rows else float(rows)
             self._served.append((self._clock(), rows))
             self._served_rows += rows
             self.served_per_s()  # drop what fell out of the window

@@ -95,6 +95,25 @@ def test_at_1x_nothing_is_shed() -> None:
     assert run.success() == 1.0
 
 
+def test_requests_bigger_than_a_batch_limit_are_neither_shed_at_1x_nor_refused_when_critical() -> None:
+    """100-entity requests against a batch limit of 64 rows: every batch is one request,
+    so batch sizes never vary and the cost model is never fitted. The queue's bound must
+    still hold several requests (it once held 128 rows: one 100-row request, so a
+    sheddable one got in only to an empty queue, and 11% were shed at 1x)."""
+    rows = 100
+    for load in (1, 3):
+        rate = load * BASE_SHARE * capacity() / rows
+        streams = [
+            Stream(0.2 * rate, CRITICAL, rows=rows, deadline_s=0.5),
+            Stream(0.8 * rate, SHEDDABLE, rows=rows, deadline_s=0.5),
+        ]
+        run = simulate(streams, settings=SETTINGS, service=SERVICE, duration_s=2.5, warmup_s=0.5, seed=load)
+        assert run.violations == [], run.violations[:3]
+        assert run.success(CRITICAL) >= 0.999, (load, run.success(CRITICAL))
+        if load == 1:
+            assert run.success() >= 0.999, run.success(SHEDDABLE)
+
+
 def test_without_shedding_critical_work_collapses_at_10x() -> None:
     """The same load against the baseline (one FIFO queue, fixed bound and batch size):
     what the invariants above protect against really happens without them."""
