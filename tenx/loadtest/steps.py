@@ -361,9 +361,12 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def wait_idle(target: Target, *, timeout_s: float = 30.0) -> float:
     """Seconds until the model server's queues are empty (every model's `queued_rows` in
-    GET /health/ready), at most `timeout_s`; 0 for a feature API. The next step (in
-    rounds, a 1x right after a 10x) must not inherit the last one's backlog: a FIFO
-    server still held seconds of 10x work after the pause."""
+    GET /health/ready) and none of its circuits is open, at most `timeout_s`; 0 for a
+    feature API. The next step (in rounds, a 1x right after a 10x) must not inherit the
+    last one's backlog: a FIFO server still held seconds of 10x work after the pause,
+    and the circuit its slow 10x batches had opened refused a third of the next 1x
+    round's critical requests (an open circuit turns half-open after its wait, and
+    readiness with it)."""
     if target.kind != "model-server":
         return 0.0
     import httpx
@@ -372,11 +375,14 @@ def wait_idle(target: Target, *, timeout_s: float = 30.0) -> float:
     began = time.monotonic()
     while (waited := time.monotonic() - began) < timeout_s:
         try:
-            models = httpx.get(f"{target.url.rstrip('/')}/health/ready", headers=headers, timeout=5).json()["models"]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            ready = httpx.get(f"{target.url.rstrip('/')}/health/ready", headers=headers, timeout=5).json()
+            circuits = ready.get("circuits") or {}
+            if not any(state == "open" for state in circuits.values()):
+                models = ready["models"]
+                if not any(model.get("queued_rows") for model in models):
+                    return waited
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
             return waited  # no readiness figures to wait on: the pause is all there is
-        if not any(model.get("queued_rows") for model in models):
-            return waited
         time.sleep(0.2)
     return waited
 

@@ -978,7 +978,7 @@ def test_the_steps_run_in_interleaved_rounds_and_are_pooled(monkeypatch: pytest.
     assert said[-3] == "each step over its 3 rounds:"
 
 
-def test_the_next_step_waits_for_the_servers_queues_to_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_next_step_waits_for_the_servers_queues_to_empty_and_open_circuits(monkeypatch: pytest.MonkeyPatch) -> None:
     import httpx
 
     from tenx.loadtest.steps import wait_idle
@@ -1003,3 +1003,18 @@ def test_the_next_step_waits_for_the_servers_queues_to_empty(monkeypatch: pytest
 
     monkeypatch.setattr(httpx, "get", down)
     wait_idle(MODEL)  # nothing to wait on: returns at once instead of failing the step
+
+    # An open circuit (readiness 503 without model figures) is waited out; a server
+    # unready for another reason is not waited on.
+    answers = [
+        httpx.Response(503, json={"status": "unavailable", "circuits": {"model:churn": "open"}}),
+        httpx.Response(503, json={"status": "unavailable", "circuits": {"model:churn": "open"}}),
+        httpx.Response(200, json={"models": [{"model": "churn", "queued_rows": 0}], "circuits": {"c": "half_open"}}),
+    ]
+    monkeypatch.setattr(httpx, "get", lambda url, **_: answers.pop(0))
+    wait_idle(MODEL)
+    assert answers == []
+    answers = [httpx.Response(503, json={"status": "unavailable", "problems": ["loading"], "circuits": {}})] * 2
+    monkeypatch.setattr(httpx, "get", lambda url, **_: answers.pop(0))
+    wait_idle(MODEL)
+    assert len(answers) == 1  # asked once
