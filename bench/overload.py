@@ -67,6 +67,7 @@ count or a clock; every key written is deleted.
     eval "$(scripts/services up --only redis)"
     python bench/overload.py                    # about 5 minutes on 2 cores
     python bench/overload.py --skip-baseline    # the shedding server alone (no --no-shedding run)
+    python bench/overload.py --capacity 3500    # no search: the same rates in runs that compare builds
     python bench/overload.py --smoke            # under a minute; JSON in a temp folder (CI)
 """
 
