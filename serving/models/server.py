@@ -983,7 +983,11 @@ class ModelServer:
         """The rows the policy lets through, on the model's runtime thread. A run that
         outlasts `timeout_s` (the inference timeout, or the batch's last deadline when
         sooner) fails the batch and counts against the model's circuit: a stalled model
-        sends its requests down their fallbacks with time left, and soon opens."""
+        sends its requests down their fallbacks with time left, and soon opens. Unless
+        the requests' deadline had left the model less than a quarter of its inference
+        timeout: requests that spent their time queued under overload say nothing about
+        the model (a FIFO server at 10x gave its batches a few milliseconds each, and
+        those timeouts opened a healthy model's circuit, refusing everything for 5 s)."""
         scored = vectors.scored
         every = bool(scored.all())
         matrix = vectors.matrix if every else vectors.matrix[scored]
@@ -1000,7 +1004,8 @@ class ModelServer:
                     raise ModelUnavailable(f"model `{loaded.card.name}` failed: a fault injected by the fault file")
                 scores, spent = await _on_thread(loaded.runtime.submit(matrix), timeout_s)
             except TimeoutError:
-                self.guard.record(dependency, ok=False, seconds=self._clock() - began)
+                if timeout_s >= self.settings.inference_timeout_ms / 4000:  # a fair chance: the model's doing
+                    self.guard.record(dependency, ok=False, seconds=self._clock() - began)
                 raise ModelUnavailable(
                     f"model `{loaded.card.name}` did not answer within {timeout_s * 1000:.0f} ms"
                 ) from None

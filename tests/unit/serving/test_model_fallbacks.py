@@ -124,6 +124,33 @@ def test_a_stalled_model_without_fallback_answers_at_the_deadline_never_later(re
     assert 0.25 < elapsed < 1.0
 
 
+def test_timeouts_of_requests_whose_deadline_left_the_model_no_time_do_not_open_its_circuit(
+    repo: DemoRepo,
+) -> None:
+    """Overload, not the model: requests that waited until their deadline was nearly
+    gone give the model a few milliseconds; their timeouts must not open the circuit of
+    a model that answers in 40 ms. Given a fair budget, the same slowness does."""
+    with serve(repo, inference_timeout_ms=30) as client:
+        runtime = server_of(client).routes["buys"].loaded.runtime
+        runtime_pool = concurrent.futures.ThreadPoolExecutor(1)
+
+        def slow(matrix: np.ndarray) -> Any:
+            time.sleep(0.04)  # on a thread of its own, as a slow model's run would be
+            return runtime.score(matrix)
+
+        runtime.submit = lambda matrix: runtime_pool.submit(slow, matrix)
+        try:
+            for _ in range(6):  # a 5 ms deadline: at most 5 ms for the model, under a quarter of 30 ms
+                answer = client.post("/predict", json={"model": "buys", "entities": [1], "deadline_ms": 5})
+                assert answer.status_code in (503, 504), answer.text
+            assert server_of(client).guard.state("model:buys").value == "closed"
+            for _ in range(4):  # the model's whole 30 ms: its own slowness, counted
+                client.post("/predict", json={"model": "buys", "entities": [1], "deadline_ms": 2000})
+            assert server_of(client).guard.state("model:buys").value == "open"
+        finally:
+            runtime_pool.shutdown(wait=True)
+
+
 def test_with_the_online_store_down_the_rule_answers_from_the_request(repo: DemoRepo) -> None:
     store = FailingStore(repo.store())
     spec = route("buys", primary="buys", fallbacks=["buys_logistic", CACHE, by_amount])
