@@ -91,7 +91,6 @@ class PredictProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self._idle_since = None
         self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
