@@ -18,6 +18,7 @@ processes) is paid once per batch and shard. Measured in bench/stream.py.
 from __future__ import annotations
 
 import functools
+import pickle
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -308,8 +309,10 @@ class _ShardLogic(StatefulBatchLogic[EventBatch | Progress, tuple[str, Any], Any
     def __init__(self, view: ViewSpec, drain: bool, emit: Emit, resume: Any) -> None:
         self.view = view
         self.emit = emit
-        if resume is not None:
-            self.state = resume
+        if isinstance(resume, bytes):
+            self.state = pickle.loads(resume)  # noqa: S301 - our own snapshot, from the recovery store
+        elif resume is not None:
+            self.state = resume  # a snapshot from before snapshots were pickled here
         else:
             self.state = LatestState(view) if emit is Emit.LATEST else ViewState(view, emit)
         self.drain = drain
@@ -363,8 +366,12 @@ class _ShardLogic(StatefulBatchLogic[EventBatch | Progress, tuple[str, Any], Any
         rows = state.flush() if isinstance(state, LatestState) else rows_batch(self.view, state.flush())
         return ([("row", rows)] if len(rows) else []), StatefulBatchLogic.RETAIN
 
-    def snapshot(self) -> Any:
-        return self.state
+    def snapshot(self) -> bytes:
+        # Bytewax keeps what this returns and pickles it later, after this shard may
+        # already have applied the next epoch's events: the live state would then be
+        # saved with them but beside the previous epoch's offsets, and a restart would
+        # apply them twice. The state as of now, frozen here, is what belongs to them.
+        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _as_events(batch: EventBatch) -> list[tuple[Any, Event]]:

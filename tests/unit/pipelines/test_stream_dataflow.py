@@ -3,10 +3,12 @@ the batch engine's reference, 1 and 2 workers, rows into a real embedded store."
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pandas as pd
 import pyarrow as pa
 import pytest
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
@@ -185,3 +187,51 @@ def test_rows_reach_a_real_online_store(plan: Plan, tmp_path: Path) -> None:
     for user, raw, as_of in zip(users, store.read(view, users), expected.column("as_of").to_pylist(), strict=True):
         assert raw is not None, user
         assert decode(view, raw)[0] == int(pa.scalar(as_of).cast(pa.int64()).as_py())
+
+
+@pytest.mark.parametrize("emit", [Emit.LATEST, Emit.CHANGELOG])
+def test_a_snapshot_is_the_state_of_its_epoch_not_of_later_ones(emit: Emit) -> None:
+    """Bytewax keeps a shard's snapshot and pickles it later, possibly after the shard
+    applied the next epoch's events. A restart resumes from the snapshot with the
+    offsets of its epoch and reads those events again: they must not be in it already,
+    or every count and sum they touch is doubled until its window moves on."""
+    from datetime import timedelta
+
+    from featurestore.transforms import prepare_events
+    from pipelines.stream.dataflow import _ShardLogic
+    from pipelines.stream.tiles import batch_from_frame
+    from tests.unit.pipelines.test_kernel_parity import VIEWS
+    from tests.unit.pipelines.test_reference import BASE
+    from tests.unit.pipelines.test_stream_state import batch_progress
+
+    view = VIEWS[1]
+    frame = pd.DataFrame(
+        {
+            "user_id": pd.array([1, 1, 2, 1, 2], dtype="int64"),
+            "value": [1.0, 2.0, 3.0, 4.0, 5.0],
+            "amount": pd.array([10, None, 30, 40, 50], dtype="Int64"),
+            "label": ["a", "b", None, "c", "a"],
+            "event_time": pd.to_datetime([BASE + timedelta(seconds=s) for s in (0, 30, 60, 90, 120)], utc=True),
+        }
+    ).assign(_seq=range(5))
+    frame["event_time"] = frame["event_time"].dt.as_unit("us")
+
+    def epoch(low: int, high: int) -> list[Any]:
+        part = frame.iloc[low:high]
+        return [batch_from_frame(view, prepare_events(view, part), view.input_columns), *batch_progress(part)]
+
+    def outputs(logic: Any, values: list[Any]) -> list[tuple[Any, ...]]:
+        emitted, _ = logic.on_batch(values)
+        return sorted(
+            (entity, as_of, repr(values_))
+            for kind, batch in emitted
+            if kind == "row"
+            for entity, as_of, values_ in batch.rows()
+        )
+
+    running = _ShardLogic(view, False, emit, None)
+    outputs(running, epoch(0, 3))
+    snapshot = running.snapshot()  # the end of epoch 1, kept by Bytewax ...
+    first_run = outputs(running, epoch(3, 5))  # ... while epoch 2 runs, then the process dies
+    resumed = _ShardLogic(view, False, emit, pickle.loads(pickle.dumps(snapshot)))  # what recovery hands back
+    assert outputs(resumed, epoch(3, 5)) == first_run  # epoch 2 again: the same rows, nothing doubled
