@@ -38,6 +38,10 @@ def latest_rows(view: ViewSpec, offline: DeltaOfflineStore, *, as_of: int | None
     dataset = offline.changelog_dataset(view)
     connection = duckdb.connect()
     connection.execute("SET enable_progress_bar = false")  # the CLI shows progress; DuckDB's would print over it
+    # make_timestamp() below is a plain timestamp; compared with the zoned `as_of` column
+    # it is read in the session's zone, the machine's by default: west of UTC the cut
+    # let in rows from hours after `as_of` (a backfill's future expiry rows among them).
+    connection.execute("SET TimeZone = 'UTC'")
     connection.register("changelog", dataset)
     key = view.entity_key
     # arg_max over a struct of every feature: arg_max of a single column would skip the

@@ -16,7 +16,7 @@ from featurestore.stores.offline import DeltaOfflineStore
 from featurestore.stores.online import SqliteOnlineStore
 from pipelines.batch.engine import backfill, dask_client
 from pipelines.ingest import ingest_file
-from pipelines.materialize import materialize
+from pipelines.materialize import latest_rows, materialize
 from tenx.demo_data import DemoConfig, write_demo_data
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -82,6 +82,31 @@ def test_as_of_snapshot_never_moves_values_back(filled: tuple[Plan, DeltaOffline
         1 for key, row in expected.items() if row[AS_OF] == last_rows(changelog, view.entity_key)[key][AS_OF]
     )
     assert again.skipped == again.entities - again.written
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Tokyo"])
+def test_the_as_of_cut_is_the_same_instant_in_any_machine_zone(
+    filled: tuple[Plan, DeltaOfflineStore], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zone: str
+) -> None:
+    import time as clock
+
+    plan, offline = filled
+    view = plan.view("user_spend")
+    changelog = offline.read_changelog(view)
+    middle = pc.min(changelog.column(AS_OF)).value + 36 * 3_600_000_000
+    expected = last_rows(
+        changelog, view.entity_key, pa.scalar(middle, pa.int64()).cast(changelog.schema.field(AS_OF).type)
+    )
+    monkeypatch.setenv("TZ", zone)
+    clock.tzset()
+    try:
+        got = pa.Table.from_batches(latest_rows(view, offline, as_of=middle))
+    finally:
+        monkeypatch.undo()
+        clock.tzset()
+    assert {key: row[AS_OF] for key, row in expected.items()} == dict(
+        zip(got.column(view.entity_key).to_pylist(), got.column(AS_OF).to_pylist(), strict=True)
+    )
 
 
 def test_verify_reports_each_step_and_finds_a_changed_value(
