@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 
 from featurestore.plan.model import AS_OF, ViewSpec
 from featurestore.semantics import values_match
-from featurestore.stores.codec import decode
+from featurestore.stores.codec import TIMESTAMP, decode, timestamp_micros
 from featurestore.stores.offline import DeltaOfflineStore, micros_to_datetime
 from featurestore.stores.online import OnlineStore
 
@@ -90,7 +90,10 @@ def verify_view(
         expected = max(candidates, key=lambda r: r[AS_OF])
         report.checked += 1
         for feature, value in zip(view.features, values, strict=True):
-            if not values_match(expected[feature.name], value, kind=feature.kind, dtype=feature.dtype):
+            wanted = expected[feature.name]
+            if feature.dtype == TIMESTAMP:  # the offline table's datetime; stored online as microseconds
+                wanted = timestamp_micros(wanted)
+            if not values_match(wanted, value, kind=feature.kind, dtype=feature.dtype):
                 report.mismatches.append(
                     Mismatch(entity, moment.isoformat(), feature.name, value, expected[feature.name])
                 )

@@ -9,7 +9,8 @@ Value layout, little room for surprises and one comparison for ordering:
     bytes 9-16    the view version (8 bytes of its hex hash)
     then          a null bitmap (one bit per feature), then per feature:
                   int64/float64 8 bytes LE, float32 4 bytes LE (codec 2; codec 1 wrote
-                  float32 as 8 bytes), bool 1 byte, string u32 LE length + UTF-8
+                  float32 as 8 bytes), bool 1 byte, timestamp int64 LE microseconds
+                  since the epoch (UTC), string u32 LE length + UTF-8
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -27,7 +29,10 @@ from featurestore.plan.model import AS_OF, ViewSpec
 CODEC = 1
 CODEC_FLOAT32 = 2  # float32 features in 4 bytes
 HEADER = struct.Struct(">BQ8s")  # codec, as_of, view version
-_FIXED = {"int64": "q", "int32": "q", "float64": "d", "float32": "f", "bool": "?", "timestamp[us, UTC]": "q"}
+TIMESTAMP = "timestamp[us, UTC]"
+_FIXED = {"int64": "q", "int32": "q", "float64": "d", "float32": "f", "bool": "?", TIMESTAMP: "q"}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 # Codec 1 packed float32 features (Min/Max/Last of a float32 field) in 8 bytes; values
 # written so are read back (the view's version did not change), new writes use codec 2.
 _LEGACY = {"float32": "d"}
@@ -56,6 +61,7 @@ class Layout:
     bitmap_bytes: int
     codec: int
     narrow: tuple[int, ...]  # positions of float32 features
+    stamps: tuple[int, ...]  # positions of timestamp features (stored as microseconds)
     legacy: struct.Struct | None  # codec 1 of a float32 layout (float32 in 8 bytes), still readable
 
 
@@ -84,6 +90,7 @@ def _build_layout(view: ViewSpec) -> Layout:
         bitmap_bytes=(len(dtypes) + 7) // 8,
         codec=CODEC_FLOAT32 if "float32" in dtypes else CODEC,
         narrow=tuple(i for i, d in enumerate(dtypes) if d == "float32"),
+        stamps=tuple(i for i, d in enumerate(dtypes) if d == TIMESTAMP),
         legacy=struct.Struct("<" + "".join(_LEGACY.get(d, _FIXED[d]) for d in dtypes))
         if fixed is not None and "float32" in dtypes
         else None,
@@ -93,6 +100,21 @@ def _build_layout(view: ViewSpec) -> Layout:
 # Doubles at or beyond this round to infinity in float32 (IEEE round to nearest);
 # struct refuses to pack them, numpy casts them to inf: both paths store inf.
 _FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+def timestamp_micros(value: Any) -> Any:
+    """A timestamp feature's value as stored: microseconds since the epoch. The engines
+    hand datetimes (pandas Timestamps, Arrow's to_pylist), numpy datetime64 or ints
+    already in microseconds; a naive datetime is UTC, as every time in tenx."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return (value - _EPOCH) // _MICROSECOND
+    if hasattr(value, "dtype") and value.dtype.kind == "M":  # numpy datetime64
+        return None if value != value else int(value.astype("datetime64[us]").astype("int64"))
+    return int(value)
 
 
 def _as_float32(value: Any) -> Any:
@@ -109,10 +131,12 @@ def encode(view: ViewSpec, as_of: int, values: Sequence[Any]) -> bytes:
         if value is None:
             bitmap[index >> 3] |= 1 << (index & 7)
     head = HEADER.pack(shape.codec, as_of, shape.version) + bytes(bitmap)
-    if shape.narrow:
+    if shape.narrow or shape.stamps:
         values = list(values)
         for index in shape.narrow:
             values[index] = _as_float32(values[index])
+        for index in shape.stamps:
+            values[index] = timestamp_micros(values[index])
     if shape.fixed is not None:
         filled = [_zero(d) if v is None else v for v, d in zip(values, shape.dtypes, strict=True)]
         return head + shape.fixed.pack(*filled)

@@ -27,7 +27,7 @@ from pipelines.stream.state import Emit, ViewState, events_from_frame
 from pipelines.stream.tiles import EventBatch, LatestState, RowBatch, batch_from_frame
 from pipelines.stream.watermark import Progress
 from tests.unit.pipelines.test_kernel_parity import VIEWS, WINDOWED_ONLY, logs
-from tests.unit.pipelines.test_reference import BASE
+from tests.unit.pipelines.test_reference import BASE, BASE_US
 from tests.unit.pipelines.test_stream_state import batch_progress
 
 Online = dict[Any, tuple[int, tuple[Any, ...]]]
@@ -298,3 +298,32 @@ def test_a_derived_value_beyond_the_float_limit_counts_as_null_in_every_engine()
         assert values["count_scaled_10m"] == 2
         assert values["sum_scaled_10m"] == pytest.approx(30.0)
         assert math.isfinite(values["std_scaled_10m"])
+
+
+def test_timestamp_features_reach_the_online_store_as_the_same_microseconds_from_every_engine() -> None:
+    """Last and Latest of a timestamp column: the stream's rows were pandas Timestamps
+    the codec could not pack (the sink failed, and again on every restart: the job never
+    got past them); the batch engine's went through Arrow datetimes the same way."""
+    from featurestore.definitions.aggregations import Count, Last, Latest
+    from featurestore.stores.codec import decode, encode_columns, encode_rows
+    from tests.unit.pipelines.test_reference import events, make_view
+
+    view = make_view(Count(), Last("event_time", name="last_t"), Latest("event_time", name="latest_t"))
+    frame = events((1, 0, 1.0), (1, 1, 2.0), (2, 3, 1.0)).assign(_seq=range(3))
+    state = LatestState(view)
+    batch = batch_from_frame(view, prepare_events(view, frame), state.inputs)
+    rows, _ = state.step(batch, batch_progress(frame))
+    streamed = {
+        key: decode(view, packed)
+        for key, packed in zip(rows.keys, encode_columns(view, rows.as_of, rows.values, rows.nulls), strict=True)
+    }
+    minute = 60_000_000
+    at = {1: BASE_US + minute, 2: BASE_US + 3 * minute}  # each user's last event
+    counts = {1: 2, 2: 1}
+    assert streamed == {user: (time, [counts[user], time, time]) for user, time in at.items()}
+    for changelog in (reference_changelog(view, frame), changelog_kernel(view, frame)):
+        newest = {}
+        for key, as_of, packed in encode_rows(view, changelog):
+            if as_of <= at[key]:
+                newest[key] = decode(view, packed)
+        assert newest == streamed
