@@ -357,25 +357,40 @@ def _unreadable_csv(path: Path, offset: int, names: list[str], error: pa.ArrowIn
 
 def _json_lines(path: Path) -> Iterator[tuple[int, pa.Table]]:
     """JSON lines become a table of one `_json` text column; `_validate` decodes them one
-    by one (a broken line must reject itself, not the file)."""
+    by one (a broken line must reject itself, not the file). A line that is not UTF-8 is
+    kept (invalid bytes shown as U+FFFD) with why in `_not_utf8`, and is rejected for
+    it: replacing the bytes silently would change the record (two keys could become one)."""
     offset = 0
     lines: list[str] = []
+    problems: list[str | None] = []
+
+    def table() -> pa.Table:
+        return pa.table({"_json": lines, "_not_utf8": pa.array(problems, pa.string())})
+
     with path.open("rb") as handle:
         for raw in handle:
             if not raw.strip():
                 continue
-            lines.append(raw.decode("utf-8", errors="replace").rstrip("\n"))
+            try:
+                line = raw.decode("utf-8")
+                problem = None
+            except UnicodeDecodeError as error:
+                line = raw.decode("utf-8", errors="replace")
+                problem = f"not UTF-8 text: byte 0x{raw[error.start]:02x} at position {error.start}"
+            lines.append(line.rstrip("\n"))
+            problems.append(problem)
             if len(lines) >= BATCH_ROWS:
-                yield offset, pa.table({"_json": lines})
+                yield offset, table()
                 offset += len(lines)
-                lines = []
+                lines, problems = [], []
     if lines:
-        yield offset, pa.table({"_json": lines})
+        yield offset, table()
 
 
 def _validate(source: SourceSpec, batch: pa.Table, offset: int, path: Path, now: datetime) -> tuple[pa.Table, pa.Table]:
-    if batch.column_names == ["_json"]:
-        valid, rejects = _validate_json(source, batch.column("_json").to_pylist(), offset, path, now)
+    if batch.column_names == ["_json", "_not_utf8"]:
+        lines, problems = batch.column("_json").to_pylist(), batch.column("_not_utf8").to_pylist()
+        valid, rejects = _validate_json(source, lines, offset, path, now, problems)
     else:
         valid, rejects = _validate_table(source, batch, offset, path, now)
     return _refuse_future(source, valid, rejects, offset, path, now)
@@ -432,21 +447,23 @@ def _validate_table(
 
 
 def _validate_json(
-    source: SourceSpec, lines: list[str], offset: int, path: Path, now: datetime
+    source: SourceSpec, lines: list[str], offset: int, path: Path, now: datetime, problems: list[str | None]
 ) -> tuple[pa.Table, pa.Table]:
     good: list[dict[str, object]] = []
     bad: dict[str, list[object]] = {name: [] for name in REJECTS_SCHEMA.names}
     for index, line in enumerate(lines):
-        try:
-            decoded = orjson.loads(line)
-        except orjson.JSONDecodeError as error:
-            reason = f"invalid JSON: {error}"
-        else:
-            record, problems = validate_record(source.schema, decoded)
-            if record is not None:
-                good.append(record)
-                continue
-            reason = "; ".join(str(p) for p in problems)
+        reason = problems[index]  # not UTF-8
+        if reason is None:
+            try:
+                decoded = orjson.loads(line)
+            except orjson.JSONDecodeError as error:
+                reason = f"invalid JSON: {error}"
+            else:
+                record, found = validate_record(source.schema, decoded)
+                if record is not None:
+                    good.append(record)
+                    continue
+                reason = "; ".join(str(p) for p in found)
         for name, value in (("file", str(path)), ("row", offset + index), ("record", line), ("reason", reason)):
             bad[name].append(value)
         bad["ingested_at"].append(now)

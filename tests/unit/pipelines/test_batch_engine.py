@@ -277,6 +277,24 @@ def test_a_csv_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path, plan
     assert not store.events_path(source).local_path().exists()  # nothing written
 
 
+def test_a_json_line_that_is_not_utf8_is_rejected_with_its_reason_not_rewritten(tmp_path: Path, plan: Plan) -> None:
+    # Replacing the bad bytes would ingest a record that was never sent, and two
+    # different keys (caf\xe9, caf\xe8) would become one entity; the stream dead-letters
+    # such a line, so ingest must reject it too.
+    source = plan.source("transactions")
+    store = DeltaOfflineStore(tmp_path / "offline")
+    path = tmp_path / "mixed.jsonl"
+    good = b'{"transaction_id":"t1","user_id":1,"merchant_id":2,"amount":1.5,"currency":"EUR",'
+    tail = b'"category":"grocery","country":"FR","event_time":"2026-01-01T10:00:00Z"}\n'
+    path.write_bytes(good + tail + good.replace(b"t1", b"caf\xe9") + tail)
+    summary = ingest_file(store, source, path)
+    assert (summary.rows_in, summary.ingested, summary.rejected) == (2, 1, 1)
+    rejects = store.read_rejects(source).to_pylist()
+    assert [(r["row"], r["reason"]) for r in rejects] == [(1, "not UTF-8 text: byte 0xe9 at position 22")]
+    assert '"caf\ufffd"' in rejects[0]["record"]
+    assert store.read_events(source).column("transaction_id").to_pylist() == ["t1"]
+
+
 def test_files_that_cannot_be_ingested_are_refused_before_anything_is_written(tmp_path: Path, plan: Plan) -> None:
     from featurestore.errors import TerminalError
 
