@@ -301,6 +301,9 @@ class _Prefixes:
 
         def build() -> list[Any]:
             column = self.column(name)
+            if column.is_int:  # exact: through float64 an int past 2**53 would round
+                bounds = np.iinfo(np.int64)
+                return [self.xp.where(column.present, column.values, bounds.max if kind == "min" else bounds.min)]
             values = column.values.astype(np.float64)
             return [self.xp.where(column.present, values, np.inf if kind == "min" else -np.inf)]
 
@@ -468,8 +471,9 @@ def _range_extreme(levels: list[Any], lo: Any, hi: Any, combine: Any, xp: Any) -
     level, so each level's table is read in order)."""
     length = hi - lo
     level = xp.frexp(xp.maximum(length, 1).astype(np.float64))[1] - 1
-    level = xp.where(length > 0, level, -1)  # empty ranges stay NaN (null)
-    out = xp.full(lo.shape[0], np.nan, dtype=np.float64)
+    level = xp.where(length > 0, level, -1)  # empty ranges stay NaN (null; 0 for ints, masked by the caller)
+    dtype = levels[0].dtype
+    out = xp.full(lo.shape[0], 0 if dtype.kind == "i" else np.nan, dtype=dtype)
     for k in range(len(levels)):
         chosen = xp.nonzero(level == k)[0]
         if chosen.shape[0] == 0:

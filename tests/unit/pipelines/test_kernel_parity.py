@@ -132,3 +132,29 @@ def test_std_of_small_values_after_huge_ones_in_the_entitys_history() -> None:
     got = changelog_kernel(view, frame)
     kinds = {f.name: f.kind for f in view.features}
     assert changelog_differences(expected, got, key="user_id", kinds=kinds) == []
+
+
+@given(
+    amounts=st.lists(
+        st.one_of(st.none(), st.integers(min_value=-(2**63) + 1, max_value=2**63 - 1)), min_size=1, max_size=30
+    ),
+    seconds=st.data(),
+)
+def test_min_max_and_last_of_ints_beyond_float_precision_are_exact(amounts: list[int | None], seconds: Any) -> None:
+    """Ints match exactly (featurestore.semantics): 64-bit ids, nanosecond times. Min and
+    Max went through float64, which rounds past 2**53 (2**53 + 1 came out 2**53)."""
+    view = make_view(Min("amount"), Max("amount"), Last("amount"), windows=WINDOW_SETS[0])
+    times = sorted(seconds.draw(st.lists(st.integers(0, 40), min_size=len(amounts), max_size=len(amounts))))
+    frame = pd.DataFrame(
+        {
+            "user_id": np.array([1 + i % 2 for i in range(len(amounts))], dtype=np.int64),
+            "value": np.zeros(len(amounts)),
+            "amount": pd.array(amounts, dtype="Int64"),
+            "label": [None] * len(amounts),
+            "event_time": pd.to_datetime([BASE + timedelta(seconds=30 * s) for s in times], utc=True),
+        }
+    )
+    frame["event_time"] = frame["event_time"].dt.as_unit("us")
+    expected = reference_changelog(view, frame)
+    got = changelog_kernel(view, frame)
+    assert got.to_pylist() == expected.to_pylist()  # exact, not within a tolerance
