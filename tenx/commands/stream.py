@@ -142,6 +142,12 @@ def stream(
             f"--shards {shards} is below -w {workers}: some workers would hold no state; "
             f"pass --shards {workers} or more"
         )
+    if drain and recovery_dir is not None:
+        raise ConfigError(
+            "--drain and --recovery-dir do not go together: --drain takes the end of the input for the end of "
+            "time (every window expires, with rows dated past the last event), and a resumed job would start "
+            "from that emptied state and have its rows refused behind those; drop one of them"
+        )
     if from_file is None and not settings.kafka_bootstrap:
         raise ConfigError("no Kafka configured: set TENX_KAFKA_BOOTSTRAP (or kafka.bootstrap), or pass --from-file")
     if from_file is not None:

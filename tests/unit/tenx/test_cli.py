@@ -258,6 +258,10 @@ def test_stream_from_file_takes_json_lines_and_says_what_it_dropped(tmp_path: Pa
     made = tenx("demo-data", "tx.jsonl", "--events", "500", "--users", "5", "--days", "1", "--malformed", "3", cwd=repo)
     assert made.returncode == 0, made.stderr
     assert tenx("demo-data", "tx.parquet", "--events", "50", "--users", "5", "--days", "1", cwd=repo).returncode == 0
+    both = tenx("stream", "--from-file", "tx.jsonl", "--drain", "--recovery-dir", "rec", cwd=repo, env=env)
+    assert both.returncode == 2
+    assert "--drain and --recovery-dir do not go together" in both.stderr
+    assert not (repo / "rec").exists()
     refused = tenx("stream", "--from-file", "tx.parquet", cwd=repo, env=env)
     assert refused.returncode == 2
     assert "expected JSON lines" in refused.stderr
