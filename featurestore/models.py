@@ -438,9 +438,13 @@ class ModelRegistry:
         self._end_canary(name, canary, "promoted", f"promoted by {by}", by)
         return deployment
 
-    def rollback(self, name: str, *, by: str, reason: str) -> Canary:
-        """End the canary; the deployed version takes all the traffic again."""
+    def rollback(self, name: str, *, by: str, reason: str, version: int | None = None) -> Canary:
+        """End the canary; the deployed version takes all the traffic again. With
+        `version`, only if that version is the canary running (a server judging a canary
+        that has since ended must not end the next one with its verdict)."""
         canary = self._running(name)
+        if version is not None and canary.version != version:
+            raise RegistryError(f"the canary of `{name}` is @{canary.version} now, not @{version}; nothing rolled back")
         self._end_canary(name, canary, "rolled_back", reason, by)
         return canary
 

@@ -13,10 +13,13 @@ A plan file whose content hash is not its name is refused.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +37,13 @@ class ApplyRecord:
     previous: str | None
 
 
+class _Unchecked:
+    """`FileRegistry.apply` without an expected current version: whatever is current."""
+
+
+UNCHECKED = _Unchecked()
+
+
 class Registry(Protocol):
     """Where plans are kept and which one is applied."""
 
@@ -41,7 +51,7 @@ class Registry(Protocol):
 
     def current(self) -> Plan | None: ...
 
-    def apply(self, plan: Plan) -> ApplyRecord: ...
+    def apply(self, plan: Plan, *, expected: str | _Unchecked | None = ...) -> ApplyRecord: ...
 
 
 class FileRegistry:
@@ -98,24 +108,44 @@ class FileRegistry:
             return []
         return [ApplyRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
-    def apply(self, plan: Plan) -> ApplyRecord:
-        """Store the plan (idempotent) and make it current."""
+    def apply(self, plan: Plan, *, expected: str | _Unchecked | None = UNCHECKED) -> ApplyRecord:
+        """Store the plan (idempotent) and make it current. With `expected` (the version
+        that was current when the plan was compiled and its diff shown, None for none),
+        refuse when another apply got in first: the last writer would otherwise replace
+        a plan whose diff against this one nobody saw. Applies are serialized by a lock
+        file, and `current` is written before the history line (a crash between them
+        leaves the history short, never naming a plan that was not applied)."""
         version = plan.version
         plan_path = self._plan_path(version)
         if not plan_path.exists():
             atomic_write(plan_path, plan.to_json())
-        record = ApplyRecord(
-            version=version,
-            applied_at=self._clock.now(UTC).isoformat(timespec="seconds"),
-            applied_by=_user(),
-            previous=self.current_version(),
-        )
-        history = self.root / "history.jsonl"
-        history.parent.mkdir(parents=True, exist_ok=True)
-        with history.open("a") as handle:
-            handle.write(json.dumps(asdict(record)) + "\n")
-        atomic_write(self.root / "current", version + "\n")
+        with self._locked():
+            previous = self.current_version()
+            if not isinstance(expected, _Unchecked) and previous != expected:
+                raise RegistryError(
+                    f"the applied plan changed while this one was compiled ({expected or 'none'} -> {previous}, "
+                    "another `tenx apply`?): run `tenx apply` again to see the changes against it"
+                )
+            record = ApplyRecord(
+                version=version,
+                applied_at=self._clock.now(UTC).isoformat(timespec="seconds"),
+                applied_by=_user(),
+                previous=previous,
+            )
+            atomic_write(self.root / "current", version + "\n")
+            with (self.root / "history.jsonl").open("a") as handle:
+                handle.write(json.dumps(asdict(record)) + "\n")
         return record
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".apply.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _check_folder(root: Path) -> None:

@@ -201,7 +201,7 @@ def apply(config_file: Path | None) -> None:
     _print_diff(compiled, applied)
     if applied is not None and applied.version == compiled.version:
         return
-    record = registry.apply(compiled)
+    record = registry.apply(compiled, expected=applied.version if applied is not None else None)
     console.print(f"\nApplied plan [bold]{record.version}[/] to {settings.registry_dir}")
 
 

@@ -155,7 +155,7 @@ def entity_keys(route: ModelRoute, entities: list[Any]) -> list[Any]:
                 f"model `{model}` reads views keyed by {', '.join(keys)}: each entity must be an object with "
                 f"those keys, e.g. {{{', '.join(f'{k!r}: ...' for k in keys)}}}; entities[{index}] is {entity!r}"
             )
-        converted = dict(entity)
+        converted = {key: entity[key] for key in keys}  # the keys alone: other fields must not move its canary side
         for view in assembler.views:
             converted[view.entity_key] = _entity_keys(view.name, view.entity, [entity[view.entity_key]])[0]
         checked.append(converted)

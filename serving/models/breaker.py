@@ -184,6 +184,15 @@ class CircuitBreaker:
         self._permits += 1
         return True
 
+    def release(self) -> None:
+        """A permitted call ended without saying anything about the dependency (it ran
+        out of its caller's time before the dependency had a fair chance): in HALF_OPEN
+        its probe permit is given back for another call. Without this a probe that was
+        neither recorded nor released held its permit for good, and a half-open circuit
+        whose permits were all held refused every call, for ever."""
+        if self.state is BreakerState.HALF_OPEN and len(self._window) < self._permits:
+            self._permits -= 1
+
     def record(self, ok: bool, seconds: float) -> None:
         """A completed call: failed unless `ok`, slow if it took >= slow_call_s.
 
@@ -280,6 +289,9 @@ class Breakers:
 
     def record(self, dependency: str, *, ok: bool, seconds: float) -> None:
         self.get(dependency).record(ok, seconds)
+
+    def release(self, dependency: str) -> None:
+        self.get(dependency).release()
 
     def get(self, dependency: str) -> CircuitBreaker:
         breaker = self._breakers.get(dependency)

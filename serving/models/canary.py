@@ -31,8 +31,10 @@ BUCKETS = 10_000
 
 
 def takes(entity: Any, percent: float) -> bool:
-    """Whether the canary serves this entity (stable across requests, processes, restarts)."""
-    key = repr(sorted(entity.items())) if isinstance(entity, dict) else repr(entity)
+    """Whether the canary serves this entity (stable across requests, processes, restarts).
+    Hashed as the online key spells it: 1 and "1" are one entity of a string view, and
+    were split by their JSON types (`repr`)."""
+    key = "|".join(f"{name}={entity[name]}" for name in sorted(entity)) if isinstance(entity, dict) else str(entity)
     return zlib.crc32(key.encode()) % BUCKETS < percent * BUCKETS / 100
 
 

@@ -25,6 +25,10 @@ class Guard(Protocol):
 
     def record(self, dependency: str, *, ok: bool, seconds: float) -> None: ...
 
+    def release(self, dependency: str) -> None:
+        """A call `allow` let through ended without a verdict on the dependency (neither
+        `record`ed ok nor failed): a probe permit it held is free again."""
+
 
 class AllowAll:
     """Every call goes through; nothing is recorded."""
@@ -33,4 +37,7 @@ class AllowAll:
         return True
 
     def record(self, dependency: str, *, ok: bool, seconds: float) -> None:
+        return None
+
+    def release(self, dependency: str) -> None:
         return None

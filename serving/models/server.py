@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -77,6 +78,7 @@ class ModelServerSettings:
     reload_interval_s: float = 1.0
     prefer_gpu: bool = True
     intra_op_threads: int = 1
+    inline_run_us: float = 200.0  # a CPU model whose recent runs each took under this runs on the loop (0: never)
     batches_in_flight: int = 2
     fault_file: Path | None = None  # models named in it (one per line) fail every batch: `tenx loadtest --fault model`
 
@@ -123,7 +125,9 @@ class ScoringFailed(TransientError):
     """A batch's lookup or inference failed for one request; carries what the fallback
     steps can use (the vectors, when the lookup had succeeded)."""
 
-    def __init__(self, message: str, *, loaded: Loaded, vectors: np.ndarray | None, rows: Vectors | None) -> None:
+    def __init__(
+        self, message: str, *, loaded: Loaded | None, vectors: np.ndarray | None, rows: Vectors | None
+    ) -> None:
         super().__init__(message)
         self.loaded = loaded
         self.matrix = vectors
@@ -144,6 +148,7 @@ class Route:
     cache_ttl_s: float | None = None  # set when a route caches this model's answers
     canary: Loaded | None = None  # a canary version, warm, beside `loaded`
     canary_spec: Canary | None = None
+    canary_plan: str | None = None  # the plan `canary_spec` was last loaded (or tried) under
     judge: CanaryJudge | None = None
 
     @property
@@ -346,13 +351,16 @@ class ModelServer:
                 await self._refresh_canary(self.routes[name], canaries.get(name))
 
     async def _refresh_canary(self, route: Route, spec: Canary | None) -> None:
-        """Load a new canary warm beside the deployed version, or drop an ended one."""
-        if spec == route.canary_spec:
+        """Load a new canary warm beside the deployed version, or drop an ended one; a
+        canary loaded under an older plan is loaded again (its keys name the old view
+        versions, and the skew check must see the new plan), as the deployed one is."""
+        plan_version = self.plan.version if self.plan else ""
+        if spec == route.canary_spec and route.canary_plan == plan_version:
             return
         if spec is None:
             if route.canary_spec is not None:
                 log.info("canary %s@%d ended", route.name, route.canary_spec.version)
-            route.canary, route.canary_spec, route.judge = None, None, None
+            route.canary, route.canary_spec, route.judge, route.canary_plan = None, None, None, None
             return
         if route.loaded is None or self.plan is None:
             return
@@ -362,8 +370,11 @@ class ModelServer:
         except (TenxError, OSError, ValueError, RuntimeError) as error:
             log.error("canary %s@%d not loaded (the deployed version keeps all traffic): %s", route.name,
                       spec.version, error)  # fmt: skip
+            route.canary, route.canary_spec, route.judge = None, spec, None  # and an older canary serves none
+            route.canary_plan = plan_version
             return
         route.canary, route.canary_spec, route.judge = canary, spec, CanaryJudge(spec)
+        route.canary_plan = plan_version
         mode = "shadow copy of" if spec.shadow else "sticky"
         log.info("canary %s: %s %g%% of traffic", canary.served_by, mode, spec.percent)
 
@@ -378,7 +389,9 @@ class ModelServer:
                 continue
             route.judge = None  # judged once
             with contextlib.suppress(TenxError):  # another worker rolled it back first
-                self.models.rollback(route.name, by="tenx model server (automatic)", reason=reason)
+                self.models.rollback(
+                    route.name, by="tenx model server (automatic)", reason=reason, version=spec.version
+                )
             self.metrics.canary_decisions.labels(route.name, "rolled_back").inc()
             log.warning("canary %s@%d rolled back: %s %s", route.name, spec.version, reason, judge.comparison())
 
@@ -408,7 +421,13 @@ class ModelServer:
             self._providers, requested=deployment.precision, variants=variants, prefer_gpu=self.settings.prefer_gpu
         )
         path = self.models.model_path(name, deployment.version, placement.precision)
-        runtime = Runtime(card, path, placement, intra_op_threads=self.settings.intra_op_threads)
+        runtime = Runtime(
+            card,
+            path,
+            placement,
+            intra_op_threads=self.settings.intra_op_threads,
+            inline_run_s=self.settings.inline_run_us / 1e6,
+        )
         runtime.warm(self.settings.max_batch_rows)
         return Loaded(card, deployment, runtime, FeatureAssembler(card, plan), plan.version)
 
@@ -540,7 +559,10 @@ class ModelServer:
         failures: list[str] = []
         scored: ScoringFailed | None = None  # the last failure that had the features in hand
         last_error: Exception | None = None
+        overload: Rejected | None = None  # a model refused it for overload: only another model may answer
         for step in steps:
+            if overload is not None and (callable(step) or step == CACHE):
+                continue  # shedding stays shedding, never a rule's or the cache's answer
             degraded = bool(failures)
             reason = "; ".join(failures) if failures else None
             if callable(step):
@@ -570,7 +592,11 @@ class ModelServer:
                 failures.append("online store: circuit open")
                 last_error = ModelUnavailable("the online store's circuit is open; retry shortly")
                 continue
-            lookup = keys(route, list(entities)) if keys is not None else entities
+            try:
+                lookup = keys(route, list(entities)) if keys is not None else entities
+            except Exception:  # a key the view cannot take (400): nothing was served, nothing is charged
+                self.tenants.refund(tenant, rows)
+                raise
             try:
                 future = self.submit(
                     route, lookup, priority=priority, deadline=deadline, tenant=tenant, route_name=spec.name
@@ -578,7 +604,7 @@ class ModelServer:
             except Rejected as refused:
                 failures.append(f"{step}: {refused.reason}")
                 if any(isinstance(s, str) and s != CACHE and s in self.routes for s in steps[steps.index(step) + 1 :]):
-                    last_error = refused
+                    last_error = overload = refused
                     continue  # another model may have room
                 self.tenants.refund(tenant, rows)
                 self._shed(spec.name, refused.reason, priority, label)
@@ -607,10 +633,10 @@ class ModelServer:
         assert last_error is not None or failures
         message = f"route `{spec.name}` could not answer: " + "; ".join(failures)
         self.metrics.unanswered.labels(spec.name, request.priority, label).inc()
-        if isinstance(last_error, Rejected):  # every model refused it for overload
+        if overload is not None:  # refused for overload, and no other model could take it
             self.tenants.refund(tenant, rows)
-            self._shed(spec.name, last_error.reason, priority, label)
-            raise Rejected(message, reason=last_error.reason, status=last_error.status)
+            self._shed(spec.name, overload.reason, priority, label)
+            raise Rejected(message, reason=overload.reason, status=overload.status)
         raise ModelUnavailable(message)
 
     def shed_early(self, priority_header: bytes, tenant_header: bytes) -> Rejected | None:
@@ -657,16 +683,29 @@ class ModelServer:
         child.inc()
 
     def _from_cache(self, failed: ScoringFailed | None, began: float, reason: str | None) -> Answer | None:
-        if failed is None or failed.matrix is None or failed.vectors is None:
+        if failed is None or failed.matrix is None or failed.vectors is None or failed.loaded is None:
             return None
         loaded = failed.loaded
-        scores = self.cache.get(loaded.card.name, loaded.card.version, failed.matrix)
-        if scores is None:
-            return None
         vectors = failed.vectors
+        # Only the rows the card lets the model score: a refused row (missing or stale
+        # under `refuse`) has no score from the model, so none from its cache either.
+        scored = vectors.scored
+        every = bool(scored.all())
+        cached = self.cache.get(
+            loaded.card.name, loaded.card.version, failed.matrix if every else failed.matrix[scored]
+        )
+        if cached is None:
+            return None
+        scores: list[float | None]
+        if every:
+            scores = list(cached)
+        else:
+            scores = [math.nan] * len(scored)
+            for index, score in zip(np.flatnonzero(scored).tolist(), cached, strict=True):
+                scores[index] = score
         return Answer(
             f"cache:{loaded.served_by}",
-            list(scores),
+            scores,
             [STATUS_NAMES[s] for s in vectors.status.tolist()],
             _as_of_ms(vectors.as_of_us),
             None,
@@ -682,7 +721,7 @@ class ModelServer:
         """A route's rule: a plain function of the features (one dict per entity, None
         when they could not be read) and the request."""
         features = None
-        if failed is not None and failed.matrix is not None:
+        if failed is not None and failed.matrix is not None and failed.loaded is not None:
             names = failed.loaded.card.feature_references
             values = failed.matrix.tolist()
             features = [{n: (None if v != v else v) for n, v in zip(names, row, strict=True)} for row in values]
@@ -772,10 +811,10 @@ class ModelServer:
         began = self._clock()
         try:
             loaded = route.loaded
-            if loaded is None:
-                error: Exception = ModelUnavailable(route.problem or f"model `{route.name}` is not loaded")
+            if loaded is None:  # unloaded (or found skewed) while these waited: their routes' fallbacks answer
+                problem = route.problem or f"model `{route.name}` is not loaded"
                 for item in batch.items:
-                    _fail(item.payload.future, error)
+                    _fail(item.payload.future, ScoringFailed(problem, loaded=None, vectors=None, rows=None))
                 return
             canary = route.canary
             if canary is None:
@@ -980,7 +1019,8 @@ class ModelServer:
     async def _infer(
         self, loaded: Loaded, vectors: Vectors, *, timeout_s: float, canary: bool = False
     ) -> tuple[np.ndarray, float]:
-        """The rows the policy lets through, on the model's runtime thread. A run that
+        """The rows the policy lets through, on the model's runtime thread (or on the loop
+        when the runtime says a run is quicker than the hand-off: `Runtime.quick`). A run that
         outlasts `timeout_s` (the inference timeout, or the batch's last deadline when
         sooner) fails the batch and counts against the model's circuit: a stalled model
         sends its requests down their fallbacks with time left, and soon opens. Unless
@@ -999,13 +1039,19 @@ class ModelServer:
             if not self.guard.allow(dependency):
                 raise ModelUnavailable(f"model `{loaded.card.name}`'s circuit is open; retry shortly")
             began = self._clock()
+            runtime = loaded.runtime
             try:
                 if loaded.card.name in self.faulted:
                     raise ModelUnavailable(f"model `{loaded.card.name}` failed: a fault injected by the fault file")
-                scores, spent = await _on_thread(loaded.runtime.submit(matrix), timeout_s)
+                if runtime.quick(len(matrix)):  # cheaper here than the hand-off (serving/models/runtime.py)
+                    scores, spent = runtime.score_inline(matrix)
+                else:
+                    scores, spent = await _on_thread(runtime.submit(matrix), timeout_s)
             except TimeoutError:
                 if timeout_s >= self.settings.inference_timeout_ms / 4000:  # a fair chance: the model's doing
                     self.guard.record(dependency, ok=False, seconds=self._clock() - began)
+                else:  # no verdict on the model; a half-open circuit's probe permit is free again
+                    self.guard.release(dependency)
                 raise ModelUnavailable(
                     f"model `{loaded.card.name}` did not answer within {timeout_s * 1000:.0f} ms"
                 ) from None
@@ -1137,6 +1183,8 @@ def describe(route: Route) -> dict[str, Any]:
             precision=loaded.runtime.precision.value,
             device=loaded.runtime.device,
             features=loaded.card.feature_references,
+            # runs on the event loop: quick CPU runs cost less there than the hand-off to the model's thread
+            batches={"run": loaded.runtime.batches, "inline": loaded.runtime.inline_batches},
             queued_rows=route.queue.rows(),
             admission=route.lane.snapshot(),
         )

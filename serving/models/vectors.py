@@ -76,6 +76,7 @@ class FeatureAssembler:
         matrix = np.empty((rows, self.width), dtype=np.float32)
         status = np.zeros(rows, dtype=np.int8)
         oldest = np.full(rows, np.iinfo(np.int64).max, dtype=np.int64)
+        any_stale = np.zeros(rows, dtype=bool)  # apart from `status`: a missing view must not hide a stale one
         for part, values in zip(self.parts, raws, strict=True):
             as_of, block = decode_matrix(part.view, values, part.positions)
             missing = as_of < 0
@@ -83,6 +84,7 @@ class FeatureAssembler:
                 block[missing] = part.empty  # what the training export gave an entity without a row
             ttl = part.view.ttl
             stale = ~missing & (now_us - as_of > ttl) if ttl is not None else np.zeros(rows, dtype=bool)
+            any_stale |= stale
             status = np.maximum(status, np.where(missing, MISSING, np.where(stale, STALE, FOUND)).astype(np.int8))
             oldest = np.minimum(oldest, np.where(missing, -1, as_of))
             matrix[:, part.columns] = block
@@ -90,5 +92,5 @@ class FeatureAssembler:
         if self.card.on_missing is MissingPolicy.REFUSE:
             scored &= status != MISSING
         if self.card.on_stale is StalePolicy.REFUSE:
-            scored &= status != STALE
+            scored &= ~any_stale
         return Vectors(matrix=matrix, status=status, as_of_us=oldest, scored=scored)

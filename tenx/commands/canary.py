@@ -13,7 +13,8 @@ import click
 from rich.table import Table
 
 from featurestore.errors import ConfigError, TransientError
-from featurestore.models import CanaryLimits, parse_model_ref
+from featurestore.models import CanaryLimits, check_views, parse_model_ref
+from featurestore.registry import FileRegistry
 from tenx.commands.common import config_option, console, friendly, settings_of
 from tenx.commands.models import _user, model_registry, models
 
@@ -52,7 +53,11 @@ def canary(
     name, version = parse_model_ref(model_ref)
     if version is None:
         raise ConfigError(f"say which version: `tenx models canary {name}@N`")
-    registry = model_registry(settings_of(config_file))
+    settings = settings_of(config_file)
+    registry = model_registry(settings)
+    # A version trained on other view versions than the applied plan's cannot be served:
+    # as a canary it would never load (and never be judged), promoted it would take the model down.
+    check_views(registry.card(name, version), FileRegistry(settings.registry_dir).current())
     limits = CanaryLimits(min_requests, max_error_rate_delta, max_p99_ratio, max_psi)
     started = registry.start_canary(name, version, percent=percent, shadow=shadow, by=_user(), limits=limits)
     deployed = registry.deployment(name)
@@ -73,7 +78,12 @@ def canary(
 @friendly
 def promote(name: str, config_file: Path | None) -> None:
     """Make NAME's canary the deployed version (servers switch to its warm session)."""
-    deployment = model_registry(settings_of(config_file)).promote(name, by=_user())
+    settings = settings_of(config_file)
+    registry = model_registry(settings)
+    running = registry.canary(name)
+    if running is not None:  # the plan may have changed since it started: never deploy what cannot serve
+        check_views(registry.card(name, running.version), FileRegistry(settings.registry_dir).current())
+    deployment = registry.promote(name, by=_user())
     console.print(f"promoted {name}@{deployment.version} (was @{deployment.previous}); running servers switch to it")
 
 

@@ -504,6 +504,16 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
 )
 @click.option("--cpu", "cpu_only", is_flag=True, help="Run on the CPU even where a GPU provider is available.")
 @click.option(
+    "--inline-run-us",
+    default=200.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="A model on the CPU whose last 32 runs each took under this many microseconds runs on the event loop, "
+    "where a small model costs less than the hand-off to its own thread; one slow run sends it back to its "
+    "thread. 0: always its own thread (a model that may stall should have it: only there does the inference "
+    "timeout free the server of it).",
+)
+@click.option(
     "--fault-file",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
@@ -530,6 +540,7 @@ def serve_models(
     log_format: str,
     no_shedding: bool,
     cpu_only: bool,
+    inline_run_us: float,
     fault_file: Path | None,
     token: str | None,
     token_file: Path | None,
@@ -579,6 +590,7 @@ def serve_models(
             "loop_busy_target": loop_busy_target,
             "shedding": not no_shedding,
             "prefer_gpu": not cpu_only,
+            "inline_run_us": inline_run_us,
             "fault_file": str(fault_file.resolve()) if fault_file else None,
         }
     )

@@ -191,6 +191,7 @@ def test_a_model_that_raises_on_real_redis_opens_its_circuit_and_the_cheaper_mod
             return future
 
         runtime.submit = raising
+        runtime.inline_run_s = 0  # the failure is on the model's own thread: no run may bypass it
         bodies = [client.post("/predict", json={"model": "buys", "entities": [1, 2, 3]}).json() for _ in range(5)]
         state = client.app.state.server.guard.state("model:buys")  # type: ignore[attr-defined]
     assert {b["served_by"] for b in bodies} == {"buys_logistic@1"}
@@ -222,6 +223,7 @@ def test_a_canary_that_raises_on_real_redis_is_rolled_back_under_load_with_no_fa
             return future
 
         server.routes["buys"].canary.runtime.submit = raising
+        server.routes["buys"].canary.runtime.inline_run_s = 0  # the failure is on the canary's own thread
         statuses: list[int] = []
         served: set[str] = set()
         stop = threading.Event()

@@ -170,6 +170,25 @@ def test_registry_keeps_every_applied_version(repo: Path, tmp_path: Path) -> Non
     assert [r.version for r in registry.history()] == [first.version, second.version]
 
 
+def test_an_apply_refuses_when_another_apply_got_in_since_its_diff(repo: Path, tmp_path: Path) -> None:
+    # Two people compile from the same applied plan; the second to apply must see the
+    # first one's plan in a diff, not silently replace it.
+    registry = FileRegistry(tmp_path / "registry")
+    base = compile_template(repo)
+    registry.apply(base, expected=None)
+    _edit(repo, 'ttl="2d"', 'ttl="3d"')
+    theirs = compile_template(repo)
+    _edit(repo, 'ttl="3d"', 'ttl="4d"')
+    mine = compile_template(repo)
+    registry.apply(theirs, expected=base.version)
+    with pytest.raises(RegistryError, match=f"changed while this one was compiled \\({base.version} -> "):
+        registry.apply(mine, expected=base.version)
+    assert registry.current() == theirs
+    record = registry.apply(mine, expected=theirs.version)
+    assert record.previous == theirs.version
+    assert [r.version for r in registry.history()] == [base.version, theirs.version, mine.version]
+
+
 def test_a_plan_file_under_another_plans_name_is_refused(repo: Path, tmp_path: Path) -> None:
     # The registry is code every engine runs: a plan swapped in under the applied
     # version's name (its own recorded version consistent with its content) is refused.

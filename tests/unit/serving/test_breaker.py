@@ -102,6 +102,10 @@ class Model:
             return True
         return state is CLOSED
 
+    def release(self, now: float) -> None:
+        if self.current(now) is HALF_OPEN and len(self.probes) < self.permits:
+            self.permits -= 1
+
     def record(self, now: float, ok: bool, seconds: float) -> None:
         state = self.current(now)
         call = (ok, seconds >= self.settings.slow_call_s)
@@ -199,6 +203,15 @@ class BreakerMachine(RuleBasedStateMachine):
             if (old, new) == (CLOSED, OPEN):
                 calls = min(window_before + 1, self.subject.settings.window)
                 assert calls >= self.subject.settings.minimum_calls
+
+    @rule()
+    def release(self) -> None:
+        """A permitted call that ended without a verdict (it ran out of its caller's time)."""
+        self.reference.release(self.clock.now)
+        self.subject.release()
+        if self.subject.state is HALF_OPEN:
+            round_ = sum(1 for _, new in self.transitions.moves() if new is HALF_OPEN)
+            self.granted[round_] = self.reference.permits
 
     def opened_at(self) -> float:
         return next((at for at, _, _, new, _ in reversed(self.transitions.seen) if new is OPEN), 0.0)
@@ -402,3 +415,24 @@ def test_settings_accept_the_edges() -> None:
     assert made.state is CLOSED
     made.record(False, 0.0)
     assert made.state is OPEN
+
+
+def test_a_probe_that_ends_without_a_verdict_frees_its_permit() -> None:
+    """A half-open circuit whose only probe timed out on its caller's deadline (not the
+    dependency's doing, so not recorded) refused every later call, for ever."""
+    settings = BreakerSettings(window=4, minimum_calls=2, open_wait_s=1.0, half_open_calls=2)
+    circuit, clock, _ = breaker(settings)
+    for _ in range(2):
+        assert circuit.allow()
+        circuit.record(False, 0.01)
+    assert circuit.state is OPEN
+    clock.now += 1.0
+    assert circuit.allow()
+    assert circuit.allow()
+    assert not circuit.allow()
+    circuit.release()  # one probe gave no verdict
+    circuit.record(True, 0.01)
+    assert circuit.state is HALF_OPEN
+    assert circuit.allow()  # its permit is free again
+    circuit.record(True, 0.01)
+    assert circuit.state is CLOSED

@@ -32,6 +32,11 @@ def test_the_split_is_sticky_by_entity_and_close_to_the_percent() -> None:
     assert not any(takes(user, 0.0) for user in range(1000))
     assert all(takes(user, 100) for user in range(1000))
     assert takes({"user_id": 1, "merchant_id": 2}, 50) == takes({"merchant_id": 2, "user_id": 1}, 50)
+    # One entity whatever its JSON type (a string view reads 1 and "1" from one online key).
+    assert [takes(user, 50) for user in range(2000)] == [takes(str(user), 50) for user in range(2000)]
+    assert [takes({"user_id": u, "merchant_id": 2}, 50) for u in range(500)] == [
+        takes({"user_id": str(u), "merchant_id": "2"}, 50) for u in range(500)
+    ]
 
 
 def test_psi_is_small_for_the_same_distribution_and_large_for_a_shift() -> None:
@@ -85,7 +90,9 @@ def test_the_registry_keeps_one_canary_with_its_history(tmp_path: Any) -> None:
     registry.start_canary("buys", second.version, percent=5, shadow=False, by="t")
     with pytest.raises(TenxError, match="is already a canary"):
         registry.start_canary("buys", second.version, percent=5, shadow=False, by="t")
-    registry.rollback("buys", by="t", reason="p99 too high")
+    with pytest.raises(TenxError, match=f"is @{second.version} now, not @{first.version}; nothing rolled back"):
+        registry.rollback("buys", by="t", reason="a verdict on an older canary", version=first.version)
+    registry.rollback("buys", by="t", reason="p99 too high", version=second.version)
     assert registry.canary("buys") is None
     with pytest.raises(TenxError, match="has no canary running"):
         registry.promote("buys", by="t")
@@ -175,6 +182,7 @@ def test_a_canary_that_raises_is_rolled_back_on_its_own_with_no_failed_request(
         return future
 
     runtime.submit = raising
+    runtime.inline_run_s = 0  # the failure is on the canary's own thread: no run may bypass it
     with Load(client) as load:
         wait_for(lambda: repo.models.canary("buys") is None)
         wait_for(lambda: server_route(client).canary is None)
@@ -198,6 +206,7 @@ def test_a_slow_canary_is_rolled_back_on_its_p99(repo: DemoRepo, client: TestCli
         return slow.submit(lambda: (time.sleep(0.05), real(matrix).result())[1])
 
     runtime.submit = sleepy
+    runtime.inline_run_s = 0  # the slowness is on the canary's own thread
     with Load(client) as load:
         wait_for(lambda: repo.models.canary("buys") is None)
     slow.shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> DemoRepo:
 
 def serve(repo: DemoRepo, *, store: Any = None, **options: Any) -> TestClient:
     settings = ModelServerSettings(
-        registry_dir=repo.settings.registry_dir, inference_timeout_ms=options.pop("inference_timeout_ms", 250.0)
+        registry_dir=repo.settings.registry_dir,
+        inference_timeout_ms=options.pop("inference_timeout_ms", 250.0),
+        inline_run_us=options.pop("inline_run_us", 200.0),
     )
     options.setdefault("breakers", QUICK)
     return TestClient(create_model_app(settings, store or repo.store(), **options))
@@ -53,6 +56,7 @@ def break_model(client: TestClient, model: str, how: str = "raise") -> None:
         return future  # "stall": never completes
 
     runtime.submit = submit
+    runtime.inline_run_s = 0  # the failure is on the model's own thread: no run may bypass it
 
 
 class FailingStore:
@@ -101,6 +105,79 @@ def test_a_model_that_raises_opens_its_circuit_and_the_cheaper_model_answers(rep
     assert f"{fallbacks} 6.0" in metrics
 
 
+def test_a_quick_cpu_model_runs_on_the_loop_with_the_same_scores_and_leaves_it_after_a_slow_run(
+    repo: DemoRepo,
+) -> None:
+    """A small model on the CPU costs less run on the event loop than handed to its own
+    thread; the answers must not change, and a slow run sends it back to its thread."""
+    from serving.models.runtime import QUICK_RUNS
+
+    body = {"model": "buys", "entities": [1, 2, 3]}
+    with serve(repo, inline_run_us=5_000) as client:  # the demo model runs 3 rows in about 0.2 ms
+        runtime = server_of(client).routes["buys"].loaded.runtime
+        first = client.post("/predict", json=body).json()["scores"]
+        assert runtime.inline_batches == 0  # not before QUICK_RUNS quick runs on its thread
+        for _ in range(QUICK_RUNS):
+            assert client.post("/predict", json=body).json()["scores"] == first
+        assert runtime.quick(3)
+        assert not runtime.quick(10_000)  # never a batch bigger than the runs it has seen
+        before = runtime.inline_batches
+        assert client.post("/predict", json=body).json()["scores"] == first
+        assert runtime.inline_batches == before + 1
+        batches = client.get("/models").json()["models"][0]["batches"]
+        assert batches == {"run": runtime.batches, "inline": runtime.inline_batches}
+
+        real = runtime.session.run
+
+        def slow(*args: Any) -> Any:
+            time.sleep(0.08)  # a run that waited: over ten times the limit of wall time
+            return real(*args)
+
+        runtime.session.run = slow
+        assert client.post("/predict", json=body).json()["scores"] == first  # run inline, found slow
+        assert not runtime.quick(3)
+        inline = runtime.inline_batches
+        assert client.post("/predict", json=body).json()["scores"] == first
+        assert runtime.inline_batches == inline  # back on its thread
+
+
+def test_a_model_that_raises_while_running_on_the_loop_falls_back_and_opens_its_circuit(repo: DemoRepo) -> None:
+    from serving.models.runtime import QUICK_RUNS
+
+    spec = route("buys", primary="buys", fallbacks=["buys_logistic"])
+    with serve(repo, routes={"buys": spec}, inline_run_us=5_000) as client:
+        runtime = server_of(client).routes["buys"].loaded.runtime
+        for _ in range(QUICK_RUNS):
+            assert client.post("/predict", json={"model": "buys", "entities": [1]}).json()["served_by"] == "buys@1"
+        assert runtime.quick(1)
+
+        def raising(*args: Any) -> Any:
+            raise RuntimeError("ONNX Runtime: invalid input")
+
+        runtime.session.run = raising
+        bodies = [client.post("/predict", json={"model": "buys", "entities": [1]}).json() for _ in range(4)]
+        assert runtime.inline_batches >= 3
+    assert {b["served_by"] for b in bodies} == {"buys_logistic@1"}
+    assert "invalid input" in bodies[0]["reason"]
+    assert bodies[-1]["reason"] == "buys: circuit open"
+
+
+def test_only_cpu_sessions_run_on_the_loop_and_none_when_turned_off(repo: DemoRepo) -> None:
+    from serving.models.runtime import QUICK_RUNS
+
+    settings = ModelServerSettings(registry_dir=repo.settings.registry_dir, inline_run_us=0)
+    with TestClient(create_model_app(settings, repo.store(), breakers=QUICK)) as client:
+        runtime = server_of(client).routes["buys"].loaded.runtime
+        for _ in range(QUICK_RUNS + 2):
+            client.post("/predict", json={"model": "buys", "entities": [1]})
+        assert runtime.inline_batches == 0
+        assert not runtime.quick(1)
+        runtime.inline_run_s = 1.0
+        assert runtime.quick(1)
+        runtime.placement = replace(runtime.placement, device="cuda")  # as a GPU session's
+        assert not runtime.quick(1)  # a device can hang: a GPU session always keeps its own thread
+
+
 def test_a_stalled_model_falls_back_well_within_the_deadline(repo: DemoRepo) -> None:
     spec = route("buys", primary="buys", fallbacks=["buys_logistic"])
     with serve(repo, routes={"buys": spec}, inference_timeout_ms=50) as client:
@@ -139,6 +216,7 @@ def test_timeouts_of_requests_whose_deadline_left_the_model_no_time_do_not_open_
             return runtime.score(matrix)
 
         runtime.submit = lambda matrix: runtime_pool.submit(slow, matrix)
+        runtime.inline_run_s = 0  # the slowness is on the model's own thread
         try:
             for _ in range(6):  # a 5 ms deadline: at most 5 ms for the model, under a quarter of 30 ms
                 answer = client.post("/predict", json={"model": "buys", "entities": [1], "deadline_ms": 5})
@@ -205,6 +283,99 @@ def test_the_cache_answers_the_models_own_score_for_the_same_features(repo: Demo
     assert "cache: miss" in miss.json()["error"]
 
 
+def test_the_cache_gives_no_score_to_a_row_the_card_refuses(repo: DemoRepo) -> None:
+    """A missing entity scored on its empty-window vector leaves that vector's score in
+    the cache; under `on_missing=refuse` the model gives such a row no score, and the
+    cache must not give it one either (it answered the cached score, status `missing`)."""
+    from featurestore.models import MissingPolicy
+
+    spec = route("buys", primary="buys", fallbacks=[CACHE])
+    with serve(repo, routes={"buys": spec}) as client:
+        scored = client.post("/predict", json={"model": "buys", "entities": [1, 999_999]}).json()
+        assert scored["status"] == ["found", "missing"]
+        assert None not in scored["scores"]
+        assembler = server_of(client).routes["buys"].loaded.assembler
+        assembler.card = replace(assembler.card, on_missing=MissingPolicy.REFUSE)
+        refused = client.post("/predict", json={"model": "buys", "entities": [1, 999_998]}).json()
+        assert refused["served_by"] == "buys@1"
+        assert refused["scores"] == [scored["scores"][0], None]
+        break_model(client, "buys")
+        cached = client.post("/predict", json={"model": "buys", "entities": [1, 999_998]}).json()
+    assert cached["served_by"] == "cache:buys@1"
+    assert cached["status"] == ["found", "missing"]
+    assert cached["scores"] == refused["scores"]  # what the model itself answered
+
+
+def test_an_overload_refusal_is_never_answered_by_a_rule_even_when_the_next_model_is_out(tmp_path: Path) -> None:
+    """The primary's queue is full and the cheaper model's circuit is open: the request
+    is shed (503), not answered by the route's rule as if the models had failed."""
+    import asyncio
+    import types
+
+    from featurestore.definitions.route import Route as RouteSpec
+    from serving.models.admission import OVERLOAD, Rejected
+    from serving.models.breaker import Breakers
+    from serving.models.server import ModelServer
+
+    def fraud_rule(features: Any, request: Any) -> float:
+        return 0.5
+
+    async def scenario() -> Any:
+        guard = Breakers(QUICK)
+        spec = RouteSpec("fraud", primary="fraud_mlp", fallbacks=("fraud_logistic", fraud_rule))
+        server = ModelServer(ModelServerSettings(registry_dir=tmp_path), None, guard=guard, routes={"fraud": spec})
+        for name in ("fraud_mlp", "fraud_logistic"):
+            server._route(name).loaded = types.SimpleNamespace()  # loaded: only the steps before `submit` look
+        for _ in range(3):
+            guard.record("model:fraud_logistic", ok=False, seconds=0.01)
+
+        def full(*args: Any, **kwargs: Any) -> Any:
+            raise Rejected("overloaded: the queue is full", reason=OVERLOAD)
+
+        server.submit = full  # type: ignore[method-assign]
+        try:
+            return await server.predict("fraud", [1], priority=Priority.SHEDDABLE, tenant="t", deadline_s=1.0)
+        except Rejected as refused:
+            return refused
+
+    outcome = asyncio.run(scenario())
+    assert isinstance(outcome, Rejected), outcome
+    assert outcome.reason == OVERLOAD
+    assert "fraud_mlp: overload" in str(outcome)
+    assert "fraud_logistic: circuit open" in str(outcome)
+
+
+def test_requests_queued_for_a_model_that_unloads_go_down_their_fallbacks(repo: DemoRepo) -> None:
+    """A model unloaded (or found skewed) while requests wait in its queue: they are
+    answered by the route's next model, not refused with a bare 503."""
+    import asyncio
+
+    from serving.models.server import ModelServer
+
+    spec = route("buys", primary="buys", fallbacks=["buys_logistic"])
+
+    async def scenario() -> Any:
+        settings = ModelServerSettings(registry_dir=repo.settings.registry_dir)
+        server = ModelServer(settings, repo.store(), routes={"buys": spec})
+        await server.start()
+        try:
+            asked = asyncio.ensure_future(
+                server.predict("buys", [1, 2], priority=Priority.DEFAULT, tenant="t", deadline_s=5.0)
+            )
+            await asyncio.sleep(0)  # the request is queued for `buys`; its batch is not taken yet
+            assert len(server.routes["buys"].queue) == 1
+            server._set_loaded(server.routes["buys"], None)  # as a refresh that found it skewed does
+            server.routes["buys"].problem = "unloaded for the test"
+            return await asked
+        finally:
+            await server.stop()
+
+    answer = asyncio.run(scenario())
+    assert answer.served_by == "buys_logistic@1"
+    assert answer.degraded
+    assert "unloaded for the test" in (answer.reason or "")
+
+
 def test_a_tenant_over_its_quota_gets_429_with_retry_after(repo: DemoRepo) -> None:
     tenants = {"shop": TenantPolicy(rate=1, burst=4), "vip": TenantPolicy(priority=Priority.CRITICAL)}
     with serve(repo, tenants=tenants) as client:
@@ -223,6 +394,16 @@ def test_a_tenant_over_its_quota_gets_429_with_retry_after(repo: DemoRepo) -> No
     assert 'tenx_model_shed_total{model="buys",priority="default",reason="quota",tenant="shop"} 1.0' in metrics
     assert 'tenx_model_served_total{priority="critical",route="buys",served_by="buys",tenant="vip"} 1.0' in metrics
     assert 'tenx_model_served_total{priority="critical",route="buys",served_by="buys",tenant="other"} 1.0' in metrics
+
+
+def test_a_request_refused_for_its_keys_costs_its_tenant_no_quota(repo: DemoRepo) -> None:
+    tenants = {"shop": TenantPolicy(rate=0.001, burst=4)}
+    with serve(repo, tenants=tenants) as client:
+        for _ in range(3):
+            bad = client.post("/predict", json={"model": "buys", "entities": ["abc", "def"], "tenant": "shop"})
+            assert bad.status_code == 400, bad.text
+        good = client.post("/predict", json={"model": "buys", "entities": [1, 2, 3, 4], "tenant": "shop"})
+    assert good.status_code == 200, good.text  # the whole burst of 4 is still there
 
 
 def test_routes_are_collected_from_the_feature_repo(tmp_path: Path) -> None:

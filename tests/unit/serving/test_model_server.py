@@ -227,7 +227,25 @@ def test_a_model_trained_on_another_view_version_refuses_to_serve(repo: DemoRepo
             ready = client.get("/health/ready")
             assert ready.status_code == 503
             assert str(raised.value) in ready.json()["problems"]
+        # Neither a canary of such a version nor its promotion: promoted, it took the model down.
+        from click.testing import CliRunner
+
+        from tenx.cli import main
+
+        other = repo.train("buys", ModelKind.LOGISTIC)  # trained on the plan before the change
+        config = ["--config", str(repo.root / "tenx.yaml")]
+        started = CliRunner().invoke(main, ["models", "canary", f"buys@{other.version}", *config])
+        assert started.exit_code == 2, started.output
+        assert "will not serve" in started.output
+        assert repo.models.canary("buys") is None
+        repo.models.start_canary("buys", other.version, percent=5, shadow=False, by="test")  # before the change
+        promoted = CliRunner().invoke(main, ["models", "promote", "buys", *config])
+        assert promoted.exit_code == 2, promoted.output
+        assert "will not serve" in promoted.output
+        assert repo.models.deployment("buys").version == card.version
     finally:
+        if repo.models.canary("buys") is not None:
+            repo.models.rollback("buys", by="test", reason="test")
         features.write_text(original)
         registry.apply(repo.plan)
 
@@ -284,6 +302,9 @@ class Recording:
 
     def record(self, dependency: str, *, ok: bool, seconds: float) -> None:
         self.calls.append((dependency, ok))
+
+    def release(self, dependency: str) -> None:
+        pass
 
 
 def test_a_routing_function_picks_the_model_and_the_guard_is_asked_around_every_call(repo: DemoRepo) -> None:
