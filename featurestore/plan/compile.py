@@ -14,7 +14,7 @@ import pyarrow as pa
 from featurestore.definitions import Aggregation, Entity, FeatureView, Source, Window
 from featurestore.durations import format_duration, parse_duration
 from featurestore.errors import CompileError, CompileProblem
-from featurestore.plan.code import CaptureError, capture
+from featurestore.plan.code import CaptureError, capture, load
 from featurestore.plan.collect import collect, duplicate_view, modules_under, repo_on_path
 from featurestore.plan.model import AS_OF, CodeSpec, EntitySpec, FeatureSpec, Plan, SourceSpec, ViewSpec, WindowSpec
 from featurestore.windows import default_granularity
@@ -193,8 +193,8 @@ class _Compiler:
         all_types.update({name: parse_dtype(dtype) for name, dtype in columns})
         transform = self._code(view, view.transform, "row transform", subject)
         where = self._code(view, view.where, "where= filter", subject) if view.where is not None else None
-        if transform is not None and source is not None:
-            self._check_transform(view, columns, subject)
+        if transform is not None and source is not None and (where is not None or view.where is None):
+            self._check_transform(view, columns, subject, transform, where)
         features = self._features(view, all_types, subject)
         ttl = self._ttl(view, subject)
         if len(self.problems) > before or entity is None or source is None or transform is None:
@@ -242,12 +242,34 @@ class _Compiler:
             self.report(view.location, subject, f"{role} cannot be shipped in the plan: {error}")
             return None
 
-    def _check_transform(self, view: FeatureView, columns: list[tuple[str, str]], subject: str) -> None:
+    def _check_transform(
+        self,
+        view: FeatureView,
+        columns: list[tuple[str, str]],
+        subject: str,
+        transform: CodeSpec,
+        where: CodeSpec | None,
+    ) -> None:
         """Run the transform and filter on a tiny sample batch of the source's events:
-        cheap, and it catches undeclared or missing columns before any engine runs."""
+        cheap, and it catches undeclared or missing columns before any engine runs. Run
+        as the engines will run them, rebuilt from the plan (`load`), not the live
+        functions: a default argument naming a module constant, or a constant that is
+        not a literal, worked live and failed in every engine."""
         sample = _sample_events(view.source.schema)
         try:
-            derived = view.transform(sample)
+            shipped = load(transform)
+            filtered = load(where) if where is not None else None
+        except Exception as error:  # noqa: BLE001 - reported as a compile problem
+            self.report(
+                view.location,
+                subject,
+                f"its code cannot be rebuilt from the plan as the engines run it ({type(error).__name__}: {error}); "
+                "a name it uses, default arguments included, must be an import or a module constant that is a "
+                "plain literal (number, string, list, dict)",
+            )
+            return
+        try:
+            derived = shipped(sample)
         except Exception as error:  # noqa: BLE001 - reported as a compile problem
             self.report(
                 view.location,
@@ -275,13 +297,13 @@ class _Compiler:
             )
         if missing:
             self.report(view.location, subject, f"row transform did not return declared column(s) {_names(missing)}")
-        if view.where is None or undeclared or missing:
+        if filtered is None or undeclared or missing:
             return
         frame = sample.copy()
         for name in declared:
             frame[name] = derived[name]
         try:
-            mask = view.where(frame)
+            mask = filtered(frame)
         except Exception as error:  # noqa: BLE001
             self.report(
                 view.location,

@@ -110,6 +110,36 @@ def test_key_dtype_must_match_the_source_field(tmp_path: Path) -> None:
     ]
 
 
+def test_a_transform_that_works_live_but_not_as_shipped_is_refused_at_compile(tmp_path: Path) -> None:
+    # A default argument naming a module constant is evaluated where the plan is loaded,
+    # and the constant is not shipped: compile ran the live function, and every engine
+    # then failed with a NameError.
+    write_repo(
+        tmp_path,
+        {
+            "features.py": """\
+            from featurestore import Entity, Source, Sum, feature_view
+            from schemas import TRANSACTIONS
+
+            RATE = 1.1
+            user = Entity("user", key="user_id")
+            tx = Source("tx", TRANSACTIONS)
+
+            @feature_view(entity=user, source=tx, columns={"d": float}, aggregations=[Sum("d", windows=["1h"])])
+            def scaled(tx, rate=RATE):
+                return tx.assign(d=tx["amount"] * rate)[["d"]]
+            """,
+        },
+    )
+    with pytest.raises(CompileError) as raised:
+        compile_repo(tmp_path, project="p", modules=["features"])
+    assert [str(p) for p in raised.value.problems] == [
+        "feature view `scaled` (features.py:8): its code cannot be rebuilt from the plan as the engines run it "
+        "(NameError: name 'RATE' is not defined); a name it uses, default arguments included, must be an import "
+        "or a module constant that is a plain literal (number, string, list, dict)"
+    ]
+
+
 def test_transform_using_a_repo_helper_cannot_be_shipped(tmp_path: Path) -> None:
     write_repo(
         tmp_path,
