@@ -58,6 +58,9 @@ _DIGITS = re.compile(r"-?[0-9]+")
 log = logging.getLogger("tenx.api")
 
 
+PLAN_CHECK_S = 1.0  # how often the API looks for a newly applied plan
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     token: str | None = None  # bearer token; None: no auth
@@ -231,13 +234,59 @@ def _entity_keys(view: str, entity: EntitySpec, entities: list[Any]) -> list[Any
     return keys
 
 
-def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | None = None) -> Starlette:
-    """The ASGI app. `plan` None means not ready (no plan applied)."""
+@dataclass
+class _Served:
+    """The plan requests are answered from, and what is derived from it."""
+
+    plan: Plan | None
+    client: AsyncFeatureClient | None
+    entity_of: dict[str, Any]
+    width_of: dict[str, int]
+    next_check: float = 0.0  # monotonic time of the next look at the registry
+
+    @classmethod
+    def of(cls, store: OnlineStore, plan: Plan | None, next_check: float = 0.0) -> _Served:
+        views = plan.views if plan is not None else ()
+        return cls(
+            plan,
+            AsyncFeatureClient(store, plan) if plan is not None else None,
+            {view.name: view.entity for view in views},
+            {view.name: len(view.features) for view in views},
+            next_check,
+        )
+
+
+def create_app(
+    store: OnlineStore,
+    plan: Plan | None,
+    settings: ApiSettings | None = None,
+    *,
+    registry: Any = None,
+    plan_check_s: float = PLAN_CHECK_S,
+) -> Starlette:
+    """The ASGI app. `plan` None means not ready (no plan applied). With `registry` (a
+    FileRegistry) the app follows the applied plan: at most every `plan_check_s` a
+    request looks at the registry's current version and, when it changed, answers from
+    the new plan. Without it a `tenx apply` that changed a view's version left the API
+    reading the old version's keys, which the stream no longer writes: frozen values,
+    served as fresh."""
     config = settings or ApiSettings()
     metrics = _Metrics()
-    client = AsyncFeatureClient(store, plan) if plan is not None else None
-    entity_of = {view.name: view.entity for view in plan.views} if plan is not None else {}
-    width_of = {view.name: len(view.features) for view in plan.views} if plan is not None else {}
+    served = _Served.of(store, plan, time.monotonic() + plan_check_s)
+
+    async def follow_the_plan() -> _Served:
+        nonlocal served
+        current = served
+        if registry is None or time.monotonic() < current.next_check:
+            return current
+        current.next_check = time.monotonic() + plan_check_s  # one look per interval, whatever awaits below
+        version = await asyncio.to_thread(registry.current_version)
+        if version != (current.plan.version if current.plan is not None else None):
+            newer = await asyncio.to_thread(registry.current) if version else None
+            served = _Served.of(store, newer, current.next_check)
+            log.info("feature API: now answering from plan %s", version)
+        return served
+
     expected_auth = f"Bearer {config.token}".encode() if config.token else None
 
     def authorized(request: Request) -> bool:
@@ -262,6 +311,8 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
             if not authorized(request):
                 code = 401
                 return _problem(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+            now = await follow_the_plan()
+            client, entity_of, width_of = now.client, now.entity_of, now.width_of
             if client is None:
                 code = 503
                 return _problem(503, "no plan loaded; run `tenx apply`")
@@ -323,6 +374,7 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
 
     async def ready(request: Request) -> Response:
         problems = []
+        plan = (await follow_the_plan()).plan
         if plan is None:
             problems.append("no plan loaded")
         try:
@@ -341,7 +393,7 @@ def create_app(store: OnlineStore, plan: Plan | None, settings: ApiSettings | No
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(request: Request) -> Response:
-        return _json(openapi_spec(plan))
+        return _json(openapi_spec((await follow_the_plan()).plan))
 
     return Starlette(
         routes=[

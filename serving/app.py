@@ -18,7 +18,8 @@ def app_from_environment() -> Starlette:
     $TENX_LOG_FORMAT says (text or json, with request ids)."""
     configure_logging(os.environ.get("TENX_LOG_FORMAT") or "text")
     settings = load_settings()
-    plan = FileRegistry(settings.registry_dir).current()
+    registry = FileRegistry(settings.registry_dir)
+    plan = registry.current()
     project = plan.project if plan is not None else settings.project  # the applied plan's keys
     store = open_online_store(
         redis_url=settings.redis_url,
@@ -31,4 +32,4 @@ def app_from_environment() -> Starlette:
         token=os.environ.get("TENX_API_TOKEN") or None,
         max_values=int(os.environ.get("TENX_API_MAX_VALUES") or MAX_VALUES),
     )
-    return create_app(store, plan, settings_api)
+    return create_app(store, plan, settings_api, registry=registry)  # follows `tenx apply`

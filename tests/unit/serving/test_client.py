@@ -300,3 +300,30 @@ def test_api_is_not_ready_without_a_plan(store: SqliteOnlineStore) -> None:
     assert api.get("/health/ready").status_code == 503
     assert api.get("/health").json() == {"status": "unavailable", "problems": ["no plan loaded"]}
     assert post(api, {"view": "spend", "entities": [1]}).status_code == 503
+
+
+def test_api_follows_a_newly_applied_plan(store: SqliteOnlineStore, tmp_path: Path) -> None:
+    """After `tenx apply` changed a view's version the stream writes the new version's
+    keys: an API that kept its first plan served the old keys' frozen values."""
+    from featurestore.registry import FileRegistry
+
+    @feature_view(entity=USER, source=TX, aggregations=[Count(), Sum("amount")], windows=["2h"], ttl="1h")
+    def spend(tx: Any) -> Any:  # the same view, another window: another version
+        return tx[[]]
+
+    changed = compile_definitions("serving", views=[spend, by_country])
+    view = changed.view("spend")
+    assert view.version != VIEW.version
+    rows = {"user_id": [1], AS_OF: [NOW], "count_2h": [9], "sum_amount_2h": [90.0]}
+    store.write(view, pa.table(rows, schema=view.changelog_schema()))
+    registry = FileRegistry(tmp_path / "registry")
+    registry.apply(PLAN)
+    api = TestClient(create_app(store, registry.current(), registry=registry, plan_check_s=0.0))
+    assert post(api, {"view": "spend", "entities": [1]}).json()["features"] == [
+        "count_1h", "sum_amount_1h", "mean_amount_1h", "last_currency_1h"
+    ]  # fmt: skip
+    registry.apply(changed)
+    answer = post(api, {"view": "spend", "entities": [1]}).json()
+    assert answer["features"] == ["count_2h", "sum_amount_2h"]
+    assert answer["results"][0]["values"] == [9, 90.0]
+    assert api.get("/health/ready").json() == {"status": "ok", "plan": changed.version}
