@@ -80,8 +80,28 @@ def _named_changes(
         elif name not in new:
             changes.append(Change(ChangeKind.REMOVED, subject, "removed"))
         elif old[name].to_dict() != new[name].to_dict():
-            changes.append(Change(ChangeKind.CHANGED, subject, "definition"))
+            changes.append(Change(ChangeKind.CHANGED, subject, "definition" + _repointed(old[name], new[name])))
     return changes
+
+
+def _repointed(before: EntitySpec | SourceSpec, after: EntitySpec | SourceSpec) -> str:
+    """What a source now reads from, when that moved: its views keep their versions (the
+    values' definition did not change), so what was computed from the old table or topic
+    stays until it is recomputed. Said here, or it goes unnoticed."""
+    if not isinstance(before, SourceSpec) or not isinstance(after, SourceSpec):
+        return ""
+    moved = [
+        f"{what} `{new}` (was `{old}`)"
+        for what, old, new in (("table", before.table, after.table), ("topic", before.topic, after.topic))
+        if old != new
+    ]
+    if not moved:
+        return ""
+    return (
+        f": now reads {' and '.join(moved)}; its views keep their versions and the values computed from the old "
+        "events: `tenx ingest` the new table's events and `tenx backfill` the views over their whole history, "
+        "then `tenx materialize`"
+    )
 
 
 def _view_changes(subject: str, before: ViewSpec, after: ViewSpec) -> list[Change]:

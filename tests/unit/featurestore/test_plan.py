@@ -280,6 +280,14 @@ def test_entities_and_sources_no_view_uses_still_show_in_the_diff(repo: Path) ->
         before, sources=tuple(dataclasses.replace(s, description="Card payments.") for s in before.sources)
     )
     assert [str(c) for c in diff_plans(before, described)] == ["~ source `transactions`: definition"]
+    # Repointed at another table: its views keep their versions (and their old values),
+    # which the diff must say, with what to run.
+    moved = dataclasses.replace(before, sources=tuple(dataclasses.replace(s, table="tx_v2") for s in before.sources))
+    assert [str(c) for c in diff_plans(before, moved)] == [
+        "~ source `transactions`: definition: now reads table `tx_v2` (was `transactions`); its views keep their "
+        "versions and the values computed from the old events: `tenx ingest` the new table's events and "
+        "`tenx backfill` the views over their whole history, then `tenx materialize`"
+    ]
 
 
 def test_turning_offline_storage_off_shows_in_the_diff(repo: Path) -> None:
