@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dis
 import importlib
 import inspect
 import linecache
@@ -117,7 +118,12 @@ def _strip(node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.AST:
 
 
 def _global_names(code: types.CodeType) -> Iterator[str]:
-    yield from code.co_names
+    """The names the code reads as globals. Not `co_names`, which also holds every
+    attribute name: `tx.event_time.dt.hour` made a module's unrelated `hour = 3600` part of
+    the view (its edits changed the version) or, were it a function, refused the view."""
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(instruction.argval, str):
+            yield instruction.argval
     for constant in code.co_consts:
         if isinstance(constant, types.CodeType):
             yield from _global_names(constant)

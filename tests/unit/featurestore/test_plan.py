@@ -121,6 +121,17 @@ def test_changing_a_captured_constant_changes_the_version(repo: Path) -> None:
     assert compile_template(repo).view("user_spend").version != before.view("user_spend").version
 
 
+def test_a_module_global_named_like_an_attribute_is_not_part_of_the_view(repo: Path) -> None:
+    # user_spend calls `.fillna(...)` and `.where(...)`: module globals of those names are
+    # not what it uses (a constant changed its version; a function refused the view).
+    before = compile_template(repo)
+    _edit(repo, "transactions = Source(", "fillna = 3600\n\n\ndef where(x):\n    return x\n\n\ntransactions = Source(")
+    after = compile_template(repo)
+    assert after.view("user_spend").version == before.view("user_spend").version
+    _edit(repo, "fillna = 3600", "fillna = 7200")
+    assert compile_template(repo).view("user_spend").version == before.view("user_spend").version
+
+
 def test_comments_docstrings_and_line_moves_do_not_change_versions(repo: Path) -> None:
     before = compile_template(repo)
     _edit(repo, '    """Spend per card holder', '    # a comment\n    """Per-holder spend')
