@@ -170,6 +170,38 @@ def start(repo: DemoRepo, client: TestClient, *, percent: float = 50, shadow: bo
     return server_route(client)
 
 
+def test_a_canary_is_loaded_again_under_a_newly_applied_plan(repo: DemoRepo, client: TestClient) -> None:
+    """The deployed version is reloaded when the plan changes; the canary stayed on the
+    plan it was loaded under (its keys named the old view versions, and the skew check
+    never saw the new plan)."""
+    from featurestore.plan import compile_repo
+    from featurestore.registry import FileRegistry
+
+    route = start(repo, client, min_requests=100_000)
+    assert route.canary.plan_version == repo.plan.version
+    features = repo.root / "features.py"
+    original = features.read_text()
+    registry = FileRegistry(repo.settings.registry_dir)
+    try:
+        features.write_text(original.replace('ttl="2d"', 'ttl="3d"', 1))  # a new plan, the same view versions
+        changed = compile_repo(
+            repo.settings.features_path, project=repo.settings.project, modules=repo.settings.modules
+        )
+        assert changed.version != repo.plan.version
+        registry.apply(changed)
+        wait_for(
+            lambda: (
+                server_route(client).canary is not None and server_route(client).canary.plan_version == changed.version
+            )
+        )
+        served = {client.post("/predict", json={"model": "buys", "entities": [user]}).json()["served_by"]
+                  for user in range(1, 60)}  # fmt: skip
+        assert served == {"buys@1", "buys@2"}
+    finally:
+        features.write_text(original)
+        registry.apply(repo.plan)
+
+
 def test_a_canary_that_raises_is_rolled_back_on_its_own_with_no_failed_request(
     repo: DemoRepo, client: TestClient
 ) -> None:
