@@ -144,8 +144,9 @@ class JsonLinesSink(DynamicSink[dict[str, Any]]):
 
 
 class _KafkaSinkPartition(StatelessSinkPartition[dict[str, Any]]):
-    def __init__(self, bootstrap: str, topic: str, config: dict[str, Any]) -> None:
+    def __init__(self, bootstrap: str, topic: str | None, suffix: str, config: dict[str, Any]) -> None:
         self.topic = topic
+        self.suffix = suffix
         self.producer = Delivery(bootstrap, **{"linger.ms": 20, **config})
 
     def write_batch(self, items: list[dict[str, Any]]) -> None:
@@ -153,7 +154,8 @@ class _KafkaSinkPartition(StatelessSinkPartition[dict[str, Any]]):
         # late event that is not in its topic yet (a failure here restarts the job from
         # its last snapshot, which sends them again: at least once).
         for item in items:
-            self.producer.send(self.topic, orjson.dumps(item))
+            topic = self.topic if self.topic is not None else f"{item['topic']}{self.suffix}"
+            self.producer.send(topic, orjson.dumps(item))
         self.producer.flush()
 
     def close(self) -> None:
@@ -161,15 +163,19 @@ class _KafkaSinkPartition(StatelessSinkPartition[dict[str, Any]]):
 
 
 class KafkaJsonSink(DynamicSink[dict[str, Any]]):
-    """Dead letters or late events to a Kafka topic, as JSON."""
+    """Dead letters or late events to a Kafka topic, as JSON: `topic`, or with `topic`
+    None each record's own source topic (its `topic` field) + `suffix`, so each source's
+    dead letters land in `<its topic>.dead-letters` (they all went to the first
+    source's)."""
 
-    def __init__(self, bootstrap: str, topic: str, **config: Any) -> None:
+    def __init__(self, bootstrap: str, topic: str | None = None, *, suffix: str = "", **config: Any) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
+        self.suffix = suffix
         self.config = config  # librdkafka producer settings
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaSinkPartition:
-        return _KafkaSinkPartition(self.bootstrap, self.topic, self.config)
+        return _KafkaSinkPartition(self.bootstrap, self.topic, self.suffix, self.config)
 
 
 # -- steps ---------------------------------------------------------------------------------
@@ -346,6 +352,7 @@ class _ShardLogic(StatefulBatchLogic[EventBatch | Progress, tuple[str, Any], Any
                     "late",
                     {
                         "view": self.view.name,
+                        "topic": self.view.source.topic,  # whose `.late` topic it goes to
                         "entity": entity,
                         "event_time_us": event_time,
                         "sequence": sequence,

@@ -172,9 +172,8 @@ def stream(
         def messages(flow: Any, source: Any) -> Any:
             return kafka_messages(flow, source, bootstrap, tail=not bounded, start_time_us=start_us, options=options)
 
-        topic = plan.sources[0].topic
-        dead = KafkaJsonSink(bootstrap, f"{topic}.dead-letters", **options)
-        late = KafkaJsonSink(bootstrap, f"{topic}.late", **options)
+        dead = KafkaJsonSink(bootstrap, suffix=".dead-letters", **options)  # `<each source's topic>.dead-letters`
+        late = KafkaJsonSink(bootstrap, suffix=".late", **options)
     factory = StoreFactory(settings.redis_url, settings.online_path, project=plan.project)
     flow = build_dataflow(
         plan,
@@ -203,7 +202,14 @@ def stream(
         highlight=False,
     )
     if from_file is None:
-        console.print(f"dead letters -> Kafka topic {topic}.dead-letters, late events -> {topic}.late", highlight=False)
+        topics = sorted({source.topic for source in plan.sources})
+        console.print(
+            "dead letters -> Kafka topic "
+            + ", ".join(f"{t}.dead-letters" for t in topics)
+            + ", late events -> "
+            + ", ".join(f"{t}.late" for t in topics),
+            highlight=False,
+        )
     before = {kind: _lines(outputs_dir, kind) for kind in ("dead_letters", "late")}
     live = errors.is_terminal
     reporter = StatusReporter(errors, interval=status_interval or (2.0 if live else 30.0), live=live)

@@ -235,3 +235,28 @@ def test_a_snapshot_is_the_state_of_its_epoch_not_of_later_ones(emit: Emit) -> N
     first_run = outputs(running, epoch(3, 5))  # ... while epoch 2 runs, then the process dies
     resumed = _ShardLogic(view, False, emit, pickle.loads(pickle.dumps(snapshot)))  # what recovery hands back
     assert outputs(resumed, epoch(3, 5)) == first_run  # epoch 2 again: the same rows, nothing doubled
+
+
+def test_dead_letters_and_late_events_go_to_their_own_sources_topics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two sources, every dead letter went to the first source's `.dead-letters`."""
+    import pipelines.stream.dataflow as dataflow
+
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    class Recording:
+        def __init__(self, bootstrap: str, **config: Any) -> None:
+            pass
+
+        def send(self, topic: str, value: bytes) -> None:
+            sent.append((topic, orjson.loads(value)))
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(dataflow, "Delivery", Recording)
+    dead = dataflow.KafkaJsonSink("kafka:9092", suffix=".dead-letters").build("dlq", 0, 1)
+    dead.write_batch([{"source": "payments", "topic": "payments", "reason": "x"},
+                      {"source": "clicks", "topic": "web.clicks", "reason": "y"}])  # fmt: skip
+    fixed = dataflow.KafkaJsonSink("kafka:9092", "one.topic").build("dlq", 0, 1)
+    fixed.write_batch([{"topic": "payments"}])
+    assert [topic for topic, _ in sent] == ["payments.dead-letters", "web.clicks.dead-letters", "one.topic"]
