@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 MASK = "***"
 _SECRET_KEYS = re.compile(r"pass|secret|token|key|credential|auth", re.IGNORECASE)
 # user:password@ in anything that looks like a URL, for text we did not build ourselves
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<password>[^@/\s]+)@")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<password>[^@\s]+)@")
 
 
 def redact_url(url: str) -> str:
@@ -27,7 +27,17 @@ def redact_url(url: str) -> str:
     'rediss://cache:6380/0?password=%2A%2A%2A&ssl_cert_reqs=none'
     >>> redact_url("redis://cache:6379/0")
     'redis://cache:6379/0'
+    >>> redact_url("redis://tenx:Pw/x9#q@cache:6379/0")
+    'redis://tenx:***@cache:6379/0'
     """
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        # The userinfo by hand: a password holding `/`, `#` or `?` (generated ones do)
+        # ends urlsplit's netloc early, which then found no `@` and masked nothing.
+        userinfo, _, after = rest.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        if colon:
+            url = f"{scheme}://{user}:{MASK}@{after}"
     if "://" not in url:  # host:port without a scheme, maybe with user:password@ in front
         userinfo, at, host = url.rpartition("@")
         user, colon, _password = userinfo.partition(":")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import shlex
 import subprocess
@@ -21,6 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from featurestore.errors import ConfigError
 
@@ -39,6 +41,7 @@ class Fault:
     stopped_at_s: float | None = None  # from the window's start, once it happened
     restarted_at_s: float | None = None
     log: list[str] = field(default_factory=list)
+    redis_password: str | None = field(default=None, repr=False)  # for redis-cli, via $REDISCLI_AUTH only
 
 
 def parse_fault(spec: str) -> tuple[str, float]:
@@ -84,14 +87,33 @@ def default_commands(component: str, *, redis_url: str | None, fault_file: Path 
     return stop, f"{services} up --only {component} >/dev/null"
 
 
+def redis_password(url: str | None) -> str | None:
+    password = urlsplit(url).password if url else None
+    return unquote(password) if password else None
+
+
 def _redis_save(url: str) -> str:
-    return f"redis-cli -u {shlex.quote(url)} SAVE >/dev/null"
+    # The URL without its password: the command is printed, kept in report.json and
+    # shown by `ps`. redis-cli takes the password from $REDISCLI_AUTH, which `_run` sets.
+    return f"redis-cli -u {shlex.quote(_without_password(url))} SAVE >/dev/null"
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, f"{user}@{host}" if user else host, parts.path, parts.query, parts.fragment))
 
 
 def _run(command: str, fault: Fault, what: str) -> None:
     # The user's own stop/start commands, run as given (pipes, &&): a shell is the point.
+    env = dict(os.environ)
+    if fault.redis_password:
+        env["REDISCLI_AUTH"] = fault.redis_password  # for `_redis_save`'s redis-cli, out of every command line
     done = subprocess.run(  # noqa: S602
-        command, shell=True, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False
+        command, shell=True, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False, env=env
     )
     tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
     fault.log.append(f"{what}: `{command}` exit {done.returncode} {tail[0]}".rstrip())

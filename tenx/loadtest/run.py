@@ -254,7 +254,14 @@ def _fault(options: Options, fault_options: FaultOptions) -> faults.Fault:
             model=options.target.what,
         )  # fmt: skip
         stop, start = stop or default_stop, start or default_start
-    return faults.Fault(component, at_s, fault_options.down_s, stop, start)
+    return faults.Fault(
+        component,
+        at_s,
+        fault_options.down_s,
+        stop,
+        start,
+        redis_password=faults.redis_password(fault_options.redis_url),
+    )
 
 
 def _fault_step(

@@ -40,6 +40,10 @@ def test_urls_keep_everything_but_the_password() -> None:
     assert redact_text(f"Error at {url(1)}; again {url(2)}") == (
         "Error at redis://tenx:***@127.0.0.1:1/0; again redis://tenx:***@127.0.0.1:2/0"
     )
+    # Generated passwords hold `/`, `#` or `?`, which end urlsplit's netloc early: masked all the same.
+    for odd in ("Pw/x9", "Pw#x9", "Pw?x9"):
+        assert redact_url(f"redis://tenx:{odd}@cache:6379/0") == "redis://tenx:***@cache:6379/0"
+        assert odd not in redact_text(f"Error connecting to redis://tenx:{odd}@cache:6379/0: refused")
 
 
 def test_a_malformed_url_is_refused_without_its_password() -> None:

@@ -633,6 +633,23 @@ def test_a_redis_fault_saves_before_stopping() -> None:
     assert kafka_stop.endswith("scripts/services down --only kafka")
 
 
+def test_a_redis_fault_keeps_the_password_out_of_its_commands(tmp_path: Path) -> None:
+    """The commands are printed, kept in report.json and visible in `ps`: the password
+    reaches redis-cli through $REDISCLI_AUTH alone."""
+    from tenx.loadtest.faults import Fault, _run, redis_password
+
+    url = "redis://tenx:s3cr%2Fet@127.0.0.1:6379/0"
+    stop, _ = default_commands("redis", redis_url=url, fault_file=None, model="churn")
+    assert "s3cr" not in stop
+    assert stop.startswith("redis-cli -u redis://tenx@127.0.0.1:6379/0 SAVE")
+    seen = tmp_path / "auth"
+    fault = Fault("redis", 1.0, 1.0, f'printf %s "$REDISCLI_AUTH" > {seen}', "true", redis_password=redis_password(url))
+    _run(fault.stop, fault, "stop")
+    assert seen.read_text() == "s3cr/et"
+    assert "s3cr" not in " ".join(fault.log)
+    assert "s3cr" not in repr(fault)
+
+
 def test_an_unknown_component_needs_its_own_commands() -> None:
     with pytest.raises(ConfigError) as error:
         default_commands("postgres", redis_url=None, fault_file=None, model="churn")
