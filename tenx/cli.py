@@ -780,6 +780,8 @@ def serve(
 
     import uvicorn
 
+    from serving.http import BoundedHeadProtocol
+
     settings = settings_of(config_file)
     applied_plan(settings)  # fail now, with the fix, rather than serve 503s
     if settings.config_file is not None:
@@ -799,7 +801,7 @@ def serve(
         log_level="warning",
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http=BoundedHeadProtocol,  # httptools, with a bound on a request's head (serving/http.py)
     )
 
 

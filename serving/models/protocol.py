@@ -32,8 +32,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
+from serving.http import BoundedHeadProtocol
 from serving.models.admission import Rejected
 
 SCREENED = "tenx.screened"  # scope key: the protocol asked the gate already (bool: it let a sheddable one in)
@@ -56,7 +57,7 @@ class _Answered:
 _ANSWERED = _Answered()
 
 
-class PredictProtocol(HttpToolsProtocol):
+class PredictProtocol(BoundedHeadProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._endpoint = _predict_endpoint(self.app)

@@ -1,0 +1,67 @@
+"""uvicorn's httptools protocol with a bound on a request's head (request line and
+headers), for both servers.
+
+uvicorn bounds neither: `on_url` and `on_header` append whatever arrives, and llhttp
+sets no limit, so one connection sending header lines without end grew the process by
+200 MB for 25,000 lines of 8 KB, unauthenticated (the body bounds of the feature API and
+the model server start only once the head is complete). Past `MAX_HEAD_BYTES` the
+request is answered 431 and the connection closed, as nginx and Node answer one.
+
+    uvicorn.run(app, http=BoundedHeadProtocol, loop="uvloop")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEAD_BYTES = 64 * 1024  # request line + header names and values; nginx's default is 4 x 8 KiB
+
+_TOO_LARGE = b"request line and headers exceed 65536 bytes"
+_ANSWER_431 = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: " + str(len(_TOO_LARGE)).encode() + b"\r\nconnection: close\r\n\r\n" + _TOO_LARGE
+)
+
+
+class HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools stops parsing the connection's data."""
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes = 0
+        self._refused = False
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        super().on_header(name, value)
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            if not self._refused:
+                self._refused = True
+                self.transport.write(_ANSWER_431)
+                self.transport.close()
+            raise HeadTooLarge
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered 431; the connection is closing
+        super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refused:
+            return  # the parser error is our HeadTooLarge: the 431 went out already
+        super().send_400_response(msg)

@@ -1,0 +1,76 @@
+"""A request's head (request line and headers) is bounded on both servers' protocol."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from serving.http import MAX_HEAD_BYTES, BoundedHeadProtocol
+from tests.processes import free_port
+
+
+async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture
+def port() -> Iterator[int]:
+    import uvicorn
+
+    chosen = free_port()
+    config = uvicorn.Config(hello, host="127.0.0.1", port=chosen, http=BoundedHeadProtocol, log_level="error",
+                            lifespan="off")  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        yield chosen
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def exchange(port: int, head: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it may close before reading it all
+            sock.sendall(head)
+        answer = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+            if b"\r\n\r\n" in answer and (b"ok" in answer or b"exceed" in answer):
+                break
+        return answer
+
+
+def test_a_head_past_the_bound_is_answered_431_and_nothing_grows(port: int) -> None:
+    line = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+    oversized = b"GET / HTTP/1.1\r\nHost: t\r\n" + line * (MAX_HEAD_BYTES // len(line) + 2) + b"\r\n"
+    answer = exchange(port, oversized)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+    assert b"exceed 65536 bytes" in answer
+    # A long URL counts too.
+    assert exchange(port, b"GET /" + b"u" * (MAX_HEAD_BYTES + 1) + b" HTTP/1.1\r\nHost: t\r\n\r\n").startswith(
+        b"HTTP/1.1 431 "
+    )
+    # Under the bound, and on the next connection, requests are served as before.
+    fine = b"GET / HTTP/1.1\r\nHost: t\r\n" + line * 30 + b"Connection: close\r\n\r\n"
+    assert exchange(port, fine).startswith(b"HTTP/1.1 200 ")
