@@ -263,8 +263,9 @@ class Tenants:
         bucket = None
         if policy.rate is not None:
             bucket = TokenBucket(policy.rate, policy.burst or max(1.0, policy.rate), self._clock)
-        if len(self._buckets) > 100_000:  # unnamed tenants come and go: forget idle buckets
-            self._buckets.clear()
+        if len(self._buckets) > 100_000:  # unnamed tenants come and go: forget their buckets
+            # ... but never a named tenant's: a flood of made-up names reset every quota.
+            self._buckets = {name: kept for name, kept in self._buckets.items() if name in self.policies}
         self._buckets[tenant] = bucket
         return bucket
 

@@ -236,6 +236,16 @@ def test_quota_rejection_is_429_with_the_wait() -> None:
     tenants.charge("someone-else", 10_000)  # no `*` entry: no quota
 
 
+def test_a_flood_of_made_up_tenant_names_never_resets_a_named_tenants_quota() -> None:
+    clock = Clock()
+    tenants = Tenants({"shop": TenantPolicy(rate=1, burst=1), "*": TenantPolicy(rate=10, burst=10)}, clock=clock)
+    tenants.charge("shop", 1)
+    for index in range(100_002):  # the unnamed buckets are forgotten past 100,000
+        tenants.charge(f"made-up-{index}", 1)
+    with pytest.raises(Rejected):
+        tenants.charge("shop", 1)  # at the same instant: still spent
+
+
 def test_batch_limit_finds_the_size_where_a_batch_costs_tolerance_times_its_fixed_part() -> None:
     limit = BatchLimit(initial=32, minimum=8, maximum=1024, tolerance=1.5)
     rng = np.random.default_rng(0)
