@@ -25,15 +25,44 @@ FRAME_DTYPES = {
 }
 
 
+def nullable_int(dtype: Any) -> Any:
+    """pyarrow `types_mapper`: integer columns as pandas nullable ints (exact, with a
+    mask), everything else as `to_pandas` gives it (None)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    if not pa.types.is_integer(dtype):
+        return None
+    return pd.api.types.pandas_dtype(f"{'U' if pa.types.is_unsigned_integer(dtype) else ''}Int{dtype.bit_width}")
+
+
+def events_frame(table: Any) -> Any:
+    """An Arrow table of events as the pandas frame the engines compute on.
+
+    `to_pandas` turns an int column holding a null into float64, which rounds values
+    past 2**53 (64-bit ids, `Last` of an id, large `Sum`s): 2**53 + 1 came out 2**53.
+    Such columns arrive here as pandas nullable ints instead; the others as `to_pandas`
+    gives them. `prepare_events` still shows a view's transform and `where` the float64
+    column they always saw, and aggregates the exact one."""
+    frame = table.to_pandas()
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if column.null_count and nullable_int(column.type) is not None:
+            frame[name] = column.to_pandas(types_mapper=nullable_int)
+    return frame
+
+
 def prepare_events(view: ViewSpec, events: Any) -> Any:
     """Events with the view's derived columns added and its `where` applied.
 
     `events` is a pandas or cuDF DataFrame with the source schema's columns. The result
     has a fresh RangeIndex and keeps the input's row order (the log order, which breaks
-    ties between events at the same time).
+    ties between events at the same time). Nullable int columns (`events_frame`) stay
+    exact in the result; the transform and `where` see them as plain pandas would
+    (int64, or float64 with NaN where a value is null), whatever the engine read.
     """
     frame = events.reset_index(drop=True)
-    derived = load(view.transform)(frame)  # a view without derived columns returns none
+    shown = _as_plain_pandas(frame)
+    derived = load(view.transform)(shown)  # a view without derived columns returns none
     if not hasattr(derived, "columns"):
         raise TransformError(
             f"feature view `{view.name}`: the row transform must return a DataFrame of "
@@ -64,8 +93,10 @@ def prepare_events(view: ViewSpec, events: Any) -> Any:
             # every engine alike, rather than making a window's Sum or Std inf or NaN.
             column = column.where(column.abs() <= FLOAT_LIMIT)
         frame[name] = column
+        if shown is not frame:
+            shown[name] = column
     if view.where is not None:
-        mask = load(view.where)(frame)
+        mask = load(view.where)(shown)
         if not hasattr(mask, "dtype") or str(mask.dtype) not in ("bool", "boolean"):
             raise TransformError(
                 f"feature view `{view.name}`: where= must return a boolean Series, got "
@@ -77,6 +108,29 @@ def prepare_events(view: ViewSpec, events: Any) -> Any:
             )
         frame = frame[mask.fillna(False).reset_index(drop=True)].reset_index(drop=True)
     return frame
+
+
+def _as_plain_pandas(frame: Any) -> Any:
+    """`frame` with its pandas nullable int columns as `to_pandas` makes them (a
+    shallow copy), or `frame` itself when it has none (cuDF frames included)."""
+    import numpy as np
+    import pandas as pd
+
+    if not isinstance(frame, pd.DataFrame):
+        return frame
+    signed = (pd.Int8Dtype, pd.Int16Dtype, pd.Int32Dtype, pd.Int64Dtype)
+    nullable_ints = (*signed, pd.UInt8Dtype, pd.UInt16Dtype, pd.UInt32Dtype, pd.UInt64Dtype)
+    # "Int64" -> int64, "UInt8" -> uint8: the numpy type of a column without nulls
+    exact = {
+        name: np.dtype(str(dtype).lower()) for name, dtype in frame.dtypes.items() if isinstance(dtype, nullable_ints)
+    }
+    if not exact:
+        return frame
+    shown = frame.copy(deep=False)
+    for name, plain in exact.items():
+        column = frame[name]
+        shown[name] = column.astype("float64") if column.hasnans else column.astype(plain)
+    return shown
 
 
 def event_micros(series: Any) -> list[int]:

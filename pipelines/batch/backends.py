@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 
 from featurestore.errors import TerminalError
+from featurestore.transforms import events_frame
 
 CUDF_HINT = (
     "the cudf backend needs an NVIDIA GPU with RAPIDS: pip install 'tenx[gpu]' for CUDA 12 "
@@ -45,10 +46,10 @@ def frame_module(backend: Backend) -> Any:
 
 
 def to_frame(table: pa.Table, backend: Backend) -> Any:
-    """An Arrow table as the backend's DataFrame (pandas: Arrow-backed strings; cuDF:
+    """An Arrow table as the backend's DataFrame (pandas: `events_frame`, exact nullable ints; cuDF:
     timestamps without their time zone, see `utc_as_naive`)."""
     if backend is Backend.PANDAS:
-        return table.to_pandas()
+        return events_frame(table)
     return frame_module(backend).DataFrame.from_arrow(utc_as_naive(table))
 
 

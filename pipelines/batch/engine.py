@@ -29,7 +29,7 @@ from featurestore.errors import TerminalError, TransientError
 from featurestore.plan.model import SEQUENCE, Plan, ViewSpec
 from featurestore.stores.location import Location
 from featurestore.stores.offline import DeltaOfflineStore
-from featurestore.transforms import prepare_events
+from featurestore.transforms import nullable_int, prepare_events
 from pipelines.batch.backends import Backend, array_module, frame_module, to_frame
 from pipelines.batch.kernel import changelog_kernel
 from schemas.timestamps import from_micros
@@ -119,14 +119,22 @@ def backfill_view(
     filters = [(time_column, ">=", lower), (time_column, "<", upper)]
     if store.location.is_local:
         # A partition per row group (about 1M events): stage 1 holds a few.
-        events = dd.read_parquet(files, columns=columns, filters=filters, split_row_groups=True)
+        # Int columns as pandas nullable ints in every partition (one meta for all): a
+        # row group with a null would otherwise read as float64 and round past 2**53.
+        events = dd.read_parquet(
+            files,
+            columns=columns,
+            filters=filters,
+            split_row_groups=True,
+            arrow_to_pandas={"types_mapper": nullable_int},
+        )
     else:
         # A partition per file, read on the worker through a client it makes from its
         # own environment: no credentials in the task graph (a pyarrow S3FileSystem
         # pickles its keys), and a worker on another host uses its own endpoint.
         from dask.delayed import delayed
 
-        meta = store.events_schema(view.source).empty_table().select(columns).to_pandas()
+        meta = store.events_schema(view.source).empty_table().select(columns).to_pandas(types_mapper=nullable_int)
         parts = [delayed(_read_events_file, pure=True)(store.location, f, columns, filters) for f in files]
         events = dd.from_delayed(parts, meta=meta, verify_meta=False)
     # read by pyarrow on either backend; a cuDF partition is made on its worker (`_write_buckets`)
@@ -180,7 +188,7 @@ def _read_events_file(location: Location, uri: str, columns: list[str], filters:
     import pyarrow.parquet as pq
 
     table = pq.read_table(location.file_path(uri), columns=columns, filters=filters, filesystem=location.filesystem())
-    frame: pd.DataFrame = table.to_pandas()
+    frame: pd.DataFrame = table.to_pandas(types_mapper=nullable_int)
     return frame
 
 

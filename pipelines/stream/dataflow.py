@@ -39,7 +39,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from featurestore.plan.model import AS_OF, Plan, SourceSpec, ViewSpec
 from featurestore.stores.codec import encode_columns, with_nulls
 from featurestore.stores.online import OnlineStore
-from featurestore.transforms import prepare_events
+from featurestore.transforms import events_frame, prepare_events
 from pipelines.stream.metrics import METRICS, DeadLetterReason
 from pipelines.stream.producer import Delivery
 from pipelines.stream.sources import (
@@ -290,7 +290,7 @@ def _events_for(
     def to_events(table: pa.Table | Progress) -> list[tuple[str, Any]]:
         if isinstance(table, Progress):
             return [(shard, table) for shard in every_shard]
-        frame = prepare_events(view, table.to_pandas())
+        frame = prepare_events(view, events_frame(table))
         if len(frame) == 0:
             return []
         events = batch_from_frame(view, frame, inputs)

@@ -153,7 +153,9 @@ def batch_from_frame(view: ViewSpec, frame: Any, inputs: tuple[str, ...]) -> Eve
         present = series.notna().to_numpy(dtype=bool)
         if dtype.startswith("int"):
             values.append(
-                series.to_numpy(dtype=np.float64 if series.dtype.kind == "f" else None, na_value=0).astype(np.int64)
+                # A nullable int column (events_frame) straight to int64: through to_numpy's
+                # default (float64 in pandas 3) a value past 2**53 rounds.
+                series.to_numpy(dtype=np.float64 if series.dtype.kind == "f" else np.int64, na_value=0).astype(np.int64)
             )
         elif dtype.startswith("float"):
             values.append(series.to_numpy(dtype=np.float64, na_value=0.0))

@@ -12,11 +12,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from featurestore import Count, Entity, Last, Latest, Max, Mean, Min, Source, Std, Sum, Window, feature_view
 from featurestore.errors import TransformError
 from featurestore.plan import AS_OF, ViewSpec, compile_definitions
+from featurestore.transforms import events_frame
 from pipelines.reference import reference_changelog
 from schemas import EventSchema, Field
 
@@ -366,3 +368,46 @@ def test_a_view_of_latest_values_changes_only_at_events() -> None:
 def test_latest_skips_events_the_where_filter_drops() -> None:
     view = make_view(Latest("value"), where=lambda e: e["value"] > 0, windows=())
     assert changelog(view, events((1, 1, 5.0), (1, 2, -1.0))) == [(1, 1, 5.0)]
+
+
+# -- ints past float precision ------------------------------------------------------------------
+
+
+def test_an_int_column_holding_a_null_stays_exact_and_the_transform_sees_what_pandas_gives() -> None:
+    """to_pandas reads an int column with a null as float64, which rounds past 2**53
+    (2**53 + 1 came out 2**53). events_frame keeps it exact for the aggregations; the
+    transform and where= still see float64 with NaN, as they always did."""
+
+    @feature_view(
+        entity=USER,
+        source=SOURCE,
+        columns={"saw_float": "int64"},
+        aggregations=[Max("saw_float"), Last("amount"), Sum("amount"), Min("amount")],
+        windows=[W10],
+        where=lambda e: e["amount"].isna() | (e["amount"] > 0),
+    )
+    def seen(events: pd.DataFrame) -> pd.DataFrame:
+        return events.assign(saw_float=int(events["amount"].dtype == "float64"))[["saw_float"]]
+
+    view = compile_definitions("test", views=[seen]).views[0]
+    big = 2**53 + 1
+
+    def table(*rows: tuple[int, int, int | None]) -> pa.Table:
+        """(user, minute, amount) rows as the engines read them from Delta or Kafka."""
+        return pa.table(
+            {
+                "user_id": [user for user, _, _ in rows],
+                "value": [1.0] * len(rows),
+                "amount": pa.array([amount for _, _, amount in rows], pa.int64()),
+                "label": pa.array([None] * len(rows), pa.string()),
+                "event_time": pa.array([m(minute) for _, minute, _ in rows], pa.timestamp("us", tz="UTC")),
+            }
+        )
+
+    frame = events_frame(table((1, 1, big), (2, 2, None), (1, 3, big + 2)))
+    assert str(frame["amount"].dtype) == "Int64"
+    assert changelog(view, frame)[:2] == [(1, 1, 1, big, big, big), (1, 3, 1, big + 2, 2 * big + 2, big)]
+    # Without a null the column is int64 as before, and the transform sees int64.
+    plain = events_frame(table((1, 1, big)))
+    assert str(plain["amount"].dtype) == "int64"
+    assert changelog(view, plain)[0] == (1, 1, 0, big, big, big)

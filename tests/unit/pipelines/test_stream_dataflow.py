@@ -260,3 +260,36 @@ def test_dead_letters_and_late_events_go_to_their_own_sources_topics(monkeypatch
     fixed = dataflow.KafkaJsonSink("kafka:9092", "one.topic").build("dlq", 0, 1)
     fixed.write_batch([{"topic": "payments"}])
     assert [topic for topic, _ in sent] == ["payments.dead-letters", "web.clicks.dead-letters", "one.topic"]
+
+
+def test_ints_past_float_precision_in_a_micro_batch_with_a_null_are_exact() -> None:
+    """A micro-batch whose int column held a null went through float64: 2**53 + 1 came out 2**53."""
+    from featurestore import Last, Max, Min, Sum, feature_view
+    from featurestore.plan import compile_definitions
+    from featurestore.transforms import events_frame
+    from tests.unit.pipelines.test_reference import BASE, SOURCE, USER, W10
+
+    aggregations = [Last("amount"), Max("amount"), Min("amount"), Sum("amount")]
+
+    @feature_view(entity=USER, source=SOURCE, aggregations=aggregations, windows=[W10])
+    def ids(events: pd.DataFrame) -> pd.DataFrame:
+        return events[[]]
+
+    small_plan = compile_definitions("test", views=[ids])
+    view = small_plan.views[0]
+    big = 2**53 + 1
+    events = pa.table(
+        {
+            "user_id": [1, 2, 1, 2, 1, 2],
+            "value": [1.0] * 6,
+            "amount": pa.array([big, None, big + 2, -big, None, 3], pa.int64()),
+            "label": pa.array([None] * 6, pa.string()),
+            "event_time": pa.array([BASE + i * pd.Timedelta(minutes=1) for i in range(6)], pa.timestamp("us", "UTC")),
+        }
+    )
+    rows, dlq, late = run(small_plan, messages(events), 1, [view.name])
+    assert (dlq, late) == ([], [])
+    produced = as_changelog(view, rows_of(rows, view.name))
+    assert produced.slice(0, 1).to_pylist()[0]["last_amount_10m"] == big
+    expected = reference_changelog(view, events_frame(events))
+    assert produced.to_pylist() == expected.to_pylist()  # exact, not within a tolerance
