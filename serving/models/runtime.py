@@ -13,14 +13,14 @@ of CPU per batch on the server's 2-core bench machine (a thread wake-up each way
 futures, the loop's wake-up), while the bench's 20-64-64-1 MLP runs 10 rows in 9 us.
 So a session on the CPU whose last `QUICK_RUNS` runs each took under `inline_run_s`
 (200 us by default) runs on the caller's thread instead (`quick`), batches no bigger
-than the largest of those runs; one slow run sends it back to its thread until
-`QUICK_RUNS` quick runs there again. A GPU session always keeps its thread (a device
+than the largest run of that streak; one slow run sends it back to its thread until
+`QUICK_RUNS` quick runs there again. The streak is counted as runs end, so asking costs
+two attribute reads per batch. A GPU session always keeps its thread (a device
 can hang), as does any session with `inline_run_s` 0.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import time
 from dataclasses import dataclass
@@ -94,8 +94,12 @@ class Runtime:
         self.device_seconds = 0.0
         self.batches = 0
         self.inline_run_s = inline_run_s  # inline runs (the module docstring): the CPU provider only
-        # (CPU seconds, wall seconds, rows) of the last runs
-        self._recent: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=QUICK_RUNS)
+        # The verdict `quick` reads, kept as runs end: how many runs in a row were quick
+        # (under inline_run_s of CPU and ten times that of wall time) and the most rows
+        # one of them had. Either thread may update them; a lost update only delays the
+        # verdict by a run.
+        self._quick_streak = 0
+        self._quick_rows = 0
         self.inline_batches = 0
 
     @property
@@ -119,23 +123,24 @@ class Runtime:
         scores = scores[:, self._index] if self._index is not None else scores.reshape(len(matrix))
         self.device_seconds += spent
         self.batches += 1
-        self._recent.append((spent, ended - started, len(matrix)))  # deque appends are atomic: either thread may
+        limit = self.inline_run_s
+        if spent < limit and ended - started < 10 * limit:
+            self._quick_streak += 1
+            self._quick_rows = max(self._quick_rows, len(matrix))
+        else:
+            self._quick_streak = self._quick_rows = 0
         return scores, spent
 
     def quick(self, rows: int) -> bool:
         """Whether a run of `rows` rows may go on the caller's thread: a CPU session whose
-        last QUICK_RUNS runs each took under `inline_run_s` of CPU and under ten times that
-        of wall time (a run that waited, for the GIL or anything else, counts against it),
-        one of them with at least this many rows."""
-        limit = self.inline_run_s
-        if limit <= 0 or self.placement.device != "cpu":  # a device can hang: a GPU session keeps its thread
+        last QUICK_RUNS runs (at least) each took under `inline_run_s` of CPU and under ten
+        times that of wall time (a run that waited, for the GIL or anything else, counts
+        against it), one of them with at least this many rows."""
+        if (
+            self.inline_run_s <= 0 or self.placement.device != "cpu"
+        ):  # a device can hang: a GPU session keeps its thread
             return False
-        recent = list(self._recent)
-        if len(recent) < QUICK_RUNS:
-            return False
-        return all(cpu < limit and wall < 10 * limit for cpu, wall, _ in recent) and rows <= max(
-            n for _, _, n in recent
-        )
+        return self._quick_streak >= QUICK_RUNS and rows <= self._quick_rows
 
     def score_inline(self, matrix: np.ndarray) -> tuple[np.ndarray, float]:
         """`score` on the caller's thread (the server asks `quick` first)."""
