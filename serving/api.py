@@ -6,7 +6,7 @@
     GET  /health/ready    the online store answers and a plan is loaded (200, else 503)
     GET  /health          the same as /health/ready
     GET  /metrics         Prometheus: latency histogram, requests, errors, entities served
-    GET  /openapi.json    this API's description
+    GET  /openapi.json    this API's description (with a token set, for token holders)
 
 Entities are JSON integers (within int64) or strings. A view keyed by int64 also takes
 strings of digits ("42", read as 42; answered as sent); a view keyed by strings also
@@ -393,6 +393,9 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(request: Request) -> Response:
+        # It names every view and feature the plan serves: with a token set, for token holders only.
+        if not authorized(request):
+            return _problem(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
         return _json(openapi_spec((await follow_the_plan()).plan))
 
     return Starlette(

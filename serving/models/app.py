@@ -56,6 +56,7 @@ from serving.models.server import Answer, CostRates, ModelServer, ModelServerSet
 from serving.models.server import Route as ModelRoute
 
 MAX_BODY_BYTES = 1 << 20
+UNAUTHORIZED = "missing or wrong bearer token (Authorization: Bearer <token>)"
 MAX_ENTITIES = 10_000
 MAX_DEADLINE_MS = 600_000
 RETRY_AFTER_S = 1
@@ -208,7 +209,7 @@ class PredictEndpoint:
                 extra = [(b"allow", b"POST")]
                 return
             if not self._authorized(headers):
-                status, payload = 401, _error("missing or wrong bearer token (Authorization: Bearer <token>)")
+                status, payload = 401, _error(UNAUTHORIZED)
                 return
             screened = scope.get(SCREENED)  # the protocol asked the gate already
             if screened is None:
@@ -250,8 +251,12 @@ class PredictEndpoint:
             self._count(model, status, priority, time.perf_counter() - began)
 
     def _authorized(self, headers: Mapping[bytes, bytes]) -> bool:
+        return self.authorized(headers.get(b"authorization", b""))
+
+    def authorized(self, authorization: bytes) -> bool:
+        """Whether an Authorization header value carries the token (always, with none set)."""
         expected = self.expected_auth
-        return expected is None or hmac.compare_digest(headers.get(b"authorization", b""), expected)
+        return expected is None or hmac.compare_digest(authorization, expected)
 
     def screen(self, headers: Mapping[bytes, bytes]) -> Rejected | bool:
         """The request judged from its headers alone, before its body is read: Rejected
@@ -392,6 +397,11 @@ def create_model_app(
             else:
                 store.close()
 
+    predict_endpoint = PredictEndpoint(server, token=token)
+
+    def authorized(request: Request) -> bool:
+        return predict_endpoint.authorized(request.headers.get("authorization", "").encode())
+
     async def live(request: Request) -> Response:
         return _json({"status": "ok"})
 
@@ -407,16 +417,19 @@ def create_model_app(
         problems += [f"the circuit of {name} is open" for name, state in circuits.items() if state == "open"]
         if problems:
             return _json({"status": "unavailable", "problems": problems, "circuits": circuits}, 503)
+        if not authorized(request):  # a probe needs the status; the models are for token holders
+            return _json({"status": "ok", "circuits": circuits})
         return _json({"status": "ok", "models": [describe(r) for r in server.routes.values()], "circuits": circuits})
 
     async def models(request: Request) -> Response:
+        if not authorized(request):
+            return Response(_error(UNAUTHORIZED), status_code=401, media_type="application/json")
         return _json({"models": [describe(r) for r in server.routes.values()]})
 
     async def prometheus(request: Request) -> Response:
         server.export_gauges()
         return Response(exposition(server.metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    predict_endpoint = PredictEndpoint(server, token=token)
     app = Starlette(
         routes=[
             Route("/predict", predict_endpoint),

@@ -102,10 +102,12 @@ def rollback(name: str, reason: str, config_file: Path | None) -> None:
 @click.argument("name")
 @click.option("--url", default=None, envvar="TENX_MODEL_SERVER_URL",
               help="A running model server to ask for the live comparison ($TENX_MODEL_SERVER_URL).")  # fmt: skip
+@click.option("--token", envvar="TENX_API_TOKEN", default=None,
+              help="Bearer token of the server at --url ($TENX_API_TOKEN).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @config_option
 @friendly
-def status(name: str, url: str | None, as_json: bool, config_file: Path | None) -> None:
+def status(name: str, url: str | None, token: str | None, as_json: bool, config_file: Path | None) -> None:
     """NAME's deployed version, its canary (split, limits), the live comparison of the
     two sides from a running server (--url: requests, error rates, p99, PSI), and the
     canary history (starts, promotions, rollbacks with their reasons)."""
@@ -113,7 +115,7 @@ def status(name: str, url: str | None, as_json: bool, config_file: Path | None) 
     registry.resolve(name, None)
     deployment = registry.deployment(name)
     running = registry.canary(name)
-    live = _live(url, name) if url else None
+    live = _live(url, name, token) if url else None
     history = registry.canary_history(name)
     if as_json:
         data = {
@@ -154,13 +156,16 @@ def status(name: str, url: str | None, as_json: bool, config_file: Path | None) 
         console.print(f"  {when} @{event.get('version')} {what}{reason}", highlight=False)
 
 
-def _live(url: str, name: str) -> dict[str, Any] | None:
+def _live(url: str, name: str, token: str | None) -> dict[str, Any] | None:
     import httpx
 
     try:
-        response = httpx.get(f"{url.rstrip('/')}/models", timeout=5)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        response = httpx.get(f"{url.rstrip('/')}/models", timeout=5, headers=headers)
     except httpx.TransportError as error:
         raise TransientError(f"model server at {url} did not answer: {error}") from None
+    if response.status_code == 401:
+        raise ConfigError(f"model server at {url} wants a bearer token: pass --token or set $TENX_API_TOKEN")
     for model in response.json().get("models", []):
         if model.get("model") == name:
             canary = model.get("canary")

@@ -547,7 +547,8 @@ def serve_models(
     config_file: Path | None,
 ) -> None:
     """Run the model server: POST /predict {"model", "entities", "priority", "tenant",
-    "deadline_ms", "context"}, GET /models, /health/live, /health/ready, /metrics. It
+    "deadline_ms", "context"}, GET /models, /health/live, /health/ready, /metrics (with
+    a token set, /predict and /models need it; /health* and /metrics never do). It
     looks the model's features up in the online store, batches rows across requests and
     runs ONNX Runtime (CUDA/TensorRT when present, else the CPU).
 

@@ -278,3 +278,39 @@ def test_a_shadow_canary_scores_copies_and_answers_nothing(repo: DemoRepo, clien
     live = client.get("/models").json()["models"][0]["canary"]
     assert live["shadow"] is True
     assert live["comparison"]["canary"]["requests"] >= 20
+
+
+def test_canary_status_asks_a_server_with_a_token_for_its_live_figures_with_the_token() -> None:
+    """GET /models is for token holders when the server has a token: `tenx models status
+    --url` sends $TENX_API_TOKEN, and says what to do when it has none."""
+    import http.server
+    import json
+
+    from featurestore.errors import ConfigError
+    from tenx.commands.canary import _live
+
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.headers.get("authorization") != "Bearer s3cret":
+                self.send_response(401)
+                self.end_headers()
+                return
+            body = json.dumps({"models": [{"model": "buys", "canary": {"version": 2}}]}).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert _live(url, "buys", "s3cret") == {"version": 2}
+        with pytest.raises(ConfigError, match="wants a bearer token: pass --token or set \\$TENX_API_TOKEN"):
+            _live(url, "buys", None)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -288,6 +288,10 @@ def test_api_limits_and_auth(store: SqliteOnlineStore) -> None:
     assert post(api, {"view": "spend", "entities": [1]}).status_code == 401
     assert post(api, {"view": "spend", "entities": [1]}, authorization="Bearer wrong").status_code == 401
     assert post(api, {"view": "spend", "entities": [1]}, authorization="Bearer s3cret").status_code == 200
+    # The API's description names every view and feature: for token holders only.
+    assert api.get("/openapi.json").status_code == 401
+    assert "/features" in api.get("/openapi.json", headers={"authorization": "Bearer s3cret"}).json()["paths"]
+    assert api.get("/health/ready").status_code == 200  # probes need no token
     too_many = post(api, {"view": "spend", "entities": list(range(6))}, authorization="Bearer s3cret")
     assert too_many.status_code == 400
     assert too_many.json()["error"] == "6 entities asked; at most 5 per request"

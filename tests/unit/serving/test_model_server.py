@@ -164,6 +164,22 @@ def test_ready_lists_models_with_precision_and_device(client: TestClient) -> Non
     assert client.get("/health/live").json() == {"status": "ok"}
 
 
+def test_with_a_token_set_models_are_listed_to_token_holders_and_probes_still_get_the_status(repo: DemoRepo) -> None:
+    """Model versions, features, routes and costs are for token holders; a readiness
+    probe needs only the status code (and sees the circuits)."""
+    settings = ModelServerSettings(registry_dir=repo.settings.registry_dir)
+    with TestClient(create_model_app(settings, repo.store(), token="s3cret")) as client:
+        holder = {"authorization": "Bearer s3cret"}
+        assert client.get("/models").status_code == 401
+        assert client.get("/models", headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert "missing or wrong bearer token" in client.get("/models").json()["error"]
+        assert "buys" in {m["model"] for m in client.get("/models", headers=holder).json()["models"]}
+        probe = client.get("/health/ready")
+        assert probe.status_code == 200
+        assert probe.json() == {"status": "ok", "circuits": probe.json()["circuits"]}
+        assert "models" in client.get("/health/ready", headers=holder).json()
+
+
 def test_a_new_deployment_is_picked_up_warm_with_no_failed_request(repo: DemoRepo) -> None:
     settings = ModelServerSettings(registry_dir=repo.settings.registry_dir, models=("buys",), reload_interval_s=0.05)
     failures: list[str] = []
