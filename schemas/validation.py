@@ -389,6 +389,17 @@ def _parse_times(column: pa.Array, f: Field) -> tuple[pa.Array, Problem | None]:
     return pa.array(parsed, pa.int64()).cast(target), None
 
 
+def floor_to_micros(column: Any) -> Any:
+    """A timestamp column (array or chunked) in whole microseconds: finer units (pandas
+    writes nanoseconds) are floored, so a time keeps the microsecond it falls in (times
+    in tenx are integer microseconds), never the next one. Arrow's checked cast refused
+    the whole file for one time with nanosecond digits."""
+    unit = column.type.unit
+    if unit == "ns":
+        column = pc.floor_temporal(column, unit="microsecond")
+    return column.cast(pa.timestamp("us", tz=column.type.tz)) if unit != "us" else column
+
+
 def _is_text(dtype: pa.DataType) -> bool:
     return bool(pa.types.is_string(dtype) or pa.types.is_large_string(dtype))
 
@@ -422,14 +433,16 @@ def _cast_column(column: pa.Array, f: Field) -> tuple[pa.Array | None, Problem |
                     "timestamp[us, UTC]",
                     f"{got} (timestamp without timezone; localize it to UTC before ingesting)",
                 )
-            return pc.cast(column, target), None
+            return floor_to_micros(column).cast(target), None
         if pa.types.is_string(got) or pa.types.is_large_string(got):
             return _parse_times(column, f)
         return None, Problem(f.name, "timestamp[us, UTC]", str(got))
     if _is_text(got) and (pa.types.is_integer(target) or pa.types.is_floating(target) or pa.types.is_boolean(target)):
         return _parse_text(column, f), None
     if pa.types.is_floating(target) and (pa.types.is_integer(got) or pa.types.is_floating(got)):
-        return pc.cast(column, target), None
+        # An int past 2**53 (2**24 for float32) becomes the nearest float, as a float
+        # field holds it; Arrow's checked cast refused the whole file for one such value.
+        return pc.cast(column, target, safe=False), None
     if pa.types.is_integer(target) and pa.types.is_integer(got):
         try:
             return pc.cast(column, target), None

@@ -34,6 +34,7 @@ from featurestore.plan.model import AS_OF, Plan, ViewSpec
 from featurestore.semantics import empty_value
 from featurestore.stores.offline import DeltaOfflineStore
 from schemas.dtypes import parse_dtype
+from schemas.validation import floor_to_micros
 from training.errors import LabelError
 
 CHUNK_ROWS = 1_000_000
@@ -117,6 +118,23 @@ def read_labels(source: Path | pa.Table | Any) -> pa.Table:
     raise LabelError(f"labels must be a file path, an Arrow table or a DataFrame, got {type(source).__name__}")
 
 
+def _with_key_types(labels: pa.Table, requests: list[_ViewRequest]) -> pa.Table:
+    """Entity-key columns as the views key them, where that loses nothing: pandas 3 and
+    polars hand over strings as large_string or string_view, and a DataFrame may hold
+    ids as int32. Anything else is left for `_check_labels` to name."""
+    for request in requests:
+        key = request.view.entity_key
+        if key not in labels.column_names:
+            continue
+        got = labels.schema.field(key).type
+        want = request.view.changelog_schema().field(key).type
+        widens = pa.types.is_string(want) and (pa.types.is_large_string(got) or pa.types.is_string_view(got))
+        widens |= pa.types.is_int64(want) and pa.types.is_integer(got) and not pa.types.is_uint64(got)
+        if widens and not got.equals(want):
+            labels = labels.set_column(labels.column_names.index(key), key, labels.column(key).cast(want))
+    return labels
+
+
 def _check_labels(labels: pa.Table, requests: list[_ViewRequest], time_column: str) -> None:
     if labels.num_rows == 0:
         raise LabelError("the label table is empty; nothing to export")
@@ -172,11 +190,13 @@ def export_training_set(
     """
     began = time.perf_counter()
     requests = parse_features(plan, features)
-    table = read_labels(labels)
+    table = _with_key_types(read_labels(labels), requests)
     _check_labels(table, requests, time_column)
-    # Joined on UTC microseconds; returned as given (a label in Europe/Paris stays so).
-    joined = table.cast(
-        table.schema.set(table.schema.get_field_index(time_column), pa.field(time_column, pa.timestamp("us", tz="UTC")))
+    # Joined on UTC microseconds (a label time with nanosecond digits floored: it sees
+    # what was known in its microsecond); returned as given (Europe/Paris stays so).
+    at = table.schema.get_field_index(time_column)
+    joined = table.set_column(
+        at, time_column, floor_to_micros(table.column(time_column)).cast(pa.timestamp("us", tz="UTC"))
     )
     chunks = _join_chunks(requests, offline, joined, time_column, max_age, chunk_rows, memory_limit, shown=table)
     times = pc.min_max(table.column(time_column))

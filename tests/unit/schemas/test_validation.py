@@ -540,3 +540,14 @@ def test_every_timestamp_field_comes_back_as_a_timestamp() -> None:
     result = validate_records(schema, [{"id": "a", "created_at": "2024-05-01T09:00:00Z", "at": 1_714_554_000_000_000}])
     assert result.valid.schema == schema.arrow_schema()
     assert result.valid.column("created_at").to_pylist() == [datetime(2024, 5, 1, 9, tzinfo=UTC)]
+
+
+def test_nanosecond_times_are_floored_to_their_microsecond_and_big_ints_fit_float_fields() -> None:
+    """pandas writes nanosecond timestamps, and ids past 2**53 may land in a float field:
+    Arrow's checked casts refused the whole file with a raw ArrowInvalid."""
+    nanos = pa.array([T0 * 1000 + 789, T0 * 1000 + 1_000], pa.timestamp("ns", tz="UTC"))
+    table = transactions_table(2, event_time=nanos, amount=pa.array([2**53 + 1, 3], pa.int64()))
+    result = validate_batch(TRANSACTIONS, table)
+    assert result.ok
+    assert pc.cast(result.valid.column("event_time"), pa.int64()).to_pylist() == [T0, T0 + 1]
+    assert result.valid.column("amount").to_pylist() == [float(2**53), 3.0]  # the nearest float64

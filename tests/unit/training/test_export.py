@@ -289,3 +289,56 @@ def test_the_label_time_column_keeps_its_type_and_time_zone(world: Any) -> None:
     utc = labels.set_column(1, "timestamp", paris.cast(pa.timestamp("us", tz="UTC")))
     same, _ = export_training_set(plan, store, utc, ["user_spend:count_1d"])
     assert same.column("count_1d").equals(table.column("count_1d"))  # joined on the same instants
+
+
+def test_labels_with_narrower_int_keys_and_nanosecond_times_are_joined_not_refused(world: Any) -> None:
+    """A DataFrame's int32 ids and pandas' nanosecond times used to be refused (a type
+    error, a raw ArrowInvalid): ids widen, and a label time is floored to its
+    microsecond (it sees what was known then)."""
+    plan, store, events, _ = world
+    moment = pd.Timestamp(events.column("event_time")[100].as_py())
+    frame = pd.DataFrame(
+        {
+            "user_id": pd.array([5, 7], dtype="int32"),
+            "timestamp": pd.to_datetime([moment + pd.Timedelta(nanoseconds=789)] * 2, utc=True).as_unit("ns"),
+        }
+    )
+    got, _ = export_training_set(plan, store, frame, ["user_spend:count_1d"])
+    floored = pa.table(
+        {"user_id": pa.array([5, 7], pa.int64()), "timestamp": pa.array([moment] * 2, pa.timestamp("us", tz="UTC"))}
+    )
+    expected, _ = export_training_set(plan, store, floored, ["user_spend:count_1d"])
+    assert got.column("count_1d").to_pylist() == expected.column("count_1d").to_pylist()
+    assert got.column("timestamp").type == pa.timestamp("ns", tz="UTC")  # returned as given
+
+
+def test_string_keys_from_pandas_3_and_polars_are_joined_as_strings() -> None:
+    """pandas 3 and polars hand strings to Arrow as large_string / string_view; a
+    string-keyed view refused them ("is large_string, expected string")."""
+    from featurestore import Count, Entity, Source, Window, feature_view
+    from featurestore.plan import compile_definitions
+    from schemas import EventSchema, Field
+    from training.export import _check_labels, _with_key_types, parse_features
+
+    schema = EventSchema(
+        "clicks",
+        [Field("page", "string"), Field("event_time", "timestamp[us, UTC]")],
+        event_time="event_time",
+        entity_keys=["page"],
+    )
+
+    page = Entity("page", key="page", dtype="string")
+
+    @feature_view(entity=page, source=Source("clicks", schema), aggregations=[Count()], windows=[Window("1h")])
+    def pages(events: pd.DataFrame) -> pd.DataFrame:
+        return events[[]]
+
+    plan = compile_definitions("test", views=[pages])
+    requests = parse_features(plan, ["pages:count_1h"])
+    for string_type in (pa.large_string(), pa.string_view()):
+        labels = pa.table(
+            {"page": pa.array(["a", "b"], string_type), "timestamp": pa.array([0, 1], pa.timestamp("us", "UTC"))}
+        )
+        normalized = _with_key_types(labels, requests)
+        assert normalized.schema.field("page").type == pa.string()
+        _check_labels(normalized, requests, "timestamp")  # refused before
