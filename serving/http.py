@@ -5,7 +5,9 @@ uvicorn bounds neither: `on_url` and `on_header` append whatever arrives, and ll
 sets no limit, so one connection sending header lines without end grew the process by
 200 MB for 25,000 lines of 8 KB, unauthenticated (the body bounds of the feature API and
 the model server start only once the head is complete). Past `MAX_HEAD_BYTES` the
-request is answered 431 and the connection closed, as nginx and Node answer one.
+request is answered 431 and the connection closed, as nginx and Node answer one. One
+header line that never ends reaches no callback at all (httptools buffers it), so the
+bytes read while a head is incomplete are bounded too (`MAX_RAW_HEAD_BYTES`).
 
     uvicorn.run(app, http=BoundedHeadProtocol, loop="uvloop")
 """
@@ -17,6 +19,11 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + header names and values; nginx's default is 4 x 8 KiB
+# Bytes read while a head is still incomplete. httptools holds a header's name or value
+# in its own buffer until the line ends, and calls `on_header` only then, so one line
+# that never ends is bounded only here. Whole reads are counted (the last one may also
+# carry an earlier request's body), hence the margin over MAX_HEAD_BYTES.
+MAX_RAW_HEAD_BYTES = 1 << 20
 
 _TOO_LARGE = b"request line and headers exceed 65536 bytes"
 _ANSWER_431 = (
@@ -33,11 +40,22 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_bytes = 0
+        self._raw_head_bytes = 0
+        self._in_head = False
         self._refused = False
 
     def on_message_begin(self) -> None:
-        self._head_bytes = 0
+        self._head_bytes = self._raw_head_bytes = 0
+        self._in_head = True
         super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self.head_complete()
+        super().on_headers_complete()
+
+    def head_complete(self) -> None:
+        """The head is parsed (a subclass that answers from the head calls this)."""
+        self._in_head = False
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -50,16 +68,23 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > MAX_HEAD_BYTES:
-            if not self._refused:
-                self._refused = True
-                self.transport.write(_ANSWER_431)
-                self.transport.close()
+            self._refuse()
             raise HeadTooLarge
+
+    def _refuse(self) -> None:
+        if not self._refused:
+            self._refused = True
+            self.transport.write(_ANSWER_431)
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # answered 431; the connection is closing
         super().data_received(data)
+        if self._in_head and not self._refused:
+            self._raw_head_bytes += len(data)
+            if self._raw_head_bytes > MAX_RAW_HEAD_BYTES:
+                self._refuse()
 
     def send_400_response(self, msg: str) -> None:
         if self._refused:

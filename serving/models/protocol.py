@@ -87,6 +87,14 @@ class PredictProtocol(BoundedHeadProtocol):
         else:
             self.transport.close()
 
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # A request answered before its body had all arrived (refused from its head): the
+        # body's reads marked the connection busy after the answer armed the timer, and
+        # only an answer re-arms it, so the idle connection was never closed.
+        if self.cycle is not None and self.cycle.response_complete and not self.pipeline:
+            self._arm_keep_alive()
+
     def on_response_complete(self) -> None:
         # uvicorn's, with the lazy timer: count, resume reading, start a pipelined request or fall idle.
         self.server_state.total_requests += 1
@@ -119,6 +127,7 @@ class PredictProtocol(BoundedHeadProtocol):
             headers = dict(self.headers)
             outcome = endpoint.screen(headers)
             if isinstance(outcome, Rejected):
+                self.head_complete()
                 head, payload = endpoint.refusal(headers, outcome)
                 content = [STATUS_LINE[503]]
                 for name, value in (*self.server_state.default_headers, *head):
@@ -149,6 +158,9 @@ class _OneWrite:
         self._head = b""
 
     def write(self, data: bytes) -> None:
+        if not self._head and data.startswith(b"HTTP/1.1 1"):  # an interim answer (100 Continue) goes out now
+            self._transport.write(data)
+            return
         if not self._head and data.endswith(b"\r\n\r\n"):
             self._head = bytes(data)
             return

@@ -74,3 +74,24 @@ def test_a_head_past_the_bound_is_answered_431_and_nothing_grows(port: int) -> N
     # Under the bound, and on the next connection, requests are served as before.
     fine = b"GET / HTTP/1.1\r\nHost: t\r\n" + line * 30 + b"Connection: close\r\n\r\n"
     assert exchange(port, fine).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("prefix", [b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: ", b"GET / HTTP/1.1\r\nHost: t\r\nX-"])
+def test_one_header_line_that_never_ends_is_bounded_too(port: int, prefix: bytes) -> None:
+    """httptools buffers a header's name or value until its line ends and only then calls
+    on_header: one line sent without end grew the process without a 431."""
+    from serving.http import MAX_RAW_HEAD_BYTES
+
+    sent = 0
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(prefix)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < 8 * MAX_RAW_HEAD_BYTES:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 "), (sent, answer[:80])
+    assert sent < 8 * MAX_RAW_HEAD_BYTES  # the server closed the connection long before

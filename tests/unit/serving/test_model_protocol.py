@@ -207,6 +207,42 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout_and_not_befor
                 assert 0.4 <= idle < 5.0, f"closed after {idle:.2f} s idle, timeout 0.5 s"
 
 
+def test_a_refused_request_whose_body_comes_in_a_later_read_still_leaves_the_connection_to_time_out(
+    repo: DemoRepo,
+) -> None:
+    """The 503 from the headers armed the timer; the body's read then marked the
+    connection busy, and nothing re-armed it: the idle connection stayed open for ever."""
+    for served in _serve(repo, keep_alive_s=0.5):
+        served.hold_gate(0.0001)  # sheddable work is refused from its headers
+        whole = request("sheddable")
+        head, body = whole.split(b"\r\n\r\n", 1)
+        with served.connect() as sock:
+            sock.sendall(head + b"\r\n\r\n")
+            ((status, _, _),) = read_answers(sock, 1)
+            assert status == 503
+            time.sleep(0.05)
+            sock.sendall(body)
+            began = time.monotonic()
+            assert sock.recv(1) == b""  # blocks (up to the socket's 10 s) until the server closes it
+            assert time.monotonic() - began < 5.0
+
+
+def test_expect_100_continue_gets_its_interim_answer_at_once(repo: DemoRepo) -> None:
+    """A client sending `Expect: 100-continue` waits for the 100 before its body: the
+    one-write transport held the 100 back as a head waiting for its body (a stall)."""
+    for served in _serve(repo):
+        whole = request("critical")
+        head, body = whole.split(b"\r\n\r\n", 1)
+        with served.connect() as sock:
+            sock.sendall(head + b"\r\nExpect: 100-continue\r\n\r\n")
+            sock.settimeout(3.0)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.settimeout(10.0)
+            sock.sendall(body)
+            ((status, _, answer),) = read_answers(sock, 1)
+            assert status == 200, answer
+
+
 def test_a_connection_in_use_outlives_many_keep_alive_timeouts(repo: DemoRepo) -> None:
     """The timer armed when the connection first fell idle fires while it is busy again:
     it must wait out a whole idle timeout from the last answer, not close it."""
