@@ -353,6 +353,11 @@ def encode_columns(view: ViewSpec, as_of: Any, values: Sequence[Any], nulls: Seq
     import numpy as np
 
     shape = layout(view)
+    if len(values) != len(view.features):
+        # Packing fewer columns than the layout has left the rest 0.0 and called it a value.
+        raise ValueError(
+            f"view `{view.name}` v{view.version} has {len(view.features)} features, got {len(values)} columns"
+        )
     rows = len(as_of)
     if shape.fixed is None or any(v.dtype == object for v in values):
         columns = [with_nulls(column, null) for column, null in zip(values, nulls, strict=True)]

@@ -36,6 +36,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from featurestore.errors import ConfigError
 from featurestore.plan.model import AS_OF, Plan, SourceSpec, ViewSpec
 from featurestore.stores.codec import encode_columns, with_nulls
 from featurestore.stores.online import OnlineStore
@@ -321,6 +322,14 @@ class _ShardLogic(StatefulBatchLogic[EventBatch | Progress, tuple[str, Any], Any
             self.state = resume  # a snapshot from before snapshots were pickled here
         else:
             self.state = LatestState(view) if emit is Emit.LATEST else ViewState(view, emit)
+        kept = self.state.view.version
+        if kept != view.version:
+            # The snapshot computes the definition it was taken with; resumed, it wrote that
+            # definition's values under the new version's keys (a 1h count as count_10m).
+            raise ConfigError(
+                f"the recovery snapshot holds view `{view.name}` version {kept}, the plan runs version "
+                f"{view.version}: start with a new --recovery-dir (a cold start rebuilds the state from the topic)"
+            )
         self.drain = drain
 
     def on_batch(self, values: list[EventBatch | Progress]) -> tuple[Iterable[tuple[str, Any]], bool]:

@@ -405,7 +405,10 @@ class _Tiles:
                 a[f"max{i}"][slot] = np.maximum(a[f"max{i}"][slot], m)
             if column.moments:
                 has = n_b > 0
-                mean_b = np.divide(s_b, n_b, out=np.zeros(len(n_b)), where=has)
+                # An int column's segment sum in floats: in int64 it could wrap (three
+                # values near 2**62 in one micro-batch), and the mean and M2 with it.
+                s_m = np.add.reduceat(zeroed.astype(np.float64), segments) if column.integer else s_b
+                mean_b = np.divide(s_m, n_b, out=np.zeros(len(n_b)), where=has)
                 segment_of = np.repeat(np.arange(len(segments)), lengths)
                 deviation = np.where(present, x - mean_b[segment_of], 0.0)
                 m2_b = np.add.reduceat(deviation * deviation, segments)

@@ -3,6 +3,7 @@ store out), with its status line, clean stop and final counts."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from datetime import timedelta
@@ -153,6 +154,7 @@ def stream(
     if from_file is not None:
         _check_json_lines(from_file)
     outputs_dir = settings.repo_dir / "data" / "stream"
+    run = [plan.view(n) for n in views] if views else [v for v in plan.views if v.online]
     if from_file is not None:
         from bytewax import operators as op
 
@@ -163,7 +165,6 @@ def stream(
         late: Any = JsonLinesSink(outputs_dir / "late.jsonl")
     else:
         bootstrap = str(settings.kafka_bootstrap)
-        run = [plan.view(n) for n in views] if views else [v for v in plan.views if v.online]
         options = dict(settings.kafka_options)
         check_topics(bootstrap, sorted({v.source.topic for v in run}), options=options)
         reach = max((v.longest_window + v.source.allowed_lateness for v in run), default=0)
@@ -191,6 +192,7 @@ def stream(
         if not recovery_dir.exists():
             recovery_dir.mkdir(parents=True)
             init_db_dir(recovery_dir, workers)
+        bind_recovery_dir(recovery_dir, run, shards)
         recovery = RecoveryConfig(recovery_dir)
     if metrics_port is not None:
         from pipelines.stream.metrics import start_metrics_server
@@ -268,3 +270,41 @@ def _lines(folder: Path, kind: str) -> int:
         with path.open("rb") as handle:
             total += sum(1 for _ in handle)
     return total
+
+
+RECOVERY_MANIFEST = "tenx-recovery.json"
+
+
+def bind_recovery_dir(folder: Path, run: list[Any], shards: int) -> None:
+    """Refuse a recovery directory made for another job; record the job in a new one.
+
+    A snapshot computes the view definition it was taken with, keyed by view name, and
+    its state is split by entity over `--shards`. Resumed under a changed view version it
+    wrote the old definition's values under the new version's keys (a 1h count as
+    count_10m); with other shards, entities meet a shard that never saw their history;
+    with a view added or left out, the source offsets resume past events that view's
+    state never saw (or will not see)."""
+    versions = {view.name: view.version for view in run}
+    path = folder / RECOVERY_MANIFEST
+    if not path.exists():  # a new directory (or one from before this file)
+        path.write_text(json.dumps({"views": versions, "shards": shards}, indent=2, sort_keys=True))
+        return
+    kept = json.loads(path.read_text())
+    problems = []
+    if kept.get("shards") != shards:
+        problems.append(f"its state is split over --shards {kept.get('shards')}, not {shards}")
+    kept_views: dict[str, str] = kept.get("views", {})
+    for name, version in sorted(versions.items()):
+        if name not in kept_views:
+            problems.append(f"it holds no state of view `{name}`")
+        elif kept_views[name] != version:
+            problems.append(f"it holds view `{name}` version {kept_views[name]}; the plan has {version}")
+    problems += [
+        f"it holds view `{name}`, which this run leaves out" for name in sorted(set(kept_views) - set(versions))
+    ]
+    if problems:
+        raise ConfigError(
+            f"--recovery-dir {folder} was made for another job: {'; '.join(problems)}. Resuming it would "
+            "compute wrong values; start with a new --recovery-dir (a cold start rebuilds the state from the "
+            "topic), or run the job it was made for."
+        )

@@ -87,6 +87,14 @@ def test_columns_with_text_encode_value_by_value() -> None:
     assert encode_columns(MIXED, np.array([9], np.int64), values, nulls) == [encode(MIXED, 9, [3, None, "EUR"])]
 
 
+def test_columns_that_do_not_match_the_views_features_are_refused_not_packed_as_zeros() -> None:
+    """A state of another view version handed two columns for four features: the rest
+    were packed as 0.0 and stored as values."""
+    two = [np.array([1], np.int64), np.array([0.5])]
+    with pytest.raises(ValueError, match="has 4 features, got 2 columns"):
+        encode_columns(FIXED, np.array([9], np.int64), two, [None, None])
+
+
 def test_as_of_bytes_order_values_by_time() -> None:
     earlier, later = encode(FIXED, 1_000, [1, 1.0, 1.0, 1]), encode(FIXED, 256_000, [0, 0.0, None, None])
     assert earlier[1:9] < later[1:9]

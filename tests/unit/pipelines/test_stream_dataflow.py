@@ -293,3 +293,57 @@ def test_ints_past_float_precision_in_a_micro_batch_with_a_null_are_exact() -> N
     assert produced.slice(0, 1).to_pylist()[0]["last_amount_10m"] == big
     expected = reference_changelog(view, events_frame(events))
     assert produced.to_pylist() == expected.to_pylist()  # exact, not within a tolerance
+
+
+@pytest.mark.parametrize("emit", [Emit.LATEST, Emit.CHANGELOG])
+def test_a_snapshot_of_another_version_of_the_view_is_refused_not_resumed(emit: Emit) -> None:
+    """After `tenx apply` changed a view, a job resumed from the same recovery store
+    computed the snapshot's definition and wrote it under the new version's keys."""
+    from featurestore.errors import ConfigError
+    from pipelines.stream.dataflow import _ShardLogic
+    from tests.unit.pipelines.test_kernel_parity import VIEWS
+
+    old, new = VIEWS[0], VIEWS[1]  # the same view name, other windows
+    assert old.name == new.name
+    assert old.version != new.version
+    snapshot = _ShardLogic(old, False, emit, None).snapshot()
+    assert _ShardLogic(old, False, emit, snapshot).state.view.version == old.version
+    with pytest.raises(
+        ConfigError, match=f"holds view `view` version {old.version}, the plan runs version {new.version}"
+    ):
+        _ShardLogic(new, False, emit, snapshot)
+
+
+def test_std_of_ints_whose_micro_batch_sum_passes_int64_matches_the_reference() -> None:
+    """One tile's sum of a micro-batch (2**62 + 2**62) wrapped in int64 before the
+    moments were merged: Std came out 7.5e18 instead of 4.3e18."""
+    from featurestore import Mean, Std
+    from featurestore.transforms import events_frame
+    from tests.unit.pipelines.test_reference import make_view
+
+    view = make_view(Mean("amount"), Std("amount"))
+    small_plan = Plan(project="test", entities=(), sources=(view.source,), views=(view,))
+    big = 2**62
+    events = pa.table(
+        {
+            "user_id": [1, 1, 1],
+            "value": [1.0] * 3,
+            "amount": pa.array([big, big, -big], pa.int64()),
+            "label": pa.array([None] * 3, pa.string()),
+            "event_time": pa.array(
+                [pd.Timestamp("2026-01-01T00:00:00Z") + pd.Timedelta(minutes=m) for m in (0, 1, 6)],  # 2 tiles
+                pa.timestamp("us", "UTC"),
+            ),
+        }
+    )
+    # What `tenx stream` runs (Emit.LATEST, the tiles), all events in one micro-batch.
+    rows, dlq, _ = run(small_plan, messages(events), 1, [view.name], emit=Emit.LATEST, drain=False)
+    assert dlq == []
+    reference = reference_changelog(view, events_frame(events), with_scale=True).to_pylist()
+    served = rows_of(rows, view.name)
+    assert served
+    for _, as_of, values in served:
+        expected = [r for r in reference if to_micros(r["as_of"]) <= as_of][-1]
+        for feature, value in zip(view.features, values, strict=True):
+            scale = expected.get(f"_scale_{feature.name}") or 0.0
+            assert values_match(expected[feature.name], value, kind=feature.kind, scale=scale), (as_of, feature.name)
