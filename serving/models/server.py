@@ -388,10 +388,13 @@ class ModelServer:
             if reason is None:
                 continue
             route.judge = None  # judged once
-            with contextlib.suppress(TenxError):  # another worker rolled it back first
+            try:
                 self.models.rollback(
                     route.name, by="tenx model server (automatic)", reason=reason, version=spec.version
                 )
+            except TenxError as error:  # another worker rolled it back first, or it ended: not counted twice
+                log.debug("canary %s@%d already ended: %s", route.name, spec.version, error)
+                continue
             self.metrics.canary_decisions.labels(route.name, "rolled_back").inc()
             log.warning("canary %s@%d rolled back: %s %s", route.name, spec.version, reason, judge.comparison())
 
@@ -558,6 +561,7 @@ class ModelServer:
         steps: list[Any] = [first, *(step for step in spec.fallbacks if step != first)]
         failures: list[str] = []
         scored: ScoringFailed | None = None  # the last failure that had the features in hand
+        with_features: list[ScoringFailed] = []  # every such failure, in route order (the cache tries each)
         last_error: Exception | None = None
         overload: Rejected | None = None  # a model refused it for overload: only another model may answer
         for step in steps:
@@ -566,21 +570,29 @@ class ModelServer:
             degraded = bool(failures)
             reason = "; ".join(failures) if failures else None
             if callable(step):
-                answer = self._by_rule(step, scored, request, began, reason)
+                try:
+                    answer = self._by_rule(step, scored, request, began, reason)
+                except ModelUnavailable:  # the rule failed too: nothing was served, nothing is charged
+                    self.tenants.refund(tenant, rows)
+                    raise
                 self._answered(spec.name, answer, priority, label)
                 return answer
             if step == CACHE:
-                answer_or_none = self._from_cache(scored, began, reason)
+                # Only some models are cached (a route's primary): the cache is keyed by the
+                # model that failed, so each failed model's vector is tried, not the last one's.
+                found = (self._from_cache(failed, began, reason) for failed in with_features)
+                answer_or_none = next((answer for answer in found if answer is not None), None)
                 if answer_or_none is not None:
                     self._answered(spec.name, answer_or_none, priority, label)
                     return answer_or_none
-                failures.append("cache: miss" if scored is not None else "cache: no features to key it")
+                failures.append("cache: miss" if with_features else "cache: no features to key it")
                 continue
             route = self.routes.get(step)
             if route is None or route.loaded is None:
                 problem = route.problem if route is not None else None
                 failures.append(f"{step}: {problem or 'not loaded'}")
                 if route is not None and problem and "trained on" in problem and len(steps) == 1:
+                    self.tenants.refund(tenant, rows)  # nothing was served, nothing is charged
                     raise SkewError(problem)
                 last_error = ModelUnavailable(problem or f"model `{step}` is not loaded; retry shortly")
                 continue
@@ -619,7 +631,9 @@ class ModelServer:
                 raise
             except ScoringFailed as failed:
                 failures.append(f"{step}: {failed}")
-                scored = failed if failed.matrix is not None else scored
+                if failed.matrix is not None:
+                    scored = failed
+                    with_features.append(failed)
                 last_error = failed
                 continue
             except Rejected as refused:  # evicted by critical work
@@ -633,8 +647,8 @@ class ModelServer:
         assert last_error is not None or failures
         message = f"route `{spec.name}` could not answer: " + "; ".join(failures)
         self.metrics.unanswered.labels(spec.name, request.priority, label).inc()
+        self.tenants.refund(tenant, rows)  # nothing was served, nothing is charged
         if overload is not None:  # refused for overload, and no other model could take it
-            self.tenants.refund(tenant, rows)
             self._shed(spec.name, overload.reason, priority, label)
             raise Rejected(message, reason=overload.reason, status=overload.status)
         raise ModelUnavailable(message)

@@ -314,3 +314,42 @@ def test_canary_status_asks_a_server_with_a_token_for_its_live_figures_with_the_
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_rollback_is_counted_once_whichever_workers_condemn_the_canary(tmp_path: Any) -> None:
+    """Each worker judges on its own share of traffic; the registry rolls back once, and
+    the merged counter counted one rollback per condemning worker."""
+    import asyncio
+
+    from serving.models.metrics import ModelMetrics
+    from serving.models.server import ModelServer
+    from tests.model_repo import with_two_models
+
+    repo = with_two_models(build_demo_repo(tmp_path / "repo"))
+    card = repo.train("buys", ModelKind.LOGISTIC)
+    repo.models.start_canary(
+        "buys", card.version, percent=50, shadow=False, by="test", limits=CanaryLimits(min_requests=5)
+    )
+
+    async def scenario() -> float:
+        metrics = ModelMetrics()  # shared, as /metrics merges the workers' files
+        settings = ModelServerSettings(registry_dir=repo.settings.registry_dir, models=("buys",))
+        workers = [ModelServer(settings, repo.store(), metrics=metrics) for _ in range(2)]
+        for worker in workers:
+            await worker.start()
+        try:
+            for worker in workers:
+                judge = worker.routes["buys"].judge
+                assert judge is not None
+                for _ in range(10):
+                    judge.record(False, ok=True, seconds=0.001, scores=[0.5])
+                    judge.record(True, ok=False, seconds=0.001)
+            for worker in workers:
+                worker.judge_canaries()
+        finally:
+            for worker in workers:
+                await worker.stop()
+        return float(metrics.canary_decisions.labels("buys", "rolled_back")._value.get())
+
+    assert asyncio.run(scenario()) == 1.0
+    assert [e["event"] for e in repo.models.canary_history("buys")].count("rolled_back") == 1

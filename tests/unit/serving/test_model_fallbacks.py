@@ -595,3 +595,61 @@ def test_the_client_throttles_non_critical_requests_while_the_server_sheds_them(
         with pytest.raises(ModelUnavailable):
             loading.predict("buys", [1], priority="sheddable")
     assert loading.throttle.probability() == 0.0
+
+
+def test_the_cache_answers_with_the_model_it_cached_after_two_models_failed(repo: DemoRepo) -> None:
+    """Only the route's primary is cached; after the primary and then the cheaper model
+    failed, the cache step looked up the cheaper model's key (never cached): a miss,
+    though the primary's exact score for those features was in it."""
+    spec = route("buys", primary="buys", fallbacks=["buys_logistic", CACHE])
+    with serve(repo, routes={"buys": spec}) as client:
+        fresh = client.post("/predict", json={"model": "buys", "entities": [1, 2]}).json()
+        assert fresh["served_by"] == "buys@1"
+        break_model(client, "buys")
+        break_model(client, "buys_logistic")
+        answer = client.post("/predict", json={"model": "buys", "entities": [1, 2]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["served_by"] == "cache:buys@1"
+    assert answer.json()["scores"] == fresh["scores"]
+    assert answer.json()["degraded"] is True
+
+
+def test_a_request_refused_with_nothing_served_gives_its_quota_back(repo: DemoRepo) -> None:
+    """Charged up front, the quota was kept for a 409 (model skewed against the plan) and
+    a 503 (circuit open, every step failed): an outage drained every tenant's bucket and
+    429s followed the recovery."""
+    import asyncio
+
+    from featurestore.models import SkewError
+    from serving.errors import ModelUnavailable
+    from serving.models.admission import Tenants
+    from serving.models.breaker import Breakers
+    from serving.models.server import ModelServer
+
+    async def scenario() -> list[float]:
+        tenants = Tenants({"shop": TenantPolicy(rate=0.001, burst=4)}, clock=lambda: 0.0)
+        guard = Breakers(QUICK)
+        settings = ModelServerSettings(registry_dir=repo.settings.registry_dir, models=("buys",))
+        server = ModelServer(settings, repo.store(), tenants=tenants, guard=guard)
+        await server.start()
+        left = []
+        try:
+            served = server.routes["buys"]
+            loaded = served.loaded
+            server._set_loaded(served, None)  # skewed: the plan moved on
+            served.problem = "model buys@1 will not serve: view `user_spend` is at version 2, it was trained on 1."
+            with pytest.raises(SkewError):
+                await server.predict("buys", [1, 2], priority=Priority.DEFAULT, tenant="shop", deadline_s=1.0)
+            left.append(tenants._bucket("shop").tokens)
+            server._set_loaded(served, loaded)
+            served.problem = None
+            for _ in range(3):
+                guard.record("model:buys", ok=False, seconds=0.01)
+            with pytest.raises(ModelUnavailable, match="buys: circuit open"):
+                await server.predict("buys", [1, 2], priority=Priority.DEFAULT, tenant="shop", deadline_s=1.0)
+            left.append(tenants._bucket("shop").tokens)
+        finally:
+            await server.stop()
+        return left
+
+    assert asyncio.run(scenario()) == [4, 4]
