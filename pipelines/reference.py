@@ -34,7 +34,9 @@ def reference_changelog(
 
     Returns one row per (entity, change point), sorted by entity then time, with the
     schema `view.changelog_schema()`. `start`/`end` (microseconds) keep only change
-    points in [start, end); values still use every event before `start`.
+    points in [start, end); values still use every event before `start`, and an entity
+    with events before `start` also gets a row at `start` (the state it carries into the
+    range), so the rows of a range answer an as-of lookup anywhere in it on their own.
 
     `with_scale` appends a `_scale_<feature>` column (the largest |input| in the window)
     for each float Sum/Mean/Std feature, which `changelog_differences` uses to judge
@@ -55,6 +57,8 @@ def reference_changelog(
         points = {times[p] for p in positions}
         for window in view.windows:
             points.update(expiry_time(times[p], window.length, window.every) for p in positions)
+        if start is not None and min(times[p] for p in positions) < start:
+            points.add(start)
         for point in sorted(points):
             if (start is not None and point < start) or (end is not None and point >= end):
                 continue

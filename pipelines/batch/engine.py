@@ -429,7 +429,11 @@ def _shard_changelog(
             )
         frame = to_frame(table, chosen)
         del table
-        changelog = changelog_kernel(view, frame, start=low, end=high, xp=array_module(chosen), prepared=True)
+        # Only the range's start gets rows for the state carried into it; a later slice
+        # continues the rows of the slice before it.
+        changelog = changelog_kernel(
+            view, frame, start=low, end=high, xp=array_module(chosen), prepared=True, anchored=low == start
+        )
         del frame
         rows += changelog.num_rows
         actions.extend(store.write_changelog_files(view, changelog, start=low, end=high))

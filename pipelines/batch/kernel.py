@@ -46,19 +46,26 @@ def changelog_kernel(
     end: int | None = None,
     xp: Any = np,
     prepared: bool = False,
+    anchored: bool = True,
 ) -> pa.Table:
     """The changelog rows of `view` for change points in [start, end) (microseconds),
     as an Arrow table with `view.changelog_schema()`, sorted by entity then time.
-    `prepared`: the events already went through `prepare_events` (transform, where)."""
+    `prepared`: the events already went through `prepare_events` (transform, where).
+
+    With `start`, an entity with events before it also gets a row at `start` (its state
+    carried into the range), as in `pipelines.reference`: a range's rows answer an as-of
+    lookup anywhere in it on their own. `anchored=False` leaves that row out (a time
+    slice that continues the slice before it)."""
     frame = events if prepared else prepare_events(view, events)
     schema = view.changelog_schema()
     if len(frame) == 0:
         return schema.empty_table()
+    anchor = start if anchored else None
     try:
-        sorted_events = _SortedEvents.build(view, frame, xp)
+        sorted_events = _SortedEvents.build(view, frame, xp, anchor=anchor)
     except _KeyTooWide as wide:
-        return _in_entity_groups(view, frame, wide.entities_per_group, start=start, end=end, xp=xp)
-    points = _change_points(view, sorted_events, start, end, xp)
+        return _in_entity_groups(view, frame, wide.entities_per_group, start=start, end=end, xp=xp, anchored=anchored)
+    points = _change_points(view, sorted_events, start, end, xp, anchor=anchor)
     if points.size == 0:
         return schema.empty_table()
     columns: dict[str, pa.Array] = {
@@ -105,7 +112,14 @@ _KEY_LIMIT = 2**62  # composite keys stay below this (headroom for the searches'
 
 
 def _in_entity_groups(
-    view: ViewSpec, frame: Any, entities_per_group: int, *, start: int | None, end: int | None, xp: Any
+    view: ViewSpec,
+    frame: Any,
+    entities_per_group: int,
+    *,
+    start: int | None,
+    end: int | None,
+    xp: Any,
+    anchored: bool,
 ) -> pa.Table:
     """The changelog computed over consecutive groups of entities (in key order, so the
     concatenation stays sorted by entity then time): each group's key fits an int64.
@@ -117,7 +131,13 @@ def _in_entity_groups(
     bounds = np.searchsorted(codes[order], np.arange(0, entities + entities_per_group, entities_per_group))
     tables = [
         changelog_kernel(
-            view, frame.take(order[lo:hi]).reset_index(drop=True), start=start, end=end, xp=xp, prepared=True
+            view,
+            frame.take(order[lo:hi]).reset_index(drop=True),
+            start=start,
+            end=end,
+            xp=xp,
+            prepared=True,
+            anchored=anchored,
         )
         for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
         if hi > lo
@@ -145,7 +165,7 @@ class _SortedEvents:
     count: int
 
     @classmethod
-    def build(cls, view: ViewSpec, frame: Any, xp: Any) -> _SortedEvents:
+    def build(cls, view: ViewSpec, frame: Any, xp: Any, *, anchor: int | None = None) -> _SortedEvents:
         codes, uniques = _factorize(frame[view.entity_key])
         times = xp.asarray(_micros(frame[view.event_time]))
         sequence = xp.asarray(frame[SEQUENCE].to_numpy()) if SEQUENCE in frame.columns else xp.arange(len(frame))
@@ -154,7 +174,7 @@ class _SortedEvents:
         codes, times = codes[order], times[order]
         reach = view.longest_window + view.coarsest_tile
         base = int(times.min()) - reach
-        span = int(times.max()) + reach - base + 1
+        span = max(int(times.max()) + reach, anchor if anchor is not None else 0) - base + 1
         entities = int(codes.max()) + 1
         if entities * span >= _KEY_LIMIT:
             if entities == 1 or span >= _KEY_LIMIT // 2:
@@ -203,11 +223,18 @@ class _Points:
         return int(self.composite.shape[0])
 
 
-def _change_points(view: ViewSpec, events: _SortedEvents, start: int | None, end: int | None, xp: Any) -> _Points:
+def _change_points(
+    view: ViewSpec, events: _SortedEvents, start: int | None, end: int | None, xp: Any, *, anchor: int | None = None
+) -> _Points:
     candidates = [events.composite]
     for window in view.windows:
         expiry = events.times - events.times % window.every + window.length
         candidates.append(events.codes * events.span + (expiry - events.base))
+    if anchor is not None:  # the state at `anchor` of every entity with an event before it
+        first = xp.ones(events.codes.shape[0], dtype=bool)
+        first[1:] = events.codes[1:] != events.codes[:-1]
+        before = events.codes[first & (events.times < anchor)]
+        candidates.append(before * events.span + (anchor - events.base))
     # Each candidate array is already sorted (expiries are monotone in time within an
     # entity), so a stable sort of their concatenation merges runs, and equal
     # neighbours are the duplicates: much cheaper than a hash-based unique.

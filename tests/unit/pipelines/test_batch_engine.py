@@ -119,8 +119,61 @@ def test_ranges_written_separately_equal_one_backfill(plan: Plan, store: DeltaOf
     # Overwrite the two halves again, separately: the table must not change.
     backfill(plan, store, views=["user_spend"], start=whole.start, end=middle, client=client)
     backfill(plan, store, views=["user_spend"], start=middle, end=whole.end, client=client)
-    # Same rows; values equal within float rounding (sums start from another event).
-    assert differences(plan, "user_spend", expected, store.read_changelog(view)) == []
+    got = store.read_changelog(view)
+    # The second range adds a row at its start for each entity with events before it
+    # (the state it carries in); every other row is the whole backfill's, and an added
+    # row holds the value the whole backfill's rows give at that time.
+    at_middle = pc.equal(pc.cast(got.column("as_of"), pa.int64()), middle)
+    anchors = got.filter(at_middle)
+    assert anchors.num_rows > 0
+    assert differences(plan, "user_spend", expected, got.filter(pc.invert(at_middle))) == []
+    events = store.read_events(view.source)
+    earlier = events.filter(pc.less(pc.cast(events.column("event_time"), pa.int64()), middle))
+    assert sorted(anchors.column("user_id").to_pylist()) == sorted(set(earlier.column("user_id").to_pylist()))
+    history: dict[Any, list[dict[str, Any]]] = {}
+    for row in expected.to_pylist():  # sorted by entity, then as_of
+        history.setdefault(row["user_id"], []).append(row)
+    carried = [
+        {**[r for r in history[user] if datetime_to_micros(r["as_of"]) <= middle][-1], "as_of": as_of}
+        for user, as_of in zip(anchors.column("user_id").to_pylist(), anchors.column("as_of").to_pylist(), strict=True)
+    ]
+    assert differences(plan, "user_spend", pa.Table.from_pylist(carried, schema=expected.schema), anchors) == []
+
+
+def test_a_first_range_backfill_answers_lookups_from_its_start(tmp_path: Path, client: Any) -> None:
+    """A range backfill wrote rows only at change points inside the range: with no
+    earlier rows (the first backfill of a view version, `tenx backfill --start`), a label
+    between the start and an entity's next change found nothing (`missing`, an empty
+    window), and a Latest value none at all until the entity's next event."""
+    from featurestore import Count, Last, Latest
+    from tests.unit.pipelines.test_reference import BASE_US, MINUTE, make_view
+
+    windowed = make_view(Count(), Last("label"))
+    latest = make_view(Latest("label"), windows=())
+    events = pa.table(
+        {
+            "user_id": [1, 1, 2],
+            "value": [1.0] * 3,
+            "amount": pa.array([None] * 3, pa.int64()),
+            "label": ["first", "second", "late"],
+            "event_time": pa.array([BASE_US, BASE_US + 3 * MINUTE, BASE_US + 8 * MINUTE], pa.timestamp("us", "UTC")),
+        }
+    )
+    path = tmp_path / "events.parquet"
+    pa.parquet.write_table(events, path)
+    store = DeltaOfflineStore(tmp_path / "offline")
+    assert ingest_file(store, windowed.source, path).ingested == 3
+    start = BASE_US + 4 * MINUTE  # after user 1's events, before user 2's
+    for view, column in ((windowed, "last_label_10m"), (latest, "label")):
+        backfill_view(view, store, client, start=start, end=BASE_US + 60 * MINUTE)
+        got = store.read_changelog(view).to_pylist()
+        first_of_user_1 = next(r for r in got if r["user_id"] == 1)
+        assert datetime_to_micros(first_of_user_1["as_of"]) == start
+        assert first_of_user_1[column] == "second"
+        if view is windowed:
+            assert first_of_user_1["count_10m"] == 2
+        # user 2's first event is after the start: its first row is that event's
+        assert datetime_to_micros(next(r for r in got if r["user_id"] == 2)["as_of"]) == BASE_US + 8 * MINUTE
 
 
 def test_a_range_backfill_reads_history_before_its_start(plan: Plan, store: DeltaOfflineStore, client: Any) -> None:
