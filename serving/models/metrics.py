@@ -88,6 +88,11 @@ class ModelMetrics:
             "tenx_model_unanswered_total", "Requests every step of their route failed to answer.",
             ["route", "priority", "tenant"], registry=r,
         )  # fmt: skip
+        self.dead_batches = Counter(
+            "tenx_model_dead_batches_total",
+            "Batches not run: every request's deadline passed while its features were read.",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.breaker_state = Gauge(
             "tenx_model_breaker_state", "Circuit state per dependency: 0 closed, 1 half-open, 2 open.",
             ["dependency"], registry=r, multiprocess_mode="max",

@@ -899,7 +899,14 @@ class ModelServer:
             read_at = int(self._wall() * 1_000_000)
             vectors = loaded.assembler.assemble(raws, read_at)
             latest = max(item.deadline for item in items) - self._clock()
-            timeout = max(0.0, min(latest, self.settings.inference_timeout_ms / 1000))
+            if latest <= 0:
+                # Every caller's deadline passed during the lookup: they were answered 504
+                # already, and a run now would only take the model from live batches.
+                for item in items:
+                    _fail(item.payload.future, DeadlineExceeded("the deadline passed before the request was scored"))
+                self.metrics.dead_batches.labels(loaded.card.name).inc()
+                return True
+            timeout = min(latest, self.settings.inference_timeout_ms / 1000)
             scores, spent = await self._infer(loaded, vectors, timeout_s=timeout, canary=side)
         except Exception as error:
             if not isinstance(error, TransientError):

@@ -653,3 +653,23 @@ def test_a_request_refused_with_nothing_served_gives_its_quota_back(repo: DemoRe
         return left
 
     assert asyncio.run(scenario()) == [4, 4]
+
+
+def test_a_batch_whose_deadlines_all_passed_during_the_lookup_is_not_run(repo: DemoRepo) -> None:
+    """Its callers were answered 504 already; the run took the model from live batches."""
+
+    class SlowStore(FailingStore):
+        def read_many(self, requests: Any) -> Any:
+            time.sleep(0.15)
+            return self.store.read_many(requests)
+
+    with serve(repo, store=SlowStore(repo.store())) as client:
+        runtime = server_of(client).routes["buys"].loaded.runtime
+        runs = runtime.batches
+        late = client.post("/predict", json={"model": "buys", "entities": [1], "deadline_ms": 50})
+        assert late.status_code == 504
+        time.sleep(0.3)  # the lookup ends after the answer
+        assert runtime.batches == runs
+        assert 'tenx_model_dead_batches_total{model="buys"} 1.0' in client.get("/metrics").text
+        assert client.post("/predict", json={"model": "buys", "entities": [1], "deadline_ms": 2000}).status_code == 200
+        assert runtime.batches == runs + 1
