@@ -33,8 +33,9 @@ from tenx.commands.common import (
     "from_file",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="Replay a JSON-lines file (one event object per line) instead of Kafka; ends at the end of the "
-    "file. Dead letters and late events then go to data/stream/dead_letters.*.jsonl and late.*.jsonl.",
+    help="Replay a JSON-lines file (one event object per line, of one source: with views of several "
+    "sources, pick one source's with --view) instead of Kafka; ends at the end of the file. Dead letters "
+    "and late events then go to data/stream/dead_letters.*.jsonl and late.*.jsonl.",
 )
 @click.option("--bounded", is_flag=True, help="Stop at the end of the Kafka topic instead of tailing it.")
 @click.option(
@@ -155,6 +156,15 @@ def stream(
         _check_json_lines(from_file)
     outputs_dir = settings.repo_dir / "data" / "stream"
     run = [plan.view(n) for n in views] if views else [v for v in plan.views if v.online]
+    read = sorted({view.source.name for view in run})
+    if from_file is not None and len(read) > 1:
+        # Every source would replay the same file: a record another source's schema also
+        # accepts (extra fields are ignored) would count in that source's views too.
+        first = next(view.name for view in run if view.source.name == read[0])
+        raise ConfigError(
+            f"--from-file replays one source's events, and the views run read {len(read)} sources "
+            f"({', '.join(read)}): run one source's views with --view (e.g. --view {first})"
+        )
     if from_file is not None:
         from bytewax import operators as op
 

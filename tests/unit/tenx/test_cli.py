@@ -271,6 +271,38 @@ def test_stream_from_file_takes_json_lines_and_says_what_it_dropped(tmp_path: Pa
     assert "written: 3 dead letters" in replayed.stdout
     assert "done: 503 events in " in replayed.stdout  # the final counts
     assert "rows written, 0 late, 3 dead letters" in replayed.stdout
+    # A second source: every source replayed the same file, and a transaction, which
+    # this schema accepts (extra fields are ignored), counted as a login too.
+    with (repo / "features.py").open("a") as features:
+        features.write(LOGINS)
+    assert tenx("apply", cwd=repo).returncode == 0
+    mixed = tenx("stream", "--from-file", "tx.jsonl", cwd=repo, env=env)
+    assert mixed.returncode == 2
+    assert "--from-file replays one source's events, and the views run read 2 sources (logins, transactions)" in (
+        mixed.stderr
+    )
+    assert "Traceback" not in mixed.stderr
+    one = tenx(
+        "stream", "--from-file", "tx.jsonl", "--view", "user_spend", "--view", "merchant_sales", cwd=repo, env=env
+    )
+    assert one.returncode == 0, one.stderr
+
+
+LOGINS = """
+
+from schemas import EventSchema, Field
+
+logins = Source(
+    "logins",
+    EventSchema("logins", [Field("user_id", "int64"), Field("event_time", "timestamp[us, UTC]")],
+                event_time="event_time", entity_keys=["user_id"]),
+)
+
+
+@feature_view(entity=user, source=logins, aggregations=[Count()], windows=["1h"])
+def user_logins(events: pd.DataFrame) -> pd.DataFrame:
+    return events[[]]
+"""
 
 
 def test_an_edit_not_applied_is_pointed_out(tmp_path: Path) -> None:
