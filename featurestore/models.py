@@ -95,6 +95,9 @@ class ModelCard:
     on_missing: MissingPolicy = MissingPolicy.EMPTY_WINDOW
     on_stale: StalePolicy = StalePolicy.SERVE
     source: str = "tenx train"
+    # The training set's `--max-age` (microseconds): values older than that were blanked
+    # (null) and marked stale in training, so the server blanks them the same way.
+    max_age_us: int | None = None
 
     @property
     def ref(self) -> str:
@@ -236,12 +239,28 @@ def check_views(card: ModelCard, plan: Plan | None) -> None:
             continue
         if applied != version:
             problems.append(f"view `{view}` is at version {applied}, the model was trained on {version}")
+        elif not plan.view(view).online:
+            # Neither materialize nor the stream write it: every entity would read as missing.
+            problems.append(f"view `{view}` is offline only (online=False): nothing serves its values")
     if problems:
         raise SkewError(
             f"model {card.ref} will not serve: {'; '.join(problems)}. Its features would differ from training. "
             "Export a training set from the applied plan and `tenx train` a new version (then `tenx models deploy`), "
             "or `tenx apply` the plan it was trained on" + (f" ({card.plan_version})" if card.plan_version else "")
         )
+
+
+def _serving_identity(card: ModelCard) -> tuple[Any, ...]:
+    """What, beside the bytes, decides how a model version is served."""
+    return (
+        card.features,
+        card.on_missing,
+        card.on_stale,
+        card.max_age_us,
+        card.input_name,
+        card.output_name,
+        card.output_index,
+    )
 
 
 class ModelRegistry:
@@ -282,7 +301,9 @@ class ModelRegistry:
         digest = hashlib.sha256(model).hexdigest()
         for version in self.versions(name):
             existing = self.card(name, version)
-            if existing.content_hash == digest and existing.features == card.features:
+            # The same model served the same way; other policies or tensor names are a new
+            # version (returning the old card dropped a new --on-missing without a word).
+            if existing.content_hash == digest and _serving_identity(existing) == _serving_identity(card):
                 return existing
         known = self.versions(name)
         version = (known[-1] if known else 0) + 1

@@ -52,11 +52,13 @@ class ExportSummary:
     seconds: float
     output: str | None
     columns: tuple[str, ...] = field(default=())
+    max_age: int | None = None  # microseconds: values older than this at the label time were blanked
 
     def manifest(self) -> dict[str, Any]:
         return {
             "plan_version": self.plan_version,
             "features": list(self.features),
+            "max_age_us": self.max_age,  # `tenx train` hands it to the card: the server blanks the same values
             "label_rows_in": self.rows_in,
             "label_rows_out": self.rows_out,
             "label_time_range": [self.first_label, self.last_label],
@@ -247,6 +249,7 @@ def export_training_set(
         seconds=time.perf_counter() - began,
         output=str(out) if out is not None else None,
         columns=columns,
+        max_age=max_age,
     )
     if out is not None:
         Path(f"{out}.manifest.json").write_text(json.dumps(summary.manifest(), indent=2) + "\n")

@@ -96,6 +96,14 @@ def train_model(
     on the latest: the holdout is the future the model will meet, never a random sample."""
     began = time.perf_counter()
     manifest = read_manifest(training_set)
+    exported = manifest.get("plan_version")
+    if exported is not None and exported != plan.version:
+        # The card takes its view versions from `plan`: another plan's would let a model
+        # trained on one definition of a view pass the skew check against another.
+        raise TrainingError(
+            f"{training_set.name} was exported from plan {exported}, not {plan.version}: train it with the plan "
+            f"it came from (`FileRegistry(...).get({exported!r})`; `tenx train` does so), or export it again"
+        )
     references: list[str] = manifest["features"]
     table = pq.read_table(training_set)
     columns = feature_columns(references, table.column_names)
@@ -156,6 +164,7 @@ def train_model(
         plan_version=plan.version,
         training_range=(_iso(times[0].as_py()), _iso(times[split - 1].as_py())),
         metrics=metrics,
+        max_age_us=manifest.get("max_age_us"),
     )
     holdout = pa.table(
         {**{r: pa.array(x[split:, i]) for i, r in enumerate(references)}, label: pa.array(y[split:].astype(np.int8))}

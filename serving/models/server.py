@@ -107,6 +107,10 @@ class Loaded:
     def served_by(self) -> str:
         return self.card.ref
 
+    @property
+    def precision(self) -> str:
+        return self.runtime.precision.value
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -706,7 +710,7 @@ class ModelServer:
         scored = vectors.scored
         every = bool(scored.all())
         cached = self.cache.get(
-            loaded.card.name, loaded.card.version, failed.matrix if every else failed.matrix[scored]
+            loaded.card.name, loaded.card.version, loaded.precision, failed.matrix if every else failed.matrix[scored]
         )
         if cached is None:
             return None
@@ -934,7 +938,8 @@ class ModelServer:
             return False
         self._charge_device(loaded, items, spent)
         if route.cache_ttl_s is not None:
-            self.cache.put(loaded.card.name, loaded.card.version, vectors.matrix, scores, route.cache_ttl_s)
+            card = loaded.card
+            self.cache.put(card.name, card.version, loaded.precision, vectors.matrix, scores, route.cache_ttl_s)
         counted = self._counted(route.name, loaded.card.version)
         counted.lookup.observe(looked_up - started)
         counted.batch_rows.observe(len(entities))

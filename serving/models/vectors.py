@@ -84,6 +84,12 @@ class FeatureAssembler:
                 block[missing] = part.empty  # what the training export gave an entity without a row
             ttl = part.view.ttl
             stale = ~missing & (now_us - as_of > ttl) if ttl is not None else np.zeros(rows, dtype=bool)
+            max_age = self.card.max_age_us
+            if max_age is not None:  # trained on a set exported with --max-age: blank as it did
+                aged = ~missing & (now_us - as_of > max_age)
+                if aged.any():
+                    block[aged] = np.nan
+                    stale |= aged
             any_stale |= stale
             status = np.maximum(status, np.where(missing, MISSING, np.where(stale, STALE, FOUND)).astype(np.int8))
             oldest = np.minimum(oldest, np.where(missing, -1, as_of))

@@ -43,6 +43,21 @@ def test_versions_are_numbered_and_the_same_bytes_are_one_version(tmp_path: Path
     assert registry.deployment("fraud") == deployment
 
 
+def test_the_same_bytes_served_another_way_are_a_new_version(tmp_path: Path) -> None:
+    """`tenx models add` again with --on-missing refuse returned the old version, with
+    its old policy, and said nothing."""
+    from featurestore.models import MissingPolicy
+
+    registry = ModelRegistry(tmp_path)
+    first = registry.add("fraud", b"model-one", card())
+    refusing = registry.add("fraud", b"model-one", card(on_missing=MissingPolicy.REFUSE))
+    assert refusing.version == 2
+    assert refusing.on_missing is MissingPolicy.REFUSE
+    assert registry.add("fraud", b"model-one", card(on_missing=MissingPolicy.REFUSE)).version == 2
+    assert registry.add("fraud", b"model-one", card(output_index=0)).version == 3
+    assert registry.card("fraud", first.version).on_missing is not MissingPolicy.REFUSE
+
+
 def test_a_model_file_edited_by_hand_is_refused(tmp_path: Path) -> None:
     registry = ModelRegistry(tmp_path)
     registry.add("fraud", b"model-one", card())

@@ -673,3 +673,16 @@ def test_a_batch_whose_deadlines_all_passed_during_the_lookup_is_not_run(repo: D
         assert 'tenx_model_dead_batches_total{model="buys"} 1.0' in client.get("/metrics").text
         assert client.post("/predict", json={"model": "buys", "entities": [1], "deadline_ms": 2000}).status_code == 200
         assert runtime.batches == runs + 1
+
+
+def test_the_cache_keeps_a_versions_scores_apart_by_the_precision_it_ran_at() -> None:
+    """`tenx models deploy buys@1 --precision int8` keeps the version: the cache answered
+    the FP32 session's scores as the INT8 model's."""
+    from serving.models.cache import PredictionCache
+
+    cache = PredictionCache(clock=lambda: 0.0)
+    rows = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
+    cache.put("buys", 1, "fp32", rows, np.array([0.25, 0.75]), 60.0)
+    assert cache.get("buys", 1, "fp32", rows) == [0.25, 0.75]
+    assert cache.get("buys", 1, "int8", rows) is None
+    assert cache.get("buys", 2, "fp32", rows) is None

@@ -346,3 +346,43 @@ def test_a_routing_function_picks_the_model_and_the_guard_is_asked_around_every_
     assert response.json()["error"] == (
         "route `buys` could not answer: buys: model `buys`'s circuit is open; retry shortly"
     )
+
+
+def test_a_model_of_an_offline_only_view_is_refused_not_served_empty_windows(repo: DemoRepo) -> None:
+    """Neither materialize nor the stream writes an offline-only view: a model trained on
+    one passed the version check and scored every entity on empty windows."""
+    from dataclasses import replace
+
+    plan = repo.plan
+    card = repo.models.card("buys", 1)
+    view = next(iter(card.views()))
+    offline = replace(plan, views=tuple(replace(v, online=False) if v.name == view else v for v in plan.views))
+    assert offline.view(view).version == plan.view(view).version  # `online` is not part of the version
+    check_views(card, plan)
+    with pytest.raises(SkewError, match=f"view `{view}` is offline only \\(online=False\\): nothing serves its values"):
+        check_views(card, offline)
+
+
+def test_training_keeps_the_exports_max_age_and_refuses_another_plan(repo: DemoRepo, tmp_path: Path) -> None:
+    """The card recorded neither: a set exported with --max-age trained on blanked values
+    the server then fed unblanked, and one trained against another plan's view versions
+    passed the skew check against that plan."""
+    from dataclasses import replace
+
+    from featurestore.stores.offline import DeltaOfflineStore
+    from tenx.demo_data import LABEL, demo_labels
+    from training import export_training_set
+    from training.errors import TrainingError
+    from training.train import train_model
+
+    offline = DeltaOfflineStore(repo.settings.offline_dir)
+    labels = demo_labels(offline.read_events(repo.plan.source("transactions")), count=2_000)
+    out = tmp_path / "aged.parquet"
+    export_training_set(repo.plan, offline, labels, ["user_spend:*"], out=out, max_age=3_600_000_000)
+    trained = train_model(repo.plan, out, label=LABEL)
+    assert trained.card.max_age_us == 3_600_000_000
+    assert repo.models.card("buys", 1).max_age_us is None  # exported without it
+    other = replace(repo.plan, project="another")  # any other plan version
+    assert other.version != repo.plan.version
+    with pytest.raises(TrainingError, match=f"was exported from plan {repo.plan.version}, not {other.version}"):
+        train_model(other, out, label=LABEL)
