@@ -170,7 +170,8 @@ def _parse(body: bytes, settings: ApiSettings) -> tuple[str, list[str] | None, l
         if not features:
             raise ValueError("`features` is empty: omit it for every feature of the view")
         if any(":" in f for f in features):
-            features = [_within(view, f) for f in features]
+            # `f` and `view:f` are one feature: asked both ways it is answered (and counted) once
+            features = list(dict.fromkeys(_within(view, f) for f in features))
     return view, features, entities
 
 

@@ -11,6 +11,7 @@ small Protocol, with two implementations run through one contract suite.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import math
 import sqlite3
@@ -154,6 +155,7 @@ class RedisOnlineStore:
         self.url = url
         self.prefix = prefix
         self.key_ttl_ms = int(key_ttl_s * 1000) if key_ttl_s else 0
+        self.timeout_s = timeout_s
         self.pool_size = pool_size
         self.pool_timeout_s = pool_timeout_s
         options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
@@ -165,6 +167,7 @@ class RedisOnlineStore:
         # pool's timeout for a failed node and asks for a topology refresh. So on a cluster
         # the store bounds its own calls in flight; each uses at most one connection per node.
         self._sync_turns = threading.BoundedSemaphore(pool_size) if self.cluster else None
+        self._sync_reads: concurrent.futures.ThreadPoolExecutor | None = None
         self._async_turns: asyncio.Semaphore | None = None
         self._leases: asyncio.LifoQueue[Any] | None = None
         self._leased = 0
@@ -173,7 +176,10 @@ class RedisOnlineStore:
                 from redis.cluster import RedisCluster
 
                 self.client: Any = RedisCluster.from_url(
-                    url.replace("redis+cluster://", "redis://"), max_connections=pool_size, **options
+                    url.replace("redis+cluster://", "redis://"),
+                    max_connections=pool_size,
+                    retry=_no_retry(),
+                    **options,
                 )
             else:
                 pool = redis.BlockingConnectionPool.from_url(
@@ -201,6 +207,38 @@ class RedisOnlineStore:
             f"(pool of {self.pool_size}{per_node}); raise online_store.pool_size (TENX_REDIS_POOL_SIZE) "
             "or send fewer lookups at once"
         )
+
+    def _cluster_mget(self, keys: list[bytes]) -> Any:
+        """MGET across the cluster, given up on after two timeouts (a connect and a read)
+        once a turn is free. With a node that accepts connections and never answers,
+        redis-py's sync cluster pipeline kept reconnecting and refreshing the topology
+        (35 s with its retries off) or waited as long as the node did. A call given up on
+        finishes on its thread and keeps its turn until then."""
+        turns = self._sync_turns
+        assert turns is not None  # a cluster store
+        if self._sync_reads is None:
+            self._sync_reads = concurrent.futures.ThreadPoolExecutor(self.pool_size, thread_name_prefix="redis-read")
+        if not turns.acquire(timeout=self.pool_timeout_s):
+            raise self._pool_exhausted()
+
+        def mget() -> Any:
+            try:
+                return self.client.mget_nonatomic(keys)
+            finally:
+                turns.release()
+
+        try:
+            future = self._sync_reads.submit(mget)
+        except RuntimeError:  # the store was closed
+            turns.release()
+            raise
+        deadline = 2 * self.timeout_s
+        try:
+            return future.result(timeout=deadline)
+        except concurrent.futures.TimeoutError:
+            raise TransientError(
+                f"online store Redis at {redact_url(self.url)}: the cluster did not answer within {deadline:g} s"
+            ) from None
 
     @contextmanager
     def _turn(self) -> Iterator[None]:
@@ -276,8 +314,7 @@ class RedisOnlineStore:
         keys = online_keys(view, entities, prefix=self.prefix)
         try:
             if self.cluster:
-                with self._turn():
-                    return list(self.client.mget_nonatomic(keys))
+                return list(self._cluster_mget(keys))
             return list(self.client.mget(keys))
         except redis.RedisError as error:
             raise self._fail(error) from error
@@ -289,8 +326,7 @@ class RedisOnlineStore:
         keys, sizes = _all_keys(requests, self.prefix)
         try:
             if self.cluster:
-                with self._turn():
-                    return _cut(list(self.client.mget_nonatomic(keys)), sizes)
+                return _cut(list(self._cluster_mget(keys)), sizes)
             return _cut(list(self.client.mget(keys)), sizes)
         except redis.RedisError as error:
             raise self._fail(error) from error
@@ -385,7 +421,10 @@ class RedisOnlineStore:
 
                 self._async_turns = asyncio.Semaphore(self.pool_size)
                 self._async = AsyncCluster.from_url(
-                    self.url.replace("redis+cluster://", "redis://"), max_connections=self.pool_size, **self._options
+                    self.url.replace("redis+cluster://", "redis://"),
+                    max_connections=self.pool_size,
+                    retry=_no_retry(asynchronous=True),
+                    **self._options,
                 )
             else:
                 pool = redis.asyncio.BlockingConnectionPool.from_url(
@@ -406,6 +445,8 @@ class RedisOnlineStore:
         self.close()
 
     def close(self) -> None:
+        if self._sync_reads is not None:
+            self._sync_reads.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
 
@@ -547,3 +588,19 @@ def write_all(store: OnlineStore, view: ViewSpec, tables: Iterable[pa.Table]) ->
         written += result.written
         skipped += result.skipped
     return WriteResult(written, skipped)
+
+
+def _no_retry(*, asynchronous: bool = False) -> Any:
+    """No retries for a cluster client: redis-py's retry ten times with backoff and a
+    topology refresh each, so one node that stops answering held a read with a 2 s
+    timeout for 27 s (async) or as long as the node stayed frozen (sync). The caller
+    (the API's 503 with Retry-After, the model server's breaker) decides about retrying."""
+    from redis.backoff import NoBackoff
+
+    if asynchronous:
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        return AsyncRetry(NoBackoff(), 0)
+    from redis.retry import Retry
+
+    return Retry(NoBackoff(), 0)

@@ -19,11 +19,18 @@ PORTS = (7101, 7102, 7103)
 
 
 @pytest.fixture(scope="module")
-def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def cluster_servers() -> list[subprocess.Popen[bytes]]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def cluster_url(
+    tmp_path_factory: pytest.TempPathFactory, cluster_servers: list[subprocess.Popen[bytes]]
+) -> Iterator[str]:
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.skip('redis-server is not installed; run: eval "$(scripts/services up)"')
     root = tmp_path_factory.mktemp("cluster")
-    servers = []
+    servers = cluster_servers
     try:
         for port in PORTS:
             folder = root / str(port)
@@ -99,4 +106,43 @@ def test_cluster_writes_route_by_slot_and_keep_order(cluster_url: str) -> None:
     values = [decode(VIEW, raw) for raw in store.read(VIEW, list(range(500)))]  # type: ignore[arg-type]
     assert [v[1][0] for v in values] == list(range(500))
     assert values[7][0] == micros(T0 + timedelta(seconds=7))
+    store.close()
+
+
+def test_a_node_that_stops_answering_fails_reads_within_the_timeout_not_after_retries(
+    cluster_url: str, cluster_servers: list[subprocess.Popen[bytes]]
+) -> None:
+    """redis-py's cluster clients retried ten times with backoff and topology refreshes:
+    with one node frozen (connections accepted, nothing answered) a read with a 2 s
+    timeout took 27 s through the API, and the sync read waited as long as the node did."""
+    import asyncio
+    import os
+    import signal
+
+    from featurestore.errors import TransientError
+
+    store = RedisOnlineStore(cluster_url, timeout_s=0.5)
+    keys = list(range(200))  # keys on every node
+    store.write(VIEW, rows(VIEW, [(k, T0, [k, float(k), float(k), float(k), "EUR"]) for k in keys]))
+    assert len(store.read(VIEW, keys)) == 200
+    frozen = cluster_servers[1]
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        with pytest.raises(TransientError):
+            store.read(VIEW, keys)
+        sync_s = time.monotonic() - began
+
+        async def aread() -> float:
+            began = time.monotonic()
+            with pytest.raises(TransientError):
+                await store.aread(VIEW, keys)
+            return time.monotonic() - began
+
+        async_s = asyncio.run(aread())
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    # Bounded by a few timeouts (the connect and the read), not by retries: was 27 s and more.
+    assert sync_s < 4.0, sync_s
+    assert async_s < 4.0, async_s
     store.close()

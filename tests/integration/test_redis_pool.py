@@ -27,7 +27,7 @@ from featurestore.registry import FileRegistry
 from featurestore.stores.online import RedisOnlineStore
 from serving import AsyncFeatureClient, Status
 from serving.api import create_app
-from tests.integration.test_redis_cluster import cluster_url  # noqa: F401 (the fixture)
+from tests.integration.test_redis_cluster import cluster_servers, cluster_url  # noqa: F401 (the fixtures)
 from tests.processes import clean_environment, free_port, wait_until_serving
 from tests.services import redis_kwargs
 from tests.unit.serving.test_client import PLAN, VIEW

@@ -28,6 +28,9 @@ def test_a_name_asked_many_times_is_answered_once(store: SqliteOnlineStore) -> N
     assert response.status_code == 200
     assert response.json()["features"] == ["count_1h", "sum_amount_1h"]
     assert [len(row["values"]) for row in response.json()["results"]] == [2, 2]
+    # Plain and as `view:feature`: one feature, answered and counted once.
+    both = post(api, {"view": "spend", "entities": [1], "features": ["count_1h", "spend:count_1h"]})
+    assert both.json()["features"] == ["count_1h"]
 
 
 def test_every_answer_carries_a_request_id_the_clients_when_it_sends_one(store: SqliteOnlineStore) -> None:  # noqa: F811
