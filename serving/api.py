@@ -41,7 +41,7 @@ from starlette.routing import Route
 
 from featurestore.errors import TransientError
 from featurestore.plan.model import EntitySpec, Plan
-from featurestore.stores.online import OnlineStore
+from featurestore.stores.online import OnlineStore, follow_project
 from schemas.timestamps import from_micros
 from serving.client import AsyncFeatureClient, FeatureResult, split_references
 from serving.errors import FeatureReferenceError, UnknownFeatureError
@@ -270,7 +270,8 @@ def create_app(
     request looks at the registry's current version and, when it changed, answers from
     the new plan. Without it a `tenx apply` that changed a view's version left the API
     reading the old version's keys, which the stream no longer writes: frozen values,
-    served as fresh."""
+    served as fresh. A store keyed by the plan's project follows a plan that renames it
+    (`follow_project`)."""
     config = settings or ApiSettings()
     metrics = _Metrics()
     served = _Served.of(store, plan, time.monotonic() + plan_check_s)
@@ -284,6 +285,9 @@ def create_app(
         version = await asyncio.to_thread(registry.current_version)
         if version != (current.plan.version if current.plan is not None else None):
             newer = await asyncio.to_thread(registry.current) if version else None
+            before = current.plan.project if current.plan is not None else None
+            if follow_project(store, before, newer.project if newer is not None else None):
+                log.info("feature API: now reading the keys of project %s", store.prefix)  # type: ignore[attr-defined]
             served = _Served.of(store, newer, current.next_check)
             log.info("feature API: now answering from plan %s", version)
         return served

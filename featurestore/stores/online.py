@@ -557,6 +557,18 @@ def open_online_store(
     return SqliteOnlineStore(sqlite_path, prefix=prefix)
 
 
+def follow_project(store: Any, before: str | None, after: str | None) -> bool:
+    """Point a store opened for project `before` (keys `tenx:<before>`, as
+    `open_online_store(project=...)` makes them) at project `after`, when a newly applied
+    plan renamed the project; a store with any other prefix is left alone. A server that
+    kept the old prefix answered the new plan from the old project's keys, frozen since
+    the apply. Returns whether it moved."""
+    if not before or not after or before == after or getattr(store, "prefix", None) != f"tenx:{before}":
+        return False
+    store.prefix = f"tenx:{after}"  # read on every call
+    return True
+
+
 def _pool_exhausted(error: Exception) -> bool:
     """Whether `error` is a pool running out of connections. redis-py's
     BlockingConnectionPool (sync and asyncio) raises a plain ConnectionError with this

@@ -36,6 +36,7 @@ from featurestore.errors import TenxError, TransientError
 from featurestore.models import Canary, Deployment, ModelCard, ModelRegistry, SkewError, check_views
 from featurestore.plan.model import Plan
 from featurestore.registry import FileRegistry
+from featurestore.stores.online import follow_project
 from serving.errors import DeadlineExceeded, ModelUnavailable, UnknownModelError
 from serving.logs import REQUEST_ID
 from serving.models.admission import (
@@ -309,7 +310,12 @@ class ModelServer:
         """Load what the registry now says to serve (new deployments, a new plan)."""
         plan_version = await asyncio.to_thread(self.plans.current_version)
         if self.plan is None or self.plan.version != plan_version:
+            before = self.plan.project if self.plan is not None else None
             self.plan = await asyncio.to_thread(self.plans.current) if plan_version else None
+            if follow_project(self.store, before, self.plan.project if self.plan is not None else None):
+                # View versions do not name the project: the models stay loaded and read
+                # the renamed project's keys (they read the old ones, frozen since the apply).
+                log.info("model server: now reading the keys of %s", self.store.prefix)
         deployments = await asyncio.to_thread(self.models.deployments)
         names = self.settings.models or tuple(sorted(deployments))
         for name in names:

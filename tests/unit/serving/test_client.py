@@ -331,3 +331,29 @@ def test_api_follows_a_newly_applied_plan(store: SqliteOnlineStore, tmp_path: Pa
     assert answer["features"] == ["count_2h", "sum_amount_2h"]
     assert answer["results"][0]["values"] == [9, 90.0]
     assert api.get("/health/ready").json() == {"status": "ok", "plan": changed.version}
+
+
+def test_api_follows_a_plan_that_renames_the_project(tmp_path: Path) -> None:
+    """Keys start `tenx:<project>`; after `tenx apply` renamed the project (the diff says
+    to re-run materialize) the API answered the new plan from the old project's keys."""
+    from dataclasses import replace
+
+    from featurestore.registry import FileRegistry
+    from featurestore.stores.online import open_online_store
+
+    renamed = replace(PLAN, project="renamed")
+    online = open_online_store(redis_url=None, sqlite_path=tmp_path / "online.db", project=PLAN.project)
+    assert isinstance(online, SqliteOnlineStore)
+    schema = VIEW.changelog_schema()
+    old = {"user_id": [1], AS_OF: [NOW], "count_1h": [1], "sum_amount_1h": [1.0], "mean_amount_1h": [1.0]}
+    online.write(VIEW, pa.table({**old, "last_currency_1h": ["EUR"]}, schema=schema))
+    materialized = open_online_store(redis_url=None, sqlite_path=tmp_path / "online.db", project="renamed")
+    new = {"user_id": [1], AS_OF: [NOW], "count_1h": [42], "sum_amount_1h": [1.0], "mean_amount_1h": [1.0]}
+    materialized.write(VIEW, pa.table({**new, "last_currency_1h": ["EUR"]}, schema=schema))
+    registry = FileRegistry(tmp_path / "registry")
+    registry.apply(PLAN)
+    api = TestClient(create_app(online, registry.current(), registry=registry, plan_check_s=0.0))
+    assert post(api, {"view": "spend", "entities": [1]}).json()["results"][0]["values"][0] == 1
+    registry.apply(renamed)
+    assert post(api, {"view": "spend", "entities": [1]}).json()["results"][0]["values"][0] == 42
+    assert api.get("/health/ready").json() == {"status": "ok", "plan": renamed.version}

@@ -386,3 +386,26 @@ def test_training_keeps_the_exports_max_age_and_refuses_another_plan(repo: DemoR
     assert other.version != repo.plan.version
     with pytest.raises(TrainingError, match=f"was exported from plan {repo.plan.version}, not {other.version}"):
         train_model(other, out, label=LABEL)
+
+
+def test_the_server_reads_the_renamed_projects_keys_after_an_apply(repo: DemoRepo) -> None:
+    """View versions do not name the project, so a model stays loaded across a project
+    rename, and read the old project's keys (frozen since the apply)."""
+    from dataclasses import replace
+
+    renamed = replace(repo.plan, project="renamed")
+    registry = FileRegistry(repo.settings.registry_dir)
+    settings = ModelServerSettings(registry_dir=repo.settings.registry_dir, models=("buys",), reload_interval_s=0.05)
+    try:
+        with TestClient(create_model_app(settings, repo.store())) as client:
+            server = client.app.state.server  # type: ignore[attr-defined]
+            assert server.store.prefix == f"tenx:{repo.plan.project}"
+            registry.apply(renamed)
+            deadline = time.monotonic() + 10
+            while server.store.prefix != "tenx:renamed":
+                assert time.monotonic() < deadline, server.store.prefix
+                time.sleep(0.05)
+            answer = client.post("/predict", json={"model": "buys", "entities": [1]}).json()
+            assert answer["status"] == ["missing"]  # nothing materialized for `renamed` yet: not the old values
+    finally:
+        registry.apply(repo.plan)
