@@ -346,8 +346,7 @@ class RedisOnlineStore:
             keys, sizes = _all_keys(requests, self.prefix)
             try:
                 if self.cluster:
-                    async with self._async_turn():
-                        return _cut(list(await client.mget_nonatomic(keys)), sizes)
+                    return _cut(list(await self._async_cluster_mget(client, keys)), sizes)
                 return _cut(list(await client.mget(keys)), sizes)
             except redis.RedisError as error:
                 raise self._fail(error) from error
@@ -406,11 +405,22 @@ class RedisOnlineStore:
         keys = online_keys(view, entities, prefix=self.prefix)
         try:
             if self.cluster:
-                async with self._async_turn():
-                    return list(await client.mget_nonatomic(keys))
+                return list(await self._async_cluster_mget(client, keys))
             return list(await client.mget(keys))
         except redis.RedisError as error:
             raise self._fail(error) from error
+
+    async def _async_cluster_mget(self, client: Any, keys: list[bytes]) -> Any:
+        """MGET across the cluster within two timeouts of getting a turn (as `_cluster_mget`)."""
+        async with self._async_turn():
+            deadline = 2 * self.timeout_s
+            try:
+                async with asyncio.timeout(deadline):
+                    return await client.mget_nonatomic(keys)
+            except TimeoutError:
+                raise TransientError(
+                    f"online store Redis at {redact_url(self.url)}: the cluster did not answer within {deadline:g} s"
+                ) from None
 
     def _async_client(self) -> Any:
         if self._async is None:
@@ -603,16 +613,18 @@ def write_all(store: OnlineStore, view: ViewSpec, tables: Iterable[pa.Table]) ->
 
 
 def _no_retry(*, asynchronous: bool = False) -> Any:
-    """No retries for a cluster client: redis-py's retry ten times with backoff and a
-    topology refresh each, so one node that stops answering held a read with a 2 s
-    timeout for 27 s (async) or as long as the node stayed frozen (sync). The caller
-    (the API's 503 with Retry-After, the model server's breaker) decides about retrying."""
+    """Two quick retries for a cluster client, not redis-py's ten with backoff and a
+    topology refresh each: one node that stops answering held a read with a 2 s timeout
+    for 27 s (async) or as long as the node stayed frozen (sync). Reads are also cut off
+    after two timeouts (`_cluster_mget`), so the retries only serve errors that come
+    back at once (CLUSTERDOWN while a failover settles, a reset connection); the caller
+    (the API's 503 with Retry-After, the model server's breaker) decides about more."""
     from redis.backoff import NoBackoff
 
     if asynchronous:
         from redis.asyncio.retry import Retry as AsyncRetry
 
-        return AsyncRetry(NoBackoff(), 0)
+        return AsyncRetry(NoBackoff(), 2)
     from redis.retry import Retry
 
-    return Retry(NoBackoff(), 0)
+    return Retry(NoBackoff(), 2)
