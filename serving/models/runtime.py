@@ -13,9 +13,9 @@ of CPU per batch on the server's 2-core bench machine (a thread wake-up each way
 futures, the loop's wake-up), while the bench's 20-64-64-1 MLP runs 10 rows in 9 us.
 So a session on the CPU whose last `QUICK_RUNS` runs each took under `inline_run_s`
 (200 us by default) runs on the caller's thread instead (`quick`), batches no bigger
-than the largest run of that streak; one slow run sends it back to its thread until
+than the largest of its last 32-64 runs; one slow run sends it back to its thread until
 `QUICK_RUNS` quick runs there again. The streak is counted as runs end, so asking costs
-two attribute reads per batch. A GPU session always keeps its thread (a device
+a few attribute reads per batch. A GPU session always keeps its thread (a device
 can hang), as does any session with `inline_run_s` 0.
 """
 
@@ -95,11 +95,13 @@ class Runtime:
         self.batches = 0
         self.inline_run_s = inline_run_s  # inline runs (the module docstring): the CPU provider only
         # The verdict `quick` reads, kept as runs end: how many runs in a row were quick
-        # (under inline_run_s of CPU and ten times that of wall time) and the most rows
-        # one of them had. Either thread may update them; a lost update only delays the
-        # verdict by a run.
+        # (under inline_run_s of CPU and ten times that of wall time), and the most rows
+        # one of them had in this block of QUICK_RUNS runs and in the block before (so
+        # the evidence is the last 32-64 runs: the warm-up's max-size batch drops out).
+        # Either thread may update them; a lost update only delays the verdict by a run.
         self._quick_streak = 0
-        self._quick_rows = 0
+        self._rows_now = 0
+        self._rows_before = 0
         self.inline_batches = 0
 
     @property
@@ -126,9 +128,11 @@ class Runtime:
         limit = self.inline_run_s
         if spent < limit and ended - started < 10 * limit:
             self._quick_streak += 1
-            self._quick_rows = max(self._quick_rows, len(matrix))
+            self._rows_now = max(self._rows_now, len(matrix))
+            if self._quick_streak % QUICK_RUNS == 0:
+                self._rows_before, self._rows_now = self._rows_now, 0
         else:
-            self._quick_streak = self._quick_rows = 0
+            self._quick_streak = self._rows_now = self._rows_before = 0
         return scores, spent
 
     def quick(self, rows: int) -> bool:
@@ -140,7 +144,7 @@ class Runtime:
             self.inline_run_s <= 0 or self.placement.device != "cpu"
         ):  # a device can hang: a GPU session keeps its thread
             return False
-        return self._quick_streak >= QUICK_RUNS and rows <= self._quick_rows
+        return self._quick_streak >= QUICK_RUNS and rows <= max(self._rows_before, self._rows_now)
 
     def score_inline(self, matrix: np.ndarray) -> tuple[np.ndarray, float]:
         """`score` on the caller's thread (the server asks `quick` first)."""

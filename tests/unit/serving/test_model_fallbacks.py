@@ -686,3 +686,16 @@ def test_the_cache_keeps_a_versions_scores_apart_by_the_precision_it_ran_at() ->
     assert cache.get("buys", 1, "fp32", rows) == [0.25, 0.75]
     assert cache.get("buys", 1, "int8", rows) is None
     assert cache.get("buys", 2, "fp32", rows) is None
+
+
+def test_the_warm_up_batch_does_not_let_batches_that_large_run_on_the_loop(repo: DemoRepo) -> None:
+    """Inline batches are bounded by the recent runs (the last 32-64), not by every run of
+    the streak: the warm-up's max-size batch must drop out of that evidence."""
+    from serving.models.runtime import QUICK_RUNS
+
+    with serve(repo, inline_run_us=1_000_000) as client:  # every run is quick
+        runtime = server_of(client).routes["buys"].loaded.runtime
+        for _ in range(2 * QUICK_RUNS):
+            client.post("/predict", json={"model": "buys", "entities": [1, 2]})
+        assert runtime.quick(2)
+        assert not runtime.quick(3)  # the warm-up ran max_batch_rows; recent runs had 2 rows
