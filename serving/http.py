@@ -9,6 +9,10 @@ request is answered 431 and the connection closed, as nginx and Node answer one.
 header line that never ends reaches no callback at all (httptools buffers it), so the
 bytes read while a head is incomplete are bounded too (`MAX_RAW_HEAD_BYTES`).
 
+A connection's last answer (that 431, or uvicorn's 400 for a request it cannot parse)
+waits for the answers of the requests pipelined before it: written at once, it reached
+the client ahead of them and was read as the first one's answer.
+
     uvicorn.run(app, http=BoundedHeadProtocol, loop="uvloop")
 """
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + header names and values; nginx's default is 4 x 8 KiB
 # Bytes read while a head is still incomplete. httptools holds a header's name or value
@@ -43,6 +47,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._raw_head_bytes = 0
         self._in_head = False
         self._refused = False
+        self._last_answer = b""  # a closing answer held until earlier requests are answered
 
     def on_message_begin(self) -> None:
         self._head_bytes = self._raw_head_bytes = 0
@@ -74,8 +79,34 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _refuse(self) -> None:
         if not self._refused:
             self._refused = True
-            self.transport.write(_ANSWER_431)
-            self.transport.close()
+            self._answer_and_close(_ANSWER_431)
+
+    def _answer_and_close(self, answer: bytes) -> None:
+        """Write a connection's last answer now, or once every request pipelined before it
+        is answered (`answer_held`); nothing more is read either way."""
+        if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
+            self._last_answer = answer
+            self._refused = True  # later reads are dropped
+            self.flow.pause_reading()
+            return
+        self.transport.write(answer)
+        self.transport.close()
+
+    def answer_held(self) -> bool:
+        """After an answer: the held last answer goes out once no earlier request is left;
+        True when it did (the connection is closing)."""
+        if not self._last_answer or self.pipeline or self.transport.is_closing():
+            return False
+        self.transport.write(self._last_answer)
+        self._last_answer = b""
+        self.transport.close()
+        return True
+
+    def on_response_complete(self) -> None:
+        if self.answer_held():
+            self.server_state.total_requests += 1
+            return
+        super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -89,4 +120,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if self._refused:
             return  # the parser error is our HeadTooLarge: the 431 went out already
-        super().send_400_response(msg)
+        content = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            content.extend((name, b": ", value, b"\r\n"))
+        body = msg.encode("ascii", "replace")
+        content.extend((b"content-type: text/plain; charset=utf-8\r\ncontent-length: ", str(len(body)).encode(),
+                        b"\r\nconnection: close\r\n\r\n", body))  # fmt: skip
+        self._refused = True
+        self._answer_and_close(b"".join(content))

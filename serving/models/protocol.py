@@ -96,9 +96,10 @@ class PredictProtocol(BoundedHeadProtocol):
             self._arm_keep_alive()
 
     def on_response_complete(self) -> None:
-        # uvicorn's, with the lazy timer: count, resume reading, start a pipelined request or fall idle.
+        # uvicorn's, with the lazy timer: count, send a held last answer, resume reading, start a
+        # pipelined request or fall idle.
         self.server_state.total_requests += 1
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self.answer_held():
             return
         self.flow.resume_reading()
         if self.pipeline:

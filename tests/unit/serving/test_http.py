@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -18,16 +19,24 @@ from tests.processes import free_port
 async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
+    if scope["path"] == "/slow":  # an answer that takes a while, for pipelining
+        await asyncio.sleep(0.3)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"slow"})
+        return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-@pytest.fixture
-def port() -> Iterator[int]:
+@pytest.fixture(params=["bounded", "predict"])
+def port(request: pytest.FixtureRequest) -> Iterator[int]:
     import uvicorn
 
+    from serving.models.protocol import PredictProtocol
+
+    protocol = BoundedHeadProtocol if request.param == "bounded" else PredictProtocol
     chosen = free_port()
-    config = uvicorn.Config(hello, host="127.0.0.1", port=chosen, http=BoundedHeadProtocol, log_level="error",
+    config = uvicorn.Config(hello, host="127.0.0.1", port=chosen, http=protocol, log_level="error",
                             lifespan="off")  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -95,3 +104,32 @@ def test_one_header_line_that_never_ends_is_bounded_too(port: int, prefix: bytes
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 431 "), (sent, answer[:80])
     assert sent < 8 * MAX_RAW_HEAD_BYTES  # the server closed the connection long before
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    answer = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("bad", ["oversized", "malformed"])
+def test_a_closing_answer_waits_for_the_requests_pipelined_before_it(port: int, bad: str) -> None:
+    """A 431 (or the 400 for a request that cannot be parsed) went out at once, ahead of
+    the answers still due to requests pipelined before it: the client read it as the
+    first request's answer. It now follows them, and the connection closes after it."""
+    line = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+    if bad == "oversized":
+        last = b"GET / HTTP/1.1\r\nHost: t\r\n" + line * (MAX_HEAD_BYTES // len(line) + 2) + b"\r\n"
+    else:
+        last = b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: nope\r\n\r\n"
+    pipelined = b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n" + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n" + last
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(pipelined)
+        answer = read_until_closed(sock)
+    statuses = [part.split(b"\r\n", 1)[0] for part in answer.split(b"HTTP/1.1 ")[1:]]
+    expected = b"431" if bad == "oversized" else b"400"
+    assert [status[:3] for status in statuses] == [b"200", b"200", expected], answer
+    assert answer.index(b"slow") < answer.index(b"\r\n\r\nok") < answer.index(b"HTTP/1.1 " + expected)
