@@ -12,7 +12,8 @@ from schemas.source_location import SourceLocation, caller_location
 @dataclass(frozen=True, init=False)
 class Source:
     """Where events of one schema live: a Kafka `topic` (stream) and a Delta `table`
-    (offline). Both default to the source's name.
+    (offline). Both default to the source's name, and each is one source's alone (a
+    source reads all of its topic and table; several views may share one source).
 
     `allowed_lateness` bounds how far behind the stream's watermark an event may arrive
     and still be applied; older events go to the late topic. The watermark follows the

@@ -143,6 +143,17 @@ class _Compiler:
             except ValueError as error:
                 self.report(source.location, subject, f"{option}: {error}")
                 ok = False
+        for other in self.sources.values():
+            for what, mine, theirs in (("topic", source.topic, other.topic), ("table", source.table, other.table)):
+                if mine == theirs:
+                    self.report(
+                        source.location,
+                        subject,
+                        f"{what} `{mine}` is source `{other.name}`'s too: each source reads all of its {what}, so "
+                        f"an event would count in both sources' views or be dead-lettered by the other's schema. "
+                        f"Define one source and several views over it, or give each source its own {what}",
+                    )
+                    ok = False
         if not ok:
             return None
         spec = SourceSpec(

@@ -534,3 +534,42 @@ def test_latest_and_storage_mistakes_are_reported_together() -> None:
         "Latest(amount) takes no window (it is the newest value however old); "
         "for the newest value inside a window use Last('amount', windows=[...])",
     ]
+
+
+def test_two_sources_on_one_topic_or_table_are_refused() -> None:
+    """Each source reads all of its topic and table: a second source over the same one
+    counted every event the two schemas both accept in both sources' views, and
+    dead-lettered the rest under the other's schema."""
+    views = []
+    for source in (TX, Source("refunds", TRANSACTIONS, topic="transactions", table="refunds"),
+                   Source("chargebacks", TRANSACTIONS, topic="chargebacks", table="transactions")):  # fmt: skip
+
+        @feature_view(entity=USER, source=source, aggregations=[Count(windows=["1h"])], name=f"{source.name}_count")
+        def counted(tx: pd.DataFrame) -> pd.DataFrame:
+            return tx[[]]
+
+        views.append(counted)
+    with pytest.raises(CompileError) as raised:
+        compile_definitions("p", views=views)
+    assert [(p.subject, p.message) for p in raised.value.problems] == [
+        (
+            "source `refunds`",
+            "topic `transactions` is source `transactions`'s too: each source reads all of its topic, so an event "
+            "would count in both sources' views or be dead-lettered by the other's schema. Define one source and "
+            "several views over it, or give each source its own topic",
+        ),
+        (
+            "source `chargebacks`",
+            "table `transactions` is source `transactions`'s too: each source reads all of its table, so an event "
+            "would count in both sources' views or be dead-lettered by the other's schema. Define one source and "
+            "several views over it, or give each source its own table",
+        ),
+    ]
+    # Each on its own topic and table compiles.
+    separate = Source("refunds", TRANSACTIONS)
+
+    @feature_view(entity=USER, source=separate, aggregations=[Count(windows=["1h"])])
+    def refund_count(tx: pd.DataFrame) -> pd.DataFrame:
+        return tx[[]]
+
+    assert len(compile_definitions("p", views=[views[0], refund_count]).sources) == 2
