@@ -182,6 +182,9 @@ class _Work:
     tenant: str = "default"  # as metrics name it (Tenants.label)
     canary: bool = False  # sticky by its first entity: the canary version scores it
     request_id: str | None = None  # for the logs of the batch that scores it
+    # The request's class as cost metrics name it: the queue's item may say otherwise (the
+    # no-shedding baseline queues every class as one).
+    priority: Priority = Priority.DEFAULT
 
 
 @dataclass(frozen=True)
@@ -796,6 +799,7 @@ class ModelServer:
                     self.tenants.label(tenant),
                     route.splits() and takes(entities[0], route.canary_spec.percent),  # type: ignore[union-attr]
                     REQUEST_ID.get(),
+                    priority,
                 ),
             )
         )
@@ -1020,9 +1024,9 @@ class ModelServer:
         self.guard.record(ONLINE_STORE, ok=True, seconds=self._clock() - began)
         return raws
 
-    def _cost_counters(self, loaded: Loaded, work: _Work, priority: Priority) -> tuple[Any, Any]:
+    def _cost_counters(self, loaded: Loaded, work: _Work) -> tuple[Any, Any]:
         key = (loaded.card.name, str(loaded.card.version), loaded.runtime.device, work.route, work.tenant,
-               priority.name.lower())  # fmt: skip
+               work.priority.name.lower())  # fmt: skip
         children = self._cost_children.get(key)
         if children is None:
             if len(self._cost_children) > 50_000:
@@ -1038,13 +1042,13 @@ class ModelServer:
         rate = self.costs.lookups_per_million / 1e6 * views
         if rate:
             for item in items:
-                self._cost_counters(loaded, item.payload, item.priority)[1].inc(item.rows * rate)
+                self._cost_counters(loaded, item.payload)[1].inc(item.rows * rate)
 
     def _charge_device(self, loaded: Loaded, items: list[Pending], spent: float) -> None:
         """A batch's device time, split over its requests by rows, and its price."""
         per_second = self.costs.device_hour(loaded.runtime.device) / 3600
         for item, share in zip(items, split_by_rows(spent, [item.rows for item in items]), strict=True):
-            device, dollars = self._cost_counters(loaded, item.payload, item.priority)
+            device, dollars = self._cost_counters(loaded, item.payload)
             device.inc(share)
             dollars.inc(share * per_second)
 

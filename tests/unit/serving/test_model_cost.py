@@ -102,3 +102,20 @@ def test_split_by_rows_and_the_rates_config() -> None:
         cost_rates({"costs": {"tpu_hour": 1}})
     with pytest.raises(ConfigError, match=r"model_server\.costs\.cpu_hour must be a price in USD"):
         cost_rates({"costs": {"cpu_hour": -1}})
+
+
+@pytest.mark.parametrize("shedding", [True, False])
+def test_cost_is_attributed_to_the_requests_class_with_or_without_shedding(repo: DemoRepo, shedding: bool) -> None:
+    """The no-shedding baseline queues every class as one FIFO class: its cost metrics
+    labelled every request `default`, so the bench's cost per class compared nothing."""
+    settings = ModelServerSettings(registry_dir=repo.settings.registry_dir, shedding=shedding)
+    with TestClient(create_model_app(settings, repo.store(), costs=RATES)) as client:
+        for priority, rows in (("critical", 2), ("sheddable", 4), ("critical", 2)):
+            body = {"model": "buys", "entities": list(range(1, rows + 1)), "priority": priority}
+            assert client.post("/predict", json=body).status_code == 200
+        text = client.get("/metrics").text
+    lookups = {labels["priority"]: v for labels, v in samples(text, "tenx_model_cost_dollars_total")}
+    assert sorted(lookups) == ["critical", "sheddable"]
+    device = {labels["priority"]: v for labels, v in samples(text, "tenx_model_cost_device_seconds_total")}
+    assert sorted(device) == ["critical", "sheddable"]
+    assert all(v > 0 for v in device.values())
