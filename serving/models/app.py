@@ -49,11 +49,13 @@ from serving.logs import REQUEST_ID, configure_logging, new_request_id
 from serving.models.admission import Rejected, TenantPolicy, Tenants
 from serving.models.batcher import Priority
 from serving.models.breaker import Breakers, BreakerSettings, BreakerState
+from serving.models.cost import CostRates
 from serving.models.metrics import ModelMetrics, exposition
 from serving.models.policies import Guard
 from serving.models.protocol import SCREENED
-from serving.models.server import Answer, CostRates, ModelServer, ModelServerSettings, describe
-from serving.models.server import Route as ModelRoute
+from serving.models.served import Answer, describe
+from serving.models.served import Route as ModelRoute
+from serving.models.server import ModelServer, ModelServerSettings
 
 MAX_BODY_BYTES = 1 << 20
 UNAUTHORIZED = "missing or wrong bearer token (Authorization: Bearer <token>)"

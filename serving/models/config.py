@@ -22,7 +22,7 @@ from featurestore.errors import ConfigError
 from serving.models.admission import TenantPolicy
 from serving.models.batcher import Priority
 from serving.models.breaker import BreakerSettings
-from serving.models.server import CostRates
+from serving.models.cost import CostRates
 
 T = TypeVar("T")
 _TENANT_KEYS = ("rate", "burst", "weight", "priority", "tier")

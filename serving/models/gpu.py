@@ -40,3 +40,10 @@ class GpuMonitor:
             metrics.gpu_utilization.labels(gpu).set(utilization.gpu / 100)
             metrics.gpu_memory_used.labels(gpu).set(memory.used)
             metrics.gpu_memory_total.labels(gpu).set(memory.total)
+
+
+class NoNvml:
+    """No GPU metrics (`--cpu`)."""
+
+    def nvmlInit(self) -> None:  # noqa: N802 - NVML's name
+        raise RuntimeError("the server runs on the CPU (--cpu)")

@@ -17,14 +17,12 @@ running finish on the session they started with.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import itertools
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ import numpy as np
 from featurestore.definitions.route import CACHE, rule_name
 from featurestore.definitions.route import Route as RouteSpec
 from featurestore.errors import TenxError, TransientError
-from featurestore.models import Canary, Deployment, ModelCard, ModelRegistry, SkewError, check_views
+from featurestore.models import Canary, Deployment, ModelRegistry, SkewError, check_views
 from featurestore.plan.model import Plan
 from featurestore.registry import FileRegistry
 from featurestore.stores.online import follow_project
@@ -52,11 +50,13 @@ from serving.models.admission import (
 from serving.models.batcher import Batch, Pending, Priority
 from serving.models.cache import PredictionCache
 from serving.models.canary import CanaryJudge, takes
-from serving.models.gpu import GpuMonitor
+from serving.models.cost import CostMeter, CostRates
+from serving.models.gpu import GpuMonitor, NoNvml
 from serving.models.metrics import ModelMetrics
 from serving.models.policies import ONLINE_STORE, AllowAll, Guard, runtime_dependency
-from serving.models.runtime import Runtime, place
-from serving.models.vectors import STATUS_NAMES, FeatureAssembler, Vectors
+from serving.models.runtime import Runtime, on_thread, place
+from serving.models.served import Answer, Counted, Loaded, PredictRequest, Route, ScoringFailed, Work, fail_future
+from serving.models.vectors import STATUS_NAMES, FeatureAssembler, Vectors, as_of_ms, slice_rows
 
 log = logging.getLogger("tenx.models")
 
@@ -94,145 +94,6 @@ class ModelServerSettings:
         )
 
 
-@dataclass(frozen=True)
-class Loaded:
-    """A deployed model version, warm and ready to score."""
-
-    card: ModelCard
-    deployment: Deployment
-    runtime: Runtime
-    assembler: FeatureAssembler
-    plan_version: str
-
-    @property
-    def served_by(self) -> str:
-        return self.card.ref
-
-    @property
-    def precision(self) -> str:
-        return self.runtime.precision.value
-
-
-@dataclass(frozen=True)
-class Answer:
-    served_by: str  # "buys@3", "cache:buys@3" or "rule:<function>"
-    scores: list[float | None]
-    status: list[str]
-    as_of_ms: list[int | None]
-    read_at_ms: int | None  # when the batch read the online store: age = read_at_ms - as_of_ms
-    queued_s: float
-    loaded: Loaded | None = None  # the model that scored (or whose cache answered); None for a rule
-    degraded: bool = False  # a fallback answered because the step before it could not
-    reason: str | None = None  # why, when degraded: "buys: circuit open", ...
-
-
-class ScoringFailed(TransientError):
-    """A batch's lookup or inference failed for one request; carries what the fallback
-    steps can use (the vectors, when the lookup had succeeded)."""
-
-    def __init__(
-        self, message: str, *, loaded: Loaded | None, vectors: np.ndarray | None, rows: Vectors | None
-    ) -> None:
-        super().__init__(message)
-        self.loaded = loaded
-        self.matrix = vectors
-        self.vectors = rows
-
-
-@dataclass
-class Route:
-    """One served model: its lane (queue, admission, batch limit) and what is loaded."""
-
-    name: str
-    lane: Lane
-    loaded: Loaded | None = None
-    problem: str | None = None  # why it cannot serve (skew, a failed load); None when fine
-    failed: tuple[Deployment, str] | None = None  # the (deployment, plan) whose load failed last
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    slots: asyncio.Semaphore | None = None
-    cache_ttl_s: float | None = None  # set when a route caches this model's answers
-    canary: Loaded | None = None  # a canary version, warm, beside `loaded`
-    canary_spec: Canary | None = None
-    canary_plan: str | None = None  # the plan `canary_spec` was last loaded (or tried) under
-    judge: CanaryJudge | None = None
-
-    @property
-    def queue(self) -> Any:
-        return self.lane.queue
-
-    def splits(self) -> bool:
-        """Whether some requests go to the canary now (not in shadow mode)."""
-        return self.canary is not None and self.canary_spec is not None and not self.canary_spec.shadow
-
-
-@dataclass(frozen=True)
-class _Counted:
-    lookup: Any
-    batch_rows: Any
-    predictions: Any
-    queue_wait: Any
-    entities: tuple[Any, ...]  # by status code
-
-
-@dataclass(frozen=True)
-class _Work:
-    entities: Sequence[Any]
-    future: asyncio.Future[Answer]
-    route: str = ""  # the route the client asked for (cost attribution); the model's name when empty
-    tenant: str = "default"  # as metrics name it (Tenants.label)
-    canary: bool = False  # sticky by its first entity: the canary version scores it
-    request_id: str | None = None  # for the logs of the batch that scores it
-    # The request's class as cost metrics name it: the queue's item may say otherwise (the
-    # no-shedding baseline queues every class as one).
-    priority: Priority = Priority.DEFAULT
-
-
-@dataclass(frozen=True)
-class CostRates:
-    """What device time and lookups cost, from tenx.yaml (`model_server.costs`)."""
-
-    cpu_hour: float = 0.04  # USD per CPU-hour (one core)
-    gpu_hour: float = 2.50  # USD per GPU-hour
-    lookups_per_million: float = 0.02  # USD per million online-store reads (one per entity)
-
-    def device_hour(self, device: str) -> float:
-        return self.cpu_hour if device == "cpu" else self.gpu_hour
-
-
-def split_by_rows(total: float, rows: Sequence[int]) -> list[float]:
-    """`total` shared out in proportion to `rows` (a batch's device time over its requests).
-
-    >>> split_by_rows(1.0, [1, 3])
-    [0.25, 0.75]
-    """
-    count = sum(rows)
-    return [total * r / count for r in rows] if count else [0.0 for _ in rows]
-
-
-@dataclass(frozen=True)
-class PredictRequest:
-    """A request as routing functions and rules see it (featurestore.RouteRequest)."""
-
-    route: str
-    entities: Sequence[Any]
-    priority_class: Priority
-    tenant: str
-    tier: str
-    context: Mapping[str, Any]
-    server: ModelServer
-
-    @property
-    def priority(self) -> str:
-        return self.priority_class.name.lower()
-
-    def queued_rows(self, model: str) -> int:
-        served = self.server.routes.get(model)
-        return served.lane.queue.rows() if served is not None else 0
-
-    def circuit_open(self, model: str) -> bool:
-        return not self.server.guard_open(runtime_dependency(model))
-
-
 class ModelServer:
     def __init__(
         self,
@@ -254,11 +115,10 @@ class ModelServer:
         self.specs: dict[str, RouteSpec] = dict(routes or {})
         self.tenants = tenants or Tenants(clock=clock)
         self.cache = PredictionCache(clock=clock)
-        self.costs = costs or CostRates()
-        self._cost_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self.cost = CostMeter(self.metrics, costs or CostRates())
         self._shed_children: dict[tuple[str, str, Priority, str], Any] = {}
         self.pressure = LoopPressure(target_s=settings.loop_lag_target_ms / 1000, busy_target=settings.loop_busy_target)
-        self.gpus = GpuMonitor() if settings.prefer_gpu else GpuMonitor(nvml=_NoNvml())
+        self.gpus = GpuMonitor() if settings.prefer_gpu else GpuMonitor(nvml=NoNvml())
         self.models = ModelRegistry(settings.registry_dir / "models")
         self.plans = FileRegistry(settings.registry_dir)
         self.routes: dict[str, Route] = {}
@@ -266,7 +126,7 @@ class ModelServer:
         self._clock = clock
         self._wall = wall
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._children: dict[tuple[str, int], _Counted] = {}
+        self._children: dict[tuple[str, int], Counted] = {}
         self._providers: list[str] = []
         self.started = False
         self.faulted: frozenset[str] = frozenset()  # models failing by the fault file's order
@@ -734,7 +594,7 @@ class ModelServer:
             f"cache:{loaded.served_by}",
             scores,
             [STATUS_NAMES[s] for s in vectors.status.tolist()],
-            _as_of_ms(vectors.as_of_us),
+            as_of_ms(vectors.as_of_us),
             None,
             self._clock() - began,
             loaded,
@@ -792,7 +652,7 @@ class ModelServer:
                 priority=priority,
                 enqueued=now,
                 tenant=tenant,
-                payload=_Work(
+                payload=Work(
                     entities,
                     future,
                     route_name or route.name,
@@ -804,7 +664,7 @@ class ModelServer:
             )
         )
         for item in evicted:
-            _fail(
+            fail_future(
                 item.payload.future,
                 Rejected(f"shed to make room for critical work on `{route.name}`; retry later", reason=EVICTED),
             )
@@ -827,7 +687,9 @@ class ModelServer:
             if not len(route.queue):
                 route.wake.clear()
             for item in batch.expired:
-                _fail(item.payload.future, DeadlineExceeded("deadline passed while queued; the request was dropped"))
+                fail_future(
+                    item.payload.future, DeadlineExceeded("deadline passed while queued; the request was dropped")
+                )
             if not batch.items:
                 route.lane.finished(0, 0.0)
                 route.slots.release()
@@ -842,7 +704,7 @@ class ModelServer:
             if loaded is None:  # unloaded (or found skewed) while these waited: their routes' fallbacks answer
                 problem = route.problem or f"model `{route.name}` is not loaded"
                 for item in batch.items:
-                    _fail(item.payload.future, ScoringFailed(problem, loaded=None, vectors=None, rows=None))
+                    fail_future(item.payload.future, ScoringFailed(problem, loaded=None, vectors=None, rows=None))
                 return
             canary = route.canary
             if canary is None:
@@ -908,7 +770,7 @@ class ModelServer:
         try:
             requests = loaded.assembler.requests(entities)
             raws = await self._read(requests)
-            self._charge_lookups(loaded, items, len(requests))
+            self.cost.charge_lookups(loaded, items, len(requests))
             looked_up = self._clock()
             read_at = int(self._wall() * 1_000_000)
             vectors = loaded.assembler.assemble(raws, read_at)
@@ -917,7 +779,9 @@ class ModelServer:
                 # Every caller's deadline passed during the lookup: they were answered 504
                 # already, and a run now would only take the model from live batches.
                 for item in items:
-                    _fail(item.payload.future, DeadlineExceeded("the deadline passed before the request was scored"))
+                    fail_future(
+                        item.payload.future, DeadlineExceeded("the deadline passed before the request was scored")
+                    )
                 self.metrics.dead_batches.labels(loaded.card.name).inc()
                 return True
             timeout = min(latest, self.settings.inference_timeout_ms / 1000)
@@ -935,18 +799,18 @@ class ModelServer:
             offset = 0
             for item in items:
                 end = offset + item.rows
-                _fail(
+                fail_future(
                     item.payload.future,
                     ScoringFailed(
                         str(error),
                         loaded=loaded,
                         vectors=vectors.matrix[offset:end] if vectors is not None else None,
-                        rows=_slice(vectors, offset, end) if vectors is not None else None,
+                        rows=slice_rows(vectors, offset, end) if vectors is not None else None,
                     ),
                 )
                 offset = end
             return False
-        self._charge_device(loaded, items, spent)
+        self.cost.charge_device(loaded, items, spent)
         if route.cache_ttl_s is not None:
             card = loaded.card
             self.cache.put(card.name, card.version, loaded.precision, vectors.matrix, scores, route.cache_ttl_s)
@@ -963,7 +827,7 @@ class ModelServer:
             status_list = [STATUS_NAMES[0]] * len(entities)
         else:
             status_list = [STATUS_NAMES[s] for s in vectors.status.tolist()]
-        as_of_list = _as_of_ms(vectors.as_of_us)
+        as_of_list = as_of_ms(vectors.as_of_us)
         read_at_ms = read_at // 1000
         served_by = loaded.served_by
         offset = 0
@@ -993,13 +857,13 @@ class ModelServer:
             self.metrics.canary_requests.labels(route.name, _side(side), "ok").inc(len(items))
         return True
 
-    def _counted(self, name: str, version: int) -> _Counted:
+    def _counted(self, name: str, version: int) -> Counted:
         """The metric children of one model version (`labels()` costs as much as an update)."""
         key = (name, version)
         counted = self._children.get(key)
         if counted is None:
             metrics = self.metrics
-            counted = self._children[key] = _Counted(
+            counted = self._children[key] = Counted(
                 lookup=metrics.lookup_seconds.labels(name),
                 batch_rows=metrics.batch_rows.labels(name),
                 predictions=metrics.predictions.labels(name, str(version)),
@@ -1023,34 +887,6 @@ class ModelServer:
             raise
         self.guard.record(ONLINE_STORE, ok=True, seconds=self._clock() - began)
         return raws
-
-    def _cost_counters(self, loaded: Loaded, work: _Work) -> tuple[Any, Any]:
-        key = (loaded.card.name, str(loaded.card.version), loaded.runtime.device, work.route, work.tenant,
-               work.priority.name.lower())  # fmt: skip
-        children = self._cost_children.get(key)
-        if children is None:
-            if len(self._cost_children) > 50_000:
-                self._cost_children.clear()
-            children = self._cost_children[key] = (
-                self.metrics.cost_device_seconds.labels(*key),
-                self.metrics.cost_dollars.labels(key[0], key[1], key[3], key[4], key[5]),
-            )
-        return children
-
-    def _charge_lookups(self, loaded: Loaded, items: list[Pending], views: int) -> None:
-        """Each request's online-store reads (one per entity and view), at the lookup rate."""
-        rate = self.costs.lookups_per_million / 1e6 * views
-        if rate:
-            for item in items:
-                self._cost_counters(loaded, item.payload)[1].inc(item.rows * rate)
-
-    def _charge_device(self, loaded: Loaded, items: list[Pending], spent: float) -> None:
-        """A batch's device time, split over its requests by rows, and its price."""
-        per_second = self.costs.device_hour(loaded.runtime.device) / 3600
-        for item, share in zip(items, split_by_rows(spent, [item.rows for item in items]), strict=True):
-            device, dollars = self._cost_counters(loaded, item.payload)
-            device.inc(share)
-            dollars.inc(share * per_second)
 
     async def _infer(
         self, loaded: Loaded, vectors: Vectors, *, timeout_s: float, canary: bool = False
@@ -1082,7 +918,7 @@ class ModelServer:
                 if runtime.quick(len(matrix)):  # cheaper here than the hand-off (serving/models/runtime.py)
                     scores, spent = runtime.score_inline(matrix)
                 else:
-                    scores, spent = await _on_thread(runtime.submit(matrix), timeout_s)
+                    scores, spent = await on_thread(runtime.submit(matrix), timeout_s)
             except TimeoutError:
                 if timeout_s >= self.settings.inference_timeout_ms / 4000:  # a fair chance: the model's doing
                     self.guard.record(dependency, ok=False, seconds=self._clock() - began)
@@ -1139,28 +975,6 @@ class ModelServer:
         return found
 
 
-def _as_of_ms(as_of_us: np.ndarray) -> list[int | None]:
-    """as_of in ms per row, None where a view had no value: once per batch in numpy."""
-    as_of_ms: list[int | None] = (as_of_us // 1000).tolist()
-    missing = as_of_us < 0
-    if missing.any():
-        for row in np.flatnonzero(missing).tolist():
-            as_of_ms[row] = None
-    return as_of_ms
-
-
-def _slice(vectors: Vectors, start: int, end: int) -> Vectors:
-    return Vectors(vectors.matrix[start:end], vectors.status[start:end], vectors.as_of_us[start:end],
-                   vectors.scored[start:end])  # fmt: skip
-
-
-class _NoNvml:
-    """No GPU metrics (`--cpu`)."""
-
-    def nvmlInit(self) -> None:  # noqa: N802 - NVML's name
-        raise RuntimeError("the server runs on the CPU (--cpu)")
-
-
 def _side(canary: bool) -> str:
     return "canary" if canary else "baseline"
 
@@ -1170,70 +984,4 @@ def _source(served_by: str) -> str:
     return served_by.rsplit("@", 1)[0]
 
 
-async def _on_thread(submitted: concurrent.futures.Future[Any], timeout_s: float) -> Any:
-    """The result of work running on another thread, or TimeoutError after `timeout_s`
-    (the work goes on; nothing waits for it). What `wait_for(shield(wrap_future(f)))`
-    does, in one hand-off to the loop instead of four chained futures: under load each
-    hand-off waits a whole turn of a busy loop (measured: 58 -> 25 us of loop CPU and
-    138 -> 98 us from submit to result, idle)."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[Any] = loop.create_future()
-
-    def settle(done: concurrent.futures.Future[Any]) -> None:
-        if waiter.done():
-            return
-        if done.cancelled():
-            waiter.set_exception(ModelUnavailable("the model's run was cancelled"))
-        elif (error := done.exception()) is not None:
-            waiter.set_exception(error)
-        else:
-            waiter.set_result(done.result())
-
-    def expire() -> None:
-        if not waiter.done():
-            waiter.set_exception(TimeoutError())
-
-    def relay(done: concurrent.futures.Future[Any]) -> None:  # on the runtime's thread
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-            loop.call_soon_threadsafe(settle, done)
-
-    submitted.add_done_callback(relay)
-    timer = loop.call_later(timeout_s, expire)
-    try:
-        return await waiter
-    finally:
-        timer.cancel()
-
-
-def _fail(future: asyncio.Future[Any], error: Exception) -> None:
-    if not future.done():
-        future.set_exception(error)
-
-
-def describe(route: Route) -> dict[str, Any]:
-    loaded = route.loaded
-    data: dict[str, Any] = {"model": route.name, "ready": loaded is not None, "problem": route.problem}
-    if loaded is not None:
-        data.update(
-            version=loaded.card.version,
-            precision=loaded.runtime.precision.value,
-            device=loaded.runtime.device,
-            features=loaded.card.feature_references,
-            # runs on the event loop: quick CPU runs cost less there than the hand-off to the model's thread
-            batches={"run": loaded.runtime.batches, "inline": loaded.runtime.inline_batches},
-            queued_rows=route.queue.rows(),
-            admission=route.lane.snapshot(),
-        )
-    spec = route.canary_spec
-    if spec is not None:
-        data["canary"] = {
-            "version": spec.version,
-            "percent": spec.percent,
-            "shadow": spec.shadow,
-            "limits": spec.limits.__dict__,
-            "comparison": route.judge.comparison() if route.judge is not None else "judged",
-        }
-    return data
-
-
-__all__ = ["Answer", "Loaded", "ModelServer", "ModelServerSettings", "Priority", "Route", "describe"]
+__all__ = ["ModelServer", "ModelServerSettings"]

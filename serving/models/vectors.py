@@ -100,3 +100,19 @@ class FeatureAssembler:
         if self.card.on_stale is StalePolicy.REFUSE:
             scored &= ~any_stale
         return Vectors(matrix=matrix, status=status, as_of_us=oldest, scored=scored)
+
+
+def as_of_ms(as_of_us: np.ndarray) -> list[int | None]:
+    """as_of in ms per row, None where a view had no value: once per batch in numpy."""
+    as_of_ms: list[int | None] = (as_of_us // 1000).tolist()
+    missing = as_of_us < 0
+    if missing.any():
+        for row in np.flatnonzero(missing).tolist():
+            as_of_ms[row] = None
+    return as_of_ms
+
+
+def slice_rows(vectors: Vectors, start: int, end: int) -> Vectors:
+    """Rows `start` to `end` of a batch's vectors (one request's share)."""
+    return Vectors(vectors.matrix[start:end], vectors.status[start:end], vectors.as_of_us[start:end],
+                   vectors.scored[start:end])  # fmt: skip

@@ -14,7 +14,8 @@ from featurestore.errors import ConfigError
 from serving.models import ModelServerSettings, create_model_app
 from serving.models.batcher import Pending, Priority
 from serving.models.config import cost_rates
-from serving.models.server import CostRates, _Work, split_by_rows
+from serving.models.cost import CostRates, split_by_rows
+from serving.models.served import Work
 from tests.model_repo import DemoRepo, build_demo_repo, with_two_models
 
 RATES = CostRates(cpu_hour=3.6, gpu_hour=36.0, lookups_per_million=1.0)  # 0.001 USD per CPU-second
@@ -82,10 +83,10 @@ def test_a_batch_shared_by_two_tenants_is_split_in_proportion_to_rows(repo: Demo
         loaded = server.routes["buys"].loaded
         items = [
             Pending(deadline=1e9, rows=rows, priority=Priority.DEFAULT, tenant=tenant,
-                    payload=_Work([], None, "buys", tenant))  # type: ignore[arg-type]
+                    payload=Work([], None, "buys", tenant))  # type: ignore[arg-type]
             for tenant, rows in (("small", 1), ("big", 3))
         ]  # fmt: skip
-        server._charge_device(loaded, items, 2.0)
+        server.cost.charge_device(loaded, items, 2.0)
         text = client.get("/metrics").text
     small = total(text, "tenx_model_cost_device_seconds_total", tenant="small")
     big = total(text, "tenx_model_cost_device_seconds_total", tenant="big")
