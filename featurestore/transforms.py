@@ -113,16 +113,16 @@ def prepare_events(view: ViewSpec, events: Any) -> Any:
 def _as_plain_pandas(frame: Any) -> Any:
     """`frame` with its pandas nullable int columns as `to_pandas` makes them (a
     shallow copy), or `frame` itself when it has none (cuDF frames included)."""
-    import numpy as np
     import pandas as pd
+    from pandas.api.extensions import ExtensionDtype
 
     if not isinstance(frame, pd.DataFrame):
         return frame
-    signed = (pd.Int8Dtype, pd.Int16Dtype, pd.Int32Dtype, pd.Int64Dtype)
-    nullable_ints = (*signed, pd.UInt8Dtype, pd.UInt16Dtype, pd.UInt32Dtype, pd.UInt64Dtype)
-    # "Int64" -> int64, "UInt8" -> uint8: the numpy type of a column without nulls
+    # Int64 -> int64, UInt8 -> uint8: the numpy type of such a column without nulls
     exact = {
-        name: np.dtype(str(dtype).lower()) for name, dtype in frame.dtypes.items() if isinstance(dtype, nullable_ints)
+        name: dtype.numpy_dtype
+        for name, dtype in frame.dtypes.items()
+        if isinstance(dtype, ExtensionDtype) and dtype.kind in "iu" and hasattr(dtype, "numpy_dtype")
     }
     if not exact:
         return frame
