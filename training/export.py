@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +53,15 @@ class ExportSummary:
     output: str | None
     columns: tuple[str, ...] = field(default=())
     max_age: int | None = None  # microseconds: values older than this at the label time were blanked
+    feature_columns: dict[str, str] = field(default_factory=dict)  # view:feature -> its column in the output
 
     def manifest(self) -> dict[str, Any]:
         return {
             "plan_version": self.plan_version,
             "features": list(self.features),
+            # Where each feature is: `tenx train` reads exactly these columns, never a label
+            # column that happens to carry a feature-like name (an earlier export's).
+            "feature_columns": self.feature_columns,
             "max_age_us": self.max_age,  # `tenx train` hands it to the card: the server blanks the same values
             "label_rows_in": self.rows_in,
             "label_rows_out": self.rows_out,
@@ -98,8 +102,10 @@ def parse_features(plan: Plan, references: Sequence[str]) -> list[_ViewRequest]:
     return [_ViewRequest(plan.view(name), tuple(names)) for name, names in grouped.items()]
 
 
-def read_labels(source: Path | pa.Table | Any) -> pa.Table:
-    """Labels from a Parquet/CSV file, an Arrow table, or a pandas/polars DataFrame."""
+def read_labels(source: Path | pa.Table | Any, *, column_types: Mapping[str, pa.DataType] | None = None) -> pa.Table:
+    """Labels from a Parquet/CSV file, an Arrow table, or a pandas/polars DataFrame.
+    `column_types`: the types of a CSV's columns that must not be inferred (string
+    entity keys: ids of digits only read as int64 otherwise)."""
     if isinstance(source, pa.Table):
         return source
     if isinstance(source, str | Path):
@@ -111,7 +117,10 @@ def read_labels(source: Path | pa.Table | Any) -> pa.Table:
         if path.suffix == ".csv":
             import pyarrow.csv as pacsv
 
-            return pacsv.read_csv(path)
+            try:
+                return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=column_types))
+            except pa.ArrowInvalid as error:
+                raise LabelError(f"label file {path}: {error}") from None
         raise LabelError(f"label file {path}: expected .parquet or .csv")
     if hasattr(source, "to_arrow"):  # polars
         return source.to_arrow()
@@ -137,7 +146,23 @@ def _with_key_types(labels: pa.Table, requests: list[_ViewRequest]) -> pa.Table:
     return labels
 
 
-def _check_labels(labels: pa.Table, requests: list[_ViewRequest], time_column: str) -> None:
+def feature_column(view: str, feature: str, *, views: int, label_columns: Sequence[str]) -> str:
+    """A feature's column in the output: its name, or `view__name` when several views
+    are exported or a label column has the name."""
+    return f"{view}__{feature}" if views > 1 or feature in label_columns else feature
+
+
+def _added_columns(requests: list[_ViewRequest], label_columns: Sequence[str], max_age: int | None) -> list[str]:
+    """Every column the export adds to the labels, in order."""
+    added = []
+    for request in requests:
+        view = request.view.name
+        added += [feature_column(view, n, views=len(requests), label_columns=label_columns) for n in request.names]
+        added += [f"{view}__as_of", f"{view}__status", *([f"{view}__stale"] if max_age is not None else [])]
+    return added
+
+
+def _check_labels(labels: pa.Table, requests: list[_ViewRequest], time_column: str, max_age: int | None = None) -> None:
     if labels.num_rows == 0:
         raise LabelError("the label table is empty; nothing to export")
     names = labels.column_names
@@ -169,6 +194,14 @@ def _check_labels(labels: pa.Table, requests: list[_ViewRequest], time_column: s
             raise LabelError(f"label column `{key}` has {labels.column(key).null_count} null entity keys")
     if labels.column(time_column).null_count:
         raise LabelError(f"label column `{time_column}` has {labels.column(time_column).null_count} null times")
+    clashes = [name for name in _added_columns(requests, names, max_age) if name in names]
+    if clashes:
+        # Two columns of one name: the Parquet file could not be read back by name, and
+        # pandas kept only one of them.
+        raise LabelError(
+            f"label column(s) {', '.join(f'`{c}`' for c in clashes)} have the name of a column the export adds "
+            "(an earlier export's output?): drop or rename them in the labels"
+        )
 
 
 def export_training_set(
@@ -192,8 +225,15 @@ def export_training_set(
     """
     began = time.perf_counter()
     requests = parse_features(plan, features)
-    table = _with_key_types(read_labels(labels), requests)
-    _check_labels(table, requests, time_column)
+    # A string key keeps its digits as written (`007`); an int key is still inferred, so
+    # a wrong one is named by _check_labels.
+    keys = {
+        r.view.entity_key: pa.string()
+        for r in requests
+        if pa.types.is_string(r.view.changelog_schema().field(r.view.entity_key).type)
+    }
+    table = _with_key_types(read_labels(labels, column_types=keys), requests)
+    _check_labels(table, requests, time_column, max_age)
     # Joined on UTC microseconds (a label time with nanosecond digits floored: it sees
     # what was known in its microsecond); returned as given (Europe/Paris stays so).
     at = table.schema.get_field_index(time_column)
@@ -250,6 +290,11 @@ def export_training_set(
         output=str(out) if out is not None else None,
         columns=columns,
         max_age=max_age,
+        feature_columns={
+            f"{r.view.name}:{n}": feature_column(r.view.name, n, views=len(requests), label_columns=table.column_names)
+            for r in requests
+            for n in r.names
+        },
     )
     if out is not None:
         Path(f"{out}.manifest.json").write_text(json.dumps(summary.manifest(), indent=2) + "\n")
@@ -380,7 +425,7 @@ def _view_queries(
     selects: list[str] = []
     columns: list[tuple[str, Any, pa.DataType | None]] = []
     for name in request.names:
-        column = f"{view.name}__{name}" if views > 1 or name in labels.column_names else name
+        column = feature_column(view.name, name, views=views, label_columns=labels.column_names)
         feature = view.feature(name)
         selects.append(f'CASE WHEN m.__stale THEN NULL ELSE c."{name}" END AS "{column}"')
         fallback = empty_value(feature.kind, feature.dtype)

@@ -67,11 +67,21 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return data
 
 
-def feature_columns(features: list[str], columns: list[str]) -> list[str]:
-    """Where each `view:feature` sits in an exported file: `feature`, or `view__feature`
-    when several views (or a label column) share the name."""
+def feature_columns(features: list[str], columns: list[str], exported: dict[str, str] | None = None) -> list[str]:
+    """Where each `view:feature` sits in an exported file: the column its manifest names
+    (`exported`), or for a manifest without that, `view__feature` when there is such a
+    column, else `feature`."""
     found = []
     for reference in features:
+        if exported is not None:
+            column = exported.get(reference)
+            if column is None or column not in columns:
+                raise TrainingError(
+                    f"feature {reference} is not a column of the training set (its manifest says "
+                    f"{column!r}; columns: {columns}): export it again"
+                )
+            found.append(column)
+            continue
         view, _, name = reference.partition(":")
         for candidate in (f"{view}__{name}", name):
             if candidate in columns:
@@ -106,7 +116,7 @@ def train_model(
         )
     references: list[str] = manifest["features"]
     table = pq.read_table(training_set)
-    columns = feature_columns(references, table.column_names)
+    columns = feature_columns(references, table.column_names, manifest.get("feature_columns"))
     for name, what in ((label, "label"), (time_column, "time")):
         if name not in table.column_names:
             raise TrainingError(

@@ -342,3 +342,85 @@ def test_string_keys_from_pandas_3_and_polars_are_joined_as_strings() -> None:
         normalized = _with_key_types(labels, requests)
         assert normalized.schema.field("page").type == pa.string()
         _check_labels(normalized, requests, "timestamp")  # refused before
+
+
+def test_digit_only_string_keys_in_a_csv_are_read_as_strings(tmp_path: Path) -> None:
+    """pyarrow infers int64 for a CSV column of digits: labels of a string-keyed view
+    (account numbers, zip codes) were refused ("is int64, expected string"), and
+    leading zeros would have been lost."""
+    from featurestore import Count, Entity, Source, Window, feature_view
+    from featurestore.plan import compile_definitions
+    from schemas import EventSchema, Field
+
+    schema = EventSchema(
+        "clicks",
+        [Field("page", "string"), Field("event_time", "timestamp[us, UTC]")],
+        event_time="event_time",
+        entity_keys=["page"],
+    )
+
+    @feature_view(entity=Entity("page", key="page", dtype="string"), source=Source("clicks", schema),
+                  aggregations=[Count()], windows=[Window("1h")])  # fmt: skip
+    def pages(events: pd.DataFrame) -> pd.DataFrame:
+        return events[[]]
+
+    plan = compile_definitions("test", views=[pages])
+    store = DeltaOfflineStore(tmp_path / "offline")
+    store.write_changelog(plan.view("pages"), [], start=1_767_225_600_000_000, end=1_767_312_000_000_000)
+    path = tmp_path / "labels.csv"
+    path.write_text("page,timestamp,target\n007,2026-01-01T00:00:01Z,1\n42,2026-01-01T00:00:02Z,0\n")
+    table, _ = export_training_set(plan, store, path, ["pages:count_1h"])
+    assert table is not None
+    assert table.column("page").to_pylist() == ["007", "42"]
+    assert table.column("count_1h").to_pylist() == [0, 0]
+    # A CSV pyarrow cannot read is a LabelError that names the file, not an ArrowInvalid.
+    broken = tmp_path / "broken.csv"
+    broken.write_text("page,timestamp\n1,2026-01-01T00:00:01Z,extra\n")
+    with pytest.raises(LabelError, match=r"label file .*broken\.csv: .*Expected 2 columns, got 3"):
+        export_training_set(plan, store, broken, ["pages:count_1h"])
+
+
+def test_label_columns_named_like_a_column_the_export_adds_are_refused(world: Any, tmp_path: Path) -> None:
+    """Re-exporting an earlier training set wrote a second `user_spend__status` (or a
+    second feature column): the Parquet file could not be read back by name, and pandas
+    kept only one of the two."""
+    plan, store, events, _ = world
+    moment = events.column("event_time")[100].as_py()
+    base = {"user_id": pa.array([5], pa.int64()), "timestamp": pa.array([moment], pa.timestamp("us", tz="UTC"))}
+    for extra, features in (
+        ("user_spend__status", ["user_spend:count_1d"]),
+        ("user_spend__as_of", ["user_spend:count_1d"]),
+        ("user_spend__count_1d", ["user_spend:count_1d", "merchant_sales:count_1h"]),
+    ):
+        labels = pa.table({**base, "merchant_id": pa.array([1], pa.int64()), extra: ["x"]})
+        with pytest.raises(LabelError, match=rf"label column\(s\) `{extra}` have the name of a column the export adds"):
+            export_training_set(plan, store, labels, features, out=tmp_path / "out.parquet")
+        assert not (tmp_path / "out.parquet").exists()
+    # `count_1d` in the labels and `user_spend__count_1d` too: the feature has no free name.
+    labels = pa.table({**base, "count_1d": [7], "user_spend__count_1d": [8]})
+    with pytest.raises(LabelError, match=r"`user_spend__count_1d` have the name of a column the export adds"):
+        export_training_set(plan, store, labels, ["user_spend:count_1d"])
+
+
+def test_train_reads_the_column_the_manifest_names_not_a_label_column_of_a_feature_like_name(
+    world: Any, tmp_path: Path
+) -> None:
+    """A one-view export writes `count_1d`; a label column `user_spend__count_1d` (from an
+    earlier multi-view export) won the lookup, so the model trained on it."""
+    from training.train import feature_columns, read_manifest
+
+    plan, store, events, _ = world
+    moment = events.column("event_time")[100].as_py()
+    labels = pa.table(
+        {
+            "user_id": pa.array([5, 6], pa.int64()),
+            "timestamp": pa.array([moment, moment], pa.timestamp("us", tz="UTC")),
+            "user_spend__count_1d": [-1, -1],
+        }
+    )
+    out = tmp_path / "train.parquet"
+    export_training_set(plan, store, labels, ["user_spend:count_1d"], out=out)
+    manifest = read_manifest(out)
+    assert manifest["feature_columns"] == {"user_spend:count_1d": "count_1d"}
+    columns = pq.read_table(out).column_names
+    assert feature_columns(manifest["features"], columns, manifest["feature_columns"]) == ["count_1d"]
