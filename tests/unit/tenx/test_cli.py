@@ -130,7 +130,26 @@ def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
     assert tenx("init", "demo", cwd=tmp_path).returncode == 0
     again = tenx("init", "demo", cwd=tmp_path)
     assert again.returncode == 2
-    assert "already exists" in again.stderr
+    assert "demo/tenx.yaml, demo/features.py, demo/README.md already exist;" in again.stderr
+    # A folder of the user's own, without a tenx.yaml: its files were overwritten.
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "features.py").write_text("# my own definitions\n")
+    (own / "README.md").write_text("# mine\n")
+    refused = tenx("init", "mine", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "features.py, " in refused.stderr
+    assert "README.md already exist; tenx init never overwrites a file" in refused.stderr
+    assert (own / "features.py").read_text() == "# my own definitions\n"
+    assert not (own / "tenx.yaml").exists()
+    # A path under a file, and `.`: clear errors, not a traceback or an empty project name.
+    (tmp_path / "afile").write_text("")
+    under = tenx("init", "afile/repo", cwd=tmp_path)
+    assert under.returncode == 2
+    assert "cannot create the folder afile/repo" in under.stderr
+    (tmp_path / "dot_repo").mkdir()
+    assert tenx("init", ".", cwd=tmp_path / "dot_repo").returncode == 0
+    assert "project: dot_repo" in (tmp_path / "dot_repo" / "tenx.yaml").read_text()
 
 
 def test_offline_loop_demo_data_ingest_backfill(tmp_path: Path) -> None:
