@@ -117,8 +117,9 @@ class FileRegistry:
         leaves the history short, never naming a plan that was not applied)."""
         version = plan.version
         plan_path = self._plan_path(version)
-        if not plan_path.exists():
-            atomic_write(plan_path, plan.to_json())
+        text = plan.to_json()
+        if not plan_path.exists() or plan_path.read_bytes() != text.encode():
+            atomic_write(plan_path, text)  # a missing or damaged file of this version is (re)written
         with self._locked():
             previous = self.current_version()
             if not isinstance(expected, _Unchecked) and previous != expected:
@@ -135,6 +136,8 @@ class FileRegistry:
             atomic_write(self.root / "current", version + "\n")
             with (self.root / "history.jsonl").open("a") as handle:
                 handle.write(json.dumps(asdict(record)) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
         return record
 
     @contextlib.contextmanager
@@ -175,7 +178,15 @@ def atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())  # the data is on disk before the name points at it
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    # ... and the rename too: after a power loss, `current` names a plan that exists.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from featurestore.config import ENVIRONMENT, Settings
 from featurestore.durations import format_duration
-from featurestore.errors import ConfigError, TerminalError
+from featurestore.errors import ConfigError, RegistryError, TerminalError
 from featurestore.plan import Plan, SourceSpec, diff_plans
 from featurestore.registry import FileRegistry
 from tenx import __version__
@@ -197,11 +197,18 @@ def apply(config_file: Path | None) -> None:
     if not compiled.views:
         raise ConfigError(_no_views(settings) + "; nothing applied")
     registry = FileRegistry(settings.registry_dir)
-    applied = registry.current()
+    current = registry.current_version()
+    try:
+        applied = registry.current()
+    except RegistryError as error:
+        # A damaged plan file (a crash, a hand edit) must not block the apply that repairs
+        # it: there is no diff to show against it, and the apply rewrites the file.
+        errors.print(f"warning: {error}; applying without a diff against it", highlight=False)
+        applied = None
     _print_diff(compiled, applied)
     if applied is not None and applied.version == compiled.version:
         return
-    record = registry.apply(compiled, expected=applied.version if applied is not None else None)
+    record = registry.apply(compiled, expected=current)
     console.print(f"\nApplied plan [bold]{record.version}[/] to {settings.registry_dir}")
 
 

@@ -395,6 +395,26 @@ def test_serve_reads_its_token_from_a_file_and_requires_it(tmp_path: Path) -> No
         server.wait(timeout=30)
 
 
+def test_apply_repairs_a_damaged_plan_file_instead_of_refusing_for_good(tmp_path: Path) -> None:
+    """A truncated plan file (a crash before data reached the disk, a hand edit) made
+    every `tenx apply` fail on reading it, though the error said to apply again."""
+    tenx("init", "demo", cwd=tmp_path)
+    repo = tmp_path / "demo"
+    first = tenx("apply", cwd=repo)
+    assert first.returncode == 0, first.stderr
+    version = first.stdout.split("Applied plan ")[1].split()[0]
+    plan_file = repo / ".tenx" / "registry" / "plans" / f"{version}.json"
+    whole = plan_file.read_text()
+    plan_file.write_text(whole[: len(whole) // 2])
+    assert tenx("plan", cwd=repo).returncode == 2  # reading it is still refused, with the reason
+    again = tenx("apply", cwd=repo)
+    assert again.returncode == 0, again.stderr
+    assert "is unreadable" in again.stderr
+    assert "applying without a diff against it" in again.stderr
+    assert plan_file.read_text() == whole
+    assert f"No changes: plan {version} is applied." in tenx("plan", cwd=repo).stdout
+
+
 def test_apply_refuses_a_repo_without_views(tmp_path: Path) -> None:
     tenx("init", "demo", cwd=tmp_path)
     repo = tmp_path / "demo"
