@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from featurestore.definitions import Aggregation, Entity, FeatureView, Source, Window
 from featurestore.durations import format_duration, parse_duration
-from featurestore.errors import CompileError, CompileProblem
+from featurestore.errors import CompileError, CompileProblem, TransformError
 from featurestore.plan.code import CaptureError, capture, load
 from featurestore.plan.collect import collect, duplicate_view, modules_under, repo_on_path
 from featurestore.plan.model import AS_OF, CodeSpec, EntitySpec, FeatureSpec, Plan, SourceSpec, ViewSpec, WindowSpec
@@ -25,6 +25,7 @@ from schemas.schema import EventSchema
 MAX_WINDOW = 36_500 * 86_400_000_000  # 100 years: (entity, time) keys of the batch engine stay in int64
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_FEATURE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # from a source's field names too, kept as they are
 _KEY_DTYPES = ("int64", "string")
 _NUMERIC_ONLY = {"sum", "mean", "min", "max", "std"}
 _FLOAT_STORAGE = ("float32", "float64")
@@ -60,9 +61,11 @@ def compile_definitions(
     compiler = _Compiler(user_dirs, list(problems))
     view_list = list(views)
     for entity in [*entities, *(v.entity for v in view_list if isinstance(v, FeatureView))]:
-        compiler.entity(entity)
+        if isinstance(entity, Entity):  # anything else is reported with its view
+            compiler.entity(entity)
     for source in [*sources, *(v.source for v in view_list if isinstance(v, FeatureView))]:
-        compiler.source(source)
+        if isinstance(source, Source):
+            compiler.source(source)
     compiled = [spec for view in view_list if (spec := compiler.view(view)) is not None]
     compiler.unique_views(view_list)
     if compiler.problems:
@@ -133,6 +136,14 @@ class _Compiler:
         if not _NAME.match(source.name):
             self.report(source.location, subject, "name must match [a-z][a-z0-9_]*")
             ok = False
+        if not isinstance(source.schema, EventSchema):
+            self.report(
+                source.location,
+                subject,
+                f"schema must be an EventSchema (e.g. schemas.TRANSACTIONS), got {type(source.schema).__name__} "
+                f"{source.schema!r}",
+            )
+            return None
         for problem in source.schema.problems():
             self.report(source.location, subject, f"schema `{source.schema.name}`: {problem}")
             ok = False
@@ -175,6 +186,15 @@ class _Compiler:
             self.report("", "feature view", f"expected a FeatureView, got {type(view).__name__}")
             return None
         subject = f"feature view `{view.name}`"
+        wrong = [
+            f"{what}= must be {kind} object, got {type(got).__name__} {got!r}"
+            for what, got, kind in (("entity", view.entity, "an Entity(...)"), ("source", view.source, "a Source(...)"))
+            if not isinstance(got, Entity if what == "entity" else Source)
+        ]
+        for problem in wrong:
+            self.report(view.location, subject, problem)
+        if wrong or not isinstance(view.source.schema, EventSchema):  # a wrong schema: reported with its source
+            return None
         before = len(self.problems)
         if not _NAME.match(view.name):
             self.report(view.location, subject, "name must match [a-z][a-z0-9_]*")
@@ -210,7 +230,7 @@ class _Compiler:
         ttl = self._ttl(view, subject)
         if len(self.problems) > before or entity is None or source is None or transform is None:
             return None
-        return ViewSpec(
+        spec = ViewSpec(
             name=view.name,
             entity=entity,
             source=source,
@@ -226,6 +246,24 @@ class _Compiler:
             tags=tuple(sorted((str(k), str(v)) for k, v in view.tags.items())),
             location=str(view.location),
         )
+        return spec if self._prepares(spec, subject) else None
+
+    def _prepares(self, spec: ViewSpec, subject: str) -> bool:
+        """Whether the engines' own code path (`prepare_events`) takes a sample batch: the
+        checks above see names and shapes, this one the rest the engines require (a
+        boolean `where=`, one row per event, values that cast to the declared types).
+        A plan that compiled but failed here failed the backfill and the stream job."""
+        from featurestore.transforms import prepare_events
+
+        try:
+            prepare_events(spec, _sample_events(spec.source.schema))
+        except TransformError as error:
+            self.report(spec.location, subject, f"on a sample batch: {str(error).removeprefix(subject + ': ')}")
+            return False
+        except Exception as error:  # noqa: BLE001 - reported as a compile problem
+            self.report(spec.location, subject, f"failed on a sample batch: {type(error).__name__}: {error}")
+            return False
+        return True
 
     def _columns(self, view: FeatureView, subject: str) -> list[tuple[str, str]]:
         columns: list[tuple[str, str]] = []
@@ -238,9 +276,19 @@ class _Compiler:
                 )
                 continue
             try:
-                columns.append((name, dtype_name(parse_dtype(dtype))))
+                parsed = parse_dtype(dtype)
             except SchemaError as error:
                 self.report(view.location, subject, f"derived column `{name}`: {error}")
+                continue
+            if pa.types.is_timestamp(parsed):
+                self.report(
+                    view.location,
+                    subject,
+                    f"derived column `{name}`: a timestamp cannot be derived (no aggregation reads one); "
+                    "derive a number from it instead, e.g. seconds since the epoch as int64",
+                )
+                continue
+            columns.append((name, dtype_name(parsed)))
         return columns
 
     def _code(self, view: FeatureView, function: Any, role: str, subject: str) -> CodeSpec | None:
@@ -376,6 +424,14 @@ class _Compiler:
                 if name in (view.entity.key, AS_OF):
                     self.report(location, subject, f"feature name `{name}` is taken by the changelog; give name=")
                     continue
+                if not _FEATURE_NAME.match(name):
+                    # `view:a,b` lists split on commas, and names are columns and JSON keys.
+                    self.report(
+                        location,
+                        subject,
+                        f"feature name `{name}` must be letters, digits and _ (starting with a letter); give name=",
+                    )
+                    continue
                 origin[name] = label
                 features.append(FeatureSpec(name, aggregation.kind, aggregation.column, spec, dtype))
         return features
@@ -406,6 +462,9 @@ class _Compiler:
         self, aggregation: Aggregation, types: dict[str, pa.DataType], label: str, location: Any, subject: str
     ) -> str | None:
         column = aggregation.column
+        if column is not None and not isinstance(column, str):
+            self.report(location, subject, f"{label}: the column must be given by its name, got {column!r}")
+            return None
         if column is None:
             if aggregation.kind == "count":
                 return "int64"

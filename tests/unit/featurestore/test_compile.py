@@ -573,3 +573,104 @@ def test_two_sources_on_one_topic_or_table_are_refused() -> None:
         return tx[[]]
 
     assert len(compile_definitions("p", views=[views[0], refund_count]).sources) == 2
+
+
+def _no_columns(tx: pd.DataFrame) -> pd.DataFrame:
+    return tx[[]]
+
+
+def _currency_as_c(tx: pd.DataFrame) -> pd.DataFrame:
+    return tx.assign(c=tx["currency"])[["c"]]
+
+
+def _first_row_only(tx: pd.DataFrame) -> pd.DataFrame:
+    return tx.assign(c=tx["amount"])[["c"]].head(1)
+
+
+def _time_as_t(tx: pd.DataFrame) -> pd.DataFrame:
+    return tx.assign(t=tx["event_time"])[["t"]]
+
+
+def _amount_times_one(tx: pd.DataFrame) -> pd.Series:
+    return tx["amount"] * 1.0
+
+
+@pytest.mark.parametrize(
+    ("options", "transform", "message"),
+    [
+        (
+            {"where": _amount_times_one, "aggregations": [Count()]},
+            _no_columns,
+            "on a sample batch: where= must return a boolean Series, got float64",
+        ),
+        (
+            {"columns": {"c": "int64"}, "aggregations": [Sum("c")]},
+            _currency_as_c,
+            "on a sample batch: derived column `c` cannot be int64: invalid literal for int() with base 10",
+        ),
+        (
+            {"columns": {"c": "float64"}, "aggregations": [Sum("c")]},
+            _first_row_only,
+            "on a sample batch: the row transform returned 1 rows for 2 events; it must return one row per event",
+        ),
+        (
+            {"columns": {"t": "timestamp[us, UTC]"}, "aggregations": [Count()]},
+            _time_as_t,
+            "derived column `t`: a timestamp cannot be derived (no aggregation reads one); derive a number",
+        ),
+    ],
+)
+def test_what_the_engines_refuse_on_a_sample_batch_is_refused_at_compile(
+    options: dict[str, object], transform: object, message: str
+) -> None:
+    """These compiled, then failed the backfill and the stream job (the timestamp column
+    with a bare KeyError): the compiler checked names and shapes, not what
+    `prepare_events` requires of the values."""
+    view = feature_view(entity=USER, source=TX, windows=["1h"], name="odd", **options)(transform)  # type: ignore[arg-type]
+    with pytest.raises(CompileError) as raised:
+        compile_definitions("p", views=[view])
+    assert raised.value.problems[0].message.startswith(message), raised.value.problems
+
+
+def test_feature_names_are_identifiers() -> None:
+    """`Count(name="n,events")` applied and backfilled, and then could not be exported:
+    `--features spaced:n,events_1d` splits on the comma."""
+
+    named = [Count(name="n,events"), Sum("amount", name="total spend"), Count(name="fine_1")]
+
+    @feature_view(entity=USER, source=TX, windows=["1h"], aggregations=named)
+    def spaced(tx: pd.DataFrame) -> pd.DataFrame:
+        return tx[[]]
+
+    with pytest.raises(CompileError) as raised:
+        compile_definitions("p", views=[spaced])
+    assert [p.message for p in raised.value.problems] == [
+        "feature name `n,events_1h` must be letters, digits and _ (starting with a letter); give name=",
+        "feature name `total spend_1h` must be letters, digits and _ (starting with a letter); give name=",
+    ]
+
+
+def test_a_name_where_an_object_belongs_is_a_compile_problem_not_a_traceback() -> None:
+    """entity="user", source="transactions", Sum(5) and Source(..., "TRANSACTIONS") each
+    ended `tenx plan` in an AttributeError or TypeError traceback."""
+
+    def view(**options: object) -> object:
+        def counted(tx: pd.DataFrame) -> pd.DataFrame:
+            return tx[[]]
+
+        settings: dict[str, object] = {"entity": USER, "source": TX, "aggregations": [Count()], **options}
+        return feature_view(windows=["1h"], **settings)(counted)  # type: ignore[arg-type]
+
+    cases = [
+        ({"entity": "user"}, "entity= must be an Entity(...) object, got str 'user'"),
+        ({"source": "transactions"}, "source= must be a Source(...) object, got str 'transactions'"),
+        ({"aggregations": [Sum(5)]}, "Sum(5): the column must be given by its name, got 5"),  # type: ignore[arg-type]
+        (
+            {"source": Source("tx2", "TRANSACTIONS")},  # type: ignore[arg-type]
+            "schema must be an EventSchema (e.g. schemas.TRANSACTIONS), got str 'TRANSACTIONS'",
+        ),
+    ]
+    for options, message in cases:
+        with pytest.raises(CompileError) as raised:
+            compile_definitions("p", views=[view(**options)])  # type: ignore[list-item]
+        assert [p.message for p in raised.value.problems] == [message]
