@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -150,9 +151,15 @@ def load_settings(
             f"no {CONFIG_FILE} at {path}; run `tenx init NAME` to create a feature repo, cd into one, or pass --config"
         )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     _check_keys(data, _KEYS, path, "")
@@ -325,10 +332,25 @@ def check_redis_url(url: str, what: str) -> None:
 
     >>> check_redis_url("redis://localhost:6379/0", "TENX_REDIS_URL")
     """
-    if url.lower().startswith(REDIS_SCHEMES):
-        return
-    hint = f"; did you mean '{redact_url('redis://' + url)}'?" if "://" not in url and not url.isdigit() else ""
-    raise ConfigError(f"{what} must look like redis://host:port (or rediss://, unix://); got {redact_url(url)!r}{hint}")
+    if not url.lower().startswith(REDIS_SCHEMES):
+        hint = f"; did you mean '{redact_url('redis://' + url)}'?" if "://" not in url and not url.isdigit() else ""
+        raise ConfigError(
+            f"{what} must look like redis://host:port (or rediss://, unix://); got {redact_url(url)!r}{hint}"
+        )
+    # What redis-py would refuse later with a bare ValueError, or read as database 0 (`/7x`).
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError as error:
+        raise ConfigError(f"{what}: {redact_url(url)!r} has no valid port ({error})") from None
+    databases = parse_qs(parts.query).get("db", [])
+    if not parts.scheme.lower().startswith("unix") and parts.path.strip("/"):
+        databases.append(parts.path.strip("/"))
+    for database in databases:
+        if not database.isdigit():
+            raise ConfigError(
+                f"{what}: database {database!r} in {redact_url(url)!r} must be a number, e.g. redis://host:6379/0"
+            )
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Mapping[str, Any], path: Path, prefix: str) -> None:

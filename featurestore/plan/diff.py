@@ -125,7 +125,12 @@ def _view_changes(subject: str, before: ViewSpec, after: ViewSpec) -> list[Chang
         changes.append(Change(ChangeKind.CHANGED, subject, "where= filter", breaking=online))
     if before.columns != after.columns:
         changes.append(Change(ChangeKind.CHANGED, subject, "derived columns"))
-    if before.entity != after.entity:
+    if (before.entity.name, before.entity.key, before.entity.dtype) != (
+        after.entity.name,
+        after.entity.key,
+        after.entity.dtype,
+    ):
+        # What keys the values; an entity's description is documentation only.
         changes.append(Change(ChangeKind.CHANGED, subject, "entity", breaking=online))
     if before.source.schema.to_dict()["fields"] != after.source.schema.to_dict()["fields"]:
         changes.append(Change(ChangeKind.CHANGED, subject, "source schema"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,28 @@ def test_a_store_pickles_without_credentials(monkeypatch: pytest.MonkeyPatch) ->
     store = DeltaOfflineStore("s3://bucket/prefix")
     assert b"s3cr3t-value" not in pickle.dumps(store)
     assert b"AKIDVALUE" not in pickle.dumps(store.location.join("features"))
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://cache:abc/0", "has no valid port"),
+        ("redis://cache:99999", "has no valid port"),
+        ("redis://cache:6379/7x", "database '7x' in 'redis://cache:6379/7x' must be a number"),
+        ("redis://cache:6379?db=zz", "database 'zz' in 'redis://cache:6379?db=zz' must be a number"),
+        ("unix:///tmp/r.sock?db=x", "database 'x' in 'unix:/tmp/r.sock?db=x' must be a number"),
+    ],
+)
+def test_a_redis_url_redis_py_cannot_open_or_would_misread_is_refused(tmp_path: Path, url: str, message: str) -> None:
+    """A bad port ended in a bare ValueError traceback; `/7x` (a typo for database 7)
+    quietly meant database 0."""
+    config = write_config(tmp_path, "project: demo\n")
+    with pytest.raises(ConfigError, match="^TENX_REDIS_URL: .*" + re.escape(message)):
+        load_settings(config, environ={"TENX_REDIS_URL": url})
+
+
+def test_a_config_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "tenx.yaml"
+    config.write_bytes("project: demo\n# Jos\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"tenx\.yaml is not UTF-8 text .*; save it as UTF-8"):
+        load_settings(config, environ={})

@@ -307,3 +307,14 @@ def test_turning_offline_storage_off_shows_in_the_diff(repo: Path) -> None:
     after = compile_template(repo)
     assert after.version != before.version
     assert [str(c) for c in diff_plans(before, after)] == ["~ feature view `merchant_sales`: offline True -> False"]
+
+
+def test_an_entity_description_edit_breaks_no_view(repo: Path) -> None:
+    """It marked every view of the entity `entity  BREAKING`, though no version changed."""
+    before = compile_template(repo)
+    _edit(repo, 'description="A card holder."', 'description="A card holder, by id."')
+    after = compile_template(repo)
+    assert [v.version for v in after.views] == [v.version for v in before.views]
+    rendered = [str(c) for c in diff_plans(before, after)]
+    assert not any("BREAKING" in line for line in rendered), rendered
+    assert rendered == ["~ entity `user`: definition"]
