@@ -57,7 +57,13 @@ def reference_changelog(
         points = {times[p] for p in positions}
         for window in view.windows:
             points.update(expiry_time(times[p], window.length, window.every) for p in positions)
-        if start is not None and min(times[p] for p in positions) < start:
+        # The state carried into a range, for an entity whose events reach `start` (those
+        # within the view's reach before it; any, with Latest features): one idle for
+        # longer already has an earlier row saying its windows are empty.
+        reach_from = start - view.reach if start is not None and view.reach is not None else None
+        if start is not None and any(
+            (reach_from is None or times[p] >= reach_from) and times[p] < start for p in positions
+        ):
             points.add(start)
         for point in sorted(points):
             if (start is not None and point < start) or (end is not None and point >= end):

@@ -391,6 +391,22 @@ def _bounded(client: Any, items: Iterable[T], start: Callable[[T], Any]) -> Iter
         yield result
 
 
+def _shard_dataset(path: str, filesystem: Any) -> Any:
+    """A shard's shuffle files as one dataset. Each file's types are what its own rows
+    gave pandas: a nullable bool column that is all null in one input partition's slice
+    is written as Arrow's null type there, and a dataset takes its schema from the first
+    file, so the next file's bools could not be read (`Unsupported cast from bool to
+    null`) and the view could not be backfilled. The files' schemas are unified."""
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(path, format="parquet", filesystem=filesystem)
+    schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
+    if any(not schema.equals(schemas[0]) for schema in schemas[1:]):
+        unified = pa.unify_schemas(schemas, promote_options="permissive")
+        dataset = ds.dataset(path, format="parquet", filesystem=filesystem, schema=unified)
+    return dataset
+
+
 def _shard_changelog(
     path: str, folder: Location, view: ViewSpec, store: DeltaOfflineStore, start: int, end: int, backend: str
 ) -> tuple[int, list[Any]]:
@@ -406,7 +422,7 @@ def _shard_changelog(
     import pyarrow.dataset as ds
 
     chosen = Backend(backend)
-    dataset = ds.dataset(path, format="parquet", filesystem=folder.filesystem())  # `folder`: the shuffle's
+    dataset = _shard_dataset(path, folder.filesystem())  # `folder`: the shuffle's
     time_column = view.event_time
     slices = [(start, end)]
     # Slices of a view with Latest features would each read all history: no gain.

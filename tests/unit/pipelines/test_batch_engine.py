@@ -546,3 +546,83 @@ def test_ints_past_float_precision_in_a_column_with_nulls_are_exact(tmp_path: Pa
     ]
     expected = reference_changelog(view, events_frame(store.read_events(view.source)))
     assert got.to_pylist() == expected.to_pylist()  # exact, not within a tolerance
+
+
+def test_a_nullable_bool_all_null_in_one_partitions_slice_is_backfilled(tmp_path: Path, client: Any) -> None:
+    """Each shuffle file took its types from its own rows: a bool column all null in the
+    first file was Arrow's null type there, the shard's dataset took that schema, and the
+    next file's bools failed the whole backfill (`Unsupported cast from bool to null`)."""
+    from featurestore import Count, Entity, Last, Source, Window, feature_view
+    from featurestore.plan import compile_definitions
+    from schemas import EventSchema, Field
+    from tests.unit.pipelines.test_reference import BASE_US
+
+    schema = EventSchema(
+        "flags",
+        [Field("user_id", "int64"), Field("flag", "bool", nullable=True), Field("event_time", "timestamp[us, UTC]")],
+        event_time="event_time",
+        entity_keys=["user_id"],
+    )
+
+    @feature_view(entity=Entity("user", key="user_id"), source=Source("flags", schema),
+                  aggregations=[Count(), Count("flag"), Last("flag")], windows=[Window("2d", every="1h")])  # fmt: skip
+    def flagged(events: Any) -> Any:
+        return events[[]]
+
+    view = compile_definitions("test", views=[flagged]).views[0]
+    hour = 3_600_000_000
+    day_one = pa.table(  # no flag set yet: the first partition's files hold only nulls there
+        {
+            "user_id": pa.array([1, 2], pa.int64()),
+            "flag": pa.array([None, None], pa.bool_()),
+            "event_time": pa.array([BASE_US, BASE_US + hour], pa.timestamp("us", tz="UTC")),
+        }
+    )
+    day_two = pa.table(
+        {
+            "user_id": pa.array([1, 2], pa.int64()),
+            "flag": pa.array([True, False], pa.bool_()),
+            "event_time": pa.array([BASE_US + DAY, BASE_US + DAY + hour], pa.timestamp("us", tz="UTC")),
+        }
+    )
+    store = DeltaOfflineStore(tmp_path / "offline")
+    for number, table in enumerate((day_one, day_two)):
+        path = tmp_path / f"day{number}.parquet"
+        pyarrow.parquet.write_table(table, path)
+        assert ingest_file(store, view.source, path).ingested == 2
+    backfill_view(view, store, client, partitions=2)
+    got = store.read_changelog(view)
+    expected = reference_changelog(view, store.read_events(view.source).to_pandas())
+    assert changelog_differences(expected, got, key="user_id") == []
+    last = {row["user_id"]: row["last_flag_2d"] for row in got.to_pylist() if row["count_flag_2d"] == 1}
+    assert last == {1: True, 2: False}
+
+
+def test_a_range_backfill_anchors_only_entities_whose_events_reach_its_start(tmp_path: Path, client: Any) -> None:
+    """The engine reads events from `start` minus the view's reach; the reference added a
+    row at `start` for every entity with any earlier event, so the two disagreed for an
+    entity idle for longer than the widest window (its earlier backfill's expiry row
+    already says its windows are empty)."""
+    from featurestore import Count
+    from tests.unit.pipelines.test_reference import BASE_US, MINUTE, make_view
+
+    view = make_view(Count())  # one 10-minute window
+    start = BASE_US + DAY
+    events = pa.table(
+        {
+            "user_id": [1, 2],
+            "value": [1.0, 1.0],
+            "amount": pa.array([None, None], pa.int64()),
+            "label": pa.array([None, None], pa.string()),
+            "event_time": pa.array([BASE_US, start - 5 * MINUTE], pa.timestamp("us", "UTC")),  # idle a day; recent
+        }
+    )
+    path = tmp_path / "events.parquet"
+    pyarrow.parquet.write_table(events, path)
+    store = DeltaOfflineStore(tmp_path / "offline")
+    assert ingest_file(store, view.source, path).ingested == 2
+    backfill_view(view, store, client, start=start, end=start + DAY)
+    got = store.read_changelog(view)
+    expected = reference_changelog(view, store.read_events(view.source).to_pandas(), start=start, end=start + DAY)
+    assert changelog_differences(expected, got, key="user_id") == []
+    assert sorted({row["user_id"] for row in got.to_pylist()}) == [2]
