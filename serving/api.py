@@ -26,7 +26,6 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import time
 from collections import Counter as Counter_
 from dataclasses import dataclass, replace
@@ -43,7 +42,9 @@ from featurestore.errors import TransientError
 from featurestore.plan.model import EntitySpec, Plan
 from featurestore.stores.online import OnlineStore, follow_project
 from schemas.timestamps import from_micros
-from serving.client import AsyncFeatureClient, FeatureResult, split_references
+from serving.client import INT64_MAX as INT64_MAX
+from serving.client import INT64_MIN as INT64_MIN
+from serving.client import INT64_RANGE, AsyncFeatureClient, FeatureResult, int64_from_digits, split_references
 from serving.errors import FeatureReferenceError, UnknownFeatureError
 from serving.logs import REQUEST_ID, new_request_id
 
@@ -52,9 +53,6 @@ MAX_ENTITIES = 10_000
 MAX_VALUES = 250_000  # entities x features in one answer (about 5 MB of JSON)
 OFF_LOOP_VALUES = 20_000  # answers larger than this are encoded on a worker thread
 RETRY_AFTER_S = 1  # told to clients when the online store fails transiently (a 503)
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-_INT64_RANGE = f"[{INT64_MIN}, {INT64_MAX}]"
-_DIGITS = re.compile(r"-?[0-9]+")
 log = logging.getLogger("tenx.api")
 
 
@@ -189,8 +187,7 @@ def _within(view: str, feature: str) -> str:
 
 def _out_of_range(entity: int, index: int) -> str:
     return (
-        f"entity {entity} (entities[{index}]) is out of the int64 range {_INT64_RANGE}; "
-        "send string keys as JSON strings"
+        f"entity {entity} (entities[{index}]) is out of the int64 range {INT64_RANGE}; send string keys as JSON strings"
     )
 
 
@@ -214,25 +211,14 @@ def _not_a_key(body: bytes, index: int, entity: Any) -> str:
 
 def _entity_keys(view: str, entity: EntitySpec, entities: list[Any]) -> list[Any]:
     """The keys to look up: an int64 view reads strings of digits as integers ("007" is
-    7), a string view takes integers as they are (1 and "1" make the same online key)."""
+    7), a string view takes integers as they are (1 and "1" make the same online key).
+    The Python clients read Python values by the same rule (`serving.client.lookup_keys`)."""
     if entity.dtype != "int64" or not any(isinstance(e, str) for e in entities):
         return entities
-    keys = []
-    for index, key in enumerate(entities):
-        if isinstance(key, str):
-            if not _DIGITS.fullmatch(key):
-                raise ValueError(
-                    f"entity {key!r} (entities[{index}]) is not an int64 `{entity.key}`: "
-                    f"view `{view}` takes integers or strings of digits"
-                )
-            key = int(key)
-            if not INT64_MIN <= key <= INT64_MAX:
-                raise ValueError(
-                    f"entity {entities[index]!r} (entities[{index}]) is out of the int64 range {_INT64_RANGE} "
-                    f"of `{entity.key}`"
-                )
-        keys.append(key)
-    return keys
+    return [
+        int64_from_digits(view, entity, index, key) if isinstance(key, str) else key
+        for index, key in enumerate(entities)
+    ]
 
 
 @dataclass

@@ -9,12 +9,19 @@ value is never replaced by a silent default.
     result = client.get("user_spend", [1, 2, 3], features=["count_1h", "sum_amount_eur_1d"])
     result.to_dicts()      # [{"user_id": 1, "status": "found", "as_of": ..., "count_1h": 4, ...}, ...]
     result.to_numpy()      # float matrix in the order asked, NaN where null
+
+Entities are read as the HTTP API reads them (`lookup_keys`): a view keyed by int64
+takes integers (numpy's too), strings of digits ("009" is 9) and whole floats (9.0, as
+a pandas column with a null holds ids); a view keyed by strings takes strings and
+integers (1 and "1" are one key). Anything else (True, None, 9.5) is a ValueError
+naming the entity, never a silent MISSING. Results list the entities as they were given.
 """
 
 from __future__ import annotations
 
 import asyncio
 import difflib
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,11 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.plan.model import Plan, ViewSpec
+from featurestore.plan.model import EntitySpec, Plan, ViewSpec
 from featurestore.stores.codec import decode_many
 from featurestore.stores.online import OnlineStore
 from schemas.timestamps import from_micros
 from serving.errors import FeatureReferenceError, UnknownFeatureError
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+INT64_RANGE = f"[{INT64_MIN}, {INT64_MAX}]"
+_DIGITS = re.compile(r"-?[0-9]+")
+_EXACT_FLOATS = 1 << 53  # past it a float id may be another id rounded
 
 
 class Status(Enum):
@@ -172,6 +184,64 @@ def assemble(request: _Request, entities: Sequence[Any], raws: Sequence[bytes | 
     )
 
 
+def int64_from_digits(view: str, entity: EntitySpec, index: int, key: str) -> int:
+    """A string key of an int64 view: digits, read as the integer ("007" is 7)."""
+    if not _DIGITS.fullmatch(key):
+        raise ValueError(
+            f"entity {key!r} (entities[{index}]) is not an int64 `{entity.key}`: "
+            f"view `{view}` takes integers or strings of digits"
+        )
+    return _in_int64_range(int(key), key, index, entity)
+
+
+def _in_int64_range(number: int, key: Any, index: int, entity: EntitySpec) -> int:
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise ValueError(
+            f"entity {key!r} (entities[{index}]) is out of the int64 range {INT64_RANGE} of `{entity.key}`"
+        )
+    return number
+
+
+def lookup_keys(view: ViewSpec, entities: Sequence[Any]) -> Sequence[Any]:
+    """The keys to read for Python values, by the HTTP API's rule (see the module
+    docstring); `entities` itself when every one is already a key of the view's type.
+    For a view keyed by int64, [9, "009", 9.0, np.int64(9)] -> [9, 9, 9, 9]."""
+    kinds = set(map(type, entities))
+    if view.entity.dtype == "int64":
+        if kinds <= {int} and (not len(entities) or (min(entities) >= INT64_MIN and max(entities) <= INT64_MAX)):
+            return entities
+        return [_int64_key(view.name, view.entity, index, key) for index, key in enumerate(entities)]
+    if kinds <= {str}:
+        return entities
+    return [_string_key(view.name, view.entity, index, key) for index, key in enumerate(entities)]
+
+
+def _is_integer(key: Any) -> bool:
+    return isinstance(key, int | np.integer) and not isinstance(key, bool | np.bool_)
+
+
+def _int64_key(view: str, entity: EntitySpec, index: int, key: Any) -> int:
+    if isinstance(key, str):
+        return int64_from_digits(view, entity, index, key)
+    whole_float = isinstance(key, float | np.floating) and float(key).is_integer() and abs(float(key)) <= _EXACT_FLOATS
+    if not (_is_integer(key) or whole_float):
+        raise ValueError(
+            f"entity {key!r} (entities[{index}]) is not an int64 `{entity.key}`: view `{view}` takes integers, "
+            "strings of digits or whole floats up to 2**53"
+        )
+    return _in_int64_range(int(key), key, index, entity)
+
+
+def _string_key(view: str, entity: EntitySpec, index: int, key: Any) -> str | int:
+    if isinstance(key, str):
+        return str(key)  # a numpy str_ too
+    if _is_integer(key):
+        return int(key)
+    raise ValueError(
+        f"entity {key!r} (entities[{index}]) is not a string `{entity.key}`: view `{view}` takes strings or integers"
+    )
+
+
 def _now_us(clock: Callable[[], float]) -> int:
     return int(clock() * 1_000_000)
 
@@ -187,7 +257,7 @@ class FeatureClient:
     def get(self, view: str, entities: Sequence[Any], *, features: Sequence[str] | None = None) -> FeatureResult:
         """One round trip for every entity of one view."""
         request = resolve(self.plan, view, features)
-        raws = self.store.read(request.view, entities)
+        raws = self.store.read(request.view, lookup_keys(request.view, entities))
         return assemble(request, entities, raws, _now_us(self._clock))
 
     def get_features(self, references: Sequence[str], entities: Sequence[Any]) -> FeatureResult:
@@ -210,10 +280,11 @@ class AsyncFeatureClient:
 
     async def get(self, view: str, entities: Sequence[Any], *, features: Sequence[str] | None = None) -> FeatureResult:
         request = resolve(self.plan, view, features)
+        keys = lookup_keys(request.view, entities)
         if hasattr(self.store, "aread"):
-            raws = await self.store.aread(request.view, entities)
+            raws = await self.store.aread(request.view, keys)
         else:
-            raws = await asyncio.to_thread(self.store.read, request.view, entities)
+            raws = await asyncio.to_thread(self.store.read, request.view, keys)
         return assemble(request, entities, raws, _now_us(self._clock))
 
     async def get_features(self, references: Sequence[str], entities: Sequence[Any]) -> FeatureResult:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pandas as pd
 import pyarrow as pa
 import pytest
 from starlette.testclient import TestClient
@@ -130,6 +131,62 @@ def test_async_client_gives_the_same_result(store: SqliteOnlineStore) -> None:
         return await AsyncFeatureClient(store, PLAN, clock=clock).get("spend", [2, 3, 1])
 
     assert asyncio.run(run()) == FeatureClient(store, PLAN, clock=clock).get("spend", [2, 3, 1])
+
+
+INT_KEYS_OF_USER_1 = [1, "1", "001", 1.0, np.float64(1.0), np.int64(1), np.int32(1), pd.Series([1, None])[0]]
+
+
+def test_keys_are_read_by_the_http_apis_rule_and_answered_as_given(store: SqliteOnlineStore) -> None:
+    """Every spelling of user 1 the API takes (or that a numpy array or a pandas column
+    with a null holds) finds it; they came back MISSING, silently."""
+    result = FeatureClient(store, PLAN, clock=clock).get("spend", INT_KEYS_OF_USER_1, features=["count_1h"])
+    assert result.statuses == (Status.FOUND,) * len(INT_KEYS_OF_USER_1)
+    assert result.values == ((3,),) * len(INT_KEYS_OF_USER_1)
+    assert result.entities == tuple(INT_KEYS_OF_USER_1)
+    array = FeatureClient(store, PLAN, clock=clock).get("spend", np.array([1, 2, 3]), features=["count_1h"])
+    assert array.statuses == (Status.FOUND, Status.STALE, Status.MISSING)
+    countries = FeatureClient(store, PLAN, clock=clock).get("by_country", [np.str_("DE"), 1, np.int64(1), "1"])
+    assert countries.values == ((7,), (2,), (2,), (2,))
+
+    async def run() -> Any:
+        return await AsyncFeatureClient(store, PLAN, clock=clock).get("spend", INT_KEYS_OF_USER_1)
+
+    assert asyncio.run(run()).statuses == (Status.FOUND,) * len(INT_KEYS_OF_USER_1)
+
+
+@pytest.mark.parametrize(
+    ("view", "entity", "message"),
+    [
+        ("spend", True, "entity True (entities[1]) is not an int64 `user_id`: view `spend` takes integers, "
+         "strings of digits or whole floats up to 2**53"),
+        ("spend", None, "entity None (entities[1]) is not an int64 `user_id`: view `spend` takes integers, "
+         "strings of digits or whole floats up to 2**53"),
+        ("spend", 9.5, "entity 9.5 (entities[1]) is not an int64 `user_id`: view `spend` takes integers, "
+         "strings of digits or whole floats up to 2**53"),
+        ("spend", 2.0**60, "entity 1.152921504606847e+18 (entities[1]) is not an int64 `user_id`: view `spend` "
+         "takes integers, strings of digits or whole floats up to 2**53"),
+        ("spend", "9a", "entity '9a' (entities[1]) is not an int64 `user_id`: view `spend` takes integers or "
+         "strings of digits"),
+        ("spend", 1 << 63, "entity 9223372036854775808 (entities[1]) is out of the int64 range "
+         "[-9223372036854775808, 9223372036854775807] of `user_id`"),
+        ("by_country", 1.0, "entity 1.0 (entities[1]) is not a string `country`: view `by_country` takes strings "
+         "or integers"),
+        ("by_country", False, "entity False (entities[1]) is not a string `country`: view `by_country` takes "
+         "strings or integers"),
+    ],
+)  # fmt: skip
+def test_a_key_that_cannot_be_the_views_key_type_is_a_value_error(
+    store: SqliteOnlineStore, view: str, entity: Any, message: str
+) -> None:
+    with pytest.raises(ValueError, match=r"\(entities\[1\]\)") as raised:
+        FeatureClient(store, PLAN, clock=clock).get(view, [1, entity])
+    assert str(raised.value) == message
+
+    async def run() -> Any:
+        return await AsyncFeatureClient(store, PLAN, clock=clock).get(view, [1, entity])
+
+    with pytest.raises(ValueError, match="entities\\[1\\]"):
+        asyncio.run(run())
 
 
 # -- HTTP API ------------------------------------------------------------------------------

@@ -559,7 +559,7 @@ def test_the_client_throttles_non_critical_requests_while_the_server_sheds_them(
 
     now = [0.0]
     draws = iter([0.5] * 10_000)
-    throttle = AdaptiveThrottle(k=2.0, window_s=60, clock=lambda: now[0], draw=lambda: next(draws))
+    settings = AdaptiveThrottle(k=2.0, window_s=60, clock=lambda: now[0], draw=lambda: next(draws))
     shed = {"error": "overloaded", "reason": "overload"}
     sent: list[str] = []
 
@@ -567,8 +567,9 @@ def test_the_client_throttles_non_critical_requests_while_the_server_sheds_them(
         sent.append(request.headers.get("x-priority", "-"))
         return httpx.Response(503, json=shed)
 
-    client = ModelClient("http://server", throttle=throttle)
+    client = ModelClient("http://server", throttle=settings)
     client._client = httpx.Client(base_url="http://server", transport=httpx.MockTransport(handler))
+    throttle = client.throttles["sheddable"]
     refused_locally = 0
     for _ in range(100):
         try:
@@ -594,7 +595,7 @@ def test_the_client_throttles_non_critical_requests_while_the_server_sheds_them(
     for _ in range(50):
         with pytest.raises(ModelUnavailable):
             loading.predict("buys", [1], priority="sheddable")
-    assert loading.throttle.probability() == 0.0
+    assert loading.throttles["sheddable"].probability() == 0.0
 
 
 def test_the_cache_answers_with_the_model_it_cached_after_two_models_failed(repo: DemoRepo) -> None:
