@@ -213,25 +213,58 @@ def _append(
 
 
 def _check_columns(path: Path, kind: str, source: SourceSpec) -> None:
-    """A Parquet or CSV file must hold every required column of the schema (else every
-    row would be rejected for the same reason): said at once, nothing written."""
+    """A Parquet or CSV file must name each column of the schema once, and hold every
+    required one (else every row would be rejected for the same reason): said at once,
+    nothing written."""
     if kind == "jsonl":
         return  # each record carries its own fields: checked per record
     try:
         names = pq.ParquetFile(path).schema_arrow.names if kind == "parquet" else pacsv.open_csv(path).schema.names
     except (pa.ArrowInvalid, OSError) as error:
         raise TerminalError(f"{path}: not a readable {kind} file ({error})") from error
-    # A missing nullable column reads as nulls; a missing required one rejects every row.
+    repeated = [name for name, count in collections.Counter(names).items() if count > 1 and name in source.schema.names]
+    if repeated:
+        raise TerminalError(
+            f"{path}: the file names column(s) {', '.join(f'`{name}`' for name in repeated)} of source "
+            f"`{source.name}` more than once; tenx cannot tell which is meant: rename or drop the extra ones"
+        )
+    problems = []
+    # A missing required column rejects every row: refused.
     missing = [f.name for f in source.schema.fields if f.name not in names and not f.nullable]
     if missing:
         hints = []
         for name in missing:
             close = difflib.get_close_matches(name, names, n=1)
             hints.append(f"`{name}`" + (f" (the file has `{close[0]}`)" if close else ""))
-        raise TerminalError(
-            f"{path}: missing column(s) {', '.join(hints)} of source `{source.name}`; "
-            f"the file has: {', '.join(names) or 'no columns'}"
+        problems.append(f"missing column(s) {', '.join(hints)} of source `{source.name}`")
+    # A missing nullable column reads as nulls, unless the file has it under another
+    # spelling (`Fval`, `txt `): its values would be stored as null without a word.
+    unused = [name for name in names if name not in source.schema.names]
+    misspelled = [
+        (f.name, near)
+        for f in source.schema.fields
+        if f.nullable and f.name not in names and (near := _spelled_otherwise(f.name, unused)) is not None
+    ]
+    if misspelled:
+        hints = [f"`{name}` (the file has `{near}`)" for name, near in misspelled]
+        problems.append(
+            f"nullable column(s) {', '.join(hints)} of source `{source.name}` not found by name, so they would "
+            "be stored as all null: rename the file's column(s) to the schema's names (if one really is another "
+            "column, add an empty column of the schema's name)"
         )
+    if problems:
+        raise TerminalError(f"{path}: {'; '.join(problems)}; the file has: {', '.join(names) or 'no columns'}")
+
+
+def _spelled_otherwise(name: str, candidates: list[str]) -> str | None:
+    """The candidate that is `name` in another case or with spaces around it, or else a
+    close spelling of it (stricter than the hint for a required column, since this one
+    refuses a file that would otherwise be accepted)."""
+    for candidate in candidates:
+        if candidate.strip().casefold() == name.casefold():
+            return candidate
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def _stored_duplicates(
@@ -321,9 +354,17 @@ def _batches(path: Path, kind: str, source: SourceSpec) -> Iterator[tuple[int, p
             yield offset, pa.Table.from_batches([batch])
             offset += batch.num_rows
     elif kind == "csv":
-        # Everything as text: validation parses it, so one bad cell rejects one row.
+        # Everything as text: validation parses it, so one bad cell rejects one row. Only
+        # an unquoted empty cell is null: Arrow's default spellings of null (NA, null,
+        # N/A, nan, "") turned Namibia's country code `NA` into a null.
         names = pacsv.open_csv(path).schema.names
-        options = pacsv.ConvertOptions(column_types={name: pa.string() for name in names}, strings_can_be_null=True)
+        options = pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in names},
+            strings_can_be_null=True,
+            null_values=[""],
+            quoted_strings_can_be_null=False,
+        )
+        not_text = [f.name for f in source.schema.fields if not pa.types.is_string(f.dtype) and f.name in names]
         try:
             reader = pacsv.open_csv(path, convert_options=options, read_options=pacsv.ReadOptions(block_size=32 << 20))
         except pa.ArrowInvalid as error:
@@ -335,10 +376,24 @@ def _batches(path: Path, kind: str, source: SourceSpec) -> Iterator[tuple[int, p
                 break
             except pa.ArrowInvalid as error:  # a malformed line (wrong field count, bad quoting)
                 raise _unreadable_csv(path, offset, names, error) from error
-            yield offset, pa.Table.from_batches([batch])
+            yield offset, _empty_as_null(pa.Table.from_batches([batch]), not_text)
             offset += batch.num_rows
     else:
         yield from _json_lines(path)
+
+
+def _empty_as_null(table: pa.Table, names: list[str]) -> pa.Table:
+    """A quoted empty cell (`""`, as writers quoting every field write a missing value)
+    is null in a number, bool or time column: no such value is empty. In a string
+    column it stays the empty string."""
+    for name in names:
+        column = table.column(name)
+        empty = pc.equal(column, "")
+        if pc.any(empty).as_py():
+            table = table.set_column(
+                table.schema.get_field_index(name), name, pc.if_else(empty, pa.scalar(None, pa.string()), column)
+            )
+    return table
 
 
 def _unreadable_csv(path: Path, offset: int, names: list[str], error: pa.ArrowInvalid) -> TerminalError:

@@ -18,6 +18,7 @@ from schemas.timestamps import from_micros, to_micros
 # and rejected by validation; a schema may widen them.
 DEFAULT_MIN_TIME = datetime(2000, 1, 1, tzinfo=UTC)
 DEFAULT_MAX_TIME = datetime(2100, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,15 @@ class EventSchema:
         for bound_name, bound in (("min_time", self.min_time), ("max_time", self.max_time)):
             if bound.tzinfo is None or bound.utcoffset() != UTC.utcoffset(None):
                 found.append(f"{bound_name} {bound.isoformat()} must be a UTC datetime")
+            elif bound_name == "min_time" and bound < EPOCH:
+                # The online store orders values by an unsigned `as_of` (so that its bytes
+                # compare as numbers): an earlier event could be ingested and backfilled,
+                # then crashed materialize.
+                found.append(
+                    f"min_time {bound.isoformat()} is before 1970-01-01T00:00:00+00:00, the earliest time tenx "
+                    "stores online (its as_of is unsigned microseconds since 1970); use min_time=datetime(1970, 1, "
+                    "1, tzinfo=UTC) or later"
+                )
         return found
 
     # -- serialisation ------------------------------------------------------------------

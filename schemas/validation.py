@@ -326,6 +326,8 @@ def validate_batch(schema: EventSchema, table: pa.Table) -> BatchValidation:
         unparsed = nulls & ~column.is_null().to_numpy(zero_copy_only=False)
         if unparsed.any():
             expected = f"{name} (ISO-8601 with timezone)" if pa.types.is_timestamp(f.dtype) else name
+            if pa.types.is_integer(f.dtype) and pa.types.is_integer(column.type):
+                expected = "{} within [{}, {}]".format(name, *_int_range(f.dtype))  # as validate_record says
             flag(unparsed, lambda i, f=f, c=column, e=expected: Problem(f.name, e, _short(c[i].as_py()), i))
             nulls = nulls & ~unparsed
         if pa.types.is_floating(f.dtype):
@@ -393,11 +395,15 @@ def floor_to_micros(column: Any) -> Any:
     """A timestamp column (array or chunked) in whole microseconds: finer units (pandas
     writes nanoseconds) are floored, so a time keeps the microsecond it falls in (times
     in tenx are integer microseconds), never the next one. Arrow's checked cast refused
-    the whole file for one time with nanosecond digits."""
-    unit = column.type.unit
+    the whole file for one time with nanosecond digits. The floor is taken in UTC (the
+    same instants, the zone kept in the result): in a zone with daylight saving time,
+    Arrow's floor in local time raised "Local time is ambiguous" for the autumn's
+    repeated hour."""
+    unit, zone = column.type.unit, column.type.tz
     if unit == "ns":
-        column = pc.floor_temporal(column, unit="microsecond")
-    return column.cast(pa.timestamp("us", tz=column.type.tz)) if unit != "us" else column
+        in_utc = column.cast(pa.timestamp("ns", tz="UTC")) if zone is not None else column
+        column = pc.floor_temporal(in_utc, unit="microsecond")
+    return column.cast(pa.timestamp("us", tz=zone)) if unit != "us" else column
 
 
 def _is_text(dtype: pa.DataType) -> bool:
@@ -444,15 +450,35 @@ def _cast_column(column: pa.Array, f: Field) -> tuple[pa.Array | None, Problem |
         # field holds it; Arrow's checked cast refused the whole file for one such value.
         return pc.cast(column, target, safe=False), None
     if pa.types.is_integer(target) and pa.types.is_integer(got):
-        try:
-            return pc.cast(column, target), None
-        except pa.ArrowInvalid as error:
-            return None, Problem(f.name, str(target), f"{got} values out of range ({error})")
+        # A value out of the field's range becomes null, and the caller rejects its row
+        # alone; Arrow's checked cast refused the whole batch for one such value.
+        outside = _outside_int_range(column, target)
+        if outside is not None:
+            column = pc.if_else(outside, pa.scalar(None, got), column)
+        return pc.cast(column, target), None
     if pa.types.is_string(target) and (pa.types.is_large_string(got) or pa.types.is_string_view(got)):
         return pc.cast(column, target), None
     if pa.types.is_string(target) and pa.types.is_dictionary(got):
         return pc.cast(column, target), None
     return None, Problem(f.name, dtype_name(target), f"column of type {got}")
+
+
+def _int_range(dtype: pa.DataType) -> tuple[int, int]:
+    info = np.iinfo(dtype.to_pandas_dtype())
+    return int(info.min), int(info.max)
+
+
+def _outside_int_range(column: pa.Array, target: pa.DataType) -> pa.Array | None:
+    """Where an integer column holds values `target` cannot (None if it holds none)."""
+    low, high = _int_range(target)
+    got_low, got_high = _int_range(column.type)
+    outside = pa.array(np.zeros(len(column), dtype=bool))
+    if got_low < low:
+        outside = pc.or_(outside, pc.less(column, pa.scalar(low, column.type)))
+    if got_high > high:
+        outside = pc.or_(outside, pc.greater(column, pa.scalar(high, column.type)))
+    outside = pc.fill_null(outside, False)
+    return outside if pc.any(outside).as_py() else None
 
 
 def _rejected_table(

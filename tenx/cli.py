@@ -462,7 +462,8 @@ def ingest(
     console.print(table)
     for summary in summaries:
         if summary.duplicates:
-            console.print(f"{summary.file}: {summary.duplicates:,} events already in the table left out")
+            nothing_new = "; nothing new was stored" if not summary.ingested else ""
+            console.print(f"{summary.file}: {summary.duplicates:,} events already in the table left out{nothing_new}")
         if summary.reasons:
             console.print(f"{summary.file}: {summary.rejected:,} rejected; most frequent reasons:")
             for reason, count in summary.reasons:
@@ -473,7 +474,8 @@ def ingest(
         print_error(problem)
     if refused:
         sys.exit(EXIT_USAGE)
-    nothing = [str(s.file) for s in summaries if not s.skipped and s.rows_in and not s.ingested]
+    # Valid events all already stored (--skip-duplicates) are not a failure: the table holds them.
+    nothing = [str(s.file) for s in summaries if not s.skipped and s.rows_in and not s.ingested and not s.duplicates]
     if nothing:
         print_error(f"no valid event in {', '.join(nothing)}")
         sys.exit(EXIT_FAILURE)
@@ -698,7 +700,7 @@ def export(
     "as_of",
     default=None,
     help="Load values as of this time: 2026-01-01 (midnight UTC) or ISO-8601 with a zone, 2026-01-01T10:00:00Z "
-    "(default: now).",
+    "(default: now; never later than now).",
 )
 @config_option
 @friendly
@@ -715,7 +717,15 @@ def materialize(views: tuple[str, ...], as_of: str | None, config_file: Path | N
     # Not the last changelog row: a backfill holds expiry rows up to the widest window
     # ahead, and a value from the future would also block the stream's writes until then.
     parsed = _parse_time(as_of, "--as-of")
-    moment = parsed if parsed is not None else _now_us()
+    now = _now_us()
+    if parsed is not None and parsed > now:
+        now_text = micros_to_datetime(now).replace(microsecond=0).isoformat()
+        raise ConfigError(
+            f"--as-of {as_of!r} is later than now ({now_text}); the online store would get values from the future "
+            "(a backfill's expiry rows) and refuse the stream job's writes as older until then: pass a time up to "
+            "now, or leave --as-of out for now"
+        )
+    moment = parsed if parsed is not None else now
     empty: list[str] = []
     offline = offline_store(settings)
     online = online_store(settings, plan)

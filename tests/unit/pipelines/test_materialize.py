@@ -134,3 +134,39 @@ def test_verify_reports_each_step_and_finds_a_changed_value(
     )
     online.write(view, changed)
     assert [m.feature for m in verify_view(view, offline, online, sample=1_000).mismatches] == ["count_7d"]
+
+
+def test_as_of_defaults_to_now_and_a_future_one_is_refused(
+    filled: tuple[Plan, DeltaOfflineStore], tmp_path: Path
+) -> None:
+    # None loaded every row, a backfill's future expiry rows among them: served as if
+    # already true, they also made the stream's writes (as of now) be refused as older.
+    from datetime import timedelta
+
+    from featurestore.errors import TerminalError
+    from featurestore.stores.offline import micros_to_datetime
+
+    plan, offline = filled
+    view = plan.view("user_spend")
+    changelog = offline.read_changelog(view)
+    middle = pc.min(changelog.column(AS_OF)).value + 36 * 3_600_000_000
+    expected = last_rows(
+        changelog, view.entity_key, pa.scalar(middle, pa.int64()).cast(changelog.schema.field(AS_OF).type)
+    )
+    online = SqliteOnlineStore(tmp_path / "online.sqlite")
+    clock = lambda: micros_to_datetime(middle)  # noqa: E731
+    summary = materialize(view, offline, online, clock=clock)
+    assert summary.entities == len(expected)
+    raws = online.read(view, list(expected))
+    assert [decode(view, raw)[0] for raw in raws if raw is not None] == [
+        int(pa.scalar(row[AS_OF]).cast(pa.int64()).as_py()) for row in expected.values()
+    ]
+    with pytest.raises(TerminalError) as refused:
+        materialize(view, offline, online, as_of=middle + 1, clock=clock)
+    assert str(refused.value) == (
+        f"view `user_spend`: as of {(micros_to_datetime(middle) + timedelta(microseconds=1)).isoformat()} is later "
+        f"than now ({micros_to_datetime(middle).replace(microsecond=0).isoformat()}); the online store would get "
+        "values from the future (a backfill's expiry rows) and refuse the stream job's writes as older until then: "
+        "materialize as of now or an earlier time"
+    )
+    assert materialize(view, offline, online, as_of=middle, clock=clock).entities == len(expected)  # now itself

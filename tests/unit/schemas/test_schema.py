@@ -82,6 +82,17 @@ def test_unsupported_field_types_and_non_utc_bounds_are_problems() -> None:
     ]
 
 
+def test_a_min_time_before_1970_is_a_problem() -> None:
+    # Events before 1970 were ingested and backfilled, then crashed materialize (the
+    # online as_of is unsigned) with a bare struct.error.
+    assert schema(Field("ts", "timestamp"), min_time=datetime(1950, 1, 1, tzinfo=UTC)).problems() == [
+        "min_time 1950-01-01T00:00:00+00:00 is before 1970-01-01T00:00:00+00:00, the earliest time tenx stores "
+        "online (its as_of is unsigned microseconds since 1970); use min_time=datetime(1970, 1, 1, tzinfo=UTC) "
+        "or later"
+    ]
+    assert schema(Field("ts", "timestamp"), min_time=datetime(1970, 1, 1, tzinfo=UTC)).problems() == []
+
+
 @pytest.mark.parametrize(
     "original",
     [

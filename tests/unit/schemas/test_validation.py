@@ -421,16 +421,27 @@ def test_nan_in_a_nullable_float_column_is_rejected_but_null_is_fine() -> None:
     assert result.rejected.column("reason").to_pylist() == ["field `score`: expected finite float32, got nan"]
 
 
-def test_an_int64_column_out_of_int32_range_is_rejected() -> None:
-    table = pa.table({"id": pa.array([1, 2**40]), "flag": [True, True], "ts": ts_array([T0, T0])})
+def test_an_int64_value_out_of_int32_range_rejects_only_its_row() -> None:
+    # Arrow's checked cast refused the whole column for one value: every row of the
+    # batch was rejected, with a reason false for all but one.
+    table = pa.table({"id": pa.array([1, 2**40, -(2**31)]), "flag": [True] * 3, "ts": ts_array([T0] * 3)})
     result = validate_batch(SMALL, table)
-    assert result.valid.num_rows == 0
-    assert result.rejected.num_rows == 2
-    assert (
-        result.rejected.column("reason")[1]
-        .as_py()
-        .startswith("field `id`: expected int32, got int64 values out of range")
-    )
+    assert result.valid.column("id").to_pylist() == [1, -(2**31)]
+    assert result.rejected.column("row").to_pylist() == [1]
+    assert result.rejected.column("reason").to_pylist() == [
+        "field `id`: expected int32 within [-2147483648, 2147483647], got 1099511627776"
+    ]
+
+
+def test_a_uint64_value_past_int64_rejects_only_its_row() -> None:
+    table = transactions_table(3, user_id=pa.array([1, 2**63, 2**64 - 1], pa.uint64()))
+    result = validate_batch(TRANSACTIONS, table)
+    assert result.valid.column("user_id").to_pylist() == [1]
+    assert result.rejected.column("row").to_pylist() == [1, 2]
+    assert result.rejected.column("reason").to_pylist() == [
+        f"field `user_id`: expected int64 within [-9223372036854775808, 9223372036854775807], got {value}"
+        for value in (2**63, 2**64 - 1)
+    ]
 
 
 def test_a_far_future_event_time_is_rejected_not_raised() -> None:
@@ -551,3 +562,21 @@ def test_nanosecond_times_are_floored_to_their_microsecond_and_big_ints_fit_floa
     assert result.ok
     assert pc.cast(result.valid.column("event_time"), pa.int64()).to_pylist() == [T0, T0 + 1]
     assert result.valid.column("amount").to_pylist() == [float(2**53), 3.0]  # the nearest float64
+
+
+def test_nanosecond_times_in_a_daylight_saving_zone_are_floored_in_utc() -> None:
+    """The autumn's repeated hour is ambiguous in local time: Arrow's floor there raised
+    "Local time is ambiguous" for both labels and events."""
+    from schemas.validation import floor_to_micros
+
+    fold = 1_792_888_200_000_000  # 2026-10-25T00:30:00Z: 02:30 CEST, and an hour later 02:30 CET
+    nanos = [fold * 1000 + 789, (fold + 3_600_000_000) * 1000 + 999, (fold - 1) * 1000]
+    paris = pa.array(nanos, pa.timestamp("ns", tz="Europe/Paris"))
+    floored = floor_to_micros(paris)
+    assert floored.type == pa.timestamp("us", tz="Europe/Paris")
+    assert pc.cast(floored, pa.int64()).to_pylist() == [fold, fold + 3_600_000_000, fold - 1]
+    chunked = floor_to_micros(pa.chunked_array([paris[:1], paris[1:]]))
+    assert pc.cast(chunked, pa.int64()).to_pylist() == [fold, fold + 3_600_000_000, fold - 1]
+    result = validate_batch(TRANSACTIONS, transactions_table(3, event_time=paris))
+    assert result.ok
+    assert pc.cast(result.valid.column("event_time"), pa.int64()).to_pylist() == [fold, fold + 3_600_000_000, fold - 1]
