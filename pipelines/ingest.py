@@ -100,6 +100,7 @@ def ingest_file(
 
     if already_ingested():
         return IngestSummary(path, 0, 0, 0, time.perf_counter() - began, skipped=True)
+    store.check_events_table(source)  # before reading the file: it could not be appended
 
     now = clock()
     rows_in = valid_rows = 0

@@ -96,6 +96,12 @@ def _repointed(before: EntitySpec | SourceSpec, after: EntitySpec | SourceSpec) 
         if old != new
     ]
     if not moved:
+        if before.schema.to_dict()["fields"] != after.schema.to_dict()["fields"]:
+            return (
+                f": its fields changed; an events table `{after.table}` ingested already keeps the fields it was "
+                f"made with (ingest and backfill refuse it then): give the source a new table "
+                f'(table="{after.table}_v2"), `tenx ingest` its events there and `tenx backfill` its views'
+            )
         return ""
     return (
         f": now reads {' and '.join(moved)}; its views keep their versions and the values computed from the old "

@@ -139,6 +139,33 @@ class DeltaOfflineStore:
             .append(pa.field(DATE, pa.date32(), nullable=False))
         )
 
+    def check_events_table(self, source: SourceSpec) -> None:
+        """Raise TerminalError when the events table's columns are not the source
+        schema's: a schema that gained a field (or lost or retyped one) after the table
+        was made failed an ingest with Delta's SchemaMismatchError and a backfill with a
+        KeyError deep in Dask, neither saying what differs. An events table keeps the
+        schema it was created with (its files are immutable history)."""
+        table = self._table(self.events_path(source))
+        if table is None:
+            return
+        stored = pa.schema(table.schema().to_arrow())
+        has = {f.name: _plain(f.type) for f in stored if f.name not in (SEQUENCE, DATE)}
+        wants = {f.name: _plain(f.type) for f in source.schema.arrow_schema()}
+        problems = []
+        if missing := [name for name in wants if name not in has]:
+            problems.append(f"lacks field(s) {', '.join(f'`{n}`' for n in missing)}")
+        if extra := [name for name in has if name not in wants]:
+            problems.append(f"has field(s) {', '.join(f'`{n}`' for n in extra)} the schema no longer has")
+        if retyped := [f"`{n}` ({has[n]} there, {t} now)" for n, t in wants.items() if n in has and has[n] != t]:
+            problems.append(f"holds {', '.join(retyped)}")
+        if problems:
+            raise TerminalError(
+                f"the events table of source `{source.name}` at {self.events_path(source)} {'; '.join(problems)}: "
+                f"its schema changed after the table was made, and an events table keeps the schema it was made "
+                f'with. Give the source a new table (Source(..., table="{source.table}_v2")), ingest its events '
+                "there, and backfill its views"
+            )
+
     def ingests(self, source: SourceSpec) -> list[IngestRecord]:
         table = self._table(self.events_path(source))
         if table is None:
@@ -613,3 +640,8 @@ def _local(uri: str) -> str:
     if "://" in uri and not uri.startswith("file://"):
         return uri  # object stores: their own URI rules
     return urllib.parse.unquote(uri.removeprefix("file://"))
+
+
+def _plain(dtype: pa.DataType) -> pa.DataType:
+    """A type as the schema names it: Delta hands strings back as large or view strings."""
+    return pa.string() if pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype) else dtype

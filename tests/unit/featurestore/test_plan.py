@@ -291,6 +291,23 @@ def test_entities_and_sources_no_view_uses_still_show_in_the_diff(repo: Path) ->
         before, sources=tuple(dataclasses.replace(s, description="Card payments.") for s in before.sources)
     )
     assert [str(c) for c in diff_plans(before, described)] == ["~ source `transactions`: definition"]
+    # A field added: an events table keeps its fields, which the diff says with what to do.
+    from schemas import Field
+
+    grown = dataclasses.replace(
+        before,
+        sources=tuple(
+            dataclasses.replace(
+                s, schema=dataclasses.replace(s.schema, fields=(*s.schema.fields, Field("x", "int64", nullable=True)))
+            )
+            for s in before.sources
+        ),
+    )
+    assert [str(c) for c in diff_plans(before, grown)] == [
+        "~ source `transactions`: definition: its fields changed; an events table `transactions` ingested already "
+        "keeps the fields it was made with (ingest and backfill refuse it then): give the source a new table "
+        '(table="transactions_v2"), `tenx ingest` its events there and `tenx backfill` its views'
+    ]
     # Repointed at another table: its views keep their versions (and their old values),
     # which the diff must say, with what to run.
     moved = dataclasses.replace(before, sources=tuple(dataclasses.replace(s, table="tx_v2") for s in before.sources))

@@ -626,3 +626,50 @@ def test_a_range_backfill_anchors_only_entities_whose_events_reach_its_start(tmp
     expected = reference_changelog(view, store.read_events(view.source).to_pandas(), start=start, end=start + DAY)
     assert changelog_differences(expected, got, key="user_id") == []
     assert sorted({row["user_id"] for row in got.to_pylist()}) == [2]
+
+
+def test_a_source_schema_changed_after_its_table_was_made_is_named_by_ingest_and_backfill(
+    tmp_path: Path, client: Any
+) -> None:
+    """A field added to the schema after events were ingested failed the next ingest
+    with Delta's SchemaMismatchError and the backfill of the new view version with a
+    KeyError deep in Dask; neither said the events table lacks the field."""
+    from featurestore import Count, Sum
+    from featurestore.errors import TerminalError
+    from tests.unit.pipelines.test_reference import BASE_US, EVENTS, MINUTE, make_view
+
+    old = make_view(Count())
+    events = pa.table(
+        {
+            "user_id": [1, 2],
+            "value": [1.0, 2.0],
+            "amount": pa.array([None, None], pa.int64()),
+            "label": pa.array([None, None], pa.string()),
+            "event_time": pa.array([BASE_US, BASE_US + MINUTE], pa.timestamp("us", "UTC")),
+        }
+    )
+    path = tmp_path / "events.parquet"
+    pyarrow.parquet.write_table(events, path)
+    store = DeltaOfflineStore(tmp_path / "offline")
+    assert ingest_file(store, old.source, path).ingested == 2
+    from featurestore import Entity, Source, feature_view
+    from featurestore.plan import compile_definitions
+    from schemas import EventSchema, Field
+
+    grown = EventSchema("events", [*EVENTS.fields, Field("extra", "float64", nullable=True)],
+                        event_time="event_time", entity_keys=["user_id"])  # fmt: skip
+
+    @feature_view(entity=Entity("user", key="user_id"), source=Source("events", grown),
+                  aggregations=[Sum("extra")], windows=["10m"])  # fmt: skip
+    def extra(frame: Any) -> Any:
+        return frame[[]]
+
+    new = compile_definitions("test", views=[extra]).views[0]
+    message = r"the events table of source `events` at .* lacks field\(s\) `extra`: its schema changed"
+    more = tmp_path / "more.parquet"
+    pyarrow.parquet.write_table(events.append_column("extra", pa.array([1.5, 2.5])), more)
+    with pytest.raises(TerminalError, match=message):
+        ingest_file(store, new.source, more)
+    with pytest.raises(TerminalError, match=message + r".*Source\(\.\.\., table=\"events_v2\"\)"):
+        backfill_view(new, store, client)
+    backfill_view(old, store, client)  # the old definition still runs
