@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import difflib
 import hashlib
-import itertools
 import random
 import re
 import tempfile
@@ -103,11 +102,15 @@ def ingest_file(
     store.check_events_table(source)  # before reading the file: it could not be appended
 
     now = clock()
-    rows_in = valid_rows = 0
-    reject_tables: list[pa.Table] = []
+    rows_in = valid_rows = rejected = 0
+    reasons = _Reasons()
     with tempfile.TemporaryDirectory(prefix="tenx-ingest-") as scratch:
         staged = Path(scratch) / "valid.parquet"
+        # Rejects go to a scratch file too, as valid rows do: kept in memory until the
+        # commit, they grew the process by about 275 MB a million (each is its row as JSON).
+        staged_rejects = Path(scratch) / "rejects.parquet"
         writer = pq.ParquetWriter(staged, source.schema.arrow_schema())
+        reject_writer = pq.ParquetWriter(staged_rejects, REJECTS_SCHEMA)
         try:
             for offset, batch in _batches(path, kind, source):
                 rows_in += batch.num_rows
@@ -116,12 +119,14 @@ def ingest_file(
                     writer.write_table(valid)
                     valid_rows += valid.num_rows
                 if rejects.num_rows:
-                    reject_tables.append(rejects)
+                    reject_writer.write_table(rejects.cast(REJECTS_SCHEMA))
+                    reasons.add(rejects.column("reason").to_pylist())
+                    rejected += rejects.num_rows
                 if progress is not None:
                     progress(batch.num_rows)
         finally:
             writer.close()
-        rejected = sum(t.num_rows for t in reject_tables)
+            reject_writer.close()
 
         # Check and append against one version of the events table; when another ingest
         # appends first, the append fails (WriteConflict) and everything is read again:
@@ -140,7 +145,7 @@ def ingest_file(
                     scratch=Path(scratch),
                     version=version,
                     digest=digest,
-                    reject_tables=reject_tables,
+                    rejects=(staged_rejects, rejected),
                     allow_duplicates=allow_duplicates,
                     skip_duplicates=skip_duplicates,
                 )
@@ -154,9 +159,8 @@ def ingest_file(
                     raise
                 time.sleep(random.uniform(0.02, 0.2) * attempt)  # jitter: racing writers drift apart
         valid_rows = stored
-    reasons = _top_reasons(reject_tables)
     seconds = time.perf_counter() - began
-    return IngestSummary(path, rows_in, valid_rows, rejected, seconds, reasons=reasons, duplicates=duplicates)
+    return IngestSummary(path, rows_in, valid_rows, rejected, seconds, reasons=reasons.top(), duplicates=duplicates)
 
 
 def _append(
@@ -169,7 +173,7 @@ def _append(
     scratch: Path,
     version: int | None,
     digest: str,
-    reject_tables: list[pa.Table],
+    rejects: tuple[Path, int],
     allow_duplicates: bool,
     skip_duplicates: bool,
 ) -> tuple[int, int]:
@@ -194,13 +198,15 @@ def _append(
         "tenx.file_sha256": digest,
         "tenx.file": str(path),
         "tenx.rows": str(valid_rows),
-        "tenx.rejected": str(sum(t.num_rows for t in reject_tables)),
+        "tenx.rejected": str(rejects[1]),
     }
     # Rejects first: should the process die between the two commits, a re-run
     # (the file is not yet recorded as ingested) writes the events, and the
     # rejects of a file are looked up by its digest, never written twice.
-    if reject_tables:  # once per file, even when ingests of it race (see append_rejects)
-        store.append_rejects(source, pa.concat_tables(reject_tables), metadata=metadata)
+    if rejects[1]:  # once per file, even when ingests of it race (see append_rejects)
+        stored = pq.ParquetFile(rejects[0])
+        batches = pa.RecordBatchReader.from_batches(REJECTS_SCHEMA, stored.iter_batches(batch_size=BATCH_ROWS))
+        store.append_rejects(source, batches, metadata=metadata)
     if valid_rows:
         reader = pq.ParquetFile(staged)
         store.append_events(
@@ -341,10 +347,23 @@ def reason_counts(reasons: Iterable[str]) -> list[tuple[str, str, int]]:
     return [(kind, example[kind], count) for kind, count in counts.most_common()]
 
 
-def _top_reasons(reject_tables: list[pa.Table], limit: int = 5) -> tuple[tuple[str, int], ...]:
-    """The most frequent kinds of reason, each shown by its first example."""
-    reasons = itertools.chain.from_iterable(table.column("reason").to_pylist() for table in reject_tables)
-    return tuple((example, count) for _, example, count in reason_counts(reasons)[:limit])
+class _Reasons:
+    """Counts of reject reasons by kind, as batches are read (`reason_counts`, kept
+    incrementally: the rejects themselves are not kept)."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.example: dict[str, str] = {}
+
+    def add(self, reasons: Iterable[str]) -> None:
+        for reason in reasons:
+            kind = reason_kind(reason)
+            self.counts[kind] += 1
+            self.example.setdefault(kind, reason)
+
+    def top(self, limit: int = 5) -> tuple[tuple[str, int], ...]:
+        """The most frequent kinds of reason, each shown by its first example."""
+        return tuple((self.example[kind], count) for kind, count in self.counts.most_common(limit))
 
 
 def _batches(path: Path, kind: str, source: SourceSpec) -> Iterator[tuple[int, pa.Table]]:

@@ -314,11 +314,14 @@ class DeltaOfflineStore:
         return int(bounds["min"].as_py()), int(bounds["max"].as_py())
 
     # -- rejects ----------------------------------------------------------------------------
-    def append_rejects(self, source: SourceSpec, rejects: pa.Table, *, metadata: dict[str, str]) -> bool:
+    def append_rejects(
+        self, source: SourceSpec, rejects: pa.Table | pa.RecordBatchReader, *, metadata: dict[str, str]
+    ) -> bool:
         """Record a file's rejects once: checked and committed against one table version
         with an app transaction per file digest, so two ingests of one file racing here
         write them once (the loser's commit conflicts and is dropped). Returns whether
-        this call wrote them."""
+        this call wrote them. The rows stream into one Parquet file that the commit then
+        adds: delta-rs's writer held all of them in memory (about 275 MB a million)."""
         path = self.rejects_path(source)
         digest = metadata["tenx.file_sha256"]
         table = self._table(path)
@@ -330,18 +333,38 @@ class DeltaOfflineStore:
             return False
         if any(c.get("tenx.file_sha256") == digest for c in table.history()):  # recorded before the app transaction
             return False
+        batches = rejects.cast(REJECTS_SCHEMA).to_batches() if isinstance(rejects, pa.Table) else rejects
+        action = self._write_file(path, REJECTS_SCHEMA, batches)
         try:
-            write_deltalake(
-                table,
-                rejects.cast(REJECTS_SCHEMA),
+            table.create_write_transaction(
+                [action],
                 mode="append",
+                schema=REJECTS_SCHEMA,
                 commit_properties=CommitProperties(
                     custom_metadata=metadata, app_transactions=[Transaction(f"{REJECTS_APP}:{digest}", 1)]
                 ),
             )
         except CommitFailedError:
-            return False  # another ingest of the same file recorded them first
+            return False  # another ingest of the same file recorded them first (its file stays uncommitted)
         return True
+
+    def _write_file(self, folder: Location, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> AddAction:
+        """One Parquet file of `batches` in a table's folder, written as they come (not
+        committed: invisible to readers until its add action is)."""
+        filesystem = self.location.filesystem()
+        if self.location.is_local:
+            filesystem.create_dir(folder.path, recursive=True)
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        rows = 0
+        with filesystem.open_output_stream(folder.join(name).path) as out:
+            writer = pq.ParquetWriter(out, schema, compression="zstd")
+            for batch in batches:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+            writer.close()
+            size = out.tell()
+        return AddAction(path=name, size=size, partition_values={}, modification_time=int(time.time() * 1000),
+                         data_change=True, stats=json.dumps({"numRecords": rows}))  # fmt: skip
 
     def rejected_files(self, source: SourceSpec) -> set[str]:
         table = self._table(self.rejects_path(source))
