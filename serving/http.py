@@ -18,6 +18,7 @@ the client ahead of them and was read as the first one's answer.
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -84,7 +85,19 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _answer_and_close(self, answer: bytes) -> None:
         """Write a connection's last answer now, or once every request pipelined before it
         is answered (`answer_held`); nothing more is read either way."""
-        if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
+        cycle = self.cycle
+        pending = bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+        if cycle is not None and cycle.more_body and not cycle.response_complete:
+            # The answer is this request's own (its body could not be parsed): it is given
+            # up as a lost connection would be (its app's receive() says disconnected),
+            # and only requests before it are waited for. One still queued behind a running
+            # request leaves the queue; one already running had nothing before it.
+            queued = any(item is cycle for item, _ in self.pipeline)
+            self.pipeline = collections.deque(item for item in self.pipeline if item[0] is not cycle)
+            cycle.disconnected = True
+            cycle.message_event.set()
+            pending = queued
+        if pending:
             self._last_answer = answer
             self._refused = True  # later reads are dropped
             self.flow.pause_reading()

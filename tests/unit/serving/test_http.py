@@ -24,6 +24,18 @@ async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
         await send({"type": "http.response.body", "body": b"slow"})
         return
+    if scope["path"] == "/echo":  # reads its whole body first
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"echo"})
+        return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
 
@@ -133,3 +145,18 @@ def test_a_closing_answer_waits_for_the_requests_pipelined_before_it(port: int, 
     expected = b"431" if bad == "oversized" else b"400"
     assert [status[:3] for status in statuses] == [b"200", b"200", expected], answer
     assert answer.index(b"slow") < answer.index(b"\r\n\r\nok") < answer.index(b"HTTP/1.1 " + expected)
+
+
+@pytest.mark.parametrize("before", [b"", b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n"])
+def test_a_body_that_cannot_be_parsed_is_answered_400_not_left_hanging(port: int, before: bytes) -> None:
+    """The 400 for a body that cannot be parsed (a bad chunk size) is that request's own
+    answer: it waited for that request's response, which waited for the rest of its
+    body, so the connection hung until the client gave up."""
+    bad = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n"
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(before + bad)
+        answer = read_until_closed(sock)
+    assert time.monotonic() - began < 4
+    statuses = [part.split(b"\r\n", 1)[0][:3] for part in answer.split(b"HTTP/1.1 ")[1:]]
+    assert statuses == ([b"200"] if before else []) + [b"400"], answer
