@@ -54,6 +54,11 @@ class TransformError(TerminalError):
     """A feature view's row transform or `where` filter returned something unexpected."""
 
 
+class DerivedCastError(TransformError):
+    """A derived column's values do not cast to its declared type: a fault of the data as
+    much as of the code, so the compiler's made-up sample rows cannot judge it."""
+
+
 @dataclass(frozen=True, order=True)
 class CompileProblem:
     """One mistake in a feature repo: where, about what, and what is wrong."""

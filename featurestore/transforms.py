@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from featurestore.errors import TransformError
+from featurestore.errors import DerivedCastError, TransformError
 from featurestore.plan.code import load
 from featurestore.plan.model import ViewSpec
 from schemas.validation import FLOAT_LIMIT
@@ -84,7 +84,7 @@ def prepare_events(view: ViewSpec, events: Any) -> Any:
         try:
             column = derived[name].astype(FRAME_DTYPES[dtype])
         except (TypeError, ValueError) as error:
-            raise TransformError(
+            raise DerivedCastError(
                 f"feature view `{view.name}`: derived column `{name}` cannot be {dtype}: {error}"
             ) from error
         if dtype.startswith("float"):

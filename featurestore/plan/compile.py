@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from featurestore.definitions import Aggregation, Entity, FeatureView, Source, Window
 from featurestore.durations import format_duration, parse_duration
-from featurestore.errors import CompileError, CompileProblem, TransformError
+from featurestore.errors import CompileError, CompileProblem, DerivedCastError, TransformError
 from featurestore.plan.code import CaptureError, capture, load
 from featurestore.plan.collect import collect, duplicate_view, modules_under, repo_on_path
 from featurestore.plan.model import AS_OF, CodeSpec, EntitySpec, FeatureSpec, Plan, SourceSpec, ViewSpec, WindowSpec
@@ -251,12 +251,16 @@ class _Compiler:
     def _prepares(self, spec: ViewSpec, subject: str) -> bool:
         """Whether the engines' own code path (`prepare_events`) takes a sample batch: the
         checks above see names and shapes, this one the rest the engines require (a
-        boolean `where=`, one row per event, values that cast to the declared types).
-        A plan that compiled but failed here failed the backfill and the stream job."""
+        boolean `where=`, one row per event). A plan that compiled but failed here failed
+        the backfill and the stream job. A derived value that does not cast to its type
+        is not judged: the sample's made-up values ("a", "b") say nothing of the real
+        ones (digits in a string field, a lookup table of its real values)."""
         from featurestore.transforms import prepare_events
 
         try:
             prepare_events(spec, _sample_events(spec.source.schema))
+        except DerivedCastError:
+            return True
         except TransformError as error:
             self.report(spec.location, subject, f"on a sample batch: {str(error).removeprefix(subject + ': ')}")
             return False
