@@ -244,8 +244,8 @@ def _check_columns(path: Path, kind: str, source: SourceSpec) -> None:
             close = difflib.get_close_matches(name, names, n=1)
             hints.append(f"`{name}`" + (f" (the file has `{close[0]}`)" if close else ""))
         problems.append(f"missing column(s) {', '.join(hints)} of source `{source.name}`")
-    # A missing nullable column reads as nulls, unless the file has it under another
-    # spelling (`Fval`, `txt `): its values would be stored as null without a word.
+    # A missing nullable column reads as nulls, unless the file has it in another case or
+    # with spaces (`Fval`, `txt `): its values would be stored as null without a word.
     unused = [name for name in names if name not in source.schema.names]
     misspelled = [
         (f.name, near)
@@ -264,14 +264,13 @@ def _check_columns(path: Path, kind: str, source: SourceSpec) -> None:
 
 
 def _spelled_otherwise(name: str, candidates: list[str]) -> str | None:
-    """The candidate that is `name` in another case or with spaces around it, or else a
-    close spelling of it (stricter than the hint for a required column, since this one
-    refuses a file that would otherwise be accepted)."""
+    """The candidate that is `name` in another case or with spaces around it. Only that:
+    a close spelling may well be another column (`subcategory` beside `category`,
+    `amount_usd` beside `amount_eur`), and this refuses a file that is otherwise valid."""
     for candidate in candidates:
         if candidate.strip().casefold() == name.casefold():
             return candidate
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.8)
-    return close[0] if close else None
+    return None
 
 
 def _stored_duplicates(
@@ -402,16 +401,22 @@ def _batches(path: Path, kind: str, source: SourceSpec) -> Iterator[tuple[int, p
         yield from _json_lines(path)
 
 
+# What CSV writers write for a missing value (Arrow's default spellings of null; R's
+# write.csv writes NA). Null in a number, bool or time column, where none of them can be
+# a value; text in a string column (Namibia's country code is NA).
+_NULL_SPELLINGS = pa.array(pacsv.ConvertOptions().null_values, pa.string())
+
+
 def _empty_as_null(table: pa.Table, names: list[str]) -> pa.Table:
     """A quoted empty cell (`""`, as writers quoting every field write a missing value)
-    is null in a number, bool or time column: no such value is empty. In a string
-    column it stays the empty string."""
+    or a spelling of null (`NA`, `null`, `N/A`, `nan`, ...) is null in a number, bool or
+    time column: no such value is either. In a string column both stay text."""
     for name in names:
         column = table.column(name)
-        empty = pc.equal(column, "")
-        if pc.any(empty).as_py():
+        missing = pc.is_in(column, value_set=_NULL_SPELLINGS)
+        if pc.any(missing).as_py():
             table = table.set_column(
-                table.schema.get_field_index(name), name, pc.if_else(empty, pa.scalar(None, pa.string()), column)
+                table.schema.get_field_index(name), name, pc.if_else(missing, pa.scalar(None, pa.string()), column)
             )
     return table
 

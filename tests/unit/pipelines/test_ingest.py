@@ -73,9 +73,12 @@ def test_csv_text_that_spells_null_is_kept_as_text(tmp_path: Path, store: DeltaO
     ]
 
 
-def test_csv_words_in_number_columns_are_rejected_and_empty_cells_are_null(
+def test_csv_spellings_of_null_are_null_in_number_bool_and_time_columns(
     tmp_path: Path, store: DeltaOfflineStore
 ) -> None:
+    """No number, bool or time is spelled NA, null, N/A or nan: there they are a missing
+    value as CSV writers write one (R's write.csv writes NA), and null as before; only a
+    string column keeps them as text. Other words are rejected with the reason."""
     path = tmp_path / "numbers.csv"
     path.write_text(
         HEADER + f"e1,k,NA,1.0,true,x,{TIME}\n"
@@ -84,20 +87,22 @@ def test_csv_words_in_number_columns_are_rejected_and_empty_cells_are_null(
         f"e4,k,4,4.0,true,x,NA\n"
         f"e5,k,,,,,{TIME}\n"
         f'e6,k,"","","","",{TIME}\n'  # every field quoted, as csv.QUOTE_ALL writes a missing value
-        f"e7,k,7,nan,true,x,{TIME}\n"
+        f"e7,k,7,nan,true,NA,{TIME}\n"
+        f"e8,k,eight,8.0,true,x,{TIME}\n"
     )
     summary = ingest_file(store, SOURCE, path)
-    assert (summary.ingested, summary.rejected) == (2, 5)
+    assert (summary.ingested, summary.rejected) == (6, 2)
     assert reasons(store) == [
-        (0, "field `ival`: expected int64, got 'NA'"),
-        (1, "field `fval`: expected float64, got 'null'"),
-        (2, "field `flag`: expected bool, got 'N/A'"),
-        (3, "field `event_time`: expected timestamp[us, UTC] (ISO-8601 with timezone), got 'NA'"),
-        (6, "field `fval`: expected finite float64 within ±1e+140, got nan"),
+        (3, "field `event_time`: expected timestamp[us, UTC] (not null), got null"),
+        (7, "field `ival`: expected int64, got 'eight'"),
     ]
     assert stored(store, "eid", "ival", "fval", "flag", "txt") == [
+        ("e1", None, 1.0, True, "x"),
+        ("e2", 2, None, True, "x"),
+        ("e3", 3, 3.0, None, "x"),
         ("e5", None, None, None, None),
         ("e6", None, None, None, ""),
+        ("e7", 7, None, True, "NA"),
     ]
 
 
@@ -115,6 +120,10 @@ def test_a_nullable_column_spelled_otherwise_in_the_file_is_refused(tmp_path: Pa
         "the file has: eid, key, ival, Fval, flag, txt , event_time"
     )
     assert store.ingests(SOURCE) == []
+    # A close spelling is not refused: it may well be another column (`fval2`, `txt_en`).
+    other = tmp_path / "other.csv"
+    other.write_text(f"eid,key,ival,fval2,flag,txt_en,event_time\ne0,k0,1,2.5,true,hello,{TIME}\n")
+    assert ingest_file(store, SOURCE, other).ingested == 1
     # A misspelled required column is named in the same message.
     parquet = tmp_path / "m.parquet"
     pq.write_table(pa.table({"eid": ["e0"], "kye": ["k0"], "Flag": [True], "event_time": [TIME]}), parquet)
