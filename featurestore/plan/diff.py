@@ -96,7 +96,10 @@ def _repointed(before: EntitySpec | SourceSpec, after: EntitySpec | SourceSpec) 
         if old != new
     ]
     if not moved:
-        if before.schema.to_dict()["fields"] != after.schema.to_dict()["fields"]:
+        def columns(source: SourceSpec) -> list[tuple[str, str]]:  # what an events table holds
+            return [(field["name"], field["dtype"]) for field in source.schema.to_dict()["fields"]]
+
+        if columns(before) != columns(after):
             return (
                 f": its fields changed; an events table `{after.table}` ingested already keeps the fields it was "
                 f"made with (ingest and backfill refuse it then): give the source a new table "

@@ -139,12 +139,13 @@ class DeltaOfflineStore:
             .append(pa.field(DATE, pa.date32(), nullable=False))
         )
 
-    def check_events_table(self, source: SourceSpec) -> None:
+    def check_events_table(self, source: SourceSpec, *, appending: bool = True) -> None:
         """Raise TerminalError when the events table's columns are not the source
         schema's: a schema that gained a field (or lost or retyped one) after the table
         was made failed an ingest with Delta's SchemaMismatchError and a backfill with a
         KeyError deep in Dask, neither saying what differs. An events table keeps the
-        schema it was created with (its files are immutable history)."""
+        schema it was created with (its files are immutable history). A reader
+        (`appending` False) minds only fields missing or retyped: it reads no others."""
         table = self._table(self.events_path(source))
         if table is None:
             return
@@ -154,7 +155,7 @@ class DeltaOfflineStore:
         problems = []
         if missing := [name for name in wants if name not in has]:
             problems.append(f"lacks field(s) {', '.join(f'`{n}`' for n in missing)}")
-        if extra := [name for name in has if name not in wants]:
+        if appending and (extra := [name for name in has if name not in wants]):
             problems.append(f"has field(s) {', '.join(f'`{n}`' for n in extra)} the schema no longer has")
         if retyped := [f"`{n}` ({has[n]} there, {t} now)" for n, t in wants.items() if n in has and has[n] != t]:
             problems.append(f"holds {', '.join(retyped)}")

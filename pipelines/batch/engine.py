@@ -88,7 +88,7 @@ def backfill_view(
     import dask.dataframe as dd
 
     began = time.perf_counter()
-    store.check_events_table(view.source)
+    store.check_events_table(view.source, appending=False)
     given = (start is not None, end is not None)
     if start is None or end is None:
         everything = default_range(view, store)

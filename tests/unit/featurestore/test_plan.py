@@ -303,6 +303,19 @@ def test_entities_and_sources_no_view_uses_still_show_in_the_diff(repo: Path) ->
             for s in before.sources
         ),
     )
+    redescribed = dataclasses.replace(
+        before,
+        sources=tuple(
+            dataclasses.replace(
+                s,
+                schema=dataclasses.replace(
+                    s.schema, fields=tuple(dataclasses.replace(f, description="edited") for f in s.schema.fields)
+                ),
+            )
+            for s in before.sources
+        ),
+    )
+    assert [str(c) for c in diff_plans(before, redescribed)] == ["~ source `transactions`: definition"]
     assert [str(c) for c in diff_plans(before, grown)] == [
         "~ source `transactions`: definition: its fields changed; an events table `transactions` ingested already "
         "keeps the fields it was made with (ingest and backfill refuse it then): give the source a new table "

@@ -673,3 +673,17 @@ def test_a_source_schema_changed_after_its_table_was_made_is_named_by_ingest_and
     with pytest.raises(TerminalError, match=message + r".*Source\(\.\.\., table=\"events_v2\"\)"):
         backfill_view(new, store, client)
     backfill_view(old, store, client)  # the old definition still runs
+    # A field dropped from the schema: ingest refuses the table (an append must match
+    # it), a backfill reads only the fields it needs and runs.
+    fewer = EventSchema("events", [f for f in EVENTS.fields if f.name != "label"],
+                        event_time="event_time", entity_keys=["user_id"])  # fmt: skip
+
+    @feature_view(entity=Entity("user", key="user_id"), source=Source("events", fewer),
+                  aggregations=[Sum("value")], windows=["10m"])  # fmt: skip
+    def value(frame: Any) -> Any:
+        return frame[[]]
+
+    narrow = compile_definitions("test", views=[value]).views[0]
+    with pytest.raises(TerminalError, match=r"has field\(s\) `label` the schema no longer has"):
+        ingest_file(store, narrow.source, more)
+    assert backfill_view(narrow, store, client).rows_written > 0
