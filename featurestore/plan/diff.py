@@ -96,10 +96,7 @@ def _repointed(before: EntitySpec | SourceSpec, after: EntitySpec | SourceSpec) 
         if old != new
     ]
     if not moved:
-        def columns(source: SourceSpec) -> list[tuple[str, str]]:  # what an events table holds
-            return [(field["name"], field["dtype"]) for field in source.schema.to_dict()["fields"]]
-
-        if columns(before) != columns(after):
+        if _columns(before) != _columns(after):
             return (
                 f": its fields changed; an events table `{after.table}` ingested already keeps the fields it was "
                 f"made with (ingest and backfill refuse it then): give the source a new table "
@@ -168,3 +165,9 @@ def _view_changes(subject: str, before: ViewSpec, after: ViewSpec) -> list[Chang
             )
         )
     return changes
+
+
+def _columns(source: SourceSpec) -> list[tuple[str, str]]:
+    """What a source's events table holds: its fields' names and types (a description or
+    a nullable flag changes no table)."""
+    return [(field["name"], field["dtype"]) for field in source.schema.to_dict()["fields"]]
