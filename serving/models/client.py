@@ -11,8 +11,9 @@ One pooled keep-alive connection set per client (httpx); every call has a timeou
 and a deadline travels as the X-Deadline-Ms header, so the server drops a request
 that can no longer be answered in time instead of working on it. The call's timeout
 is the deadline (plus a little for the network) when one is given, else `timeout_s`,
-and it bounds the whole call, not each network wait: a server that trickles its answer
-is given up on at the deadline. Failures raise serving.errors types: Overloaded (503,
+and it bounds the call, not each network wait: a server that trickles its answer is
+given up on at the deadline (the sync client: connecting and the answer's head are each
+bounded by the timeout, its body by the deadline). Failures raise serving.errors types: Overloaded (503,
 shed: retry later or elsewhere; also raised without sending by the client's own
 throttle, one `AdaptiveThrottle` per class, while the server sheds most of that class's
 requests), ModelUnavailable (503), QuotaExceeded (429, with retry_after_s),
@@ -50,10 +51,12 @@ from serving.errors import (
 DEFAULT_TIMEOUT_S = 5.0
 NETWORK_ALLOWANCE_S = 0.05  # added to a deadline for the call's own timeout
 DEFAULT_RETRY_AFTER_S = 1.0  # a 429 without a Retry-After the client can read
-# The classes the client throttles, each with its own throttle: critical work never is,
-# and a request without a class gets its tenant's default class on the server, which the
-# client cannot know (it may be critical).
-THROTTLED_CLASSES = ("default", "sheddable")
+# The classes the client throttles, each with its own throttle; critical work never is.
+# A request without a class gets its tenant's default class on the server, which the
+# client cannot know: it has a throttle of its own (`UNSPECIFIED`), which refuses only
+# while the server sheds such requests (it rarely sheds critical ones: then it stays open).
+UNSPECIFIED = "unspecified"
+THROTTLED_CLASSES = ("default", "sheddable", UNSPECIFIED)
 
 
 @dataclass(frozen=True)
@@ -203,11 +206,11 @@ def _throttles(settings: AdaptiveThrottle | None) -> dict[str, AdaptiveThrottle]
 def _throttled(throttles: dict[str, AdaptiveThrottle], priority: str | None) -> AdaptiveThrottle | None:
     """The throttle that counts this request (None: not throttled, nor counted); raises
     Overloaded when it refuses to send it."""
-    throttle = throttles.get(priority) if priority is not None else None
+    throttle = throttles.get(priority if priority is not None else UNSPECIFIED)
     if throttle is not None and throttle.refuse():
         raise Overloaded(
-            f"refused by this client's throttle: the server shed most recent {priority} requests (sending "
-            f"{1 - throttle.probability():.0%} of them until it accepts more); retry later"
+            f"refused by this client's throttle: the server shed most recent {priority or 'unclassed'} requests "
+            f"(sending {1 - throttle.probability():.0%} of them until it accepts more); retry later"
         )
     return throttle
 
@@ -293,24 +296,32 @@ def _too_late(url: str, timeout_s: float) -> DeadlineExceeded:
 class _ByDeadline(httpx.SyncByteStream):
     """A response body read before the monotonic `deadline`, or not at all. httpx's
     timeout bounds each network wait, not the call, so a server sending a few bytes at
-    a time held a 100 ms call for seconds. The deadline is checked before every read;
-    a read already waiting ends by its own timeout (httpcore takes it once, when the
-    body starts), so a sync call ends at most one network wait past its deadline. The
-    async client is cancelled at the deadline itself."""
+    a time held a 100 ms call for seconds. The deadline is checked before every read
+    that still waits for bytes (`expected`: the Content-Length, when given: a body
+    already whole is never thrown away); a read already waiting ends by its own timeout,
+    so the body ends at most one network wait past the deadline. Connecting and the
+    answer's head are httpx's, each bounded by the call's timeout. The async client is
+    cancelled at the deadline itself."""
 
-    def __init__(self, stream: Any, deadline: float, late: Callable[[], DeadlineExceeded]) -> None:
+    def __init__(
+        self, stream: Any, deadline: float, late: Callable[[], DeadlineExceeded], expected: int | None
+    ) -> None:
         self._stream = stream
         self._deadline = deadline
         self._late = late
+        self._expected = expected
 
     def __iter__(self) -> Iterator[bytes]:
         chunks = iter(self._stream)
-        while time.monotonic() < self._deadline:
+        received = 0
+        while True:
+            if time.monotonic() >= self._deadline and (self._expected is None or received < self._expected):
+                raise self._late()
             chunk = next(chunks, None)
             if chunk is None:
                 return
+            received += len(chunk)
             yield chunk
-        raise self._late()
 
     def close(self) -> None:
         self._stream.close()
@@ -360,11 +371,20 @@ class ModelClient:
         deadline = time.monotonic() + timeout_s
         try:
             with self._client.stream("POST", "/predict", content=body, headers=headers, timeout=timeout_s) as response:
-                response.stream = _ByDeadline(response.stream, deadline, lambda: _too_late(self.url, timeout_s))
+                length = response.headers.get("content-length")
+                expected = int(length) if length is not None and length.isdigit() else None
+                response.stream = _ByDeadline(
+                    response.stream, deadline, lambda: _too_late(self.url, timeout_s), expected
+                )
                 response.read()
         except httpx.TransportError as error:
             raise _transport_error(error, self.url) from error
         return _answer(response, throttle)
+
+    @property
+    def throttle(self) -> AdaptiveThrottle:
+        """The default class's throttle (each class has its own: `throttles`)."""
+        return self.throttles["default"]
 
     def close(self) -> None:
         self._client.close()
@@ -423,6 +443,11 @@ class AsyncModelClient:
         except TimeoutError as error:
             raise _too_late(self.url, timeout_s) from error
         return _answer(response, throttle)
+
+    @property
+    def throttle(self) -> AdaptiveThrottle:
+        """The default class's throttle (each class has its own: `throttles`)."""
+        return self.throttles["default"]
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -90,9 +90,11 @@ def test_critical_work_is_never_throttled_however_it_is_spelled_nor_counted(spel
     assert [send(client, "Default") for _ in range(5)] == ["shed"] * 5  # its own throttle saw only these
 
 
-def test_a_request_without_a_class_or_with_one_the_client_does_not_know_is_never_throttled() -> None:
-    """Without a class the server applies the tenant's default class, critical perhaps;
-    an unknown one it answers 400. Neither is the client's to refuse."""
+def test_a_request_without_a_class_has_its_own_throttle_and_an_unknown_class_none() -> None:
+    """Without a class the server applies the tenant's default class, critical perhaps:
+    such requests get a throttle of their own, which refuses only while the server sheds
+    them (a server with a critical default hardly does, so it stays open), and never the
+    default class's. An unknown class the server answers 400: not the client's to refuse."""
     sent: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -100,9 +102,18 @@ def test_a_request_without_a_class_or_with_one_the_client_does_not_know_is_never
         return httpx.Response(503, json=SHED)
 
     client = client_of(handler, throttle=AdaptiveThrottle(draw=spread()))
-    assert [send(client, None) for _ in range(200)] == ["shed"] * 200
+    unclassed = [send(client, None) for _ in range(200)]
+    assert 0 < unclassed.count("shed") < 60  # the rest stayed home
+    assert client.throttles["default"].probability() == 0.0  # the default class's own throttle is untouched
+    assert client.throttle is client.throttles["default"]
     assert [send(client, "urgent") for _ in range(50)] == ["shed"] * 50
-    assert sent == ["-"] * 200 + ["urgent"] * 50
+    assert sent == ["-"] * unclassed.count("shed") + ["urgent"] * 50
+
+    def accepted(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=ANSWER)
+
+    answered = client_of(accepted, throttle=AdaptiveThrottle(draw=spread()))
+    assert [send(answered, None) for _ in range(200)] == ["sent"] * 200  # answered: never refused
 
 
 def test_after_an_overload_the_default_throttle_sends_again_within_a_minute() -> None:
@@ -252,3 +263,23 @@ def test_numpy_ids_are_sent_as_json_numbers(entities: Any) -> None:
 
     assert client_of(handler).predict("buys", entities, priority="critical").scores == [0.5]
     assert bodies == [{"model": "buys", "entities": [9, 37]}]
+
+
+def test_a_body_already_whole_is_kept_when_the_deadline_passes_before_its_end_is_read() -> None:
+    """The deadline was checked before every read, the last one included, which finds
+    only the end of a body already whole: such an answer was thrown away as late."""
+    from serving.models.client import _ByDeadline
+
+    def stream() -> Any:
+        yield b"ab"
+        time.sleep(0.05)  # the last bytes arrive after the deadline
+        yield b"cd"
+
+    def late() -> DeadlineExceeded:
+        return DeadlineExceeded("late")
+
+    whole = _ByDeadline(stream(), time.monotonic() + 0.02, late, expected=4)
+    assert b"".join(whole) == b"abcd"
+    short = _ByDeadline(stream(), time.monotonic() + 0.02, late, expected=5)  # a byte still due at the deadline
+    with pytest.raises(DeadlineExceeded):
+        b"".join(short)
