@@ -14,6 +14,7 @@ A plan file whose content hash is not its name is refused.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import getpass
 import json
@@ -117,9 +118,8 @@ class FileRegistry:
         leaves the history short, never naming a plan that was not applied)."""
         version = plan.version
         plan_path = self._plan_path(version)
-        text = plan.to_json()
-        if not plan_path.exists() or plan_path.read_bytes() != text.encode():
-            atomic_write(plan_path, text)  # a missing or damaged file of this version is (re)written
+        if not self._intact(plan_path, version):
+            atomic_write(plan_path, plan.to_json())  # a missing or damaged file of this version is (re)written
         with self._locked():
             previous = self.current_version()
             if not isinstance(expected, _Unchecked) and previous != expected:
@@ -139,6 +139,15 @@ class FileRegistry:
                 handle.flush()
                 os.fsync(handle.fileno())
         return record
+
+    @staticmethod
+    def _intact(path: Path, version: str) -> bool:
+        """Whether `path` holds plan `version` (a re-apply of the same definitions from
+        moved lines keeps the file as first written: plan files are history)."""
+        try:
+            return Plan.from_json(path.read_text()).version == version
+        except (OSError, ValueError, KeyError):
+            return False
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -188,5 +197,8 @@ def atomic_write(path: Path, text: str) -> None:
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
+    except OSError as error:  # some network and FUSE filesystems cannot sync a folder: the write stands
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(folder)
