@@ -28,7 +28,7 @@ import json
 import logging
 import time
 from collections import Counter as Counter_
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -212,7 +212,8 @@ def _not_a_key(body: bytes, index: int, entity: Any) -> str:
 def _entity_keys(view: str, entity: EntitySpec, entities: list[Any]) -> list[Any]:
     """The keys to look up: an int64 view reads strings of digits as integers ("007" is
     7), a string view takes integers as they are (1 and "1" make the same online key).
-    The Python clients read Python values by the same rule (`serving.client.lookup_keys`)."""
+    The model server's rule for decoded JSON; the feature clients read Python values by
+    the same rule (`serving.client.lookup_keys`), the feature API through them."""
     if entity.dtype != "int64" or not any(isinstance(e, str) for e in entities):
         return entities
     return [
@@ -227,7 +228,6 @@ class _Served:
 
     plan: Plan | None
     client: AsyncFeatureClient | None
-    entity_of: dict[str, Any]
     width_of: dict[str, int]
     next_check: float = 0.0  # monotonic time of the next look at the registry
 
@@ -237,7 +237,6 @@ class _Served:
         return cls(
             plan,
             AsyncFeatureClient(store, plan) if plan is not None else None,
-            {view.name: view.entity for view in views},
             {view.name: len(view.features) for view in views},
             next_check,
         )
@@ -303,7 +302,7 @@ def create_app(
                 code = 401
                 return _problem(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
             now = await follow_the_plan()
-            client, entity_of, width_of = now.client, now.entity_of, now.width_of
+            client, width_of = now.client, now.width_of
             if client is None:
                 code = 503
                 return _problem(503, "no plan loaded; run `tenx apply`")
@@ -319,7 +318,6 @@ def create_app(
                     return _problem(413, f"body exceeds {config.max_body_bytes} bytes")
             try:
                 view, names, entities = _parse(body, config)
-                entity = entity_of.get(view)  # None: an unknown view, which `get` reports with close matches
                 width = len(names) if names is not None else width_of.get(view, 0)
                 if len(entities) * width > config.max_values:
                     code = 413
@@ -328,10 +326,9 @@ def create_app(
                         f"{len(entities):,} entities x {width:,} features = {len(entities) * width:,} values asked; "
                         f"at most {config.max_values:,} per request (`tenx serve --max-values`): split the request",
                     )
-                keys = _entity_keys(view, entity, entities) if entity is not None else entities
-                result = await client.get(view, keys, features=names)
-                if keys is not entities:
-                    result = replace(result, entities=tuple(entities))  # answer each entity as it was sent
+                # The client reads keys by the view's key type ("007" is 7) and answers each
+                # entity as it was sent (`serving.client.lookup_keys`).
+                result = await client.get(view, entities, features=names)
             except ValueError as error:
                 code = 400
                 return _problem(400, str(error))
