@@ -84,6 +84,14 @@ def test_as_of_snapshot_never_moves_values_back(filled: tuple[Plan, DeltaOffline
     assert again.skipped == again.entities - again.written
 
 
+def rows_at_middle(view: Any, offline: DeltaOfflineStore) -> tuple[int, dict[Any, dict[str, Any]]]:
+    """A time 36 h into the changelog, and each entity's last row at it."""
+    changelog = offline.read_changelog(view)
+    middle = pc.min(changelog.column(AS_OF)).value + 36 * 3_600_000_000
+    at = pa.scalar(middle, pa.int64()).cast(changelog.schema.field(AS_OF).type)
+    return middle, last_rows(changelog, view.entity_key, at)
+
+
 @pytest.mark.parametrize("zone", ["America/New_York", "Asia/Tokyo"])
 def test_the_as_of_cut_is_the_same_instant_in_any_machine_zone(
     filled: tuple[Plan, DeltaOfflineStore], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zone: str
@@ -92,11 +100,7 @@ def test_the_as_of_cut_is_the_same_instant_in_any_machine_zone(
 
     plan, offline = filled
     view = plan.view("user_spend")
-    changelog = offline.read_changelog(view)
-    middle = pc.min(changelog.column(AS_OF)).value + 36 * 3_600_000_000
-    expected = last_rows(
-        changelog, view.entity_key, pa.scalar(middle, pa.int64()).cast(changelog.schema.field(AS_OF).type)
-    )
+    middle, expected = rows_at_middle(view, offline)
     monkeypatch.setenv("TZ", zone)
     clock.tzset()
     try:
@@ -148,11 +152,7 @@ def test_as_of_defaults_to_now_and_a_future_one_is_refused(
 
     plan, offline = filled
     view = plan.view("user_spend")
-    changelog = offline.read_changelog(view)
-    middle = pc.min(changelog.column(AS_OF)).value + 36 * 3_600_000_000
-    expected = last_rows(
-        changelog, view.entity_key, pa.scalar(middle, pa.int64()).cast(changelog.schema.field(AS_OF).type)
-    )
+    middle, expected = rows_at_middle(view, offline)
     online = SqliteOnlineStore(tmp_path / "online.sqlite")
     clock = lambda: micros_to_datetime(middle)  # noqa: E731
     summary = materialize(view, offline, online, clock=clock)
