@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-unit lint format bench bench-smoke services-up services-down clean
+.PHONY: setup front test test-unit lint format bench bench-smoke services-up services-down clean
 
 setup:  ## create .venv and install tenx with its dev tools
 	@test -x $(BIN)/python || { echo "setup: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
@@ -13,7 +13,14 @@ setup:  ## create .venv and install tenx with its dev tools
 	@bash -o pipefail -c "$(BIN)/python -m pip install -e '.[dev]' 2>&1 | tee $(VENV)/pip-install.log \
 	  | { grep --line-buffered -E '^(Collecting|Successfully installed)' || true; }" \
 	  || { tail -n 30 $(VENV)/pip-install.log; echo "setup: pip install failed (full log: $(VENV)/pip-install.log)"; exit 1; }
+	@$(MAKE) --no-print-directory front
 	@$(BIN)/tenx --version >/dev/null && echo "setup: done; activate it with: . $(VENV)/bin/activate"
+
+front:  ## build tenx-front (Go), the model server's admission front (`tenx serve-models --front`), into .venv/bin
+	@if command -v go >/dev/null 2>&1; then \
+	  echo "setup: building tenx-front into $(BIN) (Go, no dependencies)"; \
+	  cd front && go build -trimpath -o $(abspath $(BIN))/tenx-front . ; \
+	else echo "setup: Go is not installed: tenx-front not built (tenx serve-models --front needs it; all else works)"; fi
 
 test:  ## every test; integration tests need `eval "$$(scripts/services up)"` first
 	$(BIN)/python -m pytest

@@ -190,11 +190,21 @@ def render(route: str, answer: Answer) -> bytes:
 class PredictEndpoint:
     """POST /predict as a bare ASGI callable (no Request/Response objects per call)."""
 
-    def __init__(self, server: ModelServer, *, token: str | None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        server: ModelServer,
+        *,
+        token: str | None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        front_secret: str | None = None,
+    ) -> None:
         self.server = server
         self.metrics = server.metrics
         self.max_body_bytes = max_body_bytes
         self.expected_auth = f"Bearer {token}".encode() if token else None
+        # Behind tenx-front (`tenx serve-models --front`): its requests carry this secret,
+        # and every answer carries the gate it refuses by (FRONT below).
+        self.front_secret = front_secret.encode() if front_secret else None
         self.default_deadline_ms = server.settings.default_deadline_ms
         self._children: dict[tuple[str, int, str], tuple[Any, Any]] = {}
 
@@ -246,6 +256,7 @@ class PredictEndpoint:
                         (b"content-length", str(len(payload)).encode()),
                         (b"x-request-id", request_id.encode()),
                         *extra,
+                        *self.gate(),
                     ],
                 }
             )
@@ -266,10 +277,11 @@ class PredictEndpoint:
         sheddable gate (the body path must not ask again: each ask spends the gate's
         credit). A request with no X-Priority, a critical one, or one failing auth is
         not judged here (False)."""
+        passed = self.front_secret is not None and self.from_front(headers) and b"x-tenx-front-passed" in headers
         early = headers.get(b"x-priority")
         if early is None or early == b"critical" or not self._authorized(headers):
             return False
-        refused = self.server.shed_early(early, headers.get(b"x-tenant", b"default"))
+        refused = self.server.shed_early(early, headers.get(b"x-tenant", b"default"), passed=passed)
         if refused is not None:
             return refused
         return early.upper() == b"SHEDDABLE"
@@ -285,7 +297,27 @@ class PredictEndpoint:
             (b"x-request-id", request_id.encode()),
             (b"content-length", str(len(payload)).encode()),
             (b"retry-after", _RETRY_AFTER),
+            *self.gate(),
         ], payload
+
+    def from_front(self, headers: Mapping[bytes, bytes]) -> bool:
+        """Whether a request came through this server's tenx-front (its secret); the
+        refusals the front reports with it are counted here, as this server's own."""
+        secret = self.front_secret
+        given = headers.get(b"x-tenx-front")
+        if secret is None or given is None or not hmac.compare_digest(given, secret):
+            return False
+        report = headers.get(b"x-tenx-front-shed")
+        if report:
+            for priority, count in self.server.count_front_refusals(report):
+                self.metrics.requests.labels("-", _OUTCOMES[503], priority).inc(count)
+        return True
+
+    def gate(self) -> list[tuple[bytes, bytes]]:
+        """The X-Tenx-Gate header for an answer, behind a front; none otherwise."""
+        if self.front_secret is None:
+            return []
+        return [(b"x-tenx-gate", self.server.gate_state())]
 
     def _count(self, model: str, status: int, priority: str, seconds: float) -> None:
         # Metric children cached per label set: `labels()` costs as much as the increment.
@@ -370,9 +402,11 @@ def create_model_app(
     tenants: Mapping[str, TenantPolicy] | None = None,
     breakers: BreakerSettings | None = None,
     costs: CostRates | None = None,
+    front_secret: str | None = None,
 ) -> PredictFirst:
     """The ASGI app; models load and warm in its lifespan (`/health/ready` is 503 until then).
-    `guard` defaults to a circuit breaker per dependency (`breakers`' settings)."""
+    `guard` defaults to a circuit breaker per dependency (`breakers`' settings).
+    `front_secret`: the server runs behind tenx-front (`tenx serve-models --front`)."""
     metrics = metrics or ModelMetrics()
     if guard is None:
         guard = Breakers(breakers or BreakerSettings(), on_transition=_breaker_metrics(metrics))
@@ -399,7 +433,7 @@ def create_model_app(
             else:
                 store.close()
 
-    predict_endpoint = PredictEndpoint(server, token=token)
+    predict_endpoint = PredictEndpoint(server, token=token, front_secret=front_secret)
 
     def authorized(request: Request) -> bool:
         return predict_endpoint.authorized(request.headers.get("authorization", "").encode())
@@ -429,6 +463,9 @@ def create_model_app(
         return _json({"models": [describe(r) for r in server.routes.values()]})
 
     async def prometheus(request: Request) -> Response:
+        raw = dict(request.scope["headers"])
+        if b"x-tenx-front-shed" in raw:  # a scrape through the front counts its refusals made until now
+            predict_endpoint.from_front(raw)
         server.export_gauges()
         return Response(exposition(server.metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -514,4 +551,5 @@ def app_from_environment() -> PredictFirst:
         tenants=tenant_policies(settings.model_server),
         breakers=breaker_settings(settings.model_server),
         costs=cost_rates(settings.model_server),
+        front_secret=os.environ.get("TENX_FRONT_SECRET") or None,
     )

@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,3 +203,37 @@ async def on_thread(submitted: concurrent.futures.Future[Any], timeout_s: float)
         return await waiter
     finally:
         timer.cancel()
+
+
+class ThreadDemand:
+    """How long the thread that made it wanted a CPU, in seconds: its time running plus
+    its time waiting on the run queue (Linux's /proc/.../schedstat), or its CPU time
+    alone where there is no schedstat.
+
+    CPU time over wall time says how busy an event loop is only while it has a core to
+    itself. When other processes on the machine (a front, Redis, the load) take the
+    cores, the loop waits runnable with a queue of ready work, and its CPU share falls
+    as the wait grows: a busy share read from CPU time alone would then let more work
+    in exactly when the loop is furthest behind (measured: 3x load behind tenx-front)."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            self._fd = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
+            self._read(self._fd)
+
+    @staticmethod
+    def _read(fd: int) -> float:
+        running_ns, waiting_ns = os.pread(fd, 128, 0).split()[:2]
+        return (int(running_ns) + int(waiting_ns)) / 1e9
+
+    def seconds(self) -> float:
+        fd = self._fd
+        if fd is None:
+            return time.thread_time()
+        return self._read(fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -54,7 +55,7 @@ from serving.models.cost import CostMeter, CostRates
 from serving.models.gpu import GpuMonitor, NoNvml
 from serving.models.metrics import ModelMetrics
 from serving.models.policies import ONLINE_STORE, AllowAll, Guard, runtime_dependency
-from serving.models.runtime import Runtime, on_thread, place
+from serving.models.runtime import Runtime, ThreadDemand, on_thread, place
 from serving.models.served import Answer, Counted, Loaded, PredictRequest, Route, ScoringFailed, Work, fail_future
 from serving.models.vectors import STATUS_NAMES, FeatureAssembler, Vectors, as_of_ms, slice_rows
 
@@ -319,26 +320,30 @@ class ModelServer:
 
     async def _watch_loop(self, interval_s: float = 0.01) -> None:
         """Every `interval_s`, how late the loop woke this task and how much of the time
-        since its thread spent working (its CPU time: this task runs on the loop's
-        thread): what LoopPressure turns into the lower classes' share of their
-        headroom."""
+        since its thread spent working or waiting for a core with work to do
+        (ThreadDemand: this task runs on the loop's thread): what LoopPressure turns
+        into the lower classes' share of their headroom."""
         pressure = self.pressure
         metrics = self.metrics
         metrics.admit_share.set(1.0)
         metrics.sheddable_passing.set(1.0)
-        for tick in itertools.count():
-            began, worked = self._clock(), time.thread_time()
-            await asyncio.sleep(interval_s)
-            spent = self._clock() - began
-            share = pressure.observe(spent - interval_s, (time.thread_time() - worked) / spent if spent > 0 else None)
-            for route in self.routes.values():
-                route.lane.admit_share = share
-            if tick % 10 == 0:  # every worker's own value, so /metrics in any of them merges them all
-                self.read_faults()  # a fault (tenx loadtest) takes effect within 100 ms, not the registry's second
-                metrics.admit_share.set(share)
-                metrics.sheddable_passing.set(pressure.passing)
-                metrics.loop_lag.set(pressure.lag_s)
-                metrics.loop_busy.set(pressure.busy)
+        demand = ThreadDemand()  # running or runnable: this task runs on the loop's thread
+        try:
+            for tick in itertools.count():
+                began, worked = self._clock(), demand.seconds()
+                await asyncio.sleep(interval_s)
+                spent = self._clock() - began
+                share = pressure.observe(spent - interval_s, (demand.seconds() - worked) / spent if spent > 0 else None)
+                for route in self.routes.values():
+                    route.lane.admit_share = share
+                if tick % 10 == 0:  # every worker's own value, so /metrics in any of them merges them all
+                    self.read_faults()  # a fault (tenx loadtest) takes effect within 100 ms, not the registry's second
+                    metrics.admit_share.set(share)
+                    metrics.sheddable_passing.set(pressure.passing)
+                    metrics.loop_lag.set(pressure.lag_s)
+                    metrics.loop_busy.set(pressure.busy)
+        finally:
+            demand.close()
 
     async def _watch(self) -> None:
         while True:
@@ -526,11 +531,13 @@ class ModelServer:
             raise Rejected(message, reason=overload.reason, status=overload.status)
         raise ModelUnavailable(message)
 
-    def shed_early(self, priority_header: bytes, tenant_header: bytes) -> Rejected | None:
+    def shed_early(self, priority_header: bytes, tenant_header: bytes, *, passed: bool = False) -> Rejected | None:
         """A refusal decided from the X-Priority header alone, before the body is read:
         when every served model's queue is past that class's headroom, the request
         would be refused whatever model it names. Under 10x load most requests are
-        refused; parsing their bodies first would spend the CPU critical work needs."""
+        refused; parsing their bodies first would spend the CPU critical work needs.
+        `passed`: a sheddable request the front (tenx-front) let through its share of
+        `passing` already; it is not drawn again."""
         if not self.settings.shedding or not self.routes:
             return None
         try:
@@ -539,7 +546,7 @@ class ModelServer:
             return None  # the body path says what is wrong
         if priority is Priority.CRITICAL:
             return None
-        if priority is Priority.SHEDDABLE and not self.pressure.let_through():
+        if priority is Priority.SHEDDABLE and not passed and not self.pressure.let_through():
             self._shed("*", OVERLOAD, priority, self.tenants.label(tenant_header.decode(errors="replace")))
             return Rejected(
                 f"overloaded: the server lets {self.pressure.passing:.0%} of sheddable requests in; retry later",
@@ -552,6 +559,41 @@ class ModelServer:
         name = priority.name.lower()
         self._shed("*", OVERLOAD, priority, self.tenants.label(tenant_header.decode(errors="replace")))
         return Rejected(f"overloaded: every model's queue is past the {name} mark; retry later", reason=OVERLOAD)
+
+    def gate_state(self) -> bytes:
+        """What a front (tenx-front) needs to refuse as `shed_early` would, sent with every
+        answer as X-Tenx-Gate: the share of sheddable requests let through, then whether
+        some served model's queue is below the default mark, and the sheddable one."""
+        if not self.settings.shedding or not self.routes:
+            return b"1 1 1"
+        default = sheddable = False
+        for route in self.routes.values():
+            if route.loaded is not None:
+                lane = route.lane
+                rows = lane.queue.rows()
+                default = default or rows < lane.threshold(Priority.DEFAULT)
+                sheddable = sheddable or rows < lane.threshold(Priority.SHEDDABLE)
+        return b"%.4f %d %d" % (self.pressure.passing, default, sheddable)
+
+    def count_front_refusals(self, report: bytes) -> list[tuple[str, int]]:
+        """Count the refusals a front made for this server as its own (`shed_early`'s):
+        `report` is X-Tenx-Front-Shed, space-separated class/tenant/count with the tenant
+        percent-encoded. Returns (class, count) per entry counted; a malformed one is skipped."""
+        counted = []
+        for part in report.split():
+            bits = part.split(b"/")
+            if len(bits) != 3 or not bits[2].isdigit():
+                continue
+            try:
+                priority = Priority.parse(bits[0].decode())
+                tenant = unquote(bits[1].decode(), errors="strict")
+            except (ValueError, UnicodeDecodeError):
+                continue
+            count = int(bits[2])
+            name = priority.name.lower()
+            self.metrics.shed.labels("*", OVERLOAD, name, self.tenants.label(tenant)).inc(count)
+            counted.append((name, count))
+        return counted
 
     def _answered(self, route: str, answer: Answer, priority: Priority, tenant: str) -> None:
         labels = (route, _source(answer.served_by), priority.name.lower(), tenant)

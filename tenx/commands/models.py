@@ -6,6 +6,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -504,6 +505,15 @@ def deploy(model_ref: str, precision: str, max_auc_drop: float, config_file: Pat
 )
 @click.option("--cpu", "cpu_only", is_flag=True, help="Run on the CPU even where a GPU provider is available.")
 @click.option(
+    "--front",
+    "with_front",
+    is_flag=True,
+    help="Put tenx-front (Go; `make front` builds it) on --host:--port, with this server behind it on a loopback "
+    "port: it refuses the requests the server would shed, from their X-Priority header, without spending the "
+    "server's event loop on them, and forwards the rest. Its refusals count in this server's /metrics. Under 10x "
+    "load from clients that do not throttle themselves, that CPU is what critical requests need.",
+)
+@click.option(
     "--inline-run-us",
     default=200.0,
     show_default=True,
@@ -540,6 +550,7 @@ def serve_models(
     log_format: str,
     no_shedding: bool,
     cpu_only: bool,
+    with_front: bool,
     inline_run_us: float,
     fault_file: Path | None,
     token: str | None,
@@ -560,6 +571,7 @@ def serve_models(
     import uvicorn
 
     from featurestore.plan.collect import collect_routes
+    from serving.models import front as front_module
     from serving.models.config import breaker_settings, cost_rates, tenant_policies
     from serving.models.protocol import PredictProtocol
 
@@ -611,11 +623,31 @@ def serve_models(
         # Each worker writes its metric values here; /metrics in any of them merges all.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tenx-metrics-")
     check_port_free(host, port)
+    front = None
+    inner_host, inner_port = host, port
+    if with_front:
+        front_binary = front_module.front_binary()
+        inner_host, inner_port = "127.0.0.1", front_module.free_port()
+        secret = secrets.token_hex(16)
+        os.environ["TENX_FRONT_SECRET"] = secret  # the workers trust the front's headers by it
+        front = front_module.Front(front_binary, host=host, port=port, upstream_port=inner_port, secret=secret)
     served = ", ".join(names or tuple(sorted(deployed))) or "none deployed yet"
     if routes:
         served += "; routes " + ", ".join(sorted(routes))
     mode = "" if not no_shedding else "; shedding OFF"
+    if front is not None:
+        mode += f"; tenx-front on {host}:{port}, the server on {inner_host}:{inner_port}"
     console.print(f"tenx model server on http://{host}:{port} ({served}; features from {store_name(settings)}{mode})")
+    if front is not None:
+        front.start()
+    try:
+        _run_uvicorn(uvicorn, PredictProtocol, inner_host, inner_port, workers)
+    finally:
+        if front is not None:
+            front.stop()
+
+
+def _run_uvicorn(uvicorn: Any, protocol: Any, host: str, port: int, workers: int) -> None:
     uvicorn.run(
         "serving.models.app:app_from_environment",
         factory=True,
@@ -625,7 +657,7 @@ def serve_models(
         log_level="warning",
         access_log=False,
         loop="uvloop",
-        http=PredictProtocol,  # httptools, refusing shed requests from their headers (serving/models/protocol.py)
+        http=protocol,  # PredictProtocol: httptools, refusing shed requests from their headers
         # Per-request work uvicorn would do for every prediction: X-Forwarded-* rewriting
         # (a proxy in front sets its own), and the Server and Date headers.
         proxy_headers=False,

@@ -1,0 +1,3 @@
+module tenx/front
+
+go 1.22

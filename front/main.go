@@ -1,0 +1,344 @@
+// tenx-front: the model server's admission front, in Go.
+//
+// `tenx serve-models --front` runs it on the public address and the Python server on a
+// private loopback port behind it. Under overload most requests are sheddable ones the
+// server refuses, and each refusal costs the one Python event loop the admitted critical
+// requests need (about 45 us of a served request's 250 us: the read, the header parse
+// and the write). This front refuses them from their headers instead, on its own
+// threads, and forwards everything else unchanged.
+//
+// It decides nothing of its own: every answer the Python server gives carries its gate
+// (X-Tenx-Gate: the share of sheddable requests it lets through, and whether its queues
+// have room for default and sheddable work), and the front applies the newest one. A
+// gate older than --stale (the server has answered nothing for a while) decides
+// nothing: requests go through and the server's answers bring a fresh one. Only
+// requests that name their class in X-Priority, carry the token when one is set, and
+// POST to /predict are judged; the server judges every other one itself, as before.
+//
+// Its refusals are the server's: the same 503 body and Retry-After, and they are
+// counted in the server's metrics (tenx_model_shed_total and tenx_model_requests_total):
+// the counts ride to it on the next forwarded /predict or /metrics request (header
+// X-Tenx-Front-Shed), so a scrape sees every refusal made before it.
+//
+// The server trusts those headers only with the secret both were started with
+// (TENX_FRONT_SECRET); the front drops any X-Tenx-* header a client sends.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"os/signal"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+const (
+	gateHeader   = "X-Tenx-Gate"         // server -> front: "<passing> <default open> <sheddable open>"
+	secretHeader = "X-Tenx-Front"        // front -> server: the shared secret
+	passedHeader = "X-Tenx-Front-Passed" // front -> server: this sheddable request passed the front's share
+	shedHeader   = "X-Tenx-Front-Shed"   // front -> server: refusals since the last report
+	maxTenants   = 1000                  // distinct tenant labels counted; the rest count as "other"
+	maxTenantLen = 64
+)
+
+// gate is the server's newest admission state, as its last answer gave it.
+type gate struct {
+	mu        sync.Mutex
+	passing   float64 // share of sheddable requests let through
+	openDef   bool    // the queues have room for default work
+	openShed  bool    // ... and for sheddable work
+	seen      time.Time
+	credit    float64
+	stale     time.Duration
+	shedCount map[[2]string]uint64 // (class, tenant) -> refusals not yet reported
+	tenants   map[string]bool
+}
+
+func (g *gate) update(value string) {
+	fields := strings.Fields(value)
+	if len(fields) != 3 {
+		return
+	}
+	passing, err := strconv.ParseFloat(fields[0], 64)
+	if err != nil || passing < 0 || passing > 1 {
+		return
+	}
+	g.mu.Lock()
+	g.passing = passing
+	g.openDef = fields[1] == "1"
+	g.openShed = fields[2] == "1"
+	g.seen = time.Now()
+	g.mu.Unlock()
+}
+
+// judge returns a refusal message, or "" to forward; passed is true when a sheddable
+// request passed the front's share (the server must not draw its share again).
+func (g *gate) judge(class, tenant string) (refusal string, passed bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.seen.IsZero() || time.Since(g.seen) > g.stale {
+		return "", false // no fresh gate: the server decides, and its answer brings one
+	}
+	switch class {
+	case "default":
+		if g.openDef {
+			return "", false
+		}
+	case "sheddable":
+		if g.passing < 1 {
+			g.credit += g.passing // evenly spaced, as the server's LoopPressure.let_through
+			if g.credit < 1 {
+				g.count(class, tenant)
+				return fmt.Sprintf("overloaded: the server lets %.0f%% of sheddable requests in; retry later", 100*g.passing), false
+			}
+			g.credit--
+		} else {
+			g.credit = 0
+		}
+		if g.openShed {
+			return "", true
+		}
+	default:
+		return "", false
+	}
+	g.count(class, tenant)
+	return fmt.Sprintf("overloaded: every model's queue is past the %s mark; retry later", class), false
+}
+
+func (g *gate) count(class, tenant string) {
+	if len(tenant) > maxTenantLen {
+		tenant = tenant[:maxTenantLen]
+	}
+	if !g.tenants[tenant] {
+		if len(g.tenants) >= maxTenants {
+			tenant = "other"
+		}
+		g.tenants[tenant] = true
+	}
+	g.shedCount[[2]string{class, tenant}]++
+}
+
+// report takes the refusals not yet reported, as the shed header's value ("" when none):
+// space-separated class/tenant/count, the tenant percent-encoded.
+func (g *gate) report() string {
+	g.mu.Lock()
+	if len(g.shedCount) == 0 {
+		g.mu.Unlock()
+		return ""
+	}
+	counts := g.shedCount
+	g.shedCount = make(map[[2]string]uint64)
+	g.mu.Unlock()
+	parts := make([]string, 0, len(counts))
+	for key, n := range counts {
+		parts = append(parts, key[0]+"/"+url.PathEscape(key[1])+"/"+strconv.FormatUint(n, 10))
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, " ")
+}
+
+// giveBack puts counts whose request never reached the server back, to go with the next.
+func (g *gate) giveBack(value string) {
+	if value == "" {
+		return
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, part := range strings.Fields(value) {
+		bits := strings.Split(part, "/")
+		if len(bits) != 3 {
+			continue
+		}
+		tenant, err1 := url.PathUnescape(bits[1])
+		n, err2 := strconv.ParseUint(bits[2], 10, 64)
+		if err1 == nil && err2 == nil {
+			g.shedCount[[2]string{bits[0], tenant}] += n
+		}
+	}
+}
+
+type front struct {
+	gate      *gate
+	proxy     *httputil.ReverseProxy
+	secret    string
+	auth      []byte // "Bearer <token>", or nil when the server takes no token
+	requestID func(string) string
+}
+
+func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	for name := range r.Header { // a client's X-Tenx-* headers never reach the server
+		if strings.HasPrefix(name, "X-Tenx-") {
+			delete(r.Header, name)
+		}
+	}
+	path := r.URL.Path
+	if path == "/predict" && r.Method == http.MethodPost && r.ProtoAtLeast(1, 1) {
+		class := strings.ToLower(strings.TrimSpace(r.Header.Get("X-Priority")))
+		if class == "default" || class == "sheddable" {
+			if f.authorized(r) {
+				tenant := r.Header.Get("X-Tenant")
+				if tenant == "" {
+					tenant = "default"
+				}
+				refusal, passed := f.gate.judge(class, tenant)
+				if refusal != "" {
+					f.refuse(w, r, refusal)
+					return
+				}
+				if passed {
+					r.Header.Set(passedHeader, "1")
+				}
+			}
+		}
+	}
+	// The refusals so far ride to the server on a request it reads them from: an
+	// authorized POST /predict (its early check runs for every one), or a scrape.
+	if (path == "/predict" && r.Method == http.MethodPost && f.authorized(r)) || path == "/metrics" {
+		if report := f.gate.report(); report != "" {
+			r.Header.Set(shedHeader, report)
+		}
+	}
+	r.Header.Set(secretHeader, f.secret)
+	f.proxy.ServeHTTP(w, r)
+}
+
+func (f *front) authorized(r *http.Request) bool {
+	return f.auth == nil || subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), f.auth) == 1
+}
+
+func (f *front) refuse(w http.ResponseWriter, r *http.Request, message string) {
+	body := fmt.Sprintf(`{"error":%s,"reason":"overload"}`, strconv.Quote(message))
+	h := w.Header()
+	h["Content-Type"] = []string{"application/json"}
+	h["Content-Length"] = []string{strconv.Itoa(len(body))}
+	h["X-Request-Id"] = []string{f.requestID(r.Header.Get("X-Request-Id"))}
+	h["Retry-After"] = []string{"1"}
+	w.WriteHeader(http.StatusServiceUnavailable)
+	_, _ = w.Write([]byte(body))
+}
+
+// requestID is the server's rule (serving/logs.py new_request_id): the client's id when
+// it is up to 64 printable ASCII characters without a space, else a new one.
+func requestID(given string) string {
+	if given != "" && len(given) <= 64 {
+		sane := true
+		for i := 0; i < len(given); i++ {
+			if c := given[i]; c <= ' ' || c > '~' {
+				sane = false
+				break
+			}
+		}
+		if sane {
+			return given
+		}
+	}
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:8081", "address to serve on (host:port)")
+	upstream := flag.String("upstream", "", "the Python model server behind this front (host:port)")
+	stale := flag.Duration("stale", 200*time.Millisecond, "a gate older than this decides nothing")
+	keepAlive := flag.Duration("keep-alive", 5*time.Second, "idle keep-alive connections are closed after this")
+	headerTimeout := flag.Duration("header-timeout", 10*time.Second, "a request's headers must arrive within this")
+	upstreamTimeout := flag.Duration("upstream-timeout", 610*time.Second, "longest wait for the server's answer (deadlines go up to 600 s)")
+	flag.Parse()
+	log.SetPrefix("tenx-front: ")
+	log.SetFlags(0)
+	secret := os.Getenv("TENX_FRONT_SECRET")
+	if *upstream == "" || secret == "" {
+		log.Fatal("needs --upstream HOST:PORT and TENX_FRONT_SECRET (tenx serve-models --front sets both)")
+	}
+	target := &url.URL{Scheme: "http", Host: *upstream}
+	g := &gate{stale: *stale, shedCount: make(map[[2]string]uint64), tenants: make(map[string]bool)}
+	transport := &http.Transport{
+		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConns:          4096,
+		MaxIdleConnsPerHost:   4096,
+		IdleConnTimeout:       *keepAlive - time.Second/2, // before the server's own keep-alive closes them
+		ResponseHeaderTimeout: *upstreamTimeout,
+		DisableCompression:    true,
+	}
+	proxy := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(target)
+			pr.Out.Host = pr.In.Host
+			pr.SetXForwarded()
+		},
+		Transport: transport,
+		ModifyResponse: func(resp *http.Response) error {
+			if value := resp.Header.Get(gateHeader); value != "" {
+				g.update(value)
+				resp.Header.Del(gateHeader)
+			}
+			return nil
+		},
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			g.giveBack(r.Header.Get(shedHeader))
+			status := http.StatusBadGateway
+			if errors.Is(err, context.DeadlineExceeded) {
+				status = http.StatusGatewayTimeout
+			}
+			log.Printf("%s %s: the model server did not answer: %v", r.Method, r.URL.Path, err)
+			body := fmt.Sprintf(`{"error":%s}`, strconv.Quote("the model server behind tenx-front did not answer; retry later"))
+			w.Header().Set("Content-Type", "application/json")
+			w.Header().Set("Retry-After", "1")
+			w.WriteHeader(status)
+			_, _ = w.Write([]byte(body))
+		},
+		ErrorLog:   log.New(os.Stderr, "tenx-front: ", 0),
+		BufferPool: newBufferPool(),
+	}
+	var auth []byte
+	if token := os.Getenv("TENX_API_TOKEN"); token != "" {
+		auth = []byte("Bearer " + token)
+	}
+	server := &http.Server{
+		Addr:              *listen,
+		Handler:           &front{gate: g, proxy: proxy, secret: secret, auth: auth, requestID: requestID},
+		ReadHeaderTimeout: *headerTimeout,
+		IdleTimeout:       *keepAlive,
+		MaxHeaderBytes:    1 << 20,
+		ErrorLog:          log.New(os.Stderr, "tenx-front: ", 0),
+	}
+	listener, err := net.Listen("tcp", *listen)
+	if err != nil {
+		log.Fatalf("cannot listen on %s: %v", *listen, err)
+	}
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		<-stop
+		_ = server.Close()
+	}()
+	if err := server.Serve(listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		log.Fatal(err)
+	}
+}
+
+// bufferPool lends the proxy its copy buffers (32 KiB each) instead of one per request.
+type bufferPool struct{ pool sync.Pool }
+
+func newBufferPool() *bufferPool {
+	return &bufferPool{pool: sync.Pool{New: func() any { return make([]byte, 32<<10) }}}
+}
+
+func (p *bufferPool) Get() []byte  { return p.pool.Get().([]byte) }
+func (p *bufferPool) Put(b []byte) { p.pool.Put(b) } //nolint:staticcheck // a slice header per Put is fine here
