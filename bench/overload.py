@@ -1,13 +1,14 @@
 """Overload benchmark: `tenx serve-models` offered 1x to 10x its base rate, with and without shedding.
 
-The data and model are bench/serving.py's (its `prepare`: N entities x 20 float32
-features in Redis, the MLP 20-64-64-1 deployed; TENX_REDIS_URL required: `eval
-"$(scripts/services up --only redis)"`). The server runs as `tenx serve-models` (1 worker,
-CPU, serving only the MLP); the load is open-loop (serving/loadgen.py: Poisson send times
-fixed in advance from a seed, latency from each request's intended send time), POST
-/predict with `--entities-per-request` random entities each (default 10: the generator
-then offers several times the server's capacity on 2 shared cores), every request
-labelled with its class and a deadline:
+The data and model are bench/serving.py's (its `prepare`: N entities x 20 float32 features
+in Redis, the MLP 20-64-64-1 deployed; TENX_REDIS_URL required: `eval "$(scripts/services
+up --only redis)"`). The server runs as `tenx serve-models` (1 worker, CPU, serving only
+the MLP), behind its admission front where tenx-front is built (`--front`, `make front`;
+`--no-front` for the Python server alone); the load is open-loop (serving/loadgen.py:
+Poisson send times fixed in advance from a seed, latency from each request's intended send
+time), POST /predict with `--entities-per-request` random entities each (default 10: the
+generator then offers several times the server's capacity on 2 shared cores), every
+request labelled with its class and a deadline:
 
     {"model": "mlp", "entities": [...], "priority": "critical" | "sheddable",
      "tenant": "bench", "deadline_ms": 1000}
@@ -560,6 +561,21 @@ def has_option(option: str) -> bool:
     return option in done.stdout
 
 
+def front_flags() -> list[str]:
+    """["--front"] where `tenx serve-models` has it and tenx-front is built, else [] (said on stderr)."""
+    from featurestore.errors import ConfigError
+    from serving.models.front import front_binary
+
+    if not has_option("--front"):
+        return []
+    try:
+        front_binary()
+    except ConfigError as error:
+        print(f"no admission front: {error}", file=sys.stderr)
+        return []
+    return ["--front"]
+
+
 def check_answer(server: Server, mix: Mix, per_request: int) -> None:
     status, answer = http_post(server.port, "/predict", mix.requests[0].split(b"\r\n\r\n", 1)[1])
     check(status == 200, f"POST /predict answered {status}: {answer[:300]!r}")
@@ -750,6 +766,12 @@ def main() -> None:
         help="Send sheddable requests through ModelClient's adaptive throttle (Google SRE client-side throttling), "
         "as tenx's clients and `tenx loadtest` do; by default every request is sent, as a raw client would.",
     )
+    parser.add_argument(
+        "--no-front",
+        action="store_true",
+        help="Run both servers without `--front` (tenx-front, the Go admission front that refuses from the "
+        "X-Priority header outside the Python event loop). By default it is used where it is built (`make front`).",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS / "overload.json", help="Results JSON file.")
     args = _smoke.parse_arguments(
@@ -851,13 +873,14 @@ def main() -> None:
             tenant=args.tenant,
             seed=args.seed,
         )
+        front = [] if args.no_front else front_flags()
         modes: list[tuple[str, list[str]]] = [("shedding", [])]
         if baseline:
             modes.append(("no_shedding", [NO_SHEDDING]))
         with LoadGenerator() as generator:
             for mode, flags in modes:
                 port = free_port()
-                extra = [*flags, *args.server_arg]
+                extra = [*flags, *front, *args.server_arg]
                 with process(
                     f"tenx serve-models {' '.join(extra)}".strip(),
                     serve_command(setup, port, extra),
@@ -1044,7 +1067,8 @@ def main() -> None:
         f"request, {args.critical_share:.0%} critical / {1 - args.critical_share:.0%} sheddable, deadlines "
         f"{args.critical_deadline_ms:g} / {args.sheddable_deadline_ms:g} ms; Redis {redis_version}; "
         f"{os.cpu_count()} CPUs shared by the server, Redis and the load generator (load average before: "
-        f"{load_before:.2f}); {elapsed:.0f} s\n"
+        f"{load_before:.2f}); {elapsed:.0f} s; "
+        + ("admission front: tenx-front (--front)\n" if front else "no admission front (the Python server alone)\n")
     )
     print(
         f"capacity ({capacity['server']} server, 2xx >= 99%, p99 <= {args.max_p99_ms:g} ms"
@@ -1116,6 +1140,7 @@ def main() -> None:
                     "load_average_before": load_before,  # others' work on the same cores skews every figure
                 },
                 "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "front": bool(front),
                 "capacity": capacity,
                 "base_rate": base_rate,
                 "runs": runs,

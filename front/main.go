@@ -256,7 +256,12 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:8081", "address to serve on (host:port)")
 	upstream := flag.String("upstream", "", "the Python model server behind this front (host:port)")
 	stale := flag.Duration("stale", 200*time.Millisecond, "a gate older than this decides nothing")
-	keepAlive := flag.Duration("keep-alive", 5*time.Second, "idle keep-alive connections are closed after this")
+	keepAlive := flag.Duration("keep-alive", 75*time.Second,
+		"idle client connections are closed after this (nginx's default; an idle connection costs the front a few KiB, "+
+			"and each close races a client's next request on it)")
+	upstreamIdle := flag.Duration("upstream-idle", 4*time.Second,
+		"idle connections to the server are closed after this: below the server's own keep-alive (5 s), so the "+
+			"front never sends on a connection the server is closing")
 	headerTimeout := flag.Duration("header-timeout", 10*time.Second, "a request's headers must arrive within this")
 	upstreamTimeout := flag.Duration("upstream-timeout", 610*time.Second, "longest wait for the server's answer (deadlines go up to 600 s)")
 	flag.Parse()
@@ -267,12 +272,13 @@ func main() {
 		log.Fatal("needs --upstream HOST:PORT and TENX_FRONT_SECRET (tenx serve-models --front sets both)")
 	}
 	target := &url.URL{Scheme: "http", Host: *upstream}
+	failures := &rateLog{every: time.Second}
 	g := &gate{stale: *stale, shedCount: make(map[[2]string]uint64), tenants: make(map[string]bool)}
 	transport := &http.Transport{
 		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		MaxIdleConns:          4096,
 		MaxIdleConnsPerHost:   4096,
-		IdleConnTimeout:       *keepAlive - time.Second/2, // before the server's own keep-alive closes them
+		IdleConnTimeout:       *upstreamIdle,
 		ResponseHeaderTimeout: *upstreamTimeout,
 		DisableCompression:    true,
 	}
@@ -296,7 +302,7 @@ func main() {
 			if errors.Is(err, context.DeadlineExceeded) {
 				status = http.StatusGatewayTimeout
 			}
-			log.Printf("%s %s: the model server did not answer: %v", r.Method, r.URL.Path, err)
+			failures.note(fmt.Sprintf("%s %s: the model server did not answer: %v", r.Method, r.URL.Path, err))
 			body := fmt.Sprintf(`{"error":%s}`, strconv.Quote("the model server behind tenx-front did not answer; retry later"))
 			w.Header().Set("Content-Type", "application/json")
 			w.Header().Set("Retry-After", "1")
@@ -342,3 +348,26 @@ func newBufferPool() *bufferPool {
 
 func (p *bufferPool) Get() []byte  { return p.pool.Get().([]byte) }
 func (p *bufferPool) Put(b []byte) { p.pool.Put(b) } //nolint:staticcheck // a slice header per Put is fine here
+
+// rateLog logs at most one line per `every`, saying how many it left out: a server
+// that is down fails every request, and the log should say so once a second, not per request.
+type rateLog struct {
+	mu      sync.Mutex
+	every   time.Duration
+	last    time.Time
+	skipped int
+}
+
+func (l *rateLog) note(line string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if now := time.Now(); now.Sub(l.last) >= l.every {
+		if l.skipped > 0 {
+			line += fmt.Sprintf(" (and %d more like it since the last line)", l.skipped)
+		}
+		log.Print(line)
+		l.last, l.skipped = now, 0
+		return
+	}
+	l.skipped++
+}
