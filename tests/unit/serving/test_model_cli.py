@@ -229,3 +229,52 @@ def test_canary_commands_start_judge_and_end_a_canary_against_a_running_server(r
     history = tenx(repo, "models", "status", "buys")
     assert "no canary running" in history
     assert f"@{version} rolled_back: not today" in history
+
+
+def test_serve_models_behind_its_front_answers_counts_and_stops_with_it(repo: DemoRepo) -> None:
+    """`tenx serve-models --front --workers 2`: predictions and /metrics through tenx-front,
+    the front's overload refusals counted in the workers' merged metrics, and the front
+    gone (its port closed) once the server is stopped."""
+    from featurestore.errors import ConfigError
+    from serving.models.front import front_binary
+
+    try:
+        front_binary()
+    except ConfigError as error:
+        pytest.skip(f"tenx-front is not built: {error}")
+    port = free_port()
+    process = subprocess.Popen(
+        [TENX, "serve-models", "--port", str(port), "--workers", "2", "--front", "--loop-busy-target", "0.001"],
+        cwd=repo.root, env=clean_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(f"{url}/health/live", process)
+        for _ in range(300):
+            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+                break
+            time.sleep(0.1)
+        with ModelClient(url) as client:
+            assert client.predict("buys", [1, 2], priority="critical").served_by == "buys@1"
+        # A busy target no loop meets drives each worker's sheddable share to its floor
+        # (2%) within seconds; the front then refuses nearly every sheddable request itself.
+        statuses: list[int] = []
+        with httpx.Client(base_url=url, timeout=5) as http:
+            deadline = time.monotonic() + 60
+            while statuses.count(503) < 50:
+                assert time.monotonic() < deadline, f"no shedding within 60 s: {statuses[-20:]}"
+                answer = http.post("/predict", json={"model": "buys", "entities": [1]},
+                                   headers={"X-Priority": "sheddable", "X-Tenant": "cli"})  # fmt: skip
+                assert "x-tenx-gate" not in answer.headers
+                statuses.append(answer.status_code)
+            text = http.get("/metrics").text
+        pattern = r'tenx_model_shed_total\{model="\*",priority="sheddable",reason="overload",tenant="cli"\} (\S+)'
+        shed = re.search(pattern, text)
+        assert shed is not None, "the refusals are not in /metrics"
+        assert float(shed.group(1)) == statuses.count(503)
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    with pytest.raises(httpx.ConnectError):  # the front stopped with the server
+        httpx.get(f"{url}/health/live", timeout=2)
