@@ -25,7 +25,6 @@
 package main
 
 import (
-	"context"
 	"crypto/rand"
 	"crypto/subtle"
 	"encoding/hex"
@@ -34,8 +33,6 @@ import (
 	"fmt"
 	"log"
 	"net"
-	"net/http"
-	"net/http/httputil"
 	"net/url"
 	"os"
 	"os/signal"
@@ -172,64 +169,8 @@ func (g *gate) giveBack(value string) {
 	}
 }
 
-type front struct {
-	gate      *gate
-	proxy     *httputil.ReverseProxy
-	secret    string
-	auth      []byte // "Bearer <token>", or nil when the server takes no token
-	requestID func(string) string
-}
-
-func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	for name := range r.Header { // a client's X-Tenx-* headers never reach the server
-		if strings.HasPrefix(name, "X-Tenx-") {
-			delete(r.Header, name)
-		}
-	}
-	path := r.URL.Path
-	if path == "/predict" && r.Method == http.MethodPost && r.ProtoAtLeast(1, 1) {
-		class := strings.ToLower(strings.TrimSpace(r.Header.Get("X-Priority")))
-		if class == "default" || class == "sheddable" {
-			if f.authorized(r) {
-				tenant := r.Header.Get("X-Tenant")
-				if tenant == "" {
-					tenant = "default"
-				}
-				refusal, passed := f.gate.judge(class, tenant)
-				if refusal != "" {
-					f.refuse(w, r, refusal)
-					return
-				}
-				if passed {
-					r.Header.Set(passedHeader, "1")
-				}
-			}
-		}
-	}
-	// The refusals so far ride to the server on a request it reads them from: an
-	// authorized POST /predict (its early check runs for every one), or a scrape.
-	if (path == "/predict" && r.Method == http.MethodPost && f.authorized(r)) || path == "/metrics" {
-		if report := f.gate.report(); report != "" {
-			r.Header.Set(shedHeader, report)
-		}
-	}
-	r.Header.Set(secretHeader, f.secret)
-	f.proxy.ServeHTTP(w, r)
-}
-
-func (f *front) authorized(r *http.Request) bool {
-	return f.auth == nil || subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), f.auth) == 1
-}
-
-func (f *front) refuse(w http.ResponseWriter, r *http.Request, message string) {
-	body := fmt.Sprintf(`{"error":%s,"reason":"overload"}`, strconv.Quote(message))
-	h := w.Header()
-	h["Content-Type"] = []string{"application/json"}
-	h["Content-Length"] = []string{strconv.Itoa(len(body))}
-	h["X-Request-Id"] = []string{f.requestID(r.Header.Get("X-Request-Id"))}
-	h["Retry-After"] = []string{"1"}
-	w.WriteHeader(http.StatusServiceUnavailable)
-	_, _ = w.Write([]byte(body))
+func constantTimeEqual(given string, want []byte) bool {
+	return subtle.ConstantTimeCompare([]byte(given), want) == 1
 }
 
 // requestID is the server's rule (serving/logs.py new_request_id): the client's id when
@@ -260,10 +201,14 @@ func main() {
 		"idle client connections are closed after this (nginx's default; an idle connection costs the front a few KiB, "+
 			"and each close races a client's next request on it)")
 	upstreamIdle := flag.Duration("upstream-idle", 4*time.Second,
-		"idle connections to the server are closed after this: below the server's own keep-alive (5 s), so the "+
+		"a connection to the server idle this long is not reused: below the server's own keep-alive (5 s), so the "+
 			"front never sends on a connection the server is closing")
-	headerTimeout := flag.Duration("header-timeout", 10*time.Second, "a request's headers must arrive within this")
-	upstreamTimeout := flag.Duration("upstream-timeout", 610*time.Second, "longest wait for the server's answer (deadlines go up to 600 s)")
+	headerTimeout := flag.Duration("header-timeout", 10*time.Second, "a request's head must arrive within this")
+	bodyTimeout := flag.Duration("body-timeout", 60*time.Second, "longest wait for each read of a body or write of an answer")
+	upstreamTimeout := flag.Duration("upstream-timeout", 610*time.Second,
+		"longest wait for the server's answer to start (deadlines go up to 600 s)")
+	maxHead := flag.Int("max-head-bytes", 1<<20, "largest request head (431 past it)")
+	parent := flag.Int("parent-pid", 0, "exit when this process (the model server that started the front) is gone")
 	flag.Parse()
 	log.SetPrefix("tenx-front: ")
 	log.SetFlags(0)
@@ -271,58 +216,21 @@ func main() {
 	if *upstream == "" || secret == "" {
 		log.Fatal("needs --upstream HOST:PORT and TENX_FRONT_SECRET (tenx serve-models --front sets both)")
 	}
-	target := &url.URL{Scheme: "http", Host: *upstream}
-	failures := &rateLog{every: time.Second}
-	g := &gate{stale: *stale, shedCount: make(map[[2]string]uint64), tenants: make(map[string]bool)}
-	transport := &http.Transport{
-		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConns:          4096,
-		MaxIdleConnsPerHost:   4096,
-		IdleConnTimeout:       *upstreamIdle,
-		ResponseHeaderTimeout: *upstreamTimeout,
-		DisableCompression:    true,
-	}
-	proxy := &httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.SetURL(target)
-			pr.Out.Host = pr.In.Host
-			pr.SetXForwarded()
-		},
-		Transport: transport,
-		ModifyResponse: func(resp *http.Response) error {
-			if value := resp.Header.Get(gateHeader); value != "" {
-				g.update(value)
-				resp.Header.Del(gateHeader)
-			}
-			return nil
-		},
-		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			g.giveBack(r.Header.Get(shedHeader))
-			status := http.StatusBadGateway
-			if errors.Is(err, context.DeadlineExceeded) {
-				status = http.StatusGatewayTimeout
-			}
-			failures.note(fmt.Sprintf("%s %s: the model server did not answer: %v", r.Method, r.URL.Path, err))
-			body := fmt.Sprintf(`{"error":%s}`, strconv.Quote("the model server behind tenx-front did not answer; retry later"))
-			w.Header().Set("Content-Type", "application/json")
-			w.Header().Set("Retry-After", "1")
-			w.WriteHeader(status)
-			_, _ = w.Write([]byte(body))
-		},
-		ErrorLog:   log.New(os.Stderr, "tenx-front: ", 0),
-		BufferPool: newBufferPool(),
-	}
 	var auth []byte
 	if token := os.Getenv("TENX_API_TOKEN"); token != "" {
 		auth = []byte("Bearer " + token)
 	}
-	server := &http.Server{
-		Addr:              *listen,
-		Handler:           &front{gate: g, proxy: proxy, secret: secret, auth: auth, requestID: requestID},
-		ReadHeaderTimeout: *headerTimeout,
-		IdleTimeout:       *keepAlive,
-		MaxHeaderBytes:    1 << 20,
-		ErrorLog:          log.New(os.Stderr, "tenx-front: ", 0),
+	p := &proxy{
+		gate:     &gate{stale: *stale, shedCount: make(map[[2]string]uint64), tenants: make(map[string]bool)},
+		upstream: *upstream,
+		secret:   secret,
+		auth:     auth,
+		limits: limits{header: *headerTimeout, idle: *keepAlive, body: *bodyTimeout, upstream: *upstreamTimeout,
+			upIdle: *upstreamIdle, maxHead: *maxHead},
+		failures: &rateLog{every: time.Second},
+	}
+	if *parent > 0 {
+		go watchParent(*parent)
 	}
 	listener, err := net.Listen("tcp", *listen)
 	if err != nil {
@@ -332,22 +240,48 @@ func main() {
 	signal.Notify(stop, syscall.SIGINT, syscall.SIGTERM)
 	go func() {
 		<-stop
-		_ = server.Close()
+		_ = listener.Close()
+		os.Exit(0)
 	}()
-	if err := server.Serve(listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		log.Fatal(err)
+	serve(listener, p)
+}
+
+func init() {
+	// The parent's death ends the front at once (Linux; the main thread runs init, and
+	// the signal goes to the thread that asked). watchParent covers the rest.
+	_, _, _ = syscall.RawSyscall(syscall.SYS_PRCTL, syscall.PR_SET_PDEATHSIG, uintptr(syscall.SIGTERM), 0)
+}
+
+// watchParent ends the front once the model server that started it is gone, however
+// it went (killed, crashed): a front left running would answer for a server that is not
+// there and hold its port.
+func watchParent(pid int) {
+	for {
+		if os.Getppid() != pid {
+			log.Printf("the model server (pid %d) is gone; stopping", pid)
+			os.Exit(0)
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
 }
 
-// bufferPool lends the proxy its copy buffers (32 KiB each) instead of one per request.
-type bufferPool struct{ pool sync.Pool }
-
-func newBufferPool() *bufferPool {
-	return &bufferPool{pool: sync.Pool{New: func() any { return make([]byte, 32<<10) }}}
+// serve accepts until the listener closes; a failed accept (out of file descriptors,
+// say) is logged once a second and retried after a pause instead of ending the front.
+func serve(listener net.Listener, p *proxy) {
+	accepts := &rateLog{every: time.Second}
+	for {
+		conn, err := listener.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			accepts.note(fmt.Sprintf("accept: %v", err))
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		go p.serve(conn)
+	}
 }
-
-func (p *bufferPool) Get() []byte  { return p.pool.Get().([]byte) }
-func (p *bufferPool) Put(b []byte) { p.pool.Put(b) } //nolint:staticcheck // a slice header per Put is fine here
 
 // rateLog logs at most one line per `every`, saying how many it left out: a server
 // that is down fails every request, and the log should say so once a second, not per request.

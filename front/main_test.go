@@ -1,11 +1,12 @@
 package main
 
 import (
+	"bufio"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/http/httputil"
-	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -126,29 +127,26 @@ func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	_, _ = w.Write([]byte(`{"scores":[0.5]}`))
 }
 
-func newFront(t *testing.T, u *upstream, token string) *httptest.Server {
+func newFront(t *testing.T, u http.Handler, token string) string {
 	backend := httptest.NewServer(u)
 	t.Cleanup(backend.Close)
-	target, _ := url.Parse(backend.URL)
-	g := newGate()
-	proxy := &httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) { pr.SetURL(target) },
-		ModifyResponse: func(resp *http.Response) error {
-			if value := resp.Header.Get(gateHeader); value != "" {
-				g.update(value)
-				resp.Header.Del(gateHeader)
-			}
-			return nil
-		},
-	}
 	var auth []byte
 	if token != "" {
 		auth = []byte("Bearer " + token)
 	}
-	f := &front{gate: g, proxy: proxy, secret: "s3cret", auth: auth, requestID: requestID}
-	server := httptest.NewServer(f)
-	t.Cleanup(server.Close)
-	return server
+	p := &proxy{
+		gate: newGate(), upstream: strings.TrimPrefix(backend.URL, "http://"), secret: "s3cret", auth: auth,
+		limits: limits{header: 5 * time.Second, idle: 5 * time.Second, body: 5 * time.Second,
+			upstream: 5 * time.Second, upIdle: time.Second, maxHead: 4096},
+		failures: &rateLog{every: time.Second},
+	}
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = listener.Close() })
+	go serve(listener, p)
+	return "http://" + listener.Addr().String()
 }
 
 func post(t *testing.T, base, class string, headers map[string]string) *http.Response {
@@ -170,9 +168,9 @@ func post(t *testing.T, base, class string, headers map[string]string) *http.Res
 
 func TestFrontRefusesForwardsAndReportsThroughTheServer(t *testing.T) {
 	u := &upstream{gate: "0.0000 1 1"}
-	server := newFront(t, u, "")
+	base := newFront(t, u, "")
 	// A client's own X-Tenx-* headers never reach the server.
-	first := post(t, server.URL, "critical", map[string]string{
+	first := post(t, base, "critical", map[string]string{
 		"X-Tenx-Front-Shed": "sheddable/evil/1000", "X-Tenx-Front-Passed": "1", "X-Tenx-Front": "guess",
 	})
 	if first.StatusCode != 200 || first.Header.Get(gateHeader) != "" {
@@ -182,14 +180,14 @@ func TestFrontRefusesForwardsAndReportsThroughTheServer(t *testing.T) {
 	if seen.Get(shedHeader) != "" || seen.Get(passedHeader) != "" || seen.Get(secretHeader) != "s3cret" {
 		t.Fatalf("the server was sent %v", seen)
 	}
-	refused := post(t, server.URL, "Sheddable", map[string]string{"X-Tenant": "shop", "X-Request-Id": "abc-1"})
+	refused := post(t, base, "Sheddable", map[string]string{"X-Tenant": "shop", "X-Request-Id": "abc-1"})
 	if refused.StatusCode != 503 || refused.Header.Get("Retry-After") != "1" || refused.Header.Get("X-Request-Id") != "abc-1" {
 		t.Fatalf("sheddable at a closed gate: %d %v", refused.StatusCode, refused.Header)
 	}
 	if len(u.headers) != 1 {
 		t.Fatalf("a refused request reached the server")
 	}
-	post(t, server.URL, "critical", nil)
+	post(t, base, "critical", nil)
 	if got := u.headers[1].Get(shedHeader); got != "sheddable/shop/1" {
 		t.Fatalf("the next request carried %q, want sheddable/shop/1", got)
 	}
@@ -200,13 +198,13 @@ func TestFrontRefusesForwardsAndReportsThroughTheServer(t *testing.T) {
 
 func TestUnauthorizedRequestsAreLeftToTheServer(t *testing.T) {
 	u := &upstream{gate: "0.0000 0 0"}
-	server := newFront(t, u, "tok")
-	post(t, server.URL, "critical", map[string]string{"Authorization": "Bearer tok"})
-	resp := post(t, server.URL, "sheddable", map[string]string{"Authorization": "Bearer wrong"})
+	base := newFront(t, u, "tok")
+	post(t, base, "critical", map[string]string{"Authorization": "Bearer tok"})
+	resp := post(t, base, "sheddable", map[string]string{"Authorization": "Bearer wrong"})
 	if resp.StatusCode != 200 || len(u.headers) != 2 {
 		t.Fatalf("a request without the token was judged by the front: %d", resp.StatusCode)
 	}
-	resp = post(t, server.URL, "sheddable", map[string]string{"Authorization": "Bearer tok"})
+	resp = post(t, base, "sheddable", map[string]string{"Authorization": "Bearer tok"})
 	if resp.StatusCode != 503 {
 		t.Fatalf("an authorized sheddable request at a closed gate: %d", resp.StatusCode)
 	}
@@ -220,5 +218,152 @@ func TestRequestIDRule(t *testing.T) {
 		if got := requestID(given); len(got) != 16 || got == given {
 			t.Fatalf("id %q kept or malformed: %q", given, got)
 		}
+	}
+}
+
+// raw sends bytes on one connection and reads until `answers` whole answers (Content-Length
+// framed) arrived; returns their status lines and bodies.
+func raw(t *testing.T, base string, send string, answers int) ([]string, []string) {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := conn.Write([]byte(send)); err != nil {
+		t.Fatal(err)
+	}
+	reader := bufio.NewReader(conn)
+	var statuses, bodies []string
+	for len(statuses) < answers {
+		resp, err := http.ReadResponse(reader, nil)
+		if err != nil {
+			t.Fatalf("after %d answers: %v", len(statuses), err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		statuses = append(statuses, resp.Status)
+		bodies = append(bodies, string(body))
+	}
+	return statuses, bodies
+}
+
+// echo answers with the request's body, framed as the request asked (?chunked answers in chunks).
+type echo struct{ gate string }
+
+func (e echo) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	w.Header().Set(gateHeader, e.gate)
+	if r.URL.RawQuery == "chunked" {
+		w.WriteHeader(200)
+		for _, part := range strings.SplitAfter(string(body), ",") {
+			_, _ = w.Write([]byte(part))
+			w.(http.Flusher).Flush()
+		}
+		return
+	}
+	_, _ = w.Write(append([]byte(r.Header.Get("X-Priority")+":"), body...))
+}
+
+func TestPipelinedRequestsAreAnsweredInOrderRefusedOrNot(t *testing.T) {
+	base := newFront(t, echo{gate: "0.0000 1 1"}, "")
+	one := func(class, body string) string {
+		return "POST /predict HTTP/1.1\r\nHost: x\r\nX-Priority: " + class + "\r\nContent-Length: " +
+			strconv.Itoa(len(body)) + "\r\n\r\n" + body
+	}
+	statuses, bodies := raw(t, base, one("critical", "a")+one("sheddable", "bb")+one("critical", "ccc"), 3)
+	if statuses[0] != "200 OK" || statuses[1] != "503 Service Unavailable" || statuses[2] != "200 OK" {
+		t.Fatalf("statuses %v", statuses)
+	}
+	if bodies[0] != "critical:a" || bodies[2] != "critical:ccc" {
+		t.Fatalf("bodies %v: the refused request's body was not dropped in step", bodies)
+	}
+}
+
+func TestChunkedBodiesGoThroughBothWays(t *testing.T) {
+	base := newFront(t, echo{gate: "1 1 1"}, "")
+	request := "POST /predict?chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" +
+		"4\r\nab,c\r\n3;ext=1\r\nde,\r\n0\r\n\r\n"
+	statuses, bodies := raw(t, base, request+request, 2)
+	if statuses[1] != "200 OK" || bodies[0] != "ab,cde," || bodies[1] != "ab,cde," {
+		t.Fatalf("%v %q", statuses, bodies)
+	}
+}
+
+func TestExpectContinueGetsItsInterimAnswerFromTheFront(t *testing.T) {
+	base := newFront(t, echo{gate: "1 1 1"}, "")
+	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	_, _ = conn.Write([]byte("POST /predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"))
+	reader := bufio.NewReader(conn)
+	line, _ := reader.ReadString('\n')
+	if line != "HTTP/1.1 100 Continue\r\n" {
+		t.Fatalf("first line %q", line)
+	}
+	_, _ = reader.ReadString('\n')
+	_, _ = conn.Write([]byte("hi"))
+	resp, err := http.ReadResponse(reader, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || string(body) != ":hi" {
+		t.Fatalf("%d %q", resp.StatusCode, body)
+	}
+}
+
+func TestMalformedAndOversizedHeadsAreRefused(t *testing.T) {
+	base := newFront(t, echo{gate: "1 1 1"}, "")
+	statuses, _ := raw(t, base, "POST /predict HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 1)
+	if statuses[0] != "400 Bad Request" {
+		t.Fatalf("CL and TE together: %v", statuses)
+	}
+	statuses, _ = raw(t, base, "GET / HTTP/1.1\r\nX-Big: "+strings.Repeat("x", 5000)+"\r\n\r\n", 1)
+	if statuses[0] != "431 Request Header Fields Too Large" {
+		t.Fatalf("oversized head: %v", statuses)
+	}
+	statuses, _ = raw(t, base, "BROKEN\r\n\r\n", 1)
+	if statuses[0] != "400 Bad Request" {
+		t.Fatalf("malformed request line: %v", statuses)
+	}
+}
+
+func TestAnIdleConnectionToTheServerIsNotReused(t *testing.T) {
+	var mu sync.Mutex
+	remotes := map[string]bool{}
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		remotes[r.RemoteAddr] = true
+		mu.Unlock()
+		_, _ = w.Write([]byte("ok"))
+	})
+	base := newFront(t, handler, "")
+	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	reader := bufio.NewReader(conn)
+	get := func() {
+		_, _ = conn.Write([]byte("GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"))
+		resp, err := http.ReadResponse(reader, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.ReadAll(resp.Body)
+	}
+	get()
+	get()
+	if len(remotes) != 1 {
+		t.Fatalf("a busy connection was not reused: %v", remotes)
+	}
+	time.Sleep(1200 * time.Millisecond) // past upIdle (1 s)
+	get()
+	if len(remotes) != 2 {
+		t.Fatalf("an idle connection was reused: %v", remotes)
 	}
 }

@@ -64,6 +64,8 @@ class Front:
             address(host, port),
             "--upstream",
             address("127.0.0.1", upstream_port),
+            "--parent-pid",  # it exits with this process, however this one ends
+            str(os.getpid()),
         ]
         self.secret = secret
         self._process: subprocess.Popen[bytes] | None = None

@@ -234,3 +234,29 @@ def test_thread_demand_counts_the_time_waiting_for_a_core() -> None:
         demand.close()
     assert worked < 0.45, f"the rival did not take the core ({worked:.2f} s of CPU in 0.6 s)"
     assert wanted > 0.5, f"demand {wanted:.2f} s over 0.6 s of a thread that never slept (CPU {worked:.2f} s)"
+
+
+def test_the_front_ends_with_the_server_that_started_it_even_when_that_one_is_killed(front_binary: Path) -> None:
+    import signal
+    import sys
+
+    starter = (
+        "import os, subprocess, sys, time\n"
+        f"front = subprocess.Popen([{str(front_binary)!r}, '--listen', '127.0.0.1:{free_port()}', "
+        f"'--upstream', '127.0.0.1:{free_port()}', '--parent-pid', str(os.getpid())])\n"
+        "print(front.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True, env={**os.environ, "TENX_FRONT_SECRET": "s"}
+    )
+    assert parent.stdout is not None
+    front_pid = int(parent.stdout.readline())
+    time.sleep(0.3)
+    parent.send_signal(signal.SIGKILL)  # no `finally`, no handler: the front must notice by itself
+    parent.wait(timeout=10)
+    parent.stdout.close()
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{front_pid}").exists() and b"Z" not in Path(f"/proc/{front_pid}/stat").read_bytes()[:60]:
+        assert time.monotonic() < deadline, "tenx-front outlived the process that started it"
+        time.sleep(0.05)

@@ -1,0 +1,547 @@
+package main
+
+// One client connection, served in order: read a request's head, judge it, and either
+// answer 503 (its body read and dropped) or forward it, head and body as they came, on
+// this connection's own connection to the server, then relay the answer with the gate
+// taken out. No goroutine hand-offs and no copies beyond the two buffers: Go's
+// httputil.ReverseProxy cost about 150 us of CPU per forwarded request here (net/http
+// server, transport read and write loops, a background read per request), as much as
+// the Python server spends serving it.
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+)
+
+type limits struct {
+	header   time.Duration // a request's head must arrive within this once its first byte has
+	idle     time.Duration // an idle client connection is closed after this
+	body     time.Duration // each read of a request body, each write of an answer
+	upstream time.Duration // the server's answer must start within this
+	upIdle   time.Duration // a connection to the server idle this long is not reused
+	maxHead  int           // bytes of a request head
+}
+
+type proxy struct {
+	gate     *gate
+	upstream string
+	secret   string
+	auth     []byte // "Bearer <token>", or nil when the server takes no token
+	limits   limits
+	failures *rateLog
+}
+
+// request is a parsed request head; lines keep the head's bytes for forwarding.
+type request struct {
+	method, target, proto string
+	lines                 [][]byte // header lines, without their line ends
+	contentLength         int64    // -1: none given
+	chunked               bool
+	closeAfter            bool // Connection: close, or HTTP/1.0 without keep-alive
+	expectContinue        bool
+	priority, tenant      string
+	authorization         string
+	requestID             string
+}
+
+var errHeadTooLarge = errors.New("request head too large")
+
+type badRequest struct{ why string }
+
+func (b badRequest) Error() string { return b.why }
+
+func (p *proxy) serve(client net.Conn) {
+	defer client.Close()
+	in := bufio.NewReaderSize(client, 16<<10)
+	out := bufio.NewWriterSize(client, 16<<10)
+	up := &upstreamConn{addr: p.upstream, idle: p.limits.upIdle}
+	defer up.close()
+	for {
+		_ = client.SetReadDeadline(time.Now().Add(p.limits.idle))
+		if _, err := in.Peek(1); err != nil {
+			return // closed, or idle past the keep-alive
+		}
+		_ = client.SetReadDeadline(time.Now().Add(p.limits.header))
+		req, err := readRequest(in, p.limits.maxHead)
+		if err != nil {
+			var bad badRequest
+			switch {
+			case errors.Is(err, errHeadTooLarge):
+				p.answer(out, client, 431, "", fmt.Sprintf(`{"error":"request head over %d bytes"}`, p.limits.maxHead), true)
+			case errors.As(err, &bad):
+				p.answer(out, client, 400, "", fmt.Sprintf(`{"error":%s}`, strconv.Quote(bad.why)), true)
+			}
+			return
+		}
+		_ = client.SetReadDeadline(time.Time{})
+		keep := p.handle(req, in, out, client, up)
+		if !keep {
+			_ = out.Flush()
+			return
+		}
+		if in.Buffered() == 0 { // answers to pipelined requests go out together
+			_ = client.SetWriteDeadline(time.Now().Add(p.limits.body))
+			if out.Flush() != nil {
+				return
+			}
+		}
+	}
+}
+
+// handle answers one request; false when the client connection must close after it.
+func (p *proxy) handle(req *request, in *bufio.Reader, out *bufio.Writer, client net.Conn, up *upstreamConn) bool {
+	path := req.target
+	if i := strings.IndexByte(path, '?'); i >= 0 {
+		path = path[:i]
+	}
+	predict := path == "/predict" && req.method == "POST"
+	authorized := p.auth == nil || constantTimeEqual(req.authorization, p.auth)
+	passed := false
+	if predict && req.proto == "HTTP/1.1" && authorized && !req.expectContinue {
+		class := strings.ToLower(strings.TrimSpace(req.priority))
+		if class == "default" || class == "sheddable" {
+			tenant := req.tenant
+			if tenant == "" {
+				tenant = "default"
+			}
+			var refusal string
+			refusal, passed = p.gate.judge(class, tenant)
+			if refusal != "" {
+				_ = client.SetReadDeadline(time.Now().Add(p.limits.body))
+				if err := copyBody(io.Discard, in, req); err != nil {
+					return false
+				}
+				body := fmt.Sprintf(`{"error":%s,"reason":"overload"}`, strconv.Quote(refusal))
+				extra := "X-Request-Id: " + requestID(req.requestID) + "\r\nRetry-After: 1\r\n"
+				return p.answer(out, nil, 503, extra, body, req.closeAfter)
+			}
+		}
+	}
+	report := ""
+	if (predict && authorized) || path == "/metrics" {
+		report = p.gate.report()
+	}
+	return p.forward(req, in, out, client, up, passed, report)
+}
+
+func (p *proxy) forward(req *request, in *bufio.Reader, out *bufio.Writer, client net.Conn, up *upstreamConn,
+	passed bool, report string) bool {
+	if req.expectContinue { // the front reads the body, so it says continue itself
+		_, _ = out.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
+		_ = client.SetWriteDeadline(time.Now().Add(p.limits.body))
+		if out.Flush() != nil {
+			return false
+		}
+	}
+	if err := up.get(); err != nil {
+		p.gate.giveBack(report)
+		p.failures.note(fmt.Sprintf("%s %s: the model server did not answer: %v", req.method, req.target, err))
+		return p.unavailable(out, 502)
+	}
+	w := up.out
+	_, _ = w.WriteString(req.method + " " + req.target + " " + req.proto + "\r\n")
+	for _, line := range req.lines {
+		if isFrontHeader(line) || (req.expectContinue && hasName(line, "expect")) {
+			continue
+		}
+		_, _ = w.Write(line)
+		_, _ = w.WriteString("\r\n")
+	}
+	_, _ = w.WriteString(secretHeader + ": " + p.secret + "\r\n")
+	if passed {
+		_, _ = w.WriteString(passedHeader + ": 1\r\n")
+	}
+	if report != "" {
+		_, _ = w.WriteString(shedHeader + ": " + report + "\r\n")
+	}
+	_, _ = w.WriteString("\r\n")
+	_ = client.SetReadDeadline(time.Now().Add(p.limits.body))
+	_ = up.conn.SetWriteDeadline(time.Now().Add(p.limits.body))
+	if err := copyBody(w, in, req); err != nil {
+		up.close()
+		var bad badRequest
+		if errors.As(err, &bad) {
+			p.answer(out, nil, 400, "", fmt.Sprintf(`{"error":%s}`, strconv.Quote(bad.why)), true)
+		}
+		return false // the client's body broke off: nothing more can be read from it in order
+	}
+	if err := w.Flush(); err != nil {
+		p.gate.giveBack(report)
+		up.close()
+		p.failures.note(fmt.Sprintf("%s %s: the model server did not take the request: %v", req.method, req.target, err))
+		return p.unavailable(out, 502)
+	}
+	_ = up.conn.SetReadDeadline(time.Now().Add(p.limits.upstream))
+	keep, err := p.relay(req, out, up)
+	if err != nil {
+		up.close()
+		if errors.Is(err, errNothingRelayed) {
+			p.failures.note(fmt.Sprintf("%s %s: the model server did not answer: %v", req.method, req.target, err))
+			status := 502
+			var timeout net.Error
+			if errors.As(err, &timeout) && timeout.Timeout() {
+				status = 504
+			}
+			return p.unavailable(out, status)
+		}
+		return false // part of the answer went out: the client sees it cut off
+	}
+	up.used()
+	return keep && !req.closeAfter
+}
+
+var errNothingRelayed = errors.New("no answer")
+
+type relayError struct{ err error }
+
+func (e relayError) Error() string { return e.err.Error() }
+func (e relayError) Unwrap() []error {
+	return []error{errNothingRelayed, e.err}
+}
+
+// relay copies the server's answer (interim ones first) to the client, the gate taken
+// out of its head; keep is false when either side closes after it.
+func (p *proxy) relay(req *request, out *bufio.Writer, up *upstreamConn) (keep bool, err error) {
+	for {
+		status, lines, err := readResponseHead(up.in)
+		if err != nil {
+			return false, relayError{err}
+		}
+		length, chunked, closeAfter := int64(-1), false, false
+		for _, line := range lines {
+			name, value := splitHeader(line)
+			switch {
+			case strings.EqualFold(name, gateHeader):
+				p.gate.update(value)
+				continue
+			case strings.EqualFold(name, "content-length"):
+				length, _ = strconv.ParseInt(strings.TrimSpace(value), 10, 64)
+			case strings.EqualFold(name, "transfer-encoding"):
+				chunked = strings.Contains(strings.ToLower(value), "chunked")
+			case strings.EqualFold(name, "connection"):
+				closeAfter = hasToken(value, "close")
+			}
+			_, _ = out.Write(line)
+			_, _ = out.WriteString("\r\n")
+		}
+		_, _ = out.WriteString("\r\n")
+		if status >= 100 && status < 200 && status != 101 {
+			continue // an interim answer: the final one follows
+		}
+		if status == 101 {
+			return false, nil // no upgrades through the front: the model server offers none
+		}
+		fake := &request{contentLength: length, chunked: chunked}
+		switch {
+		case req.method == "HEAD" || status == 204 || status == 304:
+		case chunked || length >= 0:
+			if err := copyBody(out, up.in, fake); err != nil {
+				return false, err
+			}
+		default: // the answer runs to the connection's end
+			if _, err := io.Copy(out, up.in); err != nil {
+				return false, err
+			}
+			up.close()
+			return false, nil
+		}
+		if closeAfter {
+			up.close()
+		}
+		return !closeAfter, nil
+	}
+}
+
+func (p *proxy) unavailable(out *bufio.Writer, status int) bool {
+	body := `{"error":"the model server behind tenx-front did not answer; retry later"}`
+	return p.answer(out, nil, status, "Retry-After: 1\r\n", body, true)
+}
+
+// answer writes a JSON answer of the front's own; when conn is given it is flushed now.
+// Returns whether the connection stays open.
+func (p *proxy) answer(out *bufio.Writer, conn net.Conn, status int, extra, body string, closeAfter bool) bool {
+	fmt.Fprintf(out, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s",
+		status, statusText(status), len(body), extra)
+	if closeAfter {
+		_, _ = out.WriteString("Connection: close\r\n")
+	}
+	_, _ = out.WriteString("\r\n")
+	_, _ = out.WriteString(body)
+	if conn != nil {
+		_ = conn.SetWriteDeadline(time.Now().Add(p.limits.body))
+		_ = out.Flush()
+	}
+	return !closeAfter
+}
+
+func statusText(status int) string {
+	switch status {
+	case 400:
+		return "Bad Request"
+	case 431:
+		return "Request Header Fields Too Large"
+	case 502:
+		return "Bad Gateway"
+	case 503:
+		return "Service Unavailable"
+	case 504:
+		return "Gateway Timeout"
+	}
+	return "Error"
+}
+
+// readRequest reads and checks one request head.
+func readRequest(in *bufio.Reader, maxHead int) (*request, error) {
+	size := 0
+	first, err := readLine(in, &size, maxHead)
+	if err != nil {
+		return nil, err
+	}
+	for len(first) == 0 { // a stray line end between requests is allowed (RFC 9112 2.2)
+		if first, err = readLine(in, &size, maxHead); err != nil {
+			return nil, err
+		}
+	}
+	parts := strings.Split(string(first), " ")
+	if len(parts) != 3 || parts[0] == "" || parts[1] == "" || !strings.HasPrefix(parts[2], "HTTP/1.") {
+		return nil, badRequest{"malformed request line"}
+	}
+	req := &request{method: parts[0], target: parts[1], proto: parts[2], contentLength: -1}
+	if req.proto != "HTTP/1.1" && req.proto != "HTTP/1.0" {
+		return nil, badRequest{"unsupported HTTP version " + req.proto}
+	}
+	keepAlive := false
+	for {
+		line, err := readLine(in, &size, maxHead)
+		if err != nil {
+			return nil, err
+		}
+		if len(line) == 0 {
+			break
+		}
+		if line[0] == ' ' || line[0] == '\t' {
+			return nil, badRequest{"folded header lines are not accepted"}
+		}
+		name, value := splitHeader(line)
+		if name == "" || strings.ContainsAny(name, " \t") {
+			return nil, badRequest{"malformed header line"}
+		}
+		req.lines = append(req.lines, append([]byte(nil), line...))
+		switch strings.ToLower(name) {
+		case "content-length":
+			n, err := strconv.ParseInt(strings.TrimSpace(value), 10, 64)
+			if err != nil || n < 0 || (req.contentLength >= 0 && req.contentLength != n) {
+				return nil, badRequest{"bad Content-Length"}
+			}
+			req.contentLength = n
+		case "transfer-encoding":
+			codings := strings.Split(strings.ToLower(value), ",")
+			if strings.TrimSpace(codings[len(codings)-1]) != "chunked" {
+				return nil, badRequest{"unsupported Transfer-Encoding " + value}
+			}
+			req.chunked = true
+		case "connection":
+			req.closeAfter = req.closeAfter || hasToken(value, "close")
+			keepAlive = hasToken(value, "keep-alive")
+		case "expect":
+			req.expectContinue = strings.EqualFold(strings.TrimSpace(value), "100-continue")
+		case "x-priority":
+			req.priority = value
+		case "x-tenant":
+			req.tenant = value
+		case "authorization":
+			req.authorization = value
+		case "x-request-id":
+			req.requestID = value
+		}
+	}
+	if req.chunked && req.contentLength >= 0 {
+		return nil, badRequest{"both Content-Length and Transfer-Encoding"}
+	}
+	if req.proto == "HTTP/1.0" && !keepAlive {
+		req.closeAfter = true
+	}
+	return req, nil
+}
+
+// readResponseHead reads a status line and header lines.
+func readResponseHead(in *bufio.Reader) (int, [][]byte, error) {
+	size := 0
+	first, err := readLine(in, &size, 1<<20)
+	if err != nil {
+		return 0, nil, err
+	}
+	parts := strings.SplitN(string(first), " ", 3)
+	if len(parts) < 2 || !strings.HasPrefix(parts[0], "HTTP/1.") {
+		return 0, nil, errors.New("malformed status line from the server")
+	}
+	status, err := strconv.Atoi(parts[1])
+	if err != nil {
+		return 0, nil, errors.New("malformed status from the server")
+	}
+	lines := [][]byte{append([]byte(nil), first...)}
+	for {
+		line, err := readLine(in, &size, 1<<20)
+		if err != nil {
+			return 0, nil, err
+		}
+		if len(line) == 0 {
+			return status, lines, nil
+		}
+		lines = append(lines, append([]byte(nil), line...))
+	}
+}
+
+// readLine returns one line without its line end; the slice is valid until the next read.
+func readLine(in *bufio.Reader, size *int, max int) ([]byte, error) {
+	line, err := in.ReadSlice('\n')
+	if errors.Is(err, bufio.ErrBufferFull) {
+		long := append([]byte(nil), line...)
+		for errors.Is(err, bufio.ErrBufferFull) {
+			if *size+len(long) > max {
+				return nil, errHeadTooLarge
+			}
+			line, err = in.ReadSlice('\n')
+			long = append(long, line...)
+		}
+		line = long
+	}
+	if err != nil {
+		return nil, err
+	}
+	*size += len(line)
+	if *size > max {
+		return nil, errHeadTooLarge
+	}
+	line = bytes.TrimSuffix(line, []byte{'\n'})
+	return bytes.TrimSuffix(line, []byte{'\r'}), nil
+}
+
+// copyBody copies a message body as it came: Content-Length bytes, or chunks (sizes,
+// data and trailers) up to the last one.
+func copyBody(dst io.Writer, src *bufio.Reader, req *request) error {
+	if !req.chunked {
+		if req.contentLength <= 0 {
+			return nil
+		}
+		_, err := io.CopyN(dst, src, req.contentLength)
+		return err
+	}
+	size := 0
+	for {
+		line, err := readLine(src, &size, 64<<10)
+		if err != nil {
+			return err
+		}
+		text := string(line)
+		if i := strings.IndexByte(text, ';'); i >= 0 {
+			text = text[:i]
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(text), 16, 64)
+		if err != nil || n < 0 {
+			return badRequest{"malformed chunk size"}
+		}
+		if _, err := fmt.Fprintf(dst, "%s\r\n", line); err != nil {
+			return err
+		}
+		if n == 0 {
+			for { // trailers, then the blank line
+				trailer, err := readLine(src, &size, 64<<10)
+				if err != nil {
+					return err
+				}
+				if _, err := fmt.Fprintf(dst, "%s\r\n", trailer); err != nil {
+					return err
+				}
+				if len(trailer) == 0 {
+					return nil
+				}
+			}
+		}
+		if _, err := io.CopyN(dst, src, n); err != nil {
+			return err
+		}
+		end, err := readLine(src, &size, 64<<10)
+		if err != nil {
+			return err
+		}
+		if len(end) != 0 {
+			return badRequest{"chunk longer than its size"}
+		}
+		if _, err := io.WriteString(dst, "\r\n"); err != nil {
+			return err
+		}
+		size = 0
+	}
+}
+
+func splitHeader(line []byte) (string, string) {
+	i := bytes.IndexByte(line, ':')
+	if i < 0 {
+		return "", ""
+	}
+	return string(line[:i]), strings.TrimSpace(string(line[i+1:]))
+}
+
+func hasName(line []byte, lower string) bool {
+	name, _ := splitHeader(line)
+	return strings.EqualFold(name, lower)
+}
+
+// isFrontHeader: a client's X-Tenx-* header, which never reaches the server.
+func isFrontHeader(line []byte) bool {
+	return len(line) > 7 && strings.EqualFold(string(line[:7]), "x-tenx-")
+}
+
+func hasToken(value, token string) bool {
+	for _, part := range strings.Split(value, ",") {
+		if strings.EqualFold(strings.TrimSpace(part), token) {
+			return true
+		}
+	}
+	return false
+}
+
+// upstreamConn is one client connection's connection to the server, dialed when first
+// needed and not reused once idle past `idle` (the server closes idle ones itself).
+type upstreamConn struct {
+	addr     string
+	idle     time.Duration
+	conn     net.Conn
+	in       *bufio.Reader
+	out      *bufio.Writer
+	lastUsed time.Time
+}
+
+func (u *upstreamConn) get() error {
+	if u.conn != nil && time.Since(u.lastUsed) > u.idle {
+		u.close()
+	}
+	if u.conn != nil {
+		return nil
+	}
+	conn, err := net.DialTimeout("tcp", u.addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	u.conn = conn
+	u.in = bufio.NewReaderSize(conn, 16<<10)
+	u.out = bufio.NewWriterSize(conn, 16<<10)
+	return nil
+}
+
+func (u *upstreamConn) used() { u.lastUsed = time.Now() }
+
+func (u *upstreamConn) close() {
+	if u.conn != nil {
+		_ = u.conn.Close()
+		u.conn = nil
+	}
+}
