@@ -3,12 +3,12 @@
 The data and model are bench/serving.py's (its `prepare`: N entities x 20 float32 features
 in Redis, the MLP 20-64-64-1 deployed; TENX_REDIS_URL required: `eval "$(scripts/services
 up --only redis)"`). The server runs as `tenx serve-models` (1 worker, CPU, serving only
-the MLP), behind its admission front where tenx-front is built (`--front`, `make front`;
-`--no-front` for the Python server alone); the load is open-loop (serving/loadgen.py:
-Poisson send times fixed in advance from a seed, latency from each request's intended send
-time), POST /predict with `--entities-per-request` random entities each (default 10: the
-generator then offers several times the server's capacity on 2 shared cores), every
-request labelled with its class and a deadline:
+the MLP; `--front`: behind tenx-front, its Go admission front, built by `make front`); the
+load is open-loop (serving/loadgen.py: Poisson send times fixed in advance from a seed,
+latency from each request's intended send time), POST /predict with
+`--entities-per-request` random entities each (default 10: the generator then offers
+several times the server's capacity on 2 shared cores), every request labelled with its
+class and a deadline:
 
     {"model": "mlp", "entities": [...], "priority": "critical" | "sheddable",
      "tenant": "bench", "deadline_ms": 1000}
@@ -69,6 +69,7 @@ count or a clock; every key written is deleted.
     python bench/overload.py                    # about 5 minutes on 2 cores
     python bench/overload.py --skip-baseline    # the shedding server alone (no --no-shedding run)
     python bench/overload.py --capacity 3500    # no search: the same rates in runs that compare builds
+    python bench/overload.py --front            # both servers behind tenx-front (`make front`)
     python bench/overload.py --smoke            # under a minute; JSON in a temp folder (CI)
 """
 
@@ -562,17 +563,15 @@ def has_option(option: str) -> bool:
 
 
 def front_flags() -> list[str]:
-    """["--front"] where `tenx serve-models` has it and tenx-front is built, else [] (said on stderr)."""
+    """["--front"], once `tenx serve-models` has it and tenx-front is built."""
     from featurestore.errors import ConfigError
     from serving.models.front import front_binary
 
-    if not has_option("--front"):
-        return []
+    check(has_option("--front"), "--front: this tenx serve-models has no --front")
     try:
         front_binary()
     except ConfigError as error:
-        print(f"no admission front: {error}", file=sys.stderr)
-        return []
+        raise SystemExit(f"--front: {error}") from None
     return ["--front"]
 
 
@@ -767,10 +766,10 @@ def main() -> None:
         "as tenx's clients and `tenx loadtest` do; by default every request is sent, as a raw client would.",
     )
     parser.add_argument(
-        "--no-front",
+        "--front",
         action="store_true",
-        help="Run both servers without `--front` (tenx-front, the Go admission front that refuses from the "
-        "X-Priority header outside the Python event loop). By default it is used where it is built (`make front`).",
+        help="Run both servers behind tenx-front (`tenx serve-models --front`, built by `make front`): the Go "
+        "admission front that refuses from the X-Priority header outside the Python event loop.",
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS / "overload.json", help="Results JSON file.")
@@ -873,7 +872,7 @@ def main() -> None:
             tenant=args.tenant,
             seed=args.seed,
         )
-        front = [] if args.no_front else front_flags()
+        front = front_flags() if args.front else []
         modes: list[tuple[str, list[str]]] = [("shedding", [])]
         if baseline:
             modes.append(("no_shedding", [NO_SHEDDING]))

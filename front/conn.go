@@ -106,7 +106,7 @@ func (p *proxy) handle(req *request, in *bufio.Reader, out *bufio.Writer, client
 	passed := false
 	if predict && req.proto == "HTTP/1.1" && authorized && !req.expectContinue {
 		class := strings.ToLower(strings.TrimSpace(req.priority))
-		if class == "default" || class == "sheddable" {
+		if (class == "default" || class == "sheddable") && len(req.tenant) <= maxTenantLen {
 			tenant := req.tenant
 			if tenant == "" {
 				tenant = "default"

@@ -50,7 +50,7 @@ const (
 	passedHeader = "X-Tenx-Front-Passed" // front -> server: this sheddable request passed the front's share
 	shedHeader   = "X-Tenx-Front-Shed"   // front -> server: refusals since the last report
 	maxTenants   = 1000                  // distinct tenant labels counted; the rest count as "other"
-	maxTenantLen = 64
+	maxTenantLen = 256                   // a longer X-Tenant is left to the server, which labels it as it does any
 )
 
 // gate is the server's newest admission state, as its last answer gave it.
@@ -118,9 +118,6 @@ func (g *gate) judge(class, tenant string) (refusal string, passed bool) {
 }
 
 func (g *gate) count(class, tenant string) {
-	if len(tenant) > maxTenantLen {
-		tenant = tenant[:maxTenantLen]
-	}
 	if !g.tenants[tenant] {
 		if len(g.tenants) >= maxTenants {
 			tenant = "other"

@@ -187,11 +187,18 @@ func TestFrontRefusesForwardsAndReportsThroughTheServer(t *testing.T) {
 	if len(u.headers) != 1 {
 		t.Fatalf("a refused request reached the server")
 	}
-	post(t, base, "critical", nil)
+	long := post(t, base, "sheddable", map[string]string{"X-Tenant": strings.Repeat("t", maxTenantLen+1)})
+	if long.StatusCode != 200 || len(u.headers) != 2 {
+		t.Fatalf("a tenant name too long to count was judged by the front: %d", long.StatusCode)
+	}
 	if got := u.headers[1].Get(shedHeader); got != "sheddable/shop/1" {
 		t.Fatalf("the next request carried %q, want sheddable/shop/1", got)
 	}
-	if got := u.headers[1].Get(passedHeader); got != "" {
+	post(t, base, "critical", nil)
+	if got := u.headers[2].Get(shedHeader); got != "" {
+		t.Fatalf("a refusal was reported twice: %q", got)
+	}
+	if got := u.headers[2].Get(passedHeader); got != "" {
 		t.Fatalf("a critical request was marked passed: %q", got)
 	}
 }
