@@ -64,9 +64,11 @@ func (p *proxy) serve(client net.Conn) {
 	up := &upstreamConn{addr: p.upstream, idle: p.limits.upIdle}
 	defer up.close()
 	for {
-		_ = client.SetReadDeadline(time.Now().Add(p.limits.idle))
-		if _, err := in.Peek(1); err != nil {
-			return // closed, or idle past the keep-alive
+		if in.Buffered() == 0 { // a pipelined request already read needs no wait
+			_ = client.SetReadDeadline(time.Now().Add(p.limits.idle))
+			if _, err := in.Peek(1); err != nil {
+				return // closed, or idle past the keep-alive
+			}
 		}
 		_ = client.SetReadDeadline(time.Now().Add(p.limits.header))
 		req, err := readRequest(in, p.limits.maxHead)
@@ -80,8 +82,7 @@ func (p *proxy) serve(client net.Conn) {
 			}
 			return
 		}
-		_ = client.SetReadDeadline(time.Time{})
-		keep := p.handle(req, in, out, client, up)
+		keep := p.handle(req, in, out, client, up) // reads of its body set their own deadline
 		if !keep {
 			_ = out.Flush()
 			return
@@ -334,7 +335,7 @@ func readRequest(in *bufio.Reader, maxHead int) (*request, error) {
 			return nil, badRequest{"malformed header line"}
 		}
 		req.lines = append(req.lines, append([]byte(nil), line...))
-		switch strings.ToLower(name) {
+		switch lowerName(name) {
 		case "content-length":
 			n, err := strconv.ParseInt(strings.TrimSpace(value), 10, 64)
 			if err != nil || n < 0 || (req.contentLength >= 0 && req.contentLength != n) {
@@ -544,4 +545,20 @@ func (u *upstreamConn) close() {
 		_ = u.conn.Close()
 		u.conn = nil
 	}
+}
+
+// lowerName is the header name in lower case when it is one the front reads, else "":
+// most header names need no copy at all.
+func lowerName(name string) string {
+	for _, known := range knownNames {
+		if len(known) == len(name) && strings.EqualFold(known, name) {
+			return known
+		}
+	}
+	return ""
+}
+
+var knownNames = [...]string{
+	"content-length", "transfer-encoding", "connection", "expect", "x-priority", "x-tenant", "authorization",
+	"x-request-id",
 }
