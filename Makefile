@@ -28,11 +28,13 @@ test:  ## every test; integration tests need `eval "$$(scripts/services up)"` fi
 test-unit:  ## unit tests only, no services needed
 	$(BIN)/python -m pytest tests/unit
 
-lint:  ## ruff (lint + format check), mypy, import-linter layer contract
+lint:  ## ruff (lint + format check), mypy, import-linter layer contract; gofmt and go vet for front/
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	@if command -v go >/dev/null 2>&1; then cd front && unformatted="$$(gofmt -l .)" && \
+	  { [ -z "$$unformatted" ] || { echo "gofmt: $$unformatted (run gofmt -w front)"; exit 1; }; } && go vet . ; fi
 
 format:
 	$(BIN)/ruff format .
