@@ -17,6 +17,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -47,6 +48,7 @@ type request struct {
 	closeAfter            bool // Connection: close, or HTTP/1.0 without keep-alive
 	expectContinue        bool
 	priority, tenant      string
+	tenantGiven           bool
 	authorization         string
 	requestID             string
 }
@@ -57,47 +59,53 @@ type badRequest struct{ why string }
 
 func (b badRequest) Error() string { return b.why }
 
-func (p *proxy) serve(client net.Conn) {
-	defer client.Close()
+func (p *proxy) serve(conn net.Conn) {
+	defer conn.Close()
+	client := &timedConn{Conn: conn, write: p.limits.body}
 	in := bufio.NewReaderSize(client, 16<<10)
 	out := bufio.NewWriterSize(client, 16<<10)
-	up := &upstreamConn{addr: p.upstream, idle: p.limits.upIdle}
+	defer out.Flush() // however the loop ends, the answers made go out
+	up := &upstreamConn{addr: p.upstream, idle: p.limits.upIdle, write: p.limits.body}
 	defer up.close()
 	for {
-		if in.Buffered() == 0 { // a pipelined request already read needs no wait
-			_ = client.SetReadDeadline(time.Now().Add(p.limits.idle))
+		if !headBuffered(in) { // the next read may wait: the answers made so far go out first
+			if out.Flush() != nil {
+				return
+			}
+		}
+		if in.Buffered() == 0 {
+			client.readWithin(p.limits.idle)
 			if _, err := in.Peek(1); err != nil {
 				return // closed, or idle past the keep-alive
 			}
 		}
-		_ = client.SetReadDeadline(time.Now().Add(p.limits.header))
+		client.readWithin(p.limits.header)
 		req, err := readRequest(in, p.limits.maxHead)
 		if err != nil {
 			var bad badRequest
 			switch {
 			case errors.Is(err, errHeadTooLarge):
-				p.answer(out, client, 431, "", fmt.Sprintf(`{"error":"request head over %d bytes"}`, p.limits.maxHead), true)
+				p.answer(out, 431, "", fmt.Sprintf(`{"error":"request head over %d bytes"}`, p.limits.maxHead), true)
 			case errors.As(err, &bad):
-				p.answer(out, client, 400, "", fmt.Sprintf(`{"error":%s}`, strconv.Quote(bad.why)), true)
+				p.answer(out, 400, "", fmt.Sprintf(`{"error":%s}`, strconv.Quote(bad.why)), true)
 			}
 			return
 		}
-		keep := p.handle(req, in, out, client, up) // reads of its body set their own deadline
-		if !keep {
-			_ = out.Flush()
+		client.eachRead(p.limits.body) // its body, if any
+		if !p.handle(req, in, out, up) {
 			return
-		}
-		if in.Buffered() == 0 { // answers to pipelined requests go out together
-			_ = client.SetWriteDeadline(time.Now().Add(p.limits.body))
-			if out.Flush() != nil {
-				return
-			}
 		}
 	}
 }
 
+// headBuffered: a whole request head is already read, so reading it cannot wait.
+func headBuffered(in *bufio.Reader) bool {
+	buffered, _ := in.Peek(in.Buffered())
+	return bytes.Contains(buffered, []byte("\r\n\r\n"))
+}
+
 // handle answers one request; false when the client connection must close after it.
-func (p *proxy) handle(req *request, in *bufio.Reader, out *bufio.Writer, client net.Conn, up *upstreamConn) bool {
+func (p *proxy) handle(req *request, in *bufio.Reader, out *bufio.Writer, up *upstreamConn) bool {
 	path := req.target
 	if i := strings.IndexByte(path, '?'); i >= 0 {
 		path = path[:i]
@@ -109,93 +117,134 @@ func (p *proxy) handle(req *request, in *bufio.Reader, out *bufio.Writer, client
 		class := strings.ToLower(strings.TrimSpace(req.priority))
 		if (class == "default" || class == "sheddable") && len(req.tenant) <= maxTenantLen {
 			tenant := req.tenant
-			if tenant == "" {
+			if !req.tenantGiven { // as the server: no header is "default", an empty one is ""
 				tenant = "default"
 			}
 			var refusal string
 			refusal, passed = p.gate.judge(class, tenant)
 			if refusal != "" {
-				_ = client.SetReadDeadline(time.Now().Add(p.limits.body))
-				if err := copyBody(io.Discard, in, req); err != nil {
+				if err := copyBody(io.Discard, in, req, false); err != nil {
 					return false
 				}
 				body := fmt.Sprintf(`{"error":%s,"reason":"overload"}`, strconv.Quote(refusal))
 				extra := "X-Request-Id: " + requestID(req.requestID) + "\r\nRetry-After: 1\r\n"
-				return p.answer(out, nil, 503, extra, body, req.closeAfter)
+				return p.answer(out, 503, extra, body, req.closeAfter)
 			}
 		}
 	}
 	report := ""
-	if (predict && authorized) || path == "/metrics" {
+	scrape := path == "/metrics" && (req.method == "GET" || req.method == "HEAD") // the server reads it on these only
+	if (predict && authorized) || scrape {
 		report = p.gate.report()
 	}
-	return p.forward(req, in, out, client, up, passed, report)
+	return p.forward(req, in, out, up, passed, report)
 }
 
-func (p *proxy) forward(req *request, in *bufio.Reader, out *bufio.Writer, client net.Conn, up *upstreamConn,
-	passed bool, report string) bool {
+// maxReplay: a request body up to this size is read whole before it is sent, so that it
+// can be sent again when the kept connection to the server turns out to be closed.
+const maxReplay = 64 << 10
+
+func (p *proxy) forward(req *request, in *bufio.Reader, out *bufio.Writer, up *upstreamConn, passed bool,
+	report string) bool {
 	if req.expectContinue { // the front reads the body, so it says continue itself
 		_, _ = out.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
-		_ = client.SetWriteDeadline(time.Now().Add(p.limits.body))
 		if out.Flush() != nil {
+			p.gate.giveBack(report)
 			return false
 		}
 	}
-	if err := up.get(); err != nil {
-		p.gate.giveBack(report)
-		p.failures.note(fmt.Sprintf("%s %s: the model server did not answer: %v", req.method, req.target, err))
-		return p.unavailable(out, 502)
+	head := p.forwardedHead(req, passed, report)
+	whole := !req.chunked && req.contentLength <= maxReplay
+	var body []byte
+	if whole && req.contentLength > 0 {
+		body = make([]byte, req.contentLength)
+		if _, err := io.ReadFull(in, body); err != nil {
+			p.gate.giveBack(report) // the request never reached the server
+			return false
+		}
 	}
-	w := up.out
-	_, _ = w.WriteString(req.method + " " + req.target + " " + req.proto + "\r\n")
+	if out.Flush() != nil { // earlier pipelined answers do not wait for this one
+		p.gate.giveBack(report)
+		return false
+	}
+	for attempt := 0; ; attempt++ {
+		reused, err := up.get()
+		if err != nil {
+			p.gate.giveBack(report)
+			p.failures.note(fmt.Sprintf("%s %s: the model server did not answer: %v", req.method, req.target, err))
+			return p.unavailable(out, 502)
+		}
+		_, _ = up.out.Write(head)
+		if whole {
+			_, _ = up.out.Write(body)
+		} else if err = copyBody(up.out, in, req, false); err != nil {
+			up.close()
+			p.gate.giveBack(report) // an incomplete request: the server drops it unread
+			var bad badRequest
+			if errors.As(err, &bad) {
+				p.answer(out, 400, "", fmt.Sprintf(`{"error":%s}`, strconv.Quote(bad.why)), true)
+			}
+			return false // the client's body broke off: nothing more can be read from it in order
+		}
+		if err == nil {
+			err = up.out.Flush()
+		}
+		if err == nil {
+			up.timed.readWithin(p.limits.upstream)
+			var keep bool
+			if keep, err = p.relay(req, out, up); err == nil {
+				up.used()
+				return keep && !req.closeAfter
+			}
+			if !errors.Is(err, errNothingRelayed) {
+				up.close()
+				return false // part of the answer went out: the client sees it cut off
+			}
+		}
+		up.close()
+		if stale(err) && reused {
+			if whole && attempt == 0 {
+				continue // the kept connection was closed under it: once more, on a new one
+			}
+			p.gate.giveBack(report) // the server closed it unread
+		}
+		p.failures.note(fmt.Sprintf("%s %s: the model server did not answer: %v", req.method, req.target, err))
+		status := 502
+		var timeout net.Error
+		if errors.As(err, &timeout) && timeout.Timeout() {
+			status = 504
+		}
+		return p.unavailable(out, status)
+	}
+}
+
+// stale: what sending on a connection the server had closed looks like.
+func stale(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, syscall.EPIPE)
+}
+
+// forwardedHead is the request head as the server gets it: the client's X-Tenx-*
+// headers dropped (and Expect, which the front answered), the front's own added.
+func (p *proxy) forwardedHead(req *request, passed bool, report string) []byte {
+	var b bytes.Buffer
+	b.WriteString(req.method + " " + req.target + " " + req.proto + "\r\n")
 	for _, line := range req.lines {
 		if isFrontHeader(line) || (req.expectContinue && hasName(line, "expect")) {
 			continue
 		}
-		_, _ = w.Write(line)
-		_, _ = w.WriteString("\r\n")
+		b.Write(line)
+		b.WriteString("\r\n")
 	}
-	_, _ = w.WriteString(secretHeader + ": " + p.secret + "\r\n")
+	b.WriteString(secretHeader + ": " + p.secret + "\r\n")
 	if passed {
-		_, _ = w.WriteString(passedHeader + ": 1\r\n")
+		b.WriteString(passedHeader + ": 1\r\n")
 	}
 	if report != "" {
-		_, _ = w.WriteString(shedHeader + ": " + report + "\r\n")
+		b.WriteString(shedHeader + ": " + report + "\r\n")
 	}
-	_, _ = w.WriteString("\r\n")
-	_ = client.SetReadDeadline(time.Now().Add(p.limits.body))
-	_ = up.conn.SetWriteDeadline(time.Now().Add(p.limits.body))
-	if err := copyBody(w, in, req); err != nil {
-		up.close()
-		var bad badRequest
-		if errors.As(err, &bad) {
-			p.answer(out, nil, 400, "", fmt.Sprintf(`{"error":%s}`, strconv.Quote(bad.why)), true)
-		}
-		return false // the client's body broke off: nothing more can be read from it in order
-	}
-	if err := w.Flush(); err != nil {
-		p.gate.giveBack(report)
-		up.close()
-		p.failures.note(fmt.Sprintf("%s %s: the model server did not take the request: %v", req.method, req.target, err))
-		return p.unavailable(out, 502)
-	}
-	_ = up.conn.SetReadDeadline(time.Now().Add(p.limits.upstream))
-	keep, err := p.relay(req, out, up)
-	if err != nil {
-		up.close()
-		if errors.Is(err, errNothingRelayed) {
-			p.failures.note(fmt.Sprintf("%s %s: the model server did not answer: %v", req.method, req.target, err))
-			status := 502
-			var timeout net.Error
-			if errors.As(err, &timeout) && timeout.Timeout() {
-				status = 504
-			}
-			return p.unavailable(out, status)
-		}
-		return false // part of the answer went out: the client sees it cut off
-	}
-	up.used()
-	return keep && !req.closeAfter
+	b.WriteString("\r\n")
+	return b.Bytes()
 }
 
 var errNothingRelayed = errors.New("no answer")
@@ -215,6 +264,7 @@ func (p *proxy) relay(req *request, out *bufio.Writer, up *upstreamConn) (keep b
 		if err != nil {
 			return false, relayError{err}
 		}
+		up.timed.eachRead(p.limits.body) // the rest of it keeps coming, or is given up
 		length, chunked, closeAfter := int64(-1), false, false
 		for _, line := range lines {
 			name, value := splitHeader(line)
@@ -234,16 +284,17 @@ func (p *proxy) relay(req *request, out *bufio.Writer, up *upstreamConn) (keep b
 		}
 		_, _ = out.WriteString("\r\n")
 		if status >= 100 && status < 200 && status != 101 {
+			up.timed.readWithin(p.limits.upstream)
 			continue // an interim answer: the final one follows
 		}
 		if status == 101 {
 			return false, nil // no upgrades through the front: the model server offers none
 		}
-		fake := &request{contentLength: length, chunked: chunked}
+		framing := &request{contentLength: length, chunked: chunked}
 		switch {
 		case req.method == "HEAD" || status == 204 || status == 304:
 		case chunked || length >= 0:
-			if err := copyBody(out, up.in, fake); err != nil {
+			if err := copyBody(out, up.in, framing, true); err != nil {
 				return false, err
 			}
 		default: // the answer runs to the connection's end
@@ -262,12 +313,12 @@ func (p *proxy) relay(req *request, out *bufio.Writer, up *upstreamConn) (keep b
 
 func (p *proxy) unavailable(out *bufio.Writer, status int) bool {
 	body := `{"error":"the model server behind tenx-front did not answer; retry later"}`
-	return p.answer(out, nil, status, "Retry-After: 1\r\n", body, true)
+	return p.answer(out, status, "Retry-After: 1\r\n", body, true)
 }
 
-// answer writes a JSON answer of the front's own; when conn is given it is flushed now.
-// Returns whether the connection stays open.
-func (p *proxy) answer(out *bufio.Writer, conn net.Conn, status int, extra, body string, closeAfter bool) bool {
+// answer writes a JSON answer of the front's own (it goes out with the next flush);
+// returns whether the connection stays open.
+func (p *proxy) answer(out *bufio.Writer, status int, extra, body string, closeAfter bool) bool {
 	fmt.Fprintf(out, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s",
 		status, statusText(status), len(body), extra)
 	if closeAfter {
@@ -275,10 +326,6 @@ func (p *proxy) answer(out *bufio.Writer, conn net.Conn, status int, extra, body
 	}
 	_, _ = out.WriteString("\r\n")
 	_, _ = out.WriteString(body)
-	if conn != nil {
-		_ = conn.SetWriteDeadline(time.Now().Add(p.limits.body))
-		_ = out.Flush()
-	}
 	return !closeAfter
 }
 
@@ -356,7 +403,7 @@ func readRequest(in *bufio.Reader, maxHead int) (*request, error) {
 		case "x-priority":
 			req.priority = value
 		case "x-tenant":
-			req.tenant = value
+			req.tenant, req.tenantGiven = value, true
 		case "authorization":
 			req.authorization = value
 		case "x-request-id":
@@ -427,7 +474,7 @@ func readLine(in *bufio.Reader, size *int, max int) ([]byte, error) {
 
 // copyBody copies a message body as it came: Content-Length bytes, or chunks (sizes,
 // data and trailers) up to the last one.
-func copyBody(dst io.Writer, src *bufio.Reader, req *request) error {
+func copyBody(dst io.Writer, src *bufio.Reader, req *request, keepTrailers bool) error {
 	if !req.chunked {
 		if req.contentLength <= 0 {
 			return nil
@@ -457,6 +504,11 @@ func copyBody(dst io.Writer, src *bufio.Reader, req *request) error {
 				trailer, err := readLine(src, &size, 64<<10)
 				if err != nil {
 					return err
+				}
+				// A request's trailers are dropped: uvicorn lists them among the
+				// headers, where a client's X-Tenx-* trailer would pass for the front's.
+				if len(trailer) != 0 && !keepTrailers {
+					continue
 				}
 				if _, err := fmt.Fprintf(dst, "%s\r\n", trailer); err != nil {
 					return err
@@ -515,27 +567,32 @@ func hasToken(value, token string) bool {
 type upstreamConn struct {
 	addr     string
 	idle     time.Duration
+	write    time.Duration
 	conn     net.Conn
+	timed    *timedConn
 	in       *bufio.Reader
 	out      *bufio.Writer
 	lastUsed time.Time
 }
 
-func (u *upstreamConn) get() error {
+// get makes sure there is a connection; reused says it is a kept one, which the server
+// may have closed since.
+func (u *upstreamConn) get() (reused bool, err error) {
 	if u.conn != nil && time.Since(u.lastUsed) > u.idle {
 		u.close()
 	}
 	if u.conn != nil {
-		return nil
+		return true, nil
 	}
 	conn, err := net.DialTimeout("tcp", u.addr, 5*time.Second)
 	if err != nil {
-		return err
+		return false, err
 	}
 	u.conn = conn
-	u.in = bufio.NewReaderSize(conn, 16<<10)
-	u.out = bufio.NewWriterSize(conn, 16<<10)
-	return nil
+	u.timed = &timedConn{Conn: conn, write: u.write}
+	u.in = bufio.NewReaderSize(u.timed, 16<<10)
+	u.out = bufio.NewWriterSize(u.timed, 16<<10)
+	return false, nil
 }
 
 func (u *upstreamConn) used() { u.lastUsed = time.Now() }
@@ -546,6 +603,36 @@ func (u *upstreamConn) close() {
 		u.conn = nil
 	}
 }
+
+// timedConn gives each Write a deadline of its own, and each Read one while perRead is
+// set: one deadline for a whole answer would cut a long one off, and a deadline left
+// from an earlier flush may have passed already.
+type timedConn struct {
+	net.Conn
+	write   time.Duration
+	perRead time.Duration // 0: the deadline last set by readWithin stands
+}
+
+func (c *timedConn) Write(b []byte) (int, error) {
+	_ = c.Conn.SetWriteDeadline(time.Now().Add(c.write))
+	return c.Conn.Write(b)
+}
+
+func (c *timedConn) Read(b []byte) (int, error) {
+	if c.perRead > 0 {
+		_ = c.Conn.SetReadDeadline(time.Now().Add(c.perRead))
+	}
+	return c.Conn.Read(b)
+}
+
+// readWithin: whatever is read next must arrive within d, however many reads it takes.
+func (c *timedConn) readWithin(d time.Duration) {
+	c.perRead = 0
+	_ = c.Conn.SetReadDeadline(time.Now().Add(d))
+}
+
+// eachRead: every read from now on must make progress within d.
+func (c *timedConn) eachRead(d time.Duration) { c.perRead = d }
 
 // lowerName is the header name in lower case when it is one the front reads, else "":
 // most header names need no copy at all.

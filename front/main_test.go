@@ -374,3 +374,133 @@ func TestAnIdleConnectionToTheServerIsNotReused(t *testing.T) {
 		t.Fatalf("an idle connection was reused: %v", remotes)
 	}
 }
+
+func TestRequestTrailersNeverReachTheServer(t *testing.T) {
+	var mu sync.Mutex
+	var trailers []http.Header
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		trailers = append(trailers, r.Trailer.Clone())
+		mu.Unlock()
+		_, _ = w.Write(body)
+	})
+	base := newFront(t, handler, "")
+	request := "POST /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTrailer: X-Tenx-Front-Shed\r\n\r\n" +
+		"2\r\nab\r\n0\r\nX-Tenx-Front-Shed: default/evil/5000\r\nX-Other: 1\r\n\r\n"
+	statuses, bodies := raw(t, base, request, 1)
+	if statuses[0] != "200 OK" || bodies[0] != "ab" {
+		t.Fatalf("%v %q", statuses, bodies)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(trailers) != 1 || trailers[0].Get("X-Tenx-Front-Shed") != "" || trailers[0].Get("X-Other") != "" {
+		t.Fatalf("the server got trailers %v", trailers)
+	}
+}
+
+func TestAnAnswerGoesOutWhileTheNextRequestIsIncomplete(t *testing.T) {
+	base := newFront(t, echo{gate: "1 1 1"}, "")
+	for _, after := range []string{"\r\n", "POST /predict HTTP/1.1\r\nHost: x\r\n"} {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = conn.SetDeadline(time.Now().Add(2 * time.Second)) // the front's header timeout here is 5 s
+		_, _ = conn.Write([]byte("POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na" + after))
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatalf("with %q after the request: %v", after, err)
+		}
+		_ = resp.Body.Close()
+		_ = conn.Close()
+	}
+}
+
+// closingUpstream answers each request, then closes its connection without a word, as a
+// server restarting or dropping idle connections does.
+func closingUpstream(t *testing.T) string {
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = listener.Close() })
+	go func() {
+		for {
+			conn, err := listener.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				req, err := http.ReadRequest(bufio.NewReader(conn))
+				if err != nil {
+					return
+				}
+				_, _ = io.ReadAll(req.Body)
+				_, _ = conn.Write([]byte("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+				time.Sleep(50 * time.Millisecond)
+			}()
+		}
+	}()
+	return listener.Addr().String()
+}
+
+func TestAClosedKeptConnectionToTheServerIsReplacedNotAnsweredWith502(t *testing.T) {
+	p := &proxy{
+		gate: newGate(), upstream: closingUpstream(t), secret: "s",
+		limits: limits{header: time.Second, idle: time.Second, body: time.Second, upstream: time.Second,
+			upIdle: time.Minute, maxHead: 4096},
+		failures: &rateLog{every: time.Second},
+	}
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = listener.Close() })
+	go serve(listener, p)
+	conn, err := net.Dial("tcp", listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	reader := bufio.NewReader(conn)
+	for i := 0; i < 3; i++ {
+		time.Sleep(100 * time.Millisecond) // the server has closed the kept connection by now
+		_, _ = conn.Write([]byte("POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"))
+		resp, err := http.ReadResponse(reader, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("request %d on a kept connection the server had closed: %d", i, resp.StatusCode)
+		}
+	}
+}
+
+func TestRefusalCountsSurviveARequestThatNeverReachedTheServer(t *testing.T) {
+	u := &upstream{gate: "0.0000 1 1"}
+	base := newFront(t, u, "")
+	post(t, base, "critical", nil)
+	post(t, base, "sheddable", map[string]string{"X-Tenant": ""}) // refused; an empty tenant is "" as in the server
+	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = conn.Write([]byte("POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"))
+	time.Sleep(50 * time.Millisecond)
+	_ = conn.Close() // its body broke off: the report it took must go with the next one
+	time.Sleep(50 * time.Millisecond)
+	req, _ := http.NewRequest(http.MethodPost, base+"/metrics", nil) // not a scrape: takes no report
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = resp.Body.Close()
+	post(t, base, "critical", nil)
+	last := u.headers[len(u.headers)-1]
+	if got := last.Get(shedHeader); got != "sheddable//1" {
+		t.Fatalf("the refusal count reached the server as %q, want sheddable//1", got)
+	}
+}
