@@ -277,7 +277,8 @@ class LoopPressure:
     A single-threaded server spends CPU on every request it reads, admitted or not;
     when the loop falls behind, requests wait in socket buffers before any queue can
     order them, critical ones included. Two signals see that wait: the lag (how late a
-    timer fires), and the loop thread's busy share (its CPU time over wall time): a loop
+    timer fires), and the loop thread's busy share (its time running or runnable over
+    wall time, `runtime.ThreadDemand`, fed in by the server): a loop
     busy all the time has a queue of ready work in front of every new request even
     before its timers run late (Google's servers shed by CPU use for the same reason).
     They drive two controls:

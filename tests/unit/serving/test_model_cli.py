@@ -92,6 +92,15 @@ def test_models_add_registers_an_onnx_model_trained_elsewhere(repo: DemoRepo, tm
     tenx(repo, "models", "deploy", "mine")
 
 
+def wait_until_ready(url: str, process: subprocess.Popen[str]) -> None:
+    """Until the server answers, then until /health/ready says its models are loaded (30 s)."""
+    wait_until_serving(f"{url}/health/live", process)
+    for _ in range(300):
+        if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+            return
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def server(repo: DemoRepo) -> Iterator[str]:
     port = free_port()
@@ -105,11 +114,7 @@ def server(repo: DemoRepo) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_serving(f"{url}/health/live", process)
-        for _ in range(300):
-            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                break
-            asyncio.run(asyncio.sleep(0.1))
+        wait_until_ready(url, process)
         yield url
     finally:
         process.terminate()
@@ -249,11 +254,7 @@ def test_serve_models_behind_its_front_answers_counts_and_stops_with_it(repo: De
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_serving(f"{url}/health/live", process)
-        for _ in range(300):
-            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                break
-            time.sleep(0.1)
+        wait_until_ready(url, process)
         with ModelClient(url) as client:
             assert client.predict("buys", [1, 2], priority="critical").served_by == "buys@1"
         # A busy target no loop meets drives each worker's sheddable share to its floor

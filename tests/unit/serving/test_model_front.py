@@ -24,7 +24,7 @@ from serving.models import front as front_module
 from serving.models.protocol import PredictProtocol
 from tests.model_repo import DemoRepo, build_demo_repo, with_two_models
 from tests.processes import free_port
-from tests.unit.serving.test_model_protocol import Served, read_answers, request
+from tests.unit.serving.test_model_protocol import Served, read_answers, request, scrape
 
 FRONT_SOURCE = Path(__file__).resolve().parents[3] / "front"
 SECRET = "test-secret"
@@ -55,12 +55,8 @@ class Fronted(Served):
         return socket.create_connection(("127.0.0.1", self.front_port), timeout=10)
 
     def metrics(self) -> str:
-        with self.via_front() as sock:
-            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-        return data.split(b"\r\n\r\n", 1)[1].decode()
+        """/metrics scraped through the front, which brings its refusal counts with the scrape."""
+        return scrape(self.via_front())
 
 
 def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:

@@ -260,7 +260,12 @@ def test_a_connection_in_use_outlives_many_keep_alive_timeouts(repo: DemoRepo) -
 
 
 def _metrics(served: Served) -> str:
-    with served.connect() as sock:
+    return scrape(served.connect())
+
+
+def scrape(sock: socket.socket) -> str:
+    """GET /metrics on `sock` (closed after): the body."""
+    with sock:
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := sock.recv(65536):
