@@ -552,10 +552,8 @@ class ModelServer:
                 f"overloaded: the server lets {self.pressure.passing:.0%} of sheddable requests in; retry later",
                 reason=OVERLOAD,
             )
-        for route in self.routes.values():
-            lane = route.lane
-            if route.loaded is not None and lane.queue.rows() < lane.threshold(priority):
-                return None
+        if self._room_for(priority):
+            return None
         name = priority.name.lower()
         self._shed("*", OVERLOAD, priority, self.tenants.label(tenant_header.decode(errors="replace")))
         return Rejected(f"overloaded: every model's queue is past the {name} mark; retry later", reason=OVERLOAD)
@@ -566,14 +564,15 @@ class ModelServer:
         some served model's queue is below the default mark, and the sheddable one."""
         if not self.settings.shedding or not self.routes:
             return b"1 1 1"
-        default = sheddable = False
-        for route in self.routes.values():
-            if route.loaded is not None:
-                lane = route.lane
-                rows = lane.queue.rows()
-                default = default or rows < lane.threshold(Priority.DEFAULT)
-                sheddable = sheddable or rows < lane.threshold(Priority.SHEDDABLE)
+        default, sheddable = self._room_for(Priority.DEFAULT), self._room_for(Priority.SHEDDABLE)
         return b"%.4f %d %d" % (self.pressure.passing, default, sheddable)
+
+    def _room_for(self, priority: Priority) -> bool:
+        """Whether some served model's queue is below `priority`'s mark."""
+        return any(
+            route.loaded is not None and route.lane.queue.rows() < route.lane.threshold(priority)
+            for route in self.routes.values()
+        )
 
     def count_front_refusals(self, report: bytes) -> list[tuple[str, int]]:
         """Count the refusals a front made for this server as its own (`shed_early`'s):
