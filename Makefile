@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup front test test-unit lint format bench bench-smoke services-up services-down clean
+.PHONY: setup front loadgen test test-unit lint format bench bench-smoke services-up services-down clean
 
 setup:  ## create .venv and install tenx with its dev tools
 	@test -x $(BIN)/python || { echo "setup: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
@@ -13,7 +13,7 @@ setup:  ## create .venv and install tenx with its dev tools
 	@bash -o pipefail -c "$(BIN)/python -m pip install -e '.[dev]' 2>&1 | tee $(VENV)/pip-install.log \
 	  | { grep --line-buffered -E '^(Collecting|Successfully installed)' || true; }" \
 	  || { tail -n 30 $(VENV)/pip-install.log; echo "setup: pip install failed (full log: $(VENV)/pip-install.log)"; exit 1; }
-	@$(MAKE) --no-print-directory front
+	@$(MAKE) --no-print-directory front loadgen
 	@$(BIN)/tenx --version >/dev/null && echo "setup: done; activate it with: . $(VENV)/bin/activate"
 
 front:  ## build tenx-front (Go), the model server's admission front (`tenx serve-models --front`), into .venv/bin
@@ -22,19 +22,27 @@ front:  ## build tenx-front (Go), the model server's admission front (`tenx serv
 	  cd front && go build -trimpath -o $(abspath $(BIN))/tenx-front . ; \
 	else echo "setup: Go is not installed: tenx-front not built (tenx serve-models --front needs it; all else works)"; fi
 
+loadgen:  ## build tenx-loadgen (Go), the native engine of serving/loadgen.py (`bench/overload.py`), into .venv/bin
+	@if command -v go >/dev/null 2>&1; then \
+	  echo "setup: building tenx-loadgen into $(BIN) (Go, no dependencies)"; \
+	  cd loadgen && go build -trimpath -o $(abspath $(BIN))/tenx-loadgen . ; \
+	else echo "setup: Go is not installed: tenx-loadgen not built (load runs use the Python engine)"; fi
+
 test:  ## every test; integration tests need `eval "$$(scripts/services up)"` first
 	$(BIN)/python -m pytest
 
 test-unit:  ## unit tests only, no services needed
 	$(BIN)/python -m pytest tests/unit
 
-lint:  ## ruff (lint + format check), mypy, import-linter layer contract; gofmt and go vet for front/
+lint:  ## ruff (lint + format check), mypy, import-linter layer contract; gofmt and go vet for front/ and loadgen/
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	@if command -v go >/dev/null 2>&1; then cd front && unformatted="$$(gofmt -l .)" && \
-	  { [ -z "$$unformatted" ] || { echo "gofmt: $$unformatted (run gofmt -w front)"; exit 1; }; } && go vet . ; fi
+	@if command -v go >/dev/null 2>&1; then for module in front loadgen; do \
+	  unformatted="$$(gofmt -l $$module)" && \
+	  { [ -z "$$unformatted" ] || { echo "gofmt: $$unformatted (run gofmt -w $$module)"; exit 1; }; } && \
+	  (cd $$module && go vet .) || exit 1; done; fi
 
 format:
 	$(BIN)/ruff format .

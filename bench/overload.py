@@ -5,7 +5,8 @@ in Redis, the MLP 20-64-64-1 deployed; TENX_REDIS_URL required: `eval "$(scripts
 up --only redis)"`). The server runs as `tenx serve-models` (1 worker, CPU, serving only
 the MLP; `--front`: behind tenx-front, its Go admission front, built by `make front`); the
 load is open-loop (serving/loadgen.py: Poisson send times fixed in advance from a seed,
-latency from each request's intended send time), POST /predict with
+latency from each request's intended send time; sent by tenx-loadgen, its native engine,
+when `make loadgen` built it, else by its Python engine: `--generator`), POST /predict with
 `--entities-per-request` random entities each (default 10: the generator then offers
 several times the server's capacity on 2 shared cores), every request labelled with its
 class and a deadline:
@@ -117,6 +118,7 @@ from bench.serving import (  # noqa: E402
     table,
 )
 from serving.loadgen import (  # noqa: E402
+    ENGINES,
     LabelResult,
     LoadGenerator,
     LoadPlan,
@@ -575,6 +577,17 @@ def front_flags() -> list[str]:
     return ["--front"]
 
 
+def generator_engines(generator: LoadGenerator, *, client_throttle: bool) -> list[str]:
+    """The engines the runs will use: the capacity search's (never throttled) and the
+    steps'; SystemExit when the engine asked for cannot run them."""
+    probe = LoadPlan(host="127.0.0.1", port=1, requests=(b"-",), labels=("sheddable",), rate=1.0, duration_s=1.0)
+    plans = [probe, replace(probe, throttled=("sheddable",))] if client_throttle else [probe]
+    try:
+        return sorted({generator.engine_for(plan) for plan in plans})
+    except ValueError as error:
+        raise SystemExit(f"--generator {generator.engine}: {error}") from None
+
+
 def check_answer(server: Server, mix: Mix, per_request: int) -> None:
     status, answer = http_post(server.port, "/predict", mix.requests[0].split(b"\r\n\r\n", 1)[1])
     check(status == 200, f"POST /predict answered {status}: {answer[:300]!r}")
@@ -771,6 +784,14 @@ def main() -> None:
         help="Run both servers behind tenx-front (`tenx serve-models --front`, built by `make front`): the Go "
         "admission front that refuses from the X-Priority header outside the Python event loop.",
     )
+    parser.add_argument(
+        "--generator",
+        choices=ENGINES,
+        default="auto",
+        help="The load generator's engine: native (tenx-loadgen, Go, built by `make loadgen`: about a fifth of the "
+        "Python engine's CPU a request, which the server on the same cores then has), python (serving/loadgen.py's "
+        "asyncio engine; the only one with --client-throttle), auto (native when built and not throttling).",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS / "overload.json", help="Results JSON file.")
     args = _smoke.parse_arguments(
@@ -793,6 +814,7 @@ def main() -> None:
     url = os.environ.get("TENX_REDIS_URL")
     if not url:
         raise SystemExit('TENX_REDIS_URL is not set; start Redis with: eval "$(scripts/services up --only redis)"')
+    engines = generator_engines(LoadGenerator(engine=args.generator), client_throttle=args.client_throttle)
     try:
         multiples = tuple(sorted({float(m) for m in args.multiples.split(",") if m.strip()}))
     except ValueError:
@@ -876,7 +898,8 @@ def main() -> None:
         modes: list[tuple[str, list[str]]] = [("shedding", [])]
         if baseline:
             modes.append(("no_shedding", [NO_SHEDDING]))
-        with LoadGenerator() as generator:
+        with LoadGenerator(engine=args.generator) as generator:
+            print(f"load generator: {' and '.join(engines)} engine")
             for mode, flags in modes:
                 port = free_port()
                 extra = [*flags, *front, *args.server_arg]
@@ -1140,6 +1163,7 @@ def main() -> None:
                 },
                 "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "front": bool(front),
+                "generator_engines": engines,
                 "capacity": capacity,
                 "base_rate": base_rate,
                 "runs": runs,

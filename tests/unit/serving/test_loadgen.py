@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
+import shutil
+import socket
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from serving import loadgen
 from serving.loadgen import (
     Arrivals,
     LoadGenerator,
@@ -25,12 +31,15 @@ from serving.loadgen import (
     merge_label_results,
     merge_results,
     merge_summaries,
+    native_binary,
     post_request,
     schedule,
     split_by_label,
     summarize,
 )
 
+GO = shutil.which("go")
+LOADGEN_SOURCE = Path(__file__).resolve().parents[3] / "loadgen"
 SERVICE_S = 0.010  # well above the ~0.3 ms a request costs the test server and the generator
 
 
@@ -202,6 +211,34 @@ def test_a_summary_without_its_samples_cannot_be_merged() -> None:
 # -- a real run ---------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def serving(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], loop: asyncio.AbstractEventLoop
+) -> Iterator[int]:
+    """`handle` serving connections on 127.0.0.1 from `loop`, run on a thread of its
+    own; yields the port; afterwards every connection is cancelled and the loop closed."""
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    started = asyncio.run_coroutine_threadsafe(asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024), loop)
+    server = started.result(10)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+
+        async def stop() -> None:
+            server.close()
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
 @pytest.fixture(scope="module")
 def slow_server() -> Iterator[int]:
     """An HTTP/1.1 keep-alive server on its own thread and event loop: every request
@@ -227,31 +264,49 @@ def slow_server() -> Iterator[int]:
         finally:
             writer.close()
 
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    started = asyncio.run_coroutine_threadsafe(asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024), loop)
-    server = started.result(10)
-    yield server.sockets[0].getsockname()[1]
-
-    async def stop() -> None:
-        server.close()
-        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
-
-    asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with serving(handle, loop) as port:
+        yield port
     sleepers.shutdown(wait=True)
 
 
 @pytest.fixture(scope="module")
-def generator() -> Iterator[LoadGenerator]:
-    with LoadGenerator() as generator:
+def python_generator() -> Iterator[LoadGenerator]:
+    """The Python engine: the only one with a client-side throttle."""
+    with LoadGenerator(engine="python") as generator:
         yield generator
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """tenx-loadgen built from loadgen/ now (where Go is), so the tests run this
+    checkout's source, not an older build; else the built one; else skipped."""
+    if GO is not None:
+        binary = tmp_path_factory.mktemp("loadgen") / "tenx-loadgen"
+        subprocess.run([GO, "build", "-o", str(binary), "."], cwd=LOADGEN_SOURCE, check=True, timeout=300)
+    else:
+        built = native_binary()
+        if built is None:
+            pytest.skip("tenx-loadgen is not built and Go is not on PATH to build it")
+        binary = built
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loadgen, "native_binary", lambda: binary)
+        yield binary
+
+
+@pytest.fixture(scope="module", params=["python", "native"])
+def generator(request: pytest.FixtureRequest) -> Iterator[LoadGenerator]:
+    """Each engine in turn: the real-run tests hold for both alike."""
+    if request.param == "native":
+        request.getfixturevalue("native")
+    with LoadGenerator(engine=request.param) as generator:
+        yield generator
+
+
+@pytest.mark.skipif(GO is None, reason="tenx-loadgen is built with Go, which is not on PATH")
+def test_the_native_engines_own_go_tests_pass() -> None:
+    assert GO is not None
+    done = subprocess.run([GO, "test", "./..."], cwd=LOADGEN_SOURCE, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_latency_is_the_service_time_at_a_rate_the_server_keeps_up_with(
@@ -338,24 +393,8 @@ def kinds_server() -> Iterator[int]:
         finally:
             writer.close()
 
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    started = asyncio.run_coroutine_threadsafe(asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024), loop)
-    server = started.result(10)
-    yield server.sockets[0].getsockname()[1]
-
-    async def stop() -> None:
-        server.close()
-        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
-
-    asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with serving(handle, loop) as port:
+        yield port
     sleepers.shutdown(wait=True)
 
 
@@ -403,6 +442,66 @@ def test_a_labelled_run_splits_its_window_by_label_with_goodput_and_marked_answe
     assert data["marked"] == 33
 
 
+@pytest.fixture(scope="module")
+def closing_server() -> Iterator[int]:
+    """An HTTP/1.1 server that answers every request with `Connection: close` and closes:
+    a client must take a new connection for the next request, and count nothing failed."""
+    loop = asyncio.new_event_loop()
+    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            await reader.readexactly(length)
+            writer.write(answer)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    with serving(handle, loop) as port:
+        yield port
+
+
+def test_a_server_that_closes_each_connection_after_its_answer_fails_nothing(
+    closing_server: int, generator: LoadGenerator
+) -> None:
+    plan = LoadPlan(
+        host="127.0.0.1",
+        port=closing_server,
+        requests=(post_request("/x", b"{}"),),
+        rate=100,
+        duration_s=0.5,
+        arrivals=Arrivals.UNIFORM,
+        initial_connections=2,
+        max_p99_lag_s=0.05,
+    )
+    result = generator.run(plan)
+    assert result.errors == 0, result.error_samples
+    assert result.statuses == {200: 50}
+    assert result.ok == result.scheduled == 50
+
+
+def test_the_native_engine_says_which_address_it_could_not_reach(native: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again below: nobody listens there
+    plan = LoadPlan(host="127.0.0.1", port=port, requests=(post_request("/x", b"{}"),), rate=10, duration_s=0.1)
+    with pytest.raises(
+        RuntimeError, match=rf"tenx-loadgen failed \(exit 2\): tenx-loadgen: connect to 127\.0\.0\.1:{port}"
+    ):
+        LoadGenerator(engine="native").run(plan)
+
+
 def test_two_rounds_of_a_plan_merge_into_one_run_of_twice_the_window(
     kinds_server: int, generator: LoadGenerator
 ) -> None:
@@ -448,7 +547,7 @@ def test_a_run_without_labels_has_no_split(kinds_server: int, generator: LoadGen
 
 
 def test_a_throttled_label_stops_sending_what_the_server_refuses_and_the_others_never_do(
-    kinds_server: int, generator: LoadGenerator
+    kinds_server: int, python_generator: LoadGenerator
 ) -> None:
     """Sheddable requests all answered 503: the client-side throttle (ModelClient's)
     refuses most of them before they are sent, and says so; critical requests are not
@@ -466,7 +565,7 @@ def test_a_throttled_label_stops_sending_what_the_server_refuses_and_the_others_
         max_p99_lag_s=0.005,
         timeline_s=0.25,
     )
-    result = generator.run(plan)
+    result = python_generator.run(plan)
     critical, sheddable = result.by_label["critical"], result.by_label["sheddable"]
     assert critical.throttled == 0
     assert critical.ok == critical.scheduled == 300
@@ -489,7 +588,9 @@ def test_a_throttled_label_stops_sending_what_the_server_refuses_and_the_others_
     assert shed_line["p99_ms"] == [None] * 6  # no 2xx answer to take a p99 of
 
 
-def test_a_throttled_label_the_server_accepts_is_sent_in_full(kinds_server: int, generator: LoadGenerator) -> None:
+def test_a_throttled_label_the_server_accepts_is_sent_in_full(
+    kinds_server: int, python_generator: LoadGenerator
+) -> None:
     plan = LoadPlan(
         host="127.0.0.1",
         port=kinds_server,
@@ -501,9 +602,32 @@ def test_a_throttled_label_the_server_accepts_is_sent_in_full(kinds_server: int,
         arrivals=Arrivals.UNIFORM,
         max_p99_lag_s=0.005,
     )
-    result = generator.run(plan)
+    result = python_generator.run(plan)
     assert result.throttled == 0
     assert result.ok == result.scheduled == 200
+
+
+def test_only_the_python_engine_throttles_and_auto_picks_it_for_a_throttled_plan(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    throttled = LoadPlan(
+        host="h", port=1, requests=(b"x",), labels=("sheddable",), throttled=("sheddable",), rate=1, duration_s=1
+    )
+    plain = dataclasses.replace(throttled, throttled=())
+    binary = tmp_path / "tenx-loadgen"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.setattr(loadgen, "native_binary", lambda: binary)
+    with pytest.raises(ValueError, match="no client-side throttle"):
+        LoadGenerator(engine="native").engine_for(throttled)
+    assert LoadGenerator(engine="auto").engine_for(throttled) == "python"
+    assert LoadGenerator(engine="auto").engine_for(plain) == "native"
+    monkeypatch.setattr(loadgen, "native_binary", lambda: None)
+    assert LoadGenerator(engine="auto").engine_for(plain) == "python"
+    with pytest.raises(ValueError, match="make loadgen"):
+        LoadGenerator(engine="native").engine_for(plain)
+    with pytest.raises(ValueError, match="engine must be one of python, native, auto"):
+        LoadGenerator(engine="go")
 
 
 def test_throttling_a_label_the_plan_does_not_have_is_refused() -> None:

@@ -1,0 +1,3 @@
+module tenx/loadgen
+
+go 1.22
