@@ -21,6 +21,10 @@ Three decisions, all made before any work is spent on a request:
   batch times (as Netflix's concurrency limits find concurrency from latency): a batch
   may take up to `tolerance` times its fixed cost. Past that, batching no longer comes
   nearly free, and every critical request waiting behind the batch pays for its size.
+  Except when critical requests already wait behind each other (more critical rows
+  queued than the batches in flight take): then a batch takes its share of that
+  backlog, up to `max_batch_rows` (`Lane.next_batch_rows`), since a small batch spares
+  them nothing and its fixed cost per few rows is what keeps the backlog growing.
 
 `Lane(shedding=False)` is the baseline the overload bench compares with: one FIFO
 queue (priorities ignored), a fixed bound and a fixed batch size, no quotas.
@@ -36,6 +40,8 @@ from typing import Any
 
 from serving.models.batcher import Batch, BatchQueue, Pending, Priority
 
+BACKLOG_BATCHES = 2  # the server's batches in flight: critical rows past this many batches are a backlog
+BACKLOG_FIT_PAUSE_S = 1.0  # batch times do not feed the limit's fit until this long after a backlog batch
 DEFAULT_HEADROOM: Mapping[Priority, float] = {Priority.CRITICAL: 1.0, Priority.DEFAULT: 0.8, Priority.SHEDDABLE: 0.5}
 
 # Why a request was refused; the same words label the metrics.
@@ -378,6 +384,8 @@ class Lane:
         self._served: collections.deque[tuple[float, int]] = collections.deque()  # (finished at, rows)
         self._served_rows = 0
         self.batch_rows = 0.0  # rows per batch taken, smoothed: what two batches hold when requests are big
+        self.backlogged = False  # critical work backed up when the last batch was taken (next_batch_rows)
+        self._fit_after = -math.inf  # batch times feed the limit's fit from then on (not during a backlog)
 
     def bound(self) -> int:
         """Rows the queue admits in all: the rows the model serves in `queue_delay_ms`
@@ -497,9 +505,32 @@ class Lane:
             self.queue.offer(item)
         evicted.clear()
 
+    def next_batch_rows(self) -> int:
+        """The rows the next batch may take: the batch limit, or, once critical work
+        has backed up (its oldest request queued for `queue_delay_ms`, the wait the
+        bound is sized for, with more critical rows queued than `BACKLOG_BATCHES`
+        batches take), that backlog shared among those batches, up to `max_batch_rows`.
+        The limit keeps batches small so that a critical request does not wait behind
+        a big one; once critical requests wait behind each other instead, a small batch
+        spares them nothing, and its fixed cost (a store round trip, a model call) paid
+        per few rows is what keeps the backlog growing. Lower-class backlogs do not grow
+        batches: a critical arrival would wait behind them."""
+        rows = self.limit.rows
+        critical = self.queue.rows(Priority.CRITICAL)
+        oldest = self.queue.oldest_enqueued(Priority.CRITICAL)
+        self.backlogged = (
+            critical > BACKLOG_BATCHES * rows
+            and oldest is not None
+            and self._clock() - oldest >= self.settings.queue_delay_ms / 1000
+        )
+        if not self.backlogged:
+            return rows
+        self._fit_after = self._clock() + BACKLOG_FIT_PAUSE_S
+        return min(self.settings.max_batch_rows, math.ceil(critical / BACKLOG_BATCHES))
+
     def take(self) -> Batch:
         settings = self.settings
-        batch = self.queue.take(self.limit.rows if settings.shedding else settings.max_batch_rows)
+        batch = self.queue.take(self.next_batch_rows() if settings.shedding else settings.max_batch_rows)
         self.in_flight_rows += batch.rows
         return batch
 
@@ -507,7 +538,12 @@ class Lane:
         """A batch of `rows` (from `take`) is done; it took `seconds` from take to answer."""
         self.in_flight_rows -= rows
         if self.settings.shedding:
-            self.limit.observe(rows, seconds)
+            # Not during or just after a critical backlog: its bigger batches and the
+            # smaller ones between them vary the sizes the fit learns from while every
+            # batch waits on a loop short of CPU, and the fit then took those waits for
+            # a fixed cost worth 1,024-row batches of any class (seen at 10x).
+            if self._clock() >= self._fit_after:
+                self.limit.observe(rows, seconds)
             self.batch_rows = 0.9 * self.batch_rows + 0.1 * rows if self.batch_rows else float(rows)
             self._served.append((self._clock(), rows))
             self._served_rows += rows

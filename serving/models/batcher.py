@@ -139,8 +139,12 @@ class BatchQueue:
             heapq.heapify(heap)
         return evicted
 
-    def oldest_enqueued(self) -> float | None:
-        times = [item.enqueued for heap in self._heaps.values() for item in heap[:1]]
+    def oldest_enqueued(self, priority: Priority | None = None) -> float | None:
+        """When the head of a class's queue (every class's: the earliest of them) was
+        queued; None when empty. The head is the earliest deadline, which within a
+        class of equal deadlines is the oldest."""
+        heaps = self._heaps.values() if priority is None else (self._heaps[priority],)
+        times = [item.enqueued for heap in heaps for item in heap[:1]]
         return min(times) if times else None
 
     def take(self, max_rows: int) -> Batch:

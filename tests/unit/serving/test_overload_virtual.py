@@ -180,8 +180,14 @@ class Clock:
         return self.now
 
 
-def pending(rows: int = 1, priority: Priority = Priority.DEFAULT, tenant: str = "t", deadline: float = 10.0) -> Pending:
-    return Pending(deadline=deadline, rows=rows, priority=priority, tenant=tenant, payload=None)
+def pending(
+    rows: int = 1,
+    priority: Priority = Priority.DEFAULT,
+    tenant: str = "t",
+    deadline: float = 10.0,
+    enqueued: float = 0.0,
+) -> Pending:
+    return Pending(deadline=deadline, rows=rows, priority=priority, tenant=tenant, payload=None, enqueued=enqueued)
 
 
 def test_critical_evicts_the_latest_deadline_sheddable_work_when_the_queue_is_full() -> None:
@@ -284,6 +290,63 @@ def test_batch_limit_holds_when_every_batch_is_the_same_size() -> None:
         limit.observe(limit.rows, 0.05)
     assert limit.rows == frozen  # once the varied batches have faded, nothing moves it
     assert 0.75 * settled <= frozen <= 1.25 * settled
+
+
+def test_a_critical_backlog_takes_bigger_batches_and_a_sheddable_one_does_not() -> None:
+    clock = Clock()
+    lane = Lane(AdmissionSettings(queue_rows=8192, min_batch_rows=64, max_batch_rows=1024), clock=clock)
+    for rows in (5, 50, 10, 80, 20, 60) * 5:  # a fitted cost: 1 ms + 10 us a row, a bound of ~2,000 rows
+        lane.take()
+        lane.finished(rows, 0.001 + 0.00001 * rows)
+    limit = lane.limit.rows
+    for _ in range(90):
+        lane.admit(pending(rows=10, priority=SHEDDABLE, deadline=100.0))
+    assert lane.queue.rows(SHEDDABLE) > 2 * limit
+    assert lane.next_batch_rows() == limit  # sheddable rows waiting: the limit protects critical latency
+    clock.now = 1.0  # the sheddable rows are old now: still no reason to grow
+    assert lane.next_batch_rows() == limit
+    for _ in range(30):
+        lane.admit(pending(rows=10, priority=CRITICAL, deadline=100.0, enqueued=clock.now))
+    assert lane.next_batch_rows() == limit  # 300 critical rows, just queued: the limit holds
+    clock.now += 0.049
+    assert lane.next_batch_rows() == limit
+    clock.now += 0.002  # past queue_delay_ms (50 ms): a backlog, shared by the two batches in flight
+    assert lane.next_batch_rows() == 150
+    assert lane.take().rows == 150
+    for _ in range(300):
+        lane.admit(pending(rows=10, priority=CRITICAL, deadline=100.0, enqueued=clock.now))
+    assert lane.next_batch_rows() == 1024  # never past max_batch_rows
+    fitted = lane.limit.rows
+    while len(lane.queue):
+        lane.take()
+    assert lane.next_batch_rows() == fitted  # the backlog is gone
+    for rows in (150, 10, 1024, 30) * 10:  # ... but for a second no batch, however sized or slow, moves the fit
+        lane.finished(rows, 0.5 + rows * 0.000001)
+    assert lane.limit.rows == fitted
+    clock.now += 1.0
+    for rows in (150, 10, 1024, 30) * 10:
+        lane.finished(rows, 0.5 + rows * 0.000001)
+    assert lane.limit.rows > fitted  # then it learns again
+
+
+def test_critical_work_past_what_small_batches_serve_is_all_answered_by_bigger_ones() -> None:
+    """2 ms a batch and 20 us a row (a loop short of CPU): the batch limit settles at its
+    64-row floor, two such batches at a time serve 39,000 rows/s, and critical work
+    arrives at 50,000. Once it has waited 50 ms, the batches take the backlog instead of
+    64 rows, and all of it is answered within its deadline (with the limit alone, a
+    quarter of it is not)."""
+    service = Service(fixed_s=0.002, per_row_s=0.00002, executors=2)
+    run = simulate(
+        [Stream(rate=5000, priority=CRITICAL, rows=10, deadline_s=1.0)],
+        settings=AdmissionSettings(),
+        service=service,
+        duration_s=2.5,
+        warmup_s=0.5,
+        seed=3,
+    )
+    assert not run.violations, run.violations[:3]
+    assert run.success(CRITICAL) >= 0.999
+    assert run.p99(CRITICAL) < 0.1
 
 
 def test_baseline_mode_is_one_fifo_queue() -> None:
