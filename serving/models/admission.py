@@ -41,7 +41,7 @@ from typing import Any
 from serving.models.batcher import Batch, BatchQueue, Pending, Priority
 
 BACKLOG_BATCHES = 2  # the server's batches in flight: critical rows past this many batches are a backlog
-BACKLOG_FIT_PAUSE_S = 1.0  # batch times do not feed the limit's fit until this long after a backlog batch
+BACKLOG_FIT_PAUSE_S = 10.0  # batch times do not feed the limit's fit until this long after a backlog batch
 DEFAULT_HEADROOM: Mapping[Priority, float] = {Priority.CRITICAL: 1.0, Priority.DEFAULT: 0.8, Priority.SHEDDABLE: 0.5}
 
 # Why a request was refused; the same words label the metrics.
