@@ -11,9 +11,10 @@
 // uint32 length and its bytes, sent in turn (request i is requests[i % n]); -times, the
 // send times in seconds from the start, little-endian float64, sorted.
 //
-// The run: -initial-connections keep-alive connections are opened first; then a
-// scheduler on a thread of its own sleeps (nanosleep, 1 us timer slack) until each send
-// time and hands every due request to an idle connection, to a new one while fewer than
+// The run: -initial-connections keep-alive connections are opened first; then one
+// thread runs one epoll loop over non-blocking sockets, waking at each send time
+// (epoll_pwait2's nanosecond timeout, or a timerfd before Linux 5.11; 1 us timer slack)
+// and handing every due request to an idle connection, to a new one while fewer than
 // -max-connections are open, or to a queue the next free connection takes from (its
 // latency still counts from its intended time). One request is in flight per connection
 // (no pipelining); an answer is read by its Content-Length. After the last send, answers
@@ -276,6 +277,10 @@ func (e *engine) readable(c *conn) {
 		return
 	}
 	if err != nil {
+		if c.current < 0 {
+			e.closed(c) // an idle connection broke: no request lost
+			return
+		}
 		e.broken(c, fmt.Sprintf("connection lost before the answer (%v)", err))
 		return
 	}
@@ -301,7 +306,7 @@ func (e *engine) readable(c *conn) {
 	if c.filled < need {
 		return
 	}
-	if c.current < 0 || c.filled > need {
+	if c.current < 0 {
 		e.broken(c, fmt.Sprintf("an answer (%d) to no request", status))
 		return
 	}
@@ -315,11 +320,23 @@ func (e *engine) readable(c *conn) {
 	}
 	e.outstanding--
 	c.current = -1
-	c.filled = 0
-	if closes {
+	switch {
+	case c.filled > need:
+		// Bytes of no request's after the answer: it is answered, the connection is not
+		// to be trusted with another.
+		e.noteError(fmt.Sprintf("an answer (%d) followed by %d bytes of no request's", status, c.filled-need))
+		e.closed(c)
+		return
+	case len(c.out) > 0:
+		// Answered before the request was all written (the server did not read the
+		// rest): what it reads next would be the rest, not a new request.
+		e.closed(c)
+		return
+	case closes:
 		e.closed(c) // it said so: its next write would fail
 		return
 	}
+	c.filled = 0
 	if e.head < len(e.waiting) {
 		next := e.waiting[e.head]
 		e.head++
@@ -348,9 +365,13 @@ func (e *engine) hand(index int, at float64) {
 	}
 }
 
-// wait blocks until an event or `timeout` seconds (< 0: no limit), precise to
-// microseconds: epoll_pwait2, else a timerfd beside the sockets.
+// wait blocks until an event or `timeout` seconds (+Inf: no limit; below 0: 0),
+// precise to microseconds: epoll_pwait2, else a timerfd beside the sockets.
 func (e *engine) wait(events []syscall.EpollEvent, timeout float64) (int, error) {
+	timeout = math.Max(timeout, 0)
+	if math.IsInf(timeout, 1) {
+		timeout = -1
+	}
 	if timeout >= 0 && e.pwait2 {
 		ts := syscall.NsecToTimespec(int64(timeout * 1e9))
 		n, _, errno := syscall.Syscall6(sysEpollPwait2, uintptr(e.epfd), uintptr(unsafe.Pointer(&events[0])),
@@ -581,8 +602,8 @@ func readTimes(path string) ([]float64, error) {
 	times := make([]float64, len(data)/8)
 	for i := range times {
 		times[i] = math.Float64frombits(binary.LittleEndian.Uint64(data[8*i:]))
-		if math.IsNaN(times[i]) || (i > 0 && times[i] < times[i-1]) {
-			return nil, fmt.Errorf("%s: send times must be sorted numbers (index %d)", path, i)
+		if math.IsNaN(times[i]) || math.IsInf(times[i], 0) || times[i] < 0 || (i > 0 && times[i] < times[i-1]) {
+			return nil, fmt.Errorf("%s: send times must be sorted finite numbers from 0 (index %d)", path, i)
 		}
 	}
 	return times, nil

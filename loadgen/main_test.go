@@ -51,7 +51,7 @@ func TestInputsAreCheckedWithAClearError(t *testing.T) {
 		t.Errorf("12 bytes of times: %v", err)
 	}
 	unsorted := []byte{0, 0, 0, 0, 0, 0, 0xf0, 0x3f, 0, 0, 0, 0, 0, 0, 0, 0} // 1.0 then 0.0
-	if _, err := readTimes(write("unsorted.f64", unsorted)); err == nil || !strings.Contains(err.Error(), "sorted") {
+	if _, err := readTimes(write("unsorted.f64", unsorted)); err == nil || !strings.Contains(err.Error(), "sorted finite") {
 		t.Errorf("unsorted times: %v", err)
 	}
 	if _, err := readRequests(write("short.bin", []byte{9, 0, 0, 0, 'a'})); err == nil || !strings.Contains(err.Error(), "claims 9 bytes") {

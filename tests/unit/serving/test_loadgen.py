@@ -491,6 +491,41 @@ def test_a_server_that_closes_each_connection_after_its_answer_fails_nothing(
     assert result.ok == result.scheduled == 50
 
 
+def test_the_native_engine_counts_an_answer_followed_by_stray_bytes_and_moves_on(native: Path) -> None:
+    """A server that sends a CRLF after each answer: every request is answered (the
+    stray bytes cost the connection, not the request), and the error samples say so."""
+    loop = asyncio.new_event_loop()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":", 1)[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    with serving(handle, loop) as port:
+        plan = LoadPlan(
+            host="127.0.0.1", port=port, requests=(post_request("/x", b"{}"),), rate=100, duration_s=0.5,
+            arrivals=Arrivals.UNIFORM, initial_connections=2, max_p99_lag_s=0.05,
+        )  # fmt: skip
+        result = LoadGenerator(engine="native").run(plan)
+    assert result.statuses == {200: 50}
+    assert result.errors == 0
+    assert any("bytes of no request's" in sample for sample in result.error_samples), result.error_samples
+
+
 def test_the_native_engine_says_which_address_it_could_not_reach(native: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
