@@ -21,10 +21,11 @@ Three decisions, all made before any work is spent on a request:
   batch times (as Netflix's concurrency limits find concurrency from latency): a batch
   may take up to `tolerance` times its fixed cost. Past that, batching no longer comes
   nearly free, and every critical request waiting behind the batch pays for its size.
-  Except when critical requests already wait behind each other (more critical rows
-  queued than the batches in flight take): then a batch takes its share of that
-  backlog, up to `max_batch_rows` (`Lane.next_batch_rows`), since a small batch spares
-  them nothing and its fixed cost per few rows is what keeps the backlog growing.
+  Except when critical requests already wait behind each other (the oldest queued for
+  `queue_delay_ms`, more critical rows than the batches in flight take): then a batch
+  takes its share of that backlog, up to `max_batch_rows` (`Lane.next_batch_rows`),
+  since a small batch spares them nothing and its fixed cost per few rows is what keeps
+  the backlog growing.
 
 `Lane(shedding=False)` is the baseline the overload bench compares with: one FIFO
 queue (priorities ignored), a fixed bound and a fixed batch size, no quotas.
