@@ -602,7 +602,9 @@ class _Connection(asyncio.Protocol):
         if marker and 200 <= status < 300 and buffer.find(marker, end + 4, end + 4 + length) >= 0:
             self.run.marked[index] = True
         del buffer[: end + 4 + length]
-        self.run.answered(self, index, status)
+        at = head.find(b"\r\nconnection:")
+        closes = at >= 0 and head[at + 13 : head.find(b"\r\n", at + 2) % (len(head) + 1)].strip() == b"close"
+        self.run.answered(self, index, status, closes=closes)
 
     def _broken(self, message: str) -> None:
         self.run.note_error(message)
@@ -691,7 +693,7 @@ class _Run:
         self.sent[index] = time.perf_counter()
         connection.send(index, self.payload(index))
 
-    def answered(self, connection: _Connection, index: int, status: int) -> None:
+    def answered(self, connection: _Connection, index: int, status: int, *, closes: bool = False) -> None:
         now = time.perf_counter()
         self.finished[index] = now
         self.status[index] = status
@@ -699,7 +701,10 @@ class _Run:
         throttle = self.throttles[index % len(self.payloads)]
         if throttle is not None:
             throttle.answered(status not in (429, 503))  # refused for load or quota: not accepted
-        if self.waiting:
+        if closes:  # `Connection: close`: a request sent on it would fail; `lost` opens a new one for the next
+            assert connection.transport is not None
+            connection.transport.close()
+        elif self.waiting:
             following = self.waiting.popleft()
             self.sent[following] = now
             connection.send(following, self.payload(following))

@@ -444,8 +444,9 @@ def test_a_labelled_run_splits_its_window_by_label_with_goodput_and_marked_answe
 
 @pytest.fixture(scope="module")
 def closing_server() -> Iterator[int]:
-    """An HTTP/1.1 server that answers every request with `Connection: close` and closes:
-    a client must take a new connection for the next request, and count nothing failed."""
+    """An HTTP/1.1 server that answers every request after 15 ms with `Connection: close`
+    and closes 20 ms later: a client must take a new connection for the next request (one
+    sent on this one before the close arrives is never read), and count nothing failed."""
     loop = asyncio.new_event_loop()
     answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
 
@@ -461,8 +462,10 @@ def closing_server() -> Iterator[int]:
                 0,
             )
             await reader.readexactly(length)
+            await asyncio.sleep(0.015)  # longer than the plan's 10 ms between requests: they queue
             writer.write(answer)
             await writer.drain()
+            await asyncio.sleep(0.02)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -482,11 +485,13 @@ def test_a_server_that_closes_each_connection_after_its_answer_fails_nothing(
         rate=100,
         duration_s=0.5,
         arrivals=Arrivals.UNIFORM,
-        initial_connections=2,
+        initial_connections=1,
+        max_connections=1,  # requests wait for the one connection, and are sent the moment an answer is read
         max_p99_lag_s=0.05,
     )
     result = generator.run(plan)
     assert result.errors == 0, result.error_samples
+    assert result.waited_for_connection > 0
     assert result.statuses == {200: 50}
     assert result.ok == result.scheduled == 50
 
