@@ -991,11 +991,15 @@ class LoadGenerator:
 
     def engine_for(self, plan: LoadPlan) -> str:
         """The engine that runs `plan` ("python" or "native"), or ValueError when none can."""
+        return "python" if self._native_for(plan) is None else "native"
+
+    def _native_for(self, plan: LoadPlan) -> Path | None:
+        """The tenx-loadgen binary that runs `plan`; None: the Python engine does."""
         if self.engine == "python":
-            return "python"
+            return None
         binary = native_binary()
         if self.engine == "auto":
-            return "native" if binary is not None and not plan.throttled else "python"
+            return binary if not plan.throttled else None
         if binary is None:
             raise ValueError(
                 f"the native engine needs the {NATIVE_BINARY} binary, built from loadgen/ with Go: `make loadgen` "
@@ -1004,12 +1008,11 @@ class LoadGenerator:
             )
         if plan.throttled:
             raise ValueError("the native engine has no client-side throttle (plan.throttled): use engine='python'")
-        return "native"
+        return binary
 
     def run(self, plan: LoadPlan) -> LoadResult:
-        if self.engine_for(plan) == "native":
-            binary = native_binary()
-            assert binary is not None  # engine_for checked
+        binary = self._native_for(plan)
+        if binary is not None:
             return _run_native(plan, binary)
         if self._executor is None:
             self._executor = concurrent.futures.ProcessPoolExecutor(

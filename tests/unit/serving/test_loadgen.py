@@ -211,6 +211,17 @@ def test_a_summary_without_its_samples_cannot_be_merged() -> None:
 # -- a real run ---------------------------------------------------------------------------
 
 
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request off the stream: its head (returned) and its Content-Length body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    await reader.readexactly(length)
+    return head
+
+
 @contextlib.contextmanager
 def serving(
     handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], loop: asyncio.AbstractEventLoop
@@ -251,12 +262,7 @@ def slow_server() -> Iterator[int]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                await reader.readexactly(length)
+                await read_request(reader)
                 await loop.run_in_executor(sleepers, time.sleep, SERVICE_S)
                 writer.write(answer)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -378,12 +384,7 @@ def kinds_server() -> Iterator[int]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                await reader.readexactly(length)
+                head = await read_request(reader)
                 path = head.split(b" ", 2)[1]
                 if path == b"/slow":
                     await loop.run_in_executor(sleepers, time.sleep, KIND_SLOW_S)
@@ -452,16 +453,7 @@ def closing_server() -> Iterator[int]:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                (
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                ),
-                0,
-            )
-            await reader.readexactly(length)
+            await read_request(reader)
             await asyncio.sleep(0.015)  # longer than the plan's 10 ms between requests: they queue
             writer.write(answer)
             await writer.drain()
@@ -504,16 +496,7 @@ def test_the_native_engine_counts_an_answer_followed_by_stray_bytes_and_moves_on
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    (
-                        int(line.split(b":", 1)[1])
-                        for line in head.split(b"\r\n")
-                        if line.lower().startswith(b"content-length:")
-                    ),
-                    0,
-                )
-                await reader.readexactly(length)
+                await read_request(reader)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
