@@ -25,8 +25,15 @@
 // NaN when it never happened; status.i32 (HTTP status; 0 no answer, -1 failed); marked.u8
 // (1: a 2xx answer whose body held -marker-hex's bytes); summary.json (CPU seconds and
 // wall time of the run, the most connections open at once, how many requests waited for
-// a connection, the wall-clock time of the start, and up to five distinct error
-// messages with their counts).
+// a connection, the wall-clock time of the start, the niceness the loop's thread ran at,
+// and up to five distinct error messages with their counts).
+//
+// -nice: the loop's thread runs at least this nice (Linux nice is per thread; the Go
+// runtime's other threads, which do next to nothing here, keep theirs). A generator
+// sharing a small machine with the server it measures stands in for clients on other
+// machines: at nice 10 the server's threads get the cores first, and whatever lateness
+// that costs the generator is in its own records (handed vs intended), where the
+// caller judges it.
 package main
 
 import (
@@ -69,6 +76,7 @@ type options struct {
 	marker             []byte
 	startDelay         float64 // seconds
 	connectTimeout     float64 // seconds
+	nice               int
 }
 
 // conn is one keep-alive connection: a non-blocking socket with at most one request
@@ -648,6 +656,7 @@ func main() {
 	flag.Float64Var(&o.startDelay, "start-delay-s", 0.01, "seconds from the end of setup to the first send time")
 	flag.Float64Var(&o.connectTimeout, "connect-timeout-s", 5, "timeout of each connect")
 	flag.StringVar(&marker, "marker-hex", "", "hex of the bytes counted in 2xx answer bodies; empty: not looked for")
+	flag.IntVar(&o.nice, "nice", 0, "the least niceness of the thread that runs the load, 0 to 19 (a nicer one stays so)")
 	flag.Parse()
 	fail := func(format string, args ...any) {
 		fmt.Fprintf(os.Stderr, "tenx-loadgen: "+format+"\n", args...)
@@ -658,6 +667,9 @@ func main() {
 	}
 	if o.initialConnections < 1 || o.initialConnections > o.maxConnections {
 		fail("need 1 <= -initial-connections <= -max-connections, got %d and %d", o.initialConnections, o.maxConnections)
+	}
+	if o.nice < 0 || o.nice > 19 {
+		fail("-nice must be 0 to 19, got %d", o.nice)
 	}
 	if !(o.drain >= 0) || !(o.startDelay >= 0) || !(o.connectTimeout > 0) {
 		fail("-drain-s and -start-delay-s must be 0 or more, -connect-timeout-s more than 0")
@@ -700,6 +712,10 @@ func main() {
 	// (timer slack): 1 us here (PR_SET_TIMERSLACK).
 	runtime.LockOSThread()
 	_, _, _ = syscall.RawSyscall(syscall.SYS_PRCTL, 29, 1000, 0)
+	nice, err := setNice(o.nice)
+	if err != nil {
+		fail("-nice %d: %v", o.nice, err)
+	}
 	e.start = time.Now()
 	if err := e.setup(); err != nil {
 		fail("%v", err)
@@ -729,11 +745,35 @@ func main() {
 	}
 	summary, _ := json.Marshal(map[string]any{
 		"cpu_s": cpu, "wall_s": wall, "most_open": e.mostOpen, "waited": e.waited,
-		"started_epoch_s": startedEpoch, "errors": e.errs, "epoll_pwait2": e.pwait2,
+		"started_epoch_s": startedEpoch, "errors": e.errs, "epoll_pwait2": e.pwait2, "nice": nice,
 	})
 	if err := os.WriteFile(filepath.Join(o.outDir, "summary.json"), summary, 0o644); err != nil {
 		fail("write summary.json: %v", err)
 	}
+}
+
+// setNice raises the niceness of the calling thread (locked to its goroutine) to n
+// where it is below that (lowering it takes privileges; a generator started nicer stays
+// so), and returns the niceness it has then, as the kernel reads it back.
+func setNice(n int) (int, error) {
+	tid := syscall.Gettid()
+	current, err := niceOf(tid)
+	if err != nil || n <= current {
+		return current, err
+	}
+	if err := syscall.Setpriority(syscall.PRIO_PROCESS, tid, n); err != nil {
+		return 0, err
+	}
+	return niceOf(tid)
+}
+
+func niceOf(tid int) (int, error) {
+	// The raw getpriority system call answers 20 - nice (never negative).
+	raw, _, errno := syscall.RawSyscall(syscall.SYS_GETPRIORITY, syscall.PRIO_PROCESS, uintptr(tid), 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	return 20 - int(raw), nil
 }
 
 // parseHead reads a response head: its status, Content-Length and whether it closes

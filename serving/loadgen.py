@@ -478,6 +478,7 @@ class LoadResult:
     throttled: int = 0  # refused by the client-side throttle, never sent
     timeline: dict[str, Any] | None = None  # see `timeline`; None: the plan asked for none
     started_epoch_s: float = 0.0  # time.time() at the window's start (warm-up excluded)
+    nice: int = 0  # the niceness the generator's threads ran at, as the generator read it back
 
     @property
     def completed_rate(self) -> float:
@@ -554,6 +555,7 @@ def merge_results(results: Sequence[LoadResult]) -> LoadResult:
         throttled=sum(result.throttled for result in results),
         timeline=None,
         started_epoch_s=first.started_epoch_s,
+        nice=max(result.nice for result in results),
     )
 
 
@@ -811,7 +813,8 @@ async def _run(plan: LoadPlan) -> LoadResult:
         if connection.transport is not None:
             connection.transport.abort()
     await asyncio.sleep(0)  # let connection_lost run before the counts are read
-    return replace(_result(plan, run, np.asarray(offsets), cpu, wall), started_epoch_s=started_epoch)
+    result = _result(plan, run, np.asarray(offsets), cpu, wall)
+    return replace(result, started_epoch_s=started_epoch, nice=os.getpriority(os.PRIO_PROCESS, 0))
 
 
 @dataclass(frozen=True)
@@ -914,6 +917,13 @@ def _run_in_this_process(plan: LoadPlan) -> LoadResult:
         return runner.run(_run(plan))
 
 
+def _at_least_nice(nice: int) -> None:
+    """Raise this process's niceness to `nice` where it is below (lowering it takes
+    privileges: a generator started nicer stays so). Before any thread: they inherit it."""
+    if os.getpriority(os.PRIO_PROCESS, 0) < nice:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def native_binary() -> Path | None:
     """The tenx-loadgen executable: beside this Python's (where `make loadgen` puts it),
     else on PATH; None when there is none."""
@@ -931,7 +941,7 @@ def _write_requests(path: Path, requests: Sequence[bytes]) -> None:
             out.write(request)
 
 
-def _run_native(plan: LoadPlan, binary: Path) -> LoadResult:
+def _run_native(plan: LoadPlan, binary: Path, nice: int = 0) -> LoadResult:
     """One run by tenx-loadgen (loadgen/main.go): the same schedule, connections and
     records as `_run`, its figures computed here by the same `_result`."""
     times = schedule(plan.rate, plan.warmup_s + plan.duration_s, arrivals=plan.arrivals, seed=plan.seed)
@@ -950,6 +960,7 @@ def _run_native(plan: LoadPlan, binary: Path) -> LoadResult:
             f"-initial-connections={plan.initial_connections}",
             f"-drain-s={plan.drain_s}",
             f"-marker-hex={plan.marker.hex()}",
+            f"-nice={nice}",
         ]
         limit = plan.warmup_s + plan.duration_s + plan.drain_s + 60.0
         try:
@@ -971,7 +982,7 @@ def _run_native(plan: LoadPlan, binary: Path) -> LoadResult:
             error_messages=collections.Counter({str(k): int(v) for k, v in (summary["errors"] or {}).items()}),
         )
     result = _result(plan, recorded, times, float(summary["cpu_s"]), float(summary["wall_s"]))
-    return replace(result, started_epoch_s=float(summary["started_epoch_s"]) + plan.warmup_s)
+    return replace(result, started_epoch_s=float(summary["started_epoch_s"]) + plan.warmup_s, nice=int(summary["nice"]))
 
 
 class LoadGenerator:
@@ -981,12 +992,22 @@ class LoadGenerator:
     (tenx-loadgen, built from loadgen/ by `make loadgen`: the same run for about a
     fifth of the CPU, which matters when the generator shares a small machine with the
     server it measures) or "auto" (native when its binary is there and the plan has no
-    client-side throttle, which only the Python engine has)."""
+    client-side throttle, which only the Python engine has).
 
-    def __init__(self, engine: str = "python") -> None:
+    `nice`: the least niceness (0-19) the generator runs at. On a machine it shares with the
+    server it measures, the generator stands in for clients on other machines; at 0 its
+    thread competes with the server's for the same cores at the same weight, and at 10
+    the server's threads get them first. What that costs the generator shows in its own
+    lag (`LoadResult.schedule_lag_p99_ms`), which callers judge; `LoadResult.nice` is the
+    niceness it read back."""
+
+    def __init__(self, engine: str = "python", *, nice: int = 0) -> None:
         if engine not in ENGINES:
             raise ValueError(f"LoadGenerator: engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+        if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+            raise ValueError(f"LoadGenerator: nice must be an integer from 0 to 19; got {nice!r}")
         self.engine = engine
+        self.nice = nice
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
 
     def engine_for(self, plan: LoadPlan) -> str:
@@ -1013,10 +1034,13 @@ class LoadGenerator:
     def run(self, plan: LoadPlan) -> LoadResult:
         binary = self._native_for(plan)
         if binary is not None:
-            return _run_native(plan, binary)
+            return _run_native(plan, binary, self.nice)
         if self._executor is None:
             self._executor = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn")
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_at_least_nice,
+                initargs=(self.nice,),
             )
         limit = plan.warmup_s + plan.duration_s + plan.drain_s + 60.0
         return self._executor.submit(_run_in_this_process, plan).result(timeout=limit)
