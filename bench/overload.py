@@ -122,15 +122,8 @@ from bench.serving import (  # noqa: E402
     process,
     table,
 )
-from serving.loadgen import (  # noqa: E402
-    ENGINES,
-    LabelResult,
-    LoadGenerator,
-    LoadPlan,
-    LoadResult,
-    merge_results,
-    post_request,
-)
+from serving.loadgen import ENGINES, LoadGenerator, LoadPlan, post_request  # noqa: E402
+from serving.loadresults import LabelResult, LoadResult, merge_results  # noqa: E402
 from tenx.loadtest.steps import Target, round_ratios, wait_idle  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

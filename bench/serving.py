@@ -77,7 +77,8 @@ sys.path.insert(0, str(ROOT))
 from bench import _smoke  # noqa: E402
 from bench._harness import proc_cpu_s, redis_cpu_s  # noqa: E402
 from bench._redis_keys import unlink_matching  # noqa: E402
-from serving.loadgen import LoadGenerator, LoadPlan, LoadResult, post_request  # noqa: E402
+from serving.loadgen import LoadGenerator, LoadPlan, post_request  # noqa: E402
+from serving.loadresults import LoadResult  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 VIEW = "user_scores"  # examples/precomputed: 20 float32 `Latest` features f0..f19

@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from serving.loadgen import LabelResult, LoadGenerator, LoadPlan, LoadResult, merge_results, post_request
+from serving.loadgen import LoadGenerator, LoadPlan, post_request
+from serving.loadresults import LabelResult, LoadResult, merge_results
 from serving.models.batcher import Priority
 
 BODIES = 2_000  # distinct pre-encoded requests, sent in turn

@@ -28,13 +28,15 @@ from serving.loadgen import (
     Arrivals,
     LoadGenerator,
     LoadPlan,
+    native_binary,
+    post_request,
+    schedule,
+)
+from serving.loadresults import (
     judge_lag,
     merge_label_results,
     merge_results,
     merge_summaries,
-    native_binary,
-    post_request,
-    schedule,
     split_by_label,
     summarize,
 )

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from featurestore.errors import ConfigError
-from serving.loadgen import LagVerdict, LatencySummary, LoadResult, split_by_label
-from serving.loadgen import summarize as latency_summary
+from serving.loadresults import LagVerdict, LatencySummary, LoadResult, split_by_label
+from serving.loadresults import summarize as latency_summary
 from tenx.commands.loadtest import entity_keys, multiples, seconds, slo_overrides
 from tenx.loadtest.faults import Fault, default_commands, injected, parse_fault, summarize
 from tenx.loadtest.run import parse_shares
@@ -204,7 +204,7 @@ def _result(
     ok = scheduled if ok is None else ok
     statuses = ({200: ok} if ok else {}) if statuses is None else statuses
     latency = LatencySummary(ok, p99_ms / 4, p99_ms / 2, p99_ms, p99_ms * 1.2, p99_ms * 1.5, p99_ms / 3)
-    if not ok:  # as serving.loadgen.summarize gives it: no answer, no figures
+    if not ok:  # as serving.loadresults.summarize gives it: no answer, no figures
         latency = LatencySummary(0, *(math.nan,) * 6)
     rate = scheduled / duration_s
     return LoadResult(
