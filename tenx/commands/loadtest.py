@@ -173,6 +173,10 @@ def served_model(url: str, token: str | None) -> str:
               show_default=True,
               help="A step where the generator's own p99 send lag passes this is run again, then not reported.",
               )  # fmt: skip
+@click.option("--generator-nice", type=click.IntRange(0, 19), default=10, show_default=True,
+              help="The load generator's niceness (Linux nice): on the server's own machine it stands in for "
+              "clients elsewhere, so the server's threads get the cores first; alone on its machine it makes no "
+              "difference. Its lateness is judged either way (--max-generator-lag-ms).")  # fmt: skip
 @click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               envvar="TENX_API_TOKEN_FILE", help="Bearer token for the target ($TENX_API_TOKEN_FILE).")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("loadtest-report"),
@@ -187,7 +191,7 @@ def loadtest(
     deadline_ms: float, slo_texts: tuple[str, ...], no_client_throttle: bool, fault_spec: str | None,
     fault_for_text: str, fault_step: float, fault_stop: str | None, fault_start: str | None, fault_file: Path | None,
     pipelines: bool, pipelines_only: bool, pipeline_events: int, pipeline_scale: int, max_lag_ms: float,
-    token_file: Path | None, out: Path, seed: int, as_json: bool,
+    generator_nice: int, token_file: Path | None, out: Path, seed: int, as_json: bool,
 ) -> None:  # fmt: skip
     """The 10x litmus test: open-loop load at 1x, 3x, 5x and 10x of a base rate against a
     running model server (or feature API), per priority class: p50/p99/p99.9, success,
@@ -251,6 +255,7 @@ def loadtest(
             slos=slo_overrides(slo_texts),
             throttle=not no_client_throttle,
             max_lag_ms=max_lag_ms,
+            generator_nice=generator_nice,
             capacity_p99_ms=capacity_p99_ms,
             capacity_step_s=seconds(capacity_step_text, what="--capacity-step"),
             fault=fault,

@@ -67,6 +67,7 @@ class Options:
     slos: Mapping[str, Slo] = field(default_factory=lambda: dict(DEFAULT_SLOS))
     throttle: bool = True
     max_lag_ms: float = 10.0
+    generator_nice: int = 10  # the generator yields the cores to a server on the same machine
     capacity_p99_ms: float = 100.0
     start_rate: float = 500.0
     capacity_step_s: float = 3.0  # each capacity-search step: short, the search runs many
@@ -147,13 +148,14 @@ def run_loadtest(options: Options, *, say: Callable[[str], None] = print) -> dic
             "entities_per_request": options.per_request,
             "deadlines_ms": dict(options.deadlines_ms),
             "client_throttle": options.throttle,
+            "generator_nice": options.generator_nice,
             "slo": {label: slo.__dict__ for label, slo in options.slos.items()},
             "seed": options.seed,
         },
         "fault": None,
         "pipelines": None,
     }
-    with LoadGenerator() as generator:
+    with LoadGenerator(nice=options.generator_nice) as generator:
         report["capacity"] = _base_rate(generator, options, mix, settings, seeds, say)
         base = report["capacity"]["base_rate"]
         steps = [step.as_dict() for step in _run_steps(generator, options, mix, settings, base, seeds, say)]

@@ -142,11 +142,12 @@ def test_the_feature_api_takes_the_same_load(repo: DemoRepo, redis_url: str, tmp
         out = tmp_path / "report"
         output = loadtest("--api", "features", "--target", url, "--view", "user_spend", "--base-rate", "200",
                           "--steps", "1,3", "--duration", "2s", "--rounds", "1", "--warmup", "0.5s",
-                          "--entities", "1-300",
+                          "--entities", "1-300", "--generator-nice", "13",
                           "--out", str(out), cwd=repo.root)  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["target"] == {"kind": "feature-api", "url": url, "what": "user_spend"}
     for step in report["steps"]:
         assert step["all"]["success"] == 1.0  # 200 and 600 lookups/s: every one answered
         assert step["cost"] == {}  # the feature API exports no cost counters
+        assert step["generator"]["nice"] == 13  # read back by the generator: below the server on a shared machine
     assert "no cost counters on the target" in output
