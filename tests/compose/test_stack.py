@@ -146,6 +146,22 @@ def test_the_model_server_predicts_from_redis_with_the_token() -> None:
     assert answer["status"] == ["found", "found"]
 
 
+def test_the_model_server_answers_behind_tenx_front() -> None:
+    # The predictions above went through the front (it holds the published port); here,
+    # that it is the front: the container runs tenx-front, started by `serve-models --front`.
+    script = (
+        "import os\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try: print(open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\\0', b' ').decode())\n"
+        "    except OSError: pass\n"
+    )
+    done = compose("exec", "-T", "model-server", "python", "-c", script)
+    assert done.returncode == 0, done.stderr
+    fronts = [line for line in done.stdout.splitlines() if line.startswith("/usr/local/bin/tenx-front ")]
+    assert len(fronts) == 1, done.stdout
+    assert "--listen 0.0.0.0:8081 " in fronts[0], fronts[0]
+
+
 def test_the_stream_job_caught_up_without_a_late_event_or_a_restart(caught_up: dict[str, float]) -> None:
     assert caught_up["tenx_stream_late_total"] == 0  # the series exists from the start, at 0
     assert caught_up["tenx_stream_dead_letters_total"] == 0

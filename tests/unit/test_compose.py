@@ -136,3 +136,15 @@ def test_the_model_server_uses_the_api_token_and_serves_what_setup_deployed() ->
     script = SERVICES["setup"]["command"][2]
     assert script.index("tenx materialize") < script.index("tenx train") < script.index("tenx models deploy buys")
     assert script.index("tenx models deploy buys") < script.index("touch /data/setup.done")
+
+
+def test_the_model_server_runs_behind_tenx_front_which_the_image_builds() -> None:
+    # `--front` needs the tenx-front binary on PATH: the image builds it from front/ in a
+    # Go stage and copies it beside the Python entry points.
+    assert "--front" in SERVICES["model-server"]["command"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM \S+(?: AS (\S+))?$", dockerfile, flags=re.MULTILINE)
+    assert stages == ["go-build", ""], stages  # the Go stage, then the one image every service runs
+    assert "go build -trimpath -o /out/tenx-front ." in dockerfile
+    assert re.search(r"^COPY --from=go-build .*/out/tenx-front.* /usr/local/bin/$", dockerfile, flags=re.MULTILINE)
+    assert re.search(r"^COPY front /src/front$", dockerfile, flags=re.MULTILINE)
