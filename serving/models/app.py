@@ -203,7 +203,7 @@ class PredictEndpoint:
         self.max_body_bytes = max_body_bytes
         self.expected_auth = f"Bearer {token}".encode() if token else None
         # Behind tenx-front (`tenx serve-models --front`): its requests carry this secret,
-        # and every answer carries the gate it refuses by (FRONT below).
+        # and every answer carries the gate it refuses by (`gate`; front/main.go says how it uses it).
         self.front_secret = front_secret.encode() if front_secret else None
         self.default_deadline_ms = server.settings.default_deadline_ms
         self._children: dict[tuple[str, int, str], tuple[Any, Any]] = {}
