@@ -623,7 +623,8 @@ def _run_native(plan: LoadPlan, binary: Path, nice: int = 0) -> LoadResult:
             error_messages=collections.Counter({str(k): int(v) for k, v in (summary["errors"] or {}).items()}),
         )
     result = _result(plan, recorded, times, float(summary["cpu_s"]), float(summary["wall_s"]))
-    return replace(result, started_epoch_s=float(summary["started_epoch_s"]) + plan.warmup_s, nice=int(summary["nice"]))
+    started = float(summary["started_epoch_s"]) + plan.warmup_s
+    return replace(result, started_epoch_s=started, nice=int(summary["nice"]), engine="native")
 
 
 class LoadGenerator:

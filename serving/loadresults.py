@@ -305,6 +305,7 @@ class LoadResult:
     timeline: dict[str, Any] | None = None  # see `timeline`; None: the plan asked for none
     started_epoch_s: float = 0.0  # time.time() at the window's start (warm-up excluded)
     nice: int = 0  # the niceness the generator's threads ran at, as the generator read it back
+    engine: str = "python"  # the generator's engine: "python" or "native" (tenx-loadgen)
 
     @property
     def completed_rate(self) -> float:
@@ -382,4 +383,5 @@ def merge_results(results: Sequence[LoadResult]) -> LoadResult:
         timeline=None,
         started_epoch_s=first.started_epoch_s,
         nice=max(result.nice for result in results),
+        engine="+".join(dict.fromkeys(result.engine for result in results)),
     )

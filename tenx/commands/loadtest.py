@@ -144,8 +144,9 @@ def served_model(url: str, token: str | None) -> str:
               help="A class's SLO, e.g. critical:p99=50,success=99.9 (repeatable). Defaults: critical p99 100 ms, "
               "99.9%; default 250 ms, 99%; sheddable 1000 ms, no success floor.")  # fmt: skip
 @click.option("--no-client-throttle", is_flag=True,
-              help="Send every request. By default default and sheddable requests go through ModelClient's adaptive "
-              "throttle (Google SRE's client-side throttling), as tenx's clients do; critical ones never do.",
+              help="Send every request (with tenx-loadgen, the native generator, where `make loadgen` built it). By "
+              "default default and sheddable requests go through ModelClient's adaptive throttle (Google SRE's "
+              "client-side throttling), as tenx's clients do; critical ones never do.",
               )  # fmt: skip
 @click.option("--fault", "fault_spec", default=None,
               help="COMPONENT@SECONDS (redis@15s, kafka@15s, model@15s): stop it that far into an extra step at "

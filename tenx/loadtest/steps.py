@@ -209,6 +209,7 @@ class Step:
                 "cpu_pct": 100 * result.generator_cpu_s / result.wall_s if result.wall_s else None,
                 "connections": result.connections,
                 "nice": result.nice,  # as the generator read its own back
+                "engine": result.engine,
             },
             "classes": self.classes(),
             "all": all_figures(result),

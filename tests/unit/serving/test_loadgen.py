@@ -367,6 +367,7 @@ def test_the_generator_runs_at_the_niceness_it_is_given(
     with LoadGenerator(engine=engine, nice=7) as generator:
         result = generator.run(plan)
     assert result.nice == 7
+    assert result.engine == engine
     assert result.ok == result.scheduled > 0
     assert os.getpriority(os.PRIO_PROCESS, 0) == ours  # the caller's own niceness is left alone
     with LoadGenerator(engine=engine) as generator:
